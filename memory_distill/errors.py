@@ -1,0 +1,64 @@
+"""Exceptions. Every message says what was received and how to fix it."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArtifactError",
+    "ConsolidationError",
+    "EmbedderMismatchError",
+    "EmbeddingError",
+    "InvalidMemoryError",
+    "JobLockedError",
+    "MemoryDistillError",
+    "MemoryNotFoundError",
+    "NoModelError",
+    "NotEnoughDataError",
+    "StoreError",
+]
+
+
+class MemoryDistillError(Exception):
+    """Base class of every error raised on purpose by memory_distill."""
+
+
+class InvalidMemoryError(MemoryDistillError, ValueError):
+    """A memory (or a line of an import) failed validation; the message names the item and field."""
+
+
+class EmbeddingError(MemoryDistillError):
+    """The embedder failed (API errors after retries, malformed responses, wrong dimensions)."""
+
+
+class EmbedderMismatchError(MemoryDistillError):
+    """A store or model was built with a different embedder (name or dimension) than the one given."""
+
+
+class StoreError(MemoryDistillError):
+    """The memory store refused an operation (duplicate ids, bad filters, server unreachable)."""
+
+
+class MemoryNotFoundError(StoreError, KeyError):
+    """No memory with the given id."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class NotEnoughDataError(MemoryDistillError):
+    """Too few rewarded memories to train or evaluate."""
+
+
+class ArtifactError(MemoryDistillError):
+    """A model artifact is missing, corrupt or incompatible."""
+
+
+class NoModelError(ArtifactError):
+    """No model has been published yet."""
+
+
+class ConsolidationError(MemoryDistillError):
+    """A consolidation job failed; nothing was published."""
+
+
+class JobLockedError(MemoryDistillError):
+    """Another consolidation holds the single-writer lock of this registry."""

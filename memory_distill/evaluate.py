@@ -1,0 +1,163 @@
+"""Metrics for reward-distribution models, teacher/student comparison, and the promotion gate."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .config import GateConfig
+from .models import compression_ratio, param_count
+from .rewards import QUANTILES, RewardBins, summarize_probs
+
+__all__ = ["EvalReport", "ModelMetrics", "compare_teacher_student", "model_metrics", "should_promote", "spearman"]
+
+
+def _rank(x: np.ndarray) -> np.ndarray:
+    """Average ranks (ties share their mean rank)."""
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), np.float64)
+    xs = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and xs[j + 1] == xs[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0
+        i = j + 1
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (0.0 when either side is constant)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if len(a) < 2:
+        return 0.0
+    ra, rb = _rank(a), _rank(b)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    den = np.sqrt((ra**2).sum() * (rb**2).sum())
+    return float((ra * rb).sum() / den) if den > 0 else 0.0
+
+
+@dataclass
+class ModelMetrics:
+    """Held-out quality of one model against real rewards."""
+
+    n: int
+    mae: float
+    spearman: float
+    nll: float
+    calibration_error: float
+    """Mean |empirical coverage - q| over q in 0.1/0.25/0.5/0.75/0.9 (0 = perfectly calibrated)."""
+    within_1_bin: float
+    within_3_bins: float
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def model_metrics(probs: np.ndarray, rewards: np.ndarray, bins: RewardBins) -> ModelMetrics:
+    s = summarize_probs(probs, bins.centers)
+    r = np.asarray(rewards, np.float64)
+    idx = bins.to_index(r)
+    p_true = np.clip(probs[np.arange(len(r)), idx], 1e-12, None)
+    coverage = [float((r <= s["quantiles"][q]).mean()) for q in QUANTILES]
+    dist = np.abs(probs.argmax(axis=1) - idx)
+    return ModelMetrics(
+        n=int(len(r)),
+        mae=float(np.abs(s["mean"] - r).mean()),
+        spearman=spearman(s["mean"], r),
+        nll=float(-np.log(p_true).mean()),
+        calibration_error=float(np.mean([abs(c - q) for c, q in zip(coverage, QUANTILES, strict=True)])),
+        within_1_bin=float((dist <= 1).mean()),
+        within_3_bins=float((dist <= 3).mean()),
+    )
+
+
+@dataclass
+class EvalReport:
+    """Teacher vs student on held-out memories."""
+
+    teacher: ModelMetrics
+    student: ModelMetrics
+    prediction_match: float
+    """Teacher/student argmax agreement."""
+    kl_divergence: float
+    """Mean KL(teacher || student) at T=1."""
+    compression_ratio: float
+    teacher_params: int
+    student_params: int
+    student_latency_ms: float
+    """Median single-row forward time of the student (no embedding)."""
+    retention: float
+    """Student Spearman / teacher Spearman (1.0 when the teacher has none to retain)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["teacher"], d["student"] = self.teacher.to_dict(), self.student.to_dict()
+        return d
+
+
+@torch.no_grad()
+def _probs(model: torch.nn.Module, X: torch.Tensor) -> np.ndarray:
+    model.eval()
+    return torch.softmax(model(X), dim=-1).cpu().numpy()
+
+
+@torch.no_grad()
+def _latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int = 50) -> float:
+    model.eval()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times) * 1e3)
+
+
+def compare_teacher_student(teacher: torch.nn.Module, student: torch.nn.Module, X: torch.Tensor,
+                            rewards: np.ndarray, bins: RewardBins) -> EvalReport:
+    """All held-out metrics of both models on the same rows ``X`` with real ``rewards``."""
+    if len(X) == 0:
+        raise ValueError("compare_teacher_student needs at least one held-out row")
+    pt, ps = _probs(teacher, X), _probs(student, X)
+    tm, sm = model_metrics(pt, rewards, bins), model_metrics(ps, rewards, bins)
+    kl = float((pt * (np.log(np.clip(pt, 1e-12, None)) - np.log(np.clip(ps, 1e-12, None)))).sum(1).mean())
+    retention = sm.spearman / tm.spearman if tm.spearman > 1e-6 else 1.0
+    return EvalReport(
+        teacher=tm,
+        student=sm,
+        prediction_match=float((pt.argmax(1) == ps.argmax(1)).mean()),
+        kl_divergence=kl,
+        compression_ratio=compression_ratio(teacher, student),
+        teacher_params=param_count(teacher),
+        student_params=param_count(student),
+        student_latency_ms=_latency_ms(student, X[:1]),
+        retention=float(retention),
+    )
+
+
+HIGHER_IS_BETTER = {"spearman": True, "mae": False, "nll": False}
+
+
+def should_promote(candidate: ModelMetrics, incumbent: ModelMetrics | None, gate: GateConfig,
+                   *, incumbent_stale: bool = False) -> tuple[bool, str]:
+    """Promote unless the candidate regresses the incumbent by more than ``gate.tolerance``."""
+    if incumbent is None:
+        return True, "no published model yet"
+    if incumbent_stale:
+        return True, "the published model was trained on deleted memories and must be replaced"
+    if candidate.n < gate.min_holdout:
+        return False, (f"only {candidate.n} held-out memories (< gate.min_holdout={gate.min_holdout}): "
+                       "too few to prove a replacement is not worse")
+    c, i = getattr(candidate, gate.metric), getattr(incumbent, gate.metric)
+    worse_by = (i - c) if HIGHER_IS_BETTER[gate.metric] else (c - i)
+    if worse_by > gate.tolerance:
+        return False, (f"{gate.metric} {c:.4f} regresses the published model's {i:.4f} by {worse_by:.4f} "
+                       f"(> tolerance {gate.tolerance})")
+    return True, f"{gate.metric} {c:.4f} vs published {i:.4f} (within tolerance {gate.tolerance})"

@@ -1,0 +1,499 @@
+"""Consolidation ("sleep"): the recipe, and safe periodic execution.
+
+:func:`run_consolidation` reads memories from the store, turns rewards into bin targets,
+trains the teacher, distils the student, evaluates both on a held-out slice of the most recent
+rewarded memories, gates the new student against the published one on that same slice, and
+publishes a version (promoted or kept as a rejected candidate). It holds the registry's
+single-writer lock for the whole run; readers keep serving the published student meanwhile.
+
+:class:`ConsolidationExecutor` runs it in a background thread (submit -> future);
+:class:`ConsolidationWorker` runs it periodically when N new rewards arrived or T elapsed.
+:func:`forget` deletes memories and marks models trained on them stale.
+:func:`drift_report` compares predicted and realised rewards on memories newer than the model.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._faults import fault_point
+from .artifacts import ArtifactRegistry
+from .config import JobConfig
+from .curriculum import Curriculum
+from .distill import DistillReport, distill, teacher_logits
+from .errors import ConsolidationError, JobLockedError, MemoryDistillError, NoModelError, NotEnoughDataError
+from .evaluate import EvalReport, ModelMetrics, compare_teacher_student, model_metrics, should_promote
+from .models import RewardMLP, build_student, build_teacher, resolve_device
+from .rewards import RewardBins
+from .store import MemoryStore, TrainingData
+from .teacher import TeacherReport, train_teacher
+
+__all__ = [
+    "ConsolidationExecutor",
+    "ConsolidationReport",
+    "ConsolidationWorker",
+    "DriftReport",
+    "Split",
+    "drift_report",
+    "forget",
+    "run_consolidation",
+    "split_by_group_and_time",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Split:
+    """Row indices into a TrainingData: train/val/holdout (rewarded) and transfer (unrewarded)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    holdout: np.ndarray
+    transfer: np.ndarray
+
+
+def split_by_group_and_time(data: TrainingData, holdout_fraction: float, val_fraction: float,
+                            rng: np.random.Generator) -> Split:
+    """Hold out the most recent groups (by their latest memory); validation groups are random.
+
+    Rows sharing a ``group`` (metadata key; else each memory is its own group) never straddle
+    splits. Unrewarded rows from train/val groups become transfer data for the KL term.
+    """
+    rewarded = data.rewarded
+    groups = np.asarray(data.groups, dtype=object)
+    uniq, inv = np.unique(groups, return_inverse=True)
+    latest = np.full(len(uniq), -np.inf)
+    np.maximum.at(latest, inv, data.created_at)
+    n_rew_per_group = np.bincount(inv, weights=rewarded.astype(np.float64), minlength=len(uniq))
+    total_rew = n_rew_per_group.sum()
+    order = np.argsort(-latest, kind="stable")  # newest first
+    hold_groups: set[int] = set()
+    acc = 0.0
+    for g in order:
+        if acc >= holdout_fraction * total_rew:
+            break
+        if n_rew_per_group[g] > 0:
+            hold_groups.add(int(g))
+            acc += n_rew_per_group[g]
+    rest = np.array([g for g in range(len(uniq)) if g not in hold_groups and n_rew_per_group[g] > 0], np.int64)
+    rest = rng.permutation(rest)
+    val_groups: set[int] = set()
+    acc = 0.0
+    for g in rest:
+        if acc >= val_fraction * (total_rew - sum(n_rew_per_group[list(hold_groups)])):
+            break
+        val_groups.add(int(g))
+        acc += n_rew_per_group[g]
+    is_hold = np.isin(inv, list(hold_groups))
+    is_val = np.isin(inv, list(val_groups))
+    idx = np.arange(len(data))
+    return Split(
+        train=idx[rewarded & ~is_hold & ~is_val],
+        val=idx[rewarded & is_val],
+        holdout=idx[rewarded & is_hold],
+        transfer=idx[~rewarded & ~is_hold],
+    )
+
+
+@dataclass
+class ConsolidationReport:
+    """What one consolidation did."""
+
+    version: str
+    promoted: bool
+    reason: str
+    n_rows: int
+    n_rewarded: int
+    n_train: int
+    n_val: int
+    n_holdout: int
+    n_transfer: int
+    skipped_rows: int
+    warm_started: bool
+    incumbent_version: str | None
+    incumbent_metrics: ModelMetrics | None
+    evaluation: EvalReport
+    teacher: TeacherReport
+    distill: DistillReport
+    bins: dict[str, Any]
+    seconds: float
+    device: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["evaluation"] = self.evaluation.to_dict()
+        return d
+
+
+def _clean_rows(data: TrainingData) -> tuple[np.ndarray, int]:
+    """Rows with finite, non-zero embeddings; the rest are skipped and counted."""
+    ok = np.isfinite(data.embeddings).all(axis=1) & (np.abs(data.embeddings).sum(axis=1) > 0)
+    r = data.rewards
+    ok &= np.isnan(r) | np.isfinite(r)
+    return np.flatnonzero(ok), int((~ok).sum())
+
+
+def _compatible(manifest: dict[str, Any], store: MemoryStore, cfg: JobConfig) -> bool:
+    emb = manifest.get("embedder", {})
+    if emb.get("name") != store.embedder.name or int(emb.get("dim", -1)) != store.embedder.dim:
+        return False
+    b = manifest.get("bins", {})
+    if b.get("n_bins") != cfg.bins.n_bins:
+        return False
+    if cfg.bins.low is not None and b.get("low") != cfg.bins.low:
+        return False
+    if cfg.bins.high is not None and b.get("high") != cfg.bins.high:
+        return False
+    t, s = manifest.get("teacher", {}).get("arch", {}), manifest.get("student", {}).get("arch", {})
+    return (list(t.get("hidden", [])) == list(cfg.teacher.hidden) and list(s.get("hidden", [])) == list(cfg.distill.hidden)
+            and bool(t.get("batchnorm")) == cfg.teacher.batchnorm)
+
+
+def _ids_digest(ids: list[str]) -> str:
+    h = hashlib.sha256()
+    for i in sorted(ids):
+        h.update(i.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def run_consolidation(
+    store: MemoryStore,
+    registry: ArtifactRegistry,
+    config: JobConfig | None = None,
+    *,
+    curriculum: Curriculum | None = None,
+    lock_timeout: float = 0,
+    progress: bool = False,
+) -> ConsolidationReport:
+    """One full consolidation; see the module docstring. Raises ConsolidationError (nothing published)."""
+    cfg = config or JobConfig()
+    lk = registry.acquire(lock_timeout)
+    started = time.time()
+    try:
+        report = _consolidate(store, registry, cfg, curriculum, progress)
+    except JobLockedError:
+        raise
+    except BaseException as e:
+        registry.append_history({"started_at": started, "seconds": time.time() - started, "outcome": "failed",
+                                 "error": f"{type(e).__name__}: {e}"})
+        lk.release()
+        if isinstance(e, MemoryDistillError) and not isinstance(e, ConsolidationError):
+            raise ConsolidationError(f"consolidation failed, nothing was published: {e}") from e
+        raise
+    registry.append_history({
+        "started_at": started, "seconds": report.seconds, "outcome": "promoted" if report.promoted else "rejected",
+        "version": report.version, "reason": report.reason, "n_rows": report.n_rows, "n_rewarded": report.n_rewarded,
+        "skipped_rows": report.skipped_rows, "warm_started": report.warm_started,
+        "incumbent": report.incumbent_version, "student": report.evaluation.student.to_dict(),
+        "teacher": report.evaluation.teacher.to_dict(), "kl": report.evaluation.kl_divergence,
+        "curriculum": report.distill.curriculum,
+    })
+    lk.release()
+    return report
+
+
+def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
+                 curriculum: Curriculum | None, progress: bool) -> ConsolidationReport:
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+
+    data = store.load_training_data(namespace=cfg.namespace)
+    keep, skipped = _clean_rows(data)
+    if skipped:
+        log.warning("skipping %d rows with non-finite or empty embeddings", skipped)
+        data = TrainingData([data.ids[i] for i in keep], data.embeddings[keep], data.rewards[keep],
+                            data.created_at[keep], [data.groups[i] for i in keep])
+    n_rewarded = int(data.rewarded.sum())
+    if n_rewarded < cfg.min_rewarded:
+        raise NotEnoughDataError(
+            f"only {n_rewarded} rewarded memories (need JobConfig.min_rewarded={cfg.min_rewarded}): "
+            "record more rewards with set_reward() or lower min_rewarded"
+        )
+
+    # incumbent: the published model, if any
+    incumbent = None
+    inc_version = registry.current_version()
+    stale = registry.stale_versions()
+    if inc_version is not None:
+        try:
+            incumbent = registry.load(inc_version, with_teacher=True, map_location=device)
+        except MemoryDistillError as e:
+            log.warning("published model %s cannot be loaded (%s); training from scratch", inc_version, e)
+    inc_stale = inc_version in stale
+    warm = bool(cfg.warm_start and incumbent is not None and not inc_stale and _compatible(incumbent.manifest, store, cfg))
+
+    bins = incumbent.bins if warm and incumbent else RewardBins.fit(data.rewards[data.rewarded], cfg.bins)
+    split = split_by_group_and_time(data, cfg.gate.holdout_fraction, 0.15, rng)
+    if len(split.train) < 2:
+        raise NotEnoughDataError(f"only {len(split.train)} training rows after holding out the most recent memories")
+
+    X_all = torch.from_numpy(data.embeddings).to(device)
+    Y_all = torch.from_numpy(bins.targets(np.nan_to_num(data.rewards, nan=bins.low), cfg.bins.target)).to(device)
+    dim = data.embeddings.shape[1]
+
+    def rows(idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(idx).to(device)
+
+    # phase 1: teacher
+    teacher = build_teacher(cfg.teacher, dim, bins.n_bins)
+    student = build_student(cfg.distill, dim, bins.n_bins)
+    if warm and incumbent is not None and incumbent.teacher is not None:
+        teacher.load_state_dict(incumbent.teacher.state_dict())
+        student.load_state_dict(incumbent.student.state_dict())
+    teacher.to(device)
+    student.to(device)
+    tr, va, ho = rows(split.train), rows(split.val), rows(split.holdout)
+    bar = _bar(progress, cfg.teacher.epochs, "teacher")
+    t_report = train_teacher(teacher, X_all[tr], Y_all[tr], X_all[va], Y_all[va], cfg.teacher, generator=gen,
+                             on_epoch=lambda e, a, b: bar.update(1) if bar else None)
+    if bar:
+        bar.close()
+    fault_point("mid_training")
+
+    # phase 2: distil on rewarded train rows + unrewarded transfer rows
+    d_idx = np.concatenate([split.train, split.transfer])
+    di = rows(d_idx)
+    X_d = X_all[di]
+    T_d = teacher_logits(teacher, X_d)
+    labeled = torch.from_numpy(data.rewarded[d_idx]).to(device)
+    val = (X_all[va], teacher_logits(teacher, X_all[va]), Y_all[va], torch.ones(len(split.val), dtype=torch.bool, device=device))
+    bar = _bar(progress, cfg.distill.epochs, "distill")
+    d_report = distill(student, X_d, T_d, Y_all[di], labeled, val, cfg.distill, generator=gen, curriculum=curriculum,
+                       on_epoch=lambda e, a, b: bar.update(1) if bar else None)
+    if bar:
+        bar.close()
+
+    # evaluate + gate on the held-out recent slice (fall back to validation rows when tiny)
+    eval_idx = split.holdout if len(split.holdout) else split.val
+    ev = rows(eval_idx)
+    evaluation = compare_teacher_student(teacher.cpu(), student.cpu(), X_all[ev].cpu(), data.rewards[eval_idx], bins)
+    inc_metrics = None
+    if incumbent is not None:
+        inc_probs = torch.softmax(incumbent.student.cpu()(X_all[ev].cpu()), -1).detach().numpy()
+        inc_metrics = model_metrics(inc_probs, data.rewards[eval_idx], incumbent.bins)
+    promote, reason = should_promote(evaluation.student, inc_metrics, cfg.gate, incumbent_stale=inc_stale)
+
+    train_ids = [data.ids[i] for i in np.concatenate([split.train, split.val, split.transfer])]
+    manifest = {
+        "status": "promoted" if promote else "rejected",
+        "reason": reason,
+        "embedder": {"name": store.embedder.name, "dim": store.embedder.dim},
+        "bins": bins.to_dict(),
+        "target": cfg.bins.target,
+        "config": cfg.model_dump(mode="json"),
+        "metrics": evaluation.to_dict(),
+        "incumbent": {"version": inc_version, "metrics": inc_metrics.to_dict() if inc_metrics else None},
+        "data": {"n_rows": len(data), "n_rewarded": n_rewarded, "n_train": len(split.train),
+                 "n_val": len(split.val), "n_holdout": len(split.holdout), "n_transfer": len(split.transfer),
+                 "skipped_rows": skipped, "ids_digest": _ids_digest(data.ids),
+                 "max_created_at": float(data.created_at.max()) if len(data) else None,
+                 "namespace": cfg.namespace},
+        "warm_started": warm,
+        "teacher_report": asdict(t_report),
+        "distill_report": asdict(d_report),
+    }
+    version = registry.publish(teacher, student, manifest, promote=promote, train_ids=train_ids)
+    return ConsolidationReport(
+        version=version, promoted=promote, reason=reason, n_rows=len(data), n_rewarded=n_rewarded,
+        n_train=len(split.train), n_val=len(split.val), n_holdout=len(split.holdout), n_transfer=len(split.transfer),
+        skipped_rows=skipped, warm_started=warm, incumbent_version=inc_version, incumbent_metrics=inc_metrics,
+        evaluation=evaluation, teacher=t_report, distill=d_report, bins=bins.to_dict(),
+        seconds=time.perf_counter() - t0, device=str(device),
+    )
+
+
+def _bar(enabled: bool, total: int, desc: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="epoch", leave=False)
+
+
+# ---------------------------------------------------------------------------- forgetting
+
+
+def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None = None, *,
+           where: dict[str, Any] | None = None, namespace: str | None = None, reason: str = "") -> dict[str, Any]:
+    """Delete memories and mark every model trained on any of them stale.
+
+    The next consolidation retrains from scratch without them (no warm start from a stale
+    model) and replaces a stale published model even if the gate would otherwise refuse.
+    """
+    deleted = store.delete(ids, where=where, namespace=namespace)
+    stale = registry.mark_stale(set(deleted), reason or f"{len(deleted)} training memories deleted")
+    entry = {"time": time.time(), "n_deleted": len(deleted), "ids": deleted[:1000], "where": where,
+             "namespace": namespace, "stale_versions": stale, "reason": reason}
+    registry.log_deletion(entry)
+    log.info("forgot %d memories; stale versions: %s", len(deleted), stale)
+    return entry
+
+
+# ---------------------------------------------------------------------------- drift
+
+
+@dataclass
+class DriftReport:
+    """Realised vs predicted reward on memories rewarded after the model was published."""
+
+    version: str
+    n: int
+    mae: float | None
+    bias: float | None
+    """Mean (predicted - realised): > 0 means the model is optimistic."""
+    calibration_error: float | None
+    baseline_mae: float | None
+    """The model's held-out MAE when it was published."""
+    drift: float | None
+    """mae - baseline_mae."""
+    triggered: bool
+
+
+def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: float = 0.1, min_samples: int = 20,
+                 namespace: str | None = None) -> DriftReport:
+    """Compare the published student with rewards that arrived after it was published."""
+    from .predictor import Predictor
+
+    pred = Predictor(registry)
+    published = float(pred.loaded.manifest.get("created_at", 0.0))
+    baseline = pred.loaded.manifest.get("metrics", {}).get("student", {}).get("mae")
+    X_parts, r_parts = [], []
+    where = {"_md_rewarded_at": {"$gt": published}}
+    for page in store.iter_pages(namespace=namespace, where=where, rewarded_only=True):
+        X_parts.append(page.embeddings)
+        r_parts.append(page.rewards)
+    if not X_parts:
+        return DriftReport(pred.version, 0, None, None, None, baseline, None, False)
+    X, r = np.concatenate(X_parts), np.concatenate(r_parts)
+    batch = pred.predict_embeddings(X)
+    m = model_metrics(batch.probs, r, pred.bins)
+    mae = float(np.abs(batch.mean - r).mean())
+    drift = mae - baseline if baseline is not None else None
+    triggered = len(r) >= min_samples and drift is not None and drift > threshold
+    return DriftReport(pred.version, int(len(r)), mae, float((batch.mean - r).mean()), m.calibration_error,
+                       baseline, drift, bool(triggered))
+
+
+# ---------------------------------------------------------------------------- scheduling
+
+
+class ConsolidationWorker:
+    """Runs consolidation when ``min_new`` new rewarded memories arrived or ``every_s`` elapsed.
+
+    ``drift_threshold`` (optional) also triggers a run when the published model drifts.
+    """
+
+    def __init__(self, store: MemoryStore, registry: ArtifactRegistry, config: JobConfig | None = None, *,
+                 every_s: float | None = 600.0, min_new: int | None = 100, drift_threshold: float | None = None) -> None:
+        if every_s is None and min_new is None and drift_threshold is None:
+            raise ValueError("give at least one trigger: every_s, min_new or drift_threshold")
+        self.store, self.registry, self.config = store, registry, config or JobConfig()
+        self.every_s, self.min_new, self.drift_threshold = every_s, min_new, drift_threshold
+        self._stop = threading.Event()
+        self.runs: list[ConsolidationReport | Exception] = []
+
+    def _last(self) -> tuple[float | None, int]:
+        for entry in reversed(self.registry.history()):
+            if entry.get("outcome") in ("promoted", "rejected"):
+                return float(entry["started_at"]) + float(entry.get("seconds", 0)), int(entry.get("n_rewarded", 0))
+        return None, 0
+
+    def due(self) -> tuple[bool, str]:
+        """Whether a run is due now, and why."""
+        last_time, last_rewarded = self._last()
+        if last_time is None:
+            return True, "no consolidation has run yet"
+        if self.every_s is not None and time.time() - last_time >= self.every_s:
+            return True, f"{self.every_s:.0f}s elapsed since the last run"
+        if self.min_new is not None:
+            new = self.store.count(namespace=self.config.namespace, rewarded_only=True) - last_rewarded
+            if new >= self.min_new:
+                return True, f"{new} new rewarded memories (>= {self.min_new})"
+        if self.drift_threshold is not None:
+            try:
+                d = drift_report(self.store, self.registry, threshold=self.drift_threshold, namespace=self.config.namespace)
+                if d.triggered:
+                    return True, f"calibration drift {d.drift:.3f} > {self.drift_threshold}"
+            except NoModelError:
+                return True, "no published model"
+        return False, "not due"
+
+    def run_once(self, *, force: bool = False) -> ConsolidationReport | None:
+        due, why = (True, "forced") if force else self.due()
+        if not due:
+            return None
+        log.info("consolidation due: %s", why)
+        try:
+            rep = run_consolidation(self.store, self.registry, self.config, lock_timeout=0)
+        except (JobLockedError, NotEnoughDataError) as e:
+            log.info("skipped: %s", e)
+            self.runs.append(e)
+            return None
+        self.runs.append(rep)
+        return rep
+
+    def run_forever(self, poll_s: float = 30.0, max_runs: int | None = None) -> None:
+        """Poll triggers until ``stop()`` (or ``max_runs`` runs happened)."""
+        done = 0
+        while not self._stop.is_set():
+            try:
+                if self.run_once() is not None:
+                    done += 1
+            except ConsolidationError as e:
+                log.error("%s", e)
+            if max_runs is not None and done >= max_runs:
+                return
+            self._stop.wait(poll_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class ConsolidationExecutor:
+    """In-process background consolidation for apps: ``submit() -> Future``; one run at a time.
+
+    ``with ConsolidationExecutor(store, registry) as ex: fut = ex.submit(); fut.result()``
+    """
+
+    def __init__(self, store: MemoryStore, registry: ArtifactRegistry, config: JobConfig | None = None) -> None:
+        self.store, self.registry, self.config = store, registry, config or JobConfig()
+        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-distill")
+        self._current: cf.Future[ConsolidationReport] | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, config: JobConfig | None = None) -> cf.Future[ConsolidationReport]:
+        """Queue a run (or return the one already pending/running)."""
+        with self._lock:
+            if self._current is not None and not self._current.done():
+                return self._current
+            self._current = self._pool.submit(run_consolidation, self.store, self.registry,
+                                              config or self.config, lock_timeout=-1)
+            return self._current
+
+    @property
+    def running(self) -> bool:
+        return self._current is not None and not self._current.done()
+
+    def shutdown(self, wait: bool = True) -> None:
+        self._pool.shutdown(wait=wait)
+
+    def __enter__(self) -> ConsolidationExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown(wait=True)

@@ -1,0 +1,528 @@
+"""MemoryStore: episodic memories in Chroma. The only module that imports chromadb.
+
+Facts this module is built around (measured on chromadb 1.x):
+
+* the default space is L2, so the collection is created with cosine space explicitly;
+* one write takes at most ``client.get_max_batch_size()`` (5461) rows, so writes are chunked;
+* ``add`` with an existing id is silently ignored, so ids are checked first;
+* texts without vectors make Chroma download a model, so vectors are always passed;
+* a ``where`` takes one top-level key, so clauses are combined under ``$and``;
+* a PersistentClient is not safe across processes: use ``mode="http"`` (``chroma run``) there.
+
+Writes are atomic per call: everything is validated and embedded before the first row is
+written, and a failure part-way through a chunked write removes (or restores) what was written.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from .config import StoreConfig
+from .embeddings import Embedder
+from .errors import EmbedderMismatchError, InvalidMemoryError, MemoryNotFoundError, StoreError
+from .types import RESERVED_PREFIX, Memory, SearchHit
+
+__all__ = ["MemoryStore", "TrainingData", "TrainingPage", "coerce_memory"]
+
+log = logging.getLogger(__name__)
+
+NS = RESERVED_PREFIX + "ns"
+REWARD = RESERVED_PREFIX + "reward"
+HAS_REWARD = RESERVED_PREFIX + "has_reward"
+CREATED = RESERVED_PREFIX + "created"
+REWARDED_AT = RESERVED_PREFIX + "rewarded_at"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainingPage:
+    """One page of rows streamed out of the store."""
+
+    ids: list[str]
+    embeddings: np.ndarray  # float32 [n, dim]
+    rewards: np.ndarray  # float32 [n], NaN where pending
+    created_at: np.ndarray  # float64 [n]
+    groups: list[str]
+
+
+@dataclass
+class TrainingData:
+    """All rows of a namespace (or the store) in one preallocated matrix."""
+
+    ids: list[str]
+    embeddings: np.ndarray
+    rewards: np.ndarray
+    created_at: np.ndarray
+    groups: list[str]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def rewarded(self) -> np.ndarray:
+        return ~np.isnan(self.rewards)
+
+
+def coerce_memory(item: Any, *, namespace: str | None = None, index: int | None = None) -> Memory:
+    """Turn a Memory, a dict or a bare string into a validated Memory (errors name the item)."""
+    where = f"memories[{index}]" if index is not None else "memory"
+    try:
+        if isinstance(item, Memory):
+            mem = item
+        elif isinstance(item, str):
+            mem = Memory(text=item, namespace=namespace or "default")
+        elif isinstance(item, Mapping):
+            data = dict(item)
+            if namespace is not None and "namespace" not in data:
+                data["namespace"] = namespace
+            mem = Memory.model_validate(data)
+        else:
+            raise InvalidMemoryError(
+                f"{where}: expected a Memory, dict or str, got {type(item).__name__}"
+            )
+    except ValidationError as e:
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "memory"
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}")
+        raise InvalidMemoryError(f"{where} is invalid: " + "; ".join(parts)) from None
+    return mem
+
+
+class MemoryStore:
+    """Episodic memories with embeddings, rewards, metadata and namespaces, in Chroma."""
+
+    def __init__(
+        self,
+        embedder: Embedder,
+        config: StoreConfig | None = None,
+        *,
+        path: str | Path | None = None,
+        client: Any | None = None,
+    ) -> None:
+        self.config = cfg = config or StoreConfig()
+        self.embedder = embedder
+        self._client = client or self._make_client(cfg, path)
+        self._max_batch = min(cfg.write_batch_size, self._client.get_max_batch_size())
+        meta = {
+            "md_embedder": embedder.name,
+            "md_dim": int(embedder.dim),
+            "md_format": FORMAT_VERSION,
+        }
+        try:
+            self._col = self._client.get_or_create_collection(
+                cfg.collection,
+                metadata=meta,
+                configuration={"hnsw": {"space": "cosine"}},
+                embedding_function=None,
+            )
+        except Exception as e:  # chroma raises several types for an unreachable server
+            raise StoreError(f"could not open collection {cfg.collection!r}: {e}") from e
+        have = self._col.metadata or {}
+        if have.get("md_embedder") != embedder.name or int(have.get("md_dim", -1)) != embedder.dim:
+            raise EmbedderMismatchError(
+                f"collection {cfg.collection!r} was built with embedder {have.get('md_embedder')!r} "
+                f"(dim {have.get('md_dim')}), but {embedder.name!r} (dim {embedder.dim}) was given: "
+                "use the same embedder, or a new collection name / store path"
+            )
+
+    # ------------------------------------------------------------------ setup
+
+    @staticmethod
+    def _make_client(cfg: StoreConfig, path: str | Path | None) -> Any:
+        import chromadb
+
+        settings = chromadb.Settings(anonymized_telemetry=False, allow_reset=False)
+        if cfg.mode == "ephemeral":
+            # EphemeralClients in one process share state; a private temp dir isolates each store
+            import shutil
+            import tempfile
+
+            tmp = tempfile.mkdtemp(prefix="memory_distill_")
+            client = chromadb.PersistentClient(path=tmp, settings=settings)
+            weakref.finalize(client, shutil.rmtree, tmp, True)
+            return client
+        if cfg.mode == "http":
+            try:
+                client = chromadb.HttpClient(host=cfg.host, port=cfg.port, settings=settings)
+                client.heartbeat()
+            except Exception as e:
+                raise StoreError(
+                    f"cannot reach the Chroma server at http://{cfg.host}:{cfg.port} ({type(e).__name__}): "
+                    f"start one with `chroma run --host {cfg.host} --port {cfg.port} --path DIR` "
+                    "or use mode='persistent'"
+                ) from None
+            return client
+        p = Path(path or cfg.path or ".memory_distill/chroma")
+        p.mkdir(parents=True, exist_ok=True)
+        return chromadb.PersistentClient(path=str(p), settings=settings)
+
+    @classmethod
+    def ephemeral(cls, embedder: Embedder, **overrides: Any) -> MemoryStore:
+        """An in-memory store (tests, notebooks)."""
+        return cls(embedder, StoreConfig(mode="ephemeral", **overrides))
+
+    @property
+    def collection_name(self) -> str:
+        return self.config.collection
+
+    # ------------------------------------------------------------------ encoding
+
+    def _check_reward(self, reward: float | None, where: str) -> None:
+        if reward is None:
+            return
+        lo, hi = self.config.reward_min, self.config.reward_max
+        if not (lo <= reward <= hi):
+            raise InvalidMemoryError(
+                f"{where}: reward {reward} is outside the configured range [{lo}, {hi}]: "
+                "rescale it or set StoreConfig.reward_min/reward_max"
+            )
+
+    @staticmethod
+    def _to_meta(m: Memory) -> dict[str, Any]:
+        meta: dict[str, Any] = dict(m.metadata)
+        meta[NS] = m.namespace
+        meta[CREATED] = float(m.created_at)
+        meta[HAS_REWARD] = m.reward is not None
+        if m.reward is not None:
+            meta[REWARD] = float(m.reward)
+            meta[REWARDED_AT] = float(m.rewarded_at or m.created_at)
+        return meta
+
+    @staticmethod
+    def _from_row(id_: str, doc: str | None, meta: Mapping[str, Any]) -> Memory:
+        user = {k: v for k, v in meta.items() if not k.startswith(RESERVED_PREFIX)}
+        return Memory.model_construct(
+            id=id_,
+            text=doc or "",
+            reward=meta.get(REWARD) if meta.get(HAS_REWARD) else None,
+            metadata=user,
+            namespace=meta.get(NS, "default"),
+            created_at=meta.get(CREATED, 0.0),
+            rewarded_at=meta.get(REWARDED_AT),
+        )
+
+    def _where(self, namespace: str | None, where: Mapping[str, Any] | None,
+               rewarded_only: bool = False) -> dict[str, Any] | None:
+        clauses: list[dict[str, Any]] = []
+        if namespace is not None:
+            clauses.append({NS: namespace})
+        if rewarded_only:
+            clauses.append({HAS_REWARD: True})
+        for key, value in (where or {}).items():
+            if key in ("$and", "$or"):
+                clauses.append({key: value})
+                continue
+            if key.startswith("$"):
+                raise StoreError(f"where: unsupported top-level operator {key!r}; use $and/$or or field names")
+            field = {"reward": REWARD, "namespace": NS, "created_at": CREATED}.get(key, key)
+            clauses.append({field: value})
+        if not clauses:
+            return None
+        return clauses[0] if len(clauses) == 1 else {"$and": clauses}
+
+    # ------------------------------------------------------------------ writes
+
+    def add(self, memory: Memory | Mapping[str, Any] | str, *, embedding: np.ndarray | None = None,
+            namespace: str | None = None) -> str:
+        """Add one memory; returns its id."""
+        emb = None if embedding is None else np.asarray(embedding, np.float32).reshape(1, -1)
+        return self.add_many([memory], embeddings=emb, namespace=namespace)[0]
+
+    def add_many(
+        self,
+        memories: Iterable[Memory | Mapping[str, Any] | str],
+        *,
+        embeddings: np.ndarray | Sequence[Sequence[float]] | None = None,
+        namespace: str | None = None,
+        upsert: bool = False,
+    ) -> list[str]:
+        """Validate, embed and write a batch atomically; returns the ids in input order.
+
+        ``embeddings`` (n x dim) skips the embedder. With ``upsert=False`` an id that already
+        exists is an error (Chroma would silently drop it); ``upsert=True`` replaces it.
+        """
+        mems = [coerce_memory(m, namespace=namespace, index=i) for i, m in enumerate(memories)]
+        if not mems:
+            return []
+        for i, m in enumerate(mems):
+            self._check_reward(m.reward, f"memories[{i}]")
+        ids = [m.id for m in mems]
+        if len(set(ids)) != len(ids):
+            seen: set[str] = set()
+            dups = sorted({x for x in ids if x in seen or seen.add(x)})  # type: ignore[func-returns-value]
+            raise InvalidMemoryError(f"duplicate ids in one batch: {dups[:5]}: give each memory a unique id")
+        if embeddings is None:
+            vecs = self.embedder.embed([m.text for m in mems])
+        else:
+            vecs = np.asarray(embeddings, dtype=np.float32)
+            if vecs.shape != (len(mems), self.embedder.dim):
+                raise InvalidMemoryError(
+                    f"embeddings has shape {vecs.shape}, expected ({len(mems)}, {self.embedder.dim}) "
+                    f"for embedder {self.embedder.name!r}"
+                )
+            if not np.isfinite(vecs).all():
+                raise InvalidMemoryError("embeddings contain NaN or inf: re-embed those texts")
+        existing = self._existing(ids)
+        if existing and not upsert:
+            raise StoreError(
+                f"{len(existing)} id(s) already exist (e.g. {sorted(existing)[:3]}): "
+                "use new ids, or upsert=True to replace them"
+            )
+        snapshot = self._snapshot(sorted(existing)) if existing else None
+        metas = [self._to_meta(m) for m in mems]
+        docs = [m.text for m in mems]
+        write = self._col.upsert if upsert else self._col.add
+        done = 0
+        try:
+            for s in range(0, len(mems), self._max_batch):
+                e = s + self._max_batch
+                write(ids=ids[s:e], embeddings=vecs[s:e], metadatas=metas[s:e], documents=docs[s:e])
+                done = e
+        except Exception as exc:
+            self._rollback(ids[:done], snapshot)
+            raise StoreError(f"write failed after {min(done, len(ids))} of {len(ids)} rows and was rolled back: {exc}") from exc
+        log.debug("stored %d memories", len(ids))
+        return ids
+
+    def _existing(self, ids: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for s in range(0, len(ids), self._max_batch):
+            found.update(self._col.get(ids=list(ids[s : s + self._max_batch]), include=[])["ids"])
+        return found
+
+    def _snapshot(self, ids: Sequence[str]) -> dict[str, Any]:
+        got = self._col.get(ids=list(ids), include=["embeddings", "metadatas", "documents"])
+        return {"ids": got["ids"], "embeddings": np.asarray(got["embeddings"]),
+                "metadatas": got["metadatas"], "documents": got["documents"]}
+
+    def _rollback(self, written: Sequence[str], snapshot: dict[str, Any] | None) -> None:
+        try:
+            if written:
+                for s in range(0, len(written), self._max_batch):
+                    self._col.delete(ids=list(written[s : s + self._max_batch]))
+            if snapshot and snapshot["ids"]:
+                self._col.upsert(**snapshot)
+        except Exception:  # pragma: no cover - best effort; the original error is raised
+            log.exception("rollback failed; the store may hold part of the batch")
+
+    def set_reward(self, memory_id: str, reward: float, *, rewarded_at: float | None = None) -> Memory:
+        """Record a (late) reward for a stored memory; returns the updated memory."""
+        return self.set_rewards({memory_id: reward}, rewarded_at=rewarded_at)[0]
+
+    def set_rewards(self, rewards: Mapping[str, float], *, rewarded_at: float | None = None) -> list[Memory]:
+        """Record rewards for several memories at once (all validated before any is written)."""
+        ids = list(rewards)
+        if not ids:
+            return []
+        got = self._col.get(ids=ids, include=["metadatas", "documents"])
+        by_id = dict(zip(got["ids"], zip(got["documents"], got["metadatas"], strict=True), strict=True))
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise MemoryNotFoundError(f"no memory with id {missing[0]!r} ({len(missing)} missing): check the id")
+        now = time.time() if rewarded_at is None else rewarded_at
+        metas, out = [], []
+        for i in ids:
+            r = rewards[i]
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(float(r)):
+                raise InvalidMemoryError(f"reward for {i!r} must be a finite number, got {r!r}")
+            self._check_reward(float(r), f"reward for {i!r}")
+            doc, meta = by_id[i]
+            meta = dict(meta)
+            meta[REWARD] = float(r)
+            meta[HAS_REWARD] = True
+            meta[REWARDED_AT] = float(now)
+            metas.append(meta)
+            out.append(self._from_row(i, doc, meta))
+        self._col.update(ids=ids, metadatas=metas)
+        return out
+
+    def delete(self, ids: Sequence[str] | None = None, *, where: Mapping[str, Any] | None = None,
+               namespace: str | None = None) -> list[str]:
+        """Delete by ids, by metadata filter and/or by namespace; returns the deleted ids."""
+        if ids is None and where is None and namespace is None:
+            raise StoreError("delete() needs ids, where or namespace: refusing to delete everything")
+        flt = self._where(namespace, where)
+        if ids is not None:
+            got = self._col.get(ids=list(ids), where=flt, include=[])["ids"]
+        else:
+            got = []
+            for page_ids in self._iter_ids(flt):
+                got.extend(page_ids)
+        for s in range(0, len(got), self._max_batch):
+            self._col.delete(ids=got[s : s + self._max_batch])
+        log.info("deleted %d memories", len(got))
+        return list(got)
+
+    def _iter_ids(self, flt: dict[str, Any] | None) -> Iterator[list[str]]:
+        offset = 0
+        while True:
+            page = self._col.get(where=flt, limit=self.config.read_page_size, offset=offset, include=[])["ids"]
+            if not page:
+                return
+            yield page
+            offset += len(page)
+
+    # ------------------------------------------------------------------ reads
+
+    def get(self, memory_id: str) -> Memory:
+        got = self._col.get(ids=[memory_id], include=["metadatas", "documents"])
+        if not got["ids"]:
+            raise MemoryNotFoundError(f"no memory with id {memory_id!r}: check the id (or its namespace)")
+        return self._from_row(got["ids"][0], got["documents"][0], got["metadatas"][0])
+
+    def get_many(self, ids: Sequence[str]) -> list[Memory]:
+        """Memories for the ids that exist, in the order asked."""
+        got = self._col.get(ids=list(ids), include=["metadatas", "documents"])
+        rows = {i: self._from_row(i, d, m) for i, d, m in zip(got["ids"], got["documents"], got["metadatas"], strict=True)}
+        return [rows[i] for i in ids if i in rows]
+
+    def get_embeddings(self, ids: Sequence[str]) -> np.ndarray:
+        got = self._col.get(ids=list(ids), include=["embeddings"])
+        pos = {i: k for k, i in enumerate(got["ids"])}
+        missing = [i for i in ids if i not in pos]
+        if missing:
+            raise MemoryNotFoundError(f"no memory with id {missing[0]!r}")
+        arr = np.asarray(got["embeddings"], dtype=np.float32)
+        return arr[[pos[i] for i in ids]]
+
+    def search(
+        self,
+        query: str | np.ndarray,
+        k: int = 5,
+        *,
+        namespace: str | None = "default",
+        where: Mapping[str, Any] | None = None,
+        rewarded_only: bool = False,
+        include_embeddings: bool = False,
+    ) -> list[SearchHit]:
+        """The k most similar memories (cosine) in ``namespace`` (``None``: all namespaces).
+
+        ``where`` filters on metadata (``{"tool": "search"}``, ``{"reward": {"$gte": 0.5}}``).
+        """
+        if k < 1:
+            raise StoreError(f"k must be >= 1, got {k}")
+        if isinstance(query, str):
+            if not query.strip():
+                raise StoreError("query is empty: pass the text to search for")
+            qv = self.embedder.embed([query])[0]
+        else:
+            qv = np.asarray(query, np.float32).reshape(-1)
+            if qv.shape[0] != self.embedder.dim:
+                raise StoreError(f"query vector has dim {qv.shape[0]}, the store uses {self.embedder.dim}")
+        include = ["metadatas", "documents", "distances"] + (["embeddings"] if include_embeddings else [])
+        res = self._col.query(query_embeddings=[qv], n_results=k, where=self._where(namespace, where, rewarded_only),
+                              include=include)
+        hits = []
+        embs = res.get("embeddings")
+        for j, (i, d, m, dist) in enumerate(zip(res["ids"][0], res["documents"][0], res["metadatas"][0],
+                                                res["distances"][0], strict=True)):
+            emb = np.asarray(embs[0][j], np.float32) if include_embeddings and embs is not None else None
+            hits.append(SearchHit(memory=self._from_row(i, d, m), similarity=1.0 - float(dist), embedding=emb))
+        return hits
+
+    def count(self, *, namespace: str | None = None, rewarded_only: bool = False) -> int:
+        flt = self._where(namespace, None, rewarded_only)
+        if flt is None:
+            return int(self._col.count())
+        return sum(len(p) for p in self._iter_ids(flt))
+
+    def iter_pages(
+        self,
+        *,
+        namespace: str | None = None,
+        where: Mapping[str, Any] | None = None,
+        rewarded_only: bool = False,
+        page_size: int | None = None,
+        group_key: str = "group",
+    ) -> Iterator[TrainingPage]:
+        """Stream rows (ids, embeddings, rewards with NaN for pending) page by page."""
+        size = page_size or self.config.read_page_size
+        flt = self._where(namespace, where, rewarded_only)
+        offset = 0
+        while True:
+            got = self._col.get(where=flt, limit=size, offset=offset, include=["embeddings", "metadatas"])
+            n = len(got["ids"])
+            if n == 0:
+                return
+            metas = got["metadatas"]
+            rewards = np.array([m.get(REWARD, np.nan) if m.get(HAS_REWARD) else np.nan for m in metas], np.float32)
+            created = np.array([m.get(CREATED, 0.0) for m in metas], np.float64)
+            groups = [str(m[group_key]) if group_key in m else i for i, m in zip(got["ids"], metas, strict=True)]
+            yield TrainingPage(list(got["ids"]), np.asarray(got["embeddings"], np.float32), rewards, created, groups)
+            offset += n
+            if n < size:
+                return
+
+    def load_training_data(self, *, namespace: str | None = None, rewarded_only: bool = False,
+                           page_size: int | None = None) -> TrainingData:
+        """All rows in one preallocated float32 matrix, filled page by page (one copy, not several)."""
+        n = self.count(namespace=namespace, rewarded_only=rewarded_only)
+        dim = self.embedder.dim
+        X = np.empty((n, dim), np.float32)
+        rewards = np.empty(n, np.float32)
+        created = np.empty(n, np.float64)
+        ids: list[str] = []
+        groups: list[str] = []
+        pos = 0
+        for page in self.iter_pages(namespace=namespace, rewarded_only=rewarded_only, page_size=page_size):
+            m = min(len(page.ids), n - pos)
+            X[pos : pos + m] = page.embeddings[:m]
+            rewards[pos : pos + m] = page.rewards[:m]
+            created[pos : pos + m] = page.created_at[:m]
+            ids.extend(page.ids[:m])
+            groups.extend(page.groups[:m])
+            pos += m
+            if pos >= n:
+                break
+        if pos < n:  # rows deleted while reading
+            X, rewards, created = X[:pos], rewards[:pos], created[:pos]
+        return TrainingData(ids, X, rewards, created, groups)
+
+    def stats(self) -> dict[str, Any]:
+        """Counts per namespace, rewarded vs pending, reward summary, embedder."""
+        total = rewarded = 0
+        per_ns: dict[str, int] = {}
+        rs: list[float] = []
+        offset = 0
+        size = self.config.read_page_size
+        while True:
+            got = self._col.get(limit=size, offset=offset, include=["metadatas"])
+            metas = got["metadatas"]
+            if not metas:
+                break
+            for m in metas:
+                total += 1
+                ns = str(m.get(NS, "default"))
+                per_ns[ns] = per_ns.get(ns, 0) + 1
+                if m.get(HAS_REWARD):
+                    rewarded += 1
+                    rs.append(float(m[REWARD]))
+            offset += len(metas)
+            if len(metas) < size:
+                break
+        arr = np.asarray(rs, np.float64)
+        return {
+            "collection": self.config.collection,
+            "mode": self.config.mode,
+            "embedder": self.embedder.name,
+            "dim": self.embedder.dim,
+            "total": total,
+            "rewarded": rewarded,
+            "pending": total - rewarded,
+            "namespaces": per_ns,
+            "reward_mean": float(arr.mean()) if arr.size else None,
+            "reward_min": float(arr.min()) if arr.size else None,
+            "reward_max": float(arr.max()) if arr.size else None,
+        }

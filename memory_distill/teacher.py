@@ -1,0 +1,101 @@
+"""Phase 1: train the teacher on rewarded memories (cross-entropy to bin targets)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import TeacherConfig
+from .losses import soft_cross_entropy
+
+__all__ = ["TeacherReport", "train_teacher"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherReport:
+    epochs_run: int = 0
+    best_epoch: int = -1
+    best_val_loss: float = float("inf")
+    train_loss: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
+    stopped_early: bool = False
+    seconds: float = 0.0
+    samples_seen: int = 0
+
+
+def _batch_indices(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
+    perm = torch.randperm(n, generator=generator)
+    out = [perm[s : s + batch_size] for s in range(0, n, batch_size)]
+    if len(out) > 1 and out[-1].numel() < 2:  # BatchNorm cannot train on one row
+        out[-2] = torch.cat([out[-2], out.pop()])
+    return out
+
+
+@torch.no_grad()
+def eval_loss(model: torch.nn.Module, X: torch.Tensor, Y: torch.Tensor, batch_size: int = 4096) -> float:
+    model.eval()
+    total = 0.0
+    for s in range(0, X.shape[0], batch_size):
+        total += float(soft_cross_entropy(model(X[s : s + batch_size]), Y[s : s + batch_size], reduction="none").sum())
+    return total / max(X.shape[0], 1)
+
+
+def train_teacher(
+    model: torch.nn.Module,
+    X: torch.Tensor,
+    Y: torch.Tensor,
+    X_val: torch.Tensor | None,
+    Y_val: torch.Tensor | None,
+    cfg: TeacherConfig,
+    *,
+    generator: torch.Generator,
+    on_epoch: Callable[[int, float, float], None] | None = None,
+) -> TeacherReport:
+    """AdamW on soft cross-entropy; early stopping on validation loss restores the best weights.
+
+    ``X`` [n, dim] and ``Y`` [n, bins] (target distributions) must already be on the model's device.
+    """
+    t0 = time.perf_counter()
+    report = TeacherReport()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best_state = None
+    bad = 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        total, seen = 0.0, 0
+        for idx in _batch_indices(X.shape[0], cfg.batch_size, generator):
+            idx = idx.to(X.device)
+            loss = soft_cross_entropy(model(X[idx]), Y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * idx.numel()
+            seen += idx.numel()
+        report.samples_seen += seen
+        report.train_loss.append(total / max(seen, 1))
+        val = eval_loss(model, X_val, Y_val) if X_val is not None and Y_val is not None and len(X_val) else report.train_loss[-1]
+        report.val_loss.append(val)
+        report.epochs_run = epoch + 1
+        if on_epoch:
+            on_epoch(epoch, report.train_loss[-1], val)
+        log.debug("teacher epoch %d train %.4f val %.4f", epoch, report.train_loss[-1], val)
+        if val < report.best_val_loss - 1e-5:
+            report.best_val_loss, report.best_epoch, bad = val, epoch, 0
+            best_state = copy.deepcopy(model.state_dict())
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                report.stopped_early = True
+                break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    report.seconds = time.perf_counter() - t0
+    return report

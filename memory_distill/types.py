@@ -1,0 +1,161 @@
+"""Data types shared across layers: memories, predictions and search hits."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+__all__ = ["Memory", "MetadataValue", "PredictionBatch", "RewardPrediction", "SearchHit"]
+
+MetadataValue = str | int | float | bool
+RESERVED_PREFIX = "_md_"
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Memory(BaseModel):
+    """One episode: what the agent saw/did/answered, and the reward it earned (maybe later).
+
+    Range checks on ``reward`` against the store's configured range happen in the store,
+    which knows the range; here it must only be a finite number or ``None`` (pending).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    id: str = Field(default_factory=_new_id, min_length=1, max_length=512)
+    """Unique id within the store (a random hex uuid by default)."""
+    text: str
+    """The episode as text (input, actions, answer)."""
+    reward: float | None = None
+    """Scalar reward; ``None`` while the reward has not arrived (set it later with ``set_reward``)."""
+    metadata: dict[str, MetadataValue] = Field(default_factory=dict)
+    """Scalar metadata (str, int, float, bool), filterable in search."""
+    namespace: str = Field(default="default", min_length=1, max_length=256)
+    """Isolation unit: searches in one namespace never see another's memories."""
+    created_at: float = Field(default_factory=time.time)
+    """Unix time the episode happened."""
+    rewarded_at: float | None = None
+    """Unix time the reward was set."""
+
+    @field_validator("text")
+    @classmethod
+    def _text(cls, v: str) -> str:
+        if not v or not v.strip():
+            raise ValueError("text is empty: give the episode's content (what was seen/done/answered)")
+        return v
+
+    @field_validator("reward", mode="before")
+    @classmethod
+    def _reward(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+            raise ValueError(f"reward must be a number or null, got {type(v).__name__} {v!r}")
+        if not math.isfinite(float(v)):
+            raise ValueError(f"reward must be finite, got {v!r}: drop the memory or give a real score")
+        return float(v)
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _metadata(cls, v: Any) -> Any:
+        if v is None:
+            return {}
+        if not isinstance(v, dict):
+            raise ValueError(f"metadata must be a dict of scalars, got {type(v).__name__}")
+        for key, value in v.items():
+            if not isinstance(key, str) or not key:
+                raise ValueError(f"metadata key {key!r} must be a non-empty string")
+            if key.startswith(RESERVED_PREFIX):
+                raise ValueError(f"metadata key {key!r} uses the reserved prefix {RESERVED_PREFIX!r}: rename it")
+            if value is None or not isinstance(value, (str, int, float, bool)):
+                raise ValueError(
+                    f"metadata[{key!r}] must be a str, int, float or bool, got "
+                    f"{type(value).__name__}: flatten it or json.dumps it into a string"
+                )
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"metadata[{key!r}] must be finite, got {value!r}")
+        return v
+
+    @property
+    def has_reward(self) -> bool:
+        return self.reward is not None
+
+
+@dataclass(frozen=True)
+class RewardPrediction:
+    """The student's belief about the reward of one memory.
+
+    ``probs`` is the distribution over ``support`` (bin centres); ``quantiles`` maps
+    0.1/0.25/0.5/0.75/0.9 to rewards.
+    """
+
+    mean: float
+    std: float
+    entropy: float
+    quantiles: dict[float, float]
+    probs: np.ndarray = field(repr=False)
+    support: np.ndarray = field(repr=False)
+    model_version: str | None = None
+
+    def prob_above(self, threshold: float) -> float:
+        """P(reward > threshold) under the predicted distribution (bin-centre approximation)."""
+        return float(self.probs[self.support > threshold].sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mean": self.mean,
+            "std": self.std,
+            "entropy": self.entropy,
+            "quantiles": {str(k): v for k, v in self.quantiles.items()},
+            "model_version": self.model_version,
+        }
+
+
+@dataclass(frozen=True)
+class PredictionBatch:
+    """Vectorised predictions for n inputs (arrays of length n, ``probs`` is n x bins)."""
+
+    probs: np.ndarray
+    mean: np.ndarray
+    std: np.ndarray
+    entropy: np.ndarray
+    quantiles: dict[float, np.ndarray]
+    support: np.ndarray
+    model_version: str | None = None
+
+    def __len__(self) -> int:
+        return int(self.mean.shape[0])
+
+    def prob_above(self, threshold: float) -> np.ndarray:
+        return self.probs[:, self.support > threshold].sum(axis=1)
+
+    def __getitem__(self, i: int) -> RewardPrediction:
+        return RewardPrediction(
+            mean=float(self.mean[i]),
+            std=float(self.std[i]),
+            entropy=float(self.entropy[i]),
+            quantiles={q: float(v[i]) for q, v in self.quantiles.items()},
+            probs=self.probs[i],
+            support=self.support,
+            model_version=self.model_version,
+        )
+
+    def to_list(self) -> list[RewardPrediction]:
+        return [self[i] for i in range(len(self))]
+
+
+@dataclass(frozen=True)
+class SearchHit:
+    """A memory returned by search with its cosine similarity to the query (1 = identical)."""
+
+    memory: Memory
+    similarity: float
+    embedding: np.ndarray | None = field(default=None, repr=False)
