@@ -55,17 +55,48 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # pragma: no cover
     from .artifacts import ArtifactRegistry
-    from .config import (BinsConfig, DistillConfig, EmbedderConfig, GateConfig, JobConfig, Settings,
-                         StoreConfig, TeacherConfig)
+    from .config import (
+        BinsConfig,
+        DistillConfig,
+        EmbedderConfig,
+        GateConfig,
+        JobConfig,
+        Settings,
+        StoreConfig,
+        TeacherConfig,
+    )
     from .consolidation import ModelDistillation
-    from .embeddings import (CachedEmbedder, Embedder, HashingEmbedder, LangChainEmbedder, LocalEmbedder,
-                             OpenAIEmbedder, make_embedder)
-    from .errors import (ArtifactError, ConsolidationError, EmbedderMismatchError, EmbeddingError,
-                         InvalidMemoryError, JobLockedError, MemoryDistillError, MemoryNotFoundError,
-                         NoModelError, NotEnoughDataError, StoreError)
+    from .embeddings import (
+        CachedEmbedder,
+        Embedder,
+        HashingEmbedder,
+        LangChainEmbedder,
+        LocalEmbedder,
+        OpenAIEmbedder,
+        make_embedder,
+    )
+    from .errors import (
+        ArtifactError,
+        ConsolidationError,
+        EmbedderMismatchError,
+        EmbeddingError,
+        InvalidMemoryError,
+        JobLockedError,
+        MemoryDistillError,
+        MemoryNotFoundError,
+        NoModelError,
+        NotEnoughDataError,
+        StoreError,
+    )
     from .facade import MemoryDistill
-    from .jobs import (ConsolidationExecutor, ConsolidationReport, ConsolidationWorker, drift_report,
-                       forget, run_consolidation)
+    from .jobs import (
+        ConsolidationExecutor,
+        ConsolidationReport,
+        ConsolidationWorker,
+        drift_report,
+        forget,
+        run_consolidation,
+    )
     from .models import RewardMLP, build_student, build_teacher
     from .predictor import Predictor
     from .rewards import RewardBins

@@ -25,17 +25,29 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._faults import fault_point
 from .artifacts import ArtifactRegistry
 from .config import JobConfig
 from .curriculum import Curriculum
-from .distill import DistillReport, distill, teacher_logits
-from .errors import ConsolidationError, JobLockedError, MemoryDistillError, NoModelError, NotEnoughDataError
-from .evaluate import EvalReport, ModelMetrics, compare_teacher_student, model_metrics, should_promote
-from .models import RewardMLP, build_student, build_teacher, resolve_device
+from .distill import DistillReport
+from .errors import (
+    ConsolidationError,
+    JobLockedError,
+    MemoryDistillError,
+    NoModelError,
+    NotEnoughDataError,
+)
+from .evaluate import (
+    EvalReport,
+    ModelMetrics,
+    compare_teacher_student,
+    model_metrics,
+    should_promote,
+)
+from .models import resolve_device
 from .rewards import RewardBins
 from .store import MemoryStore, TrainingData
-from .teacher import TeacherReport, train_teacher
+from .teacher import TeacherReport
+from .training import Split, split_by_group_and_time, train_pair
 
 __all__ = [
     "ConsolidationExecutor",
@@ -50,59 +62,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Split:
-    """Row indices into a TrainingData: train/val/holdout (rewarded) and transfer (unrewarded)."""
-
-    train: np.ndarray
-    val: np.ndarray
-    holdout: np.ndarray
-    transfer: np.ndarray
-
-
-def split_by_group_and_time(data: TrainingData, holdout_fraction: float, val_fraction: float,
-                            rng: np.random.Generator) -> Split:
-    """Hold out the most recent groups (by their latest memory); validation groups are random.
-
-    Rows sharing a ``group`` (metadata key; else each memory is its own group) never straddle
-    splits. Unrewarded rows from train/val groups become transfer data for the KL term.
-    """
-    rewarded = data.rewarded
-    groups = np.asarray(data.groups, dtype=object)
-    uniq, inv = np.unique(groups, return_inverse=True)
-    latest = np.full(len(uniq), -np.inf)
-    np.maximum.at(latest, inv, data.created_at)
-    n_rew_per_group = np.bincount(inv, weights=rewarded.astype(np.float64), minlength=len(uniq))
-    total_rew = n_rew_per_group.sum()
-    order = np.argsort(-latest, kind="stable")  # newest first
-    hold_groups: set[int] = set()
-    acc = 0.0
-    for g in order:
-        if acc >= holdout_fraction * total_rew:
-            break
-        if n_rew_per_group[g] > 0:
-            hold_groups.add(int(g))
-            acc += n_rew_per_group[g]
-    rest = np.array([g for g in range(len(uniq)) if g not in hold_groups and n_rew_per_group[g] > 0], np.int64)
-    rest = rng.permutation(rest)
-    val_groups: set[int] = set()
-    acc = 0.0
-    for g in rest:
-        if acc >= val_fraction * (total_rew - sum(n_rew_per_group[list(hold_groups)])):
-            break
-        val_groups.add(int(g))
-        acc += n_rew_per_group[g]
-    is_hold = np.isin(inv, list(hold_groups))
-    is_val = np.isin(inv, list(val_groups))
-    idx = np.arange(len(data))
-    return Split(
-        train=idx[rewarded & ~is_hold & ~is_val],
-        val=idx[rewarded & is_val],
-        holdout=idx[rewarded & is_hold],
-        transfer=idx[~rewarded & ~is_hold],
-    )
 
 
 @dataclass
@@ -242,41 +201,14 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
     if len(split.train) < 2:
         raise NotEnoughDataError(f"only {len(split.train)} training rows after holding out the most recent memories")
 
-    X_all = torch.from_numpy(data.embeddings).to(device)
-    Y_all = torch.from_numpy(bins.targets(np.nan_to_num(data.rewards, nan=bins.low), cfg.bins.target)).to(device)
-    dim = data.embeddings.shape[1]
+    init = (incumbent.teacher, incumbent.student) if warm and incumbent is not None and incumbent.teacher is not None else None
+    trained = train_pair(data, split, bins, cfg, device=device, generator=gen, curriculum=curriculum,
+                         init=init, progress=progress)
+    teacher, student, t_report, d_report = trained.teacher, trained.student, trained.teacher_report, trained.distill_report
+    X_all = trained.X
 
     def rows(idx: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(idx).to(device)
-
-    # phase 1: teacher
-    teacher = build_teacher(cfg.teacher, dim, bins.n_bins)
-    student = build_student(cfg.distill, dim, bins.n_bins)
-    if warm and incumbent is not None and incumbent.teacher is not None:
-        teacher.load_state_dict(incumbent.teacher.state_dict())
-        student.load_state_dict(incumbent.student.state_dict())
-    teacher.to(device)
-    student.to(device)
-    tr, va, ho = rows(split.train), rows(split.val), rows(split.holdout)
-    bar = _bar(progress, cfg.teacher.epochs, "teacher")
-    t_report = train_teacher(teacher, X_all[tr], Y_all[tr], X_all[va], Y_all[va], cfg.teacher, generator=gen,
-                             on_epoch=lambda e, a, b: bar.update(1) if bar else None)
-    if bar:
-        bar.close()
-    fault_point("mid_training")
-
-    # phase 2: distil on rewarded train rows + unrewarded transfer rows
-    d_idx = np.concatenate([split.train, split.transfer])
-    di = rows(d_idx)
-    X_d = X_all[di]
-    T_d = teacher_logits(teacher, X_d)
-    labeled = torch.from_numpy(data.rewarded[d_idx]).to(device)
-    val = (X_all[va], teacher_logits(teacher, X_all[va]), Y_all[va], torch.ones(len(split.val), dtype=torch.bool, device=device))
-    bar = _bar(progress, cfg.distill.epochs, "distill")
-    d_report = distill(student, X_d, T_d, Y_all[di], labeled, val, cfg.distill, generator=gen, curriculum=curriculum,
-                       on_epoch=lambda e, a, b: bar.update(1) if bar else None)
-    if bar:
-        bar.close()
+        return torch.from_numpy(idx).to(X_all.device)
 
     # evaluate + gate on the held-out recent slice (fall back to validation rows when tiny)
     eval_idx = split.holdout if len(split.holdout) else split.val
@@ -315,14 +247,6 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         evaluation=evaluation, teacher=t_report, distill=d_report, bins=bins.to_dict(),
         seconds=time.perf_counter() - t0, device=str(device),
     )
-
-
-def _bar(enabled: bool, total: int, desc: str) -> Any:
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="epoch", leave=False)
 
 
 # ---------------------------------------------------------------------------- forgetting

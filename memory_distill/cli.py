@@ -1,0 +1,493 @@
+"""``memory-distill`` command line (also ``python -m memory_distill``). The only module that prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import DistillConfig, EmbedderConfig, JobConfig, Settings, StoreConfig, TeacherConfig
+from .errors import InvalidMemoryError, MemoryDistillError
+
+log = logging.getLogger("memory_distill.cli")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _duration(s: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", s)
+    if not m:
+        raise argparse.ArgumentTypeError(f"bad duration {s!r}: use e.g. 30s, 10m, 2h")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+
+
+def _kv(items: Sequence[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for it in items or []:
+        if "=" not in it:
+            raise MemoryDistillError(f"--metadata {it!r}: use key=value")
+        k, v = it.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    base = Settings()
+    upd: dict[str, Any] = {}
+    if args.home:
+        upd["home"] = Path(args.home)
+    store_upd = {k: v for k, v in {"mode": args.store, "host": args.host, "port": args.port,
+                                   "collection": args.collection}.items() if v is not None}
+    if store_upd:
+        upd["store"] = StoreConfig(**{**base.store.model_dump(), **store_upd})
+    emb_upd = {k: v for k, v in {"kind": args.embedder, "model": args.embedding_model,
+                                 "base_url": args.base_url}.items() if v is not None}
+    if emb_upd:
+        upd["embedder"] = EmbedderConfig(**{**base.embedder.model_dump(), **emb_upd})
+    return base.model_copy(update=upd)
+
+
+def _open(args: argparse.Namespace) -> Any:
+    from .facade import MemoryDistill
+
+    return MemoryDistill.open(settings=_settings(args))
+
+
+def _table(rows: list[Sequence[Any]], out: Any = None) -> None:
+    out = out or sys.stdout
+    if not rows:
+        return
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
+    for j, r in enumerate(cells):
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip(), file=out)
+        if j == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+
+
+def _fmt(x: Any, nd: int = 3) -> str:
+    return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def _job_config(args: argparse.Namespace, base: JobConfig) -> JobConfig:
+    upd: dict[str, Any] = {}
+    t, d = {}, {}
+    if getattr(args, "epochs", None):
+        t["epochs"] = d["epochs"] = args.epochs
+    if getattr(args, "teacher_epochs", None):
+        t["epochs"] = args.teacher_epochs
+    if getattr(args, "distill_epochs", None):
+        d["epochs"] = args.distill_epochs
+    if getattr(args, "curriculum", None):
+        d["curriculum"] = args.curriculum
+    if t:
+        upd["teacher"] = TeacherConfig(**{**base.teacher.model_dump(), **t})
+    if d:
+        upd["distill"] = DistillConfig(**{**base.distill.model_dump(), **d})
+    for k in ("seed", "device", "namespace"):
+        if getattr(args, k, None) is not None:
+            upd[k] = getattr(args, k)
+    return JobConfig(**{**base.model_dump(), **{k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in upd.items()}})
+
+
+def _print_report(rep: Any) -> None:
+    ev = rep.evaluation
+    print(f"\nversion {rep.version}: {'PROMOTED' if rep.promoted else 'REJECTED'} - {rep.reason}")
+    print(f"rows {rep.n_rows} (rewarded {rep.n_rewarded}; train {rep.n_train}, val {rep.n_val}, "
+          f"held-out {rep.n_holdout}, transfer {rep.n_transfer}, skipped {rep.skipped_rows}); "
+          f"warm start: {rep.warm_started}; {rep.seconds:.1f}s on {rep.device}")
+    rows: list[Sequence[Any]] = [("held-out metric", "teacher", "student")]
+    for k in ("mae", "spearman", "nll", "calibration_error", "within_3_bins"):
+        rows.append((k, _fmt(getattr(ev.teacher, k)), _fmt(getattr(ev.student, k))))
+    rows.append(("params", f"{ev.teacher_params:,}", f"{ev.student_params:,}"))
+    _table(rows)
+    print(f"compression {ev.compression_ratio:.1f}x, prediction match {ev.prediction_match:.3f}, "
+          f"KL(teacher||student) {ev.kl_divergence:.4f}, Spearman retention {ev.retention:.3f}, "
+          f"student {ev.student_latency_ms * 1000:.0f} us/row")
+
+
+def _read_jsonl(path: str, namespace: str | None) -> list[Any]:
+    from .store import coerce_memory
+
+    items = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InvalidMemoryError(f"{path}:{lineno}: not valid JSON ({e.msg}); nothing was imported") from None
+            if not isinstance(obj, dict):
+                raise InvalidMemoryError(f"{path}:{lineno}: expected a JSON object with a 'text' field; nothing was imported")
+            obj = {k: v for k, v in obj.items() if k in ("id", "text", "reward", "metadata", "namespace", "created_at")}
+            try:
+                items.append(coerce_memory(obj, namespace=namespace))
+            except InvalidMemoryError as e:
+                raise InvalidMemoryError(f"{path}:{lineno}: {e}; nothing was imported") from None
+    return items
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_add(args: argparse.Namespace) -> int:
+    mem = _open(args)
+    mid = mem.record(args.text, args.reward, metadata=_kv(args.metadata), namespace=args.namespace, id=args.id)
+    print(mid)
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    items = _read_jsonl(args.file, args.namespace)  # every line validated before anything is written
+    mem = _open(args)
+    for i, m in enumerate(items):
+        mem.store._check_reward(m.reward, f"{args.file} record {i + 1}")
+    ids: list[str] = []
+    with tqdm(total=len(items), desc="import", unit="mem", disable=args.quiet) as bar:
+        for s in range(0, len(items), args.batch_size):
+            ids += mem.store.add_many(items[s : s + args.batch_size], upsert=args.upsert)
+            bar.update(len(items[s : s + args.batch_size]))
+    print(f"imported {len(ids)} memories into {mem.store.collection_name}")
+    return 0
+
+
+def cmd_set_reward(args: argparse.Namespace) -> int:
+    m = _open(args).set_reward(args.id, args.reward)
+    print(f"{m.id}: reward {m.reward}")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    mem = _open(args)
+    where = json.loads(args.where) if args.where else None
+    hits = mem.search(args.query, args.k, namespace=args.namespace, where=where)
+    if args.json:
+        print(json.dumps([{"id": h.memory.id, "similarity": h.similarity, "reward": h.memory.reward,
+                           "text": h.memory.text, "metadata": h.memory.metadata} for h in hits], indent=2))
+        return 0
+    rows: list[Sequence[Any]] = [("similarity", "reward", "id", "text")]
+    for h in hits:
+        rows.append((f"{h.similarity:.3f}", _fmt(h.memory.reward, 2), h.memory.id[:12], h.memory.text[:70]))
+    _table(rows)
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    mem = _open(args)
+    st = mem.store.stats()
+    st["model"] = mem.registry.current_version()
+    print(json.dumps(st, indent=2))
+    return 0
+
+
+def cmd_consolidate(args: argparse.Namespace) -> int:
+    mem = _open(args)
+    cfg = _job_config(args, mem.job)
+    rep = mem.consolidate(cfg, progress=not args.quiet, lock_timeout=-1 if args.wait else 0)
+    _print_report(rep)
+    if args.report:
+        _write_report(mem, rep, args.report, cfg.namespace)
+    return 0
+
+
+def _write_report(mem: Any, rep: Any, out: str, namespace: str | None = None) -> None:
+    import numpy as np
+    import torch
+
+    from .report import calibration_curve, write_consolidation_report
+
+    loaded = mem.registry.load(rep.version, with_teacher=True)
+    data = mem.store.load_training_data(namespace=namespace, rewarded_only=True)
+    X = torch.from_numpy(data.embeddings)
+    calib = {}
+    with torch.no_grad():
+        for name, model in (("teacher", loaded.teacher), ("student", loaded.student)):
+            probs = torch.softmax(model(X), -1).numpy()
+            calib[name] = calibration_curve(probs, np.asarray(data.rewards), loaded.bins.centers)
+    paths = write_consolidation_report(rep, out, calibration=calib)
+    print(f"report: {paths['markdown']} (+ {', '.join(p.name for k, p in paths.items() if k != 'markdown')})")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    mem = _open(args)
+    preds = mem.predict(args.texts)
+    if args.json:
+        print(json.dumps([p.to_dict() for p in preds], indent=2))
+        return 0
+    rows: list[Sequence[Any]] = [("expected", "std", "p10", "p90", f"P(>{args.threshold})", "text")]
+    for t, p in zip(args.texts, preds, strict=True):
+        rows.append((f"{p.mean:.3f}", f"{p.std:.3f}", f"{p.quantiles[0.1]:.2f}", f"{p.quantiles[0.9]:.2f}",
+                     f"{p.prob_above(args.threshold):.2f}", t[:60]))
+    _table(rows)
+    print(f"(model {preds[0].model_version})")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    reg = _open(args).registry
+    rows: list[Sequence[Any]] = [("version", "status", "current", "stale", "spearman", "mae", "reason")]
+    for m in reg.list():
+        met = m.get("metrics") or {}
+        rows.append((m["version"], m.get("status"), "*" if m.get("current") else "", "stale" if m.get("stale") else "",
+                     _fmt(met.get("spearman")), _fmt(met.get("mae")), (m.get("reason") or "")[:60]))
+    _table(rows)
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    _open(args).registry.promote(args.version)
+    print(f"current model: {args.version}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    v = _open(args).registry.rollback()
+    print(f"rolled back; current model: {v}")
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    hist = _open(args).registry.history()
+    if args.json:
+        print(json.dumps(hist, indent=2))
+        return 0
+    rows: list[Sequence[Any]] = [("started", "outcome", "version", "seconds", "rewarded", "spearman", "reason/error")]
+    for h in hist[-args.last :]:
+        rows.append((time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.get("started_at", 0))), h.get("outcome"),
+                     h.get("version", "-"), f"{h.get('seconds', 0):.1f}", h.get("n_rewarded", "-"),
+                     _fmt((h.get("student") or {}).get("spearman", "-")), (h.get("reason") or h.get("error") or "")[:60]))
+    _table(rows)
+    return 0
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    mem = _open(args)
+    if not (args.ids or args.where or args.namespace):
+        raise MemoryDistillError("forget needs --id, --where or --namespace")
+    entry = mem.forget(args.ids or None, where=json.loads(args.where) if args.where else None,
+                       namespace=args.namespace, reason=args.reason or "")
+    print(f"deleted {entry['n_deleted']} memories; models marked stale: {entry['stale_versions'] or 'none'}")
+    return 0
+
+
+def cmd_drift(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    d = _open(args).drift(threshold=args.threshold)
+    print(json.dumps(asdict(d), indent=2))
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from .jobs import ConsolidationWorker
+
+    mem = _open(args)
+    w = ConsolidationWorker(mem.store, mem.registry, _job_config(args, mem.job), every_s=args.every,
+                            min_new=args.min_new, drift_threshold=args.drift_threshold)
+    print(f"worker: every {args.every}s or {args.min_new} new rewards; polling every {args.poll}s (Ctrl-C stops)")
+    try:
+        w.run_forever(poll_s=args.poll, max_runs=args.max_runs)
+    except KeyboardInterrupt:
+        pass
+    for r in w.runs:
+        if not isinstance(r, Exception):
+            print(f"{r.version}: {'promoted' if r.promoted else 'rejected'} ({r.reason})")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo_data import synthetic_episodes
+
+    t0 = time.perf_counter()
+    mem = _open(args)
+    print(f"memory_distill demo - home {mem.registry.root.parent}, embedder {mem.embedder.name}, store {mem.store.config.mode}")
+    episodes = synthetic_episodes(args.n, seed=args.seed)
+    mem.store.add_many(episodes, upsert=True)
+    st = mem.store.stats()
+    print(f"1. ingest: {st['total']} episodes stored ({st['rewarded']} rewarded, {st['pending']} awaiting a reward)")
+    cfg = _job_config(args, mem.job)
+    print("2. consolidate: teacher -> distilled student -> evaluate -> gate -> publish")
+    rep = mem.consolidate(cfg, progress=not args.quiet)
+    _print_report(rep)
+    if args.report:
+        _write_report(mem, rep, args.report, cfg.namespace)
+    probes = [
+        "Task: find the population of Oslo in 2020. The agent searched the web, cross-checked two sources and cited them in the answer.",
+        "Task: convert 30 miles to metric units. The agent called the calculator tool and verified the result before answering.",
+        "Task: answer who founded Hooli. The agent answered from memory without using any tool.",
+        "Task: fix the failing unit test in the auth module. The agent guessed the answer and did not check it.",
+    ]
+    print("\n3. predict rewards of new episodes with the promoted student:")
+    preds = mem.predict(probes)
+    rows: list[Sequence[Any]] = [("expected", "p10-p90", "P(>0.5)", "episode")]
+    for t, p in zip(probes, preds, strict=True):
+        rows.append((f"{p.mean:.2f}", f"{p.quantiles[0.1]:.2f}-{p.quantiles[0.9]:.2f}", f"{p.prob_above(0.5):.2f}",
+                     t.split("The agent ")[1][:70]))
+    _table(rows)
+    hits = mem.search("looked it up and cited sources", k=3)
+    print("\n4. recall: memories most similar to 'looked it up and cited sources':")
+    for h in hits:
+        print(f"   {h.similarity:.2f}  reward {_fmt(h.memory.reward, 2)}  {h.memory.text[:90]}")
+    print(f"\ndone in {time.perf_counter() - t0:.1f}s. Next: `memory-distill predict \"...\"`, `memory-distill models`.")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from .experiments import run_curriculum_experiment
+
+    res = run_curriculum_experiment(args.data, out_dir=args.out, seeds=args.seeds, max_records=args.max_records,
+                                    epochs=args.epochs, curricula=args.curricula, progress=not args.quiet)
+    _table(res["table"])
+    print(f"\nwrote {args.out}/results.json, {args.out}/curricula.png, {args.out}/report.md")
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="memory-distill", description="Episodic memory with a distilled reward model.")
+    p.add_argument("--home", help="data directory (default $MEMORY_DISTILL_HOME or ./.memory_distill)")
+    p.add_argument("--store", choices=["persistent", "ephemeral", "http"], help="Chroma mode")
+    p.add_argument("--host", help="Chroma server host (http mode)")
+    p.add_argument("--port", type=int, help="Chroma server port (http mode)")
+    p.add_argument("--collection", help="Chroma collection name")
+    p.add_argument("--embedder", choices=["auto", "hashing", "openai", "local"], help="embedder (auto: OpenAI if a key is set)")
+    p.add_argument("--embedding-model", help="OpenAI model or local sentence-transformers name")
+    p.add_argument("--base-url", help="OpenAI-compatible base URL")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def job_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--epochs", type=int, help="max epochs for teacher and student")
+        sp.add_argument("--teacher-epochs", type=int)
+        sp.add_argument("--distill-epochs", type=int)
+        sp.add_argument("--curriculum", choices=["uniform", "easy_to_hard", "hard_to_easy", "adaptive", "sec_bandit"])
+        sp.add_argument("--seed", type=int)
+        sp.add_argument("--device", choices=["auto", "cpu", "cuda"])
+
+    sp = sub.add_parser("add", help="store one memory")
+    sp.add_argument("text")
+    sp.add_argument("--reward", type=float)
+    sp.add_argument("--metadata", "-m", nargs="*", help="key=value (values parsed as JSON when possible)")
+    sp.add_argument("--namespace", default="default")
+    sp.add_argument("--id")
+    sp.set_defaults(func=cmd_add)
+
+    sp = sub.add_parser("import", help="import a JSONL file (text, reward, metadata, namespace, id)")
+    sp.add_argument("file")
+    sp.add_argument("--namespace")
+    sp.add_argument("--batch-size", type=int, default=1000)
+    sp.add_argument("--upsert", action="store_true", help="replace memories whose id exists")
+    sp.set_defaults(func=cmd_import)
+
+    sp = sub.add_parser("set-reward", help="record a (late) reward")
+    sp.add_argument("id")
+    sp.add_argument("reward", type=float)
+    sp.set_defaults(func=cmd_set_reward)
+
+    sp = sub.add_parser("search", help="similar memories")
+    sp.add_argument("query")
+    sp.add_argument("-k", type=int, default=5)
+    sp.add_argument("--namespace", default="default")
+    sp.add_argument("--where", help='JSON metadata filter, e.g. \'{"tool": "search"}\'')
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_search)
+
+    sp = sub.add_parser("stats", help="store and model summary")
+    sp.set_defaults(func=cmd_stats)
+
+    sp = sub.add_parser("consolidate", help="train teacher, distil student, gate, publish")
+    job_args(sp)
+    sp.add_argument("--namespace")
+    sp.add_argument("--report", help="directory for report.md/html + PNG plots")
+    sp.add_argument("--wait", action="store_true", help="wait for a running consolidation instead of exiting")
+    sp.set_defaults(func=cmd_consolidate)
+
+    sp = sub.add_parser("predict", help="predicted reward of texts")
+    sp.add_argument("texts", nargs="+")
+    sp.add_argument("--threshold", type=float, default=0.5)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_predict)
+
+    sp = sub.add_parser("models", help="list model versions")
+    sp.set_defaults(func=cmd_models)
+    sp = sub.add_parser("promote", help="make a version current")
+    sp.add_argument("version")
+    sp.set_defaults(func=cmd_promote)
+    sp = sub.add_parser("rollback", help="restore the previously promoted version")
+    sp.set_defaults(func=cmd_rollback)
+
+    sp = sub.add_parser("history", help="consolidation job history")
+    sp.add_argument("--last", type=int, default=20)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_history)
+
+    sp = sub.add_parser("forget", help="delete memories; models trained on them become stale")
+    sp.add_argument("--id", dest="ids", action="append")
+    sp.add_argument("--where")
+    sp.add_argument("--namespace")
+    sp.add_argument("--reason")
+    sp.set_defaults(func=cmd_forget)
+
+    sp = sub.add_parser("drift", help="realised vs predicted reward since the model was published")
+    sp.add_argument("--threshold", type=float, default=0.1)
+    sp.set_defaults(func=cmd_drift)
+
+    sp = sub.add_parser("worker", help="periodic consolidation")
+    job_args(sp)
+    sp.add_argument("--namespace")
+    sp.add_argument("--every", type=_duration, default=600.0, help="run at least this often (e.g. 10m)")
+    sp.add_argument("--min-new", type=int, default=100, help="run when this many new rewards arrived")
+    sp.add_argument("--drift-threshold", type=float)
+    sp.add_argument("--poll", type=_duration, default=30.0)
+    sp.add_argument("--max-runs", type=int)
+    sp.set_defaults(func=cmd_worker)
+
+    sp = sub.add_parser("demo", help="main job: ingest synthetic episodes, consolidate, predict (offline)")
+    job_args(sp)
+    sp.add_argument("--n", type=int, default=3000, help="number of synthetic episodes")
+    sp.add_argument("--report", help="directory for the consolidation report")
+    sp.set_defaults(func=cmd_demo, namespace=None)
+
+    sp = sub.add_parser("experiment", help="compare curricula on real data")
+    sp.add_argument("--data", default="../shared/data", help="directory with *.jsonl.gz episode files")
+    sp.add_argument("--out", default="reports/experiment")
+    sp.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    sp.add_argument("--epochs", type=int, default=15)
+    sp.add_argument("--max-records", type=int, default=3000)
+    sp.add_argument("--curricula", nargs="+")
+    sp.set_defaults(func=cmd_experiment)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except MemoryDistillError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, json.JSONDecodeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""``MemoryDistill``: one object wiring settings -> embedder, store, registry, predictor.
+
+>>> mem = MemoryDistill.open()                       # ./.memory_distill, offline by default
+>>> mid = mem.record("Task: ... The agent ...", reward=None)
+>>> mem.set_reward(mid, 0.8)                           # rewards may arrive later
+>>> mem.consolidate()                                  # teacher -> student -> gate -> publish
+>>> mem.predict("Task: ... The agent ...")[0].mean
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .artifacts import ArtifactRegistry
+from .config import JobConfig, Settings, StoreConfig
+from .embeddings import Embedder, as_embedder, make_embedder
+from .jobs import ConsolidationReport, DriftReport, drift_report, forget, run_consolidation
+from .predictor import Predictor
+from .store import MemoryStore
+from .types import Memory, PredictionBatch, RewardPrediction, SearchHit
+
+__all__ = ["MemoryDistill"]
+
+
+class MemoryDistill:
+    """Store + registry + predictor for one home directory (or a Chroma server)."""
+
+    def __init__(self, store: MemoryStore, registry: ArtifactRegistry, job: JobConfig | None = None) -> None:
+        self.store = store
+        self.registry = registry
+        self.job = job or JobConfig()
+        self._predictor: Predictor | None = None
+
+    @classmethod
+    def open(cls, home: str | Path | None = None, *, settings: Settings | None = None,
+             embedder: Embedder | Any | None = None, store: StoreConfig | None = None) -> MemoryDistill:
+        """Open (or create) everything under ``home`` (default ``$MEMORY_DISTILL_HOME`` or ``./.memory_distill``)."""
+        s = settings or Settings()
+        if home is not None:
+            s = s.model_copy(update={"home": Path(home)})
+        if store is not None:
+            s = s.model_copy(update={"store": store})
+        emb = as_embedder(embedder) if embedder is not None else make_embedder(s.embedder, cache_path=s.cache_path)
+        st = MemoryStore(emb, s.store, path=s.store_path)
+        return cls(st, ArtifactRegistry(s.artifacts_path), s.job)
+
+    @property
+    def embedder(self) -> Embedder:
+        return self.store.embedder
+
+    # memories
+    def record(self, text: str, reward: float | None = None, *, metadata: Mapping[str, Any] | None = None,
+               namespace: str = "default", id: str | None = None) -> str:
+        data: dict[str, Any] = {"text": text, "reward": reward, "metadata": dict(metadata or {}), "namespace": namespace}
+        if id is not None:
+            data["id"] = id
+        return self.store.add(data)
+
+    def add_many(self, memories: Sequence[Memory | Mapping[str, Any] | str], **kw: Any) -> list[str]:
+        return self.store.add_many(memories, **kw)
+
+    def set_reward(self, memory_id: str, reward: float) -> Memory:
+        return self.store.set_reward(memory_id, reward)
+
+    def search(self, query: str, k: int = 5, **kw: Any) -> list[SearchHit]:
+        return self.store.search(query, k, **kw)
+
+    def forget(self, ids: list[str] | None = None, **kw: Any) -> dict[str, Any]:
+        return forget(self.store, self.registry, ids, **kw)
+
+    # models
+    def consolidate(self, config: JobConfig | None = None, **kw: Any) -> ConsolidationReport:
+        report = run_consolidation(self.store, self.registry, config or self.job, **kw)
+        if self._predictor is not None:
+            self._predictor.refresh()
+        return report
+
+    @property
+    def predictor(self) -> Predictor:
+        if self._predictor is None:
+            self._predictor = Predictor(self.registry, self.embedder)
+        else:
+            self._predictor.refresh()
+        return self._predictor
+
+    def predict(self, texts: str | Sequence[str]) -> list[RewardPrediction]:
+        return self.predictor.predict(texts)
+
+    def predict_batch(self, texts: Sequence[str]) -> PredictionBatch:
+        return self.predictor.predict_batch(texts)
+
+    def drift(self, **kw: Any) -> DriftReport:
+        return drift_report(self.store, self.registry, **kw)

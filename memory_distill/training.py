@@ -1,0 +1,148 @@
+"""Train a teacher/student pair on a TrainingData: the part of consolidation that needs no store.
+
+Shared by :func:`memory_distill.jobs.run_consolidation`, the seed-compatible
+:class:`memory_distill.consolidation.ModelDistillation` facade and the curriculum experiments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._faults import fault_point
+from .config import JobConfig
+from .curriculum import Curriculum
+from .distill import DistillReport, distill, teacher_logits
+from .models import RewardMLP, build_student, build_teacher
+from .rewards import RewardBins
+from .store import TrainingData
+from .teacher import TeacherReport, train_teacher
+
+__all__ = ["Split", "TrainedPair", "split_by_group_and_time", "train_pair"]
+
+
+@dataclass
+class Split:
+    """Row indices into a TrainingData: train/val/holdout (rewarded) and transfer (unrewarded)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    holdout: np.ndarray
+    transfer: np.ndarray
+
+
+def split_by_group_and_time(data: TrainingData, holdout_fraction: float, val_fraction: float,
+                            rng: np.random.Generator) -> Split:
+    """Hold out the most recent groups (by their latest memory); validation groups are random.
+
+    Rows sharing a ``group`` (metadata key; else each memory is its own group) never straddle
+    splits. Unrewarded rows from train/val groups become transfer data for the KL term.
+    """
+    rewarded = data.rewarded
+    groups = np.asarray(data.groups, dtype=object)
+    uniq, inv = np.unique(groups, return_inverse=True)
+    latest = np.full(len(uniq), -np.inf)
+    np.maximum.at(latest, inv, data.created_at)
+    n_rew_per_group = np.bincount(inv, weights=rewarded.astype(np.float64), minlength=len(uniq))
+    total_rew = n_rew_per_group.sum()
+    order = np.argsort(-latest, kind="stable")  # newest first
+    hold_groups: set[int] = set()
+    acc = 0.0
+    for g in order:
+        if acc >= holdout_fraction * total_rew:
+            break
+        if n_rew_per_group[g] > 0:
+            hold_groups.add(int(g))
+            acc += n_rew_per_group[g]
+    rest = np.array([g for g in range(len(uniq)) if g not in hold_groups and n_rew_per_group[g] > 0], np.int64)
+    rest = rng.permutation(rest)
+    val_groups: set[int] = set()
+    acc = 0.0
+    for g in rest:
+        if acc >= val_fraction * (total_rew - sum(n_rew_per_group[list(hold_groups)])):
+            break
+        val_groups.add(int(g))
+        acc += n_rew_per_group[g]
+    is_hold = np.isin(inv, list(hold_groups))
+    is_val = np.isin(inv, list(val_groups))
+    idx = np.arange(len(data))
+    return Split(
+        train=idx[rewarded & ~is_hold & ~is_val],
+        val=idx[rewarded & is_val],
+        holdout=idx[rewarded & is_hold],
+        transfer=idx[~rewarded & ~is_hold],
+    )
+
+
+@dataclass
+class TrainedPair:
+    teacher: RewardMLP
+    student: RewardMLP
+    teacher_report: TeacherReport
+    distill_report: DistillReport
+    X: torch.Tensor
+    """All rows of the data on the training device (index with split indices)."""
+
+
+def _bar(enabled: bool, total: int, desc: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="epoch", leave=False)
+
+
+def train_pair(
+    data: TrainingData,
+    split: Split,
+    bins: RewardBins,
+    cfg: JobConfig,
+    *,
+    device: torch.device,
+    generator: torch.Generator,
+    curriculum: Curriculum | None = None,
+    init: tuple[RewardMLP, RewardMLP] | None = None,
+    progress: bool = False,
+) -> TrainedPair:
+    """Phase 1 (teacher on rewarded train rows) then phase 2 (distil on train + unrewarded transfer rows).
+
+    ``init`` = (teacher, student) to warm-start from (same shapes).
+    """
+    X_all = torch.from_numpy(data.embeddings).to(device)
+    Y_all = torch.from_numpy(bins.targets(np.nan_to_num(data.rewards, nan=bins.low), cfg.bins.target)).to(device)
+    dim = data.embeddings.shape[1]
+
+    def rows(idx: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(idx).to(device)
+
+    teacher = build_teacher(cfg.teacher, dim, bins.n_bins)
+    student = build_student(cfg.distill, dim, bins.n_bins)
+    if init is not None:
+        teacher.load_state_dict(init[0].state_dict())
+        student.load_state_dict(init[1].state_dict())
+    teacher.to(device)
+    student.to(device)
+    tr, va = rows(split.train), rows(split.val)
+    bar = _bar(progress, cfg.teacher.epochs, "teacher")
+    t_report = train_teacher(teacher, X_all[tr], Y_all[tr], X_all[va], Y_all[va], cfg.teacher, generator=generator,
+                             on_epoch=lambda e, a, b: bar.update(1) if bar else None)
+    if bar:
+        bar.close()
+    fault_point("mid_training")
+
+    d_idx = np.concatenate([split.train, split.transfer])
+    di = rows(d_idx)
+    X_d = X_all[di]
+    labeled = torch.from_numpy(data.rewarded[d_idx]).to(device)
+    val = (X_all[va], teacher_logits(teacher, X_all[va]), Y_all[va],
+           torch.ones(len(split.val), dtype=torch.bool, device=device))
+    bar = _bar(progress, cfg.distill.epochs, "distill")
+    d_report = distill(student, X_d, teacher_logits(teacher, X_d), Y_all[di], labeled, val, cfg.distill,
+                       generator=generator, curriculum=curriculum,
+                       on_epoch=lambda e, a, b: bar.update(1) if bar else None)
+    if bar:
+        bar.close()
+    return TrainedPair(teacher, student, t_report, d_report, X_all)
