@@ -274,6 +274,8 @@ class OpenAIEmbedder:
                     f"embeddings request timed out after retries (model={self.model!r}): "
                     "raise EmbedderConfig.timeout_s or check the server"
                 ) from None
+            except (ValueError, openai.APIResponseValidationError) as e:
+                raise EmbeddingError(f"embeddings response is malformed (not the expected JSON): {type(e).__name__}") from None
             except openai.APIConnectionError as e:
                 raise EmbeddingError(
                     f"could not reach the embeddings server after retries: {type(e).__name__}: "
@@ -308,7 +310,11 @@ class OpenAIEmbedder:
             ordered = sorted(data, key=lambda d: d.index)
             if [d.index for d in ordered] != list(range(n)):
                 raise EmbeddingError("embeddings response indices are not 0..n-1 (malformed response)")
-            arr = np.asarray([d.embedding for d in ordered], dtype=np.float32)
+            vecs = [d.embedding for d in ordered]
+            lengths = sorted({len(v) for v in vecs})
+            if len(lengths) > 1:
+                raise EmbeddingError(f"embeddings response holds ragged vectors (lengths {lengths}): malformed response")
+            arr = np.asarray(vecs, dtype=np.float32)
         except (TypeError, ValueError, AttributeError) as e:
             raise EmbeddingError(f"embeddings response is malformed: {e}") from None
         if arr.ndim != 2 or arr.shape[1] == 0 or not np.isfinite(arr).all():

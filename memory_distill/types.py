@@ -73,13 +73,17 @@ class Memory(BaseModel):
         for key, value in v.items():
             if not isinstance(key, str) or not key:
                 raise ValueError(f"metadata key {key!r} must be a non-empty string")
-            if key.startswith(RESERVED_PREFIX):
-                raise ValueError(f"metadata key {key!r} uses the reserved prefix {RESERVED_PREFIX!r}: rename it")
+            if key.startswith(RESERVED_PREFIX) or key.startswith(("$", "#", "chroma:")):
+                raise ValueError(
+                    f"metadata key {key!r} uses a reserved prefix ({RESERVED_PREFIX!r}, '$', '#', 'chroma:'): rename it"
+                )
             if value is None or not isinstance(value, (str, int, float, bool)):
                 raise ValueError(
                     f"metadata[{key!r}] must be a str, int, float or bool, got "
                     f"{type(value).__name__}: flatten it or json.dumps it into a string"
                 )
+            if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+                raise ValueError(f"metadata[{key!r}] = {value} does not fit in 64 bits: store it as a string")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"metadata[{key!r}] must be finite, got {value!r}")
         return v

@@ -1,0 +1,73 @@
+import math
+
+import pytest
+from pydantic import ValidationError
+
+from memory_distill import DistillConfig, InvalidMemoryError, JobConfig, Memory, Settings, StoreConfig
+from memory_distill.store import coerce_memory
+
+
+def test_unknown_config_key_names_the_key():
+    with pytest.raises(ValidationError, match="temprature"):
+        DistillConfig(temprature=2.0)  # type: ignore[call-arg]
+
+
+def test_config_ranges_and_frozen():
+    with pytest.raises(ValidationError, match="temperature"):
+        DistillConfig(temperature=0)
+    with pytest.raises(ValidationError, match="alpha and beta are both 0"):
+        DistillConfig(alpha=0, beta=0)
+    with pytest.raises(ValidationError, match="reward_min"):
+        StoreConfig(reward_min=1, reward_max=0)
+    with pytest.raises(ValidationError, match="collection name"):
+        StoreConfig(collection="x")
+    cfg = JobConfig()
+    with pytest.raises(ValidationError):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+def test_settings_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MEMORY_DISTILL_HOME", str(tmp_path))
+    monkeypatch.setenv("MEMORY_DISTILL_STORE__MODE", "http")
+    monkeypatch.setenv("MEMORY_DISTILL_JOB__DISTILL__TEMPERATURE", "2.5")
+    s = Settings()
+    assert s.home == tmp_path and s.store.mode == "http" and s.job.distill.temperature == 2.5
+    assert s.store_path == tmp_path / "chroma"
+    monkeypatch.setenv("MEMORY_DISTILL_JOB__BOGUS", "1")
+    with pytest.raises(ValidationError, match="bogus"):
+        Settings()
+
+
+def test_defaults_match_the_design():
+    d, j = DistillConfig(), JobConfig()
+    assert (d.temperature, d.alpha, d.beta) == (4.0, 0.7, 0.3)
+    assert j.teacher.hidden == (1024, 512, 256, 128) and j.teacher.dropout == 0.2 and j.teacher.batchnorm
+    assert d.hidden == (256, 128) and d.dropout == 0.1
+    assert j.bins.n_bins == 64 and j.teacher.batch_size == 256
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"text": "   "}, "text: text is empty"),
+        ({"text": "x", "reward": math.nan}, "reward must be finite"),
+        ({"text": "x", "reward": math.inf}, "reward must be finite"),
+        ({"text": "x", "reward": "high"}, "reward must be a number"),
+        ({"text": "x", "metadata": {"tags": ["a", "b"]}}, "metadata.*must be a str, int, float or bool.*json.dumps"),
+        ({"text": "x", "metadata": {"_md_ns": "a"}}, "reserved prefix"),
+        ({"text": "x", "metadata": {"$where": "a"}}, "reserved prefix"),
+        ({"text": "x", "metadata": {"big": 2**70}}, "64 bits"),
+        ({"text": "x", "colour": "red"}, "colour: Extra inputs are not permitted"),
+    ],
+)
+def test_memory_validation_names_field_and_fix(data, message):
+    with pytest.raises(InvalidMemoryError, match=message):
+        coerce_memory(data, index=3)
+    with pytest.raises(InvalidMemoryError, match=r"memories\[3\]"):
+        coerce_memory(data, index=3)
+
+
+def test_memory_defaults():
+    m = Memory(text="hello")
+    assert m.reward is None and not m.has_reward and m.namespace == "default" and len(m.id) == 32
+    assert Memory(text="a", reward=1).reward == 1.0

@@ -1,0 +1,110 @@
+"""The real openai client against a local OpenAI-compatible server on 127.0.0.1."""
+
+import logging
+
+import numpy as np
+import pytest
+
+from memory_distill import EmbeddingError, HashingEmbedder, MemoryStore, OpenAIEmbedder, StoreConfig
+from openai_server import FakeOpenAI
+
+KEY = "sk-test-SECRET-1234567890"
+
+
+@pytest.fixture
+def server():
+    s = FakeOpenAI(dim=64)
+    yield s
+    s.close()
+
+
+def make(server, **kw):
+    return OpenAIEmbedder("text-embedding-3-small", api_key=KEY, base_url=server.base_url, dim=64, **kw)
+
+
+def test_embeds_and_matches_server_vectors(server):
+    e = make(server)
+    v = e.embed(["hello world", "the agent searched"])
+    np.testing.assert_allclose(v, HashingEmbedder(dim=64).embed(["hello world", "the agent searched"]), atol=1e-6)
+    assert server.requests[0]["model"] == "text-embedding-3-small" and server.requests[0]["dimensions"] == 64
+    assert server.auth_headers[0] == f"Bearer {KEY}"
+
+
+def test_batches_under_the_input_limit(server):
+    e = make(server)
+    texts = [f"text number {i}" for i in range(2500)]
+    v = e.embed(texts)
+    assert [len(r["input"]) for r in server.requests] == [2048, 452]
+    assert v.shape == (2500, 64)
+    np.testing.assert_allclose(v[2049], HashingEmbedder(dim=64).embed([texts[2049]])[0], atol=1e-6)
+
+
+def test_batches_under_the_token_budget(server):
+    e = make(server, max_tokens_per_request=1000)
+    texts = ["word " * 300] * 5  # ~500 estimated tokens each
+    e.embed(texts)
+    assert all(len(r["input"]) <= 2 for r in server.requests) and sum(len(r["input"]) for r in server.requests) == 5
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+def test_retries_transient_errors(server, status):
+    server.fail_first, server.fail_status = 2, status
+    v = make(server, max_retries=3).embed(["retry me"])
+    assert v.shape == (1, 64) and len(server.requests) == 3
+
+
+def test_gives_up_after_retries_without_leaking_the_key(server, caplog):
+    server.fail_first, server.fail_status = 100, 500
+    e = make(server, max_retries=1)
+    with caplog.at_level(logging.DEBUG), pytest.raises(EmbeddingError, match="HTTP 500 after retries") as ei:
+        e.embed(["x"])
+    assert len(server.requests) == 2
+    assert KEY not in str(ei.value) and KEY not in repr(e) and KEY not in caplog.text
+
+
+def test_client_errors_are_not_retried(server):
+    server.fail_first, server.fail_status = 100, 400
+    with pytest.raises(EmbeddingError, match="HTTP 400"):
+        make(server, max_retries=3).embed(["x"])
+    assert len(server.requests) == 1
+
+
+def test_timeout(server):
+    server.delay_s = 1.0
+    with pytest.raises(EmbeddingError, match="timed out"):
+        make(server, timeout_s=0.2, max_retries=0).embed(["slow"])
+
+
+@pytest.mark.parametrize(("mode", "match"), [("short", "1 items for 2 inputs"), ("wrong_dim", "ragged"),
+                                              ("garbage", "malformed")])
+def test_bad_responses(server, mode, match):
+    server.mode = mode
+    with pytest.raises(EmbeddingError, match=match):
+        make(server, max_retries=0).embed(["a", "b"])
+
+
+def test_out_of_order_response_is_reordered(server):
+    server.mode = "shuffled"
+    v = make(server).embed(["first text", "second text", "third"])
+    np.testing.assert_allclose(v, HashingEmbedder(dim=64).embed(["first text", "second text", "third"]), atol=1e-6)
+
+
+def test_missing_key_is_a_clear_error(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(EmbeddingError, match="set OPENAI_API_KEY"):
+        OpenAIEmbedder()
+
+
+def test_store_over_openai_embedder(server, tmp_path):
+    st = MemoryStore(make(server), StoreConfig(path=tmp_path / "c"))
+    st.add_many([{"text": "the agent used the calculator", "reward": 0.8}, {"text": "banana", "reward": 0.1}])
+    assert st.search("calculator agent", k=1)[0].memory.reward == 0.8
+    assert st.stats()["embedder"] == "openai:text-embedding-3-small:64"
+
+
+def test_api_error_during_add_leaves_store_untouched(server, tmp_path):
+    st = MemoryStore(make(server, max_retries=0), StoreConfig(path=tmp_path / "c"))
+    server.fail_first, server.fail_status = 100, 500
+    with pytest.raises(EmbeddingError):
+        st.add_many(["a", "b", "c"])
+    assert st.count() == 0

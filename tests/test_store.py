@@ -1,0 +1,166 @@
+import numpy as np
+import pytest
+
+from memory_distill import (
+    EmbedderMismatchError,
+    HashingEmbedder,
+    InvalidMemoryError,
+    MemoryNotFoundError,
+    MemoryStore,
+    StoreConfig,
+    StoreError,
+)
+
+
+def test_add_get_search_roundtrip(store):
+    ids = store.add_many([
+        {"text": "searched wikipedia and cited the page", "reward": 0.9, "metadata": {"tool": "search"}},
+        {"text": "gave up after three tries", "reward": 0.1, "metadata": {"tool": "none"}},
+        "an episode whose reward has not arrived",
+    ])
+    assert len(ids) == 3
+    m = store.get(ids[0])
+    assert m.text.startswith("searched") and m.reward == 0.9 and m.metadata == {"tool": "search"}
+    assert store.get(ids[2]).reward is None
+    hits = store.search("cited the wikipedia page", k=2)
+    assert hits[0].memory.id == ids[0]
+    assert 0 < hits[0].similarity <= 1 and hits[0].similarity > hits[1].similarity
+
+
+def test_collection_uses_cosine_space_and_records_embedder(store):
+    assert store._col.configuration["hnsw"]["space"] == "cosine"
+    assert store._col.metadata["md_embedder"] == store.embedder.name
+    assert store._col.metadata["md_dim"] == 256
+
+
+def test_namespace_isolation(store):
+    store.add_many([{"text": "alpha secret plan", "reward": 1.0}], namespace="A")
+    store.add_many([{"text": "alpha secret plan", "reward": 0.0}], namespace="B")
+    a = store.search("alpha secret plan", k=10, namespace="A")
+    b = store.search("alpha secret plan", k=10, namespace="B")
+    assert [h.memory.namespace for h in a] == ["A"] and a[0].memory.reward == 1.0
+    assert [h.memory.namespace for h in b] == ["B"]
+    assert len(store.search("alpha secret plan", k=10, namespace=None)) == 2
+    assert store.count(namespace="A") == 1
+
+
+def test_metadata_filters_and_reward_filter(store):
+    store.add_many([{"text": f"episode {i}", "reward": i / 10, "metadata": {"tool": "calc" if i % 2 else "web"}}
+                    for i in range(10)])
+    hits = store.search("episode", k=10, where={"tool": "calc"})
+    assert len(hits) == 5 and all(h.memory.metadata["tool"] == "calc" for h in hits)
+    hits = store.search("episode", k=10, where={"tool": "calc", "reward": {"$gte": 0.5}})
+    assert sorted(h.memory.reward for h in hits) == [0.5, 0.7, 0.9]
+
+
+def test_late_rewards(store):
+    (mid,) = store.add_many(["pending episode"])
+    assert store.count(rewarded_only=True) == 0
+    m = store.set_reward(mid, 0.75)
+    assert m.reward == 0.75 and m.rewarded_at is not None
+    assert store.get(mid).reward == 0.75 and store.count(rewarded_only=True) == 1
+    with pytest.raises(InvalidMemoryError, match=r"outside the configured range \[0.0, 1.0\]"):
+        store.set_reward(mid, 3.0)
+    with pytest.raises(MemoryNotFoundError, match="no memory with id 'nope'"):
+        store.set_reward("nope", 0.5)
+    assert store.get(mid).reward == 0.75
+
+
+def test_reward_range_is_enforced_and_nothing_written(store):
+    with pytest.raises(InvalidMemoryError, match=r"memories\[1\].*reward 7.0 is outside"):
+        store.add_many([{"text": "ok", "reward": 0.5}, {"text": "bad", "reward": 7.0}])
+    assert store.count() == 0
+
+
+def test_duplicate_ids_are_refused_not_silently_dropped(store):
+    store.add({"id": "x1", "text": "first", "reward": 0.2})
+    with pytest.raises(StoreError, match="already exist.*upsert=True"):
+        store.add_many([{"id": "x2", "text": "new"}, {"id": "x1", "text": "second"}])
+    assert store.count() == 1 and store.get("x1").text == "first"
+    with pytest.raises(InvalidMemoryError, match="duplicate ids in one batch"):
+        store.add_many([{"id": "y", "text": "a"}, {"id": "y", "text": "b"}])
+    store.add_many([{"id": "x1", "text": "second", "reward": 0.9}], upsert=True)
+    assert store.get("x1").text == "second" and store.get("x1").reward == 0.9
+
+
+def test_failed_chunked_write_is_rolled_back(tmp_path, embedder, monkeypatch):
+    st = MemoryStore(embedder, StoreConfig(path=tmp_path / "c", write_batch_size=3))
+    st.add_many([{"id": "keep", "text": "already here", "reward": 0.5}])
+    real_add, calls = st._col.add, {"n": 0}
+
+    def flaky_add(**kw):
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third chunk fails (e.g. the server went away)
+            raise RuntimeError("connection reset")
+        return real_add(**kw)
+
+    monkeypatch.setattr(st._col, "add", flaky_add)
+    with pytest.raises(StoreError, match="rolled back"):
+        st.add_many([{"id": f"n{i}", "text": f"new {i}", "reward": 0.1} for i in range(8)])
+    monkeypatch.undo()
+    assert st.count() == 1 and st.get("keep").text == "already here"
+
+
+def test_large_batches_are_split_under_chromas_limit(tmp_path):
+    emb = HashingEmbedder(dim=8)
+    st = MemoryStore(emb, StoreConfig(path=tmp_path / "c"))
+    n = 6000  # > 5461, Chroma's max batch
+    vecs = np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32)
+    ids = st.add_many([{"id": f"r{i}", "text": f"row {i}", "reward": (i % 10) / 10} for i in range(n)], embeddings=vecs)
+    assert len(ids) == n and st.count() == n
+    data = st.load_training_data(page_size=1000)
+    assert data.embeddings.shape == (n, 8) and data.embeddings.dtype == np.float32
+    order = np.argsort([int(i[1:]) for i in data.ids])
+    np.testing.assert_allclose(data.embeddings[order], vecs, rtol=1e-6)
+    pages = list(st.iter_pages(page_size=2500))
+    assert [len(p.ids) for p in pages] == [2500, 2500, 1000]
+
+
+def test_explicit_embeddings_are_checked(store):
+    with pytest.raises(InvalidMemoryError, match=r"shape \(1, 3\), expected \(1, 256\)"):
+        store.add_many(["x"], embeddings=np.zeros((1, 3)))
+    with pytest.raises(InvalidMemoryError, match="NaN"):
+        store.add_many(["x"], embeddings=np.full((1, 256), np.nan))
+    assert store.count() == 0
+
+
+def test_embedder_mismatch_is_refused(tmp_path):
+    MemoryStore(HashingEmbedder(dim=64), StoreConfig(path=tmp_path / "c")).add("hello")
+    with pytest.raises(EmbedderMismatchError, match=r"built with embedder 'hashing-v1-64' \(dim 64\).*'hashing-v1-128'"):
+        MemoryStore(HashingEmbedder(dim=128), StoreConfig(path=tmp_path / "c"))
+    # persists across reopen with the right embedder
+    assert MemoryStore(HashingEmbedder(dim=64), StoreConfig(path=tmp_path / "c")).count() == 1
+
+
+def test_delete_by_id_filter_and_namespace(store):
+    ids = store.add_many([{"text": f"e{i}", "reward": 0.5, "metadata": {"user": "u1" if i < 3 else "u2"}} for i in range(6)])
+    store.add_many(["other ns"], namespace="tmp")
+    assert store.delete([ids[0]]) == [ids[0]]
+    assert sorted(store.delete(where={"user": "u1"})) == sorted(ids[1:3])
+    assert len(store.delete(namespace="tmp")) == 1
+    assert store.count() == 3
+    with pytest.raises(StoreError, match="refusing to delete everything"):
+        store.delete()
+
+
+def test_stats(store):
+    store.add_many([{"text": "a", "reward": 0.2}, {"text": "b", "reward": 0.6}, "c"])
+    store.add_many(["d"], namespace="other")
+    st = store.stats()
+    assert st["total"] == 4 and st["rewarded"] == 2 and st["pending"] == 2
+    assert st["namespaces"] == {"default": 3, "other": 1}
+    assert st["reward_mean"] == pytest.approx(0.4)
+
+
+def test_ephemeral_stores_are_isolated(embedder):
+    a, b = MemoryStore.ephemeral(embedder), MemoryStore.ephemeral(embedder)
+    a.add("only in a")
+    assert a.count() == 1 and b.count() == 0
+
+
+def test_unreachable_server_gives_a_clear_error(embedder):
+    from conftest import free_port
+
+    port = free_port()
+    with pytest.raises(StoreError, match=f"cannot reach the Chroma server at http://127.0.0.1:{port}.*chroma run"):
+        MemoryStore(embedder, StoreConfig(mode="http", port=port))
