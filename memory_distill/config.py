@@ -142,7 +142,9 @@ class TeacherConfig(BaseModel):
     epochs: int = Field(default=30, ge=1)
     """Maximum epochs (early stopping usually ends sooner)."""
     batch_size: int = Field(default=256, ge=2)
-    """Minibatch size."""
+    """Maximum minibatch size; small datasets use smaller batches so an epoch takes >= ``min_steps`` steps."""
+    min_steps: int = Field(default=16, ge=1)
+    """Minimum optimizer steps per epoch (caps the batch size on small datasets, never below 16 rows)."""
     lr: float = Field(default=1e-3, gt=0)
     """AdamW learning rate."""
     weight_decay: float = Field(default=1e-2, ge=0)
@@ -169,7 +171,9 @@ class DistillConfig(BaseModel):
     epochs: int = Field(default=30, ge=1)
     """Maximum distillation epochs."""
     batch_size: int = Field(default=256, ge=2)
-    """Minibatch size."""
+    """Maximum minibatch size; small datasets use smaller batches so an epoch takes >= ``min_steps`` steps."""
+    min_steps: int = Field(default=16, ge=1)
+    """Minimum optimizer steps per epoch (caps the batch size on small datasets, never below 16 rows)."""
     lr: float = Field(default=2e-3, gt=0)
     """AdamW learning rate."""
     weight_decay: float = Field(default=1e-4, ge=0)

@@ -19,6 +19,7 @@ import torch
 from .config import DistillConfig
 from .curriculum import Curriculum, difficulty_scores, epoch_reward, make_curriculum
 from .losses import distillation_loss, kd_kl
+from .models import effective_batch_size
 
 __all__ = ["DistillReport", "distill", "teacher_logits"]
 
@@ -102,6 +103,7 @@ def distill(
     best_state, bad = None, 0
     prev_train = None
     agree_hits = agree_total = 0
+    batch_size = effective_batch_size(X.shape[0], cfg.batch_size, cfg.min_steps)
     first_agreement = None
 
     def loss_fn(s_logits, idx, weights=None, reduction="mean"):  # type: ignore[no-untyped-def]
@@ -115,7 +117,7 @@ def distill(
             diff = np.zeros(X.shape[0], np.float32)
         student.train()
         total, seen = 0.0, 0
-        for idx_np, arm in cur.epoch_batches(epoch, cfg.epochs, diff, cfg.batch_size, rng):
+        for idx_np, arm in cur.epoch_batches(epoch, cfg.epochs, diff, batch_size, rng):
             idx = torch.from_numpy(np.ascontiguousarray(idx_np)).to(X.device)
             s_logits = student(X[idx])
             weights = None

@@ -9,7 +9,7 @@ from torch import nn
 
 from .config import DistillConfig, TeacherConfig
 
-__all__ = ["RewardMLP", "build_student", "build_teacher", "compression_ratio", "param_count", "resolve_device"]
+__all__ = ["RewardMLP", "build_student", "build_teacher", "compression_ratio", "effective_batch_size", "param_count", "resolve_device"]
 
 
 class RewardMLP(nn.Module):
@@ -71,6 +71,11 @@ def param_count(model: nn.Module) -> int:
 
 def compression_ratio(teacher: nn.Module, student: nn.Module) -> float:
     return param_count(teacher) / max(param_count(student), 1)
+
+
+def effective_batch_size(n_rows: int, batch_size: int, min_steps: int) -> int:
+    """``batch_size``, reduced so that ``n_rows`` give at least ``min_steps`` steps (never below 16)."""
+    return max(2, min(batch_size, max(16, -(-n_rows // min_steps))))
 
 
 def resolve_device(name: str = "auto") -> torch.device:

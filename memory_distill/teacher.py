@@ -12,6 +12,7 @@ import torch
 
 from .config import TeacherConfig
 from .losses import soft_cross_entropy
+from .models import effective_batch_size
 
 __all__ = ["TeacherReport", "train_teacher"]
 
@@ -67,10 +68,11 @@ def train_teacher(
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best_state = None
     bad = 0
+    batch_size = effective_batch_size(X.shape[0], cfg.batch_size, cfg.min_steps)
     for epoch in range(cfg.epochs):
         model.train()
         total, seen = 0.0, 0
-        for idx in _batch_indices(X.shape[0], cfg.batch_size, generator):
+        for idx in _batch_indices(X.shape[0], batch_size, generator):
             idx = idx.to(X.device)
             loss = soft_cross_entropy(model(X[idx]), Y[idx])
             opt.zero_grad(set_to_none=True)

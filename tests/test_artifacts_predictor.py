@@ -1,0 +1,116 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from memory_distill import (
+    ArtifactError,
+    ArtifactRegistry,
+    EmbedderMismatchError,
+    HashingEmbedder,
+    NoModelError,
+    Predictor,
+    RewardMLP,
+)
+
+
+def _publish(reg, seed, promote=True, dim=256):
+    torch.manual_seed(seed)
+    t, s = RewardMLP(dim, [16], 8, batchnorm=True), RewardMLP(dim, [8], 8)
+    manifest = {"embedder": {"name": f"hashing-v1-{dim}", "dim": dim}, "bins": {"low": 0, "high": 1, "n_bins": 8},
+                "reason": f"seed {seed}", "status": "promoted" if promote else "rejected"}
+    return reg.publish(t, s, manifest, promote=promote, train_ids=[f"id{seed}"])
+
+
+def test_publish_load_promote_rollback(tmp_path):
+    reg = ArtifactRegistry(tmp_path)
+    with pytest.raises(NoModelError, match="memory-distill consolidate"):
+        reg.load()
+    v1 = _publish(reg, 1)
+    v2 = _publish(reg, 2)
+    v3 = _publish(reg, 3, promote=False)
+    assert (v1, v2, v3) == ("v000001", "v000002", "v000003")
+    assert reg.current_version() == v2
+    assert [m["current"] for m in reg.list()] == [False, True, False]
+    assert reg.rollback() == v1 and reg.current_version() == v1
+    reg.promote(v3)
+    assert reg.current_version() == v3
+    assert reg.rollback() == v1
+    loaded = reg.load(v2, with_teacher=True)
+    assert loaded.teacher is not None and loaded.bins.n_bins == 8
+    # weights are plain state_dicts: loadable with weights_only=True, no pickled classes
+    sd = torch.load(tmp_path / "versions" / v2 / "student.pt", weights_only=True)
+    assert set(sd) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
+
+
+def test_corrupt_artifact_is_refused_and_previous_keeps_serving(tmp_path):
+    reg = ArtifactRegistry(tmp_path)
+    _publish(reg, 1)
+    pred = Predictor(reg, HashingEmbedder(dim=256))
+    before = pred.predict(["hello"])[0].mean
+    v2 = _publish(reg, 2)
+    (tmp_path / "versions" / v2 / "student.pt").write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match="fails its checksum"):
+        reg.load(v2)
+    assert pred.refresh() is False  # new version is corrupt: keep serving v1
+    assert pred.version == "v000001" and pred.predict(["hello"])[0].mean == before
+    with pytest.raises(ArtifactError):
+        reg.promote(v2)
+
+
+def test_predictor_picks_up_new_versions(tmp_path):
+    reg = ArtifactRegistry(tmp_path)
+    _publish(reg, 1)
+    pred = Predictor(reg, HashingEmbedder(dim=256))
+    a = pred.predict(["hello"])[0]
+    _publish(reg, 2)
+    assert pred.refresh() is True and pred.version == "v000002"
+    b = pred.predict(["hello"])[0]
+    assert a.mean != b.mean and b.model_version == "v000002"
+
+
+def test_predictor_refuses_other_embedder(tmp_path):
+    reg = ArtifactRegistry(tmp_path)
+    _publish(reg, 1)
+    with pytest.raises(EmbedderMismatchError, match="trained on embedder 'hashing-v1-256'"):
+        Predictor(reg, HashingEmbedder(dim=128))
+
+
+def test_numpy_fast_path_matches_torch(tmp_path):
+    reg = ArtifactRegistry(tmp_path)
+    _publish(reg, 4)
+    pred = Predictor(reg, HashingEmbedder(dim=256))
+    X = np.random.default_rng(0).normal(size=(7, 256)).astype(np.float32)
+    batch = pred.predict_embeddings(X)
+    with torch.no_grad():
+        ref = torch.softmax(pred.loaded.student(torch.from_numpy(X)), -1).numpy()
+    np.testing.assert_allclose(batch.probs, ref, atol=1e-5)
+    assert len(batch) == 7 and batch[3].probs.shape == (8,)
+    np.testing.assert_allclose(batch.mean, ref @ pred.bins.centers, atol=1e-5)
+    with pytest.raises(ValueError, match=r"embeddings must be \[n, 256\]"):
+        pred.predict_embeddings(np.zeros((2, 5)))
+
+
+def test_staging_leftovers_are_cleaned_and_torn_manifest_reported(tmp_path):
+    reg = ArtifactRegistry(tmp_path)
+    _publish(reg, 1)
+    (tmp_path / ".staging-dead").mkdir()
+    _publish(reg, 2)
+    assert not list(tmp_path.glob(".staging-*"))
+    (tmp_path / "versions" / "v000002" / "manifest.json").write_text("{torn")
+    with pytest.raises(ArtifactError, match="manifest of v000002 is corrupt"):
+        reg.load("v000002")
+    assert [m["status"] for m in reg.list()] == ["promoted", "corrupt"]
+
+
+def test_mark_stale_only_hits_versions_trained_on_deleted_ids(tmp_path):
+    reg = ArtifactRegistry(tmp_path)
+    _publish(reg, 1)
+    _publish(reg, 2)
+    assert reg.mark_stale({"id2", "other"}, "gdpr") == ["v000002"]
+    assert reg.stale_versions() == {"v000002": "gdpr"}
+    assert json.loads((tmp_path / "versions" / "v000001" / "train_ids.json").read_text()) == ["id1"]
+    shutil.rmtree(tmp_path / "versions" / "v000001")
+    assert reg.list_versions() == ["v000002"]

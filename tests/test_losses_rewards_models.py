@@ -1,0 +1,129 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memory_distill import DistillConfig, RewardBins, TeacherConfig, build_student, build_teacher
+from memory_distill.losses import distillation_loss, kd_kl, soft_cross_entropy
+from memory_distill.models import RewardMLP, compression_ratio, param_count
+
+
+def test_kd_kl_closed_form_two_bins():
+    # teacher logits [0, log 3] -> p = (1/4, 3/4); student uniform -> q = (1/2, 1/2); T = 1
+    t = torch.tensor([[0.0, math.log(3.0)]])
+    s = torch.zeros(1, 2)
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert kd_kl(s, t, 1.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kd_kl_scales_by_T_squared():
+    t = torch.tensor([[0.0, 2 * math.log(3.0)]])  # at T=2 -> logits [0, log 3]
+    s = torch.zeros(1, 2)
+    expected = (0.25 * math.log(0.5) + 0.75 * math.log(1.5)) * 4.0
+    assert kd_kl(s, t, 2.0).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_kd_kl_zero_for_identical_and_nonnegative():
+    x = torch.randn(8, 64)
+    assert kd_kl(x, x, 4.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert (kd_kl(torch.randn(8, 64), x, 4.0, reduction="none") >= -1e-6).all()
+
+
+@pytest.mark.parametrize("fn", ["kl", "ce", "distill"])
+def test_one_row_equals_32_copies(fn):
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(1, 64, generator=g), torch.randn(1, 64, generator=g)
+    y = torch.softmax(torch.randn(1, 64, generator=g), -1)
+
+    def loss(s, t, y):
+        if fn == "kl":
+            return kd_kl(s, t, 4.0)
+        if fn == "ce":
+            return soft_cross_entropy(s, y)
+        return distillation_loss(s, t, y, temperature=4.0, alpha=0.7, beta=0.3)
+
+    one = loss(s, t, y)
+    many = loss(s.repeat(32, 1), t.repeat(32, 1), y.repeat(32, 1))
+    assert one.item() == pytest.approx(many.item(), rel=1e-6)
+
+
+def test_soft_ce_equals_nll_for_one_hot():
+    logits, idx = torch.randn(5, 10), torch.tensor([0, 3, 9, 2, 2])
+    assert soft_cross_entropy(logits, F.one_hot(idx, 10).float()).item() == pytest.approx(
+        F.cross_entropy(logits, idx).item(), rel=1e-6)
+
+
+def test_distillation_loss_is_alpha_kl_plus_beta_ce_with_label_mask():
+    g = torch.Generator().manual_seed(1)
+    s, t = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    y = torch.softmax(torch.randn(4, 8, generator=g), -1)
+    lab = torch.tensor([True, False, True, False])
+    got = distillation_loss(s, t, y, temperature=3.0, alpha=0.7, beta=0.3, labeled=lab, reduction="none")
+    kl = kd_kl(s, t, 3.0, reduction="none")
+    ce = soft_cross_entropy(s, y, reduction="none")
+    torch.testing.assert_close(got, 0.7 * kl + 0.3 * ce * lab.float())
+    w = torch.tensor([1.0, 2.0, 0.5, 0.0])
+    torch.testing.assert_close(
+        distillation_loss(s, t, y, temperature=3.0, alpha=0.7, beta=0.3, labeled=lab, weights=w),
+        (got * w).mean())
+
+
+def test_bins_geometry_and_targets():
+    b = RewardBins(0.0, 1.0, 64)
+    assert b.centers.shape == (64,) and b.width == pytest.approx(1 / 64)
+    assert b.to_index(np.array([0.0, 0.999, 1.0, -5, 5])).tolist() == [0, 63, 63, 0, 63]
+    h = b.hard_targets(np.array([0.5]))
+    assert h.sum() == 1 and h[0, 32] == 1
+    r = np.array([0.2, 0.5, 0.77])
+    t = b.hl_gauss_targets(r)
+    np.testing.assert_allclose(t.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(t @ b.centers, r, atol=2e-3)  # smoothed, but centred on the reward
+    # sigma 0.75 bin widths: most mass within +-1 bin
+    assert (t[:, :] * (np.abs(np.arange(64) - b.to_index(r)[:, None]) <= 1)).sum(1).min() > 0.7
+
+
+def test_bins_fit_with_margin_and_roundtrip():
+    b = RewardBins.fit(np.array([2.0, 4.0, 6.0, np.nan]))
+    assert b.low == pytest.approx(1.8) and b.high == pytest.approx(6.2)
+    assert RewardBins.from_dict(b.to_dict()) == b
+    with pytest.raises(ValueError, match="without rewards"):
+        RewardBins.fit(np.array([np.nan]))
+
+
+def test_summary_of_a_point_mass():
+    b = RewardBins(0.0, 1.0, 10)
+    logits = torch.full((1, 10), -1e9)
+    logits[0, 7] = 0
+    s = b.summarize(logits)
+    assert s["mean"][0] == pytest.approx(0.75) and s["std"][0] == pytest.approx(0, abs=1e-3)
+    assert s["entropy"][0] == pytest.approx(0, abs=1e-4) and s["quantiles"][0.5][0] == pytest.approx(0.75)
+
+
+def test_model_sizes_at_1536():
+    teacher, student = build_teacher(TeacherConfig(), 1536, 64), build_student(DistillConfig(), 1536, 64)
+    # 1536-1024-512-256-128-64 Linear layers + BatchNorm affine params: the "~2.3M" of the design
+    linear = sum(a * b + b for a, b in [(1536, 1024), (1024, 512), (512, 256), (256, 128), (128, 64)])
+    assert param_count(teacher) == linear + 2 * (1024 + 512 + 256 + 128) == 2_275_008
+    assert compression_ratio(teacher, student) >= 3.7
+    x = torch.randn(5, 1536)
+    teacher.eval()
+    out = teacher(x)
+    assert out.shape == (5, 64) and not torch.allclose(out.softmax(-1).sum(-1), out.sum(-1))  # logits, not probs
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in teacher.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in student.modules())
+    assert [m.p for m in teacher.modules() if isinstance(m, torch.nn.Dropout)] == [0.2] * 4
+    assert [m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)] == [0.1] * 2
+
+
+def test_arch_roundtrip():
+    m = RewardMLP(32, [16, 8], 10, dropout=0.1, batchnorm=True)
+    m2 = RewardMLP.from_arch(m.arch())
+    m2.load_state_dict(m.state_dict())
+    m.eval()
+    m2.eval()
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(m(x), m2(x))
+    with pytest.raises(ValueError, match="bad RewardMLP shape"):
+        RewardMLP(0, [4], 10)
