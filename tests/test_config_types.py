@@ -3,7 +3,14 @@ import math
 import pytest
 from pydantic import ValidationError
 
-from memory_distill import DistillConfig, InvalidMemoryError, JobConfig, Memory, Settings, StoreConfig
+from memory_distill import (
+    DistillConfig,
+    InvalidMemoryError,
+    JobConfig,
+    Memory,
+    Settings,
+    StoreConfig,
+)
 from memory_distill.store import coerce_memory
 
 

@@ -4,7 +4,13 @@ import sys
 import numpy as np
 import pytest
 
-from memory_distill import CachedEmbedder, EmbedderConfig, HashingEmbedder, LangChainEmbedder, make_embedder
+from memory_distill import (
+    CachedEmbedder,
+    EmbedderConfig,
+    HashingEmbedder,
+    LangChainEmbedder,
+    make_embedder,
+)
 from memory_distill.embeddings import as_embedder
 
 

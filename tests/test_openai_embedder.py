@@ -4,9 +4,9 @@ import logging
 
 import numpy as np
 import pytest
+from openai_server import FakeOpenAI
 
 from memory_distill import EmbeddingError, HashingEmbedder, MemoryStore, OpenAIEmbedder, StoreConfig
-from openai_server import FakeOpenAI
 
 KEY = "sk-test-SECRET-1234567890"
 

@@ -2,9 +2,16 @@
 
 import numpy as np
 import pytest
-
 from conftest import SHARED_DATA, fast_job
-from memory_distill import ArtifactRegistry, HashingEmbedder, MemoryStore, Predictor, StoreConfig, run_consolidation
+
+from memory_distill import (
+    ArtifactRegistry,
+    HashingEmbedder,
+    MemoryStore,
+    Predictor,
+    StoreConfig,
+    run_consolidation,
+)
 from memory_distill.config import DistillConfig, JobConfig
 from memory_distill.evaluate import spearman
 

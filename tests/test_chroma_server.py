@@ -1,0 +1,98 @@
+"""A real `chroma run` server on 127.0.0.1, started and stopped by these tests (HTTP mode)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from conftest import fast_job, free_port
+
+from memory_distill import (
+    ArtifactRegistry,
+    HashingEmbedder,
+    MemoryStore,
+    StoreConfig,
+    run_consolidation,
+)
+from memory_distill.demo_data import synthetic_episodes
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def chroma_server(tmp_path_factory):
+    exe = shutil.which("chroma") or os.path.join(os.path.dirname(sys.executable), "chroma")
+    if not os.path.exists(exe):
+        pytest.skip("the chroma CLI is not installed")
+    port = free_port()
+    path = tmp_path_factory.mktemp("chroma-server")
+    log = open(path / "server.log", "w")
+    proc = subprocess.Popen([exe, "run", "--host", "127.0.0.1", "--port", str(port), "--path", str(path / "data")],
+                            stdout=log, stderr=subprocess.STDOUT)
+    import chromadb
+
+    deadline = time.time() + 60
+    while True:
+        try:
+            chromadb.HttpClient(host="127.0.0.1", port=port).heartbeat()
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail(f"chroma server did not start: {(path / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+    yield port
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+def http_store(port, collection):
+    return MemoryStore(HashingEmbedder(dim=128), StoreConfig(mode="http", port=port, collection=collection))
+
+
+def test_http_store_roundtrip(chroma_server):
+    st = http_store(chroma_server, "roundtrip")
+    ids = st.add_many([{"text": "the agent used the calculator", "reward": 0.8, "metadata": {"tool": "calc"}},
+                       {"text": "the agent gave up", "reward": 0.1}, "pending"], namespace="team-a")
+    assert st.search("calculator", k=1, namespace="team-a")[0].memory.id == ids[0]
+    assert st.search("calculator", k=3, namespace="team-b") == []
+    st.set_reward(ids[2], 0.6)
+    # a second client (another process would do the same) sees every write
+    other = http_store(chroma_server, "roundtrip")
+    assert other.get(ids[2]).reward == 0.6 and other.count() == 3
+    assert other._col.configuration["hnsw"]["space"] == "cosine"
+
+
+AGENT = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from memory_distill import HashingEmbedder, MemoryStore, StoreConfig
+    from memory_distill.demo_data import synthetic_episodes
+    st = MemoryStore(HashingEmbedder(dim=128), StoreConfig(mode="http", port={port}, collection="shared"))
+    eps = synthetic_episodes(300, seed={seed})
+    for i in range(0, 300, 10):          # an agent recording episodes as it goes
+        st.add_many(eps[i:i + 10])
+    print("agent done", flush=True)
+""")
+
+
+def test_agents_write_while_a_worker_consolidates(chroma_server, tmp_path):
+    st = http_store(chroma_server, "shared")
+    st.add_many(synthetic_episodes(400, seed=20))
+    tests = os.path.dirname(__file__)
+    agents = [subprocess.Popen([sys.executable, "-c", AGENT.format(tests=tests, port=chroma_server, seed=s)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in (21, 22)]
+    reg = ArtifactRegistry(tmp_path / "art")
+    reports = [run_consolidation(st, reg, fast_job())]
+    outs = [a.communicate(timeout=300) for a in agents]
+    assert all(a.returncode == 0 for a in agents), [o[1][-1500:] for o in outs]
+    assert st.count() == 400 + 2 * 300  # no write was lost
+    reports.append(run_consolidation(st, reg, fast_job()))
+    assert reports[-1].n_rows == 1000 and reg.current_version() == reports[-1].version

@@ -1,0 +1,89 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from memory_distill.cli import main
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMORY_DISTILL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MEMORY_DISTILL_EMBEDDER__DIM", "128")
+    return tmp_path / "home"
+
+
+def run(capsys, *args):
+    code = main(["-q", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_add_search_set_reward_stats(home, capsys):
+    code, out, _ = run(capsys, "add", "the agent searched the web and cited sources", "--reward", "0.9", "-m", "tool=search", "n=3")
+    assert code == 0
+    mid = out.strip()
+    code, out, _ = run(capsys, "add", "pending episode")
+    pending = out.strip()
+    assert run(capsys, "set-reward", pending, "0.4")[0] == 0
+    code, out, _ = run(capsys, "search", "searched the web", "-k", "1", "--json")
+    hit = json.loads(out)[0]
+    assert hit["id"] == mid and hit["metadata"] == {"tool": "search", "n": 3} and hit["reward"] == 0.9
+    code, out, _ = run(capsys, "stats")
+    st = json.loads(out)
+    assert st["total"] == 2 and st["rewarded"] == 2 and st["model"] is None
+
+
+def test_import_reports_bad_line_and_writes_nothing(home, tmp_path, capsys):
+    f = tmp_path / "eps.jsonl"
+    lines = [json.dumps({"text": f"episode {i}", "reward": 0.5}) for i in range(5)]
+    lines.insert(3, json.dumps({"text": "bad", "reward": "NaN"}))
+    f.write_text("\n".join(lines) + "\n")
+    code, _, err = run(capsys, "import", str(f))
+    assert code == 2 and f"{f}:4" in err and "reward" in err and "nothing was imported" in err
+    f.write_text("\n".join(lines[:3] + ["{not json"] + lines[4:]) + "\n")
+    code, _, err = run(capsys, "import", str(f))
+    assert code == 2 and f"{f}:4: not valid JSON" in err
+    f.write_text("\n".join([json.dumps({"text": "x", "reward": 5})]) + "\n")
+    code, _, err = run(capsys, "import", str(f))
+    assert code == 2 and "outside the configured range" in err
+    code, out, _ = run(capsys, "stats")
+    assert json.loads(out)["total"] == 0
+    f.write_text("\n".join(lines[:3] + lines[4:]) + "\n")
+    code, out, _ = run(capsys, "import", str(f))
+    assert code == 0 and "imported 5 memories" in out
+
+
+def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys):
+    code, out, _ = run(capsys, "demo", "--n", "600", "--epochs", "10", "--report", str(tmp_path / "rep"))
+    assert code == 0
+    assert "PROMOTED" in out and "Spearman retention" in out and "3. predict" in out
+    assert (tmp_path / "rep" / "losses.png").stat().st_size > 1000
+    assert (tmp_path / "rep" / "calibration.png").exists() and "v000001" in (tmp_path / "rep" / "report.md").read_text()
+    code, out, _ = run(capsys, "consolidate", "--epochs", "10")
+    assert code == 0 and "version v000002" in out
+    code, out, _ = run(capsys, "predict", "--json", "The agent guessed the answer and did not check it.",
+                       "The agent searched the web, cross-checked two sources and cited them in the answer.")
+    preds = json.loads(out)
+    assert preds[1]["mean"] > preds[0]["mean"] + 0.3 and preds[0]["model_version"] == "v000002"
+    code, out, _ = run(capsys, "models")
+    assert "v000001" in out and "v000002" in out
+    code, out, _ = run(capsys, "history", "--json")
+    assert [h["outcome"] for h in json.loads(out)] == ["promoted", "promoted"]
+    code, out, _ = run(capsys, "rollback")
+    assert code == 0 and "v000001" in out
+    code, out, _ = run(capsys, "forget", "--where", '{"strategy": 6}')
+    assert code == 0 and "models marked stale: ['v000001', 'v000002']" in out
+
+
+def test_errors_exit_2_with_message(home, capsys):
+    code, _, err = run(capsys, "predict", "anything")
+    assert code == 2 and "no model published" in err and "memory-distill consolidate" in err
+    code, _, err = run(capsys, "rollback")
+    assert code == 2 and "nothing to roll back" in err
+
+
+def test_python_dash_m_entry_point(home):
+    out = subprocess.run([sys.executable, "-m", "memory_distill", "--help"], capture_output=True, text=True, check=True)
+    assert "consolidate" in out.stdout and "worker" in out.stdout

@@ -1,0 +1,59 @@
+import numpy as np
+import pytest
+
+from memory_distill import (
+    ArtifactError,
+    HashingEmbedder,
+    MemoryDistill,
+    ModelDistillation,
+    StoreConfig,
+)
+from memory_distill.demo_data import synthetic_episodes
+
+GOOD = "Task: book a table for 4 people in Oslo. The agent searched the web, cross-checked two sources and cited them in the answer."
+BAD = "Task: book a table for 4 people in Oslo. The agent guessed the answer and did not check it."
+
+
+def test_seed_compatible_model_distillation(tmp_path):
+    md = ModelDistillation(temperature=4.0, alpha=0.7, beta=0.3, learning_rate=1e-3, embedder=HashingEmbedder(dim=256))
+    with pytest.raises(ArtifactError, match="distill_from_memories"):
+        md.get_student_prediction("x")
+    hist = md.distill_from_memories(synthetic_episodes(700, seed=8), num_epochs=15, batch_size=64)
+    assert hist["distill_val_kl"][-1] < hist["distill_val_kl"][0]
+    assert hist["evaluation"]["student"]["spearman"] > 0.8
+    good, bad = md.get_student_prediction([GOOD, BAD])
+    assert good.mean > bad.mean + 0.4
+    cmp = md.compare_teacher_student([GOOD, BAD])
+    assert cmp["compression_ratio"] > 3.7
+    assert 0 <= cmp["similarity"]["prediction_match"] <= 1 and cmp["similarity"]["kl_divergence"] >= 0
+    paths = md.save_models(tmp_path / "m" / "run1")
+    assert paths["teacher"].endswith("run1_teacher.pth") and paths["student"].endswith("run1_student.pth")
+    md2 = ModelDistillation(embedder=HashingEmbedder(dim=256))
+    md2.load_models(tmp_path / "m" / "run1")
+    np.testing.assert_allclose(md2.get_student_prediction(GOOD).probs, good.probs, atol=1e-6)
+    with pytest.raises(ArtifactError, match="saved with embedder"):
+        ModelDistillation(embedder=HashingEmbedder(dim=64)).load_models(tmp_path / "m" / "run1")
+
+
+def test_tuples_and_pending_rewards_accepted():
+    md = ModelDistillation(embedder=HashingEmbedder(dim=64))
+    mems = [(e["text"], e["reward"]) for e in synthetic_episodes(200, seed=9)]
+    hist = md.distill_from_memories(mems, num_epochs=3)
+    assert hist["n_train"] > 0
+
+
+def test_memory_distill_facade(tmp_path):
+    mem = MemoryDistill.open(tmp_path, embedder=HashingEmbedder(dim=128))
+    ids = mem.add_many(synthetic_episodes(500, seed=10))
+    late = mem.record(GOOD)
+    mem.set_reward(late, 0.95)
+    from conftest import fast_job
+
+    rep = mem.consolidate(fast_job())
+    assert rep.promoted
+    g, b = mem.predict([GOOD, BAD])
+    assert g.mean > b.mean
+    assert mem.search("cited sources", k=1)[0].memory.reward is not None
+    assert mem.forget([ids[0]])["n_deleted"] == 1
+    assert MemoryDistill.open(tmp_path, embedder=HashingEmbedder(dim=128)).store.count() == 500
+    assert mem.store.config == StoreConfig()

@@ -1,0 +1,227 @@
+"""Consolidation jobs: gate, warm start, single writer, history, forgetting, drift, crash safety."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import fast_job
+
+from memory_distill import (
+    ArtifactRegistry,
+    ConsolidationError,
+    ConsolidationExecutor,
+    ConsolidationWorker,
+    JobLockedError,
+    Predictor,
+    drift_report,
+    forget,
+    run_consolidation,
+)
+from memory_distill.config import GateConfig
+from memory_distill.demo_data import synthetic_episodes
+
+
+def test_not_enough_data_fails_cleanly(store, registry):
+    store.add_many([{"text": f"e{i}", "reward": 0.5} for i in range(5)])
+    with pytest.raises(ConsolidationError, match="only 5 rewarded memories.*min_rewarded"):
+        run_consolidation(store, registry, fast_job())
+    assert registry.current_version() is None and registry.list_versions() == []
+    assert registry.history()[-1]["outcome"] == "failed"
+
+
+def test_second_run_warm_starts_and_history_records_both(store, registry, episodes):
+    store.add_many(episodes)
+    r1 = run_consolidation(store, registry, fast_job())
+    r2 = run_consolidation(store, registry, fast_job())
+    assert not r1.warm_started and r2.warm_started and r2.incumbent_version == r1.version
+    assert r2.bins == r1.bins  # the support is frozen in the model, never re-fitted
+    hist = registry.history()
+    assert [h["outcome"] for h in hist] == ["promoted", "promoted"]
+    assert hist[1]["incumbent"] == r1.version and hist[1]["seconds"] > 0
+
+
+def test_gate_rejects_a_worse_candidate(store, registry, episodes):
+    store.add_many(episodes)
+    good = run_consolidation(store, registry, fast_job())
+    # a crippled candidate: one epoch, no warm start, tiny student
+    from memory_distill.config import DistillConfig, TeacherConfig
+
+    bad_cfg = fast_job(warm_start=False, teacher=TeacherConfig(hidden=(4,), epochs=1),
+                       distill=DistillConfig(hidden=(2,), epochs=1), gate=GateConfig(min_holdout=10, tolerance=0.0))
+    bad = run_consolidation(store, registry, bad_cfg)
+    assert not bad.promoted and "regresses the published model" in bad.reason
+    assert registry.current_version() == good.version
+    assert registry.manifest(bad.version)["status"] == "rejected"
+    assert registry.history()[-1]["outcome"] == "rejected"
+
+
+def test_single_writer_lock(store, registry, episodes):
+    store.add_many(episodes)
+    lk = registry.acquire()
+    try:
+        with pytest.raises(JobLockedError, match="another consolidation is running.*held by pid"):
+            run_consolidation(store, registry, fast_job())
+    finally:
+        lk.release()
+    assert run_consolidation(store, registry, fast_job()).promoted
+
+
+def test_lock_is_exclusive_across_processes(tmp_path):
+    reg = ArtifactRegistry(tmp_path)
+    code = textwrap.dedent(f"""
+        import time
+        from memory_distill import ArtifactRegistry
+        lk = ArtifactRegistry({str(tmp_path)!r}).acquire()
+        print("locked", flush=True)
+        time.sleep(30)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "locked"
+        with pytest.raises(JobLockedError):
+            reg.acquire()
+    finally:
+        p.kill()
+        p.wait()
+    reg.acquire().release()  # the kernel released the dead holder's lock
+
+
+def test_executor_runs_in_background_and_readers_keep_serving(store, registry, episodes):
+    store.add_many(episodes)
+    first = run_consolidation(store, registry, fast_job())
+    pred = Predictor(registry, store.embedder)
+    with ConsolidationExecutor(store, registry, fast_job()) as ex:
+        fut = ex.submit()
+        assert ex.submit() is fut  # one run at a time
+        served = []
+        while not fut.done():
+            served.append(pred.predict(["some episode"])[0].model_version)
+            time.sleep(0.01)
+        rep = fut.result()
+    assert served and set(served) == {first.version}  # the published model served throughout
+    assert rep.version != first.version and pred.refresh()
+
+
+def test_worker_triggers_on_new_rewards_and_time(store, registry):
+    eps = synthetic_episodes(400, seed=3, pending_fraction=0.0)
+    store.add_many(eps[:300])
+    w = ConsolidationWorker(store, registry, fast_job(), every_s=3600, min_new=50)
+    assert w.due() == (True, "no consolidation has run yet")
+    assert w.run_once() is not None
+    assert w.due()[0] is False and w.run_once() is None
+    store.add_many(eps[300:340])
+    assert w.due()[0] is False  # 40 < 50
+    store.add_many(eps[340:])
+    due, why = w.due()
+    assert due and "100 new rewarded memories" in why
+    assert w.run_once().warm_started
+    w2 = ConsolidationWorker(store, registry, fast_job(), every_s=0.0, min_new=None)
+    assert w2.due()[0] and "elapsed" in w2.due()[1]
+
+
+def test_worker_run_forever_stops(store, registry, episodes):
+    store.add_many(episodes)
+    w = ConsolidationWorker(store, registry, fast_job(), every_s=None, min_new=1)
+    t = threading.Thread(target=w.run_forever, kwargs={"poll_s": 0.05, "max_runs": 1})
+    t.start()
+    t.join(timeout=60)
+    assert not t.is_alive() and len([r for r in w.runs if not isinstance(r, Exception)]) == 1
+
+
+def test_forget_marks_models_stale_and_next_run_retrains_without_them(store, registry, episodes):
+    store.add_many(episodes)
+    r1 = run_consolidation(store, registry, fast_job())
+    victims = registry.train_ids(r1.version)[:5]
+    entry = forget(store, registry, victims, reason="user asked")
+    assert entry["n_deleted"] == 5 and entry["stale_versions"] == [r1.version]
+    assert registry.deletions()[-1]["reason"] == "user asked"
+    assert [m["stale"] for m in registry.list()] == [True]
+    r2 = run_consolidation(store, registry, fast_job())
+    assert not r2.warm_started  # never warm-start from a model that saw deleted data
+    assert r2.promoted and "deleted memories" in r2.reason
+    assert not set(victims) & set(registry.train_ids(r2.version))
+    assert registry.current_version() == r2.version
+
+
+def test_forget_by_namespace(store, registry, episodes):
+    store.add_many(episodes)
+    # old memories (trained on) and new ones (only in the held-out evaluation slice)
+    store.add_many([{"text": f"private {i}", "reward": 0.5, "created_at": 1.0e9 + i} for i in range(30)], namespace="user-42")
+    store.add_many([{"text": f"recent {i}", "reward": 0.5, "created_at": 2.0e9 + i} for i in range(5)], namespace="user-7")
+    r1 = run_consolidation(store, registry, fast_job())
+    assert forget(store, registry, namespace="user-7")["stale_versions"] == []  # never trained on
+    entry = forget(store, registry, namespace="user-42")
+    assert entry["n_deleted"] == 30 and entry["stale_versions"] == [r1.version]
+    assert store.count(namespace="user-42") == 0
+
+
+def test_drift_report_and_trigger(store, registry):
+    eps = synthetic_episodes(500, seed=4, pending_fraction=0.0)
+    store.add_many(eps)
+    run_consolidation(store, registry, fast_job())
+    d0 = drift_report(store, registry)
+    assert d0.n == 0 and not d0.triggered
+    # the world changes: strategies that used to pay off now fail
+    flipped = [{"text": e["text"], "reward": round(1.0 - e["reward"], 3), "metadata": e["metadata"]}
+               for e in synthetic_episodes(60, seed=5, pending_fraction=0.0)]
+    ids = store.add_many([{**f, "reward": None} for f in flipped])
+    store.set_rewards({i: f["reward"] for i, f in zip(ids, flipped, strict=True)})
+    d = drift_report(store, registry, threshold=0.1, min_samples=20)
+    assert d.n == 60 and d.mae > d.baseline_mae + 0.2 and d.triggered
+    w = ConsolidationWorker(store, registry, fast_job(), every_s=None, min_new=None, drift_threshold=0.1)
+    assert w.due()[0] and "drift" in w.due()[1]
+
+
+def test_bad_rows_are_skipped_and_counted(store, registry, episodes):
+    store.add_many(episodes)
+    dim = store.embedder.dim
+    store.add_many([{"text": "zero vector", "reward": 0.5}], embeddings=np.zeros((1, dim), np.float32))
+    rep = run_consolidation(store, registry, fast_job())
+    assert rep.skipped_rows == 1 and rep.n_rows == len(episodes)
+    assert registry.history()[-1]["skipped_rows"] == 1
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from conftest import fast_job
+    from memory_distill import ArtifactRegistry, HashingEmbedder, MemoryStore, StoreConfig, run_consolidation
+    st = MemoryStore(HashingEmbedder(dim=256), StoreConfig(path={store!r}))
+    run_consolidation(st, ArtifactRegistry({reg!r}), fast_job())
+    print("finished")
+""")
+
+
+@pytest.mark.parametrize("point", ["mid_training", "mid_publish", "before_pointer"])
+def test_killed_job_leaves_model_and_memories_intact(tmp_path, embedder, point):
+    from memory_distill import MemoryStore, StoreConfig
+
+    store_path, reg_path = tmp_path / "chroma", tmp_path / "art"
+    st = MemoryStore(embedder, StoreConfig(path=store_path))
+    st.add_many(synthetic_episodes(400, seed=6))
+    reg = ArtifactRegistry(reg_path)
+    first = run_consolidation(st, reg, fast_job())
+    before_pred = Predictor(reg, embedder).predict(["probe episode"])[0].mean
+    n_before = st.count()
+    del st  # the child process is the only writer while it runs
+
+    script = CRASH_SCRIPT.format(tests=os.path.dirname(__file__), store=str(store_path), reg=str(reg_path))
+    env = {**os.environ, "MEMORY_DISTILL_FAULT": point}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]  # SIGKILL
+    assert "finished" not in proc.stdout
+
+    reg = ArtifactRegistry(reg_path)
+    assert reg.current_version() == first.version  # still the published model
+    assert Predictor(reg, embedder).predict(["probe episode"])[0].mean == pytest.approx(before_pred)
+    st = MemoryStore(embedder, StoreConfig(path=store_path))
+    assert st.count() == n_before
+    nxt = run_consolidation(st, reg, fast_job())  # the next run succeeds
+    assert nxt.promoted and reg.current_version() == nxt.version
+    assert not list(reg_path.glob(".staging-*"))
+    assert len(reg.list_versions()) == (3 if point == "before_pointer" else 2)
