@@ -1,0 +1,30 @@
+"""LangChain adapters for memory_distill: attach episodic memory with a learned value to agents."""
+
+from memory_distill.grading import AnswerGrader, bleu, exact_match, token_f1
+
+from .callbacks import EpisodeRecorder
+from .embeddings import MemoryDistillEmbeddings
+from .episodes import episode_from_messages
+from .middleware import MemoryDistillMiddleware, MemoryDistillState
+from .retriever import ValueAwareRetriever
+from .router import RewardRouter
+from .scorer import RewardScorer, best_of_n
+from .tools import make_predict_tool, make_recall_tool
+
+__all__ = [
+    "AnswerGrader",
+    "EpisodeRecorder",
+    "MemoryDistillEmbeddings",
+    "MemoryDistillMiddleware",
+    "MemoryDistillState",
+    "RewardRouter",
+    "RewardScorer",
+    "ValueAwareRetriever",
+    "best_of_n",
+    "bleu",
+    "episode_from_messages",
+    "exact_match",
+    "make_predict_tool",
+    "make_recall_tool",
+    "token_f1",
+]

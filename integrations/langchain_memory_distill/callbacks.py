@@ -1,0 +1,140 @@
+"""A callback handler that records episodes for agents you cannot rebuild with middleware.
+
+``agent.invoke(inputs, config={"callbacks": [EpisodeRecorder(store)]})`` records one episode per
+root run: the user input, the tool calls and their results or errors, and the final answer.
+A root run that raises is recorded as a failed episode.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID
+
+from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+
+from memory_distill.store import MemoryStore
+
+from .episodes import episode_from_messages, message_text
+
+__all__ = ["EpisodeRecorder"]
+
+
+def _input_text(inputs: Any) -> str:
+    if isinstance(inputs, dict):
+        msgs = inputs.get("messages")
+        if msgs:
+            for m in reversed(msgs):
+                if isinstance(m, HumanMessage):
+                    return message_text(m)
+                if isinstance(m, tuple) and m[0] in ("user", "human"):
+                    return str(m[1])
+                if isinstance(m, dict) and m.get("role") in ("user", "human"):
+                    return str(m.get("content", ""))
+        for key in ("input", "question", "query"):
+            if key in inputs:
+                return str(inputs[key])
+    return str(inputs)
+
+
+class EpisodeRecorder(BaseCallbackHandler):
+    """Records one episode per root run into ``store``."""
+
+    raise_error = False
+
+    def __init__(self, store: MemoryStore, *, namespace: str = "default",
+                 reward_fn: Callable[[str, str, list[Any]], float | None] | None = None,
+                 failure_reward: float | None = 0.0, metadata: dict[str, Any] | None = None) -> None:
+        self.store = store
+        self.namespace = namespace
+        self.reward_fn = reward_fn
+        self.failure_reward = failure_reward
+        self.metadata = dict(metadata or {})
+        self.episode_ids: list[str] = []
+        self._runs: dict[UUID, dict[str, Any]] = {}
+        self._parent: dict[UUID, UUID] = {}
+        self._lock = threading.Lock()
+
+    def _root(self, run_id: UUID, parent_run_id: UUID | None) -> UUID | None:
+        with self._lock:
+            if parent_run_id is not None:
+                self._parent[run_id] = parent_run_id
+            cur: UUID | None = run_id
+            while cur is not None and cur not in self._runs:
+                cur = self._parent.get(cur)
+            return cur
+
+    def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *, run_id: UUID,
+                       parent_run_id: UUID | None = None, **kwargs: Any) -> None:
+        if parent_run_id is None:
+            with self._lock:
+                self._runs[run_id] = {"input": _input_text(inputs), "tools": []}
+        else:
+            self._root(run_id, parent_run_id)
+
+    def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: UUID, parent_run_id: UUID | None = None,
+                            **kwargs: Any) -> None:
+        self._root(run_id, parent_run_id)
+
+    def on_tool_start(self, serialized: dict[str, Any] | None, input_str: str, *, run_id: UUID,
+                      parent_run_id: UUID | None = None, **kwargs: Any) -> None:
+        root = self._root(run_id, parent_run_id)
+        if root is not None:
+            name = (serialized or {}).get("name") or kwargs.get("name") or "tool"
+            self._runs[root]["tools"].append({"run_id": run_id, "name": name, "input": input_str, "result": None, "error": None})
+
+    def _tool(self, run_id: UUID) -> dict[str, Any] | None:
+        root = self._root(run_id, None)
+        if root is None:
+            return None
+        return next((t for t in self._runs[root]["tools"] if t["run_id"] == run_id), None)
+
+    def on_tool_end(self, output: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any) -> None:
+        t = self._tool(run_id)
+        if t is not None:
+            t["result"] = str(getattr(output, "content", output))[:300]
+
+    def on_tool_error(self, error: BaseException, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any) -> None:
+        t = self._tool(run_id)
+        if t is not None:
+            t["error"] = f"{type(error).__name__}: {error}"
+
+    def _finish(self, run_id: UUID, outputs: Any, error: BaseException | None) -> None:
+        with self._lock:
+            run = self._runs.pop(run_id, None)
+            self._parent = {k: v for k, v in self._parent.items() if v != run_id}
+        if run is None:
+            return
+        msgs = outputs.get("messages") if isinstance(outputs, dict) else None
+        if msgs and all(isinstance(m, BaseMessage) for m in msgs):
+            ep = episode_from_messages(msgs)
+            text, answer, n_err = ep["text"], ep["answer"], ep["tool_errors"]
+        else:
+            lines = [f"User: {run['input']}"]
+            for t in run["tools"]:
+                lines.append(f"Tool call: {t['name']}({t['input']})")
+                lines.append(f"Tool error ({t['name']}): {t['error']}" if t["error"] else f"Tool result ({t['name']}): {t['result']}")
+            answer = "" if error else (message_text(outputs) if isinstance(outputs, AIMessage) else
+                                       str(outputs.get("output", outputs)) if isinstance(outputs, dict) else str(outputs))
+            lines.append(f"Answer: {answer or '(none)'}")
+            text, n_err = "\n".join(lines), sum(1 for t in run["tools"] if t["error"])
+        failed = error is not None or n_err > 0 or any(t["error"] for t in run["tools"])
+        if error is not None:
+            text += f"\nRun failed: {type(error).__name__}: {error}"
+        reward = self.reward_fn(run["input"], answer, msgs or []) if (self.reward_fn and error is None) else None
+        if reward is None and failed:
+            reward = self.failure_reward
+        meta = {**self.metadata, "source": "langchain_callback", "tool_calls": len(run["tools"]),
+                "outcome": "failed" if failed else "completed"}
+        self.episode_ids.append(self.store.add({"text": text, "reward": reward, "metadata": meta,
+                                                "namespace": self.namespace}))
+
+    def on_chain_end(self, outputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any) -> None:
+        if parent_run_id is None:
+            self._finish(run_id, outputs, None)
+
+    def on_chain_error(self, error: BaseException, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any) -> None:
+        if parent_run_id is None:
+            self._finish(run_id, None, error)

@@ -1,0 +1,52 @@
+"""memory_distill embedders as LangChain ``Embeddings``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from langchain_core.embeddings import Embeddings
+from pydantic import BaseModel, ConfigDict, PrivateAttr, SecretStr
+
+from memory_distill.config import EmbedderConfig
+from memory_distill.embeddings import Embedder, make_embedder
+
+__all__ = ["MemoryDistillEmbeddings"]
+
+
+class MemoryDistillEmbeddings(BaseModel, Embeddings):
+    """LangChain ``Embeddings`` backed by a memory_distill embedder.
+
+    ``MemoryDistillEmbeddings(kind="hashing", dim=512)`` is offline; ``kind="openai"`` uses
+    ``text-embedding-3-small`` (or ``model``/``base_url``). ``MemoryDistillEmbeddings.from_embedder(e)``
+    wraps an existing embedder.
+    """
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    kind: Literal["hashing", "openai", "local"] = "hashing"
+    model: str = "text-embedding-3-small"
+    dim: int | None = None
+    base_url: str | None = None
+    api_key: SecretStr | None = None
+    _embedder: Embedder = PrivateAttr()
+
+    def model_post_init(self, __context: Any) -> None:
+        cfg = EmbedderConfig(kind=self.kind, model=self.model, dim=self.dim, base_url=self.base_url,
+                             api_key=self.api_key, cache=False)
+        self._embedder = make_embedder(cfg)
+
+    @classmethod
+    def from_embedder(cls, embedder: Embedder) -> MemoryDistillEmbeddings:
+        obj = cls()
+        obj._embedder = embedder
+        return obj
+
+    @property
+    def embedder(self) -> Embedder:
+        return self._embedder
+
+    def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        return self._embedder.embed(list(texts)).tolist()
+
+    def embed_query(self, text: str) -> list[float]:
+        return self._embedder.embed([text])[0].tolist()

@@ -1,0 +1,52 @@
+"""Turn an agent run's messages into one episode text (input, tool calls, results, answer)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
+
+__all__ = ["episode_from_messages", "message_text"]
+
+
+def message_text(m: BaseMessage) -> str:
+    c = m.content
+    if isinstance(c, str):
+        return c
+    parts = []
+    for block in c:
+        if isinstance(block, str):
+            parts.append(block)
+        elif isinstance(block, dict) and block.get("type") == "text":
+            parts.append(str(block.get("text", "")))
+    return " ".join(parts)
+
+
+def episode_from_messages(messages: Sequence[BaseMessage], *, max_result_chars: int = 300) -> dict[str, Any]:
+    """``{"text", "input", "answer", "tool_calls", "tool_errors"}`` for the last user turn."""
+    start = 0
+    for i in range(len(messages) - 1, -1, -1):
+        if isinstance(messages[i], HumanMessage):
+            start = i
+            break
+    turn = list(messages[start:])
+    user = message_text(turn[0]) if turn and isinstance(turn[0], HumanMessage) else ""
+    lines = [f"User: {user}"]
+    answer = ""
+    n_calls = n_errors = 0
+    for m in turn[1:]:
+        if isinstance(m, AIMessage):
+            for tc in m.tool_calls:
+                n_calls += 1
+                lines.append(f"Tool call: {tc['name']}({json.dumps(tc.get('args', {}), sort_keys=True, default=str)})")
+            text = message_text(m)
+            if text and not m.tool_calls:
+                answer = text
+        elif isinstance(m, ToolMessage):
+            err = getattr(m, "status", "success") == "error"
+            n_errors += err
+            lines.append(f"Tool {'error' if err else 'result'} ({m.name}): {message_text(m)[:max_result_chars]}")
+    lines.append(f"Answer: {answer}" if answer else "Answer: (none)")
+    return {"text": "\n".join(lines), "input": user, "answer": answer, "tool_calls": n_calls, "tool_errors": n_errors}

@@ -1,0 +1,171 @@
+"""Middleware for ``langchain.agents.create_agent``: recall before, record after.
+
+>>> agent = create_agent(model, tools, middleware=[MemoryDistillMiddleware(store, predictor)])
+
+* ``before_agent``: recalls the ``k`` most relevant past episodes (value-aware retriever) for the
+  user's message; ``wrap_model_call`` adds them to the system prompt of every model call.
+* ``wrap_tool_call``: a tool exception becomes an error ``ToolMessage`` (so the run continues and
+  is still recorded), or with ``handle_tool_errors=False`` the failed episode is recorded and the
+  exception re-raised.
+* ``after_agent``: records the episode (input, tool calls, answer) with its reward when
+  ``reward_fn`` gives one, ``failure_reward`` when a tool failed, else pending for a later
+  :meth:`feedback`. The id is returned in the state as ``memory_distill_episode_id``.
+
+Every hook has its async twin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, ModelResponse
+from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
+from typing_extensions import NotRequired
+
+from memory_distill.predictor import Predictor
+from memory_distill.store import MemoryStore
+
+from .episodes import episode_from_messages, message_text
+from .retriever import ValueAwareRetriever
+from .tools import make_recall_tool
+
+__all__ = ["MemoryDistillMiddleware", "MemoryDistillState"]
+
+log = logging.getLogger(__name__)
+
+RewardFn = Callable[[str, str, list[Any]], float | None]
+
+
+class MemoryDistillState(AgentState):
+    memory_distill_recall: NotRequired[str]
+    memory_distill_episode_id: NotRequired[str]
+
+
+class MemoryDistillMiddleware(AgentMiddleware):
+    state_schema = MemoryDistillState
+
+    def __init__(
+        self,
+        store: MemoryStore,
+        predictor: Predictor | None = None,
+        *,
+        k: int = 3,
+        namespace: str = "default",
+        recall: bool = True,
+        record: bool = True,
+        reward_fn: RewardFn | None = None,
+        failure_reward: float | None = 0.0,
+        handle_tool_errors: bool = True,
+        expose_recall_tool: bool = False,
+        metadata: dict[str, Any] | None = None,
+        retriever: ValueAwareRetriever | None = None,
+    ) -> None:
+        super().__init__()
+        self.store = store
+        self.retriever = retriever or ValueAwareRetriever(store=store, predictor=predictor, k=k, namespace=namespace)
+        self.namespace = namespace
+        self.do_recall, self.do_record = recall, record
+        self.reward_fn = reward_fn
+        self.failure_reward = failure_reward
+        self.handle_tool_errors = handle_tool_errors
+        self.metadata = dict(metadata or {})
+        self.tools = [make_recall_tool(self.retriever)] if expose_recall_tool else []
+        self.episode_ids: list[str] = []
+
+    # ------------------------------------------------------------------ recall
+
+    def _recall_text(self, state: Any) -> str | None:
+        query = next((message_text(m) for m in reversed(state["messages"]) if isinstance(m, HumanMessage)), "")
+        if not query.strip() or self.store.count(namespace=self.namespace) == 0:
+            return None
+        docs = self.retriever.invoke(query)
+        if not docs:
+            return None
+        lines = ["Relevant past episodes (reward / predicted reward), learn from what paid off:"]
+        for d in docs:
+            m = d.metadata
+            r = "pending" if m.get("reward") is None else f"{m['reward']:.2f}"
+            p = "" if m.get("predicted_mean") is None else f", predicted {m['predicted_mean']:.2f}±{m['predicted_std']:.2f}"
+            lines.append(f"- [reward {r}{p}] {d.page_content[:600]}")
+        return "\n".join(lines)
+
+    def before_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+        if not self.do_recall:
+            return None
+        text = self._recall_text(state)
+        return {"memory_distill_recall": text} if text else None
+
+    async def abefore_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.before_agent, state, runtime)
+
+    def _with_recall(self, request: ModelRequest) -> ModelRequest:
+        recall = (request.state or {}).get("memory_distill_recall")
+        if not recall:
+            return request
+        base = request.system_message.content if request.system_message is not None else ""
+        base = base if isinstance(base, str) else str(base)
+        return request.override(system_message=SystemMessage(content=(base + "\n\n" + recall).strip()))
+
+    def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> Any:
+        return handler(self._with_recall(request))
+
+    async def awrap_model_call(self, request: ModelRequest,
+                               handler: Callable[[ModelRequest], Awaitable[ModelResponse]]) -> Any:
+        return await handler(self._with_recall(request))
+
+    # ------------------------------------------------------------------ tools
+
+    def _tool_error(self, request: Any, e: Exception) -> ToolMessage:
+        tc = request.tool_call
+        if not self.handle_tool_errors:
+            msgs = list((request.state or {}).get("messages", []))
+            msgs.append(ToolMessage(content=f"{type(e).__name__}: {e}", tool_call_id=tc["id"], name=tc["name"], status="error"))
+            self._record(msgs, failed=True)
+            raise e
+        log.info("tool %s failed: %s", tc["name"], e)
+        return ToolMessage(content=f"Tool error: {type(e).__name__}: {e}", tool_call_id=tc["id"], name=tc["name"],
+                           status="error")
+
+    def wrap_tool_call(self, request: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(request)
+        except Exception as e:
+            return self._tool_error(request, e)
+
+    async def awrap_tool_call(self, request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
+        try:
+            return await handler(request)
+        except Exception as e:
+            return self._tool_error(request, e)
+
+    # ------------------------------------------------------------------ record
+
+    def _record(self, messages: list[Any], *, failed: bool = False) -> str | None:
+        ep = episode_from_messages(messages)
+        if not ep["input"]:
+            return None
+        failed = failed or ep["tool_errors"] > 0
+        reward = self.reward_fn(ep["input"], ep["answer"], messages) if self.reward_fn else None
+        if reward is None and failed:
+            reward = self.failure_reward
+        meta = {**self.metadata, "source": "langchain_agent", "tool_calls": ep["tool_calls"],
+                "tool_errors": ep["tool_errors"], "outcome": "failed" if failed else "completed"}
+        mid = self.store.add({"text": ep["text"], "reward": reward, "metadata": meta, "namespace": self.namespace})
+        self.episode_ids.append(mid)
+        return mid
+
+    def after_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+        if not self.do_record:
+            return None
+        mid = self._record(list(state["messages"]))
+        return {"memory_distill_episode_id": mid} if mid else None
+
+    async def aafter_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
+        return await asyncio.to_thread(self.after_agent, state, runtime)
+
+    def feedback(self, episode_id: str, reward: float) -> None:
+        """Record a reward that arrived after the run (user rating, test result, ...)."""
+        self.store.set_reward(episode_id, reward)

@@ -1,0 +1,109 @@
+"""Value-aware retrieval: similar past episodes, re-ranked by how well they are predicted to pay off.
+
+Score of a candidate (all terms in [0, 1])::
+
+    score = w_similarity * cosine_similarity
+          + w_value      * value          # "likely_success"; (1 - value) in "cautionary" mode
+          + w_recency    * exp(-age / recency_half_life_s)
+
+``value`` is the student's predicted mean reward rescaled to [0, 1] over the model's reward
+support; without a published model it is the stored reward (rescaled with the store's
+range), and 0.5 when neither exists. Mode ``"similarity"`` ranks by similarity alone.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Literal
+
+import numpy as np
+from langchain_core.callbacks import CallbackManagerForRetrieverRun
+from langchain_core.documents import Document
+from langchain_core.retrievers import BaseRetriever
+from pydantic import ConfigDict, Field
+
+from memory_distill.predictor import Predictor
+from memory_distill.store import MemoryStore
+
+__all__ = ["ValueAwareRetriever"]
+
+Mode = Literal["likely_success", "cautionary", "similarity"]
+
+
+class ValueAwareRetriever(BaseRetriever):
+    """Retrieve past episodes from a :class:`MemoryStore`, re-ranked by predicted value.
+
+    ``k``, ``mode``, ``where`` and ``namespace`` can be overridden per call:
+    ``retriever.invoke("query", k=2, mode="cautionary", where={"tool": "search"})``.
+    """
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    store: MemoryStore
+    predictor: Predictor | None = None
+    k: int = Field(default=4, ge=1)
+    fetch_k: int = Field(default=20, ge=1)
+    """Candidates fetched by similarity before re-ranking (at least ``k``)."""
+    mode: Mode = "likely_success"
+    namespace: str | None = "default"
+    where: dict[str, Any] | None = None
+    rewarded_only: bool = False
+    w_similarity: float = 0.6
+    w_value: float = 0.3
+    w_recency: float = 0.1
+    recency_half_life_s: float = 7 * 24 * 3600.0
+    auto_refresh: bool = True
+    """Pick up a newly promoted student before each call."""
+
+    def _value(self, hits: list[Any]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        n = len(hits)
+        if self.predictor is not None and n:
+            if self.auto_refresh:
+                self.predictor.refresh()
+            X = np.stack([h.embedding for h in hits])
+            batch = self.predictor.predict_embeddings(X)
+            lo, hi = float(self.predictor.bins.low), float(self.predictor.bins.high)
+            return np.clip((batch.mean - lo) / (hi - lo), 0, 1), batch.mean, batch.std
+        lo, hi = self.store.config.reward_min, self.store.config.reward_max
+        v = np.array([0.5 if h.memory.reward is None else (h.memory.reward - lo) / (hi - lo) for h in hits])
+        return np.clip(v, 0, 1), None, None
+
+    def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
+                                **kwargs: Any) -> list[Document]:
+        k = int(kwargs.get("k", self.k))
+        mode: Mode = kwargs.get("mode", self.mode)
+        if mode not in ("likely_success", "cautionary", "similarity"):
+            raise ValueError(f"mode must be 'likely_success', 'cautionary' or 'similarity', got {mode!r}")
+        where = kwargs.get("where", self.where)
+        namespace = kwargs.get("namespace", self.namespace)
+        fetch = max(k, int(kwargs.get("fetch_k", self.fetch_k))) if mode != "similarity" else k
+        hits = self.store.search(query, fetch, namespace=namespace, where=where,
+                                 rewarded_only=kwargs.get("rewarded_only", self.rewarded_only),
+                                 include_embeddings=self.predictor is not None)
+        if not hits:
+            return []
+        value, mean, std = self._value(hits)
+        sim = np.array([h.similarity for h in hits])
+        now = time.time()
+        age = np.array([max(0.0, now - h.memory.created_at) for h in hits])
+        recency = np.exp(-age * math.log(2) / self.recency_half_life_s)
+        if mode == "similarity":
+            score = sim
+        else:
+            v = value if mode == "likely_success" else 1.0 - value
+            score = self.w_similarity * sim + self.w_value * v + self.w_recency * recency
+        order = np.argsort(-score, kind="stable")[:k]
+        docs = []
+        for i in order:
+            m = hits[i].memory
+            meta: dict[str, Any] = dict(m.metadata)
+            meta.update({
+                "id": m.id, "reward": m.reward, "namespace": m.namespace, "created_at": m.created_at,
+                "similarity": float(sim[i]), "value": float(value[i]), "score": float(score[i]),
+                "predicted_mean": None if mean is None else float(mean[i]),
+                "predicted_std": None if std is None else float(std[i]),
+                "model_version": self.predictor.version if self.predictor is not None else None,
+            })
+            docs.append(Document(page_content=m.text, metadata=meta, id=m.id))
+        return docs

@@ -1,0 +1,94 @@
+"""Route questions between a cheap and a strong LangChain chat model by predicted reward."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.language_models import BaseChatModel
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.runnables import Runnable, RunnableConfig
+
+from memory_distill.predictor import Predictor
+
+from .episodes import message_text
+
+__all__ = ["RewardRouter", "RouterStats"]
+
+
+@dataclass
+class RouterStats:
+    cheap: int = 0
+    strong: int = 0
+    predicted: list[float] = field(default_factory=list)
+
+    @property
+    def cheap_fraction(self) -> float:
+        n = self.cheap + self.strong
+        return self.cheap / n if n else 0.0
+
+
+class RewardRouter(Runnable[Any, AIMessage]):
+    """``invoke(question)`` answers with ``cheap`` when the student predicts its reward >= ``threshold``.
+
+    ``predictor`` is a student trained on the cheap model's episodes (question text -> reward).
+    The answer's ``response_metadata["memory_distill_route"]`` says which model answered and why;
+    :attr:`stats` counts the routes and ``cost_saved()`` estimates the saving.
+    """
+
+    def __init__(self, cheap: BaseChatModel, strong: BaseChatModel, predictor: Predictor, *, threshold: float = 0.5,
+                 cost_cheap: float = 1.0, cost_strong: float = 10.0) -> None:
+        self.cheap, self.strong, self.predictor = cheap, strong, predictor
+        self.threshold, self.cost_cheap, self.cost_strong = threshold, cost_cheap, cost_strong
+        self.stats = RouterStats()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _question(input: Any) -> tuple[str, Any]:
+        if isinstance(input, str):
+            return input, input
+        if isinstance(input, BaseMessage):
+            return message_text(input), [input]
+        if isinstance(input, list):
+            human = [m for m in input if isinstance(m, HumanMessage)]
+            return (message_text(human[-1]) if human else str(input)), input
+        raise TypeError(f"RewardRouter takes a str, a message or a list of messages, got {type(input).__name__}")
+
+    def route(self, question: str) -> tuple[str, float]:
+        """("cheap" | "strong", predicted reward of the cheap model)."""
+        self.predictor.refresh()
+        pred = float(self.predictor.predict_one(question).mean)
+        choice = "cheap" if pred >= self.threshold else "strong"
+        with self._lock:
+            setattr(self.stats, choice, getattr(self.stats, choice) + 1)
+            self.stats.predicted.append(pred)
+        return choice, pred
+
+    def _annotate(self, msg: Any, choice: str, pred: float) -> AIMessage:
+        if not isinstance(msg, AIMessage):
+            msg = AIMessage(content=str(msg))
+        msg.response_metadata = {**(msg.response_metadata or {}),
+                                 "memory_distill_route": {"model": choice, "predicted_reward": pred,
+                                                          "threshold": self.threshold}}
+        return msg
+
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AIMessage:
+        question, payload = self._question(input)
+        choice, pred = self.route(question)
+        model = self.cheap if choice == "cheap" else self.strong
+        return self._annotate(model.invoke(payload, config, **kwargs), choice, pred)
+
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> AIMessage:
+        question, payload = self._question(input)
+        choice, pred = await asyncio.to_thread(self.route, question)
+        model = self.cheap if choice == "cheap" else self.strong
+        return self._annotate(await model.ainvoke(payload, config, **kwargs), choice, pred)
+
+    def cost_saved(self) -> float:
+        """1 - (cost so far) / (cost had every question gone to the strong model)."""
+        n = self.stats.cheap + self.stats.strong
+        if not n:
+            return 0.0
+        return 1 - (self.stats.cheap * self.cost_cheap + self.stats.strong * self.cost_strong) / (n * self.cost_strong)

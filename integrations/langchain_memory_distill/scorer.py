@@ -1,0 +1,83 @@
+"""Score texts with the distilled student: a Runnable for best-of-n selection."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import numpy as np
+from langchain_core.documents import Document
+from langchain_core.runnables import Runnable, RunnableConfig
+
+from memory_distill.predictor import Predictor
+from memory_distill.types import PredictionBatch, RewardPrediction
+
+__all__ = ["RewardScorer", "best_of_n"]
+
+Input = str | Document
+
+
+def _text(x: Input, template: str) -> str:
+    if isinstance(x, Document):
+        x = x.page_content
+    if not isinstance(x, str):
+        raise TypeError(f"RewardScorer scores str or Document, got {type(x).__name__}")
+    return template.format(text=x)
+
+
+class RewardScorer(Runnable[Input, RewardPrediction]):
+    """``Runnable[str | Document, RewardPrediction]``; ``batch``/``abatch`` run one forward pass.
+
+    ``template`` formats each input before embedding, e.g. ``"Task: {task}\\nAnswer: {text}"``
+    with ``task`` bound via ``template.replace``; by default the text is scored as is.
+    """
+
+    def __init__(self, predictor: Predictor, *, template: str = "{text}", auto_refresh: bool = True) -> None:
+        self.predictor = predictor
+        self.template = template
+        self.auto_refresh = auto_refresh
+
+    def score_batch(self, inputs: Sequence[Input]) -> PredictionBatch:
+        if self.auto_refresh:
+            self.predictor.refresh()
+        return self.predictor.predict_batch([_text(x, self.template) for x in inputs])
+
+    def invoke(self, input: Input, config: RunnableConfig | None = None, **kwargs: Any) -> RewardPrediction:
+        return self._call_with_config(lambda x: self.score_batch([x])[0], input, config)
+
+    async def ainvoke(self, input: Input, config: RunnableConfig | None = None, **kwargs: Any) -> RewardPrediction:
+        return await asyncio.to_thread(self.invoke, input, config)
+
+    def batch(self, inputs: list[Input], config: RunnableConfig | list[RunnableConfig] | None = None, *,
+              return_exceptions: bool = False, **kwargs: Any) -> list[RewardPrediction]:
+        if not inputs:
+            return []
+        return self.score_batch(inputs).to_list()
+
+    async def abatch(self, inputs: list[Input], config: RunnableConfig | list[RunnableConfig] | None = None, *,
+                     return_exceptions: bool = False, **kwargs: Any) -> list[RewardPrediction]:
+        return await asyncio.to_thread(self.batch, inputs, config)
+
+
+def best_of_n(candidates: Sequence[Input], scorer: RewardScorer, *,
+              by: Literal["mean", "lcb", "prob_above"] = "mean", risk: float = 1.0,
+              threshold: float = 0.5) -> tuple[int, Input, list[RewardPrediction]]:
+    """Pick the candidate with the best predicted reward.
+
+    ``by="mean"``: expected reward; ``"lcb"``: mean - risk * std (risk-averse);
+    ``"prob_above"``: P(reward > threshold). Returns (index, candidate, predictions).
+    """
+    if not candidates:
+        raise ValueError("best_of_n needs at least one candidate")
+    batch = scorer.score_batch(list(candidates))
+    if by == "mean":
+        key = batch.mean
+    elif by == "lcb":
+        key = batch.mean - risk * batch.std
+    elif by == "prob_above":
+        key = batch.prob_above(threshold)
+    else:
+        raise ValueError(f"by must be 'mean', 'lcb' or 'prob_above', got {by!r}")
+    i = int(np.argmax(key))
+    return i, candidates[i], batch.to_list()

@@ -1,0 +1,235 @@
+"""Real `create_agent` runs (sync and async) on fake chat models, with the memory_distill adapters."""
+
+import asyncio
+
+import numpy as np
+import pytest
+from conftest import fast_job
+from langchain.agents import create_agent
+from langchain_core.documents import Document
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+from langchain_core.tools import tool
+from langchain_memory_distill import (
+    AnswerGrader,
+    EpisodeRecorder,
+    MemoryDistillMiddleware,
+    RewardRouter,
+    RewardScorer,
+    ValueAwareRetriever,
+    best_of_n,
+    make_predict_tool,
+)
+from lc_helpers import ScriptedChatModel, tool_then_answer
+
+from memory_distill import Predictor, run_consolidation
+from memory_distill.demo_data import synthetic_episodes
+
+
+@tool
+def lookup(city: str) -> str:
+    """Look up the population of a city."""
+    return f"{city} has 700,000 people"
+
+
+@tool
+def broken(city: str) -> str:
+    """A tool that always fails."""
+    raise ConnectionError("upstream API down")
+
+
+GOOD = "Task: find the population of Oslo in 2020. The agent searched the web, cross-checked two sources and cited them in the answer."
+BAD = "Task: find the population of Oslo in 2020. The agent guessed the answer and did not check it."
+
+
+@pytest.fixture
+def trained_store(store, registry):
+    store.add_many(synthetic_episodes(500, seed=12))
+    run_consolidation(store, registry, fast_job())
+    return store, registry, Predictor(registry, store.embedder)
+
+
+def test_middleware_recalls_into_system_prompt_and_records_episode(trained_store):
+    store, _, pred = trained_store
+    model = ScriptedChatModel(responses=tool_then_answer("lookup", {"city": "Oslo"}, "Oslo has 700,000 people."))
+    grader = AnswerGrader("token_f1", threshold=0.5)
+    mw = MemoryDistillMiddleware(store, pred, k=2,
+                                 reward_fn=lambda q, a, msgs: grader(a, "Oslo has 700,000 people"))
+    agent = create_agent(model, [lookup], system_prompt="You are helpful.", middleware=[mw])
+    n0 = store.count()
+    out = agent.invoke({"messages": [HumanMessage("find the population of Oslo, search the web and cite")]})
+    # recall reached the model: the system prompt holds past episodes with rewards and predictions
+    sys_msgs = [m for m in model.seen[0] if isinstance(m, SystemMessage)]
+    assert sys_msgs[0].content.startswith("You are helpful.")
+    assert "Relevant past episodes" in sys_msgs[0].content and "predicted" in sys_msgs[0].content
+    assert sys_msgs[0].content.count("\n- [reward") == 2
+    # the run was recorded: input, tool call, tool result, answer, reward from the grader
+    assert store.count() == n0 + 1
+    ep = store.get(out["memory_distill_episode_id"])
+    assert "User: find the population of Oslo" in ep.text and 'Tool call: lookup({"city": "Oslo"})' in ep.text
+    assert "Tool result (lookup): Oslo has 700,000 people" in ep.text and "Answer: Oslo has 700,000 people." in ep.text
+    assert ep.reward == 1.0 and ep.metadata["outcome"] == "completed" and ep.metadata["tool_calls"] == 1
+
+
+def test_async_agent_and_late_feedback(trained_store):
+    store, _, pred = trained_store
+    model = ScriptedChatModel(responses=tool_then_answer("lookup", {"city": "Lima"}, "About 10 million."))
+    mw = MemoryDistillMiddleware(store, pred)  # no reward_fn: the episode waits for feedback
+    agent = create_agent(model, [lookup], middleware=[mw])
+    out = asyncio.run(agent.ainvoke({"messages": [HumanMessage("population of Lima?")]}))
+    mid = out["memory_distill_episode_id"]
+    assert store.get(mid).reward is None and mw.episode_ids == [mid]
+    assert any("Relevant past episodes" in m.content for m in model.seen[0] if isinstance(m, SystemMessage))
+    mw.feedback(mid, 0.3)
+    assert store.get(mid).reward == 0.3
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_tool_exception_is_recorded_as_failed_episode(store, use_async):
+    model = ScriptedChatModel(responses=tool_then_answer("broken", {"city": "Oslo"}, "Sorry, I could not find it."))
+    mw = MemoryDistillMiddleware(store, recall=False)
+    agent = create_agent(model, [broken], middleware=[mw])
+    inp = {"messages": [HumanMessage("population of Oslo?")]}
+    out = asyncio.run(agent.ainvoke(inp)) if use_async else agent.invoke(inp)
+    ep = store.get(out["memory_distill_episode_id"])
+    assert ep.metadata["outcome"] == "failed" and ep.metadata["tool_errors"] == 1 and ep.reward == 0.0
+    assert "Tool error (broken): Tool error: ConnectionError: upstream API down" in ep.text
+    # the model saw the error as a tool message and answered
+    assert out["messages"][-1].content == "Sorry, I could not find it."
+
+
+def test_tool_exception_reraised_is_still_recorded(store):
+    model = ScriptedChatModel(responses=tool_then_answer("broken", {"city": "Oslo"}, "unused"))
+    mw = MemoryDistillMiddleware(store, recall=False, handle_tool_errors=False)
+    agent = create_agent(model, [broken], middleware=[mw])
+    with pytest.raises(ConnectionError):
+        agent.invoke({"messages": [HumanMessage("population of Oslo?")]})
+    (ep,) = store.get_many(mw.episode_ids)
+    assert ep.metadata["outcome"] == "failed" and "upstream API down" in ep.text
+
+
+def test_recall_tool_exposed_to_the_model(trained_store):
+    store, _, pred = trained_store
+    model = ScriptedChatModel(responses=tool_then_answer("recall_past_episodes", {"query": "cite sources"}, "done"))
+    mw = MemoryDistillMiddleware(store, pred, recall=False, record=False, expose_recall_tool=True)
+    agent = create_agent(model, [], middleware=[mw])
+    out = agent.invoke({"messages": [HumanMessage("what worked before?")]})
+    tool_msg = [m for m in out["messages"] if m.type == "tool"][0]
+    assert tool_msg.name == "recall_past_episodes" and tool_msg.content.count("\n") >= 2 and "predicted" in tool_msg.content
+
+
+@pytest.mark.parametrize("use_async", [False, True])
+def test_callback_handler_records_agent_runs(store, use_async):
+    model = ScriptedChatModel(responses=tool_then_answer("lookup", {"city": "Oslo"}, "700k"))
+    agent = create_agent(model, [lookup])
+    rec = EpisodeRecorder(store, reward_fn=lambda q, a, m: 1.0 if "700k" in a else 0.0, metadata={"agent": "prod"})
+    inp = {"messages": [HumanMessage("population of Oslo?")]}
+    if use_async:
+        asyncio.run(agent.ainvoke(inp, config={"callbacks": [rec]}))
+    else:
+        agent.invoke(inp, config={"callbacks": [rec]})
+    (ep,) = store.get_many(rec.episode_ids)
+    assert ep.reward == 1.0 and ep.metadata["agent"] == "prod" and ep.metadata["source"] == "langchain_callback"
+    assert 'Tool call: lookup({"city": "Oslo"})' in ep.text and "Answer: 700k" in ep.text
+
+
+def test_callback_handler_records_failed_root_run(store):
+    rec = EpisodeRecorder(store)
+    from langchain_core.runnables import RunnableLambda
+
+    def boom(x):
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError):
+        RunnableLambda(boom).invoke({"input": "hello"}, config={"callbacks": [rec]})
+    (ep,) = store.get_many(rec.episode_ids)
+    assert ep.metadata["outcome"] == "failed" and ep.reward == 0.0 and "Run failed: ValueError: bad input" in ep.text
+
+
+def test_scorer_batches_in_one_forward_pass(trained_store):
+    _, _, pred = trained_store
+    scorer = RewardScorer(pred)
+    calls = []
+    real = pred.runner.logits
+    pred.runner.logits = lambda X: calls.append(len(X)) or real(X)
+    preds = scorer.batch([GOOD, Document(page_content=BAD), GOOD])
+    assert calls == [3] and preds[0].mean == pytest.approx(preds[2].mean)
+    assert preds[0].mean > preds[1].mean + 0.3
+    apreds = asyncio.run(scorer.abatch([GOOD, BAD]))
+    assert calls[-1] == 2 and apreds[0].mean == pytest.approx(preds[0].mean)
+    assert scorer.invoke(GOOD).mean == pytest.approx(preds[0].mean)
+    idx, best, _ = best_of_n([BAD, GOOD, BAD], scorer)
+    assert idx == 1 and best == GOOD
+    assert best_of_n([BAD, GOOD], scorer, by="lcb")[0] == 1
+    assert best_of_n([BAD, GOOD], scorer, by="prob_above", threshold=0.6)[0] == 1
+
+
+def test_retriever_modes_rank_by_value(trained_store):
+    store, _, pred = trained_store
+    r = ValueAwareRetriever(store=store, predictor=pred, k=5, fetch_k=40)
+    q = "Task: find the population of Oslo in 2020."
+    good = r.invoke(q)
+    bad = r.invoke(q, mode="cautionary")
+    assert np.mean([d.metadata["predicted_mean"] for d in good]) > np.mean([d.metadata["predicted_mean"] for d in bad]) + 0.3
+    d = good[0].metadata
+    assert {"id", "reward", "predicted_mean", "predicted_std", "similarity", "score", "model_version"} <= set(d)
+    assert len(r.invoke(q, k=2)) == 2
+    only = r.invoke(q, where={"strategy": 0})
+    assert only and all(x.metadata["strategy"] == 0 for x in only)
+    sim = r.invoke(q, mode="similarity")
+    assert [x.metadata["similarity"] for x in sim] == sorted([x.metadata["similarity"] for x in sim], reverse=True)
+    with pytest.raises(ValueError, match="mode must be"):
+        r.invoke(q, mode="nope")
+
+
+def test_retriever_without_a_model_uses_stored_rewards(store):
+    store.add_many([{"text": "plan A for the report", "reward": 0.9}, {"text": "plan A for the report!", "reward": 0.1}])
+    r = ValueAwareRetriever(store=store, k=2)
+    assert [d.metadata["reward"] for d in r.invoke("plan A for the report")] == [0.9, 0.1]
+    assert [d.metadata["reward"] for d in r.invoke("plan A for the report", mode="cautionary")] == [0.1, 0.9]
+
+
+def test_predict_tool(trained_store):
+    _, _, pred = trained_store
+    out = make_predict_tool(pred).invoke({"plan": GOOD})
+    assert out.startswith("expected reward 0.") and "model v000001" in out
+
+
+def test_grading_helpers():
+    from langchain_memory_distill import bleu, exact_match, token_f1
+
+    from memory_distill import HashingEmbedder
+
+    assert exact_match("The Eiffel Tower!", "eiffel tower") == 1.0
+    assert token_f1("Seth MacFarlane created it", "Seth MacFarlane") == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert bleu("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0)
+    assert 0 < bleu("the cat sat on the red mat", "the cat sat on the mat") < 1
+    assert AnswerGrader("exact_match")("Paris", "paris") == 1.0
+    assert AnswerGrader("token_f1", threshold=0.8)("Seth MacFarlane created it", "Seth MacFarlane") == 0.0
+    assert AnswerGrader("token_f1", continuous=True)("a b", "a b c") == pytest.approx(0.8)
+    g = AnswerGrader("embedding", embedder=HashingEmbedder(dim=256), threshold=0.8)
+    assert g("the agent searched the web", "the agent searched the web") == 1.0 and g("banana", "quantum physics") == 0.0
+    with pytest.raises(ValueError, match="needs embedder"):
+        AnswerGrader("embedding")
+
+
+def test_router_routes_by_predicted_reward(trained_store):
+    _, _, pred = trained_store
+    cheap = ScriptedChatModel(responses=[AIMessage(content="cheap answer")])
+    strong = ScriptedChatModel(responses=[AIMessage(content="strong answer")])
+    router = RewardRouter(cheap, strong, pred, threshold=0.5)
+    a = router.invoke(GOOD)
+    b = asyncio.run(router.ainvoke([HumanMessage(BAD)]))
+    assert a.content == "cheap answer" and a.response_metadata["memory_distill_route"]["model"] == "cheap"
+    assert b.content == "strong answer" and b.response_metadata["memory_distill_route"]["predicted_reward"] < 0.5
+    assert router.stats.cheap == 1 and router.stats.strong == 1
+    assert router.cost_saved() == pytest.approx(1 - (1 + 10) / 20)
+
+
+def test_routing_curve():
+    from memory_distill.routing import routing_curve
+
+    p = np.array([0.9, 0.8, 0.2, 0.1])
+    cheap, strong = np.array([1.0, 1.0, 0.0, 0.0]), np.array([1.0, 1.0, 1.0, 1.0])
+    pts = {round(pt.threshold, 2): pt for pt in routing_curve(p, cheap, strong, thresholds=np.array([0.5, 2.0]))}
+    assert pts[0.5].cheap_fraction == 0.5 and pts[0.5].quality == 1.0 and pts[0.5].cost_saved == pytest.approx(0.45)
+    assert pts[2.0].cheap_fraction == 0.0 and pts[2.0].cost_saved == 0.0
