@@ -352,6 +352,17 @@ def cmd_experiment(args: argparse.Namespace) -> int:
                                     epochs=args.epochs, curricula=args.curricula, progress=not args.quiet)
     _table(res["table"])
     print(f"\nwrote {args.out}/results.json, {args.out}/curricula.png, {args.out}/report.md")
+    if not args.no_router:
+        from .experiments import run_router_experiment
+
+        rr = run_router_experiment(args.data, seeds=args.seeds)
+        Path(args.out, "router.json").write_text(json.dumps(rr, indent=1))
+        print(f"\nrouting FireAct ({rr['n_questions']} questions, cheap {rr['cheap']} vs strong {rr['strong']}, cost 1:10):")
+        rows: list[Sequence[Any]] = [("cheap share", "quality", "quality kept", "cost saved")]
+        for p in rr["curves"][0]["student"]:
+            rows.append((f"{p['cheap_fraction']:.2f}", f"{p['quality']:.3f}", f"{p['quality_kept']:.2f}", f"{p['cost_saved']:.2f}"))
+        _table(rows)
+        print(f"quality-vs-cheap-share AUC: student {rr['quality_cost_auc_student']:.3f}, random {rr['quality_cost_auc_random']:.3f}")
     return 0
 
 
@@ -471,6 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--epochs", type=int, default=15)
     sp.add_argument("--max-records", type=int, default=3000)
     sp.add_argument("--curricula", nargs="+")
+    sp.add_argument("--no-router", action="store_true", help="skip the FireAct routing evaluation")
     sp.set_defaults(func=cmd_experiment)
     return p
 

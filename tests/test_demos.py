@@ -1,0 +1,18 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+DEMOS = Path(__file__).resolve().parents[1] / "demos"
+
+
+def test_offline_agent_demo_runs_and_learns():
+    out = subprocess.run([sys.executable, str(DEMOS / "offline_agent.py")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "best of n: candidate 1 (looked it up)" in out.stdout and out.stdout.strip().endswith("OK")
+
+
+def test_openai_demo_without_key_exits_cleanly():
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    out = subprocess.run([sys.executable, str(DEMOS / "openai_agent.py")], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0 and "OPENAI_API_KEY is not set" in out.stdout
