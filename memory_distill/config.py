@@ -185,7 +185,7 @@ class DistillConfig(BaseModel):
     adaptive_teaching: bool = False
     """Down-weight memories the student already agrees on; corrective weight on disagreements."""
     agreement_threshold: float = Field(default=0.8, gt=0, le=1)
-    """Similarity (Bhattacharyya coefficient of the two distributions) above which they agree."""
+    """Similarity exp(-KL(teacher || student)) above which the student counts as agreeing."""
 
     @model_validator(mode="after")
     def _weights(self) -> DistillConfig:

@@ -72,8 +72,13 @@ def _student_logits(model: torch.nn.Module, X: torch.Tensor, batch_size: int = 8
     return torch.cat([model(X[s : s + batch_size]) for s in range(0, X.shape[0], batch_size)])
 
 
-def _bhattacharyya(a_logits: torch.Tensor, b_logits: torch.Tensor) -> torch.Tensor:
-    return (torch.softmax(a_logits, -1) * torch.softmax(b_logits, -1)).sqrt().sum(-1)
+def agreement_similarity(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
+    """exp(-KL(teacher || student)) at T=1, per row, in (0, 1]: 1 when the distributions match.
+
+    (The Bhattacharyya coefficient of two smooth 64-bin distributions is almost always > 0.8,
+    so it cannot separate agreement from disagreement; exp(-KL) can.)
+    """
+    return torch.exp(-kd_kl(s_logits, t_logits, 1.0, reduction="none"))
 
 
 def distill(
@@ -123,7 +128,7 @@ def distill(
             weights = None
             if cfg.adaptive_teaching:
                 with torch.no_grad():
-                    agree = _bhattacharyya(t_logits[idx], s_logits) >= cfg.agreement_threshold
+                    agree = agreement_similarity(t_logits[idx], s_logits) >= cfg.agreement_threshold
                     weights = torch.where(agree, 0.5, 1.5).to(s_logits.dtype)
                     agree_hits += int(agree.sum())
                     agree_total += int(agree.numel())
