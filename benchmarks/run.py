@@ -336,7 +336,7 @@ def _fmt_quality(q: list[dict[str, Any]]) -> list[str]:
     lines += ["| embedder | dataset | teacher rho | student rho | retention | kNN rho | ridge rho | student MAE | teacher MAE |",
               "|---|---|---|---|---|---|---|---|---|"]
     for (e, d), rs in by.items():
-        def ms(f):  # type: ignore[no-untyped-def]
+        def ms(f, rs=rs):  # type: ignore[no-untyped-def]
             v = np.array([f(r) for r in rs])
             return f"{v.mean():.3f} ± {v.std():.3f}"
         ret = np.array([r["spearman"]["student"] / r["spearman"]["teacher"] if r["spearman"]["teacher"] > 0 else np.nan for r in rs])

@@ -82,6 +82,10 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+StrList = list[str]
+Records = list[dict[str, Any]]
+
+
 @dataclass
 class LoadedModel:
     """A loaded version: the student (always), the teacher (if asked), bins and manifest."""
@@ -135,7 +139,7 @@ class ArtifactRegistry:
 
     # ------------------------------------------------------------ queries
 
-    def list_versions(self) -> list[str]:
+    def list_versions(self) -> StrList:
         if not self.versions_dir.exists():
             return []
         return sorted(p.name for p in self.versions_dir.iterdir() if p.is_dir() and p.name.startswith("v"))
@@ -149,11 +153,11 @@ class ArtifactRegistry:
         except json.JSONDecodeError as e:
             raise ArtifactError(f"manifest of {version} is corrupt ({e}): roll back or re-run consolidation") from None
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> Records:
         """Summaries of every version, oldest first, with ``current`` and ``stale`` flags."""
         cur = self.current_version()
         stale = self.stale_versions()
-        out = []
+        out: Records = []
         for v in self.list_versions():
             try:
                 m = self.manifest(v)
@@ -196,7 +200,7 @@ class ArtifactRegistry:
         return f"v{(max(nums) + 1 if nums else 1):06d}"
 
     def publish(self, teacher: RewardMLP, student: RewardMLP, manifest: dict[str, Any], *,
-                promote: bool, train_ids: list[str] | None = None) -> str:
+                promote: bool, train_ids: StrList | None = None) -> str:
         """Write a complete version atomically; optionally make it CURRENT. Returns the version."""
         self._ensure()
         self.cleanup_staging()
@@ -262,12 +266,12 @@ class ArtifactRegistry:
         path = self.root / "stale.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def mark_stale(self, deleted_ids: set[str], reason: str) -> list[str]:
+    def mark_stale(self, deleted_ids: set[str], reason: str) -> StrList:
         """Mark every version whose training set contains a deleted id; returns those versions."""
         if not deleted_ids:
             return []
         stale = self.stale_versions()
-        hit = []
+        hit: StrList = []
         for v in self.list_versions():
             if v in stale:
                 continue
@@ -315,11 +319,11 @@ class ArtifactRegistry:
         student.eval()
         return LoadedModel(v, student, teacher, RewardBins.from_dict(m["bins"]), m)
 
-    def train_ids(self, version: str) -> list[str]:
+    def train_ids(self, version: str) -> StrList:
         p = self.versions_dir / version / "train_ids.json"
         return json.loads(p.read_text()) if p.exists() else []
 
-    def history(self) -> list[dict[str, Any]]:
+    def history(self) -> Records:
         return _read_jsonl(self.history_path)
 
     def append_history(self, entry: dict[str, Any]) -> None:
@@ -330,5 +334,5 @@ class ArtifactRegistry:
         self._ensure()
         _append_jsonl(self.root / "deletions.jsonl", entry)
 
-    def deletions(self) -> list[dict[str, Any]]:
+    def deletions(self) -> Records:
         return _read_jsonl(self.root / "deletions.jsonl")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,9 +48,9 @@ class RewardMLP(nn.Module):
                 "dropout": self.dropout, "batchnorm": self.batchnorm}
 
     @classmethod
-    def from_arch(cls, arch: dict[str, object]) -> RewardMLP:
-        return cls(int(arch["in_dim"]), [int(h) for h in arch["hidden"]], int(arch["n_bins"]),  # type: ignore[union-attr, call-overload]
-                   dropout=float(arch["dropout"]), batchnorm=bool(arch["batchnorm"]))  # type: ignore[arg-type]
+    def from_arch(cls, arch: dict[str, Any]) -> RewardMLP:
+        return cls(int(arch["in_dim"]), [int(h) for h in arch["hidden"]], int(arch["n_bins"]),
+                   dropout=float(arch["dropout"]), batchnorm=bool(arch["batchnorm"]))
 
     def flops_per_sample(self) -> int:
         """Multiply-adds x2 of the Linear layers (what a matmul-bound forward pass costs)."""

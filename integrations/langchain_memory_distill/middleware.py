@@ -102,11 +102,10 @@ class MemoryDistillMiddleware(AgentMiddleware):
         return await asyncio.to_thread(self.before_agent, state, runtime)
 
     def _with_recall(self, request: ModelRequest) -> ModelRequest:
-        recall = (request.state or {}).get("memory_distill_recall")
+        recall = str((request.state or {}).get("memory_distill_recall") or "")
         if not recall:
             return request
-        base = request.system_message.content if request.system_message is not None else ""
-        base = base if isinstance(base, str) else str(base)
+        base = message_text(request.system_message) if request.system_message is not None else ""
         return request.override(system_message=SystemMessage(content=(base + "\n\n" + recall).strip()))
 
     def wrap_model_call(self, request: ModelRequest, handler: Callable[[ModelRequest], ModelResponse]) -> Any:
