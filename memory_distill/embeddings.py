@@ -387,7 +387,8 @@ class LocalEmbedder:
             raise EmbeddingError(
                 f"LocalEmbedder({model!r}) needs sentence-transformers: pip install 'memory_distill[local]' ({e})"
             ) from None
-        self._dim = int(self._model.get_sentence_embedding_dimension())
+        get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
+        self._dim = int(get_dim())
 
     @property
     def name(self) -> str:

