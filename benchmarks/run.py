@@ -6,6 +6,7 @@ BENCHMARKS.md. Not a test: nothing here asserts.
 
     python benchmarks/run.py                      # default sizes (about 10 minutes on 2 cores)
     python benchmarks/run.py --only speed --ingest-sizes 10000 100000
+    python benchmarks/run.py --only scaling --scaling-sizes 1000000   # adds the 1M row (~30 min)
     python benchmarks/run.py --only quality --seeds 0 1 2 --embedders hashing minilm
 """
 
@@ -205,19 +206,34 @@ def bench_inference(dim: int = 1536) -> dict[str, Any]:
             "p50_us": float(np.percentile(lat_us, 50)), "p95_us": float(np.percentile(lat_us, 95))}
 
 
-# ----------------------------------------------------------------------------- retrieval scaling
+# ----------------------------------------------------------------------------- scaling
 
 
-def bench_retrieval(n: int, dim: int = 384, queries: int = 200) -> dict[str, Any]:
+def bench_scaling(n: int, threads: int, dim: int = 384, queries: int = 200, consolidate: bool = True) -> dict[str, Any]:
+    """One store of n random memories: ingest time, retrieval latency, then a full consolidation.
+
+    Vectors are random (unit norm) with rewards sigmoid(3 * x.w), so the numbers measure the
+    machinery, not the embedder. Consolidation runs in its own process so its peak RSS is its own.
+    """
     from memory_distill import HashingEmbedder, MemoryStore, StoreConfig
 
     d = tempfile.mkdtemp()
     rng = np.random.default_rng(1)
-    st = MemoryStore(HashingEmbedder(dim=dim), StoreConfig(path=Path(d) / "c"))
-    for s in range(0, n, 50_000):
-        m = min(50_000, n - s)
+    w = rng.normal(size=dim).astype(np.float32)
+    st = MemoryStore(HashingEmbedder(dim=dim), StoreConfig(path=Path(d) / "chroma"))
+    t_ingest = 0.0
+    chunk = 50_000
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
         X = rng.normal(size=(m, dim)).astype(np.float32)
-        st.add_many([{"id": f"m{s + i}", "text": "e", "reward": 0.5} for i in range(m)], embeddings=X)
+        X /= np.linalg.norm(X, axis=1, keepdims=True)
+        r = 1 / (1 + np.exp(-(X @ w) * 3))
+        rows = [{"id": f"m{s + i}", "text": f"e{s + i}", "reward": float(r[i]), "created_at": float(s + i)} for i in range(m)]
+        t = time.perf_counter()
+        st.add_many(rows, embeddings=X)
+        t_ingest += time.perf_counter() - t
+        if n >= 200_000:
+            print(f"  scaling {n:,}: ingested {s + m:,} rows in {t_ingest:.0f}s", flush=True)
     Q = rng.normal(size=(queries, dim)).astype(np.float32)
     st.search(Q[0], k=5)
     lat = []
@@ -225,9 +241,18 @@ def bench_retrieval(n: int, dim: int = 384, queries: int = 200) -> dict[str, Any
         t = time.perf_counter()
         st.search(q, k=5)
         lat.append(time.perf_counter() - t)
-    shutil.rmtree(d, ignore_errors=True)
+    del st
     a = np.array(lat) * 1e3
-    return {"n": n, "dim": dim, "p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95))}
+    out: dict[str, Any] = {"n": n, "dim": dim, "ingest_s": t_ingest, "p50_ms": float(np.percentile(a, 50)),
+                           "p95_ms": float(np.percentile(a, 95)), "embedding_matrix_mb": n * dim * 4 / 2**20}
+    if consolidate:
+        code = CONSOLIDATE_CHILD.format(root=str(ROOT), threads=threads)
+        res = subprocess.run([sys.executable, "-c", code, "ours", str(n), str(dim), d], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr[-3000:])
+        out["consolidation"] = json.loads(res.stdout.strip().splitlines()[-1])
+    shutil.rmtree(d, ignore_errors=True)
+    return out
 
 
 # ----------------------------------------------------------------------------- quality
@@ -388,10 +413,36 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
               f"{i['torch_module_rows_per_s']:,.0f} | **{i['p50_us']:.0f} us** | {i['p95_us']:.0f} us |", "",
               "Single-query latency covers forward pass, softmax and the summary (mean/std/quantiles/entropy), "
               "excluding embedding.", ""]
-    if res.get("retrieval"):
-        L += ["## Retrieval latency (k=5, cosine HNSW, persistent Chroma)", "", "| memories | dim | p50 (ms) | p95 (ms) |", "|---|---|---|---|"]
-        for r in res["retrieval"]:
-            L.append(f"| {r['n']:,} | {r['dim']} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} |")
+    if res.get("scaling"):
+        L += ["## Scaling: ingest, retrieval latency and consolidation by store size", "",
+              "Random unit vectors (dim 384) with rewards sigmoid(3 x.w), in a persistent Chroma directory. Retrieval: "
+              "`MemoryStore.search` k=5 (cosine HNSW), 200 queries. Consolidation: `run_consolidation` as above "
+              "(teacher 5 epochs, distil 5 epochs, evaluation, gate, publish) in its own process.", "",
+              "| memories | ingest (s) | ingest rows/s | search p50 (ms) | search p95 (ms) | consolidation (s) | "
+              "consolidation peak RSS (MB) | embedding matrix (MB) |", "|---|---|---|---|---|---|---|---|"]
+        for r in res["scaling"]:
+            c = r.get("consolidation")
+            cs = f"{c['seconds']:.1f} | {c['peak_rss_mb']:,.0f}" if c else "not run | not run"
+            L.append(f"| {r['n']:,} | {r['ingest_s']:.1f} | {r['n'] / r['ingest_s']:,.0f} | {r['p50_ms']:.2f} | "
+                     f"{r['p95_ms']:.2f} | {cs} | {r['embedding_matrix_mb']:,.0f} |")
+        L.append("")
+    gpu_path = ROOT / "benchmarks" / "gpu.json"
+    if gpu_path.exists():
+        g = json.loads(gpu_path.read_text())
+        L += [f"## CUDA ({g['gpu']}, torch {g['torch']}; from `python benchmarks/gpu.py`, run on a lent GPU machine)", "",
+              "The same consolidation training (teacher 5 epochs, distil 5 epochs, random unit vectors with "
+              "sigmoid rewards) on the GPU and on that machine's CPU "
+              f"({g['cpu_threads']} threads), side by side in one run. Every curriculum, adaptive teaching, and a "
+              "CUDA-trained artifact served on the CPU (max |prob diff| "
+              f"{g['checks']['artifact_roundtrip']['max_abs_prob_diff_cpu']:.1e}) were checked in the same run; "
+              "the whole test suite also passed there with `device='auto'` resolving to CUDA.", "",
+              "| memories | dim | device | seconds | held-out student rho | teacher rho |", "|---|---|---|---|---|---|"]
+        for t in g["timing"]:
+            L.append(f"| {t['n']:,} | {t['dim']} | {t['device']} | {t['seconds']:.1f} | {t['student_spearman']:.3f} | "
+                     f"{t['teacher_spearman']:.3f} |")
+        if "speedup" in g:
+            L += ["", f"GPU speed-up over that CPU: **{g['speedup']:.1f}x**. Student inference on the GPU (torch module): "
+                  + ", ".join(f"{float(v):,.0f} rows/s at batch {k}" for k, v in g["inference_rows_per_s"].items()) + "."]
         L.append("")
     if res.get("quality"):
         L += ["## Quality on real episodes (../shared/data; held-out groups; several seeds)", "",
@@ -405,11 +456,12 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["speed", "quality", "all"], default="all")
+    ap.add_argument("--only", choices=["speed", "scaling", "quality", "all"], default="all")
     ap.add_argument("--ingest-sizes", type=int, nargs="+", default=[10_000])
     ap.add_argument("--ingest-dims", type=int, nargs="+", default=[384, 1536])
     ap.add_argument("--consolidation-sizes", type=int, nargs="+", default=[10_000])
-    ap.add_argument("--retrieval-sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000])
+    ap.add_argument("--scaling-sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000],
+                    help="store sizes for the scaling table (1000000 takes about 30 minutes on 2 cores)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--datasets", nargs="+", default=["creative_writing", "arena", "reflexion", "fireact"])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -432,10 +484,13 @@ def main() -> None:
         for n in args.consolidation_sizes:
             res["consolidation"].append(bench_consolidation(n, 384, args.threads))
             print("consolidation", json.dumps(res["consolidation"][-1]), flush=True)
-        res["retrieval"] = []
-        for n in args.retrieval_sizes:
-            res["retrieval"].append(bench_retrieval(n))
-            print("retrieval", json.dumps(res["retrieval"][-1]), flush=True)
+    if args.only in ("speed", "scaling", "all"):
+        res["scaling"] = [r for r in res.get("scaling", []) if r["n"] not in args.scaling_sizes]
+        for n in args.scaling_sizes:
+            row = bench_scaling(n, args.threads)
+            res["scaling"] = sorted([*res["scaling"], row], key=lambda r: r["n"])
+            print("scaling", json.dumps(row), flush=True)
+            Path(args.json).write_text(json.dumps(res, indent=1))
     if args.only in ("quality", "all"):
         res["quality"] = []
         for e in args.embedders:

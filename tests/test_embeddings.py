@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ def test_hashing_is_deterministic_across_processes():
     code = ("from memory_distill import HashingEmbedder; import sys; "
             f"sys.stdout.write(HashingEmbedder(dim=128).embed([{text!r}])[0].tobytes().hex())")
     there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={"PYTHONHASHSEED": "123", "PATH": ""}).stdout
+                           env={**os.environ, "PYTHONHASHSEED": "123"}).stdout
     np.testing.assert_array_equal(here, np.frombuffer(bytes.fromhex(there), np.float32))
 
 

@@ -1,0 +1,160 @@
+"""CUDA check and timing for consolidation training (run on a machine with a GPU; also runs on CPU).
+
+Checks that the training path works on CUDA end to end (teacher, distillation under every
+curriculum and adaptive teaching, evaluation), that a CUDA-trained artifact loads and predicts
+on the CPU with the same numbers, and times the same training on CUDA and on the CPU side by
+side. Writes JSON (``--out``); ``python benchmarks/run.py`` folds ``benchmarks/gpu.json`` into
+BENCHMARKS.md when it exists.
+
+    python benchmarks/gpu.py --out benchmarks/gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from memory_distill.artifacts import ArtifactRegistry  # noqa: E402
+from memory_distill.config import DistillConfig, JobConfig, TeacherConfig  # noqa: E402
+from memory_distill.curriculum import CURRICULA, make_curriculum  # noqa: E402
+from memory_distill.evaluate import compare_teacher_student, spearman  # noqa: E402
+from memory_distill.models import resolve_device  # noqa: E402
+from memory_distill.predictor import Predictor  # noqa: E402
+from memory_distill.rewards import RewardBins  # noqa: E402
+from memory_distill.store import TrainingData  # noqa: E402
+from memory_distill.training import split_by_group_and_time, train_pair  # noqa: E402
+
+
+def make_data(n: int, dim: int, seed: int = 0) -> TrainingData:
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, dim)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    w = rng.normal(size=dim).astype(np.float32)
+    r = (1 / (1 + np.exp(-(X @ w) * 3)) + rng.normal(0, 0.05, n)).clip(0, 1).astype(np.float32)
+    r[rng.random(n) < 0.1] = np.nan  # unrewarded rows: transfer data for the KL term
+    return TrainingData([f"m{i}" for i in range(n)], X, r, np.arange(n, dtype=np.float64), [f"g{i // 4}" for i in range(n)])
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train(data: TrainingData, device: torch.device, cfg: JobConfig, curriculum: str | None = None) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    split = split_by_group_and_time(data, 0.1, 0.15, rng)
+    bins = RewardBins.fit(data.rewards[~np.isnan(data.rewards)], cfg.bins)
+    torch.manual_seed(0)
+    sync(device)
+    t = time.perf_counter()
+    pair = train_pair(data, split, bins, cfg, device=device, generator=torch.Generator().manual_seed(0),
+                      curriculum=make_curriculum(curriculum) if curriculum else None)
+    sync(device)
+    secs = time.perf_counter() - t
+    Xh = pair.X[torch.from_numpy(split.holdout).to(device)]
+    rh = data.rewards[split.holdout]
+    ok = ~np.isnan(rh)
+    with torch.no_grad():
+        s_mean = torch.softmax(pair.student.eval()(Xh), -1).cpu().numpy() @ bins.centers
+        t_mean = torch.softmax(pair.teacher.eval()(Xh), -1).cpu().numpy() @ bins.centers
+    cmp = compare_teacher_student(pair.teacher, pair.student, Xh[torch.from_numpy(ok).to(device)], rh[ok], bins)
+    d = pair.distill_report
+    return {"device": str(device), "curriculum": curriculum or "uniform", "seconds": secs,
+            "teacher_epochs": pair.teacher_report.epochs_run,
+            "distill_epochs": d.epochs_run, "student_spearman": spearman(s_mean[ok], rh[ok]),
+            "teacher_spearman": spearman(t_mean[ok], rh[ok]), "final_val_kl": d.val_kl[-1] if d.val_kl else None,
+            "finite_losses": bool(np.isfinite(d.train_loss).all()), "eval_report": type(cmp).__name__,
+            "pair": pair, "bins": bins, "holdout_X": Xh.cpu().numpy()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu.json"))
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--dim", type=int, default=1536)
+    ap.add_argument("--check-n", type=int, default=20_000, help="rows for the per-curriculum checks")
+    ap.add_argument("--cpu-threads", type=int, default=0, help="0: torch default")
+    args = ap.parse_args()
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    dev = resolve_device("auto")
+    out: dict[str, Any] = {"torch": torch.__version__, "device": str(dev),
+                           "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
+                           "cpu_threads": torch.get_num_threads(), "checks": {}, "timing": []}
+    print(json.dumps({k: out[k] for k in ("torch", "device", "gpu", "cpu_threads")}), flush=True)
+
+    # 1) every curriculum and adaptive teaching on the resolved device (small data, short runs)
+    small = make_data(args.check_n, 384, seed=1)
+    short = JobConfig(teacher=TeacherConfig(epochs=4, patience=100), distill=DistillConfig(epochs=4, patience=100))
+    for name in sorted(CURRICULA):
+        r = train(small, dev, short, name)
+        out["checks"][f"curriculum_{name}"] = {k: r[k] for k in ("seconds", "student_spearman", "final_val_kl", "finite_losses")}
+        print(name, json.dumps(out["checks"][f"curriculum_{name}"]), flush=True)
+        assert r["finite_losses"] and r["student_spearman"] > 0.3, (name, r["student_spearman"])
+    adaptive = short.model_copy(update={"distill": short.distill.model_copy(update={"adaptive_teaching": True})})
+    r = train(small, dev, adaptive)
+    out["checks"]["adaptive_teaching"] = {k: r[k] for k in ("seconds", "student_spearman", "final_val_kl")}
+    print("adaptive_teaching", json.dumps(out["checks"]["adaptive_teaching"]), flush=True)
+
+    # 2) a model trained on this device, published, then served on the CPU: same predictions
+    pair, bins = r["pair"], r["bins"]
+    with tempfile.TemporaryDirectory() as d:
+        reg = ArtifactRegistry(d)
+        manifest = {"bins": bins.to_dict(), "embedder": {"name": "hashing-test", "dim": 384}, "reason": "gpu check"}
+        version = reg.publish(pair.teacher, pair.student, manifest, promote=True)
+        Xh = r["holdout_X"][:512]
+        with torch.no_grad():
+            ref = torch.softmax(pair.student.eval()(torch.from_numpy(Xh).to(dev)), -1).cpu().numpy()
+        cpu_pred = Predictor(reg, device="cpu").predict_embeddings(Xh)
+        dev_pred = Predictor(reg, device=str(dev.type)).predict_embeddings(Xh)
+        err_cpu = float(np.abs(np.asarray(cpu_pred.probs) - ref).max())
+        err_dev = float(np.abs(np.asarray(dev_pred.probs) - ref).max())
+    out["checks"]["artifact_roundtrip"] = {"version": version, "max_abs_prob_diff_cpu": err_cpu, "max_abs_prob_diff_device": err_dev}
+    print("artifact", json.dumps(out["checks"]["artifact_roundtrip"]), flush=True)
+    assert err_cpu < 1e-4 and err_dev < 1e-4
+
+    # 3) timing: the same training (teacher 5 epochs, distil 5 epochs) on the device and on the CPU
+    big = make_data(args.n, args.dim)
+    five = JobConfig(teacher=TeacherConfig(epochs=5, patience=100), distill=DistillConfig(epochs=5, patience=100))
+    devices = [dev, torch.device("cpu")] if dev.type == "cuda" else [dev]
+    for device in devices:
+        r = train(big, device, five)
+        row = {k: r[k] for k in ("device", "seconds", "student_spearman", "teacher_spearman", "final_val_kl")}
+        row.update(n=args.n, dim=args.dim)
+        out["timing"].append(row)
+        print("timing", json.dumps(row), flush=True)
+    if len(out["timing"]) == 2:
+        out["speedup"] = out["timing"][1]["seconds"] / out["timing"][0]["seconds"]
+
+    # 4) student inference throughput on the device (torch module, batch 1024 and 65536)
+    student = pair.student.eval().to(dev)
+    inf = {}
+    for bs in (1024, 65536):
+        x = torch.randn(bs, 384, device=dev)
+        with torch.inference_mode():
+            for _ in range(5):
+                student(x)
+            sync(dev)
+            t = time.perf_counter()
+            for _ in range(50):
+                student(x)
+            sync(dev)
+        inf[str(bs)] = bs * 50 / (time.perf_counter() - t)
+    out["inference_rows_per_s"] = inf
+    print("inference", json.dumps(inf), flush=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
