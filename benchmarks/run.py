@@ -456,7 +456,7 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["speed", "scaling", "quality", "all"], default="all")
+    ap.add_argument("--only", choices=["speed", "inference", "scaling", "quality", "all"], default="all")
     ap.add_argument("--ingest-sizes", type=int, nargs="+", default=[10_000])
     ap.add_argument("--ingest-dims", type=int, nargs="+", default=[384, 1536])
     ap.add_argument("--consolidation-sizes", type=int, nargs="+", default=[10_000])
@@ -472,9 +472,10 @@ def main() -> None:
     args = ap.parse_args()
     prev = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
     res: dict[str, Any] = {**prev, "machine": _machine()}
-    if args.only in ("speed", "all"):
+    if args.only in ("speed", "inference", "all"):
         res["inference"] = bench_inference()
         print("inference", json.dumps(res["inference"]), flush=True)
+    if args.only in ("speed", "all"):
         res["ingest"] = []
         for n in args.ingest_sizes:
             for dim in args.ingest_dims:

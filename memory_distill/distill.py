@@ -121,7 +121,9 @@ def distill(
         else:
             diff = np.zeros(X.shape[0], np.float32)
         student.train()
-        total, seen = 0.0, 0
+        # sums stay on the device: no host sync per step unless the curriculum needs feedback
+        total, seen = torch.zeros((), dtype=torch.float64, device=X.device), 0
+        hits = torch.zeros((), dtype=torch.int64, device=X.device)
         for idx_np, arm in cur.epoch_batches(epoch, cfg.epochs, diff, batch_size, rng):
             idx = torch.from_numpy(np.ascontiguousarray(idx_np)).to(X.device)
             s_logits = student(X[idx])
@@ -130,7 +132,7 @@ def distill(
                 with torch.no_grad():
                     agree = agreement_similarity(t_logits[idx], s_logits) >= cfg.agreement_threshold
                     weights = torch.where(agree, 0.5, 1.5).to(s_logits.dtype)
-                    agree_hits += int(agree.sum())
+                    hits += agree.sum()
                     agree_total += int(agree.numel())
             loss = loss_fn(s_logits, idx, weights)
             opt.zero_grad(set_to_none=True)
@@ -140,11 +142,12 @@ def distill(
                 with torch.no_grad():
                     after = loss_fn(student(X[idx]), idx, weights)
                 cur.observe(arm, float(loss.detach() - after))
-            total += float(loss.detach()) * idx.numel()
+            total += loss.detach().double() * idx.numel()
             seen += idx.numel()
+        agree_hits += int(hits)
         report.samples_seen += seen
         report.samples_per_epoch.append(seen)
-        train_loss = total / max(seen, 1)
+        train_loss = float(total) / max(seen, 1)
         report.train_loss.append(train_loss)
         if val is not None and len(val[0]):
             Xv, Tv, Yv, Lv = val

@@ -49,25 +49,23 @@ def split_by_group_and_time(data: TrainingData, holdout_fraction: float, val_fra
     n_rew_per_group = np.bincount(inv, weights=rewarded.astype(np.float64), minlength=len(uniq))
     total_rew = n_rew_per_group.sum()
     order = np.argsort(-latest, kind="stable")  # newest first
-    hold_groups: set[int] = set()
-    acc = 0.0
-    for g in order:
-        if acc >= holdout_fraction * total_rew:
-            break
-        if n_rew_per_group[g] > 0:
-            hold_groups.add(int(g))
-            acc += n_rew_per_group[g]
-    rest = np.array([g for g in range(len(uniq)) if g not in hold_groups and n_rew_per_group[g] > 0], np.int64)
+    # take rewarded groups, newest first, until they hold holdout_fraction of the rewarded rows
+    # (vectorised: a group is taken when the rewarded rows before it fall short of the target)
+    counts = n_rew_per_group[order]
+    before = np.cumsum(counts) - counts
+    hold = order[(before < holdout_fraction * total_rew) & (counts > 0)]
+    is_hold_group = np.zeros(len(uniq), bool)
+    is_hold_group[hold] = True
+    rest = np.flatnonzero(~is_hold_group & (n_rew_per_group > 0)).astype(np.int64)
     rest = rng.permutation(rest)
-    val_groups: set[int] = set()
-    acc = 0.0
-    for g in rest:
-        if acc >= val_fraction * (total_rew - sum(n_rew_per_group[list(hold_groups)])):
-            break
-        val_groups.add(int(g))
-        acc += n_rew_per_group[g]
-    is_hold = np.isin(inv, list(hold_groups))
-    is_val = np.isin(inv, list(val_groups))
+    counts = n_rew_per_group[rest]
+    before = np.cumsum(counts) - counts
+    val_target = val_fraction * (total_rew - n_rew_per_group[hold].sum())
+    val = rest[before < val_target]
+    is_val_group = np.zeros(len(uniq), bool)
+    is_val_group[val] = True
+    is_hold = is_hold_group[inv]
+    is_val = is_val_group[inv]
     idx = np.arange(len(data))
     return Split(
         train=idx[rewarded & ~is_hold & ~is_val],

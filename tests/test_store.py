@@ -1,3 +1,5 @@
+import threading
+
 import numpy as np
 import pytest
 
@@ -164,3 +166,34 @@ def test_unreachable_server_gives_a_clear_error(embedder):
     port = free_port()
     with pytest.raises(StoreError, match=f"cannot reach the Chroma server at http://127.0.0.1:{port}.*chroma run"):
         MemoryStore(embedder, StoreConfig(mode="http", port=port))
+
+
+def test_paged_read_stays_consistent_when_a_writer_deletes_between_the_two_halves(tmp_path, monkeypatch):
+    """Pages are read as two halves (embeddings, metadata) in parallel; a concurrent delete between them
+    must not pair one row's embedding with another row's reward."""
+    emb = HashingEmbedder(dim=8)
+    st = MemoryStore(emb, StoreConfig(path=tmp_path / "c"))
+    vecs = np.random.default_rng(0).normal(size=(40, 8)).astype(np.float32)
+    st.add_many([{"id": f"r{i:02d}", "text": f"row {i}", "reward": i / 40} for i in range(40)], embeddings=vecs)
+    real_get, state = st._col.get, {"deleted": False}
+    metadata_read = threading.Event()
+
+    def get_racing_a_writer(**kw):
+        if kw.get("include") == ["metadatas"]:
+            out = real_get(**kw)
+            metadata_read.set()
+            return out
+        if kw.get("include") == ["embeddings"] and not state["deleted"]:
+            metadata_read.wait(timeout=10)  # the metadata half of the first page is read ...
+            state["deleted"] = True
+            st._col.delete(ids=["r00"])  # ... then another process deletes a row before the embedding half
+        return real_get(**kw)
+
+    monkeypatch.setattr(st._col, "get", get_racing_a_writer)
+    data = st.load_training_data(page_size=16)
+    assert state["deleted"] and len(set(data.ids)) == len(data.ids)
+    assert len(data.ids) == 39 and "r00" not in data.ids
+    for rid, x, r in zip(data.ids, data.embeddings, data.rewards, strict=True):
+        i = int(rid[1:])
+        np.testing.assert_allclose(x, vecs[i], rtol=1e-6)
+        assert r == pytest.approx(i / 40)
