@@ -457,10 +457,10 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["speed", "inference", "scaling", "quality", "all"], default="all")
-    ap.add_argument("--ingest-sizes", type=int, nargs="+", default=[10_000])
+    ap.add_argument("--ingest-sizes", type=int, nargs="*", default=[10_000])
     ap.add_argument("--ingest-dims", type=int, nargs="+", default=[384, 1536])
-    ap.add_argument("--consolidation-sizes", type=int, nargs="+", default=[10_000])
-    ap.add_argument("--scaling-sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000],
+    ap.add_argument("--consolidation-sizes", type=int, nargs="*", default=[10_000])
+    ap.add_argument("--scaling-sizes", type=int, nargs="*", default=[1_000, 10_000, 100_000],
                     help="store sizes for the scaling table (1000000 takes about 30 minutes on 2 cores)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--datasets", nargs="+", default=["creative_writing", "arena", "reflexion", "fireact"])
@@ -476,15 +476,18 @@ def main() -> None:
         res["inference"] = bench_inference()
         print("inference", json.dumps(res["inference"]), flush=True)
     if args.only in ("speed", "all"):
-        res["ingest"] = []
+        # rows for sizes not re-run are kept from the previous results.json
+        res["ingest"] = [r for r in res.get("ingest", []) if r["n"] not in args.ingest_sizes]
         for n in args.ingest_sizes:
             for dim in args.ingest_dims:
-                res["ingest"].append(bench_ingest(n, dim))
-                print("ingest", json.dumps(res["ingest"][-1]), flush=True)
-        res["consolidation"] = []
+                row = bench_ingest(n, dim)
+                res["ingest"] = sorted([*res["ingest"], row], key=lambda r: (r["n"], r["dim"]))
+                print("ingest", json.dumps(row), flush=True)
+        res["consolidation"] = [r for r in res.get("consolidation", []) if r["n"] not in args.consolidation_sizes]
         for n in args.consolidation_sizes:
-            res["consolidation"].append(bench_consolidation(n, 384, args.threads))
-            print("consolidation", json.dumps(res["consolidation"][-1]), flush=True)
+            row = bench_consolidation(n, 384, args.threads)
+            res["consolidation"] = sorted([*res["consolidation"], row], key=lambda r: r["n"])
+            print("consolidation", json.dumps(row), flush=True)
     if args.only in ("speed", "scaling", "all"):
         res["scaling"] = [r for r in res.get("scaling", []) if r["n"] not in args.scaling_sizes]
         for n in args.scaling_sizes:
