@@ -197,3 +197,26 @@ def test_paged_read_stays_consistent_when_a_writer_deletes_between_the_two_halve
         i = int(rid[1:])
         np.testing.assert_allclose(x, vecs[i], rtol=1e-6)
         assert r == pytest.approx(i / 40)
+
+
+@pytest.mark.parametrize("n_a", [5, 200])
+def test_namespace_search_is_exact_whether_the_namespace_is_rare_or_dominant(tmp_path, n_a):
+    """Search post-filters an oversampled unfiltered query by namespace (fast), and falls back to
+    Chroma's filtered query when too few candidates qualify: both must give the true top-k of the namespace."""
+    rng = np.random.default_rng(n_a)
+    st = MemoryStore(HashingEmbedder(dim=16), StoreConfig(path=tmp_path / "c"))
+    n = 300
+    vecs = rng.normal(size=(n, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ns = ["a" if i < n_a else "b" for i in range(n)]
+    rewards = [None if i % 3 == 0 else 0.5 for i in range(n)]
+    st.add_many([{"id": f"r{i}", "text": f"row {i}", "namespace": ns[i], "reward": rewards[i]} for i in range(n)],
+                embeddings=vecs)
+    for q in rng.normal(size=(5, 16)).astype(np.float32):
+        for rewarded_only in (False, True):
+            ok = [i for i in range(n) if ns[i] == "a" and (not rewarded_only or rewards[i] is not None)]
+            sims = vecs[ok] @ (q / np.linalg.norm(q))
+            want = [f"r{ok[j]}" for j in np.argsort(-sims)[:3]]
+            got = st.search(q, k=3, namespace="a", rewarded_only=rewarded_only)
+            assert [h.memory.id for h in got] == want
+            assert all(h.memory.namespace == "a" for h in got)
