@@ -60,16 +60,20 @@ class DistillReport:
 
 
 @torch.no_grad()
-def teacher_logits(model: torch.nn.Module, X: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
+def teacher_logits(model: torch.nn.Module, X: torch.Tensor, batch_size: int = 8192,
+                   rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits for every row of ``X`` (or for ``X[rows]``, gathered chunk by chunk), in eval mode."""
     model.eval()
-    return torch.cat([model(X[s : s + batch_size]) for s in range(0, X.shape[0], batch_size)]) if len(X) else \
-        torch.zeros((0, 0), device=X.device)
+    n = X.shape[0] if rows is None else rows.shape[0]
+    if n == 0:
+        return torch.zeros((0, 0), device=X.device)
+    return torch.cat([model(X[s : s + batch_size] if rows is None else X[rows[s : s + batch_size]])
+                      for s in range(0, n, batch_size)])
 
 
-@torch.no_grad()
-def _student_logits(model: torch.nn.Module, X: torch.Tensor, batch_size: int = 8192) -> torch.Tensor:
-    model.eval()
-    return torch.cat([model(X[s : s + batch_size]) for s in range(0, X.shape[0], batch_size)])
+def _student_logits(model: torch.nn.Module, X: torch.Tensor, batch_size: int = 8192,
+                    rows: torch.Tensor | None = None) -> torch.Tensor:
+    return teacher_logits(model, X, batch_size, rows)
 
 
 def agreement_similarity(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torch.Tensor:
@@ -93,10 +97,13 @@ def distill(
     generator: torch.Generator,
     curriculum: Curriculum | None = None,
     on_epoch: Callable[[int, float, float], None] | None = None,
+    rows: torch.Tensor | None = None,
 ) -> DistillReport:
     """Train ``student`` to match ``t_logits`` (precomputed on X) and the targets ``Y``.
 
     ``labeled`` [n] bool marks rows with a reward. ``val`` = (X, teacher logits, Y, labeled).
+    ``rows`` (optional): distil on ``X[rows]`` without copying it; ``t_logits``, ``Y`` and
+    ``labeled`` are then aligned with ``rows``.
     Early stopping on validation distillation loss restores the best weights.
     """
     t0 = time.perf_counter()
@@ -108,8 +115,12 @@ def distill(
     best_state, bad = None, 0
     prev_train = None
     agree_hits = agree_total = 0
-    batch_size = effective_batch_size(X.shape[0], cfg.batch_size, cfg.min_steps)
+    n = X.shape[0] if rows is None else rows.shape[0]
+    batch_size = effective_batch_size(n, cfg.batch_size, cfg.min_steps)
     first_agreement = None
+
+    def x_rows(idx: torch.Tensor) -> torch.Tensor:
+        return X[idx] if rows is None else X[rows[idx]]
 
     def loss_fn(s_logits, idx, weights=None, reduction="mean"):  # type: ignore[no-untyped-def]
         return distillation_loss(s_logits, t_logits[idx], Y[idx], temperature=T, alpha=a, beta=b,
@@ -117,16 +128,16 @@ def distill(
 
     for epoch in range(cfg.epochs):
         if cur.name != "uniform" or cfg.adaptive_teaching:
-            diff = difficulty_scores(t_logits, _student_logits(student, X)).cpu().numpy()
+            diff = difficulty_scores(t_logits, _student_logits(student, X, rows=rows)).cpu().numpy()
         else:
-            diff = np.zeros(X.shape[0], np.float32)
+            diff = np.zeros(n, np.float32)
         student.train()
         # sums stay on the device: no host sync per step unless the curriculum needs feedback
         total, seen = torch.zeros((), dtype=torch.float64, device=X.device), 0
         hits = torch.zeros((), dtype=torch.int64, device=X.device)
         for idx_np, arm in cur.epoch_batches(epoch, cfg.epochs, diff, batch_size, rng):
             idx = torch.from_numpy(np.ascontiguousarray(idx_np)).to(X.device)
-            s_logits = student(X[idx])
+            s_logits = student(x_rows(idx))
             weights = None
             if cfg.adaptive_teaching:
                 with torch.no_grad():
@@ -140,7 +151,7 @@ def distill(
             opt.step()
             if cur.needs_feedback:
                 with torch.no_grad():
-                    after = loss_fn(student(X[idx]), idx, weights)
+                    after = loss_fn(student(x_rows(idx)), idx, weights)
                 cur.observe(arm, float(loss.detach() - after))
             total += loss.detach().double() * idx.numel()
             seen += idx.numel()

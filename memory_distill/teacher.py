@@ -62,22 +62,28 @@ def train_teacher(
     *,
     generator: torch.Generator,
     on_epoch: Callable[[int, float, float], None] | None = None,
+    rows: torch.Tensor | None = None,
 ) -> TeacherReport:
     """AdamW on soft cross-entropy; early stopping on validation loss restores the best weights.
 
     ``X`` [n, dim] and ``Y`` [n, bins] (target distributions) must already be on the model's device.
+    ``rows`` (optional, on the device): train on these rows of ``X``/``Y`` only, gathered batch by
+    batch, so the caller never materialises a copy of the training slice of the embedding matrix.
     """
     t0 = time.perf_counter()
     report = TeacherReport()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     best_state = None
     bad = 0
-    batch_size = effective_batch_size(X.shape[0], cfg.batch_size, cfg.min_steps)
+    n = X.shape[0] if rows is None else rows.shape[0]
+    batch_size = effective_batch_size(n, cfg.batch_size, cfg.min_steps)
     for epoch in range(cfg.epochs):
         model.train()
         # the loss is summed on the device: no host sync per step (matters on CUDA)
         total, seen = torch.zeros((), dtype=torch.float64, device=X.device), 0
-        for idx in _batch_indices(X.shape[0], batch_size, generator, X.device):
+        for idx in _batch_indices(n, batch_size, generator, X.device):
+            if rows is not None:
+                idx = rows[idx]
             loss = soft_cross_entropy(model(X[idx]), Y[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

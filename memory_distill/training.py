@@ -125,22 +125,22 @@ def train_pair(
     student.to(device)
     tr, va = rows(split.train), rows(split.val)
     bar = _bar(progress, cfg.teacher.epochs, "teacher")
-    t_report = train_teacher(teacher, X_all[tr], Y_all[tr], X_all[va], Y_all[va], cfg.teacher, generator=generator,
-                             on_epoch=lambda e, a, b: bar.update(1) if bar else None)
+    # the training rows are gathered batch by batch (rows=...): no copy of the embedding matrix
+    t_report = train_teacher(teacher, X_all, Y_all, X_all[va], Y_all[va], cfg.teacher, generator=generator,
+                             on_epoch=lambda e, a, b: bar.update(1) if bar else None, rows=tr)
     if bar:
         bar.close()
     fault_point("mid_training")
 
     d_idx = np.concatenate([split.train, split.transfer])
     di = rows(d_idx)
-    X_d = X_all[di]
     labeled = torch.from_numpy(data.rewarded[d_idx]).to(device)
     val = (X_all[va], teacher_logits(teacher, X_all[va]), Y_all[va],
            torch.ones(len(split.val), dtype=torch.bool, device=device))
     bar = _bar(progress, cfg.distill.epochs, "distill")
-    d_report = distill(student, X_d, teacher_logits(teacher, X_d), Y_all[di], labeled, val, cfg.distill,
+    d_report = distill(student, X_all, teacher_logits(teacher, X_all, rows=di), Y_all[di], labeled, val, cfg.distill,
                        generator=generator, curriculum=curriculum,
-                       on_epoch=lambda e, a, b: bar.update(1) if bar else None)
+                       on_epoch=lambda e, a, b: bar.update(1) if bar else None, rows=di)
     if bar:
         bar.close()
     return TrainedPair(teacher, student, t_report, d_report, X_all)
