@@ -7,7 +7,6 @@ rows without a reward contribute through the KL term only.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from .config import DistillConfig
 from .curriculum import Curriculum, difficulty_scores, epoch_reward, make_curriculum
 from .losses import distillation_loss, kd_kl
 from .models import effective_batch_size
+from .teacher import EarlyStopping
 
 __all__ = ["DistillReport", "distill", "teacher_logits"]
 
@@ -112,7 +112,7 @@ def distill(
     rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     T, a, b = cfg.temperature, cfg.alpha, cfg.beta
-    best_state, bad = None, 0
+    stopper = EarlyStopping(cfg.patience)
     prev_train = None
     agree_hits = agree_total = 0
     n = X.shape[0] if rows is None else rows.shape[0]
@@ -182,16 +182,12 @@ def distill(
         if on_epoch:
             on_epoch(epoch, train_loss, vloss)
         log.debug("distill epoch %d train %.4f val %.4f kl %.4f agree %.3f", epoch, train_loss, vloss, vkl, vagree)
-        if vloss < report.best_val_loss - 1e-5:
-            report.best_val_loss, report.best_epoch, bad = vloss, epoch, 0
-            best_state = copy.deepcopy(student.state_dict())
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                report.stopped_early = True
-                break
-    if best_state is not None:
-        student.load_state_dict(best_state)
+        stop = stopper.update(student, vloss, epoch)
+        report.best_val_loss, report.best_epoch = stopper.best_loss, stopper.best_epoch
+        if stop:
+            report.stopped_early = True
+            break
+    stopper.restore(student)
     student.eval()
     if cfg.adaptive_teaching and agree_total:
         report.agreement_rate = agree_hits / agree_total

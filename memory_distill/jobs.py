@@ -97,7 +97,11 @@ class ConsolidationReport:
 
 def _clean_rows(data: TrainingData) -> tuple[np.ndarray, int]:
     """Rows with finite, non-zero embeddings; the rest are skipped and counted."""
-    ok = np.isfinite(data.embeddings).all(axis=1) & (np.abs(data.embeddings).sum(axis=1) > 0)
+    X = data.embeddings
+    ok = np.empty(X.shape[0], bool)
+    for s in range(0, X.shape[0], 65536):  # in chunks: no temporary the size of the embedding matrix
+        c = X[s : s + 65536]
+        ok[s : s + 65536] = np.isfinite(c).all(axis=1) & (np.abs(c).sum(axis=1) > 0)
     r = data.rewards
     ok &= np.isnan(r) | np.isfinite(r)
     return np.flatnonzero(ok), int((~ok).sum())

@@ -52,6 +52,29 @@ def eval_loss(model: torch.nn.Module, X: torch.Tensor, Y: torch.Tensor, batch_si
     return total / max(X.shape[0], 1)
 
 
+class EarlyStopping:
+    """Keeps the best weights by validation loss; ``update`` says when ``patience`` epochs went without
+    improvement. Shared by the teacher and distillation loops."""
+
+    def __init__(self, patience: int, min_delta: float = 1e-5) -> None:
+        self.patience, self.min_delta = patience, min_delta
+        self.best_loss, self.best_epoch, self.bad = float("inf"), -1, 0
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def update(self, model: torch.nn.Module, val_loss: float, epoch: int) -> bool:
+        """Record this epoch; True when training should stop."""
+        if val_loss < self.best_loss - self.min_delta:
+            self.best_loss, self.best_epoch, self.bad = val_loss, epoch, 0
+            self._state = copy.deepcopy(model.state_dict())
+            return False
+        self.bad += 1
+        return self.bad >= self.patience
+
+    def restore(self, model: torch.nn.Module) -> None:
+        if self._state is not None:
+            model.load_state_dict(self._state)
+
+
 def train_teacher(
     model: torch.nn.Module,
     X: torch.Tensor,
@@ -73,8 +96,7 @@ def train_teacher(
     t0 = time.perf_counter()
     report = TeacherReport()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    best_state = None
-    bad = 0
+    stopper = EarlyStopping(cfg.patience)
     n = X.shape[0] if rows is None else rows.shape[0]
     batch_size = effective_batch_size(n, cfg.batch_size, cfg.min_steps)
     for epoch in range(cfg.epochs):
@@ -98,16 +120,12 @@ def train_teacher(
         if on_epoch:
             on_epoch(epoch, report.train_loss[-1], val)
         log.debug("teacher epoch %d train %.4f val %.4f", epoch, report.train_loss[-1], val)
-        if val < report.best_val_loss - 1e-5:
-            report.best_val_loss, report.best_epoch, bad = val, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad += 1
-            if bad >= cfg.patience:
-                report.stopped_early = True
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
+        stop = stopper.update(model, val, epoch)
+        report.best_val_loss, report.best_epoch = stopper.best_loss, stopper.best_epoch
+        if stop:
+            report.stopped_early = True
+            break
+    stopper.restore(model)
     model.eval()
     report.seconds = time.perf_counter() - t0
     return report
