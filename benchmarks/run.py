@@ -158,33 +158,36 @@ def bench_inference(dim: int = 1536) -> dict[str, Any]:
     import torch
 
     from memory_distill.config import DistillConfig
+    from memory_distill.features import N_TEXT_FEATURES
     from memory_distill.models import build_student
     from memory_distill.predictor import StudentRunner, _softmax
     from memory_distill.rewards import summarize_probs
 
-    student = build_student(DistillConfig(), dim, 64).eval()
+    # the default student: embedding + text features
+    student = build_student(DistillConfig(), dim, 64, N_TEXT_FEATURES).eval()
     runner = StudentRunner(student)
     flops = student.flops_per_sample()
     rng = np.random.default_rng(0)
     B = rng.normal(size=(1024, dim)).astype(np.float32)
+    FB = rng.normal(5, 1, size=(1024, N_TEXT_FEATURES)).astype(np.float32)
     A = rng.normal(size=(1024, dim)).astype(np.float32)
     W = rng.normal(size=(dim, 256)).astype(np.float32)
     for _ in range(3):
         A @ W
-        runner.logits(B)
+        runner.logits(B, FB)
     t_gemm, t_fwd = [], []
     for _ in range(30):  # alternate to share noise
         t = time.perf_counter()
         A @ W
         t_gemm.append(time.perf_counter() - t)
         t = time.perf_counter()
-        runner.logits(B)
+        runner.logits(B, FB)
         t_fwd.append(time.perf_counter() - t)
     sgemm = 2 * 1024 * dim * 256 / _median(t_gemm)
     student_flops = 1024 * flops / _median(t_fwd)
     # torch module for comparison
     with torch.inference_mode():
-        xb = torch.from_numpy(B)
+        xb = torch.from_numpy(np.concatenate([B, FB], axis=1))
         student(xb)
         tt = []
         for _ in range(30):
@@ -192,11 +195,11 @@ def bench_inference(dim: int = 1536) -> dict[str, Any]:
             student(xb)
             tt.append(time.perf_counter() - t)
     # single query latency (logits -> probs -> summary), excluding embedding
-    x1 = B[:1]
+    x1, f1 = B[:1], FB[:1]
     lat = []
     for _ in range(2000):
         t = time.perf_counter()
-        p = _softmax(runner.logits(x1))
+        p = _softmax(runner.logits(x1, f1))
         summarize_probs(p, np.linspace(0, 1, 64, dtype=np.float32))
         lat.append(time.perf_counter() - t)
     lat_us = np.array(lat) * 1e6
@@ -283,6 +286,8 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
     from memory_distill.datasets import find_data_dir, load_episodes
     from memory_distill.embeddings import HashingEmbedder, LocalEmbedder
     from memory_distill.evaluate import spearman
+    from memory_distill.features import text_stats
+    from memory_distill.models import model_inputs
     from memory_distill.rewards import RewardBins
     from memory_distill.store import TrainingData
     from memory_distill.training import split_by_group_and_time, train_pair
@@ -297,6 +302,7 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
     for name in datasets:
         eps_all = load_episodes(name, data_dir=base, max_records=max_records, seed=0)
         X_all = emb.embed([e["text"] for e in eps_all])
+        F_all = text_stats([e["text"] for e in eps_all])
         pos = {e["id"]: i for i, e in enumerate(eps_all)}
         for seed in seeds:
             # reshuffle group order per seed: the held-out "most recent" groups differ by seed
@@ -305,25 +311,32 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
             order = {g: i for i, g in enumerate(rng.permutation(groups))}
             eps = [{**e, "created_at": float(order[e["metadata"]["group"]])} for e in eps_all]
             X = X_all[[pos[e["id"]] for e in eps]]
+            F = F_all[[pos[e["id"]] for e in eps]]
             data = TrainingData([e["id"] for e in eps], X, np.array([e["reward"] for e in eps], np.float32),
-                                np.array([e["created_at"] for e in eps]), [e["metadata"]["group"] for e in eps])
+                                np.array([e["created_at"] for e in eps]), [e["metadata"]["group"] for e in eps], F)
             split = split_by_group_and_time(data, 0.3, 0.15, rng)
             bins = RewardBins.fit(data.rewards, cfg.bins)
             torch.manual_seed(seed)
             pair = train_pair(data, split, bins, cfg.model_copy(update={"seed": seed}), device=torch.device("cpu"),
                               generator=torch.Generator().manual_seed(seed))
+            # the same job without text features (embedding only), for the ablation column
+            torch.manual_seed(seed)
+            plain = train_pair(data, split, bins, cfg.model_copy(update={"seed": seed, "text_features": False}),
+                               device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed))
             ho = split.holdout
-            Xh = torch.from_numpy(X[ho])
+            Xh = model_inputs(X[ho], F[ho])[:]
             with torch.no_grad():
                 t_mean = torch.softmax(pair.teacher(Xh), -1).numpy() @ bins.centers
                 s_mean = torch.softmax(pair.student(Xh), -1).numpy() @ bins.centers
+                e_mean = torch.softmax(plain.student(Xh), -1).numpy() @ bins.centers
             tr = np.concatenate([split.train, split.val])
             knn = _knn(X[tr], data.rewards[tr], X[ho])
             ridge = _ridge(X[tr], data.rewards[tr], X[ho])
             r = data.rewards[ho]
             grp = np.array([data.groups[i] for i in ho], dtype=object)
             lengths = np.array([len(eps[i]["text"]) for i in ho])
-            picks: dict[str, list[float]] = {k: [] for k in ("random", "longest", "oracle", "knn", "ridge", "teacher", "student")}
+            picks: dict[str, list[float]] = {k: [] for k in ("random", "longest", "oracle", "knn", "ridge", "teacher",
+                                                             "student", "student_emb_only")}
             for g in np.unique(grp):
                 m = np.flatnonzero(grp == g)
                 if len(m) < 2:
@@ -331,12 +344,13 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
                 picks["random"].append(float(r[m].mean()))
                 picks["longest"].append(float(r[m[np.argmax(lengths[m])]]))
                 picks["oracle"].append(float(r[m].max()))
-                for key, score in (("knn", knn), ("ridge", ridge), ("teacher", t_mean), ("student", s_mean)):
+                for key, score in (("knn", knn), ("ridge", ridge), ("teacher", t_mean), ("student", s_mean),
+                                   ("student_emb_only", e_mean)):
                     picks[key].append(float(r[m[np.argmax(score[m])]]))
             results.append({
                 "dataset": name, "seed": seed, "embedder": emb.name, "n_holdout": int(len(ho)),
                 "spearman": {"teacher": spearman(t_mean, r), "student": spearman(s_mean, r), "knn": spearman(knn, r),
-                             "ridge": spearman(ridge, r)},
+                             "ridge": spearman(ridge, r), "student_emb_only": spearman(e_mean, r)},
                 "mae": {"teacher": float(np.abs(t_mean - r).mean()), "student": float(np.abs(s_mean - r).mean()),
                         "knn": float(np.abs(knn - r).mean()), "ridge": float(np.abs(ridge - r).mean())},
                 "best_of_n": {k: float(np.mean(v)) for k, v in picks.items()},
@@ -362,24 +376,35 @@ def _fmt_quality(q: list[dict[str, Any]]) -> list[str]:
     by: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in q:
         by.setdefault((r["embedder"], r["dataset"]), []).append(r)
-    lines += ["| embedder | dataset | teacher rho | student rho | retention | kNN rho | ridge rho | student MAE | teacher MAE |",
-              "|---|---|---|---|---|---|---|---|---|"]
+
+    def ms(v: np.ndarray) -> str:
+        return f"{np.nanmean(v):.3f} ± {np.nanstd(v):.3f}"
+
+    def col(rs: list[dict[str, Any]], *path: str) -> np.ndarray:
+        out = []
+        for r in rs:
+            x: Any = r
+            for p in path:
+                x = x.get(p, np.nan) if isinstance(x, dict) else np.nan
+            out.append(x)
+        return np.array(out, dtype=np.float64)
+
+    lines += ["| embedder | dataset | teacher rho | **student rho** | retention | student rho, embedding only | kNN rho | "
+              "ridge rho | student MAE | teacher MAE |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (e, d), rs in by.items():
-        def ms(f, rs=rs):  # type: ignore[no-untyped-def]
-            v = np.array([f(r) for r in rs])
-            return f"{v.mean():.3f} ± {v.std():.3f}"
         ret = np.array([r["spearman"]["student"] / r["spearman"]["teacher"] if r["spearman"]["teacher"] > 0 else np.nan for r in rs])
-        lines.append(f"| {e} | {d} | {ms(lambda r: r['spearman']['teacher'])} | {ms(lambda r: r['spearman']['student'])} | "
-                     f"{np.nanmean(ret):.2f} | {ms(lambda r: r['spearman']['knn'])} | {ms(lambda r: r['spearman']['ridge'])} | "
-                     f"{ms(lambda r: r['mae']['student'])} | {ms(lambda r: r['mae']['teacher'])} |")
-    lines += ["", "Best-of-n on held-out groups (mean realised reward of the pick; mean ± std over seeds):", "",
-              "| embedder | dataset | random | longest | kNN | ridge | teacher | **student** | oracle |", "|---|---|---|---|---|---|---|---|---|"]
+        lines.append(f"| {e} | {d} | {ms(col(rs, 'spearman', 'teacher'))} | {ms(col(rs, 'spearman', 'student'))} | "
+                     f"{np.nanmean(ret):.2f} | {ms(col(rs, 'spearman', 'student_emb_only'))} | {ms(col(rs, 'spearman', 'knn'))} | "
+                     f"{ms(col(rs, 'spearman', 'ridge'))} | {ms(col(rs, 'mae', 'student'))} | {ms(col(rs, 'mae', 'teacher'))} |")
+    keys = ("random", "longest", "knn", "ridge", "teacher", "student", "student_emb_only", "oracle")
+    lines += ["", "Best-of-n on held-out groups (mean realised reward of the pick; mean ± std over seeds). "
+              "*student − longest* is the paired difference per seed (same held-out groups):", "",
+              "| embedder | dataset | random | longest | kNN | ridge | teacher | **student** | student, embedding only | oracle "
+              "| student − longest |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (e, d), rs in by.items():
-        cells = []
-        for k in ("random", "longest", "knn", "ridge", "teacher", "student", "oracle"):
-            v = np.array([r["best_of_n"][k] for r in rs])
-            cells.append(f"{v.mean():.3f} ± {v.std():.3f}")
-        lines.append(f"| {e} | {d} | " + " | ".join(cells) + " |")
+        cells = [ms(col(rs, "best_of_n", k)) for k in keys]
+        diff = col(rs, "best_of_n", "student") - col(rs, "best_of_n", "longest")
+        lines.append(f"| {e} | {d} | " + " | ".join(cells) + f" | {np.mean(diff):+.3f} ± {np.std(diff):.3f} |")
     return lines
 
 

@@ -208,10 +208,11 @@ def _write_report(mem: Any, rep: Any, out: str, namespace: str | None = None) ->
     import torch
 
     from .report import calibration_curve, write_consolidation_report
+    from .training import model_inputs
 
     loaded = mem.registry.load(rep.version, with_teacher=True)
     data = mem.store.load_training_data(namespace=namespace, rewarded_only=True)
-    X = torch.from_numpy(data.embeddings)
+    X = model_inputs(data.embeddings, data.features)[:]
     calib = {}
     with torch.no_grad():
         for name, model in (("teacher", loaded.teacher), ("student", loaded.student)):

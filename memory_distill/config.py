@@ -232,6 +232,10 @@ class JobConfig(BaseModel):
     """Initialise from the published models (same shapes and bins) and replay all stored memories."""
     namespace: str | None = None
     """Train on one namespace only (``None``: all)."""
+    text_features: bool = True
+    """Let the models see four text statistics next to the embedding (log1p of characters, words, line
+    breaks, distinct words; :mod:`memory_distill.features`). Embeddings are normalised and lose length,
+    which real judges reward; ``False`` trains on the embedding alone."""
 
 
 class Settings(BaseSettings):

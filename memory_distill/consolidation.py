@@ -21,6 +21,7 @@ from .config import BinsConfig, DistillConfig, JobConfig, TeacherConfig
 from .embeddings import Embedder, HashingEmbedder
 from .errors import ArtifactError, NotEnoughDataError
 from .evaluate import compare_teacher_student
+from .features import text_stats
 from .models import RewardMLP, compression_ratio, resolve_device
 from .predictor import StudentRunner, _softmax
 from .rewards import RewardBins, summarize_probs
@@ -73,7 +74,8 @@ class ModelDistillation:
             raise NotEnoughDataError("distill_from_memories needs at least 4 memories with a reward")
         X = self.embedder.embed([m.text for m in mems])
         groups = [str(m.metadata.get("group", m.id)) for m in mems]
-        data = TrainingData([m.id for m in mems], X, rewards, np.array([m.created_at for m in mems]), groups)
+        data = TrainingData([m.id for m in mems], X, rewards, np.array([m.created_at for m in mems]), groups,
+                            text_stats([m.text for m in mems]))
         cfg = self.config.model_copy(update={
             "teacher": self.config.teacher.model_copy(update={"epochs": num_epochs, "batch_size": batch_size}),
             "distill": self.config.distill.model_copy(update={"epochs": num_epochs, "batch_size": batch_size}),
@@ -94,7 +96,7 @@ class ModelDistillation:
             "n_train": len(split.train), "n_val": len(split.val), "n_holdout": len(split.holdout),
         }
         if len(split.holdout):
-            ev = compare_teacher_student(self.teacher, self.student, torch.from_numpy(X[split.holdout]),
+            ev = compare_teacher_student(self.teacher, self.student, pair.X[torch.from_numpy(split.holdout)].cpu(),
                                          rewards[split.holdout], self.bins)
             self.history["evaluation"] = ev.to_dict()
         return self.history
@@ -106,6 +108,10 @@ class ModelDistillation:
             raise ArtifactError("no models yet: call distill_from_memories() or load_models() first")
         return self.teacher, self.student, self.bins
 
+    def _inputs(self, texts: list[str]) -> np.ndarray:
+        """Embeddings followed by text features: what the models read (one without features ignores them)."""
+        return np.concatenate([self.embedder.embed(texts), text_stats(texts)], axis=1)
+
     def _batch(self, model: RewardMLP, X: np.ndarray, bins: RewardBins) -> PredictionBatch:
         with torch.inference_mode():
             probs = _softmax(model(torch.from_numpy(X)).numpy())
@@ -116,20 +122,20 @@ class ModelDistillation:
         """The student's reward distribution for one text (or a list of texts)."""
         _, student, bins = self._need()
         texts = [query] if isinstance(query, str) else list(query)
-        preds = self._batch(student, self.embedder.embed(texts), bins).to_list()
+        preds = self._batch(student, self._inputs(texts), bins).to_list()
         return preds[0] if isinstance(query, str) else preds
 
     def get_teacher_prediction(self, query: str | Sequence[str]) -> RewardPrediction | list[RewardPrediction]:
         teacher, _, bins = self._need()
         texts = [query] if isinstance(query, str) else list(query)
-        preds = self._batch(teacher, self.embedder.embed(texts), bins).to_list()
+        preds = self._batch(teacher, self._inputs(texts), bins).to_list()
         return preds[0] if isinstance(query, str) else preds
 
     def compare_teacher_student(self, query: str | Sequence[str]) -> dict[str, Any]:
         """Teacher vs student on ``query``: compression_ratio, similarity.{prediction_match, kl_divergence}."""
         teacher, student, bins = self._need()
         texts = [query] if isinstance(query, str) else list(query)
-        X = self.embedder.embed(texts)
+        X = self._inputs(texts)
         t, s = self._batch(teacher, X, bins), self._batch(student, X, bins)
         pt, ps = np.clip(t.probs, 1e-12, None), np.clip(s.probs, 1e-12, None)
         kl = float((pt * (np.log(pt) - np.log(ps))).sum(1).mean())

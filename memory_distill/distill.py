@@ -18,7 +18,7 @@ import torch
 from .config import DistillConfig
 from .curriculum import Curriculum, difficulty_scores, epoch_reward, make_curriculum
 from .losses import distillation_loss, kd_kl
-from .models import effective_batch_size
+from .models import ModelInputs, effective_batch_size
 from .teacher import EarlyStopping
 
 __all__ = ["DistillReport", "distill", "teacher_logits"]
@@ -60,7 +60,7 @@ class DistillReport:
 
 
 @torch.no_grad()
-def teacher_logits(model: torch.nn.Module, X: torch.Tensor, batch_size: int = 8192,
+def teacher_logits(model: torch.nn.Module, X: torch.Tensor | ModelInputs, batch_size: int = 8192,
                    rows: torch.Tensor | None = None) -> torch.Tensor:
     """Logits for every row of ``X`` (or for ``X[rows]``, gathered chunk by chunk), in eval mode."""
     model.eval()
@@ -71,7 +71,7 @@ def teacher_logits(model: torch.nn.Module, X: torch.Tensor, batch_size: int = 81
                       for s in range(0, n, batch_size)])
 
 
-def _student_logits(model: torch.nn.Module, X: torch.Tensor, batch_size: int = 8192,
+def _student_logits(model: torch.nn.Module, X: torch.Tensor | ModelInputs, batch_size: int = 8192,
                     rows: torch.Tensor | None = None) -> torch.Tensor:
     return teacher_logits(model, X, batch_size, rows)
 
@@ -87,7 +87,7 @@ def agreement_similarity(t_logits: torch.Tensor, s_logits: torch.Tensor) -> torc
 
 def distill(
     student: torch.nn.Module,
-    X: torch.Tensor,
+    X: torch.Tensor | ModelInputs,
     t_logits: torch.Tensor,
     Y: torch.Tensor,
     labeled: torch.Tensor,

@@ -43,6 +43,7 @@ from .evaluate import (
     model_metrics,
     should_promote,
 )
+from .features import N_TEXT_FEATURES, TEXT_FEATURES
 from .models import resolve_device
 from .rewards import RewardBins
 from .store import MemoryStore, TrainingData
@@ -119,8 +120,10 @@ def _compatible(manifest: dict[str, Any], store: MemoryStore, cfg: JobConfig) ->
     if cfg.bins.high is not None and b.get("high") != cfg.bins.high:
         return False
     t, s = manifest.get("teacher", {}).get("arch", {}), manifest.get("student", {}).get("arch", {})
+    k = N_TEXT_FEATURES if cfg.text_features else 0
     return (list(t.get("hidden", [])) == list(cfg.teacher.hidden) and list(s.get("hidden", [])) == list(cfg.distill.hidden)
-            and bool(t.get("batchnorm")) == cfg.teacher.batchnorm)
+            and bool(t.get("batchnorm")) == cfg.teacher.batchnorm
+            and int(t.get("n_features", 0)) == k and int(s.get("n_features", 0)) == k)
 
 
 def _ids_digest(ids: list[str]) -> str:
@@ -179,8 +182,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
     keep, skipped = _clean_rows(data)
     if skipped:
         log.warning("skipping %d rows with non-finite or empty embeddings", skipped)
-        data = TrainingData([data.ids[i] for i in keep], data.embeddings[keep], data.rewards[keep],
-                            data.created_at[keep], [data.groups[i] for i in keep])
+        data = data.subset(keep)
     n_rewarded = int(data.rewarded.sum())
     if n_rewarded < cfg.min_rewarded:
         raise NotEnoughDataError(
@@ -229,6 +231,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         "status": "promoted" if promote else "rejected",
         "reason": reason,
         "embedder": {"name": store.embedder.name, "dim": store.embedder.dim},
+        "features": TEXT_FEATURES if student.n_features else None,
         "bins": bins.to_dict(),
         "target": cfg.bins.target,
         "config": cfg.model_dump(mode="json"),
@@ -300,15 +303,19 @@ def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: f
     pred = Predictor(registry)
     published = float(pred.loaded.manifest.get("created_at", 0.0))
     baseline = pred.loaded.manifest.get("metrics", {}).get("student", {}).get("mae")
-    X_parts, r_parts = [], []
+    X_parts: list[np.ndarray] = []
+    f_parts: list[np.ndarray] = []
+    r_parts: list[np.ndarray] = []
     where = {"_md_rewarded_at": {"$gt": published}}
     for page in store.iter_pages(namespace=namespace, where=where, rewarded_only=True):
         X_parts.append(page.embeddings)
+        f_parts.append(page.features if page.features is not None
+                       else np.full((len(page.ids), N_TEXT_FEATURES), np.nan, np.float32))
         r_parts.append(page.rewards)
     if not X_parts:
         return DriftReport(pred.version, 0, None, None, None, baseline, None, False)
-    X, r = np.concatenate(X_parts), np.concatenate(r_parts)
-    batch = pred.predict_embeddings(X)
+    X, F, r = np.concatenate(X_parts), np.concatenate(f_parts), np.concatenate(r_parts)
+    batch = pred.predict_embeddings(X, features=F)
     m = model_metrics(batch.probs, r, pred.bins)
     mae = float(np.abs(batch.mean - r).mean())
     drift = mae - baseline if baseline is not None else None

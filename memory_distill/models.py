@@ -5,29 +5,52 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from .config import DistillConfig, TeacherConfig
 
-__all__ = ["RewardMLP", "build_student", "build_teacher", "compression_ratio", "effective_batch_size", "param_count", "resolve_device"]
+__all__ = ["ModelInputs", "RewardMLP", "model_inputs", "build_student", "build_teacher", "compression_ratio", "effective_batch_size", "param_count", "resolve_device"]
+
+
+FEATURE_CLIP = 3.0
+"""Standardised text features are clipped to +-3: a text far longer or shorter than any seen in
+training reads as "very long/short", not as a 20-sigma input the network never saw."""
+FEATURE_MIN_STD = 0.25
+"""Floor of a feature's std (log1p units, about a 28% change): a feature that barely varied in
+training does not turn small differences into large inputs."""
 
 
 class RewardMLP(nn.Module):
-    """embedding -> [Linear (-> BatchNorm) -> ReLU -> Dropout] x len(hidden) -> Linear -> logits.
+    """[embedding | text features] -> [Linear (-> BatchNorm) -> ReLU -> Dropout] x len(hidden) -> Linear -> logits.
 
     Outputs **logits** over reward bins; softmax happens only in losses and prediction.
+
+    With ``n_features > 0`` the input is ``[n, in_dim + n_features]``: the embedding followed by
+    text features (:mod:`memory_distill.features`). The features are standardised inside the
+    model with the buffers ``feat_mean``/``feat_std`` (set from the training rows by
+    :meth:`set_feature_stats`, saved with the weights) and clipped to ``+-FEATURE_CLIP``; a ``NaN``
+    feature, or an input of width ``in_dim`` (embedding only), counts as the training mean. A model without features ignores
+    any extra columns, so old and new models can be evaluated on the same input matrix.
     """
 
+    feat_mean: torch.Tensor
+    feat_std: torch.Tensor
+
     def __init__(self, in_dim: int, hidden: Sequence[int], n_bins: int, *, dropout: float = 0.0,
-                 batchnorm: bool = False) -> None:
+                 batchnorm: bool = False, n_features: int = 0) -> None:
         super().__init__()
-        if in_dim < 1 or n_bins < 2 or any(h < 1 for h in hidden):
-            raise ValueError(f"bad RewardMLP shape: in_dim={in_dim}, hidden={tuple(hidden)}, n_bins={n_bins}")
+        if in_dim < 1 or n_bins < 2 or n_features < 0 or any(h < 1 for h in hidden):
+            raise ValueError(f"bad RewardMLP shape: in_dim={in_dim}, hidden={tuple(hidden)}, n_bins={n_bins}, "
+                             f"n_features={n_features}")
         self.in_dim, self.hidden, self.n_bins = int(in_dim), tuple(int(h) for h in hidden), int(n_bins)
-        self.dropout, self.batchnorm = float(dropout), bool(batchnorm)
+        self.dropout, self.batchnorm, self.n_features = float(dropout), bool(batchnorm), int(n_features)
+        if self.n_features:
+            self.register_buffer("feat_mean", torch.zeros(self.n_features))
+            self.register_buffer("feat_std", torch.ones(self.n_features))
         layers: list[nn.Module] = []
-        prev = in_dim
+        prev = in_dim + self.n_features
         for h in self.hidden:
             layers.append(nn.Linear(prev, h))
             if batchnorm:
@@ -39,31 +62,106 @@ class RewardMLP(nn.Module):
         layers.append(nn.Linear(prev, n_bins))
         self.net = nn.Sequential(*layers)
 
+    @property
+    def input_dim(self) -> int:
+        """Width of the full input: embedding plus text features."""
+        return self.in_dim + self.n_features
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        width = x.shape[-1]
+        if not self.n_features:
+            if width < self.in_dim:
+                raise ValueError(f"input must be [n, {self.in_dim}] (embedding), got {list(x.shape)}")
+            return self.net(x[:, : self.in_dim] if width > self.in_dim else x)
+        if width not in (self.in_dim, self.input_dim):
+            raise ValueError(f"input must be [n, {self.in_dim}] (embedding) or [n, {self.input_dim}] "
+                             f"(embedding + {self.n_features} text features), got {list(x.shape)}")
+        if width == self.in_dim:
+            f = x.new_zeros(x.shape[0], self.n_features)
+        else:
+            z = ((x[:, self.in_dim :] - self.feat_mean) / self.feat_std).clamp(-FEATURE_CLIP, FEATURE_CLIP)
+            f = torch.nan_to_num(z, nan=0.0)
+        return self.net(torch.cat([x[:, : self.in_dim], f], dim=1))
+
+    @torch.no_grad()
+    def set_feature_stats(self, features: torch.Tensor) -> None:
+        """Standardise text features with these rows' mean and std (``NaN`` entries ignored)."""
+        if not self.n_features:
+            return
+        f = features.to(self.feat_mean.device, torch.float32)
+        ok = ~torch.isnan(f)
+        cnt = ok.sum(0).clamp_min(1)
+        mean = torch.where(ok, f, 0.0).sum(0) / cnt
+        var = torch.where(ok, (f - mean) ** 2, 0.0).sum(0) / cnt
+        std = var.sqrt()
+        self.feat_mean.copy_(mean)
+        self.feat_std.copy_(std.clamp_min(FEATURE_MIN_STD))
 
     def arch(self) -> dict[str, object]:
         """Everything needed to rebuild this module (stored in artifact manifests)."""
         return {"in_dim": self.in_dim, "hidden": list(self.hidden), "n_bins": self.n_bins,
-                "dropout": self.dropout, "batchnorm": self.batchnorm}
+                "dropout": self.dropout, "batchnorm": self.batchnorm, "n_features": self.n_features}
 
     @classmethod
     def from_arch(cls, arch: dict[str, Any]) -> RewardMLP:
         return cls(int(arch["in_dim"]), [int(h) for h in arch["hidden"]], int(arch["n_bins"]),
-                   dropout=float(arch["dropout"]), batchnorm=bool(arch["batchnorm"]))
+                   dropout=float(arch["dropout"]), batchnorm=bool(arch["batchnorm"]),
+                   n_features=int(arch.get("n_features", 0)))
 
     def flops_per_sample(self) -> int:
         """Multiply-adds x2 of the Linear layers (what a matmul-bound forward pass costs)."""
-        dims = [self.in_dim, *self.hidden, self.n_bins]
+        dims = [self.input_dim, *self.hidden, self.n_bins]
         return sum(2 * a * b for a, b in zip(dims, dims[1:], strict=False))
 
 
-def build_teacher(cfg: TeacherConfig, in_dim: int, n_bins: int) -> RewardMLP:
-    return RewardMLP(in_dim, cfg.hidden, n_bins, dropout=cfg.dropout, batchnorm=cfg.batchnorm)
+class ModelInputs:
+    """The embedding matrix and the text features, indexed as one ``[n, dim + k]`` input.
+
+    Indexing (``inputs[idx]``, ``inputs[s:e]``) concatenates just those rows, so training
+    gathers batches without ever building a second copy of the embedding matrix.
+    """
+
+    def __init__(self, embeddings: torch.Tensor, features: torch.Tensor) -> None:
+        if features.shape[0] != embeddings.shape[0]:
+            raise ValueError(f"features has {features.shape[0]} rows, embeddings {embeddings.shape[0]}")
+        self.embeddings, self.features = embeddings, features
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size([self.embeddings.shape[0], self.embeddings.shape[1] + self.features.shape[1]])
+
+    @property
+    def device(self) -> torch.device:
+        return self.embeddings.device
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    def __getitem__(self, idx: Any) -> torch.Tensor:
+        return torch.cat([self.embeddings[idx], self.features[idx]], dim=1)
+
+    def to(self, device: torch.device | str) -> ModelInputs:
+        return ModelInputs(self.embeddings.to(device), self.features.to(device))
+
+    def cpu(self) -> ModelInputs:
+        return self.to("cpu")
 
 
-def build_student(cfg: DistillConfig, in_dim: int, n_bins: int) -> RewardMLP:
-    return RewardMLP(in_dim, cfg.hidden, n_bins, dropout=cfg.dropout, batchnorm=False)
+def model_inputs(embeddings: np.ndarray, features: np.ndarray | None, device: torch.device | str = "cpu",
+                 ) -> torch.Tensor | ModelInputs:
+    """What the models are trained and evaluated on: the embeddings, plus text features when given."""
+    X = torch.from_numpy(np.ascontiguousarray(embeddings, np.float32)).to(device)
+    if features is None:
+        return X
+    return ModelInputs(X, torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(device))
+
+
+def build_teacher(cfg: TeacherConfig, in_dim: int, n_bins: int, n_features: int = 0) -> RewardMLP:
+    return RewardMLP(in_dim, cfg.hidden, n_bins, dropout=cfg.dropout, batchnorm=cfg.batchnorm, n_features=n_features)
+
+
+def build_student(cfg: DistillConfig, in_dim: int, n_bins: int, n_features: int = 0) -> RewardMLP:
+    return RewardMLP(in_dim, cfg.hidden, n_bins, dropout=cfg.dropout, batchnorm=False, n_features=n_features)
 
 
 def param_count(model: nn.Module) -> int:

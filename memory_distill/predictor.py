@@ -17,7 +17,8 @@ import torch
 from .artifacts import ArtifactRegistry, LoadedModel
 from .embeddings import Embedder
 from .errors import ArtifactError, EmbedderMismatchError
-from .models import RewardMLP, resolve_device
+from .features import text_stats
+from .models import FEATURE_CLIP, RewardMLP, resolve_device
 from .rewards import RewardBins, summarize_probs
 from .types import PredictionBatch, RewardPrediction
 
@@ -27,31 +28,56 @@ log = logging.getLogger(__name__)
 
 
 class StudentRunner:
-    """Fast forward pass of a (BatchNorm-free, eval-mode) RewardMLP."""
+    """Fast forward pass of a (BatchNorm-free, eval-mode) RewardMLP.
+
+    On the CPU the first layer is split: the embedding goes through ``W_e`` and the standardised,
+    clipped text features through ``W_f``, so there is no concatenation and an absent feature
+    (embedding-only input) costs nothing.
+    """
 
     def __init__(self, model: RewardMLP, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
+        self.in_dim, self.n_features = model.in_dim, model.n_features
         self._layers: list[tuple[np.ndarray, np.ndarray]] | None = None
+        self._feat: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # (W_f, mean, std)
         if self.device.type == "cpu" and not model.batchnorm:
             self._layers = [
                 (m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy())
                 for m in model.net if isinstance(m, torch.nn.Linear)
             ]
+            if self.n_features:
+                w0, b0 = self._layers[0]
+                self._layers[0] = (np.ascontiguousarray(w0[: self.in_dim]), b0)
+                self._feat = (np.ascontiguousarray(w0[self.in_dim :]),
+                              model.feat_mean.detach().numpy().astype(np.float32),
+                              model.feat_std.detach().numpy().astype(np.float32))
 
-    def logits(self, X: np.ndarray) -> np.ndarray:
+    def logits(self, X: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        """Logits for embeddings ``X`` [n, in_dim] and (optional) raw text features [n, k]."""
         X = np.ascontiguousarray(X, dtype=np.float32)
+        if features is not None and self.n_features:
+            F = np.asarray(features, np.float32)
+            if F.shape != (X.shape[0], self.n_features):
+                raise ValueError(f"features must be [{X.shape[0]}, {self.n_features}], got {list(F.shape)}")
+        else:
+            F = None
         if self._layers is not None:
             h = X
             last = len(self._layers) - 1
             for i, (w, b) in enumerate(self._layers):
                 h = h @ w
+                if i == 0 and F is not None and self._feat is not None:
+                    wf, mean, std = self._feat
+                    z = np.clip((F - mean) / std, -FEATURE_CLIP, FEATURE_CLIP)
+                    h += np.nan_to_num(z, nan=0.0) @ wf  # NaN -> the training mean (z = 0)
                 h += b
                 if i < last:
                     np.maximum(h, 0.0, out=h)
             return h
+        x = torch.from_numpy(X if F is None else np.concatenate([X, F], axis=1)).to(self.device)
         with torch.inference_mode():
-            return self.model(torch.from_numpy(X).to(self.device)).float().cpu().numpy()
+            return self.model(x).float().cpu().numpy()
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -121,16 +147,31 @@ class Predictor:
             raise ValueError("this Predictor has no embedder: pass embedder= or predict from embeddings")
         return self.embedder.embed(list(texts))
 
-    def predict_embeddings(self, X: np.ndarray) -> PredictionBatch:
-        """Vectorised: one forward pass for all rows of ``X`` [n, dim]."""
+    @property
+    def uses_text_features(self) -> bool:
+        """Whether the served student also reads text features (:mod:`memory_distill.features`)."""
+        return bool(self.loaded.student.n_features)
+
+    def predict_embeddings(self, X: np.ndarray, *, features: np.ndarray | None = None,
+                           texts: Sequence[str] | None = None) -> PredictionBatch:
+        """Vectorised: one forward pass for all rows of ``X`` [n, dim].
+
+        A student trained with text features also wants them: pass the ``texts`` (or their
+        ``features = text_stats(texts)``). Without either, each row gets the training mean of
+        the features, a neutral input: the prediction then rests on the embedding alone.
+        """
         X = np.asarray(X, np.float32)
         if X.ndim == 1:
             X = X[None, :]
         if X.ndim != 2 or X.shape[1] != self.in_dim:
             raise ValueError(f"embeddings must be [n, {self.in_dim}], got {list(X.shape)}")
+        if texts is not None:
+            if len(texts) != X.shape[0]:
+                raise ValueError(f"texts has {len(texts)} items for {X.shape[0]} embeddings: pass one text per row")
+            features = text_stats(list(texts))
         with self._lock:
             runner, centers, version = self.runner, self._centers, self.version
-        probs = _softmax(runner.logits(X))
+        probs = _softmax(runner.logits(X, features))
         s = summarize_probs(probs, centers)
         return PredictionBatch(probs=s["probs"], mean=s["mean"], std=s["std"], entropy=s["entropy"],
                                quantiles=s["quantiles"], support=centers, model_version=version)
@@ -138,7 +179,8 @@ class Predictor:
     def predict_batch(self, texts: Sequence[str]) -> PredictionBatch:
         if isinstance(texts, str):
             raise TypeError("predict_batch takes a list of texts: wrap a single text as [text]")
-        return self.predict_embeddings(self._embed(texts))
+        texts = list(texts)
+        return self.predict_embeddings(self._embed(texts), texts=texts)
 
     def predict(self, inputs: str | Sequence[str] | np.ndarray) -> list[RewardPrediction]:
         """RewardPredictions for texts (or an embedding matrix)."""

@@ -31,6 +31,7 @@ from pydantic import ValidationError
 from .config import StoreConfig
 from .embeddings import Embedder
 from .errors import EmbedderMismatchError, InvalidMemoryError, MemoryNotFoundError, StoreError
+from .features import N_TEXT_FEATURES, decode_stats, encode_stats
 from .types import RESERVED_PREFIX, Memory, SearchHit
 
 __all__ = ["MemoryStore", "TrainingData", "TrainingPage", "coerce_memory"]
@@ -42,6 +43,8 @@ REWARD = RESERVED_PREFIX + "reward"
 HAS_REWARD = RESERVED_PREFIX + "has_reward"
 CREATED = RESERVED_PREFIX + "created"
 REWARDED_AT = RESERVED_PREFIX + "rewarded_at"
+STATS = RESERVED_PREFIX + "stats"
+"""Raw text counts for the models' text features (:mod:`memory_distill.features`)."""
 FORMAT_VERSION = 1
 
 
@@ -54,17 +57,28 @@ class TrainingPage:
     rewards: np.ndarray  # float32 [n], NaN where pending
     created_at: np.ndarray  # float64 [n]
     groups: list[str]
+    features: np.ndarray | None = None  # float32 [n, N_TEXT_FEATURES], NaN rows where unknown
 
 
 @dataclass
 class TrainingData:
-    """All rows of a namespace (or the store) in one preallocated matrix."""
+    """All rows of a namespace (or the store) in one preallocated matrix.
+
+    ``features`` (optional) are the text features of :mod:`memory_distill.features`, ``NaN``
+    where a row has none; ``None`` trains on the embeddings alone.
+    """
 
     ids: list[str]
     embeddings: np.ndarray
     rewards: np.ndarray
     created_at: np.ndarray
     groups: list[str]
+    features: np.ndarray | None = None
+
+    def subset(self, idx: np.ndarray) -> TrainingData:
+        """These rows (a copy)."""
+        return TrainingData([self.ids[i] for i in idx], self.embeddings[idx], self.rewards[idx], self.created_at[idx],
+                            [self.groups[i] for i in idx], None if self.features is None else self.features[idx])
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -196,6 +210,7 @@ class MemoryStore:
         meta[NS] = m.namespace
         meta[CREATED] = float(m.created_at)
         meta[HAS_REWARD] = m.reward is not None
+        meta[STATS] = encode_stats(m.text)
         if m.reward is not None:
             meta[REWARD] = float(m.reward)
             meta[REWARDED_AT] = float(m.rewarded_at or m.created_at)
@@ -344,6 +359,7 @@ class MemoryStore:
             meta[REWARD] = float(r)
             meta[HAS_REWARD] = True
             meta[REWARDED_AT] = float(now)
+            meta.setdefault(STATS, encode_stats(doc or ""))  # rows written before text features existed
             metas.append(meta)
             out.append(self._from_row(i, doc, meta))
         self._col.update(ids=ids, metadatas=metas)
@@ -477,7 +493,8 @@ class MemoryStore:
                 rewards = np.array([m.get(REWARD, np.nan) if m.get(HAS_REWARD) else np.nan for m in metas], np.float32)
                 created = np.array([m.get(CREATED, 0.0) for m in metas], np.float64)
                 groups = [str(m[group_key]) if group_key in m else i for i, m in zip(ids, metas, strict=True)]
-                yield TrainingPage(list(ids), np.asarray(embs, np.float32), rewards, created, groups)
+                feats = decode_stats([m.get(STATS) for m in metas])
+                yield TrainingPage(list(ids), np.asarray(embs, np.float32), rewards, created, groups, feats)
                 offset += n
                 if n < size:
                     return
@@ -503,6 +520,7 @@ class MemoryStore:
         X = np.empty((n, dim), np.float32)
         rewards = np.empty(n, np.float32)
         created = np.empty(n, np.float64)
+        feats = np.empty((n, N_TEXT_FEATURES), np.float32)
         ids: list[str] = []
         groups: list[str] = []
         pos = 0
@@ -511,14 +529,18 @@ class MemoryStore:
             X[pos : pos + m] = page.embeddings[:m]
             rewards[pos : pos + m] = page.rewards[:m]
             created[pos : pos + m] = page.created_at[:m]
+            if page.features is not None:
+                feats[pos : pos + m] = page.features[:m]
+            else:
+                feats[pos : pos + m] = np.nan
             ids.extend(page.ids[:m])
             groups.extend(page.groups[:m])
             pos += m
             if pos >= n:
                 break
         if pos < n:  # rows deleted while reading
-            X, rewards, created = X[:pos], rewards[:pos], created[:pos]
-        return TrainingData(ids, X, rewards, created, groups)
+            X, rewards, created, feats = X[:pos], rewards[:pos], created[:pos], feats[:pos]
+        return TrainingData(ids, X, rewards, created, groups, feats)
 
     def stats(self) -> dict[str, Any]:
         """Counts per namespace, rewarded vs pending, reward summary, embedder."""

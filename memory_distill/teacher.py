@@ -12,7 +12,7 @@ import torch
 
 from .config import TeacherConfig
 from .losses import soft_cross_entropy
-from .models import effective_batch_size
+from .models import ModelInputs, effective_batch_size
 
 __all__ = ["TeacherReport", "train_teacher"]
 
@@ -77,7 +77,7 @@ class EarlyStopping:
 
 def train_teacher(
     model: torch.nn.Module,
-    X: torch.Tensor,
+    X: torch.Tensor | ModelInputs,
     Y: torch.Tensor,
     X_val: torch.Tensor | None,
     Y_val: torch.Tensor | None,

@@ -16,12 +16,13 @@ from ._faults import fault_point
 from .config import JobConfig
 from .curriculum import Curriculum
 from .distill import DistillReport, distill, teacher_logits
-from .models import RewardMLP, build_student, build_teacher
+from .models import ModelInputs, RewardMLP, build_student, build_teacher, model_inputs
 from .rewards import RewardBins
 from .store import TrainingData
 from .teacher import TeacherReport, train_teacher
 
-__all__ = ["Split", "TrainedPair", "split_by_group_and_time", "train_pair"]
+__all__ = ["ModelInputs", "Split", "TrainedPair", "model_inputs", "split_by_group_and_time", "train_pair"]
+
 
 
 @dataclass
@@ -81,8 +82,8 @@ class TrainedPair:
     student: RewardMLP
     teacher_report: TeacherReport
     distill_report: DistillReport
-    X: torch.Tensor
-    """All rows of the data on the training device (index with split indices)."""
+    X: torch.Tensor | ModelInputs
+    """All rows of the data on the training device (index with split indices): the model inputs."""
 
 
 def _bar(enabled: bool, total: int, desc: str) -> Any:
@@ -107,20 +108,28 @@ def train_pair(
 ) -> TrainedPair:
     """Phase 1 (teacher on rewarded train rows) then phase 2 (distil on train + unrewarded transfer rows).
 
-    ``init`` = (teacher, student) to warm-start from (same shapes).
+    ``init`` = (teacher, student) to warm-start from (same shapes). With ``cfg.text_features`` and
+    ``data.features`` the models also see the text features, standardised with the training
+    rows' statistics (a warm start keeps the incumbent's).
     """
-    X_all = torch.from_numpy(data.embeddings).to(device)
+    use_features = bool(cfg.text_features and data.features is not None)
+    X_all = model_inputs(data.embeddings, data.features if use_features else None, device)
     Y_all = torch.from_numpy(bins.targets(np.nan_to_num(data.rewards, nan=bins.low), cfg.bins.target)).to(device)
     dim = data.embeddings.shape[1]
+    k = data.features.shape[1] if use_features and data.features is not None else 0
 
     def rows(idx: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(idx).to(device)
 
-    teacher = build_teacher(cfg.teacher, dim, bins.n_bins)
-    student = build_student(cfg.distill, dim, bins.n_bins)
+    teacher = build_teacher(cfg.teacher, dim, bins.n_bins, k)
+    student = build_student(cfg.distill, dim, bins.n_bins, k)
     if init is not None:
         teacher.load_state_dict(init[0].state_dict())
         student.load_state_dict(init[1].state_dict())
+    elif k and data.features is not None:
+        fit = torch.from_numpy(data.features[split.train])
+        teacher.set_feature_stats(fit)
+        student.set_feature_stats(fit)
     teacher.to(device)
     student.to(device)
     tr, va = rows(split.train), rows(split.val)

@@ -63,8 +63,12 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
     assert (tmp_path / "rep" / "calibration.png").exists() and "v000001" in (tmp_path / "rep" / "report.md").read_text()
     code, out, _ = run(capsys, "consolidate", "--epochs", "10")
     assert code == 0 and "version v000002" in out
-    code, out, _ = run(capsys, "predict", "--json", "The agent guessed the answer and did not check it.",
-                       "The agent searched the web, cross-checked two sources and cited them in the answer.")
+    # predictions are asked for texts shaped like the stored episodes (the models also read text length)
+    code, out, _ = run(capsys, "predict", "--json",
+                       "Task: answer who founded Acme. The agent guessed the answer and did not check it. "
+                       "Outcome: final answer given.",
+                       "Task: answer who founded Acme. The agent searched the web, cross-checked two sources "
+                       "and cited them in the answer. Outcome: final answer given.")
     preds = json.loads(out)
     assert preds[1]["mean"] > preds[0]["mean"] + 0.3 and preds[0]["model_version"] == "v000002"
     code, out, _ = run(capsys, "models")

@@ -32,8 +32,11 @@ def test_synthetic_consolidation_learns_and_distills(trained):
 def test_predictions_rank_strategies(trained):
     store, reg, _ = trained
     pred = Predictor(reg, store.embedder)
-    good = "Task: summarise the quarterly report of Acme. The agent searched the web, cross-checked two sources and cited them in the answer."
-    bad = "Task: summarise the quarterly report of Acme. The agent looped on the same tool call until the step limit and gave up."
+    # shaped like the stored episodes: the models read text statistics too
+    good = ("Task: summarise the quarterly report of Acme. The agent searched the web, cross-checked two sources "
+            "and cited them in the answer. Outcome: final answer given.")
+    bad = ("Task: summarise the quarterly report of Acme. The agent looped on the same tool call until the step "
+           "limit and gave up. Outcome: no usable answer.")
     g, b = pred.predict([good, bad])
     assert g.mean > b.mean + 0.4
     assert g.prob_above(0.5) > 0.8 and b.prob_above(0.5) < 0.2
