@@ -69,8 +69,12 @@ class StudentRunner:
                 h = h @ w
                 if i == 0 and F is not None and self._feat is not None:
                     wf, mean, std = self._feat
-                    z = np.clip((F - mean) / std, -FEATURE_CLIP, FEATURE_CLIP)
-                    h += np.nan_to_num(z, nan=0.0) @ wf  # NaN -> the training mean (z = 0)
+                    z = F - mean
+                    z /= std
+                    np.clip(z, -FEATURE_CLIP, FEATURE_CLIP, out=z)
+                    if np.isnan(z).any():
+                        z[np.isnan(z)] = 0.0  # unknown -> the training mean
+                    h += z @ wf
                 h += b
                 if i < last:
                     np.maximum(h, 0.0, out=h)
