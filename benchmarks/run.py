@@ -445,7 +445,7 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
     if res.get("inference"):
         i = res["inference"]
         L += ["## Student inference (targets: >= 50% of sgemm at batch 1024; p50 < 200 us)", "",
-              f"Student {i['dim']}->256->128->64: {i['flops_per_sample']:,} FLOPs per sample. sgemm measured in the same run "
+              f"Student {i['dim']} (+4 text features)->256->128->64: {i['flops_per_sample']:,} FLOPs per sample. sgemm measured in the same run "
               "(1024x1536 @ 1536x256, numpy/OpenBLAS float32).", "",
               "| sgemm GFLOP/s | student GFLOP/s (batch 1024) | fraction of sgemm | rows/s | torch nn.Module rows/s | single query p50 | p95 |",
               "|---|---|---|---|---|---|---|",
