@@ -2,7 +2,8 @@
 
 ``run_curriculum_experiment`` trains one teacher per dataset and seed, then distils a student
 with every curriculum from the same initialisation, on the same rows, and compares them on
-held-out groups. ``run_router_experiment`` trains a student on the cheap FireAct agent's
+held-out groups (on the embeddings alone: the curricula are compared without the text features
+that consolidation adds by default). ``run_router_experiment`` trains a student on the cheap FireAct agent's
 episodes (question -> reward) and evaluates cheap/strong routing on held-out questions.
 """
 

@@ -9,6 +9,10 @@ Facts this module is built around (measured on chromadb 1.x):
 * a ``where`` takes one top-level key, so clauses are combined under ``$and``;
 * a PersistentClient is not safe across processes: use ``mode="http"`` (``chroma run``) there.
 
+Reserved metadata keys (``_md_*``) hold the namespace, reward, timestamps and the raw text counts
+behind the models' text features (``_md_stats``), so consolidation pages through embeddings and
+metadata only and never re-reads the texts.
+
 Writes are atomic per call: everything is validated and embedded before the first row is
 written, and a failure part-way through a chunked write removes (or restores) what was written.
 """

@@ -11,7 +11,7 @@ EXPECTED = {
     "MemoryDistill", "MemoryDistillError", "MemoryNotFoundError", "MemoryStore", "ModelDistillation",
     "NoModelError", "NotEnoughDataError", "OpenAIEmbedder", "PredictionBatch", "Predictor", "RewardBins",
     "RewardMLP", "RewardPrediction", "SearchHit", "Settings", "StoreConfig", "StoreError", "TeacherConfig",
-    "build_student", "build_teacher", "drift_report", "forget", "make_embedder", "run_consolidation",
+    "build_student", "build_teacher", "drift_report", "forget", "make_embedder", "run_consolidation", "text_stats",
     "__version__",
 }
 
