@@ -309,8 +309,7 @@ def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: f
     where = {"_md_rewarded_at": {"$gt": published}}
     for page in store.iter_pages(namespace=namespace, where=where, rewarded_only=True):
         X_parts.append(page.embeddings)
-        f_parts.append(page.features if page.features is not None
-                       else np.full((len(page.ids), N_TEXT_FEATURES), np.nan, np.float32))
+        f_parts.append(page.features)
         r_parts.append(page.rewards)
     if not X_parts:
         return DriftReport(pred.version, 0, None, None, None, baseline, None, False)

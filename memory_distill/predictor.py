@@ -169,12 +169,12 @@ class Predictor:
             X = X[None, :]
         if X.ndim != 2 or X.shape[1] != self.in_dim:
             raise ValueError(f"embeddings must be [n, {self.in_dim}], got {list(X.shape)}")
+        with self._lock:
+            runner, centers, version = self.runner, self._centers, self.version
         if texts is not None:
             if len(texts) != X.shape[0]:
                 raise ValueError(f"texts has {len(texts)} items for {X.shape[0]} embeddings: pass one text per row")
-            features = text_stats(list(texts))
-        with self._lock:
-            runner, centers, version = self.runner, self._centers, self.version
+            features = text_stats(list(texts)) if runner.n_features else None
         probs = _softmax(runner.logits(X, features))
         s = summarize_probs(probs, centers)
         return PredictionBatch(probs=s["probs"], mean=s["mean"], std=s["std"], entropy=s["entropy"],

@@ -61,7 +61,7 @@ class TrainingPage:
     rewards: np.ndarray  # float32 [n], NaN where pending
     created_at: np.ndarray  # float64 [n]
     groups: list[str]
-    features: np.ndarray | None = None  # float32 [n, N_TEXT_FEATURES], NaN rows where unknown
+    features: np.ndarray  # float32 [n, N_TEXT_FEATURES], NaN rows where unknown
 
 
 @dataclass
@@ -363,7 +363,8 @@ class MemoryStore:
             meta[REWARD] = float(r)
             meta[HAS_REWARD] = True
             meta[REWARDED_AT] = float(now)
-            meta.setdefault(STATS, encode_stats(doc or ""))  # rows written before text features existed
+            if STATS not in meta:  # rows written before text features existed
+                meta[STATS] = encode_stats(doc or "")
             metas.append(meta)
             out.append(self._from_row(i, doc, meta))
         self._col.update(ids=ids, metadatas=metas)
@@ -533,10 +534,7 @@ class MemoryStore:
             X[pos : pos + m] = page.embeddings[:m]
             rewards[pos : pos + m] = page.rewards[:m]
             created[pos : pos + m] = page.created_at[:m]
-            if page.features is not None:
-                feats[pos : pos + m] = page.features[:m]
-            else:
-                feats[pos : pos + m] = np.nan
+            feats[pos : pos + m] = page.features[:m]
             ids.extend(page.ids[:m])
             groups.extend(page.groups[:m])
             pos += m
