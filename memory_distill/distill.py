@@ -178,14 +178,10 @@ def distill(
         report.epoch_rewards.append(epoch_reward(improvement, 0.0 if prev_train is None else train_loss - prev_train,
                                                  0.0 if np.isnan(vagree) else vagree, epoch))
         prev_train = train_loss
-        report.epochs_run = epoch + 1
         if on_epoch:
             on_epoch(epoch, train_loss, vloss)
         log.debug("distill epoch %d train %.4f val %.4f kl %.4f agree %.3f", epoch, train_loss, vloss, vkl, vagree)
-        stop = stopper.update(student, vloss, epoch)
-        report.best_val_loss, report.best_epoch = stopper.best_loss, stopper.best_epoch
-        if stop:
-            report.stopped_early = True
+        if stopper.update(student, vloss, epoch, report):
             break
     stopper.restore(student)
     student.eval()

@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -54,21 +55,30 @@ def eval_loss(model: torch.nn.Module, X: torch.Tensor, Y: torch.Tensor, batch_si
 
 class EarlyStopping:
     """Keeps the best weights by validation loss; ``update`` says when ``patience`` epochs went without
-    improvement. Shared by the teacher and distillation loops."""
+    improvement and keeps a report's epoch bookkeeping. Shared by the teacher and distillation loops."""
 
     def __init__(self, patience: int, min_delta: float = 1e-5) -> None:
         self.patience, self.min_delta = patience, min_delta
         self.best_loss, self.best_epoch, self.bad = float("inf"), -1, 0
         self._state: dict[str, torch.Tensor] | None = None
 
-    def update(self, model: torch.nn.Module, val_loss: float, epoch: int) -> bool:
-        """Record this epoch; True when training should stop."""
+    def update(self, model: torch.nn.Module, val_loss: float, epoch: int, report: Any = None) -> bool:
+        """Record this epoch; True when training should stop.
+
+        ``report`` (a Teacher/DistillReport) gets ``epochs_run``, ``best_val_loss``, ``best_epoch``
+        and ``stopped_early``.
+        """
         if val_loss < self.best_loss - self.min_delta:
             self.best_loss, self.best_epoch, self.bad = val_loss, epoch, 0
             self._state = copy.deepcopy(model.state_dict())
-            return False
-        self.bad += 1
-        return self.bad >= self.patience
+        else:
+            self.bad += 1
+        stop = self.bad >= self.patience
+        if report is not None:
+            report.epochs_run = epoch + 1
+            report.best_val_loss, report.best_epoch = self.best_loss, self.best_epoch
+            report.stopped_early = stop
+        return stop
 
     def restore(self, model: torch.nn.Module) -> None:
         if self._state is not None:
@@ -116,14 +126,10 @@ def train_teacher(
         report.train_loss.append(float(total) / max(seen, 1))
         val = eval_loss(model, X_val, Y_val) if X_val is not None and Y_val is not None and len(X_val) else report.train_loss[-1]
         report.val_loss.append(val)
-        report.epochs_run = epoch + 1
         if on_epoch:
             on_epoch(epoch, report.train_loss[-1], val)
         log.debug("teacher epoch %d train %.4f val %.4f", epoch, report.train_loss[-1], val)
-        stop = stopper.update(model, val, epoch)
-        report.best_val_loss, report.best_epoch = stopper.best_loss, stopper.best_epoch
-        if stop:
-            report.stopped_early = True
+        if stopper.update(model, val, epoch, report):
             break
     stopper.restore(model)
     model.eval()

@@ -68,6 +68,8 @@ def test_model_feature_inputs_and_numpy_runner_match_torch() -> None:
     runner = StudentRunner(m)
     np.testing.assert_allclose(runner.logits(X.numpy(), F.numpy()), full.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(runner.logits(X.numpy()), emb_only.numpy(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match=r"features must be \[5, 4\]"):
+        runner.logits(X.numpy(), F.numpy()[:, :2])
     # a model without features ignores extra columns (incumbents are gated on the same input matrix)
     plain = RewardMLP(16, (8,), 10).eval()
     with torch.no_grad():
