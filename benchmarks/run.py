@@ -334,6 +334,10 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
                 t_mean = torch.softmax(pair.teacher(Xh), -1).numpy() @ bins.centers
                 s_mean = torch.softmax(pair.student(Xh), -1).numpy() @ bins.centers
                 e_mean = torch.softmax(plain.student(Xh), -1).numpy() @ bins.centers
+                # the student's best-of-n pick is what best_of_n(by="auto") does: the ranking head when
+                # consolidation attached one, else the expected reward
+                s_pick = pair.student.advantage(Xh).numpy() if pair.student.has_ranking else s_mean
+                e_pick = plain.student.advantage(Xh).numpy() if plain.student.has_ranking else e_mean
             tr = np.concatenate([split.train, split.val])
             knn = _knn(X[tr], data.rewards[tr], X[ho])
             ridge = _ridge(X[tr], data.rewards[tr], X[ho])
@@ -345,7 +349,7 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
             grp = np.array([data.groups[i] for i in ho], dtype=object)
             lengths = np.array([len(eps[i]["text"]) for i in ho])
             picks: dict[str, list[float]] = {k: [] for k in ("random", "longest", "oracle", "knn", "ridge", "ridge_features",
-                                                             "teacher", "student", "student_emb_only")}
+                                                             "teacher", "student", "student_mean", "student_emb_only")}
             for g in np.unique(grp):
                 m = np.flatnonzero(grp == g)
                 if len(m) < 2:
@@ -354,7 +358,7 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
                 picks["longest"].append(float(r[m[np.argmax(lengths[m])]]))
                 picks["oracle"].append(float(r[m].max()))
                 for key, score in (("knn", knn), ("ridge", ridge), ("ridge_features", ridge_f), ("teacher", t_mean),
-                                   ("student", s_mean), ("student_emb_only", e_mean)):
+                                   ("student", s_pick), ("student_mean", s_mean), ("student_emb_only", e_pick)):
                     picks[key].append(float(r[m[np.argmax(score[m])]]))
             results.append({
                 "dataset": name, "seed": seed, "embedder": emb.name, "n_holdout": int(len(ho)),
@@ -364,6 +368,8 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
                 "mae": {"teacher": float(np.abs(t_mean - r).mean()), "student": float(np.abs(s_mean - r).mean()),
                         "knn": float(np.abs(knn - r).mean()), "ridge": float(np.abs(ridge - r).mean())},
                 "best_of_n": {k: float(np.mean(v)) for k, v in picks.items()},
+                "ranking_head": bool(pair.student.has_ranking),
+                "ranking": None if pair.ranking is None else {k: v for k, v in vars(pair.ranking).items()},
             })
             print(f"  quality {name} seed {seed} {emb.name}: student rho {results[-1]['spearman']['student']:.3f} "
                   f"teacher {results[-1]['spearman']['teacher']:.3f} bo-n student {results[-1]['best_of_n']['student']:.3f}",
@@ -402,21 +408,59 @@ def _fmt_quality(q: list[dict[str, Any]]) -> list[str]:
     lines += ["| embedder | dataset | teacher rho | **student rho** | retention | student rho, embedding only | kNN rho | "
               "ridge rho | ridge + text features rho | student MAE | teacher MAE |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (e, d), rs in by.items():
-        ret = np.array([r["spearman"]["student"] / r["spearman"]["teacher"] if r["spearman"]["teacher"] > 0 else np.nan for r in rs])
+        ret = np.nanmean(col(rs, "spearman", "student")) / np.nanmean(col(rs, "spearman", "teacher"))
         lines.append(f"| {e} | {d} | {ms(col(rs, 'spearman', 'teacher'))} | {ms(col(rs, 'spearman', 'student'))} | "
-                     f"{np.nanmean(ret):.2f} | {ms(col(rs, 'spearman', 'student_emb_only'))} | {ms(col(rs, 'spearman', 'knn'))} | "
+                     f"{ret:.2f} | {ms(col(rs, 'spearman', 'student_emb_only'))} | {ms(col(rs, 'spearman', 'knn'))} | "
                      f"{ms(col(rs, 'spearman', 'ridge'))} | {ms(col(rs, 'spearman', 'ridge_features'))} | "
                      f"{ms(col(rs, 'mae', 'student'))} | {ms(col(rs, 'mae', 'teacher'))} |")
-    keys = ("random", "longest", "knn", "ridge", "ridge_features", "teacher", "student", "student_emb_only", "oracle")
-    lines += ["", "Best-of-n on held-out groups (mean realised reward of the pick; mean ± std over seeds). "
-              "*student − longest* is the paired difference per seed (same held-out groups):", "",
-              "| embedder | dataset | random | longest | kNN | ridge | ridge + text features | teacher | **student** | "
-              "student, embedding only | oracle | student − longest |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["", "Retention uses the ratio of the seed means (mean student rho / mean teacher rho): a per-seed ratio is "
+              "unstable when a seed's teacher rho is small."]
+    keys = ("random", "longest", "knn", "ridge", "ridge_features", "teacher", "student_mean", "student", "student_emb_only",
+            "oracle")
+    lines += ["", "Best-of-n on held-out groups (mean realised reward of the pick; mean ± std over seeds). **Student**: "
+              "what `best_of_n` picks by default, the student's ranking head when consolidation attached one "
+              "(attached in the *head* column's share of seeds), else its expected reward; *student, expected "
+              "reward*: always by the expected reward. The teacher picks by its expected reward. *student − "
+              "longest* is the paired difference per seed (same held-out groups):", "",
+              "| embedder | dataset | random | longest | kNN | ridge | ridge + text features | teacher | student, expected reward | "
+              "**student** | student, embedding only | oracle | head | student − longest |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (e, d), rs in by.items():
         cells = [ms(col(rs, "best_of_n", k)) for k in keys]
+        cells.append(f"{sum(bool(r.get('ranking_head')) for r in rs)}/{len(rs)}")
         diff = col(rs, "best_of_n", "student") - col(rs, "best_of_n", "longest")
         lines.append(f"| {e} | {d} | " + " | ".join(cells) + f" | {np.mean(diff):+.3f} ± {np.std(diff):.3f} |")
+    n_seeds = max(len(rs) for rs in by.values())
+    lines += ["", f"Paired differences, the student minus each baseline, per seed (same held-out groups): mean and 95% "
+              f"confidence interval over the {n_seeds} seeds (t distribution). **beats**: the interval lies above 0; "
+              "*ties*: it contains 0; **loses**: it lies below 0.", "",
+              "| embedder | dataset | best-of-n vs random | vs longest | vs kNN | vs ridge + text features | "
+              "rho vs kNN | rho vs ridge + text features |", "|---|---|---|---|---|---|---|---|"]
+    for (e, d), rs in by.items():
+        cells = [_paired(col(rs, "best_of_n", "student") - col(rs, "best_of_n", k))
+                 for k in ("random", "longest", "knn", "ridge_features")]
+        cells += [_paired(col(rs, "spearman", "student") - col(rs, "spearman", k)) for k in ("knn", "ridge_features")]
+        lines.append(f"| {e} | {d} | " + " | ".join(cells) + " |")
     return lines
+
+
+# two-sided 95% quantiles of Student's t by degrees of freedom (df > 30 uses the normal 1.96)
+_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
+         25: 2.060, 30: 2.042}
+
+
+def _paired(diff: np.ndarray) -> str:
+    """'+0.012 [-0.010, +0.034] ties': mean paired difference, 95% t interval, verdict."""
+    diff = diff[~np.isnan(diff)]
+    if len(diff) < 2:
+        return f"{np.mean(diff):+.3f} (one seed)" if len(diff) else "-"
+    df = len(diff) - 1
+    t = _T975.get(df) or (_T975[max(k for k in _T975 if k <= df)] if df <= 30 else 1.96)
+    half = t * np.std(diff, ddof=1) / np.sqrt(len(diff))
+    lo, hi = np.mean(diff) - half, np.mean(diff) + half
+    verdict = "**beats**" if lo > 0 else "**loses**" if hi < 0 else "*ties*"
+    return f"{np.mean(diff):+.3f} [{lo:+.3f}, {hi:+.3f}] {verdict}"
 
 
 def write_markdown(res: dict[str, Any], path: Path) -> None:

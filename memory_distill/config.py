@@ -236,6 +236,10 @@ class JobConfig(BaseModel):
     """Let the models see four text statistics next to the embedding (log1p of characters, words, line
     breaks, distinct words; :mod:`memory_distill.features`). Embeddings are normalised and lose length,
     which real judges reward; ``False`` trains on the embedding alone."""
+    ranking: bool = True
+    """When memories carry a ``group`` (answers to the same prompt), also fit the student's
+    within-group ranking head for best-of-n (:mod:`memory_distill.ranking`); it is kept only when
+    it ranks the validation groups better than the expected reward."""
 
 
 class Settings(BaseSettings):

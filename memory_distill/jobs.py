@@ -45,6 +45,7 @@ from .evaluate import (
 )
 from .features import N_TEXT_FEATURES, TEXT_FEATURES
 from .models import resolve_device
+from .ranking import RankingFit, within_group_spearman
 from .rewards import RewardBins
 from .store import MemoryStore, TrainingData
 from .teacher import TeacherReport
@@ -88,6 +89,8 @@ class ConsolidationReport:
     bins: dict[str, Any]
     seconds: float
     device: str
+    ranking: RankingFit | None = None
+    """The within-group ranking head for best-of-n (attached or why not; :mod:`memory_distill.ranking`)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -225,6 +228,16 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         inc_probs = torch.softmax(incumbent.student.cpu()(X_all[ev].cpu()), -1).detach().numpy()
         inc_metrics = model_metrics(inc_probs, data.rewards[eval_idx], incumbent.bins)
     promote, reason = should_promote(evaluation.student, inc_metrics, cfg.gate, incumbent_stale=inc_stale)
+    if trained.ranking is not None and student.has_ranking and len(split.holdout):
+        # how the head and the expected reward rank the held-out groups (reported, not gated)
+        hx = X_all[rows(split.holdout)].cpu()
+        with torch.no_grad():
+            adv = student.cpu().advantage(hx).numpy()
+            mean = torch.softmax(student(hx), -1).numpy() @ bins.centers
+        g = np.asarray([data.groups[i] for i in split.holdout], dtype=object)
+        r = data.rewards[split.holdout]
+        trained.ranking.holdout_within_spearman = within_group_spearman(adv, r, g)[0]
+        trained.ranking.holdout_within_spearman_mean = within_group_spearman(mean, r, g)[0]
 
     train_ids = [data.ids[i] for i in np.concatenate([split.train, split.val, split.transfer])]
     manifest = {
@@ -232,6 +245,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         "reason": reason,
         "embedder": {"name": store.embedder.name, "dim": store.embedder.dim},
         "features": TEXT_FEATURES if student.n_features else None,
+        "ranking": asdict(trained.ranking) if trained.ranking is not None else None,
         "bins": bins.to_dict(),
         "target": cfg.bins.target,
         "config": cfg.model_dump(mode="json"),
@@ -252,7 +266,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         n_train=len(split.train), n_val=len(split.val), n_holdout=len(split.holdout), n_transfer=len(split.transfer),
         skipped_rows=skipped, warm_started=warm, incumbent_version=inc_version, incumbent_metrics=inc_metrics,
         evaluation=evaluation, teacher=t_report, distill=d_report, bins=bins.to_dict(),
-        seconds=time.perf_counter() - t0, device=str(device),
+        seconds=time.perf_counter() - t0, device=str(device), ranking=trained.ranking,
     )
 
 

@@ -37,6 +37,7 @@ class RewardMLP(nn.Module):
 
     feat_mean: torch.Tensor
     feat_std: torch.Tensor
+    rank_w: torch.Tensor  # only when a ranking head is attached (set_ranking)
 
     def __init__(self, in_dim: int, hidden: Sequence[int], n_bins: int, *, dropout: float = 0.0,
                  batchnorm: bool = False, n_features: int = 0) -> None:
@@ -67,12 +68,13 @@ class RewardMLP(nn.Module):
         """Width of the full input: embedding plus text features."""
         return self.in_dim + self.n_features
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def standardized(self, x: torch.Tensor) -> torch.Tensor:
+        """What the first layer sees: the embedding, then the standardised, clipped features (``NaN`` -> 0)."""
         width = x.shape[-1]
         if not self.n_features:
             if width < self.in_dim:
                 raise ValueError(f"input must be [n, {self.in_dim}] (embedding), got {list(x.shape)}")
-            return self.net(x[:, : self.in_dim] if width > self.in_dim else x)
+            return x[:, : self.in_dim] if width > self.in_dim else x
         if width not in (self.in_dim, self.input_dim):
             raise ValueError(f"input must be [n, {self.in_dim}] (embedding) or [n, {self.input_dim}] "
                              f"(embedding + {self.n_features} text features), got {list(x.shape)}")
@@ -81,7 +83,39 @@ class RewardMLP(nn.Module):
         else:
             z = ((x[:, self.in_dim :] - self.feat_mean) / self.feat_std).clamp(-FEATURE_CLIP, FEATURE_CLIP)
             f = torch.nan_to_num(z, nan=0.0)
-        return self.net(torch.cat([x[:, : self.in_dim], f], dim=1))
+        return torch.cat([x[:, : self.in_dim], f], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.standardized(x))
+
+    # ------------------------------------------------------------ ranking head
+
+    @property
+    def has_ranking(self) -> bool:
+        """Whether this model carries a within-group ranking head (:mod:`memory_distill.ranking`)."""
+        return hasattr(self, "rank_w")
+
+    @torch.no_grad()
+    def set_ranking(self, weights: torch.Tensor | None) -> None:
+        """Attach (or with ``None`` remove) the ranking head: one weight per standardised input column."""
+        if weights is None:
+            if self.has_ranking:
+                del self._buffers["rank_w"]
+            return
+        w = weights.detach().to(torch.float32).reshape(-1)
+        if w.shape[0] != self.input_dim:
+            raise ValueError(f"ranking weights must have {self.input_dim} entries, got {w.shape[0]}")
+        self.register_buffer("rank_w", w.to(next(self.parameters()).device).clone())
+
+    def advantage(self, x: torch.Tensor) -> torch.Tensor:
+        """The ranking head's score: how much better than the other answers to the same prompt.
+
+        Only differences between rows of one group mean anything (the head is fit on rewards
+        centred within each group); the scale is reward units.
+        """
+        if not self.has_ranking:
+            raise ValueError("this model has no ranking head (consolidation found no groups with several rewarded memories)")
+        return self.standardized(x) @ self.rank_w
 
     @torch.no_grad()
     def set_feature_stats(self, features: torch.Tensor) -> None:
@@ -100,13 +134,17 @@ class RewardMLP(nn.Module):
     def arch(self) -> dict[str, object]:
         """Everything needed to rebuild this module (stored in artifact manifests)."""
         return {"in_dim": self.in_dim, "hidden": list(self.hidden), "n_bins": self.n_bins,
-                "dropout": self.dropout, "batchnorm": self.batchnorm, "n_features": self.n_features}
+                "dropout": self.dropout, "batchnorm": self.batchnorm, "n_features": self.n_features,
+                "ranking": self.has_ranking}
 
     @classmethod
     def from_arch(cls, arch: dict[str, Any]) -> RewardMLP:
-        return cls(int(arch["in_dim"]), [int(h) for h in arch["hidden"]], int(arch["n_bins"]),
-                   dropout=float(arch["dropout"]), batchnorm=bool(arch["batchnorm"]),
-                   n_features=int(arch.get("n_features", 0)))
+        m = cls(int(arch["in_dim"]), [int(h) for h in arch["hidden"]], int(arch["n_bins"]),
+                dropout=float(arch["dropout"]), batchnorm=bool(arch["batchnorm"]),
+                n_features=int(arch.get("n_features", 0)))
+        if arch.get("ranking"):
+            m.set_ranking(torch.zeros(m.input_dim))  # the saved weights are loaded over it
+        return m
 
     def flops_per_sample(self) -> int:
         """Multiply-adds x2 of the Linear layers (what a matmul-bound forward pass costs)."""

@@ -52,29 +52,55 @@ class StudentRunner:
                 self._feat = (np.ascontiguousarray(w0[self.in_dim :]),
                               model.feat_mean.detach().numpy().astype(np.float32),
                               model.feat_std.detach().numpy().astype(np.float32))
+        self.has_ranking = model.has_ranking
+        self._rank: tuple[np.ndarray, np.ndarray] | None = None  # (w_embedding, w_features)
+        if self.has_ranking:
+            w = model.rank_w.detach().cpu().numpy().astype(np.float32)
+            self._rank = (np.ascontiguousarray(w[: self.in_dim]), np.ascontiguousarray(w[self.in_dim :]))
 
-    def logits(self, X: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
-        """Logits for embeddings ``X`` [n, in_dim] and (optional) raw text features [n, k]."""
+    def _standardized_features(self, F: np.ndarray) -> np.ndarray:
+        assert self._feat is not None
+        _, mean, std = self._feat
+        z = F - mean
+        z /= std
+        np.clip(z, -FEATURE_CLIP, FEATURE_CLIP, out=z)
+        if np.isnan(z).any():
+            z[np.isnan(z)] = 0.0  # unknown -> the training mean
+        return z
+
+    def _check(self, X: np.ndarray, features: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
         X = np.ascontiguousarray(X, dtype=np.float32)
         if features is not None and self.n_features:
             F = np.asarray(features, np.float32)
             if F.shape != (X.shape[0], self.n_features):
                 raise ValueError(f"features must be [{X.shape[0]}, {self.n_features}], got {list(F.shape)}")
-        else:
-            F = None
+            return X, F
+        return X, None
+
+    def advantage(self, X: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        """The ranking head's score per row (:meth:`RewardMLP.advantage`); compare rows of one group only."""
+        if not self.has_ranking:
+            raise ValueError("this student has no ranking head")
+        X, F = self._check(X, features)
+        if self._rank is not None and self.device.type == "cpu":
+            out = X @ self._rank[0]
+            if F is not None and self._feat is not None:
+                out += self._standardized_features(F) @ self._rank[1]
+            return out
+        x = torch.from_numpy(X if F is None else np.concatenate([X, F], axis=1)).to(self.device)
+        with torch.inference_mode():
+            return self.model.advantage(x).float().cpu().numpy()
+
+    def logits(self, X: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        """Logits for embeddings ``X`` [n, in_dim] and (optional) raw text features [n, k]."""
+        X, F = self._check(X, features)
         if self._layers is not None:
             h = X
             last = len(self._layers) - 1
             for i, (w, b) in enumerate(self._layers):
                 h = h @ w
                 if i == 0 and F is not None and self._feat is not None:
-                    wf, mean, std = self._feat
-                    z = F - mean
-                    z /= std
-                    np.clip(z, -FEATURE_CLIP, FEATURE_CLIP, out=z)
-                    if np.isnan(z).any():
-                        z[np.isnan(z)] = 0.0  # unknown -> the training mean
-                    h += z @ wf
+                    h += self._standardized_features(F) @ self._feat[0]
                 h += b
                 if i < last:
                     np.maximum(h, 0.0, out=h)
@@ -152,6 +178,11 @@ class Predictor:
         return self.embedder.embed(list(texts))
 
     @property
+    def has_ranking(self) -> bool:
+        """Whether the served student has a within-group ranking head (predictions then carry ``advantage``)."""
+        return self.runner.has_ranking
+
+    @property
     def uses_text_features(self) -> bool:
         """Whether the served student also reads text features (:mod:`memory_distill.features`)."""
         return bool(self.loaded.student.n_features)
@@ -177,8 +208,9 @@ class Predictor:
             features = text_stats(list(texts)) if runner.n_features else None
         probs = _softmax(runner.logits(X, features))
         s = summarize_probs(probs, centers)
+        adv = runner.advantage(X, features) if runner.has_ranking else None
         return PredictionBatch(probs=s["probs"], mean=s["mean"], std=s["std"], entropy=s["entropy"],
-                               quantiles=s["quantiles"], support=centers, model_version=version)
+                               quantiles=s["quantiles"], support=centers, model_version=version, advantage=adv)
 
     def predict_batch(self, texts: Sequence[str]) -> PredictionBatch:
         if isinstance(texts, str):

@@ -17,6 +17,7 @@ from .config import JobConfig
 from .curriculum import Curriculum
 from .distill import DistillReport, distill, teacher_logits
 from .models import ModelInputs, RewardMLP, build_student, build_teacher, model_inputs
+from .ranking import RankingFit, fit_ranking_head
 from .rewards import RewardBins
 from .store import TrainingData
 from .teacher import TeacherReport, train_teacher
@@ -83,6 +84,8 @@ class TrainedPair:
     teacher_report: TeacherReport
     distill_report: DistillReport
     X: torch.Tensor | ModelInputs
+    ranking: RankingFit | None = None
+    """The within-group ranking head's fit (``None`` when ``cfg.ranking`` is off)."""
     """All rows of the data on the training device (index with split indices): the model inputs."""
 
 
@@ -125,7 +128,8 @@ def train_pair(
     student = build_student(cfg.distill, dim, bins.n_bins, k)
     if init is not None:
         teacher.load_state_dict(init[0].state_dict())
-        student.load_state_dict(init[1].state_dict())
+        # the ranking head is refit below at every run, never carried over
+        student.load_state_dict({k: v for k, v in init[1].state_dict().items() if k != "rank_w"})
     elif k and data.features is not None:
         fit = torch.from_numpy(data.features[split.train])
         teacher.set_feature_stats(fit)
@@ -152,4 +156,7 @@ def train_pair(
                        on_epoch=lambda e, a, b: bar.update(1) if bar else None, rows=di)
     if bar:
         bar.close()
-    return TrainedPair(teacher, student, t_report, d_report, X_all)
+    ranking = None
+    if cfg.ranking:
+        ranking = fit_ranking_head(student, X_all, data.rewards, data.groups, split.train, split.val, bins.centers)
+    return TrainedPair(teacher, student, t_report, d_report, X_all, ranking)

@@ -108,6 +108,9 @@ class RewardPrediction:
     probs: np.ndarray = field(repr=False)
     support: np.ndarray = field(repr=False)
     model_version: str | None = None
+    advantage: float | None = None
+    """The ranking head's score (when the student has one): higher = better than the other answers
+    to the same prompt. Compare it only between answers to one prompt (best-of-n)."""
 
     def prob_above(self, threshold: float) -> float:
         """P(reward > threshold) under the predicted distribution (bin-centre approximation)."""
@@ -120,6 +123,7 @@ class RewardPrediction:
             "entropy": self.entropy,
             "quantiles": {str(k): v for k, v in self.quantiles.items()},
             "model_version": self.model_version,
+            "advantage": self.advantage,
         }
 
 
@@ -134,6 +138,8 @@ class PredictionBatch:
     quantiles: dict[float, np.ndarray]
     support: np.ndarray
     model_version: str | None = None
+    advantage: np.ndarray | None = None
+    """The ranking head's scores (``None`` when the student has none); see :class:`RewardPrediction`."""
 
     def __len__(self) -> int:
         return int(self.mean.shape[0])
@@ -150,6 +156,7 @@ class PredictionBatch:
             probs=self.probs[i],
             support=self.support,
             model_version=self.model_version,
+            advantage=None if self.advantage is None else float(self.advantage[i]),
         )
 
     def to_list(self) -> list[RewardPrediction]:

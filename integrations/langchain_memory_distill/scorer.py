@@ -61,23 +61,33 @@ class RewardScorer(Runnable[Input, RewardPrediction]):
 
 
 def best_of_n(candidates: Sequence[Input], scorer: RewardScorer, *,
-              by: Literal["mean", "lcb", "prob_above"] = "mean", risk: float = 1.0,
+              by: Literal["auto", "rank", "mean", "lcb", "prob_above"] = "auto", risk: float = 1.0,
               threshold: float = 0.5) -> tuple[int, Input, list[RewardPrediction]]:
-    """Pick the candidate with the best predicted reward.
+    """Pick the best of several answers to the same prompt.
 
-    ``by="mean"``: expected reward; ``"lcb"``: mean - risk * std (risk-averse);
-    ``"prob_above"``: P(reward > threshold). Returns (index, candidate, predictions).
+    ``by="auto"`` (default): the student's ranking head when it has one (fit on rewards within
+    groups of answers to one prompt, see :mod:`memory_distill.ranking`), else the expected
+    reward. ``"rank"``: the ranking head (an error without one); ``"mean"``: expected reward;
+    ``"lcb"``: mean - risk * std (risk-averse); ``"prob_above"``: P(reward > threshold).
+    Returns (index, candidate, predictions).
     """
     if not candidates:
         raise ValueError("best_of_n needs at least one candidate")
     batch = scorer.score_batch(list(candidates))
-    if by == "mean":
+    if by == "auto":
+        by = "rank" if batch.advantage is not None else "mean"
+    if by == "rank":
+        if batch.advantage is None:
+            raise ValueError("by='rank' needs a student with a ranking head: consolidate memories that carry a "
+                             "'group' metadata key (answers to the same prompt), or use by='mean'")
+        key = batch.advantage
+    elif by == "mean":
         key = batch.mean
     elif by == "lcb":
         key = batch.mean - risk * batch.std
     elif by == "prob_above":
         key = batch.prob_above(threshold)
     else:
-        raise ValueError(f"by must be 'mean', 'lcb' or 'prob_above', got {by!r}")
+        raise ValueError(f"by must be 'auto', 'rank', 'mean', 'lcb' or 'prob_above', got {by!r}")
     i = int(np.argmax(key))
     return i, candidates[i], batch.to_list()
