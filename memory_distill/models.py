@@ -37,7 +37,10 @@ class RewardMLP(nn.Module):
 
     feat_mean: torch.Tensor
     feat_std: torch.Tensor
-    rank_w: torch.Tensor  # only when a ranking head is attached (set_ranking)
+    # only when a ranking head is attached (set_ranking)
+    rank_w: torch.Tensor
+    rank_mean_w: torch.Tensor
+    rank_centers: torch.Tensor
 
     def __init__(self, in_dim: int, hidden: Sequence[int], n_bins: int, *, dropout: float = 0.0,
                  batchnorm: bool = False, n_features: int = 0) -> None:
@@ -96,26 +99,41 @@ class RewardMLP(nn.Module):
         return hasattr(self, "rank_w")
 
     @torch.no_grad()
-    def set_ranking(self, weights: torch.Tensor | None) -> None:
-        """Attach (or with ``None`` remove) the ranking head: one weight per standardised input column."""
+    def set_ranking(self, weights: torch.Tensor | None, *, mean_weight: float = 0.0,
+                    centers: torch.Tensor | None = None) -> None:
+        """Attach (or with ``None`` remove) the ranking head.
+
+        ``weights``: one per standardised input column; ``mean_weight`` times the expected reward
+        over the bin ``centers`` is added to the score.
+        """
         if weights is None:
-            if self.has_ranking:
-                del self._buffers["rank_w"]
+            for k in ("rank_w", "rank_mean_w", "rank_centers"):
+                self._buffers.pop(k, None)
             return
         w = weights.detach().to(torch.float32).reshape(-1)
         if w.shape[0] != self.input_dim:
             raise ValueError(f"ranking weights must have {self.input_dim} entries, got {w.shape[0]}")
-        self.register_buffer("rank_w", w.to(next(self.parameters()).device).clone())
+        c = torch.zeros(self.n_bins) if centers is None else centers.detach().to(torch.float32).reshape(-1)
+        if c.shape[0] != self.n_bins:
+            raise ValueError(f"centers must have {self.n_bins} entries, got {c.shape[0]}")
+        dev = next(self.parameters()).device
+        self.register_buffer("rank_w", w.to(dev).clone())
+        self.register_buffer("rank_mean_w", torch.tensor([float(mean_weight)], device=dev))
+        self.register_buffer("rank_centers", c.to(dev).clone())
 
     def advantage(self, x: torch.Tensor) -> torch.Tensor:
         """The ranking head's score: how much better than the other answers to the same prompt.
 
-        Only differences between rows of one group mean anything (the head is fit on rewards
-        centred within each group); the scale is reward units.
+        ``standardized(x) @ rank_w + rank_mean_w * expected reward``. Only differences between
+        rows of one group mean anything (the head is fit on rewards centred within each group).
         """
         if not self.has_ranking:
             raise ValueError("this model has no ranking head (consolidation found no groups with several rewarded memories)")
-        return self.standardized(x) @ self.rank_w
+        z = self.standardized(x)
+        out = z @ self.rank_w
+        if float(self.rank_mean_w) != 0.0:
+            out = out + self.rank_mean_w * (torch.softmax(self.net(z), -1) @ self.rank_centers)
+        return out
 
     @torch.no_grad()
     def set_feature_stats(self, features: torch.Tensor) -> None:
@@ -143,7 +161,7 @@ class RewardMLP(nn.Module):
                 dropout=float(arch["dropout"]), batchnorm=bool(arch["batchnorm"]),
                 n_features=int(arch.get("n_features", 0)))
         if arch.get("ranking"):
-            m.set_ranking(torch.zeros(m.input_dim))  # the saved weights are loaded over it
+            m.set_ranking(torch.zeros(m.input_dim))  # the saved buffers are loaded over these
         return m
 
     def flops_per_sample(self) -> int:

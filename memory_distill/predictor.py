@@ -53,10 +53,11 @@ class StudentRunner:
                               model.feat_mean.detach().numpy().astype(np.float32),
                               model.feat_std.detach().numpy().astype(np.float32))
         self.has_ranking = model.has_ranking
-        self._rank: tuple[np.ndarray, np.ndarray] | None = None  # (w_embedding, w_features)
+        self._rank: tuple[np.ndarray, np.ndarray, float, np.ndarray] | None = None  # (w_emb, w_feat, mean w, centers)
         if self.has_ranking:
             w = model.rank_w.detach().cpu().numpy().astype(np.float32)
-            self._rank = (np.ascontiguousarray(w[: self.in_dim]), np.ascontiguousarray(w[self.in_dim :]))
+            self._rank = (np.ascontiguousarray(w[: self.in_dim]), np.ascontiguousarray(w[self.in_dim :]),
+                          float(model.rank_mean_w), model.rank_centers.detach().cpu().numpy().astype(np.float64))
 
     def _standardized_features(self, F: np.ndarray) -> np.ndarray:
         assert self._feat is not None
@@ -77,15 +78,23 @@ class StudentRunner:
             return X, F
         return X, None
 
-    def advantage(self, X: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
-        """The ranking head's score per row (:meth:`RewardMLP.advantage`); compare rows of one group only."""
+    def advantage(self, X: np.ndarray, features: np.ndarray | None = None, *, mean: np.ndarray | None = None) -> np.ndarray:
+        """The ranking head's score per row (:meth:`RewardMLP.advantage`); compare rows of one group only.
+
+        ``mean``: the expected reward of the same rows, when already computed (saves a forward pass).
+        """
         if not self.has_ranking:
             raise ValueError("this student has no ranking head")
         X, F = self._check(X, features)
-        if self._rank is not None and self.device.type == "cpu":
-            out = X @ self._rank[0]
+        if self._rank is not None and self._layers is not None:
+            w_e, w_f, w_mean, centers = self._rank
+            out = X @ w_e
             if F is not None and self._feat is not None:
-                out += self._standardized_features(F) @ self._rank[1]
+                out += self._standardized_features(F) @ w_f
+            if w_mean != 0.0:
+                if mean is None:
+                    mean = _softmax(self.logits(X, F)) @ centers
+                out += np.float32(w_mean) * np.asarray(mean, np.float32)
             return out
         x = torch.from_numpy(X if F is None else np.concatenate([X, F], axis=1)).to(self.device)
         with torch.inference_mode():
@@ -208,7 +217,7 @@ class Predictor:
             features = text_stats(list(texts)) if runner.n_features else None
         probs = _softmax(runner.logits(X, features))
         s = summarize_probs(probs, centers)
-        adv = runner.advantage(X, features) if runner.has_ranking else None
+        adv = runner.advantage(X, features, mean=s["mean"]) if runner.has_ranking else None
         return PredictionBatch(probs=s["probs"], mean=s["mean"], std=s["std"], entropy=s["entropy"],
                                quantiles=s["quantiles"], support=centers, model_version=version, advantage=adv)
 

@@ -2,17 +2,21 @@
 
 The reward distribution head is trained on every memory at once, so most of what it learns is
 *between* prompts (some tasks are hard, some easy). Best-of-n only needs the *within* prompt
-part: among the answers to one prompt, which is better. On real judged data these differ (on
-arena answers, length goes with a lower reward across prompts but a higher one within a
-prompt), and a model fit on rewards pooled over prompts picks worse.
+part: among the answers to one prompt, which is better. On real judged data these differ. In the
+reflexion trajectories, questions with long trajectories are the hard ones (Spearman of a
+question's mean length in characters with its mean reward: -0.60), yet within one question
+length says little (mean within-question Spearman -0.12). On arena answers, the number of
+distinct words ranks the answers to one prompt (0.37) better than it ranks prompts (0.26). A
+model fit on rewards pooled over prompts mixes the two and picks worse.
 
 When memories carry a ``group`` (answers to the same prompt or task), consolidation fits a
 linear head on the student's own inputs (embedding plus standardised text features) to the
 rewards centred within each group: a fixed-effects ridge regression, solved in closed form in
 float64 with one pass over the rows, group by group (the embedding matrix is never copied).
-The ridge strength is chosen on the validation groups by mean within-group Spearman, and the
-head is kept only when it ranks the validation groups better than the student's expected
-reward does. It is refit at every consolidation (a few milliseconds to seconds).
+The ridge strength is chosen on the validation groups by mean within-group Spearman; there too,
+a two-weight within-group regression blends the head with the student's expected reward
+(stacking), so the served score is ``weight_head * head + weight_mean * expected reward``. It is
+refit at every consolidation (milliseconds to seconds; nothing is carried over by warm starts).
 """
 
 from __future__ import annotations
@@ -36,15 +40,19 @@ class RankingFit:
     """What :func:`fit_ranking_head` found (stored in the artifact manifest under ``"ranking"``)."""
 
     attached: bool
-    """Whether the head was kept (it ranks validation groups better than the expected reward)."""
+    """Whether the head was attached (it adds to the expected reward on validation groups)."""
     reason: str
     n_groups: int
     """Training + validation groups with >= 2 rewarded memories."""
     n_rows: int
     ridge: float | None = None
     """Chosen strength, relative to the mean diagonal of the Gram matrix."""
+    weight_head: float | None = None
+    """Weight of the linear head in the served score (stacked on validation groups, >= 0)."""
+    weight_mean: float | None = None
+    """Weight of the student's expected reward in the served score (>= 0)."""
     val_within_spearman: float | None = None
-    """Mean within-group Spearman of the head on validation groups."""
+    """Mean within-group Spearman of the served score on validation groups (where its two weights were fit)."""
     val_within_spearman_mean: float | None = None
     """The same for the student's expected reward (what best-of-n uses without the head)."""
     n_val_groups: int = 0
@@ -107,16 +115,44 @@ def _centred_gram(model: RewardMLP, X: torch.Tensor | ModelInputs, rows: np.ndar
     return A, b
 
 
+def _centre(v: np.ndarray, g: np.ndarray) -> np.ndarray:
+    n = int(g.max()) + 1 if len(g) else 0
+    cnt = np.maximum(np.bincount(g, minlength=n), 1)
+    return v - (np.bincount(g, weights=v, minlength=n) / cnt)[g]
+
+
+def _stack(head: np.ndarray, mean: np.ndarray, r: np.ndarray, g: np.ndarray) -> tuple[float, float]:
+    """Non-negative within-group least squares of ``r`` on [head, mean]: the weights of the blend."""
+    Z = np.stack([_centre(head, g), _centre(mean, g)], 1)
+    y = _centre(r, g)
+    coef = np.linalg.lstsq(Z, y, rcond=None)[0]
+    if coef.min() < 0:  # one of them is negative: keep the better single one
+        coef = np.zeros(2)
+        for j in (0, 1):
+            den = float(Z[:, j] @ Z[:, j])
+            coef[j] = max(float(Z[:, j] @ y) / den, 0.0) if den > 0 else 0.0
+        coef[int(np.argmin(coef))] = 0.0
+    return float(coef[0]), float(coef[1])
+
+
 def fit_ranking_head(student: RewardMLP, X: torch.Tensor | ModelInputs, rewards: np.ndarray, groups: list[str],
                      train: np.ndarray, val: np.ndarray, centers: np.ndarray, *, min_groups: int = 5,
                      chunk: int = 8192) -> RankingFit:
-    """Fit the within-group ranking head on ``train`` rows, choose its ridge strength and keep it or
-    not on ``val`` rows, refit on both, and attach it to ``student`` (``student.set_ranking``).
+    """Fit the within-group ranking head and attach it to ``student`` (``student.set_ranking``).
 
-    ``centers`` are the reward bins' centres (for the expected reward it is compared with). Rows
-    with a ``NaN`` reward are ignored. Needs >= ``min_groups`` training groups with two or
-    more rewarded memories; otherwise the student keeps no head and best-of-n ranks by the expected
-    reward.
+    1. On ``train`` rows: the fixed-effects ridge of the rewards on the student's standardised
+       inputs, for each strength in :data:`RIDGE_GRID` (one eigendecomposition).
+    2. On ``val`` rows: the strength whose scores rank the validation groups best (mean
+       within-group Spearman), then a non-negative within-group least squares of the reward on
+       [that head's score, the student's expected reward] (stacking). The served score is
+       ``weight_head * head + weight_mean * expected reward``, so where the distribution head
+       already ranks well it keeps a say.
+    3. The linear head is refit on train + validation rows with the chosen strength.
+
+    ``centers`` are the reward bins' centres. Rows with a ``NaN`` reward are ignored. Needs >=
+    ``min_groups`` training groups and 2 validation groups with two or more rewarded memories, and
+    a positive head weight; otherwise the student keeps no head and best-of-n ranks by the
+    expected reward.
     """
     student.set_ranking(None)
     codes = np.unique(np.asarray(groups, dtype=object), return_inverse=True)[1]
@@ -127,42 +163,46 @@ def fit_ranking_head(student: RewardMLP, X: torch.Tensor | ModelInputs, rewards:
     if n_groups_tr < min_groups:
         return RankingFit(False, f"{n_groups_tr} training groups with >= 2 rewarded memories (needs {min_groups})",
                           n_groups_tr, len(tr))
+    n_val_groups = len(np.unique(codes[va])) if len(va) else 0
+    if n_val_groups < 2:
+        return RankingFit(False, f"{n_val_groups} validation groups with >= 2 rewarded memories: cannot check the head",
+                          n_groups_tr, len(tr))
     student.eval()
     A_tr, b_tr = _centred_gram(student, X, tr, codes, rewards, chunk)
     scale = float(torch.diagonal(A_tr).mean()) or 1.0
     evals, Q = torch.linalg.eigh(A_tr)
     qb = Q.T @ b_tr
-    n_val_groups = len(np.unique(codes[va])) if len(va) else 0
-    if n_val_groups < 2:
-        return RankingFit(False, f"{n_val_groups} validation groups with >= 2 rewarded memories: cannot check the head",
-                          n_groups_tr, len(tr))
     with torch.no_grad():
-        dev = X.device
-        Zv = student.standardized(X[torch.from_numpy(va).to(dev)]).to(torch.float64)
-        probs_v = torch.softmax(student(X[torch.from_numpy(va).to(dev)]), -1).cpu().numpy()
-    r_v, g_v = rewards[va], codes[va]
-    base, _ = within_group_spearman(probs_v.astype(np.float64) @ np.asarray(centers, np.float64), r_v, g_v)
-    best: tuple[float, float] | None = None
-    for lam in RIDGE_GRID:
-        w = Q @ (qb / (evals.clamp_min(0) + lam * scale))
-        rho, _ = within_group_spearman((Zv @ w).cpu().numpy(), r_v, g_v)
-        if not np.isnan(rho) and (best is None or rho > best[0]):
-            best = (rho, lam)
+        xv = X[torch.from_numpy(va).to(X.device)]
+        Zv = student.standardized(xv).to(torch.float64)
+        mean_v = torch.softmax(student(xv), -1).cpu().numpy().astype(np.float64) @ np.asarray(centers, np.float64)
+    r_v, g_v = rewards[va].astype(np.float64), np.unique(codes[va], return_inverse=True)[1]
+    base, _ = within_group_spearman(mean_v, r_v, g_v)
     fit = RankingFit(False, "", n_groups_tr + n_val_groups, len(tr) + len(va), val_within_spearman_mean=base,
                      n_val_groups=n_val_groups)
+    best: tuple[float, float, np.ndarray] | None = None
+    for lam in RIDGE_GRID:
+        h = (Zv @ (Q @ (qb / (evals.clamp_min(0) + lam * scale)))).cpu().numpy()
+        rho, _ = within_group_spearman(h, r_v, g_v)
+        if not np.isnan(rho) and (best is None or rho > best[0]):
+            best = (rho, lam, h)
     if best is None:
         fit.reason = "no validation group has two different rewards"
         return fit
-    fit.val_within_spearman, fit.ridge = best
-    if not np.isnan(base) and best[0] <= base:
-        fit.reason = (f"the head ranks validation groups no better than the expected reward "
-                      f"(within-group Spearman {best[0]:.3f} vs {base:.3f})")
+    fit.ridge = best[1]
+    a, b = _stack(best[2], mean_v, r_v, g_v)
+    fit.weight_head, fit.weight_mean = a, b
+    fit.val_within_spearman = within_group_spearman(a * best[2] + b * mean_v, r_v, g_v)[0]
+    if a <= 0:
+        fit.reason = ("on the validation groups the linear head adds nothing to the expected reward "
+                      f"(within-group Spearman of the head {best[0]:.3f}, of the expected reward {base:.3f})")
         return fit
     A_va, b_va = _centred_gram(student, X, va, codes, rewards, chunk)
     A = A_tr + A_va
     A.diagonal().add_(best[1] * float(torch.diagonal(A).mean()))
     w = torch.linalg.solve(A, b_tr + b_va)
-    student.set_ranking(w.to(torch.float32))
+    student.set_ranking(a * w.to(torch.float32), mean_weight=b, centers=torch.from_numpy(np.asarray(centers, np.float32)))
     fit.attached = True
-    fit.reason = f"within-group Spearman on validation groups {best[0]:.3f} vs {base:.3f} for the expected reward"
+    fit.reason = (f"within-group Spearman on validation groups {fit.val_within_spearman:.3f} "
+                  f"vs {base:.3f} for the expected reward alone")
     return fit

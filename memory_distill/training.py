@@ -129,7 +129,7 @@ def train_pair(
     if init is not None:
         teacher.load_state_dict(init[0].state_dict())
         # the ranking head is refit below at every run, never carried over
-        student.load_state_dict({k: v for k, v in init[1].state_dict().items() if k != "rank_w"})
+        student.load_state_dict({k: v for k, v in init[1].state_dict().items() if not k.startswith("rank_")})
     elif k and data.features is not None:
         fit = torch.from_numpy(data.features[split.train])
         teacher.set_feature_stats(fit)

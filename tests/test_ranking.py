@@ -40,10 +40,11 @@ def test_head_learns_the_within_group_effect_and_ignores_group_offsets() -> None
     assert fit1.attached, fit1.reason
     assert fit1.n_groups == 100 and fit1.n_val_groups == 20
     assert fit1.val_within_spearman is not None and fit1.val_within_spearman > 0.9
+    assert fit1.weight_head is not None and fit1.weight_head > 0 and fit1.weight_mean is not None
     w1 = student.rank_w.clone()
     fit2 = fit_ranking_head(student, torch.from_numpy(X), r2, groups, train, val, CENTERS)
     # fixed effects: a constant per group changes nothing
-    assert fit2.ridge == fit1.ridge
+    assert fit2.ridge == fit1.ridge and fit2.weight_head == pytest.approx(fit1.weight_head)
     torch.testing.assert_close(student.rank_w, w1, rtol=1e-4, atol=1e-6)
     cos = float(w1.double() @ torch.from_numpy(w_true)) / (float(w1.double().norm()) * np.linalg.norm(w_true))
     assert cos > 0.95
@@ -77,9 +78,9 @@ def test_head_round_trips_and_the_numpy_runner_matches_torch() -> None:
     torch.manual_seed(0)
     m = RewardMLP(12, (16,), 10, n_features=N_TEXT_FEATURES).eval()
     m.set_feature_stats(torch.randn(100, N_TEXT_FEATURES) + 3)
-    m.set_ranking(torch.randn(12 + N_TEXT_FEATURES))
+    m.set_ranking(torch.randn(12 + N_TEXT_FEATURES), mean_weight=0.7, centers=torch.linspace(0, 1, 10))
     with pytest.raises(ValueError, match="16 entries"):
-        m.set_ranking(torch.randn(12))
+        RewardMLP(12, (16,), 10, n_features=N_TEXT_FEATURES).set_ranking(torch.randn(12))
     m2 = RewardMLP.from_arch(m.arch())
     m2.load_state_dict(m.state_dict())
     assert m2.has_ranking and m.arch()["ranking"] is True
@@ -89,9 +90,15 @@ def test_head_round_trips_and_the_numpy_runner_matches_torch() -> None:
     with torch.no_grad():
         want = m2.advantage(torch.from_numpy(np.concatenate([X, F], 1))).numpy()
         want_emb_only = m2.advantage(torch.from_numpy(X)).numpy()
+        linear = m2.standardized(torch.from_numpy(np.concatenate([X, F], 1))) @ m2.rank_w
+        mean = torch.softmax(m2(torch.from_numpy(np.concatenate([X, F], 1))), -1) @ torch.linspace(0, 1, 10)
+    np.testing.assert_allclose(want, (linear + 0.7 * mean).numpy(), rtol=1e-5, atol=1e-6)  # head + weight * E[r]
     runner = StudentRunner(m2)
     np.testing.assert_allclose(runner.advantage(X, F), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(runner.advantage(X, F, mean=mean.numpy()), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(runner.advantage(X), want_emb_only, rtol=1e-5, atol=1e-5)
+    m2.set_ranking(None)
+    assert not m2.has_ranking and "rank_w" not in m2.state_dict()
     # an artifact without a head (older versions) still loads, with no head
     arch = m.arch()
     del arch["ranking"]
