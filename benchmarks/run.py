@@ -418,8 +418,9 @@ def _fmt_quality(q: list[dict[str, Any]]) -> list[str]:
     keys = ("random", "longest", "knn", "ridge", "ridge_features", "teacher", "student_mean", "student", "student_emb_only",
             "oracle")
     lines += ["", "Best-of-n on held-out groups (mean realised reward of the pick; mean ± std over seeds). **Student**: "
-              "what `best_of_n` picks by default, the student's ranking head when consolidation attached one "
-              "(attached in the *head* column's share of seeds), else its expected reward; *student, expected "
+              "what `best_of_n` picks by default: the student's ranking head (a within-group ridge on its inputs, "
+              "plus its expected reward weighted on validation groups) when consolidation attached one (in the "
+              "*head* column's share of seeds), else its expected reward; *student, expected "
               "reward*: always by the expected reward. The teacher picks by its expected reward. *student − "
               "longest* is the paired difference per seed (same held-out groups):", "",
               "| embedder | dataset | random | longest | kNN | ridge | ridge + text features | teacher | student, expected reward | "

@@ -14,9 +14,10 @@ linear head on the student's own inputs (embedding plus standardised text featur
 rewards centred within each group: a fixed-effects ridge regression, solved in closed form in
 float64 with one pass over the rows, group by group (the embedding matrix is never copied).
 The ridge strength is chosen on the validation groups by mean within-group Spearman; there too,
-a two-weight within-group regression blends the head with the student's expected reward
-(stacking), so the served score is ``weight_head * head + weight_mean * expected reward``. It is
-refit at every consolidation (milliseconds to seconds; nothing is carried over by warm starts).
+a one-weight within-group regression adds the student's expected reward where it explains what
+the head leaves (stacking), so the served score is ``head + weight_mean * expected reward``. It
+is refit at every consolidation (milliseconds to seconds; nothing is carried over by warm
+starts).
 """
 
 from __future__ import annotations
@@ -40,17 +41,15 @@ class RankingFit:
     """What :func:`fit_ranking_head` found (stored in the artifact manifest under ``"ranking"``)."""
 
     attached: bool
-    """Whether the head was attached (it adds to the expected reward on validation groups)."""
+    """Whether the head was attached (enough groups to fit and check it)."""
     reason: str
     n_groups: int
     """Training + validation groups with >= 2 rewarded memories."""
     n_rows: int
     ridge: float | None = None
     """Chosen strength, relative to the mean diagonal of the Gram matrix."""
-    weight_head: float | None = None
-    """Weight of the linear head in the served score (stacked on validation groups, >= 0)."""
     weight_mean: float | None = None
-    """Weight of the student's expected reward in the served score (>= 0)."""
+    """Weight of the student's expected reward added to the linear head's score (fit on validation groups, >= 0)."""
     val_within_spearman: float | None = None
     """Mean within-group Spearman of the served score on validation groups (where its two weights were fit)."""
     val_within_spearman_mean: float | None = None
@@ -121,18 +120,12 @@ def _centre(v: np.ndarray, g: np.ndarray) -> np.ndarray:
     return v - (np.bincount(g, weights=v, minlength=n) / cnt)[g]
 
 
-def _stack(head: np.ndarray, mean: np.ndarray, r: np.ndarray, g: np.ndarray) -> tuple[float, float]:
-    """Non-negative within-group least squares of ``r`` on [head, mean]: the weights of the blend."""
-    Z = np.stack([_centre(head, g), _centre(mean, g)], 1)
-    y = _centre(r, g)
-    coef = np.linalg.lstsq(Z, y, rcond=None)[0]
-    if coef.min() < 0:  # one of them is negative: keep the better single one
-        coef = np.zeros(2)
-        for j in (0, 1):
-            den = float(Z[:, j] @ Z[:, j])
-            coef[j] = max(float(Z[:, j] @ y) / den, 0.0) if den > 0 else 0.0
-        coef[int(np.argmin(coef))] = 0.0
-    return float(coef[0]), float(coef[1])
+def _mean_weight(head: np.ndarray, mean: np.ndarray, r: np.ndarray, g: np.ndarray) -> float:
+    """How much of the expected reward to add to the head: the within-group least-squares weight of
+    the expected reward on what the head leaves unexplained (``>= 0``)."""
+    h, m, y = _centre(head, g), _centre(mean, g), _centre(r, g)
+    den = float(m @ m)
+    return max(float((y - h) @ m) / den, 0.0) if den > 0 else 0.0
 
 
 def fit_ranking_head(student: RewardMLP, X: torch.Tensor | ModelInputs, rewards: np.ndarray, groups: list[str],
@@ -143,16 +136,15 @@ def fit_ranking_head(student: RewardMLP, X: torch.Tensor | ModelInputs, rewards:
     1. On ``train`` rows: the fixed-effects ridge of the rewards on the student's standardised
        inputs, for each strength in :data:`RIDGE_GRID` (one eigendecomposition).
     2. On ``val`` rows: the strength whose scores rank the validation groups best (mean
-       within-group Spearman), then a non-negative within-group least squares of the reward on
-       [that head's score, the student's expected reward] (stacking). The served score is
-       ``weight_head * head + weight_mean * expected reward``, so where the distribution head
-       already ranks well it keeps a say.
+       within-group Spearman), then the weight of the student's expected reward: the within-group
+       least-squares fit of what the head leaves unexplained (stacking; ``>= 0``). The served
+       score is ``head + weight_mean * expected reward``, so where the distribution head ranks
+       well it keeps a say (both are in reward units).
     3. The linear head is refit on train + validation rows with the chosen strength.
 
     ``centers`` are the reward bins' centres. Rows with a ``NaN`` reward are ignored. Needs >=
-    ``min_groups`` training groups and 2 validation groups with two or more rewarded memories, and
-    a positive head weight; otherwise the student keeps no head and best-of-n ranks by the
-    expected reward.
+    ``min_groups`` training groups and 2 validation groups with two or more rewarded memories;
+    otherwise the student keeps no head and best-of-n ranks by the expected reward.
     """
     student.set_ranking(None)
     codes = np.unique(np.asarray(groups, dtype=object), return_inverse=True)[1]
@@ -190,18 +182,14 @@ def fit_ranking_head(student: RewardMLP, X: torch.Tensor | ModelInputs, rewards:
         fit.reason = "no validation group has two different rewards"
         return fit
     fit.ridge = best[1]
-    a, b = _stack(best[2], mean_v, r_v, g_v)
-    fit.weight_head, fit.weight_mean = a, b
-    fit.val_within_spearman = within_group_spearman(a * best[2] + b * mean_v, r_v, g_v)[0]
-    if a <= 0:
-        fit.reason = ("on the validation groups the linear head adds nothing to the expected reward "
-                      f"(within-group Spearman of the head {best[0]:.3f}, of the expected reward {base:.3f})")
-        return fit
+    b = _mean_weight(best[2], mean_v, r_v, g_v)
+    fit.weight_mean = b
+    fit.val_within_spearman = within_group_spearman(best[2] + b * mean_v, r_v, g_v)[0]
     A_va, b_va = _centred_gram(student, X, va, codes, rewards, chunk)
     A = A_tr + A_va
     A.diagonal().add_(best[1] * float(torch.diagonal(A).mean()))
     w = torch.linalg.solve(A, b_tr + b_va)
-    student.set_ranking(a * w.to(torch.float32), mean_weight=b, centers=torch.from_numpy(np.asarray(centers, np.float32)))
+    student.set_ranking(w.to(torch.float32), mean_weight=b, centers=torch.from_numpy(np.asarray(centers, np.float32)))
     fit.attached = True
     fit.reason = (f"within-group Spearman on validation groups {fit.val_within_spearman:.3f} "
                   f"vs {base:.3f} for the expected reward alone")

@@ -59,6 +59,7 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
     code, out, _ = run(capsys, "demo", "--n", "600", "--epochs", "10", "--report", str(tmp_path / "rep"))
     assert code == 0
     assert "PROMOTED" in out and "Spearman retention" in out and "3. predict" in out
+    assert "best-of-n ranking head: " in out  # the synthetic episodes come in groups of 4 per task
     assert (tmp_path / "rep" / "losses.png").stat().st_size > 1000
     assert (tmp_path / "rep" / "calibration.png").exists() and "v000001" in (tmp_path / "rep" / "report.md").read_text()
     code, out, _ = run(capsys, "consolidate", "--epochs", "10")
@@ -71,6 +72,7 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
                        "and cited them in the answer. Outcome: final answer given.")
     preds = json.loads(out)
     assert preds[1]["mean"] > preds[0]["mean"] + 0.3 and preds[0]["model_version"] == "v000002"
+    assert "advantage" in preds[0]
     code, out, _ = run(capsys, "models")
     assert "v000001" in out and "v000002" in out
     code, out, _ = run(capsys, "history", "--json")
