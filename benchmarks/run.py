@@ -270,6 +270,41 @@ def bench_scaling(n: int, threads: int, dim: int = 384, queries: int = 200, cons
 # ----------------------------------------------------------------------------- quality
 
 
+def bench_ranking_fit(n: int, dim: int, group_size: int = 4) -> dict[str, Any]:
+    """Seconds to fit the best-of-n ranking head on n memories in groups of ``group_size`` (random
+    unit vectors + text features), next to one student forward pass over the same rows."""
+    import torch
+
+    from memory_distill.models import RewardMLP, model_inputs
+    from memory_distill.ranking import fit_ranking_head
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(n, dim)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    F = rng.normal(3.0, 1.0, size=(n, 4)).astype(np.float32)
+    w = rng.normal(size=dim).astype(np.float32)
+    r = (1 / (1 + np.exp(-3 * (X @ w) / np.sqrt(dim) * 10))).astype(np.float32)
+    groups = [f"g{i // group_size}" for i in range(n)]
+    n_groups = -(-n // group_size)
+    gperm = rng.permutation(n_groups)
+    train = np.flatnonzero(gperm[np.arange(n) // group_size] < 0.85 * n_groups)
+    val = np.setdiff1d(np.arange(n), train)
+    torch.manual_seed(0)
+    student = RewardMLP(dim, (256, 128), 64, n_features=4).eval()
+    student.set_feature_stats(torch.from_numpy(F))
+    Xin = model_inputs(X, F)
+    t0 = time.perf_counter()
+    fit = fit_ranking_head(student, Xin, r, groups, train, val, np.linspace(0, 1, 64))
+    fit_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for s in range(0, n, 8192):
+            student(Xin[s : s + 8192])
+    fwd_s = time.perf_counter() - t0
+    return {"n": n, "dim": dim, "group_size": group_size, "fit_s": fit_s, "forward_s": fwd_s,
+            "attached": fit.attached, "ridge": fit.ridge}
+
+
 def _ridge(Xtr: np.ndarray, ytr: np.ndarray, X: np.ndarray, lam: float = 1.0) -> np.ndarray:
     Xb = np.hstack([Xtr, np.ones((len(Xtr), 1), np.float32)]).astype(np.float64)
     A = Xb.T @ Xb + lam * np.eye(Xb.shape[1])
@@ -513,6 +548,16 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
             L.append(f"| {r['n']:,} | {r['ingest_s']:.1f} | {r['n'] / r['ingest_s']:,.0f} | {r['p50_ms']:.2f} | "
                      f"{r['p95_ms']:.2f} | {rawp} | {cs} | {r['embedding_matrix_mb']:,.0f} |")
         L.append("")
+    if res.get("ranking_fit"):
+        L += ["## Fitting the best-of-n ranking head", "",
+              "`fit_ranking_head` on memories in groups of 4 (random unit vectors + 4 text features; 85% of the groups "
+              "train, 15% validation): one chunked pass for the centred Gram matrix, one eigendecomposition for "
+              "the whole ridge grid, a refit on train + validation. Next to it: one forward pass of the default "
+              "student over the same rows, for scale. A consolidation over memories without groups skips it.", "",
+              "| memories | dim | fit (s) | student forward pass over all rows (s) |", "|---|---|---|---|"]
+        for r in res["ranking_fit"]:
+            L.append(f"| {r['n']:,} | {r['dim']} | {r['fit_s']:.2f} | {r['forward_s']:.2f} |")
+        L.append("")
     gpu_path = ROOT / "benchmarks" / "gpu.json"
     if gpu_path.exists():
         g = json.loads(gpu_path.read_text())
@@ -537,7 +582,9 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
               "embedding plus the four text features). *Student, embedding only*: the same job with "
               "`text_features=False`. kNN: similarity-weighted mean reward of the 10 nearest training episodes (Neural "
               "Episodic Control style); ridge: ridge regression (lambda 1) on the same embeddings; *ridge + text "
-              "features*: on the student's inputs. Retention = student rho / teacher rho, averaged over seeds.", ""]
+              "features*: on the student's inputs. Retention = student rho / teacher rho. This run: "
+              f"{len({r['seed'] for r in res['quality']})} seeds (`--seeds`), embedders "
+              f"{', '.join(sorted({r['embedder'] for r in res['quality']}))}.", ""]
         L += _fmt_quality(res["quality"])
         L.append("")
     path.write_text("\n".join(L) + "\n")
@@ -545,7 +592,8 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["speed", "inference", "scaling", "quality", "all"], default="all")
+    ap.add_argument("--only", choices=["speed", "inference", "scaling", "ranking", "quality", "all"], default="all")
+    ap.add_argument("--ranking-sizes", type=int, nargs="*", default=[10_000, 100_000])
     ap.add_argument("--ingest-sizes", type=int, nargs="*", default=[10_000])
     ap.add_argument("--ingest-dims", type=int, nargs="+", default=[384, 1536])
     ap.add_argument("--consolidation-sizes", type=int, nargs="*", default=[10_000])
@@ -584,6 +632,13 @@ def main() -> None:
             res["scaling"] = sorted([*res["scaling"], row], key=lambda r: r["n"])
             print("scaling", json.dumps(row), flush=True)
             Path(args.json).write_text(json.dumps(res, indent=1))
+    if args.only in ("speed", "ranking", "all"):
+        res["ranking_fit"] = []
+        for n in args.ranking_sizes:
+            for dim in (384, 1536):
+                row = bench_ranking_fit(n, dim)
+                res["ranking_fit"].append(row)
+                print("ranking fit", json.dumps(row), flush=True)
     if args.only in ("quality", "all"):
         res["quality"] = []
         for e in args.embedders:
