@@ -238,8 +238,9 @@ class JobConfig(BaseModel):
     which real judges reward; ``False`` trains on the embedding alone."""
     ranking: bool = True
     """When memories carry a ``group`` (answers to the same prompt), also fit the student's
-    within-group ranking head for best-of-n (:mod:`memory_distill.ranking`); it is kept only when
-    it ranks the validation groups better than the expected reward."""
+    within-group ranking head for best-of-n (:mod:`memory_distill.ranking`): a fixed-effects ridge
+    on the student's inputs plus a stacked weight on its expected reward. Predictions then carry
+    ``advantage`` and ``best_of_n`` ranks by it."""
 
 
 class Settings(BaseSettings):
