@@ -19,6 +19,7 @@ from langchain_memory_distill import (
     best_of_n,
     make_predict_tool,
 )
+from langchain_memory_distill.episodes import input_group
 from lc_helpers import ScriptedChatModel, tool_then_answer
 
 from memory_distill import Predictor, run_consolidation
@@ -130,6 +131,25 @@ def test_callback_handler_records_agent_runs(store, use_async):
     (ep,) = store.get_many(rec.episode_ids)
     assert ep.reward == 1.0 and ep.metadata["agent"] == "prod" and ep.metadata["source"] == "langchain_callback"
     assert 'Tool call: lookup({"city": "Oslo"})' in ep.text and "Answer: 700k" in ep.text
+
+
+def test_recorded_episodes_are_grouped_by_user_input(store):
+    """Attempts at the same input share a group (train/held-out splits and the best-of-n ranking head use it)."""
+    def run(question, metadata=None, callback=False):
+        model = ScriptedChatModel(responses=tool_then_answer("lookup", {"city": "Oslo"}, "700k"))
+        if callback:
+            rec = EpisodeRecorder(store, metadata=metadata)
+            create_agent(model, [lookup]).invoke({"messages": [HumanMessage(question)]}, config={"callbacks": [rec]})
+            return store.get(rec.episode_ids[-1]).metadata
+        mw = MemoryDistillMiddleware(store, recall=False, metadata=metadata)
+        out = create_agent(model, [lookup], middleware=[mw]).invoke({"messages": [HumanMessage(question)]})
+        return store.get(out["memory_distill_episode_id"]).metadata
+
+    a, b = run("Population of Oslo?"), run("  population   of OSLO? ")
+    c = run("Population of Lima?")
+    assert a["group"] == b["group"] == input_group("population of oslo?") and a["group"] != c["group"]
+    assert run("Population of Oslo?", callback=True)["group"] != c["group"]
+    assert run("Population of Oslo?", metadata={"group": "task-7"})["group"] == "task-7"  # the user's group wins
 
 
 def test_callback_handler_records_failed_root_run(store):

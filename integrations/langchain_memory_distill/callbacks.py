@@ -17,7 +17,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
 from memory_distill.store import MemoryStore
 
-from .episodes import episode_from_messages, message_text
+from .episodes import episode_from_messages, input_group, message_text
 
 __all__ = ["EpisodeRecorder"]
 
@@ -126,8 +126,8 @@ class EpisodeRecorder(BaseCallbackHandler):
         reward = self.reward_fn(run["input"], answer, msgs or []) if (self.reward_fn and error is None) else None
         if reward is None and failed:
             reward = self.failure_reward
-        meta = {**self.metadata, "source": "langchain_callback", "tool_calls": len(run["tools"]),
-                "outcome": "failed" if failed else "completed"}
+        meta = {"group": input_group(str(run["input"])), **self.metadata, "source": "langchain_callback",
+                "tool_calls": len(run["tools"]), "outcome": "failed" if failed else "completed"}
         self.episode_ids.append(self.store.add({"text": text, "reward": reward, "metadata": meta,
                                                 "namespace": self.namespace}))
 

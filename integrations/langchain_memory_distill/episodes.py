@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
-__all__ = ["episode_from_messages", "message_text"]
+__all__ = ["episode_from_messages", "input_group", "message_text"]
+
+
+def input_group(user_input: str) -> str:
+    """The ``group`` recorded episodes get by default: one per user input (case and whitespace folded).
+
+    Attempts at the same input (retries, best-of-n samples, several agents on one benchmark
+    question) share it, so consolidation never splits them across train and held-out rows and can
+    fit the best-of-n ranking head on them (:mod:`memory_distill.ranking`).
+    """
+    norm = " ".join(user_input.lower().split())
+    return "input:" + hashlib.sha1(norm.encode("utf-8")).hexdigest()[:16]
 
 
 def message_text(m: BaseMessage) -> str:
