@@ -87,6 +87,8 @@ def main(n_runs: int = 120) -> int:
     print(f"2. consolidated -> {rep.version} ({'promoted' if rep.promoted else 'rejected'}): held-out Spearman "
           f"teacher {rep.evaluation.teacher.spearman:.2f}, student {rep.evaluation.student.spearman:.2f}")
 
+    if rep.ranking is not None:  # questions repeat, so episodes share groups (one per question)
+        print(f"   best-of-n ranking head: {'attached' if rep.ranking.attached else 'none'} ({rep.ranking.reason})")
     scorer = RewardScorer(mem.predictor)
     plans = [
         "User: What is the population of Oslo?\nAnswer: I believe the population is about 8,000,000.",
@@ -96,7 +98,8 @@ def main(n_runs: int = 120) -> int:
     idx, _, preds = best_of_n(plans, scorer)
     print("3. student scores two candidate episodes:")
     for p, text in zip(preds, plans, strict=True):
-        print(f"   expected reward {p.mean:.2f}  <- {'looked it up' if 'Tool call' in text else 'guessed'}")
+        rank = "" if p.advantage is None else f", ranking score {p.advantage:+.2f}"
+        print(f"   expected reward {p.mean:.2f}{rank}  <- {'looked it up' if 'Tool call' in text else 'guessed'}")
     print(f"   best of n: candidate {idx} ({'looked it up' if idx == 1 else 'guessed'})")
 
     retriever = ValueAwareRetriever(store=mem.store, predictor=mem.predictor, k=2)
