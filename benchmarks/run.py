@@ -371,8 +371,8 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
                 e_mean = torch.softmax(plain.student(Xh), -1).numpy() @ bins.centers
                 # the student's best-of-n pick is what best_of_n(by="auto") does: the ranking head when
                 # consolidation attached one, else the expected reward
-                s_pick = pair.student.advantage(Xh).numpy() if pair.student.has_ranking else s_mean
-                e_pick = plain.student.advantage(Xh).numpy() if plain.student.has_ranking else e_mean
+                s_pick = pair.student.advantage(Xh, torch.from_numpy(s_mean)).numpy() if pair.student.has_ranking else s_mean
+                e_pick = plain.student.advantage(Xh, torch.from_numpy(e_mean)).numpy() if plain.student.has_ranking else e_mean
             tr = np.concatenate([split.train, split.val])
             knn = _knn(X[tr], data.rewards[tr], X[ho])
             ridge = _ridge(X[tr], data.rewards[tr], X[ho])

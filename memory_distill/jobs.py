@@ -232,10 +232,9 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         # how the head and the expected reward rank the held-out groups (reported, not gated)
         hx = X_all[rows(split.holdout)].cpu()
         with torch.no_grad():
-            adv = student.cpu().advantage(hx).numpy()
             mean = torch.softmax(student(hx), -1).numpy() @ bins.centers
-        g = np.asarray([data.groups[i] for i in split.holdout], dtype=object)
-        r = data.rewards[split.holdout]
+            adv = student.advantage(hx, torch.from_numpy(mean)).numpy()
+        g, r = split.groups[split.holdout], data.rewards[split.holdout]
         trained.ranking.holdout_within_spearman = within_group_spearman(adv, r, g)[0]
         trained.ranking.holdout_within_spearman_mean = within_group_spearman(mean, r, g)[0]
 

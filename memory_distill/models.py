@@ -121,18 +121,21 @@ class RewardMLP(nn.Module):
         self.register_buffer("rank_mean_w", torch.tensor([float(mean_weight)], device=dev))
         self.register_buffer("rank_centers", c.to(dev).clone())
 
-    def advantage(self, x: torch.Tensor) -> torch.Tensor:
+    def advantage(self, x: torch.Tensor, mean: torch.Tensor | None = None) -> torch.Tensor:
         """The ranking head's score: how much better than the other answers to the same prompt.
 
         ``standardized(x) @ rank_w + rank_mean_w * expected reward``. Only differences between
         rows of one group mean anything (the head is fit on rewards centred within each group).
+        ``mean``: the expected reward of these rows when already computed (saves a forward pass).
         """
         if not self.has_ranking:
             raise ValueError("this model has no ranking head (consolidation found no groups with several rewarded memories)")
         z = self.standardized(x)
         out = z @ self.rank_w
         if float(self.rank_mean_w) != 0.0:
-            out = out + self.rank_mean_w * (torch.softmax(self.net(z), -1) @ self.rank_centers)
+            if mean is None:
+                mean = torch.softmax(self.net(z), -1) @ self.rank_centers
+            out = out + self.rank_mean_w * mean.to(out)
         return out
 
     @torch.no_grad()

@@ -97,8 +97,9 @@ class StudentRunner:
                 out += np.float32(w_mean) * np.asarray(mean, np.float32)
             return out
         x = torch.from_numpy(X if F is None else np.concatenate([X, F], axis=1)).to(self.device)
+        m = None if mean is None else torch.from_numpy(np.asarray(mean, np.float32)).to(self.device)
         with torch.inference_mode():
-            return self.model.advantage(x).float().cpu().numpy()
+            return self.model.advantage(x, m).float().cpu().numpy()
 
     def logits(self, X: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         """Logits for embeddings ``X`` [n, in_dim] and (optional) raw text features [n, k]."""

@@ -22,6 +22,7 @@ starts).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 from .evaluate import spearman
 from .models import ModelInputs, RewardMLP
 
-__all__ = ["RankingFit", "fit_ranking_head", "within_group_spearman"]
+__all__ = ["RankingFit", "fit_ranking_head", "group_codes", "within_group_spearman"]
 
 RIDGE_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
 """Ridge strengths tried, relative to the mean diagonal of the centred Gram matrix."""
@@ -128,7 +129,16 @@ def _mean_weight(head: np.ndarray, mean: np.ndarray, r: np.ndarray, g: np.ndarra
     return max(float((y - h) @ m) / den, 0.0) if den > 0 else 0.0
 
 
-def fit_ranking_head(student: RewardMLP, X: torch.Tensor | ModelInputs, rewards: np.ndarray, groups: list[str],
+def group_codes(groups: Sequence[str] | np.ndarray) -> np.ndarray:
+    """Integer codes for group labels (an integer array is taken as codes already)."""
+    g = np.asarray(groups)
+    if g.dtype.kind in "iu":
+        return g
+    return np.unique(np.asarray(groups, dtype=object), return_inverse=True)[1]
+
+
+def fit_ranking_head(student: RewardMLP, X: torch.Tensor | ModelInputs, rewards: np.ndarray,
+                     groups: Sequence[str] | np.ndarray,
                      train: np.ndarray, val: np.ndarray, centers: np.ndarray, *, min_groups: int = 5,
                      chunk: int = 8192) -> RankingFit:
     """Fit the within-group ranking head and attach it to ``student`` (``student.set_ranking``).
@@ -142,12 +152,13 @@ def fit_ranking_head(student: RewardMLP, X: torch.Tensor | ModelInputs, rewards:
        well it keeps a say (both are in reward units).
     3. The linear head is refit on train + validation rows with the chosen strength.
 
-    ``centers`` are the reward bins' centres. Rows with a ``NaN`` reward are ignored. Needs >=
+    ``groups``: each row's group label, or integer codes (``Split.groups``). ``centers`` are the
+    reward bins' centres. Rows with a ``NaN`` reward are ignored. Needs >=
     ``min_groups`` training groups and 2 validation groups with two or more rewarded memories;
     otherwise the student keeps no head and best-of-n ranks by the expected reward.
     """
     student.set_ranking(None)
-    codes = np.unique(np.asarray(groups, dtype=object), return_inverse=True)[1]
+    codes = group_codes(groups)
     ok = ~np.isnan(rewards)
     tr = _multi_rows(train[ok[train]], codes)
     va = _multi_rows(val[ok[val]], codes)
@@ -165,9 +176,9 @@ def fit_ranking_head(student: RewardMLP, X: torch.Tensor | ModelInputs, rewards:
     evals, Q = torch.linalg.eigh(A_tr)
     qb = Q.T @ b_tr
     with torch.no_grad():
-        xv = X[torch.from_numpy(va).to(X.device)]
-        Zv = student.standardized(xv).to(torch.float64)
-        mean_v = torch.softmax(student(xv), -1).cpu().numpy().astype(np.float64) @ np.asarray(centers, np.float64)
+        zv = student.standardized(X[torch.from_numpy(va).to(X.device)])
+        Zv = zv.to(torch.float64)
+        mean_v = torch.softmax(student.net(zv), -1).cpu().numpy().astype(np.float64) @ np.asarray(centers, np.float64)
     r_v, g_v = rewards[va].astype(np.float64), np.unique(codes[va], return_inverse=True)[1]
     base, _ = within_group_spearman(mean_v, r_v, g_v)
     fit = RankingFit(False, "", n_groups_tr + n_val_groups, len(tr) + len(va), val_within_spearman_mean=base,

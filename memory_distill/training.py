@@ -34,6 +34,8 @@ class Split:
     val: np.ndarray
     holdout: np.ndarray
     transfer: np.ndarray
+    groups: np.ndarray
+    """Each row's group as an integer code (rows with equal codes share a ``group``)."""
 
 
 def split_by_group_and_time(data: TrainingData, holdout_fraction: float, val_fraction: float,
@@ -74,6 +76,7 @@ def split_by_group_and_time(data: TrainingData, holdout_fraction: float, val_fra
         val=idx[rewarded & is_val],
         holdout=idx[rewarded & is_hold],
         transfer=idx[~rewarded & ~is_hold],
+        groups=inv,
     )
 
 
@@ -158,5 +161,5 @@ def train_pair(
         bar.close()
     ranking = None
     if cfg.ranking:
-        ranking = fit_ranking_head(student, X_all, data.rewards, data.groups, split.train, split.val, bins.centers)
+        ranking = fit_ranking_head(student, X_all, data.rewards, split.groups, split.train, split.val, bins.centers)
     return TrainedPair(teacher, student, t_report, d_report, X_all, ranking)

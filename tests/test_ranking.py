@@ -8,8 +8,6 @@ import torch
 from conftest import fast_job
 from langchain_memory_distill.scorer import RewardScorer, best_of_n
 
-from memory_distill.artifacts import ArtifactRegistry
-from memory_distill.embeddings import HashingEmbedder
 from memory_distill.features import N_TEXT_FEATURES
 from memory_distill.jobs import run_consolidation
 from memory_distill.models import RewardMLP
@@ -93,6 +91,9 @@ def test_head_round_trips_and_the_numpy_runner_matches_torch() -> None:
         linear = m2.standardized(torch.from_numpy(np.concatenate([X, F], 1))) @ m2.rank_w
         mean = torch.softmax(m2(torch.from_numpy(np.concatenate([X, F], 1))), -1) @ torch.linspace(0, 1, 10)
     np.testing.assert_allclose(want, (linear + 0.7 * mean).numpy(), rtol=1e-5, atol=1e-6)  # head + weight * E[r]
+    with torch.no_grad():  # a precomputed expected reward gives the same score without a second forward pass
+        np.testing.assert_allclose(m2.advantage(torch.from_numpy(np.concatenate([X, F], 1)), mean).numpy(), want,
+                                   rtol=1e-5, atol=1e-6)
     runner = StudentRunner(m2)
     np.testing.assert_allclose(runner.advantage(X, F), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(runner.advantage(X, F, mean=mean.numpy()), want, rtol=1e-5, atol=1e-5)
@@ -126,14 +127,9 @@ def _confounded_episodes(n_groups: int, seed: int) -> list[dict]:
     return eps
 
 
-def test_consolidation_attaches_the_head_and_best_of_n_uses_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from memory_distill.config import StoreConfig
-    from memory_distill.store import MemoryStore
-
-    emb = HashingEmbedder(dim=256)
-    store = MemoryStore(emb, StoreConfig(path=tmp_path / "chroma"))
+def test_consolidation_attaches_the_head_and_best_of_n_uses_it(store, registry) -> None:  # type: ignore[no-untyped-def]
+    emb = store.embedder
     store.add_many(_confounded_episodes(150, seed=0))
-    registry = ArtifactRegistry(tmp_path / "artifacts")
     report = run_consolidation(store, registry, fast_job())
     assert report.ranking is not None and report.ranking.attached, report.ranking
     assert report.ranking.holdout_within_spearman is not None and report.ranking.holdout_within_spearman > 0.8
