@@ -94,7 +94,7 @@ def _job_config(args: argparse.Namespace, base: JobConfig) -> JobConfig:
         upd["teacher"] = TeacherConfig(**{**base.teacher.model_dump(), **t})
     if d:
         upd["distill"] = DistillConfig(**{**base.distill.model_dump(), **d})
-    for k in ("seed", "device", "namespace"):
+    for k in ("seed", "device", "namespace", "metadata_features"):
         if getattr(args, k, None) is not None:
             upd[k] = getattr(args, k)
     return JobConfig(**{**base.model_dump(), **{k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in upd.items()}})
@@ -114,6 +114,10 @@ def _print_report(rep: Any) -> None:
     print(f"compression {ev.compression_ratio:.1f}x, prediction match {ev.prediction_match:.3f}, "
           f"KL(teacher||student) {ev.kl_divergence:.4f}, Spearman retention {ev.retention:.3f}, "
           f"student {ev.student_latency_ms * 1000:.0f} us/row")
+    spec = getattr(rep, "features", None)
+    if spec is not None and spec.metadata:
+        print("metadata features: " + "; ".join(f"{k}: {len(v)} values" if v else f"{k}: fewer than 2 values, unused"
+                                                for k, v in spec.metadata))
     rk = getattr(rep, "ranking", None)
     if rk is not None:
         if rk.attached:
@@ -217,12 +221,15 @@ def _write_report(mem: Any, rep: Any, out: str, namespace: str | None = None) ->
     import numpy as np
     import torch
 
+    from .features import FeatureSpec
     from .report import calibration_curve, write_consolidation_report
     from .training import model_inputs
 
     loaded = mem.registry.load(rep.version, with_teacher=True)
-    data = mem.store.load_training_data(namespace=namespace, rewarded_only=True)
-    X = model_inputs(data.embeddings, data.features)[:]
+    spec = FeatureSpec.from_manifest(loaded.manifest, loaded.student.n_features)
+    data = mem.store.load_training_data(namespace=namespace, rewarded_only=True, metadata_keys=spec.keys)
+    F = spec.build(len(data), text_features=data.features if spec.text else None, metadata=data.metadata)
+    X = model_inputs(data.embeddings, F)[:]
     calib = {}
     with torch.no_grad():
         for name, model in (("teacher", loaded.teacher), ("student", loaded.student)):
@@ -234,7 +241,8 @@ def _write_report(mem: Any, rep: Any, out: str, namespace: str | None = None) ->
 
 def cmd_predict(args: argparse.Namespace) -> int:
     mem = _open(args)
-    preds = mem.predict(args.texts)
+    meta = _kv(args.metadata)
+    preds = mem.predict(args.texts, metadata=[meta] * len(args.texts) if meta else None)
     if args.json:
         print(json.dumps([p.to_dict() for p in preds], indent=2))
         return 0
@@ -401,6 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--curriculum", choices=["uniform", "easy_to_hard", "hard_to_easy", "adaptive", "sec_bandit"])
         sp.add_argument("--seed", type=int)
         sp.add_argument("--device", choices=["auto", "cpu", "cuda"])
+        sp.add_argument("--metadata-feature", dest="metadata_features", action="append", metavar="KEY",
+                        help="metadata key the models read as a category, e.g. agent (repeatable)")
 
     sp = sub.add_parser("add", help="store one memory")
     sp.add_argument("text")
@@ -442,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("predict", help="predicted reward of texts")
     sp.add_argument("texts", nargs="+")
+    sp.add_argument("--metadata", "-m", nargs="*", help="key=value for every text (a model with metadata features reads them)")
     sp.add_argument("--threshold", type=float, default=0.5)
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_predict)

@@ -241,6 +241,24 @@ class JobConfig(BaseModel):
     within-group ranking head for best-of-n (:mod:`memory_distill.ranking`): a fixed-effects ridge
     on the student's inputs plus a stacked weight on its expected reward. Predictions then carry
     ``advantage`` and ``best_of_n`` ranks by it."""
+    metadata_features: tuple[str, ...] = ()
+    """Metadata keys whose values the models read as categories, e.g. ``("agent",)`` or
+    ``("tool", "prompt_version")``: which agent, tool or prompt produced an episode is often what
+    decides its reward. Each value seen in at least two memories gets a 0/1 input (at most 64 per
+    key); a memory without the key, or with a new value, reads as the training average. Predictions
+    then take the same metadata (``Predictor.predict(texts, metadata=...)``, a ``Document``'s
+    metadata in the scorer, a stored memory's in the retriever)."""
+
+    @field_validator("metadata_features")
+    @classmethod
+    def _check_metadata_features(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for k in v:
+            if not k or k.startswith("_md_") or k == "group":
+                raise ValueError(f"metadata_features: {k!r} cannot be a feature; use your own metadata keys "
+                                 "(not empty, not 'group', not starting with '_md_')")
+        if len(set(v)) != len(v):
+            raise ValueError(f"metadata_features: {list(v)} lists a key twice; list each key once")
+        return v
 
 
 class Settings(BaseSettings):

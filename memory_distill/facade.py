@@ -85,11 +85,14 @@ class MemoryDistill:
             self._predictor.refresh()
         return self._predictor
 
-    def predict(self, texts: str | Sequence[str]) -> list[RewardPrediction]:
-        return self.predictor.predict(texts)
+    def predict(self, texts: str | Sequence[str], *,
+                metadata: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None) -> list[RewardPrediction]:
+        """The student's predictions; ``metadata`` (one dict per text) when it reads metadata features."""
+        return self.predictor.predict(texts, metadata=metadata)
 
-    def predict_batch(self, texts: Sequence[str]) -> PredictionBatch:
-        return self.predictor.predict_batch(texts)
+    def predict_batch(self, texts: Sequence[str], *,
+                      metadata: Sequence[Mapping[str, Any] | None] | None = None) -> PredictionBatch:
+        return self.predictor.predict_batch(texts, metadata=metadata)
 
     def drift(self, **kw: Any) -> DriftReport:
         return drift_report(self.store, self.registry, **kw)

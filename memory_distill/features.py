@@ -1,4 +1,4 @@
-"""Text statistics the reward models see next to the embedding.
+"""Features the reward models see next to the embedding: text statistics and metadata categories.
 
 Embeddings are L2-normalised, so they carry almost nothing about how long or how structured a
 text is, and on real judged data that is one of the strongest signals there is (GPT-4 judges
@@ -10,15 +10,25 @@ consolidation reads them with the metadata it already pages through and never re
 The models standardise the features with statistics of their training rows (kept in the
 weights), and a row without them (``NaN``, e.g. a memory written by an older version, or a
 prediction from an embedding alone) gets the training mean: a neutral input, not a guess.
+
+Metadata features (``JobConfig.metadata_features``, e.g. ``("agent",)``): the episode's own
+record of *which* action, agent, tool or prompt produced it, one 0/1 column per value seen in
+training (:class:`FeatureSpec`). That is often what decides the reward, and no embedding of the
+text shows it reliably. The spec is saved in the artifact manifest, so predictions encode new
+memories exactly as in training.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-__all__ = ["N_TEXT_FEATURES", "TEXT_FEATURES", "decode_stats", "encode_stats", "text_stats"]
+__all__ = ["N_TEXT_FEATURES", "TEXT_FEATURES", "FeatureSpec", "decode_stats", "encode_stats", "metadata_columns",
+           "text_stats"]
 
 TEXT_FEATURES = "text-stats-v1"
 """Name of the feature set, recorded in artifact manifests."""
@@ -57,3 +67,134 @@ def text_stats(texts: Sequence[str]) -> np.ndarray:
         raise TypeError("text_stats takes a list of texts: wrap a single text as [text]")
     out = np.array([_counts(t) for t in texts], np.float32).reshape(len(texts), N_TEXT_FEATURES)
     return np.log1p(out, out=out)
+
+
+# ---------------------------------------------------------------------------- metadata features
+
+METADATA_MAX_VALUES = 64
+"""At most this many values of one metadata key get a column (the most frequent ones)."""
+METADATA_MIN_COUNT = 2
+"""A value must occur in at least this many memories to get a column."""
+
+
+def metadata_columns(rows: Sequence[Mapping[str, Any] | None], keys: Sequence[str]) -> dict[str, list[Any]]:
+    """Row-wise metadata dicts -> ``{key: [value or None per row]}`` for these keys."""
+    return {k: [None if r is None else r.get(k) for r in rows] for k in keys}
+
+
+def _category(v: Any) -> str | None:
+    if v is None or isinstance(v, float) and v != v:
+        return None
+    return str(v)
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a model reads after the embedding, in column order.
+
+    First the four text statistics (when ``text``), then for each metadata key one 0/1 column per
+    known value (``metadata`` = ``((key, (value, ...)), ...)``). Metadata values are categories
+    (numbers and booleans too, by their string). A memory without the key, or with a value not
+    seen in training, gets ``NaN`` in that key's columns, which the models read as the training
+    mean: a neutral input, so a new agent or tool is neither favoured nor penalised.
+    """
+
+    text: bool = True
+    metadata: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+    @property
+    def keys(self) -> list[str]:
+        return [k for k, _ in self.metadata]
+
+    @property
+    def metadata_width(self) -> int:
+        return sum(len(v) for _, v in self.metadata)
+
+    @property
+    def width(self) -> int:
+        """Number of feature columns (the models' ``n_features``)."""
+        return (N_TEXT_FEATURES if self.text else 0) + self.metadata_width
+
+    @property
+    def columns(self) -> list[str]:
+        """Column names: ``chars, words, lines, unique`` then ``key=value``."""
+        head = ["chars", "words", "lines", "unique"] if self.text else []
+        return head + [f"{k}={v}" for k, vals in self.metadata for v in vals]
+
+    @classmethod
+    def fit(cls, *, text: bool, columns: Mapping[str, Sequence[Any]] | None = None,
+            max_values: int = METADATA_MAX_VALUES, min_count: int = METADATA_MIN_COUNT) -> FeatureSpec:
+        """The vocabulary of each metadata key in ``columns`` (``{key: values per row}``).
+
+        Values seen at least ``min_count`` times, the ``max_values`` most frequent, in sorted
+        order (so the columns do not move when counts change). A key with fewer than two such
+        values gets no columns (one value says nothing); it is still recorded.
+        """
+        meta: list[tuple[str, tuple[str, ...]]] = []
+        for key, values in (columns or {}).items():
+            counts = Counter(c for c in map(_category, values) if c is not None)
+            kept = [v for v, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_count][:max_values]
+            meta.append((key, tuple(sorted(kept)) if len(kept) >= 2 else ()))
+        return cls(bool(text), tuple(meta))
+
+    def encode_metadata(self, columns: Mapping[str, Sequence[Any]] | None, n: int) -> np.ndarray:
+        """One-hot metadata features [n, metadata_width] (float32); ``NaN`` blocks where unknown."""
+        out = np.zeros((n, self.metadata_width), np.float32)
+        col = 0
+        for key, vals in self.metadata:
+            if not vals:
+                continue
+            index = {v: i for i, v in enumerate(vals)}
+            block = out[:, col : col + len(vals)]
+            given = (columns or {}).get(key)
+            if given is None:
+                block[:] = np.nan
+            else:
+                if len(given) != n:
+                    raise ValueError(f"metadata column {key!r} has {len(given)} values for {n} rows")
+                for i, v in enumerate(given):
+                    j = index.get(_category(v))  # type: ignore[arg-type]
+                    if j is None:
+                        block[i] = np.nan
+                    else:
+                        block[i, j] = 1.0
+            col += len(vals)
+        return out
+
+    def build(self, n: int, *, text_features: np.ndarray | None = None,
+              metadata: Mapping[str, Sequence[Any]] | None = None) -> np.ndarray | None:
+        """The feature matrix [n, width] (``None`` when the spec has no columns).
+
+        ``text_features``: :func:`text_stats` of the rows (``None``: unknown, the training mean).
+        ``metadata``: ``{key: value per row}`` (see :func:`metadata_columns`).
+        """
+        if not self.width:
+            return None
+        parts = []
+        if self.text:
+            if text_features is None:
+                parts.append(np.full((n, N_TEXT_FEATURES), np.nan, np.float32))
+            else:
+                tf = np.asarray(text_features, np.float32)
+                if tf.shape != (n, N_TEXT_FEATURES):
+                    raise ValueError(f"text features must be [{n}, {N_TEXT_FEATURES}], got {list(tf.shape)}")
+                parts.append(tf)
+        if self.metadata_width:
+            parts.append(self.encode_metadata(metadata, n))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": TEXT_FEATURES if self.text else None, "metadata": {k: list(v) for k, v in self.metadata}}
+
+    @classmethod
+    def from_manifest(cls, manifest: Mapping[str, Any], n_features: int) -> FeatureSpec:
+        """The spec a published model was trained with (artifacts from before metadata features: text only)."""
+        d = manifest.get("feature_spec")
+        if isinstance(d, Mapping):
+            spec = cls(d.get("text") is not None,
+                       tuple((str(k), tuple(str(x) for x in v)) for k, v in (d.get("metadata") or {}).items()))
+        else:
+            spec = cls(text=n_features == N_TEXT_FEATURES)
+        if spec.width != n_features:
+            raise ValueError(f"the manifest's features ({spec.width} columns) do not match the model's {n_features}")
+        return spec

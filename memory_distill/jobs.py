@@ -43,8 +43,8 @@ from .evaluate import (
     model_metrics,
     should_promote,
 )
-from .features import N_TEXT_FEATURES, TEXT_FEATURES
-from .models import resolve_device
+from .features import TEXT_FEATURES, FeatureSpec
+from .models import model_inputs, resolve_device
 from .ranking import RankingFit, within_group_spearman
 from .rewards import RewardBins
 from .store import MemoryStore, TrainingData
@@ -91,6 +91,8 @@ class ConsolidationReport:
     device: str
     ranking: RankingFit | None = None
     """The within-group ranking head for best-of-n (attached or why not; :mod:`memory_distill.ranking`)."""
+    features: FeatureSpec | None = None
+    """The feature columns the models read next to the embedding (text statistics, metadata values)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,7 +113,7 @@ def _clean_rows(data: TrainingData) -> tuple[np.ndarray, int]:
     return np.flatnonzero(ok), int((~ok).sum())
 
 
-def _compatible(manifest: dict[str, Any], store: MemoryStore, cfg: JobConfig) -> bool:
+def _compatible(manifest: dict[str, Any], store: MemoryStore, cfg: JobConfig, spec: FeatureSpec) -> bool:
     emb = manifest.get("embedder", {})
     if emb.get("name") != store.embedder.name or int(emb.get("dim", -1)) != store.embedder.dim:
         return False
@@ -123,9 +125,13 @@ def _compatible(manifest: dict[str, Any], store: MemoryStore, cfg: JobConfig) ->
     if cfg.bins.high is not None and b.get("high") != cfg.bins.high:
         return False
     t, s = manifest.get("teacher", {}).get("arch", {}), manifest.get("student", {}).get("arch", {})
-    k = N_TEXT_FEATURES if cfg.text_features else 0
+    k = spec.width
+    try:  # same feature columns in the same order (a new metadata value means training from scratch)
+        same_features = FeatureSpec.from_manifest(manifest, int(s.get("n_features", 0))) == spec
+    except ValueError:
+        same_features = False
     return (list(t.get("hidden", [])) == list(cfg.teacher.hidden) and list(s.get("hidden", [])) == list(cfg.distill.hidden)
-            and bool(t.get("batchnorm")) == cfg.teacher.batchnorm
+            and bool(t.get("batchnorm")) == cfg.teacher.batchnorm and same_features
             and int(t.get("n_features", 0)) == k and int(s.get("n_features", 0)) == k)
 
 
@@ -181,11 +187,29 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
 
-    data = store.load_training_data(namespace=cfg.namespace)
+    # incumbent: the published model, if any
+    incumbent = None
+    inc_spec = FeatureSpec()
+    inc_version = registry.current_version()
+    stale = registry.stale_versions()
+    if inc_version is not None:
+        try:
+            incumbent = registry.load(inc_version, with_teacher=True, map_location=device)
+            inc_spec = FeatureSpec.from_manifest(incumbent.manifest, incumbent.student.n_features)
+        except (MemoryDistillError, ValueError) as e:
+            log.warning("published model %s cannot be loaded (%s); training from scratch", inc_version, e)
+            incumbent = None
+
+    keys = (*cfg.metadata_features, *(k for k in inc_spec.keys if k not in cfg.metadata_features))
+    data = store.load_training_data(namespace=cfg.namespace, metadata_keys=keys)
     keep, skipped = _clean_rows(data)
     if skipped:
         log.warning("skipping %d rows with non-finite or empty embeddings", skipped)
         data = data.subset(keep)
+    # the model's feature columns: text statistics, then one per metadata value (inputs only, no rewards)
+    raw_text = data.features
+    spec = FeatureSpec.fit(text=cfg.text_features, columns={k: data.metadata[k] for k in cfg.metadata_features})
+    data.features = spec.build(len(data), text_features=raw_text if spec.text else None, metadata=data.metadata)
     n_rewarded = int(data.rewarded.sum())
     if n_rewarded < cfg.min_rewarded:
         raise NotEnoughDataError(
@@ -193,17 +217,8 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
             "record more rewards with set_reward() or lower min_rewarded"
         )
 
-    # incumbent: the published model, if any
-    incumbent = None
-    inc_version = registry.current_version()
-    stale = registry.stale_versions()
-    if inc_version is not None:
-        try:
-            incumbent = registry.load(inc_version, with_teacher=True, map_location=device)
-        except MemoryDistillError as e:
-            log.warning("published model %s cannot be loaded (%s); training from scratch", inc_version, e)
     inc_stale = inc_version in stale
-    warm = bool(cfg.warm_start and incumbent is not None and not inc_stale and _compatible(incumbent.manifest, store, cfg))
+    warm = bool(cfg.warm_start and incumbent is not None and not inc_stale and _compatible(incumbent.manifest, store, cfg, spec))
 
     bins = incumbent.bins if warm and incumbent else RewardBins.fit(data.rewards[data.rewarded], cfg.bins)
     split = split_by_group_and_time(data, cfg.gate.holdout_fraction, 0.15, rng)
@@ -225,7 +240,13 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
     evaluation = compare_teacher_student(teacher.cpu(), student.cpu(), X_all[ev].cpu(), data.rewards[eval_idx], bins)
     inc_metrics = None
     if incumbent is not None:
-        inc_probs = torch.softmax(incumbent.student.cpu()(X_all[ev].cpu()), -1).detach().numpy()
+        if inc_spec == spec:
+            inc_x = X_all[ev].cpu()
+        else:  # the incumbent reads other feature columns: build them as it was trained
+            inc_f = inc_spec.build(len(eval_idx), text_features=None if raw_text is None else raw_text[eval_idx],
+                                   metadata={k: [data.metadata[k][i] for i in eval_idx] for k in inc_spec.keys})
+            inc_x = model_inputs(data.embeddings[eval_idx], inc_f)[:]  # type: ignore[index]
+        inc_probs = torch.softmax(incumbent.student.cpu()(inc_x), -1).detach().numpy()
         inc_metrics = model_metrics(inc_probs, data.rewards[eval_idx], incumbent.bins)
     promote, reason = should_promote(evaluation.student, inc_metrics, cfg.gate, incumbent_stale=inc_stale)
     if trained.ranking is not None and student.has_ranking and len(split.holdout):
@@ -243,7 +264,8 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         "status": "promoted" if promote else "rejected",
         "reason": reason,
         "embedder": {"name": store.embedder.name, "dim": store.embedder.dim},
-        "features": TEXT_FEATURES if student.n_features else None,
+        "features": TEXT_FEATURES if spec.text else None,
+        "feature_spec": spec.to_dict(),
         "ranking": asdict(trained.ranking) if trained.ranking is not None else None,
         "bins": bins.to_dict(),
         "target": cfg.bins.target,
@@ -265,7 +287,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         n_train=len(split.train), n_val=len(split.val), n_holdout=len(split.holdout), n_transfer=len(split.transfer),
         skipped_rows=skipped, warm_started=warm, incumbent_version=inc_version, incumbent_metrics=inc_metrics,
         evaluation=evaluation, teacher=t_report, distill=d_report, bins=bins.to_dict(),
-        seconds=time.perf_counter() - t0, device=str(device), ranking=trained.ranking,
+        seconds=time.perf_counter() - t0, device=str(device), ranking=trained.ranking, features=spec,
     )
 
 
@@ -316,18 +338,21 @@ def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: f
     pred = Predictor(registry)
     published = float(pred.loaded.manifest.get("created_at", 0.0))
     baseline = pred.loaded.manifest.get("metrics", {}).get("student", {}).get("mae")
+    spec = pred.feature_spec
     X_parts: list[np.ndarray] = []
     f_parts: list[np.ndarray] = []
     r_parts: list[np.ndarray] = []
     where = {"_md_rewarded_at": {"$gt": published}}
-    for page in store.iter_pages(namespace=namespace, where=where, rewarded_only=True):
+    for page in store.iter_pages(namespace=namespace, where=where, rewarded_only=True, metadata_keys=spec.keys):
         X_parts.append(page.embeddings)
-        f_parts.append(page.features)
+        F = spec.build(len(page.ids), text_features=page.features if spec.text else None, metadata=page.metadata)
+        if F is not None:
+            f_parts.append(F)
         r_parts.append(page.rewards)
     if not X_parts:
         return DriftReport(pred.version, 0, None, None, None, baseline, None, False)
-    X, F, r = np.concatenate(X_parts), np.concatenate(f_parts), np.concatenate(r_parts)
-    batch = pred.predict_embeddings(X, features=F)
+    X, r = np.concatenate(X_parts), np.concatenate(r_parts)
+    batch = pred.predict_embeddings(X, features=np.concatenate(f_parts) if f_parts else None)
     m = model_metrics(batch.probs, r, pred.bins)
     mae = float(np.abs(batch.mean - r).mean())
     drift = mae - baseline if baseline is not None else None

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +18,7 @@ import torch
 from .artifacts import ArtifactRegistry, LoadedModel
 from .embeddings import Embedder
 from .errors import ArtifactError, EmbedderMismatchError
-from .features import text_stats
+from .features import N_TEXT_FEATURES, FeatureSpec, metadata_columns, text_stats
 from .models import FEATURE_CLIP, RewardMLP, resolve_device
 from .rewards import RewardBins, summarize_probs
 from .types import PredictionBatch, RewardPrediction
@@ -150,7 +151,12 @@ class Predictor:
                 f"model {loaded.version} was trained on embedder {emb.get('name')!r} (dim {emb.get('dim')}), "
                 f"but {self.embedder.name!r} (dim {self.embedder.dim}) was given: use the same embedder"
             )
+        try:
+            spec = FeatureSpec.from_manifest(loaded.manifest, loaded.student.n_features)
+        except ValueError as e:
+            raise ArtifactError(f"model {loaded.version}: {e}") from e
         self.loaded = loaded
+        self.spec = spec
         self.bins: RewardBins = loaded.bins
         self.runner = StudentRunner(loaded.student, self.device)
         self._centers = self.bins.centers
@@ -193,17 +199,55 @@ class Predictor:
         return self.runner.has_ranking
 
     @property
+    def feature_spec(self) -> FeatureSpec:
+        """The feature columns the served student reads (text statistics, metadata categories)."""
+        return self.spec
+
+    @property
     def uses_text_features(self) -> bool:
         """Whether the served student also reads text features (:mod:`memory_distill.features`)."""
-        return bool(self.loaded.student.n_features)
+        return self.spec.text
+
+    @property
+    def metadata_features(self) -> list[str]:
+        """Metadata keys the served student reads (``JobConfig.metadata_features``); pass them as ``metadata=``."""
+        return self.spec.keys
+
+    def _features(self, spec: FeatureSpec, n: int, features: np.ndarray | None, texts: Sequence[str] | None,
+                  metadata: Sequence[Mapping[str, Any] | None] | None) -> np.ndarray | None:
+        if metadata is not None:
+            if isinstance(metadata, Mapping):
+                raise TypeError("metadata takes one dict per row: wrap a single dict as [dict]")
+            metadata = list(metadata)
+            if len(metadata) != n:
+                raise ValueError(f"metadata has {len(metadata)} items for {n} rows: pass one dict (or None) per row")
+        if texts is not None and len(texts) != n:
+            raise ValueError(f"texts has {len(texts)} items for {n} embeddings: pass one text per row")
+        if not spec.width:
+            return None
+        if features is not None:
+            F = np.asarray(features, np.float32)
+            if F.ndim == 2 and F.shape == (n, spec.width) and metadata is None:
+                return F  # already the full feature matrix
+            if not (spec.text and F.shape == (n, N_TEXT_FEATURES)):
+                raise ValueError(f"features must be [{n}, {N_TEXT_FEATURES}] (text_stats of the texts) or the full "
+                                 f"[{n}, {spec.width}] matrix ({', '.join(spec.columns)}), got {list(F.shape)}")
+            tf: np.ndarray | None = F
+        else:
+            tf = text_stats(list(texts)) if texts is not None and spec.text else None
+        cols = metadata_columns(metadata, spec.keys) if metadata is not None else None
+        return spec.build(n, text_features=tf, metadata=cols)
 
     def predict_embeddings(self, X: np.ndarray, *, features: np.ndarray | None = None,
-                           texts: Sequence[str] | None = None) -> PredictionBatch:
+                           texts: Sequence[str] | None = None,
+                           metadata: Sequence[Mapping[str, Any] | None] | None = None) -> PredictionBatch:
         """Vectorised: one forward pass for all rows of ``X`` [n, dim].
 
         A student trained with text features also wants them: pass the ``texts`` (or their
-        ``features = text_stats(texts)``). Without either, each row gets the training mean of
-        the features, a neutral input: the prediction then rests on the embedding alone.
+        ``features = text_stats(texts)``). A student trained with ``metadata_features`` wants each
+        row's metadata (``metadata=[{"agent": "a"}, ...]``, one dict or ``None`` per row). Whatever
+        is missing reads as the training mean, a neutral input: the prediction then rests on the
+        rest. ``features`` may also be the full feature matrix (``feature_spec.width`` columns).
         """
         X = np.asarray(X, np.float32)
         if X.ndim == 1:
@@ -211,30 +255,38 @@ class Predictor:
         if X.ndim != 2 or X.shape[1] != self.in_dim:
             raise ValueError(f"embeddings must be [n, {self.in_dim}], got {list(X.shape)}")
         with self._lock:
-            runner, centers, version = self.runner, self._centers, self.version
-        if texts is not None:
-            if len(texts) != X.shape[0]:
-                raise ValueError(f"texts has {len(texts)} items for {X.shape[0]} embeddings: pass one text per row")
-            features = text_stats(list(texts)) if runner.n_features else None
+            runner, centers, version, spec = self.runner, self._centers, self.version, self.spec
+        features = self._features(spec, X.shape[0], features, texts, metadata)
         probs = _softmax(runner.logits(X, features))
         s = summarize_probs(probs, centers)
         adv = runner.advantage(X, features, mean=s["mean"]) if runner.has_ranking else None
         return PredictionBatch(probs=s["probs"], mean=s["mean"], std=s["std"], entropy=s["entropy"],
                                quantiles=s["quantiles"], support=centers, model_version=version, advantage=adv)
 
-    def predict_batch(self, texts: Sequence[str]) -> PredictionBatch:
+    def predict_batch(self, texts: Sequence[str], *,
+                      metadata: Sequence[Mapping[str, Any] | None] | None = None) -> PredictionBatch:
+        """One batch for these texts; ``metadata``: one dict (or ``None``) per text, see :meth:`predict_embeddings`."""
         if isinstance(texts, str):
             raise TypeError("predict_batch takes a list of texts: wrap a single text as [text]")
         texts = list(texts)
-        return self.predict_embeddings(self._embed(texts), texts=texts)
+        if metadata is not None and not isinstance(metadata, Mapping) and len(metadata) != len(texts):
+            raise ValueError(f"metadata has {len(metadata)} items for {len(texts)} texts: pass one dict (or None) per text")
+        return self.predict_embeddings(self._embed(texts), texts=texts, metadata=metadata)
 
-    def predict(self, inputs: str | Sequence[str] | np.ndarray) -> list[RewardPrediction]:
-        """RewardPredictions for texts (or an embedding matrix)."""
+    def predict(self, inputs: str | Sequence[str] | np.ndarray, *,
+                metadata: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None) -> list[RewardPrediction]:
+        """RewardPredictions for texts (or an embedding matrix).
+
+        ``metadata``: one dict per input (a single dict with a single text), for a student trained
+        with ``JobConfig.metadata_features``.
+        """
         if isinstance(inputs, str):
             inputs = [inputs]
+            if isinstance(metadata, Mapping):
+                metadata = [metadata]
         if isinstance(inputs, np.ndarray):
-            return self.predict_embeddings(inputs).to_list()
-        return self.predict_batch(list(inputs)).to_list()
+            return self.predict_embeddings(inputs, metadata=metadata).to_list()  # type: ignore[arg-type]
+        return self.predict_batch(list(inputs), metadata=metadata).to_list()  # type: ignore[arg-type]
 
-    def predict_one(self, text: str) -> RewardPrediction:
-        return self.predict([text])[0]
+    def predict_one(self, text: str, metadata: Mapping[str, Any] | None = None) -> RewardPrediction:
+        return self.predict([text], metadata=None if metadata is None else [metadata])[0]

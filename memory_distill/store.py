@@ -25,7 +25,7 @@ import time
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +62,16 @@ class TrainingPage:
     created_at: np.ndarray  # float64 [n]
     groups: list[str]
     features: np.ndarray  # float32 [n, N_TEXT_FEATURES], NaN rows where unknown
+    metadata: dict[str, list[Any]] = field(default_factory=dict)  # {key: value or None per row}, keys asked for
 
 
 @dataclass
 class TrainingData:
     """All rows of a namespace (or the store) in one preallocated matrix.
 
-    ``features`` (optional) are the text features of :mod:`memory_distill.features`, ``NaN``
-    where a row has none; ``None`` trains on the embeddings alone.
+    ``features`` (optional) are the model features of :mod:`memory_distill.features`, ``NaN``
+    where a row has none; ``None`` trains on the embeddings alone. ``metadata`` holds the raw values
+    of the metadata keys that were asked for (``{key: value or None per row}``).
     """
 
     ids: list[str]
@@ -78,11 +80,13 @@ class TrainingData:
     created_at: np.ndarray
     groups: list[str]
     features: np.ndarray | None = None
+    metadata: dict[str, list[Any]] = field(default_factory=dict)
 
     def subset(self, idx: np.ndarray) -> TrainingData:
         """These rows (a copy)."""
         return TrainingData([self.ids[i] for i in idx], self.embeddings[idx], self.rewards[idx], self.created_at[idx],
-                            [self.groups[i] for i in idx], None if self.features is None else self.features[idx])
+                            [self.groups[i] for i in idx], None if self.features is None else self.features[idx],
+                            {k: [v[i] for i in idx] for k, v in self.metadata.items()})
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -481,8 +485,12 @@ class MemoryStore:
         rewarded_only: bool = False,
         page_size: int | None = None,
         group_key: str = "group",
+        metadata_keys: Sequence[str] = (),
     ) -> Iterator[TrainingPage]:
-        """Stream rows (ids, embeddings, rewards with NaN for pending) page by page."""
+        """Stream rows (ids, embeddings, rewards with NaN for pending) page by page.
+
+        ``metadata_keys``: also return these metadata values (``page.metadata``; ``None`` where absent).
+        """
         size = page_size or self.config.read_page_size
         flt = self._where(namespace, where, rewarded_only)
         offset = 0
@@ -499,7 +507,8 @@ class MemoryStore:
                 created = np.array([m.get(CREATED, 0.0) for m in metas], np.float64)
                 groups = [str(m[group_key]) if group_key in m else i for i, m in zip(ids, metas, strict=True)]
                 feats = decode_stats([m.get(STATS) for m in metas])
-                yield TrainingPage(list(ids), np.asarray(embs, np.float32), rewards, created, groups, feats)
+                meta = {k: [m.get(k) for m in metas] for k in metadata_keys}
+                yield TrainingPage(list(ids), np.asarray(embs, np.float32), rewards, created, groups, feats, meta)
                 offset += n
                 if n < size:
                     return
@@ -518,8 +527,11 @@ class MemoryStore:
         return list(got["ids"]), got["embeddings"], list(got["metadatas"] or [])
 
     def load_training_data(self, *, namespace: str | None = None, rewarded_only: bool = False,
-                           page_size: int | None = None) -> TrainingData:
-        """All rows in one preallocated float32 matrix, filled page by page (one copy, not several)."""
+                           page_size: int | None = None, metadata_keys: Sequence[str] = ()) -> TrainingData:
+        """All rows in one preallocated float32 matrix, filled page by page (one copy, not several).
+
+        ``metadata_keys``: also collect these metadata values (``data.metadata``).
+        """
         n = self.count(namespace=namespace, rewarded_only=rewarded_only)
         dim = self.embedder.dim
         X = np.empty((n, dim), np.float32)
@@ -528,8 +540,10 @@ class MemoryStore:
         feats = np.empty((n, N_TEXT_FEATURES), np.float32)
         ids: list[str] = []
         groups: list[str] = []
+        meta: dict[str, list[Any]] = {k: [] for k in metadata_keys}
         pos = 0
-        for page in self.iter_pages(namespace=namespace, rewarded_only=rewarded_only, page_size=page_size):
+        for page in self.iter_pages(namespace=namespace, rewarded_only=rewarded_only, page_size=page_size,
+                                    metadata_keys=metadata_keys):
             m = min(len(page.ids), n - pos)
             X[pos : pos + m] = page.embeddings[:m]
             rewards[pos : pos + m] = page.rewards[:m]
@@ -537,12 +551,14 @@ class MemoryStore:
             feats[pos : pos + m] = page.features[:m]
             ids.extend(page.ids[:m])
             groups.extend(page.groups[:m])
+            for k in metadata_keys:
+                meta[k].extend(page.metadata[k][:m])
             pos += m
             if pos >= n:
                 break
         if pos < n:  # rows deleted while reading
             X, rewards, created, feats = X[:pos], rewards[:pos], created[:pos], feats[:pos]
-        return TrainingData(ids, X, rewards, created, groups, feats)
+        return TrainingData(ids, X, rewards, created, groups, feats, meta)
 
     def stats(self) -> dict[str, Any]:
         """Counts per namespace, rewarded vs pending, reward summary, embedder."""

@@ -114,11 +114,12 @@ def train_pair(
 ) -> TrainedPair:
     """Phase 1 (teacher on rewarded train rows) then phase 2 (distil on train + unrewarded transfer rows).
 
-    ``init`` = (teacher, student) to warm-start from (same shapes). With ``cfg.text_features`` and
-    ``data.features`` the models also see the text features, standardised with the training
-    rows' statistics (a warm start keeps the incumbent's).
+    ``init`` = (teacher, student) to warm-start from (same shapes). With ``data.features`` and
+    ``cfg.text_features`` or ``cfg.metadata_features`` the models also see those features
+    (:class:`~memory_distill.features.FeatureSpec`), standardised with the training rows'
+    statistics (a warm start keeps the incumbent's).
     """
-    use_features = bool(cfg.text_features and data.features is not None)
+    use_features = bool((cfg.text_features or cfg.metadata_features) and data.features is not None)
     X_all = model_inputs(data.embeddings, data.features if use_features else None, device)
     Y_all = torch.from_numpy(bins.targets(np.nan_to_num(data.rewards, nan=bins.low), cfg.bins.target)).to(device)
     dim = data.embeddings.shape[1]

@@ -93,3 +93,18 @@ def test_errors_exit_2_with_message(home, capsys):
 def test_python_dash_m_entry_point(home):
     out = subprocess.run([sys.executable, "-m", "memory_distill", "--help"], capture_output=True, text=True, check=True)
     assert "consolidate" in out.stdout and "worker" in out.stdout
+
+
+def test_consolidate_and_predict_with_a_metadata_feature(home, capsys):
+    from memory_distill.demo_data import STRATEGIES
+
+    code, _, _ = run(capsys, "demo", "--n", "400", "--epochs", "3")
+    assert code == 0
+    code, out, _ = run(capsys, "consolidate", "--epochs", "10", "--metadata-feature", "strategy")
+    assert code == 0 and f"metadata features: strategy: {len(STRATEGIES)} values" in out
+    text = "Task: answer who founded Acme. The agent did something. Outcome: final answer given."
+    got = {}
+    for s in (0, len(STRATEGIES) - 1):
+        code, out, _ = run(capsys, "predict", "--json", text, "-m", f"strategy={s}")
+        got[s] = json.loads(out)[0]["mean"]
+    assert got[0] > got[len(STRATEGIES) - 1] + 0.2  # the strategy the episode recorded, not its words

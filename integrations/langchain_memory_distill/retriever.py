@@ -62,7 +62,8 @@ class ValueAwareRetriever(BaseRetriever):
             if self.auto_refresh:
                 self.predictor.refresh()
             X = np.stack([h.embedding for h in hits])
-            batch = self.predictor.predict_embeddings(X, texts=[h.memory.text for h in hits])
+            batch = self.predictor.predict_embeddings(X, texts=[h.memory.text for h in hits],
+                                                      metadata=[h.memory.metadata for h in hits])
             lo, hi = float(self.predictor.bins.low), float(self.predictor.bins.high)
             return np.clip((batch.mean - lo) / (hi - lo), 0, 1), batch.mean, batch.std
         lo, hi = self.store.config.reward_min, self.store.config.reward_max

@@ -29,6 +29,9 @@ def _text(x: Input, template: str) -> str:
 class RewardScorer(Runnable[Input, RewardPrediction]):
     """``Runnable[str | Document, RewardPrediction]``; ``batch``/``abatch`` run one forward pass.
 
+    A ``Document``'s metadata goes to the student too: with ``JobConfig.metadata_features``
+    (e.g. ``("agent",)``) score ``Document(page_content=answer, metadata={"agent": name})``.
+
     ``template`` formats each input before embedding, e.g. ``"Task: {task}\\nAnswer: {text}"``
     with ``task`` bound via ``template.replace``; by default the text is scored as is.
     """
@@ -41,7 +44,9 @@ class RewardScorer(Runnable[Input, RewardPrediction]):
     def score_batch(self, inputs: Sequence[Input]) -> PredictionBatch:
         if self.auto_refresh:
             self.predictor.refresh()
-        return self.predictor.predict_batch([_text(x, self.template) for x in inputs])
+        texts = [_text(x, self.template) for x in inputs]
+        meta = [x.metadata if isinstance(x, Document) else None for x in inputs]
+        return self.predictor.predict_batch(texts, metadata=meta if any(m for m in meta) else None)
 
     def invoke(self, input: Input, config: RunnableConfig | None = None, **kwargs: Any) -> RewardPrediction:
         return self._call_with_config(lambda x: self.score_batch([x])[0], input, config)

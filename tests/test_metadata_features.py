@@ -1,0 +1,181 @@
+"""Metadata features: the spec, consolidation, serving (predictor, scorer, retriever, drift, CLI)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import fast_job
+from langchain_core.documents import Document
+from langchain_memory_distill.retriever import ValueAwareRetriever
+from langchain_memory_distill.scorer import RewardScorer, best_of_n
+from pydantic import ValidationError
+
+from memory_distill.config import JobConfig
+from memory_distill.errors import ArtifactError
+from memory_distill.features import N_TEXT_FEATURES, FeatureSpec, metadata_columns
+from memory_distill.jobs import drift_report, run_consolidation
+from memory_distill.predictor import Predictor
+
+AGENT_REWARD = {"planner": 0.85, "react": 0.5, "guesser": 0.15}
+TOPICS = ["Oslo population", "miles to km", "Hooli founder", "auth unit test", "tax rate 2021", "river length",
+          "prime factors", "capital of Peru", "boiling point", "first moon landing"]
+
+
+def _episodes(n_groups: int, seed: int, agents: dict[str, float] = AGENT_REWARD) -> list[dict]:
+    """Every group: the same task answered by each agent in the same words; only the agent decides the reward."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for g in range(n_groups):
+        topic = TOPICS[g % len(TOPICS)]
+        for a, base in agents.items():
+            words = rng.choice(["searched", "checked", "answered", "looked", "wrote", "cited", "tried"], 6)
+            out.append({"text": f"Task {g}: {topic}. The agent {' '.join(words)} and replied.",
+                        "reward": float(np.clip(base + rng.normal(0, 0.1), 0, 1)),
+                        "metadata": {"group": f"task-{seed}-{g}", "agent": a}})
+    return out
+
+
+# ---------------------------------------------------------------------------- the spec
+
+
+def test_spec_vocabulary_encoding_and_manifest_round_trip() -> None:
+    cols = {"agent": ["b", "a", "a", "b", "c", None, 3, 3], "tool": ["x"] * 8}
+    spec = FeatureSpec.fit(text=True, columns=cols)
+    # values seen >= 2 times, sorted; a number is a category by its string; one value -> no columns
+    assert spec.metadata == (("agent", ("3", "a", "b")), ("tool", ()))
+    assert spec.width == N_TEXT_FEATURES + 3 and spec.keys == ["agent", "tool"]
+    assert spec.columns[-3:] == ["agent=3", "agent=a", "agent=b"]
+    F = spec.build(4, metadata=metadata_columns([{"agent": "b"}, {"agent": 3}, {"agent": "new"}, None], spec.keys))
+    assert F is not None and F.shape == (4, 7)
+    assert np.isnan(F[:, :N_TEXT_FEATURES]).all()  # no texts given: neutral text features
+    np.testing.assert_array_equal(F[:2, N_TEXT_FEATURES:], [[0, 0, 1], [1, 0, 0]])
+    assert np.isnan(F[2:, N_TEXT_FEATURES:]).all()  # unseen value and missing row: neutral, not "none of these"
+    assert FeatureSpec.fit(text=False, columns={"agent": ["a", "b"] * 2}).build(4) is not None
+    assert FeatureSpec(text=False).build(3) is None
+    capped = FeatureSpec.fit(text=False, columns={"k": [f"v{i % 10}" for i in range(100)] + ["v0"] * 5}, max_values=3)
+    assert capped.metadata[0][1][0] == "v0" and len(capped.metadata[0][1]) == 3
+
+    assert FeatureSpec.from_manifest({"feature_spec": spec.to_dict()}, spec.width) == spec
+    assert FeatureSpec.from_manifest({}, N_TEXT_FEATURES) == FeatureSpec(text=True)  # artifacts from before
+    assert FeatureSpec.from_manifest({}, 0) == FeatureSpec(text=False)
+    with pytest.raises(ValueError, match="do not match"):
+        FeatureSpec.from_manifest({"feature_spec": spec.to_dict()}, N_TEXT_FEATURES)
+    with pytest.raises(ValueError, match="has 1 values for 2 rows"):
+        spec.build(2, metadata={"agent": ["a"]})
+
+
+def test_config_rejects_reserved_and_repeated_keys() -> None:
+    for bad, msg in ((["group"], "not 'group'"), (["_md_reward"], "_md_"), ([""], "not empty"),
+                     (["agent", "agent"], "twice")):
+        with pytest.raises(ValidationError, match="metadata_features") as e:
+            JobConfig(metadata_features=bad)
+        assert msg in str(e.value)
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture
+def agent_models(tmp_path_factory, embedder):  # type: ignore[no-untyped-def]
+    """One store of agent episodes, consolidated with and without the agent as a feature."""
+    from memory_distill.artifacts import ArtifactRegistry
+    from memory_distill.config import StoreConfig
+    from memory_distill.store import MemoryStore
+
+    root = tmp_path_factory.mktemp("agents")
+    store = MemoryStore(embedder, StoreConfig(path=root / "chroma"))
+    store.add_many(_episodes(120, seed=0))
+    with_meta, without = ArtifactRegistry(root / "with"), ArtifactRegistry(root / "without")
+    rep = run_consolidation(store, with_meta, fast_job(metadata_features=("agent",)))
+    rep0 = run_consolidation(store, without, fast_job())
+    return store, with_meta, without, rep, rep0
+
+
+def test_consolidation_learns_which_agent_pays_off(agent_models, embedder) -> None:  # type: ignore[no-untyped-def]
+    store, with_meta, without, rep, rep0 = agent_models
+    assert rep.features == FeatureSpec(text=True, metadata=(("agent", ("guesser", "planner", "react")),))
+    assert rep.evaluation.student.spearman > 0.8  # the agent explains the reward
+    assert rep0.evaluation.student.spearman < 0.3  # the text alone does not
+    manifest = with_meta.load(rep.version).manifest
+    assert manifest["feature_spec"]["metadata"] == {"agent": ["guesser", "planner", "react"]}
+
+    pred = Predictor(with_meta, embedder)
+    assert pred.metadata_features == ["agent"] and pred.feature_spec.width == N_TEXT_FEATURES + 3
+    text = "Task 999: capital of Peru. The agent checked cited wrote and replied."
+    means = {a: pred.predict_one(text, {"agent": a}).mean for a in [*AGENT_REWARD, "brand-new-agent"]}
+    assert means["planner"] > means["react"] + 0.2 > means["guesser"] + 0.4
+    # an unseen agent, no metadata at all, and the embedding-only call all read as the training mean
+    assert means["guesser"] < means["brand-new-agent"] < means["planner"]
+    neutral = pred.predict([text])[0].mean
+    assert neutral == pytest.approx(means["brand-new-agent"], abs=1e-6)
+    X = embedder.embed([text] * 2)
+    batch = pred.predict_embeddings(X, texts=[text] * 2, metadata=[{"agent": "planner"}, None])
+    assert batch.mean[0] == pytest.approx(means["planner"], abs=1e-5)
+    assert batch.mean[1] == pytest.approx(neutral, abs=1e-5)
+    with pytest.raises(ValueError, match="one dict"):
+        pred.predict_embeddings(X, metadata=[{"agent": "planner"}])
+    with pytest.raises(TypeError, match="one dict per row"):
+        pred.predict_embeddings(X, metadata={"agent": "planner"})  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="agent=planner"):
+        pred.predict_embeddings(X, features=np.zeros((2, 5), np.float32))
+
+
+def test_best_of_n_picks_the_agent_that_pays_off(agent_models, embedder) -> None:  # type: ignore[no-untyped-def]
+    _, with_meta, without, _, _ = agent_models
+    new = _episodes(30, seed=7)
+    scorers = {"with": RewardScorer(Predictor(with_meta, embedder)), "without": RewardScorer(Predictor(without, embedder))}
+    realised = {}
+    for name, scorer in scorers.items():
+        got = []
+        for g in range(30):
+            cands = [Document(page_content=e["text"], metadata={"agent": e["metadata"]["agent"]})
+                     for e in new[3 * g : 3 * g + 3]]
+            i, _, _ = best_of_n(cands, scorer)
+            got.append(new[3 * g + i]["reward"])
+        realised[name] = float(np.mean(got))
+    assert realised["with"] > 0.8  # the planner every time (its rewards average 0.85)
+    assert realised["without"] < realised["with"] - 0.2
+
+
+def test_retriever_and_drift_read_the_stored_metadata(agent_models, embedder) -> None:  # type: ignore[no-untyped-def]
+    store, with_meta, _, _, _ = agent_models
+    pred = Predictor(with_meta, embedder)
+    docs = ValueAwareRetriever(store=store, predictor=pred, k=30, fetch_k=60).invoke("capital of Peru")
+    by_agent: dict[str, list[float]] = {}
+    for d in docs:
+        by_agent.setdefault(d.metadata["agent"], []).append(d.metadata["predicted_mean"])
+    assert np.mean(by_agent["planner"]) > np.mean(by_agent["react"]) > np.mean(by_agent["guesser"])
+
+    # rewards that arrive after publication: the drift report encodes their agents like training did
+    late = _episodes(10, seed=3)
+    store.add_many(late)
+    rep = drift_report(store, with_meta, min_samples=5)
+    assert rep.n == len(late) and rep.mae is not None and rep.mae < 0.15
+
+
+def test_warm_start_needs_the_same_columns(store, registry) -> None:  # type: ignore[no-untyped-def]
+    cfg = fast_job(metadata_features=("agent",))
+    store.add_many(_episodes(60, seed=0))
+    assert not run_consolidation(store, registry, cfg).warm_started
+    assert run_consolidation(store, registry, cfg).warm_started  # same agents, same columns
+    store.add_many(_episodes(3, seed=1, agents={"critic": 0.7}))
+    rep = run_consolidation(store, registry, cfg)
+    assert not rep.warm_started  # a new agent is a new input column: train from scratch
+    assert rep.features is not None and "critic" in rep.features.metadata[0][1]
+    assert rep.incumbent_metrics is not None and rep.incumbent_metrics.spearman > 0.5  # gated on its own columns
+    # dropping the key: the incumbent is still scored with the agent it was trained to read
+    rep2 = run_consolidation(store, registry, fast_job())
+    assert not rep2.warm_started and rep2.features == FeatureSpec(text=True)
+    assert rep2.incumbent_metrics is not None and rep2.incumbent_metrics.spearman > 0.5
+
+
+def test_a_manifest_that_disagrees_with_the_model_is_refused(agent_models, embedder) -> None:  # type: ignore[no-untyped-def]
+    _, with_meta, _, rep, _ = agent_models
+    path = with_meta.versions_dir / rep.version / "manifest.json"
+    import json
+
+    m = json.loads(path.read_text())
+    m["feature_spec"]["metadata"]["agent"] = ["planner"]
+    path.write_text(json.dumps(m))
+    with pytest.raises(ArtifactError, match="do not match the model"):
+        Predictor(with_meta, embedder, version=rep.version)
