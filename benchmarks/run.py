@@ -323,10 +323,10 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
     import torch
 
     from memory_distill.config import JobConfig
-    from memory_distill.datasets import find_data_dir, load_episodes
+    from memory_distill.datasets import ACTION_KEYS, find_data_dir, load_episodes
     from memory_distill.embeddings import HashingEmbedder, LocalEmbedder
     from memory_distill.evaluate import spearman
-    from memory_distill.features import text_stats
+    from memory_distill.features import FeatureSpec, metadata_columns, text_stats
     from memory_distill.models import model_inputs
     from memory_distill.rewards import RewardBins
     from memory_distill.store import TrainingData
@@ -343,6 +343,9 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
         eps_all = load_episodes(name, data_dir=base, max_records=max_records, seed=0)
         X_all = emb.embed([e["text"] for e in eps_all])
         F_all = text_stats([e["text"] for e in eps_all])
+        # what produced each episode (agent / answering model / prompting method), where the file records it
+        keys = tuple(k for k in ACTION_KEYS if any(k in e["metadata"] for e in eps_all))
+        meta_all = metadata_columns([e["metadata"] for e in eps_all], keys)
         pos = {e["id"]: i for i, e in enumerate(eps_all)}
         for seed in seeds:
             # reshuffle group order per seed: the held-out "most recent" groups differ by seed
@@ -350,41 +353,63 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
             groups = sorted({e["metadata"]["group"] for e in eps_all})
             order = {g: i for i, g in enumerate(rng.permutation(groups))}
             eps = [{**e, "created_at": float(order[e["metadata"]["group"]])} for e in eps_all]
-            X = X_all[[pos[e["id"]] for e in eps]]
-            F = F_all[[pos[e["id"]] for e in eps]]
+            ix = [pos[e["id"]] for e in eps]
+            X, F = X_all[ix], F_all[ix]
+            meta = {k: [v[i] for i in ix] for k, v in meta_all.items()}
             data = TrainingData([e["id"] for e in eps], X, np.array([e["reward"] for e in eps], np.float32),
                                 np.array([e["created_at"] for e in eps]), [e["metadata"]["group"] for e in eps], F)
             split = split_by_group_and_time(data, 0.3, 0.15, rng)
             bins = RewardBins.fit(data.rewards, cfg.bins)
+            # the headline job reads the action metadata too (JobConfig.metadata_features), as consolidation builds it
+            spec = FeatureSpec.fit(text=True, columns=meta)
+            FM = spec.build(len(eps), text_features=F, metadata=meta)
+            data_m = TrainingData(data.ids, X, data.rewards, data.created_at, data.groups, FM, meta)
             torch.manual_seed(seed)
-            pair = train_pair(data, split, bins, cfg.model_copy(update={"seed": seed}), device=torch.device("cpu"),
-                              generator=torch.Generator().manual_seed(seed))
+            pair = train_pair(data_m, split, bins, cfg.model_copy(update={"seed": seed, "metadata_features": keys}),
+                              device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed))
+            # the same job without metadata features (text features only)
+            torch.manual_seed(seed)
+            nometa = train_pair(data, split, bins, cfg.model_copy(update={"seed": seed}), device=torch.device("cpu"),
+                                generator=torch.Generator().manual_seed(seed))
             # the same job without text features (embedding only), for the ablation column
             torch.manual_seed(seed)
             plain = train_pair(data, split, bins, cfg.model_copy(update={"seed": seed, "text_features": False}),
                                device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed))
             ho = split.holdout
             Xh = model_inputs(X[ho], F[ho])[:]
+            Xhm = model_inputs(X[ho], FM[ho])[:] if FM is not None else Xh
+
+            def pick(model: Any, x: Any, mean: np.ndarray) -> np.ndarray:
+                # what best_of_n(by="auto") does: the ranking head when consolidation attached one, else the mean
+                return model.advantage(x, torch.from_numpy(mean)).numpy() if model.has_ranking else mean
+
             with torch.no_grad():
-                t_mean = torch.softmax(pair.teacher(Xh), -1).numpy() @ bins.centers
-                s_mean = torch.softmax(pair.student(Xh), -1).numpy() @ bins.centers
+                t_mean = torch.softmax(pair.teacher(Xhm), -1).numpy() @ bins.centers
+                s_mean = torch.softmax(pair.student(Xhm), -1).numpy() @ bins.centers
+                n_mean = torch.softmax(nometa.student(Xh), -1).numpy() @ bins.centers
                 e_mean = torch.softmax(plain.student(Xh), -1).numpy() @ bins.centers
-                # the student's best-of-n pick is what best_of_n(by="auto") does: the ranking head when
-                # consolidation attached one, else the expected reward
-                s_pick = pair.student.advantage(Xh, torch.from_numpy(s_mean)).numpy() if pair.student.has_ranking else s_mean
-                e_pick = plain.student.advantage(Xh, torch.from_numpy(e_mean)).numpy() if plain.student.has_ranking else e_mean
+                s_pick, n_pick = pick(pair.student, Xhm, s_mean), pick(nometa.student, Xh, n_mean)
+                e_pick = pick(plain.student, Xh, e_mean)
             tr = np.concatenate([split.train, split.val])
             knn = _knn(X[tr], data.rewards[tr], X[ho])
             ridge = _ridge(X[tr], data.rewards[tr], X[ho])
-            # the same ridge given the student's inputs: embedding + standardised text features
-            mu, sd = F[tr].mean(0), np.maximum(F[tr].std(0), 0.25)
-            XF = np.hstack([X, (F - mu) / sd]).astype(np.float32)
+            # the same ridge given the student's inputs: embedding + standardised text (+ metadata) features
+            FF = F if FM is None else FM
+            mu, sd = np.nanmean(FF[tr], 0), np.maximum(np.nanstd(FF[tr], 0), 0.25)
+            XF = np.hstack([X, np.nan_to_num((FF - mu) / sd)]).astype(np.float32)
             ridge_f = _ridge(XF[tr], data.rewards[tr], XF[ho])
+            # the trivial use of the metadata: each value's mean training reward (summed over keys)
+            meta_mean = np.zeros(len(ho))
+            for k in keys:
+                vals = np.array([str(v) for v in meta[k]], dtype=object)
+                avg = {v: float(data.rewards[tr][vals[tr] == v].mean()) for v in set(vals[tr])}
+                meta_mean += np.array([avg.get(v, float(data.rewards[tr].mean())) for v in vals[ho]])
             r = data.rewards[ho]
             grp = np.array([data.groups[i] for i in ho], dtype=object)
             lengths = np.array([len(eps[i]["text"]) for i in ho])
             picks: dict[str, list[float]] = {k: [] for k in ("random", "longest", "oracle", "knn", "ridge", "ridge_features",
-                                                             "teacher", "student", "student_mean", "student_emb_only")}
+                                                             "teacher", "student", "student_mean", "student_emb_only",
+                                                             "student_no_meta", "meta_mean")}
             for g in np.unique(grp):
                 m = np.flatnonzero(grp == g)
                 if len(m) < 2:
@@ -393,17 +418,24 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
                 picks["longest"].append(float(r[m[np.argmax(lengths[m])]]))
                 picks["oracle"].append(float(r[m].max()))
                 for key, score in (("knn", knn), ("ridge", ridge), ("ridge_features", ridge_f), ("teacher", t_mean),
-                                   ("student", s_pick), ("student_mean", s_mean), ("student_emb_only", e_pick)):
-                    picks[key].append(float(r[m[np.argmax(score[m])]]))
+                                   ("student", s_pick), ("student_mean", s_mean), ("student_emb_only", e_pick),
+                                   ("student_no_meta", n_pick), ("meta_mean", meta_mean)):
+                    # a tie (e.g. two answers by one agent under the metadata mean) counts as a random pick among them
+                    best = m[score[m] >= score[m].max() - 1e-12]
+                    picks[key].append(float(r[best].mean()))
             results.append({
                 "dataset": name, "seed": seed, "embedder": emb.name, "n_holdout": int(len(ho)),
                 "spearman": {"teacher": spearman(t_mean, r), "student": spearman(s_mean, r), "knn": spearman(knn, r),
                              "ridge": spearman(ridge, r), "ridge_features": spearman(ridge_f, r),
-                             "student_emb_only": spearman(e_mean, r)},
+                             "student_emb_only": spearman(e_mean, r), "student_no_meta": spearman(n_mean, r),
+                             "teacher_no_meta": spearman(torch.softmax(nometa.teacher(Xh), -1).detach().numpy()
+                                                         @ bins.centers, r),
+                             "meta_mean": spearman(meta_mean, r) if keys else float("nan")},
                 "mae": {"teacher": float(np.abs(t_mean - r).mean()), "student": float(np.abs(s_mean - r).mean()),
                         "knn": float(np.abs(knn - r).mean()), "ridge": float(np.abs(ridge - r).mean())},
                 "best_of_n": {k: float(np.mean(v)) for k, v in picks.items()},
                 "ranking_head": bool(pair.student.has_ranking),
+                "metadata_features": {k: len(v) for k, v in spec.metadata},
                 "ranking": None if pair.ranking is None else {k: v for k, v in vars(pair.ranking).items()},
             })
             print(f"  quality {name} seed {seed} {emb.name}: student rho {results[-1]['spearman']['student']:.3f} "
@@ -440,27 +472,40 @@ def _fmt_quality(q: list[dict[str, Any]]) -> list[str]:
             out.append(x)
         return np.array(out, dtype=np.float64)
 
-    lines += ["| embedder | dataset | teacher rho | **student rho** | retention | student rho, embedding only | kNN rho | "
-              "ridge rho | ridge + text features rho | student MAE | teacher MAE |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    def meta(rs: list[dict[str, Any]]) -> str:
+        m = rs[0].get("metadata_features") or {}
+        return ", ".join(f"{k} ({n})" for k, n in m.items()) or "none"
+
+    def ret(rs: list[dict[str, Any]], s: str, t: str) -> str:
+        a, b = col(rs, "spearman", s), col(rs, "spearman", t)
+        return f"{np.nanmean(a) / np.nanmean(b):.2f}" if not np.isnan(b).all() else "-"
+
+    lines += ["| embedder | dataset | metadata features (values) | teacher rho | **student rho** | retention | "
+              "student rho, no metadata | retention, no metadata | student rho, embedding only | kNN rho | ridge rho | "
+              "ridge on the student's inputs rho | metadata mean rho | student MAE | teacher MAE |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (e, d), rs in by.items():
-        ret = np.nanmean(col(rs, "spearman", "student")) / np.nanmean(col(rs, "spearman", "teacher"))
-        lines.append(f"| {e} | {d} | {ms(col(rs, 'spearman', 'teacher'))} | {ms(col(rs, 'spearman', 'student'))} | "
-                     f"{ret:.2f} | {ms(col(rs, 'spearman', 'student_emb_only'))} | {ms(col(rs, 'spearman', 'knn'))} | "
+        lines.append(f"| {e} | {d} | {meta(rs)} | {ms(col(rs, 'spearman', 'teacher'))} | {ms(col(rs, 'spearman', 'student'))} | "
+                     f"{ret(rs, 'student', 'teacher')} | {ms(col(rs, 'spearman', 'student_no_meta'))} | "
+                     f"{ret(rs, 'student_no_meta', 'teacher_no_meta')} | "
+                     f"{ms(col(rs, 'spearman', 'student_emb_only'))} | {ms(col(rs, 'spearman', 'knn'))} | "
                      f"{ms(col(rs, 'spearman', 'ridge'))} | {ms(col(rs, 'spearman', 'ridge_features'))} | "
+                     f"{ms(col(rs, 'spearman', 'meta_mean'))} | "
                      f"{ms(col(rs, 'mae', 'student'))} | {ms(col(rs, 'mae', 'teacher'))} |")
     lines += ["", "Retention uses the ratio of the seed means (mean student rho / mean teacher rho): a per-seed ratio is "
               "unstable when a seed's teacher rho is small."]
-    keys = ("random", "longest", "knn", "ridge", "ridge_features", "teacher", "student_mean", "student", "student_emb_only",
-            "oracle")
+    keys = ("random", "longest", "knn", "ridge", "ridge_features", "meta_mean", "teacher", "student_mean", "student",
+            "student_no_meta", "student_emb_only", "oracle")
     lines += ["", "Best-of-n on held-out groups (mean realised reward of the pick; mean ± std over seeds). **Student**: "
               "what `best_of_n` picks by default: the student's ranking head (a within-group ridge on its inputs, "
               "plus its expected reward weighted on validation groups) when consolidation attached one (in the "
               "*head* column's share of seeds), else its expected reward; *student, expected "
               "reward*: always by the expected reward. The teacher picks by its expected reward. *student − "
               "longest* is the paired difference per seed (same held-out groups):", "",
-              "| embedder | dataset | random | longest | kNN | ridge | ridge + text features | teacher | student, expected reward | "
-              "**student** | student, embedding only | oracle | head | student − longest |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| embedder | dataset | random | longest | kNN | ridge | ridge on the student's inputs | metadata mean | teacher | "
+              "student, expected reward | **student** | student, no metadata | student, embedding only | oracle | head | "
+              "student − longest |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (e, d), rs in by.items():
         cells = [ms(col(rs, "best_of_n", k)) for k in keys]
         cells.append(f"{sum(bool(r.get('ranking_head')) for r in rs)}/{len(rs)}")
@@ -470,12 +515,14 @@ def _fmt_quality(q: list[dict[str, Any]]) -> list[str]:
     lines += ["", f"Paired differences, the student minus each baseline, per seed (same held-out groups): mean and 95% "
               f"confidence interval over the {n_seeds} seeds (t distribution). **beats**: the interval lies above 0; "
               "*ties*: it contains 0; **loses**: it lies below 0.", "",
-              "| embedder | dataset | best-of-n vs random | vs longest | vs kNN | vs ridge + text features | "
-              "rho vs kNN | rho vs ridge + text features |", "|---|---|---|---|---|---|---|---|"]
+              "| embedder | dataset | best-of-n vs random | vs longest | vs kNN | vs ridge on the student's inputs | "
+              "vs metadata mean | rho vs kNN | rho vs ridge on the student's inputs | student, no metadata: best-of-n "
+              "vs random | vs longest |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (e, d), rs in by.items():
         cells = [_paired(col(rs, "best_of_n", "student") - col(rs, "best_of_n", k))
-                 for k in ("random", "longest", "knn", "ridge_features")]
+                 for k in ("random", "longest", "knn", "ridge_features", "meta_mean")]
         cells += [_paired(col(rs, "spearman", "student") - col(rs, "spearman", k)) for k in ("knn", "ridge_features")]
+        cells += [_paired(col(rs, "best_of_n", "student_no_meta") - col(rs, "best_of_n", k)) for k in ("random", "longest")]
         lines.append(f"| {e} | {d} | " + " | ".join(cells) + " |")
     return lines
 
@@ -579,10 +626,15 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
     if res.get("quality"):
         L += ["## Quality on real episodes (../shared/data; held-out groups; several seeds)", "",
               "Default configs (teacher 1024-512-256-128, student 256-128, T=4, alpha 0.7, beta 0.3; the models read the "
-              "embedding plus the four text features). *Student, embedding only*: the same job with "
+              "embedding, the four text features and, as `JobConfig.metadata_features`, the field each file records "
+              "about what produced an episode: FireAct's and Reflexion's `agent`, arena's `generator` (the answering "
+              "model), creative writing's `method` (sampling with or without a plan). *Student, no metadata*: the "
+              "same job without them (the default `JobConfig()`); *student, embedding only*: also "
               "`text_features=False`. kNN: similarity-weighted mean reward of the 10 nearest training episodes (Neural "
-              "Episodic Control style); ridge: ridge regression (lambda 1) on the same embeddings; *ridge + text "
-              "features*: on the student's inputs. Retention = student rho / teacher rho. This run: "
+              "Episodic Control style, on the embedding); ridge: ridge regression (lambda 1) on the same embeddings; "
+              "*ridge on the student's inputs*: embedding + standardised text and metadata features; *metadata mean*: "
+              "each metadata value's mean training reward (the trivial use of the metadata). Retention = student rho "
+              "/ teacher rho. This run: "
               f"{len({r['seed'] for r in res['quality']})} seeds (`--seeds`), embedders "
               f"{', '.join(sorted({r['embedder'] for r in res['quality']}))}.", ""]
         L += _fmt_quality(res["quality"])

@@ -15,7 +15,11 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DATASETS", "find_data_dir", "iter_records", "load_episodes"]
+__all__ = ["ACTION_KEYS", "DATASETS", "find_data_dir", "iter_records", "load_episodes"]
+
+ACTION_KEYS = ("agent", "generator", "method")
+"""Record fields naming what produced an episode (agent, answering model, prompting method); kept as
+metadata, where ``JobConfig.metadata_features`` can read them."""
 
 DATASETS = {
     "reflexion": "reflexion/hotpotqa_trajectories.jsonl.gz",
@@ -48,7 +52,10 @@ def iter_records(path: str | Path) -> Iterator[dict[str, Any]]:
 def load_episodes(name_or_path: str | Path, *, data_dir: str | Path | None = None, max_records: int | None = None,
                   max_groups: int | None = None, seed: int = 0, text_field: str = "text",
                   max_chars: int = 6000) -> list[dict[str, Any]]:
-    """Episodes as Memory-ready dicts; whole groups are kept together when subsampling."""
+    """Episodes as Memory-ready dicts; whole groups are kept together when subsampling.
+
+    Metadata: ``group``, ``dataset`` and the record's :data:`ACTION_KEYS` that it has.
+    """
     p = Path(name_or_path)
     if not p.exists():
         base = find_data_dir(data_dir)
@@ -77,7 +84,7 @@ def load_episodes(name_or_path: str | Path, *, data_dir: str | Path | None = Non
                 "text": text,
                 "reward": float(r["reward"]),
                 "metadata": {"group": g, "dataset": p.stem.split(".")[0],
-                             **({"agent": str(r["agent"])} if "agent" in r else {})},
+                             **{k: str(r[k]) for k in ACTION_KEYS if r.get(k) is not None}},
                 "created_at": t + gi,
             })
         if max_records and len(out) >= max_records:

@@ -70,6 +70,12 @@ def test_no_groups_means_no_head_and_a_clear_error() -> None:
     r_nan[1::2] = np.nan
     fit = fit_ranking_head(student, torch.from_numpy(X), r_nan, groups, np.arange(200), np.arange(200, 300), CENTERS)
     assert not fit.attached and fit.n_rows == 0
+    # validation groups whose answers all got the same reward cannot choose a strength
+    r_flat = r.copy()
+    r_flat[200:] = np.repeat(np.arange(50), 2) / 50.0
+    fit = fit_ranking_head(student, torch.from_numpy(X), r_flat, groups, np.arange(200), np.arange(200, 300), CENTERS)
+    assert not fit.attached and "no validation group has two different rewards" in fit.reason
+    assert not student.has_ranking
 
 
 def test_head_round_trips_and_the_numpy_runner_matches_torch() -> None:
