@@ -37,8 +37,10 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("MEMORY_DISTILL_HOME", str(tmp_path))
     monkeypatch.setenv("MEMORY_DISTILL_STORE__MODE", "http")
     monkeypatch.setenv("MEMORY_DISTILL_JOB__DISTILL__TEMPERATURE", "2.5")
+    monkeypatch.setenv("MEMORY_DISTILL_JOB__METADATA_FEATURES", '["agent", "tool"]')
     s = Settings()
     assert s.home == tmp_path and s.store.mode == "http" and s.job.distill.temperature == 2.5
+    assert s.job.metadata_features == ("agent", "tool")
     assert s.store_path == tmp_path / "chroma"
     monkeypatch.setenv("MEMORY_DISTILL_JOB__BOGUS", "1")
     with pytest.raises(ValidationError, match="bogus"):
