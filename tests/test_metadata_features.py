@@ -179,3 +179,14 @@ def test_a_manifest_that_disagrees_with_the_model_is_refused(agent_models, embed
     path.write_text(json.dumps(m))
     with pytest.raises(ArtifactError, match="do not match the model"):
         Predictor(with_meta, embedder, version=rep.version)
+
+
+def test_predict_tool_estimates_for_the_calling_agent(agent_models, embedder) -> None:  # type: ignore[no-untyped-def]
+    from langchain_memory_distill.tools import make_predict_tool
+
+    _, with_meta, _, _, _ = agent_models
+    pred = Predictor(with_meta, embedder)
+    plan = "Task 5: river length. The agent looked searched cited and replied."
+    est = {a: float(make_predict_tool(pred, metadata={"agent": a}).invoke({"plan": plan}).split()[2])
+           for a in ("planner", "guesser")}
+    assert est["planner"] > est["guesser"] + 0.3

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from langchain_core.tools import BaseTool, StructuredTool
 
 from memory_distill.predictor import Predictor
@@ -35,12 +38,18 @@ def make_recall_tool(retriever: ValueAwareRetriever, *, name: str = "recall_past
     )
 
 
-def make_predict_tool(predictor: Predictor, *, name: str = "estimate_payoff") -> BaseTool:
-    """A tool estimating how well a described plan/answer is likely to pay off."""
+def make_predict_tool(predictor: Predictor, *, name: str = "estimate_payoff",
+                      metadata: Mapping[str, Any] | None = None) -> BaseTool:
+    """A tool estimating how well a described plan/answer is likely to pay off.
+
+    ``metadata``: what the calling agent's episodes are recorded with (e.g. ``{"agent": "planner-v2"}``),
+    for a student trained with ``JobConfig.metadata_features``: the estimate is then for this agent.
+    """
+    meta = dict(metadata) if metadata else None
 
     def estimate(plan: str) -> str:
         predictor.refresh()
-        p = predictor.predict_one(plan)
+        p = predictor.predict_one(plan, meta)
         return (f"expected reward {p.mean:.2f} (std {p.std:.2f}, 10-90% range {p.quantiles[0.1]:.2f}-"
                 f"{p.quantiles[0.9]:.2f}, model {p.model_version})")
 
