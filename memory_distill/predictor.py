@@ -142,6 +142,7 @@ class Predictor:
         self.device = resolve_device(device)
         self._pinned = version
         self._lock = threading.Lock()
+        self._warned_metadata = False
         self._install(self.registry.load(version, map_location=self.device))
 
     def _install(self, loaded: LoadedModel) -> None:
@@ -235,6 +236,10 @@ class Predictor:
             tf: np.ndarray | None = F
         else:
             tf = text_stats(list(texts)) if texts is not None and spec.text else None
+        if metadata is None and spec.metadata_width and not self._warned_metadata:
+            self._warned_metadata = True
+            log.warning("model %s reads metadata features %s but none were given: predicting with their training "
+                        "mean (pass metadata=[{...}, ...] one dict per row)", self.version, spec.keys)
         cols = metadata_columns(metadata, spec.keys) if metadata is not None else None
         return spec.build(n, text_features=tf, metadata=cols)
 

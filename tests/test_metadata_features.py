@@ -91,7 +91,7 @@ def agent_models(tmp_path_factory, embedder):  # type: ignore[no-untyped-def]
     return store, with_meta, without, rep, rep0
 
 
-def test_consolidation_learns_which_agent_pays_off(agent_models, embedder) -> None:  # type: ignore[no-untyped-def]
+def test_consolidation_learns_which_agent_pays_off(agent_models, embedder, caplog) -> None:  # type: ignore[no-untyped-def]
     store, with_meta, without, rep, rep0 = agent_models
     assert rep.features == FeatureSpec(text=True, metadata=(("agent", ("guesser", "planner", "react")),))
     assert rep.evaluation.student.spearman > 0.8  # the agent explains the reward
@@ -106,7 +106,10 @@ def test_consolidation_learns_which_agent_pays_off(agent_models, embedder) -> No
     assert means["planner"] > means["react"] + 0.2 > means["guesser"] + 0.4
     # an unseen agent, no metadata at all, and the embedding-only call all read as the training mean
     assert means["guesser"] < means["brand-new-agent"] < means["planner"]
-    neutral = pred.predict([text])[0].mean
+    with caplog.at_level("WARNING", logger="memory_distill.predictor"):
+        neutral = pred.predict([text])[0].mean
+        pred.predict([text])
+    assert sum("reads metadata features ['agent'] but none were given" in r.message for r in caplog.records) == 1
     assert neutral == pytest.approx(means["brand-new-agent"], abs=1e-6)
     X = embedder.embed([text] * 2)
     batch = pred.predict_embeddings(X, texts=[text] * 2, metadata=[{"agent": "planner"}, None])
