@@ -371,7 +371,7 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
             split = split_by_group_and_time(data, 0.3, 0.15, rng)
             bins = RewardBins.fit(data.rewards, cfg.bins)
             # the headline job reads the action metadata too (JobConfig.metadata_features), as consolidation builds it
-            spec = FeatureSpec.fit(text=True, columns=meta)
+            spec = FeatureSpec.fit(text=True, columns={k: [v[i] for i in split.train] for k, v in meta.items()})
             FM = spec.build(len(eps), text_features=F, metadata=meta)
             data_m = TrainingData(data.ids, X, data.rewards, data.created_at, data.groups, FM, meta)
             torch.manual_seed(seed)

@@ -244,8 +244,9 @@ class JobConfig(BaseModel):
     metadata_features: tuple[str, ...] = ()
     """Metadata keys whose values the models read as categories, e.g. ``("agent",)`` or
     ``("tool", "prompt_version")``: which agent, tool or prompt produced an episode is often what
-    decides its reward. Each value seen in at least two memories gets a 0/1 input (at most 64 per
-    key); a memory without the key, or with a new value, reads as the training average. Predictions
+    decides its reward. Each value seen in at least two training memories gets a 0/1 input (at most
+    64 per key); a memory without the key, or with a value not yet trained on, reads as the training
+    average. Predictions
     then take the same metadata (``Predictor.predict(texts, metadata=...)``, a ``Document``'s
     metadata in the scorer, a stored memory's in the retriever)."""
 

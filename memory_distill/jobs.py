@@ -206,24 +206,26 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
     if skipped:
         log.warning("skipping %d rows with non-finite or empty embeddings", skipped)
         data = data.subset(keep)
-    # the model's feature columns: text statistics, then one per metadata value (inputs only, no rewards)
-    raw_text = data.features
-    spec = FeatureSpec.fit(text=cfg.text_features, columns={k: data.metadata[k] for k in cfg.metadata_features})
-    data.features = spec.build(len(data), text_features=raw_text if spec.text else None, metadata=data.metadata)
     n_rewarded = int(data.rewarded.sum())
     if n_rewarded < cfg.min_rewarded:
         raise NotEnoughDataError(
             f"only {n_rewarded} rewarded memories (need JobConfig.min_rewarded={cfg.min_rewarded}): "
             "record more rewards with set_reward() or lower min_rewarded"
         )
+    split = split_by_group_and_time(data, cfg.gate.holdout_fraction, 0.15, rng)
+    if len(split.train) < 2:
+        raise NotEnoughDataError(f"only {len(split.train)} training rows after holding out the most recent memories")
+    # the model's feature columns: text statistics, then one per metadata value seen in the training
+    # rows (a value only in held-out or unrewarded rows would get a column no weight was fit for)
+    raw_text = data.features
+    spec = FeatureSpec.fit(text=cfg.text_features,
+                           columns={k: [data.metadata[k][i] for i in split.train] for k in cfg.metadata_features})
+    data.features = spec.build(len(data), text_features=raw_text if spec.text else None, metadata=data.metadata)
 
     inc_stale = inc_version in stale
     warm = bool(cfg.warm_start and incumbent is not None and not inc_stale and _compatible(incumbent.manifest, store, cfg, spec))
 
     bins = incumbent.bins if warm and incumbent else RewardBins.fit(data.rewards[data.rewarded], cfg.bins)
-    split = split_by_group_and_time(data, cfg.gate.holdout_fraction, 0.15, rng)
-    if len(split.train) < 2:
-        raise NotEnoughDataError(f"only {len(split.train)} training rows after holding out the most recent memories")
 
     init = (incumbent.teacher, incumbent.student) if warm and incumbent is not None and incumbent.teacher is not None else None
     trained = train_pair(data, split, bins, cfg, device=device, generator=gen, curriculum=curriculum,

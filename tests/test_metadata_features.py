@@ -156,14 +156,29 @@ def test_retriever_and_drift_read_the_stored_metadata(agent_models, embedder) ->
     assert rep.n == len(late) and rep.mae is not None and rep.mae < 0.15
 
 
-def test_warm_start_needs_the_same_columns(store, registry) -> None:  # type: ignore[no-untyped-def]
+def _aged(eps: list[dict], t0: float) -> list[dict]:
+    return [{**e, "created_at": t0 + i} for i, e in enumerate(eps)]
+
+
+def test_warm_start_needs_the_same_columns(store, registry, embedder) -> None:  # type: ignore[no-untyped-def]
     cfg = fast_job(metadata_features=("agent",))
-    store.add_many(_episodes(60, seed=0))
+    store.add_many(_aged(_episodes(60, seed=0), 1.7e9))
     assert not run_consolidation(store, registry, cfg).warm_started
     assert run_consolidation(store, registry, cfg).warm_started  # same agents, same columns
-    store.add_many(_episodes(3, seed=1, agents={"critic": 0.7}))
+
+    # a new agent seen only in the newest memories (the held-out slice) gets no column yet: no weight was
+    # trained for it, so it reads as neutral, and the columns (and the warm start) stay as they were
+    store.add_many(_aged(_episodes(8, seed=1, agents={"critic": 0.95}), 1.8e9))
     rep = run_consolidation(store, registry, cfg)
-    assert not rep.warm_started  # a new agent is a new input column: train from scratch
+    assert rep.warm_started and rep.features is not None and "critic" not in rep.features.metadata[0][1]
+    pred = Predictor(registry, embedder, version=rep.version)
+    text = "Task 3: tax rate 2021. The agent wrote cited tried and replied."
+    assert pred.predict_one(text, {"agent": "critic"}).mean == pytest.approx(pred.predict_one(text).mean, abs=1e-6)
+
+    # once it is in the training rows it is a new input column: train from scratch
+    store.add_many(_aged(_episodes(20, seed=2, agents={"critic": 0.95}), 1.0e9))
+    rep = run_consolidation(store, registry, cfg)
+    assert not rep.warm_started
     assert rep.features is not None and "critic" in rep.features.metadata[0][1]
     assert rep.incumbent_metrics is not None and rep.incumbent_metrics.spearman > 0.5  # gated on its own columns
     # dropping the key: the incumbent is still scored with the agent it was trained to read
