@@ -28,7 +28,7 @@ _EXPORTS = {
     "make_embedder": "embeddings",
     "MemoryStore": "store",
     "RewardBins": "rewards",
-    "text_stats": "features",
+    "text_stats": "features", "FeatureSpec": "features",
     "RewardMLP": "models", "build_teacher": "models", "build_student": "models",
     "ArtifactRegistry": "artifacts",
     "Predictor": "predictor",
@@ -90,7 +90,7 @@ if TYPE_CHECKING:  # pragma: no cover
         StoreError,
     )
     from .facade import MemoryDistill
-    from .features import text_stats
+    from .features import FeatureSpec, text_stats
     from .jobs import (
         ConsolidationExecutor,
         ConsolidationReport,

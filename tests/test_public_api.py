@@ -4,7 +4,7 @@ import sys
 import memory_distill
 
 EXPECTED = {
-    "ArtifactError", "ArtifactRegistry", "BinsConfig", "CachedEmbedder", "ConsolidationError",
+    "ArtifactError", "ArtifactRegistry", "BinsConfig", "CachedEmbedder", "ConsolidationError", "FeatureSpec",
     "ConsolidationExecutor", "ConsolidationReport", "ConsolidationWorker", "DistillConfig", "Embedder",
     "EmbedderConfig", "EmbedderMismatchError", "EmbeddingError", "GateConfig", "HashingEmbedder",
     "InvalidMemoryError", "JobConfig", "JobLockedError", "LangChainEmbedder", "LocalEmbedder", "Memory",
