@@ -333,7 +333,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     mem = _open(args)
     print(f"memory_distill demo - home {mem.registry.root.parent}, embedder {mem.embedder.name}, store {mem.store.config.mode}")
-    episodes = synthetic_episodes(args.n, seed=args.seed)
+    episodes = synthetic_episodes(args.n, seed=0 if args.seed is None else args.seed)
     mem.store.add_many(episodes, upsert=True)
     st = mem.store.stats()
     print(f"1. ingest: {st['total']} episodes stored ({st['rewarded']} rewarded, {st['pending']} awaiting a reward)")

@@ -108,3 +108,18 @@ def test_consolidate_and_predict_with_a_metadata_feature(home, capsys):
         code, out, _ = run(capsys, "predict", "--json", text, "-m", f"strategy={s}")
         got[s] = json.loads(out)[0]["mean"]
     assert got[0] > got[len(STRATEGIES) - 1] + 0.2  # the strategy the episode recorded, not its words
+
+
+def test_demo_is_reproducible(tmp_path, monkeypatch, capsys):
+    """The same command twice on fresh homes: the same data, split and model (the README promises it)."""
+    monkeypatch.setenv("MEMORY_DISTILL_EMBEDDER__DIM", "128")
+    outs = []
+    for i in range(2):
+        monkeypatch.setenv("MEMORY_DISTILL_HOME", str(tmp_path / f"home{i}"))
+        code, out, _ = run(capsys, "demo", "--n", "300", "--epochs", "3")
+        assert code == 0
+        # the report lines without the timing ("rows ... ; warm start: False; 1.2s on cpu")
+        outs.append([ln.split("; warm start")[0] for ln in out.splitlines()
+                     if ln.startswith(("rows ", "spearman", "mae", "best-of-n"))])
+    assert len(outs[0]) == 4 and "best-of-n ranking head" in outs[0][-1]
+    assert outs[0] == outs[1]
