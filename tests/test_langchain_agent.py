@@ -152,6 +152,36 @@ def test_recorded_episodes_are_grouped_by_user_input(store):
     assert run("Population of Oslo?", metadata={"group": "task-7"})["group"] == "task-7"  # the user's group wins
 
 
+def test_recorded_episodes_name_the_model_that_answered(store):
+    """The answering model (from the provider's response_metadata) is recorded as metadata "model", so
+    JobConfig(metadata_features=("model",)) can learn which model pays off; the user's metadata wins."""
+    def scripted(name):
+        msgs = tool_then_answer("lookup", {"city": "Oslo"}, "700k")
+        return ScriptedChatModel(responses=[m.model_copy(update={"response_metadata": {"model_name": name}})
+                                            for m in msgs])
+
+    mw = MemoryDistillMiddleware(store, recall=False)
+    out = create_agent(scripted("small-1"), [lookup], middleware=[mw]).invoke({"messages": [HumanMessage("Oslo?")]})
+    assert store.get(out["memory_distill_episode_id"]).metadata["model"] == "small-1"
+    mw = MemoryDistillMiddleware(store, recall=False, metadata={"model": "mine"})
+    out = create_agent(scripted("small-1"), [lookup], middleware=[mw]).invoke({"messages": [HumanMessage("Oslo?")]})
+    assert store.get(out["memory_distill_episode_id"]).metadata["model"] == "mine"
+    rec = EpisodeRecorder(store)
+    create_agent(scripted("large-2"), [lookup]).invoke({"messages": [HumanMessage("Oslo?")]}, config={"callbacks": [rec]})
+    assert store.get(rec.episode_ids[-1]).metadata["model"] == "large-2"
+    # a chain ending in a chat model (no agent state): the handler reads the model from the LLM result
+    from langchain_core.runnables import RunnableLambda
+
+    rec = EpisodeRecorder(store)
+    (RunnableLambda(lambda q: q) | scripted("bare-3")).invoke("Oslo?", config={"callbacks": [rec]})
+    assert store.get(rec.episode_ids[-1]).metadata["model"] == "bare-3"
+    # no response_metadata: no "model" key
+    rec = EpisodeRecorder(store)
+    create_agent(ScriptedChatModel(responses=tool_then_answer("lookup", {"city": "Oslo"}, "700k")), [lookup]).invoke(
+        {"messages": [HumanMessage("Oslo?")]}, config={"callbacks": [rec]})
+    assert "model" not in store.get(rec.episode_ids[-1]).metadata
+
+
 def test_callback_handler_records_failed_root_run(store):
     rec = EpisodeRecorder(store)
     from langchain_core.runnables import RunnableLambda

@@ -17,7 +17,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
 from memory_distill.store import MemoryStore
 
-from .episodes import episode_from_messages, input_group, message_text
+from .episodes import episode_from_messages, input_group, message_text, response_model_name
 
 __all__ = ["EpisodeRecorder"]
 
@@ -70,13 +70,24 @@ class EpisodeRecorder(BaseCallbackHandler):
                        parent_run_id: UUID | None = None, **kwargs: Any) -> None:
         if parent_run_id is None:
             with self._lock:
-                self._runs[run_id] = {"input": _input_text(inputs), "tools": []}
+                self._runs[run_id] = {"input": _input_text(inputs), "tools": [], "model": None}
         else:
             self._root(run_id, parent_run_id)
 
     def on_chat_model_start(self, serialized: Any, messages: Any, *, run_id: UUID, parent_run_id: UUID | None = None,
                             **kwargs: Any) -> None:
         self._root(run_id, parent_run_id)
+
+    def on_llm_end(self, response: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any) -> None:
+        root = self._root(run_id, parent_run_id)
+        if root is None:
+            return
+        name = response_model_name(getattr(response, "llm_output", None))
+        for gens in getattr(response, "generations", None) or []:
+            for g in gens:
+                name = response_model_name(getattr(getattr(g, "message", None), "response_metadata", None)) or name
+        if name:
+            self._runs[root]["model"] = name
 
     def on_tool_start(self, serialized: dict[str, Any] | None, input_str: str, *, run_id: UUID,
                       parent_run_id: UUID | None = None, **kwargs: Any) -> None:
@@ -111,6 +122,7 @@ class EpisodeRecorder(BaseCallbackHandler):
         if msgs and all(isinstance(m, BaseMessage) for m in msgs):
             ep = episode_from_messages(msgs)
             text, answer, n_err = ep["text"], ep["answer"], ep["tool_errors"]
+            run["model"] = ep["model"] or run["model"]
         else:
             lines = [f"User: {run['input']}"]
             for t in run["tools"]:
@@ -126,7 +138,8 @@ class EpisodeRecorder(BaseCallbackHandler):
         reward = self.reward_fn(run["input"], answer, msgs or []) if (self.reward_fn and error is None) else None
         if reward is None and failed:
             reward = self.failure_reward
-        meta = {"group": input_group(str(run["input"])), **self.metadata, "source": "langchain_callback",
+        model = {"model": run["model"]} if run["model"] else {}
+        meta = {"group": input_group(str(run["input"])), **model, **self.metadata, "source": "langchain_callback",
                 "tool_calls": len(run["tools"]), "outcome": "failed" if failed else "completed"}
         self.episode_ids.append(self.store.add({"text": text, "reward": reward, "metadata": meta,
                                                 "namespace": self.namespace}))

@@ -9,7 +9,7 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
-__all__ = ["episode_from_messages", "input_group", "message_text"]
+__all__ = ["episode_from_messages", "input_group", "message_text", "response_model_name"]
 
 
 def input_group(user_input: str) -> str:
@@ -37,7 +37,11 @@ def message_text(m: BaseMessage) -> str:
 
 
 def episode_from_messages(messages: Sequence[BaseMessage], *, max_result_chars: int = 300) -> dict[str, Any]:
-    """``{"text", "input", "answer", "tool_calls", "tool_errors"}`` for the last user turn."""
+    """``{"text", "input", "answer", "tool_calls", "tool_errors", "model"}`` for the last user turn.
+
+    ``model``: the chat model that answered, from the last AI message's ``response_metadata``
+    (``model_name`` or ``model``, as the provider integrations set it), else ``None``.
+    """
     start = 0
     for i in range(len(messages) - 1, -1, -1):
         if isinstance(messages[i], HumanMessage):
@@ -48,8 +52,10 @@ def episode_from_messages(messages: Sequence[BaseMessage], *, max_result_chars: 
     lines = [f"User: {user}"]
     answer = ""
     n_calls = n_errors = 0
+    model: str | None = None
     for m in turn[1:]:
         if isinstance(m, AIMessage):
+            model = response_model_name(m.response_metadata) or model
             for tc in m.tool_calls:
                 n_calls += 1
                 lines.append(f"Tool call: {tc['name']}({json.dumps(tc.get('args', {}), sort_keys=True, default=str)})")
@@ -61,4 +67,12 @@ def episode_from_messages(messages: Sequence[BaseMessage], *, max_result_chars: 
             n_errors += err
             lines.append(f"Tool {'error' if err else 'result'} ({m.name}): {message_text(m)[:max_result_chars]}")
     lines.append(f"Answer: {answer}" if answer else "Answer: (none)")
-    return {"text": "\n".join(lines), "input": user, "answer": answer, "tool_calls": n_calls, "tool_errors": n_errors}
+    return {"text": "\n".join(lines), "input": user, "answer": answer, "tool_calls": n_calls, "tool_errors": n_errors,
+            "model": model}
+
+
+def response_model_name(meta: Any) -> str | None:
+    if not isinstance(meta, dict):
+        return None
+    name = meta.get("model_name") or meta.get("model")
+    return str(name) if name else None

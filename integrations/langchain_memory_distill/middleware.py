@@ -150,7 +150,8 @@ class MemoryDistillMiddleware(AgentMiddleware):
         reward = self.reward_fn(ep["input"], ep["answer"], messages) if self.reward_fn else None
         if reward is None and failed:
             reward = self.failure_reward
-        meta = {"group": input_group(ep["input"]), **self.metadata, "source": "langchain_agent",
+        model = {"model": ep["model"]} if ep["model"] else {}
+        meta = {"group": input_group(ep["input"]), **model, **self.metadata, "source": "langchain_agent",
                 "tool_calls": ep["tool_calls"], "tool_errors": ep["tool_errors"],
                 "outcome": "failed" if failed else "completed"}
         mid = self.store.add({"text": ep["text"], "reward": reward, "metadata": meta, "namespace": self.namespace})
