@@ -114,20 +114,10 @@ def _print_report(rep: Any) -> None:
     print(f"compression {ev.compression_ratio:.1f}x, prediction match {ev.prediction_match:.3f}, "
           f"KL(teacher||student) {ev.kl_divergence:.4f}, Spearman retention {ev.retention:.3f}, "
           f"student {ev.student_latency_ms * 1000:.0f} us/row")
-    spec = getattr(rep, "features", None)
-    if spec is not None and spec.metadata:
-        print("metadata features: " + "; ".join(f"{k}: {len(v)} values" if v else f"{k}: fewer than 2 values, unused"
-                                                for k, v in spec.metadata))
-    rk = getattr(rep, "ranking", None)
-    if rk is not None:
-        if rk.attached:
-            held = ("" if rk.holdout_within_spearman is None else
-                    f"; held-out groups {rk.holdout_within_spearman:.3f} vs {rk.holdout_within_spearman_mean:.3f}")
-            print(f"best-of-n ranking head: {rk.n_groups} groups, head + {rk.weight_mean:.2f} x expected reward; "
-                  f"within-group Spearman (head vs expected reward alone) validation "
-                  f"{rk.val_within_spearman:.3f} vs {rk.val_within_spearman_mean:.3f}{held}")
-        else:
-            print(f"best-of-n ranking head: none ({rk.reason}); best_of_n ranks by expected reward")
+    from .report import feature_lines
+
+    for line in feature_lines(rep):
+        print(line)
 
 
 def _read_jsonl(path: str, namespace: str | None) -> list[Any]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["write_consolidation_report"]
+__all__ = ["feature_lines", "write_consolidation_report"]
 
 
 def _plt() -> Any:
@@ -18,6 +18,27 @@ def _plt() -> Any:
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def feature_lines(report: Any) -> list[str]:
+    """What the models read next to the embedding, and the best-of-n ranking head (when the report has them)."""
+    lines = []
+    spec = getattr(report, "features", None)
+    if spec is not None:
+        meta = "; ".join(f"{k} ({len(v)} values)" if v else f"{k} (unused: fewer than 2 values)" for k, v in spec.metadata)
+        lines.append(f"inputs: embedding{' + 4 text statistics' if spec.text else ''}"
+                     + (f"; metadata features: {meta}" if meta else ""))
+    rk = getattr(report, "ranking", None)
+    if rk is not None:
+        if rk.attached:
+            held = ("" if rk.holdout_within_spearman is None else
+                    f"; held-out groups {rk.holdout_within_spearman:.3f} vs {rk.holdout_within_spearman_mean:.3f}")
+            lines.append(f"best-of-n ranking head: {rk.n_groups} groups, head + {rk.weight_mean:.2f} x expected "
+                         f"reward; within-group Spearman (head vs expected reward) validation "
+                         f"{rk.val_within_spearman:.3f} vs {rk.val_within_spearman_mean:.3f}{held}")
+        else:
+            lines.append(f"best-of-n ranking head: none ({rk.reason}); best_of_n ranks by expected reward")
+    return lines
 
 
 def write_consolidation_report(report: Any, out_dir: str | Path, *, calibration: dict[str, Any] | None = None) -> dict[str, Path]:
@@ -72,6 +93,7 @@ def write_consolidation_report(report: Any, out_dir: str | Path, *, calibration:
         f"- compression {ev.compression_ratio:.1f}x ({ev.teacher_params:,} -> {ev.student_params:,} params); "
         f"prediction match {ev.prediction_match:.3f}; KL {ev.kl_divergence:.4f}; retention {ev.retention:.3f}",
         f"- student latency {ev.student_latency_ms * 1000:.0f} us/row; run took {report.seconds:.1f}s on {report.device}",
+        *(f"- {line}" for line in feature_lines(report)),
         "",
         "| " + " | ".join(rows[0]) + " |",
         "|---|---|---|",

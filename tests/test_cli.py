@@ -61,7 +61,9 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
     assert "PROMOTED" in out and "Spearman retention" in out and "3. predict" in out
     assert "best-of-n ranking head: " in out  # the synthetic episodes come in groups of 4 per task
     assert (tmp_path / "rep" / "losses.png").stat().st_size > 1000
-    assert (tmp_path / "rep" / "calibration.png").exists() and "v000001" in (tmp_path / "rep" / "report.md").read_text()
+    report_md = (tmp_path / "rep" / "report.md").read_text()
+    assert (tmp_path / "rep" / "calibration.png").exists() and "v000001" in report_md
+    assert "- inputs: embedding + 4 text statistics" in report_md and "- best-of-n ranking head: " in report_md
     code, out, _ = run(capsys, "consolidate", "--epochs", "10")
     assert code == 0 and "version v000002" in out
     # predictions are asked for texts shaped like the stored episodes (the models also read text length)
@@ -101,7 +103,7 @@ def test_consolidate_and_predict_with_a_metadata_feature(home, capsys):
     code, _, _ = run(capsys, "demo", "--n", "400", "--epochs", "3")
     assert code == 0
     code, out, _ = run(capsys, "consolidate", "--epochs", "10", "--metadata-feature", "strategy")
-    assert code == 0 and f"metadata features: strategy: {len(STRATEGIES)} values" in out
+    assert code == 0 and f"metadata features: strategy ({len(STRATEGIES)} values)" in out
     text = "Task: answer who founded Acme. The agent did something. Outcome: final answer given."
     got = {}
     for s in (0, len(STRATEGIES) - 1):
