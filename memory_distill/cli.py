@@ -218,7 +218,7 @@ def _write_report(mem: Any, rep: Any, out: str, namespace: str | None = None) ->
     loaded = mem.registry.load(rep.version, with_teacher=True)
     spec = FeatureSpec.from_manifest(loaded.manifest, loaded.student.n_features)
     data = mem.store.load_training_data(namespace=namespace, rewarded_only=True, metadata_keys=spec.keys)
-    F = spec.build(len(data), text_features=data.features if spec.text else None, metadata=data.metadata)
+    F = spec.build(len(data), text_features=data.features, metadata=data.metadata)
     X = model_inputs(data.embeddings, F)[:]
     calib = {}
     with torch.no_grad():

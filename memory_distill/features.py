@@ -165,7 +165,8 @@ class FeatureSpec:
               metadata: Mapping[str, Sequence[Any]] | None = None) -> np.ndarray | None:
         """The feature matrix [n, width] (``None`` when the spec has no columns).
 
-        ``text_features``: :func:`text_stats` of the rows (``None``: unknown, the training mean).
+        ``text_features``: :func:`text_stats` of the rows (``None``: unknown, the training mean;
+        ignored when the spec has no text columns).
         ``metadata``: ``{key: value per row}`` (see :func:`metadata_columns`).
         """
         if not self.width:

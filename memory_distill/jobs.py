@@ -125,14 +125,13 @@ def _compatible(manifest: dict[str, Any], store: MemoryStore, cfg: JobConfig, sp
     if cfg.bins.high is not None and b.get("high") != cfg.bins.high:
         return False
     t, s = manifest.get("teacher", {}).get("arch", {}), manifest.get("student", {}).get("arch", {})
-    k = spec.width
     try:  # same feature columns in the same order (a new metadata value means training from scratch)
         same_features = FeatureSpec.from_manifest(manifest, int(s.get("n_features", 0))) == spec
-    except ValueError:
+    except ValueError:  # the manifest disagrees with the student's width
         same_features = False
     return (list(t.get("hidden", [])) == list(cfg.teacher.hidden) and list(s.get("hidden", [])) == list(cfg.distill.hidden)
             and bool(t.get("batchnorm")) == cfg.teacher.batchnorm and same_features
-            and int(t.get("n_features", 0)) == k and int(s.get("n_features", 0)) == k)
+            and int(t.get("n_features", 0)) == spec.width)
 
 
 def _ids_digest(ids: list[str]) -> str:
@@ -217,10 +216,11 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         raise NotEnoughDataError(f"only {len(split.train)} training rows after holding out the most recent memories")
     # the model's feature columns: text statistics, then one per metadata value seen in the training
     # rows (a value only in held-out or unrewarded rows would get a column no weight was fit for)
-    raw_text = data.features
+    raw_text = data.features  # the store always returns text statistics (NaN rows where unknown)
+    assert raw_text is not None
     spec = FeatureSpec.fit(text=cfg.text_features,
                            columns={k: [data.metadata[k][i] for i in split.train] for k in cfg.metadata_features})
-    data.features = spec.build(len(data), text_features=raw_text if spec.text else None, metadata=data.metadata)
+    data.features = spec.build(len(data), text_features=raw_text, metadata=data.metadata)
 
     inc_stale = inc_version in stale
     warm = bool(cfg.warm_start and incumbent is not None and not inc_stale and _compatible(incumbent.manifest, store, cfg, spec))
@@ -245,7 +245,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         if inc_spec == spec:
             inc_x = X_all[ev].cpu()
         else:  # the incumbent reads other feature columns: build them as it was trained
-            inc_f = inc_spec.build(len(eval_idx), text_features=None if raw_text is None else raw_text[eval_idx],
+            inc_f = inc_spec.build(len(eval_idx), text_features=raw_text[eval_idx],
                                    metadata={k: [data.metadata[k][i] for i in eval_idx] for k in inc_spec.keys})
             inc_x = model_inputs(data.embeddings[eval_idx], inc_f)[:]  # type: ignore[index]
         inc_probs = torch.softmax(incumbent.student.cpu()(inc_x), -1).detach().numpy()
@@ -347,7 +347,7 @@ def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: f
     where = {"_md_rewarded_at": {"$gt": published}}
     for page in store.iter_pages(namespace=namespace, where=where, rewarded_only=True, metadata_keys=spec.keys):
         X_parts.append(page.embeddings)
-        F = spec.build(len(page.ids), text_features=page.features if spec.text else None, metadata=page.metadata)
+        F = spec.build(len(page.ids), text_features=page.features, metadata=page.metadata)
         if F is not None:
             f_parts.append(F)
         r_parts.append(page.rewards)

@@ -142,7 +142,6 @@ class Predictor:
         self.device = resolve_device(device)
         self._pinned = version
         self._lock = threading.Lock()
-        self._warned_metadata = False
         self._install(self.registry.load(version, map_location=self.device))
 
     def _install(self, loaded: LoadedModel) -> None:
@@ -158,6 +157,7 @@ class Predictor:
             raise ArtifactError(f"model {loaded.version}: {e}") from e
         self.loaded = loaded
         self.spec = spec
+        self._warned_metadata = False  # once per served version
         self.bins: RewardBins = loaded.bins
         self.runner = StudentRunner(loaded.student, self.device)
         self._centers = self.bins.centers

@@ -87,9 +87,9 @@ class TrainedPair:
     teacher_report: TeacherReport
     distill_report: DistillReport
     X: torch.Tensor | ModelInputs
+    """All rows of the data on the training device (index with split indices): the model inputs."""
     ranking: RankingFit | None = None
     """The within-group ranking head's fit (``None`` when ``cfg.ranking`` is off)."""
-    """All rows of the data on the training device (index with split indices): the model inputs."""
 
 
 def _bar(enabled: bool, total: int, desc: str) -> Any:

@@ -17,7 +17,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
 from memory_distill.store import MemoryStore
 
-from .episodes import episode_from_messages, input_group, message_text, response_model_name
+from .episodes import episode_from_messages, episode_metadata, message_text, response_model_name
 
 __all__ = ["EpisodeRecorder"]
 
@@ -138,9 +138,8 @@ class EpisodeRecorder(BaseCallbackHandler):
         reward = self.reward_fn(run["input"], answer, msgs or []) if (self.reward_fn and error is None) else None
         if reward is None and failed:
             reward = self.failure_reward
-        model = {"model": run["model"]} if run["model"] else {}
-        meta = {"group": input_group(str(run["input"])), **model, **self.metadata, "source": "langchain_callback",
-                "tool_calls": len(run["tools"]), "outcome": "failed" if failed else "completed"}
+        meta = episode_metadata(str(run["input"]), run["model"], self.metadata, source="langchain_callback",
+                                tool_calls=len(run["tools"]), outcome="failed" if failed else "completed")
         self.episode_ids.append(self.store.add({"text": text, "reward": reward, "metadata": meta,
                                                 "namespace": self.namespace}))
 

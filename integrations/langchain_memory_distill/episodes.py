@@ -9,7 +9,7 @@ from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
-__all__ = ["episode_from_messages", "input_group", "message_text", "response_model_name"]
+__all__ = ["episode_from_messages", "episode_metadata", "input_group", "message_text", "response_model_name"]
 
 
 def input_group(user_input: str) -> str:
@@ -71,7 +71,14 @@ def episode_from_messages(messages: Sequence[BaseMessage], *, max_result_chars: 
             "model": model}
 
 
+def episode_metadata(user_input: str, model: str | None, user: dict[str, Any], **recorded: Any) -> dict[str, Any]:
+    """The metadata a recorded episode gets: ``group`` (:func:`input_group`) and ``model`` as defaults,
+    the user's ``metadata=`` over them, then what the recorder itself observed (``source``, counts, outcome)."""
+    return {"group": input_group(user_input), **({"model": model} if model else {}), **user, **recorded}
+
+
 def response_model_name(meta: Any) -> str | None:
+    """The model name a provider put in ``response_metadata`` / ``llm_output`` (``model_name`` or ``model``)."""
     if not isinstance(meta, dict):
         return None
     name = meta.get("model_name") or meta.get("model")

@@ -28,7 +28,7 @@ from typing_extensions import NotRequired
 from memory_distill.predictor import Predictor
 from memory_distill.store import MemoryStore
 
-from .episodes import episode_from_messages, input_group, message_text
+from .episodes import episode_from_messages, episode_metadata, message_text
 from .retriever import ValueAwareRetriever
 from .tools import make_recall_tool
 
@@ -150,10 +150,9 @@ class MemoryDistillMiddleware(AgentMiddleware):
         reward = self.reward_fn(ep["input"], ep["answer"], messages) if self.reward_fn else None
         if reward is None and failed:
             reward = self.failure_reward
-        model = {"model": ep["model"]} if ep["model"] else {}
-        meta = {"group": input_group(ep["input"]), **model, **self.metadata, "source": "langchain_agent",
-                "tool_calls": ep["tool_calls"], "tool_errors": ep["tool_errors"],
-                "outcome": "failed" if failed else "completed"}
+        meta = episode_metadata(ep["input"], ep["model"], self.metadata, source="langchain_agent",
+                                tool_calls=ep["tool_calls"], tool_errors=ep["tool_errors"],
+                                outcome="failed" if failed else "completed")
         mid = self.store.add({"text": ep["text"], "reward": reward, "metadata": meta, "namespace": self.namespace})
         self.episode_ids.append(mid)
         return mid
