@@ -62,6 +62,9 @@ class EmbedderConfig(BaseModel):
     """Retries with exponential backoff on 429, 5xx, timeouts and connection errors."""
     cache: bool = True
     """Cache embeddings on disk keyed by (embedder name, text hash) so nothing is embedded twice."""
+    long_texts: Literal["chunk", "truncate"] = "chunk"
+    """``local`` only: a text longer than the model reads is embedded in pieces and averaged (``chunk``),
+    or cut at the model's limit (``truncate``)."""
 
 
 class StoreConfig(BaseModel):

