@@ -645,7 +645,8 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
               "Episodic Control style, on the embedding); ridge: ridge regression (lambda 1) on the same embeddings; "
               "*ridge on the student's inputs*: embedding + standardised text and metadata features; *metadata mean*: "
               "each metadata value's mean training reward (the trivial use of the metadata). Retention = student rho "
-              "/ teacher rho. This run: "
+              "/ teacher rho. MiniLM reads 256 tokens at a time; `LocalEmbedder` embeds a longer text in pieces and "
+              "averages them (`long_texts=\"chunk\"`, the default). This run: "
               f"{len({r['seed'] for r in res['quality']})} seeds (`--seeds`), embedders "
               f"{', '.join(sorted({r['embedder'] for r in res['quality']}))}.", ""]
         L += _fmt_quality(res["quality"])

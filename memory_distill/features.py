@@ -13,8 +13,9 @@ prediction from an embedding alone) gets the training mean: a neutral input, not
 
 Metadata features (``JobConfig.metadata_features``, e.g. ``("agent",)``): the episode's own
 record of *which* action, agent, tool or prompt produced it, one 0/1 column per value seen in
-training (:class:`FeatureSpec`). That is often what decides the reward, and no embedding of the
-text shows it reliably. The spec is saved in the artifact manifest, so predictions encode new
+training (:class:`FeatureSpec`), or, for a key whose values are all numbers (a step count, a
+cost, a latency), one column of ``sign(x) * log1p(|x|)``. That is often what decides the reward,
+and no embedding of the text shows it reliably. The spec is saved in the artifact manifest, so predictions encode new
 memories exactly as in training.
 """
 
@@ -82,6 +83,16 @@ def metadata_columns(rows: Sequence[Mapping[str, Any] | None], keys: Sequence[st
     return {k: [None if r is None else r.get(k) for r in rows] for k in keys}
 
 
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)) \
+        and bool(np.isfinite(v))
+
+
+def _number(v: Any) -> float:
+    """``sign(x) * log1p(|x|)``: heavy-tailed counts and costs on a scale the models can standardise; NaN if not a number."""
+    return float(np.sign(v) * np.log1p(abs(v))) if _is_number(v) else float("nan")
+
+
 def _category(v: Any) -> str | None:
     if v is None or isinstance(v, float) and v != v:
         return None
@@ -92,15 +103,23 @@ def _category(v: Any) -> str | None:
 class FeatureSpec:
     """What a model reads after the embedding, in column order.
 
-    First the four text statistics (when ``text``), then for each metadata key one 0/1 column per
-    known value (``metadata`` = ``((key, (value, ...)), ...)``). Metadata values are categories
-    (numbers and booleans too, by their string). A memory without the key, or with a value not
-    seen in training, gets ``NaN`` in that key's columns, which the models read as the training
-    mean: a neutral input, so a new agent or tool is neither favoured nor penalised.
+    First the four text statistics (when ``text``), then for each metadata key its block: for a
+    key in ``numeric``, one column ``sign(x) * log1p(|x|)``; otherwise one 0/1 column per known
+    value (``metadata`` = ``((key, (value, ...)), ...)``; a numeric key has no values there). A key
+    is numeric when every training value of it is a number (``int``/``float``, not ``bool``);
+    a key that mixes numbers with strings is categorical, numbers by their string. A memory
+    without the key, with a value not seen in training, or with a non-number for a numeric key,
+    gets ``NaN`` in that key's columns, which the models read as the training mean: a neutral
+    input, so a new agent or tool is neither favoured nor penalised.
     """
 
     text: bool = True
     metadata: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    numeric: tuple[str, ...] = ()
+    """Keys encoded as one number column each (in ``metadata`` with no values)."""
+
+    def _block(self, key: str, vals: tuple[str, ...]) -> int:
+        return 1 if key in self.numeric else len(vals)
 
     @property
     def keys(self) -> list[str]:
@@ -108,7 +127,7 @@ class FeatureSpec:
 
     @property
     def metadata_width(self) -> int:
-        return sum(len(v) for _, v in self.metadata)
+        return sum(self._block(k, v) for k, v in self.metadata)
 
     @property
     def width(self) -> int:
@@ -117,48 +136,61 @@ class FeatureSpec:
 
     @property
     def columns(self) -> list[str]:
-        """Column names: ``chars, words, lines, unique`` then ``key=value``."""
+        """Column names: ``chars, words, lines, unique`` then ``key=value``, or ``key`` for a numeric key."""
         head = ["chars", "words", "lines", "unique"] if self.text else []
-        return head + [f"{k}={v}" for k, vals in self.metadata for v in vals]
+        return head + [c for k, vals in self.metadata for c in ([k] if k in self.numeric else [f"{k}={v}" for v in vals])]
 
     @classmethod
     def fit(cls, *, text: bool, columns: Mapping[str, Sequence[Any]] | None = None,
             max_values: int = METADATA_MAX_VALUES, min_count: int = METADATA_MIN_COUNT) -> FeatureSpec:
         """The vocabulary of each metadata key in ``columns`` (``{key: values per row}``).
 
-        Values seen at least ``min_count`` times, the ``max_values`` most frequent, in sorted
-        order (so the columns do not move when counts change). A key with fewer than two such
-        values gets no columns (one value says nothing); it is still recorded.
+        A key whose present values are all numbers, with at least two distinct ones, is numeric
+        (one column). Otherwise: values seen at least ``min_count`` times, the ``max_values`` most
+        frequent, in sorted order (so the columns do not move when counts change). A key with
+        fewer than two such values gets no columns (one value says nothing); it is still recorded.
         """
         meta: list[tuple[str, tuple[str, ...]]] = []
+        numeric: list[str] = []
         for key, values in (columns or {}).items():
+            present = [v for v in values if _category(v) is not None and not (isinstance(v, float) and np.isinf(v))]
+            if present and all(_is_number(v) for v in present):
+                if len({float(v) for v in present}) >= 2:
+                    meta.append((key, ()))
+                    numeric.append(key)
+                    continue
             counts = Counter(c for c in map(_category, values) if c is not None)
             kept = [v for v, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if n >= min_count][:max_values]
             meta.append((key, tuple(sorted(kept)) if len(kept) >= 2 else ()))
-        return cls(bool(text), tuple(meta))
+        return cls(bool(text), tuple(meta), tuple(numeric))
 
     def encode_metadata(self, columns: Mapping[str, Sequence[Any]] | None, n: int) -> np.ndarray:
-        """One-hot metadata features [n, metadata_width] (float32); ``NaN`` blocks where unknown."""
+        """Metadata features [n, metadata_width] (float32): one-hot blocks and number columns; ``NaN`` where unknown."""
         out = np.zeros((n, self.metadata_width), np.float32)
         col = 0
         for key, vals in self.metadata:
-            if not vals:
+            width = self._block(key, vals)
+            if not width:
                 continue
             index = {v: i for i, v in enumerate(vals)}
-            block = out[:, col : col + len(vals)]
+            block = out[:, col : col + width]
             given = (columns or {}).get(key)
             if given is None:
                 block[:] = np.nan
             else:
                 if len(given) != n:
                     raise ValueError(f"metadata column {key!r} has {len(given)} values for {n} rows")
+                if key in self.numeric:
+                    block[:, 0] = [_number(v) for v in given]
+                    col += width
+                    continue
                 for i, v in enumerate(given):
                     j = index.get(_category(v))  # type: ignore[arg-type]
                     if j is None:
                         block[i] = np.nan
                     else:
                         block[i, j] = 1.0
-            col += len(vals)
+            col += width
         return out
 
     def build(self, n: int, *, text_features: np.ndarray | None = None,
@@ -185,7 +217,11 @@ class FeatureSpec:
         return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": TEXT_FEATURES if self.text else None, "metadata": {k: list(v) for k, v in self.metadata}}
+        d: dict[str, Any] = {"text": TEXT_FEATURES if self.text else None,
+                             "metadata": {k: list(v) for k, v in self.metadata}}
+        if self.numeric:
+            d["numeric"] = list(self.numeric)
+        return d
 
     @classmethod
     def from_manifest(cls, manifest: Mapping[str, Any], n_features: int) -> FeatureSpec:
@@ -193,7 +229,8 @@ class FeatureSpec:
         d = manifest.get("feature_spec")
         if isinstance(d, Mapping):
             spec = cls(d.get("text") is not None,
-                       tuple((str(k), tuple(str(x) for x in v)) for k, v in (d.get("metadata") or {}).items()))
+                       tuple((str(k), tuple(str(x) for x in v)) for k, v in (d.get("metadata") or {}).items()),
+                       tuple(str(k) for k in d.get("numeric") or ()))
         else:
             spec = cls(text=n_features == N_TEXT_FEATURES)
         if spec.width != n_features:

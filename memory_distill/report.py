@@ -25,7 +25,8 @@ def feature_lines(report: Any) -> list[str]:
     lines = []
     spec = getattr(report, "features", None)
     if spec is not None:
-        meta = "; ".join(f"{k} ({len(v)} values)" if v else f"{k} (unused: fewer than 2 values)" for k, v in spec.metadata)
+        meta = "; ".join(f"{k} (number)" if k in spec.numeric else f"{k} ({len(v)} values)" if v
+                         else f"{k} (unused: fewer than 2 values)" for k, v in spec.metadata)
         lines.append(f"inputs: embedding{' + 4 text statistics' if spec.text else ''}"
                      + (f"; metadata features: {meta}" if meta else ""))
     rk = getattr(report, "ranking", None)
