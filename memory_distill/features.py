@@ -13,8 +13,8 @@ prediction from an embedding alone) gets the training mean: a neutral input, not
 
 Metadata features (``JobConfig.metadata_features``, e.g. ``("agent",)``): the episode's own
 record of *which* action, agent, tool or prompt produced it, one 0/1 column per value seen in
-training (:class:`FeatureSpec`), or, for a key whose values are all numbers (a step count, a
-cost, a latency), one column of ``sign(x) * log1p(|x|)``. That is often what decides the reward,
+training (:class:`FeatureSpec`), or, for a key whose values are all numbers (a cost, a latency, a
+step count; not a handful of whole-number codes), one column of ``sign(x) * log1p(|x|)``. That is often what decides the reward,
 and no embedding of the text shows it reliably. The spec is saved in the artifact manifest, so predictions encode new
 memories exactly as in training.
 """
@@ -76,6 +76,9 @@ METADATA_MAX_VALUES = 64
 """At most this many values of one metadata key get a column (the most frequent ones)."""
 METADATA_MIN_COUNT = 2
 """A value must occur in at least this many memories to get a column."""
+METADATA_INT_CATEGORIES = 16
+"""A key of whole numbers with at most this many distinct values is read as categories (codes like
+``strategy=3``); with more (step counts, token counts) it is read as a number."""
 
 
 def metadata_columns(rows: Sequence[Mapping[str, Any] | None], keys: Sequence[str]) -> dict[str, list[Any]]:
@@ -106,8 +109,9 @@ class FeatureSpec:
     First the four text statistics (when ``text``), then for each metadata key its block: for a
     key in ``numeric``, one column ``sign(x) * log1p(|x|)``; otherwise one 0/1 column per known
     value (``metadata`` = ``((key, (value, ...)), ...)``; a numeric key has no values there). A key
-    is numeric when every training value of it is a number (``int``/``float``, not ``bool``);
-    a key that mixes numbers with strings is categorical, numbers by their string. A memory
+    is numeric when every training value of it is a number (``int``/``float``, not ``bool``) and
+    they are not a few whole numbers (:meth:`fit`); a key that mixes numbers with strings is
+    categorical, numbers by their string. A memory
     without the key, with a value not seen in training, or with a non-number for a numeric key,
     gets ``NaN`` in that key's columns, which the models read as the training mean: a neutral
     input, so a new agent or tool is neither favoured nor penalised.
@@ -145,8 +149,9 @@ class FeatureSpec:
             max_values: int = METADATA_MAX_VALUES, min_count: int = METADATA_MIN_COUNT) -> FeatureSpec:
         """The vocabulary of each metadata key in ``columns`` (``{key: values per row}``).
 
-        A key whose present values are all numbers, with at least two distinct ones, is numeric
-        (one column). Otherwise: values seen at least ``min_count`` times, the ``max_values`` most
+        A key whose present values are all numbers is numeric (one column) when one of them is
+        not a whole number or there are more than :data:`METADATA_INT_CATEGORIES` distinct ones;
+        a few whole numbers are category codes. Otherwise: values seen at least ``min_count`` times, the ``max_values`` most
         frequent, in sorted order (so the columns do not move when counts change). A key with
         fewer than two such values gets no columns (one value says nothing); it is still recorded.
         """
@@ -155,7 +160,8 @@ class FeatureSpec:
         for key, values in (columns or {}).items():
             present = [v for v in values if _category(v) is not None and not (isinstance(v, float) and np.isinf(v))]
             if present and all(_is_number(v) for v in present):
-                if len({float(v) for v in present}) >= 2:
+                distinct = {float(v) for v in present}
+                if len(distinct) > METADATA_INT_CATEGORIES or any(not v.is_integer() for v in distinct):
                     meta.append((key, ()))
                     numeric.append(key)
                     continue

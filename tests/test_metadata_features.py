@@ -66,13 +66,19 @@ def test_spec_vocabulary_encoding_and_manifest_round_trip() -> None:
 
 def test_numeric_keys_get_one_log_scaled_column() -> None:
     cols = {"steps": [1, 4, 4.5, None, 120, float("inf")], "agent": ["a", "b", "a", "b", 3, 3],
-            "flag": [True, False, True, False, True, False], "const": [7, 7, 7, None, 7, 7]}
+            "flag": [True, False, True, False, True, False], "const": [7, 7, 7, None, 7, 7], "code": [1, 2, 1, 2, 1, 2]}
     spec = FeatureSpec.fit(text=False, columns=cols)
-    # all numbers (missing and inf aside) -> numeric; strings mixed with numbers -> categories; bools -> categories
+    # all numbers (missing and inf aside) -> numeric; strings mixed with numbers, bools, a few whole-number codes
+    # -> categories
     assert spec.numeric == ("steps",)
-    assert spec.metadata == (("steps", ()), ("agent", ("3", "a", "b")), ("flag", ("False", "True")), ("const", ()))
-    assert spec.columns == ["steps", "agent=3", "agent=a", "agent=b", "flag=False", "flag=True"] and spec.width == 6
-    F = spec.build(5, metadata={"steps": [0, 9, -9, None, "many"], "agent": ["a"] * 5, "flag": [True] * 5})
+    assert spec.metadata == (("steps", ()), ("agent", ("3", "a", "b")), ("flag", ("False", "True")), ("const", ()),
+                             ("code", ("1", "2")))
+    assert spec.columns == ["steps", "agent=3", "agent=a", "agent=b", "flag=False", "flag=True", "code=1", "code=2"]
+    many = FeatureSpec.fit(text=False, columns={"tokens": list(range(17)) * 2})
+    assert many.numeric == ("tokens",)  # more whole numbers than METADATA_INT_CATEGORIES: a count
+    assert FeatureSpec.fit(text=False, columns={"tokens": list(range(16)) * 2}).numeric == ()
+    F = spec.build(5, metadata={"steps": [0, 9, -9, None, "many"], "agent": ["a"] * 5, "flag": [True] * 5,
+                                "code": [1] * 5})
     assert F is not None
     np.testing.assert_allclose(F[:3, 0], [0.0, np.log(10), -np.log(10)], rtol=1e-6)
     assert np.isnan(F[3:, 0]).all()  # missing, or not a number: neutral
@@ -231,10 +237,10 @@ def test_a_numeric_key_generalises_to_values_never_seen(store, registry, embedde
     """Reward falls with the number of steps an agent took; new step counts are placed on that scale
     (as categories they would all read as neutral)."""
     rng = np.random.default_rng(0)
-    seen = [1, 2, 3, 5, 8, 13, 21, 34, 55, 89]
+    seen = [1, 2, 3, 5, 6, 8, 9, 11, 13, 16, 19, 21, 25, 34, 40, 47, 55, 64, 89, 99]
     eps = []
     for g in range(150):
-        for steps in rng.choice(seen, 3, replace=False):
+        for steps in rng.choice(seen, 4, replace=False):
             words = " ".join(rng.choice(["searched", "checked", "answered", "looked", "wrote", "cited"], 5))
             eps.append({"text": f"Task {g}: {TOPICS[g % len(TOPICS)]}. The agent {words}.",
                         "reward": float(np.clip(0.95 - 0.18 * np.log1p(steps) + rng.normal(0, 0.05), 0, 1)),
@@ -244,5 +250,5 @@ def test_a_numeric_key_generalises_to_values_never_seen(store, registry, embedde
     assert rep.features is not None and rep.features.numeric == ("steps",) and rep.evaluation.student.spearman > 0.8
     pred = Predictor(registry, embedder)
     text = "Task 7: boiling point. The agent checked wrote cited looked searched."
-    means = [pred.predict_one(text, {"steps": s}).mean for s in (4, 10, 30, 70)]  # none of them seen
+    means = [pred.predict_one(text, {"steps": s}).mean for s in (4, 10, 30, 75)]  # none of them seen
     assert means == sorted(means, reverse=True) and means[0] > means[-1] + 0.3
