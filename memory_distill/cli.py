@@ -189,6 +189,26 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reembed(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .embeddings import make_embedder
+    from .store import MemoryStore
+
+    s = _settings(args)
+    emb = make_embedder(s.embedder, cache_path=s.cache_path)
+    with tqdm(desc="re-embed", unit="mem", disable=args.quiet) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        store = MemoryStore.reembed(emb, s.store, path=s.store_path, keep_backup=args.keep_backup, progress=progress)
+    print(f"{store.count()} memories in {store.collection_name} now embedded with {emb.name}; "
+          "run `memory-distill consolidate` to train models on the new vectors")
+    return 0
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     mem = _open(args)
     st = mem.store.stats()
@@ -466,6 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--namespace")
     sp.add_argument("--reason")
     sp.set_defaults(func=cmd_forget)
+
+    sp = sub.add_parser("reembed", help="re-embed every memory with the configured embedder (e.g. after setting an API key)")
+    sp.add_argument("--keep-backup", action="store_true", help="keep the old collection as <name>-pre-reembed-<time>")
+    sp.set_defaults(func=cmd_reembed)
 
     sp = sub.add_parser("drift", help="realised vs predicted reward since the model was published")
     sp.add_argument("--threshold", type=float, default=0.1)

@@ -113,9 +113,13 @@ def _clean_rows(data: TrainingData) -> tuple[np.ndarray, int]:
     return np.flatnonzero(ok), int((~ok).sum())
 
 
-def _compatible(manifest: dict[str, Any], store: MemoryStore, cfg: JobConfig, spec: FeatureSpec) -> bool:
+def _same_embedder(manifest: dict[str, Any], store: MemoryStore) -> bool:
     emb = manifest.get("embedder", {})
-    if emb.get("name") != store.embedder.name or int(emb.get("dim", -1)) != store.embedder.dim:
+    return bool(emb.get("name") == store.embedder.name and int(emb.get("dim", -1)) == store.embedder.dim)
+
+
+def _compatible(manifest: dict[str, Any], store: MemoryStore, cfg: JobConfig, spec: FeatureSpec) -> bool:
+    if not _same_embedder(manifest, store):
         return False
     b = manifest.get("bins", {})
     if b.get("n_bins") != cfg.bins.n_bins:
@@ -241,7 +245,10 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
     ev = rows(eval_idx)
     evaluation = compare_teacher_student(teacher.cpu(), student.cpu(), X_all[ev].cpu(), data.rewards[eval_idx], bins)
     inc_metrics = None
-    if incumbent is not None:
+    # a store re-embedded since the incumbent was trained (MemoryStore.reembed): its vectors are not
+    # the ones the incumbent reads, so it cannot be scored on them, nor serve them
+    inc_foreign = incumbent is not None and not _same_embedder(incumbent.manifest, store)
+    if incumbent is not None and not inc_foreign:
         if inc_spec == spec:
             inc_x = X_all[ev].cpu()
         else:  # the incumbent reads other feature columns: build them as it was trained
@@ -250,7 +257,12 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
             inc_x = model_inputs(data.embeddings[eval_idx], inc_f)[:]  # type: ignore[index]
         inc_probs = torch.softmax(incumbent.student.cpu()(inc_x), -1).detach().numpy()
         inc_metrics = model_metrics(inc_probs, data.rewards[eval_idx], incumbent.bins)
-    promote, reason = should_promote(evaluation.student, inc_metrics, cfg.gate, incumbent_stale=inc_stale)
+    if inc_foreign:
+        assert incumbent is not None
+        promote, reason = True, (f"the published model reads {incumbent.manifest.get('embedder', {}).get('name')!r} "
+                                 f"vectors but the store now holds {store.embedder.name!r} ones: it cannot serve them")
+    else:
+        promote, reason = should_promote(evaluation.student, inc_metrics, cfg.gate, incumbent_stale=inc_stale)
     if trained.ranking is not None and student.has_ranking and len(split.holdout):
         # how the head and the expected reward rank the held-out groups (reported, not gated)
         hx = X_all[rows(split.holdout)].cpu()

@@ -23,7 +23,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,7 +157,8 @@ class MemoryStore:
             raise EmbedderMismatchError(
                 f"collection {cfg.collection!r} was built with embedder {have.get('md_embedder')!r} "
                 f"(dim {have.get('md_dim')}), but {embedder.name!r} (dim {embedder.dim}) was given: "
-                "use the same embedder, or a new collection name / store path"
+                "use the same embedder, a new collection name / store path, or re-embed the collection "
+                "(MemoryStore.reembed(embedder, config), CLI `memory-distill reembed`)"
             )
 
     # ------------------------------------------------------------------ setup
@@ -190,6 +191,81 @@ class MemoryStore:
         p = Path(path or cfg.path or ".memory_distill/chroma")
         p.mkdir(parents=True, exist_ok=True)
         return chromadb.PersistentClient(path=str(p), settings=settings)
+
+    @classmethod
+    def reembed(cls, embedder: Embedder, config: StoreConfig | None = None, *, path: str | Path | None = None,
+                client: Any | None = None, page_size: int = 1000, keep_backup: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> MemoryStore:
+        """Give every memory of the collection a vector from ``embedder``; return the store opened with it.
+
+        For a change of embedder: the offline hashing default to OpenAI once a key is set, another
+        model, ``LocalEmbedder(long_texts=...)``. Ids, texts, rewards, metadata, namespaces and
+        timestamps are kept; only the vectors change. The new vectors go into a side collection;
+        the original is swapped out only once every row is copied, so a failure (the embedding
+        API down, a bad vector) leaves it exactly as it was. ``keep_backup`` keeps the original
+        as ``<collection>-pre-reembed-<unix time>``; otherwise it is deleted after the swap.
+        Nothing to do when the collection already uses ``embedder``.
+
+        Run it while nothing else writes to the collection: rows written during the copy would
+        stay behind in the original. Models trained on the old vectors do not serve the new
+        embedder (the Predictor refuses them): consolidate again. ``progress(done, total)`` is
+        called after each page.
+        """
+        cfg = config or StoreConfig()
+        client = client or cls._make_client(cfg, path)
+        try:
+            old = client.get_collection(cfg.collection, embedding_function=None)
+        except Exception:
+            raise StoreError(f"no collection {cfg.collection!r} to re-embed") from None
+        have = dict(old.metadata or {})
+        if have.get("md_embedder") == embedder.name and int(have.get("md_dim", -1)) == embedder.dim:
+            return cls(embedder, cfg, client=client)
+        side = f"{cfg.collection}-reembed"
+        if side in {getattr(c, "name", c) for c in client.list_collections()}:
+            client.delete_collection(side)  # left by a run that was killed
+        new = client.create_collection(side, metadata={**have, "md_embedder": embedder.name, "md_dim": int(embedder.dim)},
+                                       configuration={"hnsw": {"space": "cosine"}}, embedding_function=None)
+        batch = min(cfg.write_batch_size, client.get_max_batch_size())
+        total, done = old.count(), 0
+        try:
+            while True:
+                page = old.get(limit=page_size, offset=done, include=["documents", "metadatas"])
+                ids = list(page["ids"])
+                if not ids:
+                    break
+                docs = [d or "" for d in page["documents"]]
+                vecs = np.asarray(embedder.embed(docs), np.float32)
+                if vecs.shape != (len(ids), embedder.dim) or not np.isfinite(vecs).all():
+                    raise StoreError(f"embedder {embedder.name!r} returned {list(vecs.shape)} vectors (or NaN/inf) "
+                                     f"for {len(ids)} texts; the collection is unchanged")
+                metas = list(page["metadatas"] or [None] * len(ids))
+                for a in range(0, len(ids), batch):
+                    new.add(ids=ids[a : a + batch], embeddings=vecs[a : a + batch], documents=docs[a : a + batch],
+                            metadatas=metas[a : a + batch])
+                done += len(ids)
+                if progress is not None:
+                    progress(done, total)
+                if len(ids) < page_size:
+                    break
+            if new.count() != old.count():
+                raise StoreError(f"{cfg.collection!r} changed while it was re-embedded ({old.count()} rows, "
+                                 f"{new.count()} copied): stop the writers and run it again; the collection is unchanged")
+        except BaseException:
+            client.delete_collection(side)
+            raise
+        backup = f"{cfg.collection}-pre-reembed-{int(time.time())}"
+        old.modify(name=backup)
+        try:
+            new.modify(name=cfg.collection)
+        except BaseException:
+            old.modify(name=cfg.collection)
+            client.delete_collection(side)
+            raise
+        if not keep_backup:
+            client.delete_collection(backup)
+        log.info("re-embedded %d memories of %r with %s (was %s)", done, cfg.collection, embedder.name,
+                 have.get("md_embedder"))
+        return cls(embedder, cfg, client=client)
 
     @classmethod
     def ephemeral(cls, embedder: Embedder, **overrides: Any) -> MemoryStore:

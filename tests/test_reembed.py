@@ -1,0 +1,117 @@
+"""Re-embedding a collection with another embedder (hashing -> OpenAI once a key is set)."""
+
+from __future__ import annotations
+
+import json
+
+import chromadb
+import numpy as np
+import pytest
+from openai_server import FakeOpenAI
+
+from memory_distill import (
+    EmbedderMismatchError,
+    EmbeddingError,
+    HashingEmbedder,
+    MemoryStore,
+    OpenAIEmbedder,
+    StoreConfig,
+)
+from memory_distill.cli import main
+
+KEY = "sk-test-reembed"
+
+
+@pytest.fixture
+def server():  # type: ignore[no-untyped-def]
+    s = FakeOpenAI(dim=48)
+    yield s
+    s.close()
+
+
+def _openai(server: FakeOpenAI) -> OpenAIEmbedder:
+    return OpenAIEmbedder("text-embedding-3-small", api_key=KEY, base_url=server.base_url, dim=48, max_retries=0)
+
+
+def _filled(tmp_path) -> tuple[StoreConfig, list[str]]:  # type: ignore[no-untyped-def]
+    cfg = StoreConfig(path=tmp_path / "chroma")
+    store = MemoryStore(HashingEmbedder(dim=64), cfg)
+    ids = store.add_many([{"text": f"episode {i}: the agent {'searched the web' if i % 2 else 'guessed'}",
+                           "reward": None if i == 7 else i / 40, "metadata": {"group": f"g{i % 5}", "tool": "search"},
+                           "namespace": "team-a" if i < 30 else "team-b", "created_at": 1.7e9 + i} for i in range(40)])
+    return cfg, ids
+
+
+def _collections(cfg: StoreConfig) -> list[str]:
+    client = chromadb.PersistentClient(path=str(cfg.path),
+                                       settings=chromadb.Settings(anonymized_telemetry=False, allow_reset=False))
+    return sorted(getattr(c, "name", c) for c in client.list_collections())
+
+
+def test_reembed_keeps_every_memory_and_swaps_the_vectors(tmp_path, server) -> None:  # type: ignore[no-untyped-def]
+    cfg, ids = _filled(tmp_path)
+    before = MemoryStore(HashingEmbedder(dim=64), cfg)
+    old = {i: before.get(i) for i in ids}
+    del before
+    with pytest.raises(EmbedderMismatchError, match="memory-distill reembed"):
+        MemoryStore(_openai(server), cfg)
+
+    seen: list[tuple[int, int]] = []
+    store = MemoryStore.reembed(_openai(server), cfg, page_size=16, progress=lambda d, t: seen.append((d, t)))
+    assert seen == [(16, 40), (32, 40), (40, 40)]
+    assert store.embedder.name.startswith("openai:text-embedding-3-small") and store.count() == 40
+    for i in ids:  # everything but the vector is as it was
+        m = store.get(i)
+        assert (m.text, m.reward, m.metadata, m.namespace, m.created_at) == (
+            old[i].text, old[i].reward, old[i].metadata, old[i].namespace, old[i].created_at)
+    assert store.count(namespace="team-b") == 10 and store.count(rewarded_only=True) == 39
+    # the stored vectors are the new embedder's: they match what the server returns for the same texts
+    data = store.load_training_data()
+    row = data.ids.index(ids[3])
+    np.testing.assert_allclose(data.embeddings[row], HashingEmbedder(dim=48).embed([old[ids[3]].text])[0], atol=1e-6)
+    hit = store.search("episode 5: the agent searched the web", k=1, namespace="team-a")[0]
+    assert hit.memory.id == ids[5]
+    assert _collections(cfg) == [cfg.collection]  # no side or backup collection left
+    with pytest.raises(EmbedderMismatchError):
+        MemoryStore(HashingEmbedder(dim=64), cfg)  # the old embedder is refused now
+    # already on this embedder: nothing to do, no request sent
+    n = len(server.requests)
+    assert MemoryStore.reembed(_openai(server), cfg).count() == 40 and len(server.requests) == n
+
+
+def test_a_failed_reembed_leaves_the_collection_as_it_was(tmp_path, server) -> None:  # type: ignore[no-untyped-def]
+    cfg, ids = _filled(tmp_path)
+
+    def break_the_api(done: int, total: int) -> None:
+        server.mode = "garbage"  # the next page's request gets a malformed response
+
+    with pytest.raises(EmbeddingError):
+        MemoryStore.reembed(_openai(server), cfg, page_size=16, progress=break_the_api)
+    assert _collections(cfg) == [cfg.collection]
+    store = MemoryStore(HashingEmbedder(dim=64), cfg)  # still the hashing collection, every row in it
+    assert store.count() == 40 and store.get(ids[0]).text.startswith("episode 0")
+    assert store.search("episode 5: the agent searched the web", k=1, namespace="team-a")[0].memory.id == ids[5]
+
+    server.mode = "ok"  # the API is back: a second run completes, and can keep a backup
+    MemoryStore.reembed(_openai(server), cfg, keep_backup=True)
+    names = _collections(cfg)
+    assert len(names) == 2 and names[0] == cfg.collection and names[1].startswith(f"{cfg.collection}-pre-reembed-")
+    with pytest.raises(Exception, match="no collection"):
+        MemoryStore.reembed(_openai(server), StoreConfig(path=tmp_path / "chroma", collection="nothing-here"))
+
+
+def test_cli_reembed_then_retrain(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("MEMORY_DISTILL_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MEMORY_DISTILL_EMBEDDER__DIM", "128")
+    assert main(["-q", "demo", "--n", "300", "--epochs", "2"]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("MEMORY_DISTILL_EMBEDDER__DIM", "256")  # a different embedder from now on
+    assert main(["-q", "stats"]) == 2 and "reembed" in capsys.readouterr().err
+    assert main(["-q", "reembed"]) == 0
+    assert "300 memories" in capsys.readouterr().out
+    assert main(["-q", "predict", "the agent searched"]) == 2  # the published model was trained on the old vectors
+    assert "use the same embedder" in capsys.readouterr().err
+    assert main(["-q", "consolidate", "--epochs", "2"]) == 0  # replaces it: the old model cannot score these vectors
+    assert "cannot serve them" in capsys.readouterr().out
+    assert main(["-q", "predict", "--json", "the agent searched"]) == 0
+    assert 0 <= json.loads(capsys.readouterr().out)[0]["mean"] <= 1
