@@ -12,6 +12,7 @@ from conftest import fast_job, free_port
 
 from memory_distill import (
     ArtifactRegistry,
+    EmbedderMismatchError,
     HashingEmbedder,
     MemoryStore,
     StoreConfig,
@@ -68,6 +69,16 @@ def test_http_store_roundtrip(chroma_server):
     other = http_store(chroma_server, "roundtrip")
     assert other.get(ids[2]).reward == 0.6 and other.count() == 3
     assert other._col.configuration["hnsw"]["space"] == "cosine"
+
+    # moving the collection to another embedder works through the server too (side collection, rename)
+    cfg = StoreConfig(mode="http", port=chroma_server, collection="roundtrip")
+    moved = MemoryStore.reembed(HashingEmbedder(dim=64), cfg)
+    assert moved.count() == 3 and moved.get(ids[0]).metadata == {"tool": "calc"}
+    assert moved.search("calculator", k=1, namespace="team-a")[0].memory.id == ids[0]
+    names = {getattr(c, "name", c) for c in moved._client.list_collections()}
+    assert "roundtrip" in names and not any(n.startswith("roundtrip-") for n in names)
+    with pytest.raises(EmbedderMismatchError):
+        http_store(chroma_server, "roundtrip")
 
 
 AGENT = textwrap.dedent("""
