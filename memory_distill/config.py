@@ -55,7 +55,8 @@ class EmbedderConfig(BaseModel):
     max_tokens_per_request: int = Field(default=250_000, ge=1000, le=300_000)
     """Estimated token budget per request (API limit ~300k; estimate is conservative)."""
     max_input_chars: int = Field(default=24_000, ge=100)
-    """Longer texts are truncated to this many characters before embedding (8191-token model limit)."""
+    """OpenAI: longer texts are embedded in pieces of at most this many characters (8191-token model limit),
+    or cut here with ``long_texts="truncate"``."""
     timeout_s: float = Field(default=60.0, gt=0)
     """Per-request timeout in seconds."""
     max_retries: int = Field(default=5, ge=0, le=20)
@@ -63,8 +64,8 @@ class EmbedderConfig(BaseModel):
     cache: bool = True
     """Cache embeddings on disk keyed by (embedder name, text hash) so nothing is embedded twice."""
     long_texts: Literal["chunk", "truncate"] = "chunk"
-    """``local`` only: a text longer than the model reads is embedded in pieces and averaged (``chunk``),
-    or cut at the model's limit (``truncate``)."""
+    """``local`` and ``openai``: a text longer than the model reads is embedded in pieces and averaged
+    (``chunk``), or cut at the limit (``truncate``)."""
 
 
 class StoreConfig(BaseModel):

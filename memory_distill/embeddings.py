@@ -158,6 +158,72 @@ class HashingEmbedder:
 
 # ----------------------------------------------------------------------------- openai
 
+_SPLITS = ((re.compile(r"\n[ \t]*\n"), "\n\n"), (re.compile(r"\n"), "\n"), (re.compile(r"\s+"), " "))
+
+
+def split_to_fit(text: str, limit: int, count: Callable[[list[str]], list[int]]) -> list[tuple[str, int]]:
+    """Cut ``text`` into consecutive pieces of at most ``limit`` tokens, as ``(piece, tokens)``.
+
+    Paragraphs (blank-line separated) are packed greedily in order; a paragraph over the limit is
+    cut at line breaks, then at whitespace. ``count`` maps a list of strings to their token counts.
+    A single word longer than the limit stays one piece (the model truncates it).
+    """
+
+    def cut(part: str, level: int) -> list[tuple[str, int]]:
+        pattern, joiner = _SPLITS[level]
+        parts = [p.strip() for p in pattern.split(part) if p.strip()]
+        out: list[tuple[str, int]] = []
+        cur: list[str] = []
+        cur_n = 0
+        for p, n in zip(parts, count(parts), strict=True):
+            if cur and cur_n + n > limit:
+                out.append((joiner.join(cur), cur_n))
+                cur, cur_n = [], 0
+            if n > limit and level + 1 < len(_SPLITS):
+                out.extend(cut(p, level + 1))
+            else:
+                cur.append(p)
+                cur_n += n
+        if cur:
+            out.append((joiner.join(cur), cur_n))
+        return out
+
+    return cut(text, 0) or [(text, 0)]
+
+
+def _pieces(items: list[str], sizes: list[int], limit: int, count: Callable[[list[str]], list[int]],
+            *, hard: bool = False) -> tuple[list[str], list[int], list[int]]:
+    """Every text cut to fit (:func:`split_to_fit`): ``(pieces, owner text index, weights)``.
+
+    ``hard``: a piece still over the limit (one huge "word") is cut every ``limit`` characters
+    (for APIs that reject long input rather than truncate it; ``count`` must count characters).
+    """
+    pieces: list[str] = []
+    owner: list[int] = []
+    weights: list[int] = []
+    for i, (text, n) in enumerate(zip(items, sizes, strict=True)):
+        parts = [(text, n)] if n <= limit else split_to_fit(text, limit, count)
+        if hard:
+            fitted: list[tuple[str, int]] = []
+            for p, k in parts:
+                cuts = [p[a : a + limit] for a in range(0, len(p), limit)] if k > limit else [p]
+                fitted += [(c, len(c)) if k > limit else (c, k) for c in cuts]
+            parts = fitted
+        pieces += [p for p, _ in parts]
+        owner += [i] * len(parts)
+        weights += [max(k, 1) for _, k in parts]
+    return pieces, owner, weights
+
+
+def _pool(vecs: np.ndarray, owner: list[int], weights: list[int], n: int) -> np.ndarray:
+    """Per text, the weight-averaged unit vectors of its pieces, re-normalised (rows as given when one piece each)."""
+    if len(owner) == n:
+        return vecs
+    out = np.zeros((n, vecs.shape[1]), np.float32)
+    np.add.at(out, np.asarray(owner), vecs * np.asarray(weights, np.float32)[:, None])
+    return _normalize_rows(out)
+
+
 _OPENAI_DIMS = {
     "text-embedding-3-small": 1536,
     "text-embedding-3-large": 3072,
@@ -172,6 +238,12 @@ class OpenAIEmbedder:
     token budget), retried with exponential backoff by the openai client on 429/5xx/timeouts,
     and every response is checked (count, order, dimension, finite values). The key is never
     logged or included in errors.
+
+    A text over ``max_input_chars`` (the model reads 8,191 tokens) is embedded in pieces that fit
+    (:func:`split_to_fit` by characters) and gets their length-weighted mean vector, as OpenAI's
+    cookbook does (``long_texts="chunk"``, the default: every character is read, and billed);
+    ``long_texts="truncate"`` embeds only its first ``max_input_chars`` characters (the name then
+    ends in ``:truncate``).
     """
 
     def __init__(
@@ -187,7 +259,11 @@ class OpenAIEmbedder:
         timeout_s: float = 60.0,
         max_retries: int = 5,
         client: Any | None = None,
+        long_texts: Literal["chunk", "truncate"] = "chunk",
     ) -> None:
+        if long_texts not in ("chunk", "truncate"):
+            raise ValueError(f"long_texts must be 'chunk' or 'truncate', got {long_texts!r}")
+        self.long_texts = long_texts
         if not 1 <= batch_size <= 2048:
             raise ValueError(f"batch_size must be in 1..2048 (OpenAI API limit), got {batch_size}")
         self.model = model
@@ -220,7 +296,7 @@ class OpenAIEmbedder:
     @property
     def name(self) -> str:
         suffix = f":{self._requested_dim}" if self._requested_dim else ""
-        return f"openai:{self.model}{suffix}"
+        return f"openai:{self.model}{suffix}" + (":truncate" if self.long_texts == "truncate" else "")
 
     @property
     def dim(self) -> int:
@@ -249,14 +325,23 @@ class OpenAIEmbedder:
         return batches
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        import openai
-
-        items = [t[: self.max_input_chars] for t in _check_texts(texts)]
+        items = _check_texts(texts)
         if not items:
             return np.zeros((0, self._dim or 0), np.float32)
         for i, t in enumerate(items):
             if not t.strip():
                 raise EmbeddingError(f"texts[{i}] is empty: the embeddings API rejects empty input")
+        limit = self.max_input_chars
+        if self.long_texts == "truncate":
+            return self._request([t[:limit] for t in items])
+        pieces, owner, weights = _pieces(items, [len(t) for t in items], limit, lambda ps: [len(p) for p in ps],
+                                         hard=True)
+        return _pool(self._request(pieces), owner, weights, len(items))
+
+    def _request(self, items: list[str]) -> np.ndarray:
+        """Unit vectors for texts that fit, in as few requests as the limits allow."""
+        import openai
+
         out: np.ndarray | None = None
         for batch in self._batches(items):
             kwargs: dict[str, Any] = {"model": self.model, "input": [items[i] for i in batch]}
@@ -360,39 +445,6 @@ class LangChainEmbedder:
         return _normalize_rows(arr)
 
 
-_SPLITS = ((re.compile(r"\n[ \t]*\n"), "\n\n"), (re.compile(r"\n"), "\n"), (re.compile(r"\s+"), " "))
-
-
-def split_to_fit(text: str, limit: int, count: Callable[[list[str]], list[int]]) -> list[tuple[str, int]]:
-    """Cut ``text`` into consecutive pieces of at most ``limit`` tokens, as ``(piece, tokens)``.
-
-    Paragraphs (blank-line separated) are packed greedily in order; a paragraph over the limit is
-    cut at line breaks, then at whitespace. ``count`` maps a list of strings to their token counts.
-    A single word longer than the limit stays one piece (the model truncates it).
-    """
-
-    def cut(part: str, level: int) -> list[tuple[str, int]]:
-        pattern, joiner = _SPLITS[level]
-        parts = [p.strip() for p in pattern.split(part) if p.strip()]
-        out: list[tuple[str, int]] = []
-        cur: list[str] = []
-        cur_n = 0
-        for p, n in zip(parts, count(parts), strict=True):
-            if cur and cur_n + n > limit:
-                out.append((joiner.join(cur), cur_n))
-                cur, cur_n = [], 0
-            if n > limit and level + 1 < len(_SPLITS):
-                out.extend(cut(p, level + 1))
-            else:
-                cur.append(p)
-                cur_n += n
-        if cur:
-            out.append((joiner.join(cur), cur_n))
-        return out
-
-    return cut(text, 0) or [(text, 0)]
-
-
 class LocalEmbedder:
     """A sentence-transformers model by name or path (``pip install memory_distill[local]``).
 
@@ -465,21 +517,8 @@ class LocalEmbedder:
             return np.zeros((0, self._dim), np.float32)
         if self.long_texts == "truncate" or self._limit is None:
             return self._encode(items)
-        limit = self._limit
-        pieces: list[str] = []
-        weights: list[int] = []
-        owner: list[int] = []
-        for i, (text, n) in enumerate(zip(items, self._count(items), strict=True)):
-            parts = [(text, n)] if n <= limit else split_to_fit(text, limit, self._count)
-            pieces += [p for p, _ in parts]
-            weights += [max(k, 1) for _, k in parts]
-            owner += [i] * len(parts)
-        vecs = self._encode(pieces)
-        if len(pieces) == len(items):
-            return vecs
-        out = np.zeros((len(items), self._dim), np.float32)
-        np.add.at(out, np.asarray(owner), vecs * np.asarray(weights, np.float32)[:, None])
-        return _normalize_rows(out)
+        pieces, owner, weights = _pieces(items, self._count(items), self._limit, self._count)
+        return _pool(self._encode(pieces), owner, weights, len(items))
 
 
 # ----------------------------------------------------------------------------- cache
@@ -580,7 +619,7 @@ def make_embedder(config: EmbedderConfig | None = None, *, cache_path: str | Pat
         inner = OpenAIEmbedder(
             cfg.model, api_key=key, base_url=cfg.base_url, dim=cfg.dim, batch_size=cfg.batch_size,
             max_tokens_per_request=cfg.max_tokens_per_request, max_input_chars=cfg.max_input_chars,
-            timeout_s=cfg.timeout_s, max_retries=cfg.max_retries,
+            timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, long_texts=cfg.long_texts,
         )
     else:
         model = cfg.model if cfg.model != "text-embedding-3-small" else "all-MiniLM-L6-v2"

@@ -108,3 +108,28 @@ def test_api_error_during_add_leaves_store_untouched(server, tmp_path):
     with pytest.raises(EmbeddingError):
         st.add_many(["a", "b", "c"])
     assert st.count() == 0
+
+
+def test_long_texts_are_embedded_in_pieces_that_fit(server):
+    head = " ".join(["the agent searched the web for the population of Oslo"] * 3)  # ~160 chars
+    tail = " ".join(["then it computed the tax rate with the calculator tool"] * 3)
+    text = head + "\n\n" + tail + "\n\n" + "x" * 250  # 3 paragraphs, the last one a 250-char "word"
+    chunk, trunc = make(server, max_input_chars=200), make(server, max_input_chars=200, long_texts="truncate")
+    assert trunc.name.endswith(":truncate") and not chunk.name.endswith(":truncate")
+
+    short = ["the agent gave up"]
+    np.testing.assert_allclose(chunk.embed(short), trunc.embed(short), atol=1e-6)  # fits: one input, unchanged
+    server.requests.clear()
+    v = chunk.embed([text, "short one"])[0]
+    inputs = [t for r in server.requests for t in r["input"]]
+    # head, tail, the blob cut at 200 characters, "short one": every input fits, nothing is dropped
+    assert inputs == [head, tail, "x" * 200, "x" * 50, "short one"]
+    # the text's vector: the pieces' vectors averaged by length (what the server returns for each), re-normalised
+    h = HashingEmbedder(dim=64)
+    want = sum(len(p) * h.embed([p])[0] for p in inputs[:4])
+    np.testing.assert_allclose(v, want / np.linalg.norm(want), atol=1e-5)
+    server.requests.clear()
+    w = trunc.embed([text])[0]
+    assert [t for r in server.requests for t in r["input"]] == [text[:200]]
+    ref = h.embed([tail])[0]
+    assert v @ ref > w @ ref + 0.2  # chunked reads the tail; truncated never saw it
