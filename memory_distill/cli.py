@@ -203,7 +203,8 @@ def cmd_reembed(args: argparse.Namespace) -> int:
             bar.total = total
             bar.update(done - bar.n)
 
-        store = MemoryStore.reembed(emb, s.store, path=s.store_path, keep_backup=args.keep_backup, progress=progress)
+        store = MemoryStore.reembed(emb, s.store, path=s.store_path, keep_backup=args.keep_backup, force=args.force,
+                                    progress=progress)
     print(f"{store.count()} memories in {store.collection_name} now embedded with {emb.name}; "
           "run `memory-distill consolidate` to train models on the new vectors")
     return 0
@@ -489,6 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("reembed", help="re-embed every memory with the configured embedder (e.g. after setting an API key)")
     sp.add_argument("--keep-backup", action="store_true", help="keep the old collection as <name>-pre-reembed-<time>")
+    sp.add_argument("--force", action="store_true", help="re-embed even when the store already uses this embedder")
     sp.set_defaults(func=cmd_reembed)
 
     sp = sub.add_parser("drift", help="realised vs predicted reward since the model was published")

@@ -194,7 +194,7 @@ class MemoryStore:
 
     @classmethod
     def reembed(cls, embedder: Embedder, config: StoreConfig | None = None, *, path: str | Path | None = None,
-                client: Any | None = None, page_size: int = 1000, keep_backup: bool = False,
+                client: Any | None = None, page_size: int = 1000, keep_backup: bool = False, force: bool = False,
                 progress: Callable[[int, int], None] | None = None) -> MemoryStore:
         """Give every memory of the collection a vector from ``embedder``; return the store opened with it.
 
@@ -204,7 +204,8 @@ class MemoryStore:
         the original is swapped out only once every row is copied, so a failure (the embedding
         API down, a bad vector) leaves it exactly as it was. ``keep_backup`` keeps the original
         as ``<collection>-pre-reembed-<unix time>``; otherwise it is deleted after the swap.
-        Nothing to do when the collection already uses ``embedder``.
+        Nothing to do when the collection already uses ``embedder``, unless ``force`` (vectors
+        written by an older version of the same embedder, or passed in by hand).
 
         Run it while nothing else writes to the collection: rows written during the copy would
         stay behind in the original. Models trained on the old vectors do not serve the new
@@ -218,7 +219,7 @@ class MemoryStore:
         except Exception:
             raise StoreError(f"no collection {cfg.collection!r} to re-embed") from None
         have = dict(old.metadata or {})
-        if have.get("md_embedder") == embedder.name and int(have.get("md_dim", -1)) == embedder.dim:
+        if not force and have.get("md_embedder") == embedder.name and int(have.get("md_dim", -1)) == embedder.dim:
             return cls(embedder, cfg, client=client)
         side = f"{cfg.collection}-reembed"
         if side in {getattr(c, "name", c) for c in client.list_collections()}:

@@ -115,3 +115,18 @@ def test_cli_reembed_then_retrain(tmp_path, monkeypatch, capsys) -> None:  # typ
     assert "cannot serve them" in capsys.readouterr().out
     assert main(["-q", "predict", "--json", "the agent searched"]) == 0
     assert 0 <= json.loads(capsys.readouterr().out)[0]["mean"] <= 1
+
+
+def test_force_recomputes_vectors_of_the_same_embedder(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    emb = HashingEmbedder(dim=32)
+    cfg = StoreConfig(path=tmp_path / "chroma")
+    texts = [f"the agent tried plan {i}" for i in range(12)]
+    stale = np.random.default_rng(0).normal(size=(12, 32)).astype(np.float32)
+    stale /= np.linalg.norm(stale, axis=1, keepdims=True)
+    MemoryStore(emb, cfg).add_many([{"id": f"m{i}", "text": t, "reward": 0.5} for i, t in enumerate(texts)],
+                                   embeddings=stale)  # vectors from elsewhere (an older embedder version)
+    unchanged = MemoryStore.reembed(emb, cfg).load_training_data()
+    assert np.abs(unchanged.embeddings - stale[[int(i[1:]) for i in unchanged.ids]]).max() < 1e-6
+    data = MemoryStore.reembed(emb, cfg, force=True, page_size=5).load_training_data()
+    order = [int(i[1:]) for i in data.ids]
+    np.testing.assert_allclose(data.embeddings, emb.embed([texts[i] for i in order]), atol=1e-6)
