@@ -37,14 +37,34 @@ class MemoryDistill:
     def open(cls, home: str | Path | None = None, *, settings: Settings | None = None,
              embedder: Embedder | Any | None = None, store: StoreConfig | None = None) -> MemoryDistill:
         """Open (or create) everything under ``home`` (default ``$MEMORY_DISTILL_HOME`` or ``./.memory_distill``)."""
+        s, emb = cls._resolve(home, settings, embedder, store)
+        st = MemoryStore(emb, s.store, path=s.store_path)
+        return cls(st, ArtifactRegistry(s.artifacts_path), s.job)
+
+    @classmethod
+    def reembed(cls, home: str | Path | None = None, *, settings: Settings | None = None,
+                embedder: Embedder | Any | None = None, store: StoreConfig | None = None,
+                keep_backup: bool = False, force: bool = False) -> MemoryDistill:
+        """Move every stored memory to this embedder (:meth:`MemoryStore.reembed`), then open as :meth:`open`.
+
+        For when :meth:`open` refuses the store because the embedder changed (e.g. ``OPENAI_API_KEY``
+        was set after the memories were recorded offline). The next :meth:`consolidate` replaces the
+        published model, which reads the old vectors.
+        """
+        s, emb = cls._resolve(home, settings, embedder, store)
+        st = MemoryStore.reembed(emb, s.store, path=s.store_path, keep_backup=keep_backup, force=force)
+        return cls(st, ArtifactRegistry(s.artifacts_path), s.job)
+
+    @staticmethod
+    def _resolve(home: str | Path | None, settings: Settings | None, embedder: Embedder | Any | None,
+                 store: StoreConfig | None) -> tuple[Settings, Embedder]:
         s = settings or Settings()
         if home is not None:
             s = s.model_copy(update={"home": Path(home)})
         if store is not None:
             s = s.model_copy(update={"store": store})
         emb = as_embedder(embedder) if embedder is not None else make_embedder(s.embedder, cache_path=s.cache_path)
-        st = MemoryStore(emb, s.store, path=s.store_path)
-        return cls(st, ArtifactRegistry(s.artifacts_path), s.job)
+        return s, emb
 
     @property
     def embedder(self) -> Embedder:

@@ -158,7 +158,7 @@ class MemoryStore:
                 f"collection {cfg.collection!r} was built with embedder {have.get('md_embedder')!r} "
                 f"(dim {have.get('md_dim')}), but {embedder.name!r} (dim {embedder.dim}) was given: "
                 "use the same embedder, a new collection name / store path, or re-embed the collection "
-                "(MemoryStore.reembed(embedder, config), CLI `memory-distill reembed`)"
+                "(MemoryDistill.reembed() / MemoryStore.reembed(embedder, config), CLI `memory-distill reembed`)"
             )
 
     # ------------------------------------------------------------------ setup

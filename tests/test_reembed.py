@@ -130,3 +130,26 @@ def test_force_recomputes_vectors_of_the_same_embedder(tmp_path) -> None:  # typ
     data = MemoryStore.reembed(emb, cfg, force=True, page_size=5).load_training_data()
     order = [int(i[1:]) for i in data.ids]
     np.testing.assert_allclose(data.embeddings, emb.embed([texts[i] for i in order]), atol=1e-6)
+
+
+def test_facade_reembed_after_an_api_key_appears(tmp_path, server, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from conftest import fast_job
+
+    from memory_distill import MemoryDistill
+    from memory_distill.demo_data import synthetic_episodes
+
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    mem = MemoryDistill.open(tmp_path / "home")  # offline: the hashing embedder
+    assert mem.embedder.name.startswith("hashing")
+    mem.add_many(synthetic_episodes(200, seed=0))
+    assert mem.consolidate(fast_job()).promoted
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)  # later, a key: "auto" now means OpenAI
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
+    monkeypatch.setenv("MEMORY_DISTILL_EMBEDDER__DIM", "48")
+    with pytest.raises(EmbedderMismatchError, match="MemoryDistill.reembed"):
+        MemoryDistill.open(tmp_path / "home")
+    mem = MemoryDistill.reembed(tmp_path / "home")
+    assert mem.embedder.name.startswith("openai:") and mem.store.count() == 200
+    rep = mem.consolidate(fast_job())
+    assert rep.promoted and "cannot serve them" in rep.reason
+    assert 0 <= mem.predict(["the agent searched the web"])[0].mean <= 1
