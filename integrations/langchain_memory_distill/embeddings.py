@@ -17,8 +17,9 @@ class MemoryDistillEmbeddings(BaseModel, Embeddings):
     """LangChain ``Embeddings`` backed by a memory_distill embedder.
 
     ``MemoryDistillEmbeddings(kind="hashing", dim=512)`` is offline; ``kind="openai"`` uses
-    ``text-embedding-3-small`` (or ``model``/``base_url``). ``MemoryDistillEmbeddings.from_embedder(e)``
-    wraps an existing embedder.
+    ``text-embedding-3-small`` (or ``model``/``base_url``); ``kind="local"`` a sentence-transformers
+    model. ``long_texts``: embed a text longer than the model reads in pieces (``"chunk"``) or cut it
+    (``"truncate"``). ``MemoryDistillEmbeddings.from_embedder(e)`` wraps an existing embedder.
     """
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
@@ -28,11 +29,12 @@ class MemoryDistillEmbeddings(BaseModel, Embeddings):
     dim: int | None = None
     base_url: str | None = None
     api_key: SecretStr | None = None
+    long_texts: Literal["chunk", "truncate"] = "chunk"
     _embedder: Embedder = PrivateAttr()
 
     def model_post_init(self, __context: Any) -> None:
         cfg = EmbedderConfig(kind=self.kind, model=self.model, dim=self.dim, base_url=self.base_url,
-                             api_key=self.api_key, cache=False)
+                             api_key=self.api_key, long_texts=self.long_texts, cache=False)
         self._embedder = make_embedder(cfg)
 
     @classmethod
