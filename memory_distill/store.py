@@ -222,7 +222,8 @@ class MemoryStore:
         if not force and have.get("md_embedder") == embedder.name and int(have.get("md_dim", -1)) == embedder.dim:
             return cls(embedder, cfg, client=client)
         side = f"{cfg.collection}-reembed"
-        if side in {getattr(c, "name", c) for c in client.list_collections()}:
+        names = {getattr(c, "name", c) for c in client.list_collections()}
+        if side in names:
             client.delete_collection(side)  # left by a run that was killed
         new = client.create_collection(side, metadata={**have, "md_embedder": embedder.name, "md_dim": int(embedder.dim)},
                                        configuration={"hnsw": {"space": "cosine"}}, embedding_function=None)
@@ -254,8 +255,16 @@ class MemoryStore:
         except BaseException:
             client.delete_collection(side)
             raise
-        backup = f"{cfg.collection}-pre-reembed-{int(time.time())}"
-        old.modify(name=backup)
+        stem = f"{cfg.collection}-pre-reembed-{int(time.time())}"
+        backup, k = stem, 0
+        while backup in names:  # two runs in one second, both keeping a backup
+            k += 1
+            backup = f"{stem}-{k}"
+        try:
+            old.modify(name=backup)
+        except BaseException:
+            client.delete_collection(side)
+            raise
         try:
             new.modify(name=cfg.collection)
         except BaseException:

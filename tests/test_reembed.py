@@ -96,6 +96,8 @@ def test_a_failed_reembed_leaves_the_collection_as_it_was(tmp_path, server) -> N
     MemoryStore.reembed(_openai(server), cfg, keep_backup=True)
     names = _collections(cfg)
     assert len(names) == 2 and names[0] == cfg.collection and names[1].startswith(f"{cfg.collection}-pre-reembed-")
+    MemoryStore.reembed(_openai(server), cfg, keep_backup=True, force=True)  # a second backup (suffixed if in the same second)
+    assert len(_collections(cfg)) == 3
     with pytest.raises(Exception, match="no collection"):
         MemoryStore.reembed(_openai(server), StoreConfig(path=tmp_path / "chroma", collection="nothing-here"))
 
