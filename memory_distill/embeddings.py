@@ -299,6 +299,11 @@ class OpenAIEmbedder:
         return f"openai:{self.model}{suffix}" + (":truncate" if self.long_texts == "truncate" else "")
 
     @property
+    def cache_tag(self) -> str:
+        """:class:`CachedEmbedder` key: cache entries from before long texts were read whole do not match."""
+        return self.name if self.long_texts == "truncate" else self.name + "#whole-text"
+
+    @property
     def dim(self) -> int:
         if self._dim is None:
             self._dim = int(self.embed(["dimension probe"]).shape[1])
@@ -497,6 +502,11 @@ class LocalEmbedder:
         return f"local:{self.model_name}" + (":truncate" if self.long_texts == "truncate" else "")
 
     @property
+    def cache_tag(self) -> str:
+        """:class:`CachedEmbedder` key: cache entries from before long texts were read whole do not match."""
+        return self.name if self.long_texts == "truncate" else self.name + "#whole-text"
+
+    @property
     def dim(self) -> int:
         return self._dim
 
@@ -527,11 +537,16 @@ class LocalEmbedder:
 class CachedEmbedder:
     """Wraps an embedder with a sqlite cache keyed by (embedder name, sha256(text)).
 
+    The name part is the inner embedder's ``cache_tag`` where it has one: a name that also says how
+    vectors are made when that changed without the name changing (whole-text embedding of long
+    texts), so entries written the old way are not served.
+
     Thread-safe; ``hits``/``misses`` count lookups. Use ``path=None`` for an in-memory cache.
     """
 
     def __init__(self, inner: Embedder, path: str | Path | None = None) -> None:
         self.inner = inner
+        self._tag = str(getattr(inner, "cache_tag", inner.name))
         self._lock = threading.Lock()
         if path is not None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -551,7 +566,7 @@ class CachedEmbedder:
         return self.inner.dim
 
     def _key(self, text: str) -> str:
-        return hashlib.sha256((self.inner.name + "\x00" + text).encode("utf-8")).hexdigest()
+        return hashlib.sha256((self._tag + "\x00" + text).encode("utf-8")).hexdigest()
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         items = _check_texts(texts)

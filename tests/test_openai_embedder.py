@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 from openai_server import FakeOpenAI
 
-from memory_distill import EmbeddingError, HashingEmbedder, MemoryStore, OpenAIEmbedder, StoreConfig
+from memory_distill import (
+    CachedEmbedder,
+    EmbeddingError,
+    HashingEmbedder,
+    MemoryStore,
+    OpenAIEmbedder,
+    StoreConfig,
+)
 
 KEY = "sk-test-SECRET-1234567890"
 
@@ -133,3 +140,21 @@ def test_long_texts_are_embedded_in_pieces_that_fit(server):
     assert [t for r in server.requests for t in r["input"]] == [text[:200]]
     ref = h.embed([tail])[0]
     assert v @ ref > w @ ref + 0.2  # chunked reads the tail; truncated never saw it
+
+
+def test_cache_entries_from_before_whole_text_reading_are_not_served(server, tmp_path):
+    chunk = make(server)
+
+    class WrittenByAnOlderVersion:  # same name, vectors made the old way (first max_input_chars only)
+        name, dim = chunk.name, 64
+
+        def embed(self, texts):
+            return np.full((len(texts), 64), 0.125, np.float32)
+
+    path = tmp_path / "cache.sqlite"
+    CachedEmbedder(WrittenByAnOlderVersion(), path).embed(["the agent searched"])
+    cached = CachedEmbedder(chunk, path)
+    v = cached.embed(["the agent searched"])
+    assert cached.misses == 1 and cached.hits == 0
+    np.testing.assert_allclose(v, HashingEmbedder(dim=64).embed(["the agent searched"]), atol=1e-6)
+    assert CachedEmbedder(make(server, long_texts="truncate"), path).embed(["x y"]).shape == (1, 64)
