@@ -192,20 +192,17 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_reembed(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from .embeddings import make_embedder
-    from .store import MemoryStore
+    from .facade import MemoryDistill
 
-    s = _settings(args)
-    emb = make_embedder(s.embedder, cache_path=s.cache_path)
     with tqdm(desc="re-embed", unit="mem", disable=args.quiet) as bar:
 
         def progress(done: int, total: int) -> None:
             bar.total = total
             bar.update(done - bar.n)
 
-        store = MemoryStore.reembed(emb, s.store, path=s.store_path, keep_backup=args.keep_backup, force=args.force,
+        mem = MemoryDistill.reembed(settings=_settings(args), keep_backup=args.keep_backup, force=args.force,
                                     progress=progress)
-    print(f"{store.count()} memories in {store.collection_name} now embedded with {emb.name}; "
+    print(f"{mem.store.count()} memories in {mem.store.collection_name} now embedded with {mem.embedder.name}; "
           "run `memory-distill consolidate` to train models on the new vectors")
     return 0
 

@@ -206,8 +206,7 @@ def _pieces(items: list[str], sizes: list[int], limit: int, count: Callable[[lis
         if hard:
             fitted: list[tuple[str, int]] = []
             for p, k in parts:
-                cuts = [p[a : a + limit] for a in range(0, len(p), limit)] if k > limit else [p]
-                fitted += [(c, len(c)) if k > limit else (c, k) for c in cuts]
+                fitted += [(p[a : a + limit], len(p[a : a + limit])) for a in range(0, len(p), limit)] if k > limit else [(p, k)]
             parts = fitted
         pieces += [p for p, _ in parts]
         owner += [i] * len(parts)

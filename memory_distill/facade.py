@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,8 @@ class MemoryDistill:
     @classmethod
     def reembed(cls, home: str | Path | None = None, *, settings: Settings | None = None,
                 embedder: Embedder | Any | None = None, store: StoreConfig | None = None,
-                keep_backup: bool = False, force: bool = False) -> MemoryDistill:
+                keep_backup: bool = False, force: bool = False,
+                progress: Callable[[int, int], None] | None = None) -> MemoryDistill:
         """Move every stored memory to this embedder (:meth:`MemoryStore.reembed`), then open as :meth:`open`.
 
         For when :meth:`open` refuses the store because the embedder changed (e.g. ``OPENAI_API_KEY``
@@ -52,7 +53,8 @@ class MemoryDistill:
         published model, which reads the old vectors.
         """
         s, emb = cls._resolve(home, settings, embedder, store)
-        st = MemoryStore.reembed(emb, s.store, path=s.store_path, keep_backup=keep_backup, force=force)
+        st = MemoryStore.reembed(emb, s.store, path=s.store_path, keep_backup=keep_backup, force=force,
+                                 progress=progress)
         return cls(st, ArtifactRegistry(s.artifacts_path), s.job)
 
     @staticmethod

@@ -195,6 +195,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
     inc_spec = FeatureSpec()
     inc_version = registry.current_version()
     stale = registry.stale_versions()
+    replace_reason = None  # why the incumbent must be replaced without being scored
     if inc_version is not None:
         try:
             incumbent = registry.load(inc_version, with_teacher=True, map_location=device)
@@ -202,6 +203,12 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         except (MemoryDistillError, ValueError) as e:
             log.warning("published model %s cannot be loaded (%s); training from scratch", inc_version, e)
             incumbent = None
+    if incumbent is not None and not _same_embedder(incumbent.manifest, store):
+        # the store was re-embedded since (MemoryStore.reembed): the incumbent reads other vectors,
+        # so it can neither be scored on these nor serve them
+        replace_reason = (f"the published model reads {incumbent.manifest.get('embedder', {}).get('name')!r} vectors "
+                          f"but the store now holds {store.embedder.name!r} ones: it cannot serve them")
+        incumbent, inc_spec = None, FeatureSpec()
 
     keys = (*cfg.metadata_features, *(k for k in inc_spec.keys if k not in cfg.metadata_features))
     data = store.load_training_data(namespace=cfg.namespace, metadata_keys=keys)
@@ -245,10 +252,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
     ev = rows(eval_idx)
     evaluation = compare_teacher_student(teacher.cpu(), student.cpu(), X_all[ev].cpu(), data.rewards[eval_idx], bins)
     inc_metrics = None
-    # a store re-embedded since the incumbent was trained (MemoryStore.reembed): its vectors are not
-    # the ones the incumbent reads, so it cannot be scored on them, nor serve them
-    inc_foreign = incumbent is not None and not _same_embedder(incumbent.manifest, store)
-    if incumbent is not None and not inc_foreign:
+    if incumbent is not None:
         if inc_spec == spec:
             inc_x = X_all[ev].cpu()
         else:  # the incumbent reads other feature columns: build them as it was trained
@@ -257,12 +261,8 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
             inc_x = model_inputs(data.embeddings[eval_idx], inc_f)[:]  # type: ignore[index]
         inc_probs = torch.softmax(incumbent.student.cpu()(inc_x), -1).detach().numpy()
         inc_metrics = model_metrics(inc_probs, data.rewards[eval_idx], incumbent.bins)
-    if inc_foreign:
-        assert incumbent is not None
-        promote, reason = True, (f"the published model reads {incumbent.manifest.get('embedder', {}).get('name')!r} "
-                                 f"vectors but the store now holds {store.embedder.name!r} ones: it cannot serve them")
-    else:
-        promote, reason = should_promote(evaluation.student, inc_metrics, cfg.gate, incumbent_stale=inc_stale)
+    promote, reason = ((True, replace_reason) if replace_reason else
+                       should_promote(evaluation.student, inc_metrics, cfg.gate, incumbent_stale=inc_stale))
     if trained.ranking is not None and student.has_ranking and len(split.holdout):
         # how the head and the expected reward rank the held-out groups (reported, not gated)
         hx = X_all[rows(split.holdout)].cpu()

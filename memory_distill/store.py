@@ -138,22 +138,12 @@ class MemoryStore:
         self.embedder = embedder
         self._client = client or self._make_client(cfg, path)
         self._max_batch = min(cfg.write_batch_size, self._client.get_max_batch_size())
-        meta = {
-            "md_embedder": embedder.name,
-            "md_dim": int(embedder.dim),
-            "md_format": FORMAT_VERSION,
-        }
         try:
-            self._col = self._client.get_or_create_collection(
-                cfg.collection,
-                metadata=meta,
-                configuration={"hnsw": {"space": "cosine"}},
-                embedding_function=None,
-            )
+            self._col = self._client.get_or_create_collection(cfg.collection, **self._collection_args(embedder))
         except Exception as e:  # chroma raises several types for an unreachable server
             raise StoreError(f"could not open collection {cfg.collection!r}: {e}") from e
         have = self._col.metadata or {}
-        if have.get("md_embedder") != embedder.name or int(have.get("md_dim", -1)) != embedder.dim:
+        if not self._built_with(have, embedder):
             raise EmbedderMismatchError(
                 f"collection {cfg.collection!r} was built with embedder {have.get('md_embedder')!r} "
                 f"(dim {have.get('md_dim')}), but {embedder.name!r} (dim {embedder.dim}) was given: "
@@ -192,6 +182,17 @@ class MemoryStore:
         p.mkdir(parents=True, exist_ok=True)
         return chromadb.PersistentClient(path=str(p), settings=settings)
 
+    @staticmethod
+    def _collection_args(embedder: Embedder) -> dict[str, Any]:
+        """How a collection for ``embedder`` is created: cosine space, the embedder recorded, no Chroma embedding function."""
+        return {"metadata": {"md_embedder": embedder.name, "md_dim": int(embedder.dim), "md_format": FORMAT_VERSION},
+                "configuration": {"hnsw": {"space": "cosine"}}, "embedding_function": None}
+
+    @staticmethod
+    def _built_with(collection_metadata: Mapping[str, Any], embedder: Embedder) -> bool:
+        return bool(collection_metadata.get("md_embedder") == embedder.name
+                    and int(collection_metadata.get("md_dim", -1)) == embedder.dim)
+
     @classmethod
     def reembed(cls, embedder: Embedder, config: StoreConfig | None = None, *, path: str | Path | None = None,
                 client: Any | None = None, page_size: int = 1000, keep_backup: bool = False, force: bool = False,
@@ -219,14 +220,13 @@ class MemoryStore:
         except Exception:
             raise StoreError(f"no collection {cfg.collection!r} to re-embed") from None
         have = dict(old.metadata or {})
-        if not force and have.get("md_embedder") == embedder.name and int(have.get("md_dim", -1)) == embedder.dim:
+        if not force and cls._built_with(have, embedder):
             return cls(embedder, cfg, client=client)
         side = f"{cfg.collection}-reembed"
         names = {getattr(c, "name", c) for c in client.list_collections()}
         if side in names:
             client.delete_collection(side)  # left by a run that was killed
-        new = client.create_collection(side, metadata={**have, "md_embedder": embedder.name, "md_dim": int(embedder.dim)},
-                                       configuration={"hnsw": {"space": "cosine"}}, embedding_function=None)
+        new = client.create_collection(side, **cls._collection_args(embedder))
         batch = min(cfg.write_batch_size, client.get_max_batch_size())
         total, done = old.count(), 0
         try:
