@@ -36,6 +36,7 @@ _EXPORTS = {
     "ConsolidationWorker": "jobs", "forget": "jobs", "drift_report": "jobs",
     "ModelDistillation": "consolidation",
     "MemoryDistill": "facade",
+    "export_jsonl": "transfer", "import_jsonl": "transfer", "ImportReport": "transfer",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -103,4 +104,5 @@ if TYPE_CHECKING:  # pragma: no cover
     from .predictor import Predictor
     from .rewards import RewardBins
     from .store import MemoryStore
+    from .transfer import ImportReport, export_jsonl, import_jsonl
     from .types import Memory, PredictionBatch, RewardPrediction, SearchHit

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import DistillConfig, EmbedderConfig, JobConfig, Settings, StoreConfig, TeacherConfig
-from .errors import InvalidMemoryError, MemoryDistillError
+from .errors import MemoryDistillError
 
 log = logging.getLogger("memory_distill.cli")
 
@@ -120,28 +120,6 @@ def _print_report(rep: Any) -> None:
         print(line)
 
 
-def _read_jsonl(path: str, namespace: str | None) -> list[Any]:
-    from .store import coerce_memory
-
-    items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InvalidMemoryError(f"{path}:{lineno}: not valid JSON ({e.msg}); nothing was imported") from None
-            if not isinstance(obj, dict):
-                raise InvalidMemoryError(f"{path}:{lineno}: expected a JSON object with a 'text' field; nothing was imported")
-            obj = {k: v for k, v in obj.items() if k in ("id", "text", "reward", "metadata", "namespace", "created_at")}
-            try:
-                items.append(coerce_memory(obj, namespace=namespace))
-            except InvalidMemoryError as e:
-                raise InvalidMemoryError(f"{path}:{lineno}: {e}; nothing was imported") from None
-    return items
-
-
 # ---------------------------------------------------------------------------- commands
 
 
@@ -155,16 +133,36 @@ def cmd_add(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    items = _read_jsonl(args.file, args.namespace)  # every line validated before anything is written
+    from .transfer import import_jsonl
+
     mem = _open(args)
-    for i, m in enumerate(items):
-        mem.store._check_reward(m.reward, f"{args.file} record {i + 1}")
-    ids: list[str] = []
-    with tqdm(total=len(items), desc="import", unit="mem", disable=args.quiet) as bar:
-        for s in range(0, len(items), args.batch_size):
-            ids += mem.store.add_many(items[s : s + args.batch_size], upsert=args.upsert)
-            bar.update(len(items[s : s + args.batch_size]))
-    print(f"imported {len(ids)} memories into {mem.store.collection_name}")
+    with tqdm(desc="embed", unit="mem", disable=args.quiet) as bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        rep = import_jsonl(mem.store, args.file, namespace=args.namespace, upsert=args.upsert,
+                           batch_size=args.batch_size, progress=progress)
+    how = f"{rep.reused_vectors} with the file's vectors, {rep.embedded} embedded with {mem.embedder.name}"
+    print(f"imported {len(rep.ids)} memories into {mem.store.collection_name} ({how})"
+          + (f"; vectors not reused: {rep.note}" if rep.note else ""))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from .transfer import export_jsonl
+
+    mem = _open(args)
+    where = json.loads(args.where) if args.where else None
+    to_stdout = args.file == "-"
+    with tqdm(desc="export", unit="mem", disable=args.quiet or to_stdout) as bar:
+        n = export_jsonl(mem.store, sys.stdout if to_stdout else args.file, namespace=args.namespace, where=where,
+                         embeddings=args.embeddings, progress=lambda done: bar.update(done - bar.n))
+    if not to_stdout:
+        print(f"exported {n} memories to {args.file}" + (" with their vectors" if args.embeddings else ""))
     return 0
 
 
@@ -302,10 +300,10 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_forget(args: argparse.Namespace) -> int:
     mem = _open(args)
-    if not (args.ids or args.where or args.namespace):
-        raise MemoryDistillError("forget needs --id, --where or --namespace")
+    if not (args.ids or args.where or args.namespace or args.older_than is not None):
+        raise MemoryDistillError("forget needs --id, --where, --namespace or --older-than")
     entry = mem.forget(args.ids or None, where=json.loads(args.where) if args.where else None,
-                       namespace=args.namespace, reason=args.reason or "")
+                       namespace=args.namespace, older_than=args.older_than, reason=args.reason or "")
     print(f"deleted {entry['n_deleted']} memories; models marked stale: {entry['stale_versions'] or 'none'}")
     return 0
 
@@ -428,12 +426,21 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--id")
     sp.set_defaults(func=cmd_add)
 
-    sp = sub.add_parser("import", help="import a JSONL file (text, reward, metadata, namespace, id)")
-    sp.add_argument("file")
-    sp.add_argument("--namespace")
-    sp.add_argument("--batch-size", type=int, default=1000)
+    sp = sub.add_parser("import", help="import a JSONL file (text, reward, metadata, namespace, id; an export); "
+                        "all or nothing")
+    sp.add_argument("file", help="path, or - for standard input")
+    sp.add_argument("--namespace", help="for lines that do not name one")
+    sp.add_argument("--batch-size", type=int, default=1000, help="texts per embedding call")
     sp.add_argument("--upsert", action="store_true", help="replace memories whose id exists")
     sp.set_defaults(func=cmd_import)
+
+    sp = sub.add_parser("export", help="write memories as JSONL (a backup, or to move them to another store)")
+    sp.add_argument("file", help="path (written whole or not at all), or - for standard output")
+    sp.add_argument("--namespace")
+    sp.add_argument("--where", help="metadata filter as JSON, e.g. '{\"tool\": \"search\"}'")
+    sp.add_argument("--embeddings", action="store_true",
+                    help="include the vectors: importing into a store with the same embedder then embeds nothing")
+    sp.set_defaults(func=cmd_export)
 
     sp = sub.add_parser("set-reward", help="record a (late) reward")
     sp.add_argument("id")
@@ -482,6 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--id", dest="ids", action="append")
     sp.add_argument("--where")
     sp.add_argument("--namespace")
+    sp.add_argument("--older-than", type=_duration, help="memories created more than this long ago (e.g. 90d)")
     sp.add_argument("--reason")
     sp.set_defaults(func=cmd_forget)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .artifacts import ArtifactRegistry
 from .config import JobConfig, Settings, StoreConfig
@@ -20,6 +20,9 @@ from .jobs import ConsolidationReport, DriftReport, drift_report, forget, run_co
 from .predictor import Predictor
 from .store import MemoryStore
 from .types import Memory, PredictionBatch, RewardPrediction, SearchHit
+
+if TYPE_CHECKING:
+    from .transfer import ImportReport
 
 __all__ = ["MemoryDistill"]
 
@@ -91,6 +94,18 @@ class MemoryDistill:
 
     def forget(self, ids: list[str] | None = None, **kw: Any) -> dict[str, Any]:
         return forget(self.store, self.registry, ids, **kw)
+
+    def export_jsonl(self, path: str | Path | IO[str], **kw: Any) -> int:
+        """Write memories as JSON Lines (:func:`memory_distill.transfer.export_jsonl`); returns the count."""
+        from .transfer import export_jsonl
+
+        return export_jsonl(self.store, path, **kw)
+
+    def import_jsonl(self, path: str | Path, **kw: Any) -> ImportReport:
+        """Import a JSON Lines file all or nothing (:func:`memory_distill.transfer.import_jsonl`)."""
+        from .transfer import import_jsonl
+
+        return import_jsonl(self.store, path, **kw)
 
     # models
     def consolidate(self, config: JobConfig | None = None, **kw: Any) -> ConsolidationReport:

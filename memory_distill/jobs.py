@@ -35,6 +35,7 @@ from .errors import (
     MemoryDistillError,
     NoModelError,
     NotEnoughDataError,
+    StoreError,
 )
 from .evaluate import (
     EvalReport,
@@ -309,12 +310,21 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
 
 
 def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None = None, *,
-           where: dict[str, Any] | None = None, namespace: str | None = None, reason: str = "") -> dict[str, Any]:
+           where: dict[str, Any] | None = None, namespace: str | None = None, older_than: float | None = None,
+           reason: str = "") -> dict[str, Any]:
     """Delete memories and mark every model trained on any of them stale.
 
-    The next consolidation retrains from scratch without them (no warm start from a stale
-    model) and replaces a stale published model even if the gate would otherwise refuse.
+    Select by ``ids``, a metadata filter ``where``, a ``namespace`` and/or ``older_than`` (seconds:
+    memories created longer ago than that; a retention policy). The next consolidation retrains
+    from scratch without them (no warm start from a stale model) and replaces a stale published
+    model even if the gate would otherwise refuse.
     """
+    if older_than is not None:
+        if not (isinstance(older_than, (int, float)) and older_than >= 0):
+            raise StoreError(f"older_than must be a number of seconds >= 0, got {older_than!r}")
+        if where and "created_at" in where:
+            raise StoreError("give older_than or a created_at clause in where, not both")
+        where = {**(where or {}), "created_at": {"$lt": time.time() - float(older_than)}}
     deleted = store.delete(ids, where=where, namespace=namespace)
     stale = registry.mark_stale(set(deleted), reason or f"{len(deleted)} training memories deleted")
     entry = {"time": time.time(), "n_deleted": len(deleted), "ids": deleted[:1000], "where": where,

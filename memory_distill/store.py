@@ -612,6 +612,36 @@ class MemoryStore:
         got = self._col.get(where=flt, limit=size, offset=offset, include=["embeddings", "metadatas"])
         return list(got["ids"]), got["embeddings"], list(got["metadatas"] or [])
 
+    def iter_memories(
+        self,
+        *,
+        namespace: str | None = None,
+        where: Mapping[str, Any] | None = None,
+        page_size: int | None = None,
+        with_embeddings: bool = False,
+    ) -> Iterator[tuple[list[Memory], np.ndarray | None]]:
+        """Stream whole memories page by page: ``(memories, embeddings or None)``.
+
+        Texts, rewards, metadata, namespaces and timestamps as stored; ``with_embeddings=True`` also
+        returns each page's float32 vectors (n x dim). Pages follow Chroma's order; rows written or
+        deleted while iterating may be missed or repeated.
+        """
+        size = page_size or self.config.read_page_size
+        flt = self._where(namespace, where)
+        include = ["documents", "metadatas", "embeddings"] if with_embeddings else ["documents", "metadatas"]
+        offset = 0
+        while True:
+            got = self._col.get(where=flt, limit=size, offset=offset, include=include)
+            ids = list(got["ids"])
+            if not ids:
+                return
+            mems = [self._from_row(i, d, m) for i, d, m in zip(ids, got["documents"], got["metadatas"], strict=True)]
+            embs = np.asarray(got["embeddings"], np.float32).reshape(len(ids), -1) if with_embeddings else None
+            yield mems, embs
+            offset += len(ids)
+            if len(ids) < size:
+                return
+
     def load_training_data(self, *, namespace: str | None = None, rewarded_only: bool = False,
                            page_size: int | None = None, metadata_keys: Sequence[str] = ()) -> TrainingData:
         """All rows in one preallocated float32 matrix, filled page by page (one copy, not several).

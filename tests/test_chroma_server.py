@@ -107,3 +107,24 @@ def test_agents_write_while_a_worker_consolidates(chroma_server, tmp_path):
     assert st.count() == 400 + 2 * 300  # no write was lost
     reports.append(run_consolidation(st, reg, fast_job()))
     assert reports[-1].n_rows == 1000 and reg.current_version() == reports[-1].version
+
+
+def test_move_an_embedded_store_to_the_server(chroma_server, tmp_path, monkeypatch, capsys):
+    """export --embeddings from the embedded directory, import into the server: same rows, no re-embedding."""
+    from memory_distill.cli import main
+
+    monkeypatch.setenv("MEMORY_DISTILL_EMBEDDER__DIM", "128")
+    home = tmp_path / "home"
+    local = MemoryStore(HashingEmbedder(dim=128), StoreConfig(path=home / "chroma", collection="moved"))
+    ids = local.add_many(synthetic_episodes(300, seed=5))
+    dump = tmp_path / "dump.jsonl"
+    assert main(["-q", "--home", str(home), "--collection", "moved", "export", str(dump), "--embeddings"]) == 0
+    capsys.readouterr()
+    code = main(["-q", "--home", str(tmp_path / "other"), "--store", "http", "--port", str(chroma_server),
+                 "--collection", "moved", "import", str(dump)])
+    assert code == 0 and "(300 with the file's vectors, 0 embedded" in capsys.readouterr().out
+    remote = http_store(chroma_server, "moved")
+    assert remote.count() == 300
+    assert remote.get_many(ids) == local.get_many(ids)
+    q = synthetic_episodes(1, seed=99)[0]["text"]
+    assert [h.memory.id for h in remote.search(q, k=10)] == [h.memory.id for h in local.search(q, k=10)]

@@ -1,0 +1,261 @@
+"""Export memories to JSON Lines and import them back: backups, moving a store, sharing episodes.
+
+One JSON object per line. An export starts with a header line::
+
+    {"memory_distill_export": {"format_version": 1, "embedder": "hashing-v1-512", "dim": 512,
+                               "collection": "memories", "exported_at": 1764190000.0,
+                               "embedding_encoding": "base64-float32-le"}}
+
+followed by one memory per line: ``id``, ``text``, ``reward`` (``null`` while pending),
+``metadata``, ``namespace``, ``created_at``, ``rewarded_at`` and, with ``embeddings=True``, its
+vector (``embedding``: little-endian float32 bytes in base64, exact and about 4x smaller than a
+list of decimals). A plain file of ``{"text": ..., "reward": ...}`` lines without a header imports
+too (the CLI's ``import``).
+
+Importing is all or nothing: every line is validated (JSON, fields, reward range, duplicate or
+existing ids) and every missing vector computed before the first row is written, and the write
+itself is one atomic :meth:`MemoryStore.add_many`. A file's vectors are reused only when its header
+names the target store's embedder and width; otherwise the texts are embedded again, so vectors from
+another model never mix with the store's.
+
+Moving an embedded store to a Chroma server keeps the vectors (no embedding calls)::
+
+    memory-distill export all.jsonl --embeddings
+    memory-distill --store http --host 10.0.0.5 --port 8000 import all.jsonl
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from .errors import InvalidMemoryError, StoreError
+from .store import MemoryStore, coerce_memory
+from .types import Memory
+
+__all__ = ["ImportReport", "export_jsonl", "import_jsonl", "read_jsonl"]
+
+HEADER_KEY = "memory_distill_export"
+FORMAT_VERSION = 1
+ENCODING = "base64-float32-le"
+FIELDS = ("id", "text", "reward", "metadata", "namespace", "created_at", "rewarded_at")
+
+
+def _encode(vec: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(vec, "<f4").tobytes()).decode("ascii")
+
+
+def _decode(value: Any, where: str) -> np.ndarray:
+    if isinstance(value, str):
+        try:
+            raw = base64.b64decode(value.encode("ascii"), validate=True)
+        except (binascii.Error, UnicodeEncodeError):
+            raise InvalidMemoryError(f"{where}: embedding is not base64 float32 data: re-export the file") from None
+        if len(raw) % 4:
+            raise InvalidMemoryError(f"{where}: embedding has {len(raw)} bytes, not whole float32 values")
+        vec = np.frombuffer(raw, "<f4").astype(np.float32)
+    elif isinstance(value, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+        vec = np.asarray(value, np.float32)
+    else:
+        raise InvalidMemoryError(f"{where}: embedding must be a list of numbers or base64 float32, "
+                                 f"got {type(value).__name__}")
+    if not np.isfinite(vec).all():
+        raise InvalidMemoryError(f"{where}: embedding contains NaN or inf: drop the field to embed the text again")
+    return vec
+
+
+def export_jsonl(store: MemoryStore, path: str | Path | IO[str], *, namespace: str | None = None,
+                 where: Mapping[str, Any] | None = None, embeddings: bool = False,
+                 progress: Callable[[int], None] | None = None) -> int:
+    """Write the store's memories (optionally one namespace / a ``where`` filter) as JSON Lines.
+
+    ``path``: a file path, written to a temporary file next to it and renamed into place when
+    complete (a failed export leaves no partial file), or an open text stream (e.g. ``sys.stdout``).
+    ``embeddings=True`` also writes the vectors, so importing into a store with the same embedder
+    costs no embedding calls. ``progress(rows_written)`` is called after each page. Returns the
+    number of memories written.
+    """
+    if not isinstance(path, (str, Path)):
+        return _write(store, path, namespace, where, embeddings, progress)
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            n = _write(store, f, namespace, where, embeddings, progress)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return n
+
+
+def _write(store: MemoryStore, f: IO[str], namespace: str | None, where: Mapping[str, Any] | None,
+           embeddings: bool, progress: Callable[[int], None] | None) -> int:
+    header = {"format_version": FORMAT_VERSION, "embedder": store.embedder.name, "dim": store.embedder.dim,
+              "collection": store.collection_name, "exported_at": time.time()}
+    if embeddings:
+        header["embedding_encoding"] = ENCODING
+    f.write(json.dumps({HEADER_KEY: header}) + "\n")
+    n = 0
+    for mems, vecs in store.iter_memories(namespace=namespace, where=where, with_embeddings=embeddings):
+        lines = []
+        for j, m in enumerate(mems):
+            row = m.model_dump(include=set(FIELDS))
+            if vecs is not None:
+                row["embedding"] = _encode(vecs[j])
+            lines.append(json.dumps(row, ensure_ascii=False))
+        f.write("\n".join(lines) + "\n")
+        n += len(mems)
+        if progress is not None:
+            progress(n)
+    return n
+
+
+@dataclass
+class ImportFile:
+    """A validated JSON Lines file: memories, the vectors it carried, its export header (or ``None``)."""
+
+    memories: list[Memory]
+    vectors: list[np.ndarray | None]
+    header: dict[str, Any] | None
+    lines: list[int]  # line number of each memory, for error messages
+
+
+def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
+    if str(path) == "-":
+        yield from enumerate(sys.stdin, 1)
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            yield from enumerate(f, 1)
+    except OSError as e:
+        raise InvalidMemoryError(f"{path}: cannot read the file ({e.strerror}); nothing was imported") from None
+
+
+def read_jsonl(path: str | Path, *, namespace: str | None = None) -> ImportFile:
+    """Parse and validate a JSON Lines file (``-``: standard input) without touching any store.
+
+    Each line: a JSON object with at least ``text``; ``id``, ``reward``, ``metadata``,
+    ``namespace``, ``created_at``, ``rewarded_at`` and ``embedding`` are optional, other keys are
+    ignored. ``namespace`` applies to lines that do not name one. Errors name ``path:line``.
+    """
+    mems: list[Memory] = []
+    vecs: list[np.ndarray | None] = []
+    linenos: list[int] = []
+    header: dict[str, Any] | None = None
+    seen: dict[str, int] = {}
+    for lineno, line in _lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InvalidMemoryError(f"{where}: not valid JSON ({e.msg}); nothing was imported") from None
+        if not isinstance(obj, dict):
+            raise InvalidMemoryError(f"{where}: expected a JSON object with a 'text' field; nothing was imported")
+        if HEADER_KEY in obj:
+            if mems or header is not None:
+                raise InvalidMemoryError(f"{where}: an export header must be the first line (two files "
+                                         "concatenated? import them one by one); nothing was imported")
+            header = obj[HEADER_KEY] if isinstance(obj[HEADER_KEY], dict) else {}
+            version = header.get("format_version")
+            if version != FORMAT_VERSION:
+                raise InvalidMemoryError(f"{where}: export format_version {version!r} is not supported (this "
+                                         f"version reads {FORMAT_VERSION}): upgrade memory_distill")
+            continue
+        try:
+            mem = coerce_memory({k: v for k, v in obj.items() if k in FIELDS}, namespace=namespace)
+            vec = _decode(obj["embedding"], "embedding") if obj.get("embedding") is not None else None
+        except InvalidMemoryError as e:
+            raise InvalidMemoryError(f"{where}: {e}; nothing was imported") from None
+        if mem.id in seen:
+            raise InvalidMemoryError(f"{where}: id {mem.id!r} already appears on line {seen[mem.id]}: "
+                                     "give each memory a unique id; nothing was imported")
+        seen[mem.id] = lineno
+        mems.append(mem)
+        vecs.append(vec)
+        linenos.append(lineno)
+    return ImportFile(mems, vecs, header, linenos)
+
+
+@dataclass(frozen=True)
+class ImportReport:
+    """What :func:`import_jsonl` wrote."""
+
+    ids: list[str]
+    reused_vectors: int
+    """Rows written with the vector the file carried (no embedding call)."""
+    embedded: int
+    """Rows whose text was embedded by the store's embedder."""
+    note: str
+    """Why the file's vectors were not reused, when it carried some; empty otherwise."""
+
+
+def import_jsonl(store: MemoryStore, path: str | Path, *, namespace: str | None = None, upsert: bool = False,
+                 batch_size: int = 256, progress: Callable[[int, int], None] | None = None) -> ImportReport:
+    """Validate a JSON Lines file, embed what needs it, then write every memory in one atomic batch.
+
+    Nothing is written when any line is invalid, a reward is outside the store's range, an id is
+    repeated or (without ``upsert``) already stored, or embedding fails. Vectors in the file are
+    reused when its header names this store's embedder and width. ``progress(done, total)`` is called
+    after each embedding batch of ``batch_size`` texts.
+    """
+    if batch_size < 1:
+        raise InvalidMemoryError(f"batch_size must be >= 1, got {batch_size}")
+    data = read_jsonl(path, namespace=namespace)
+    mems = data.memories
+    for m, lineno in zip(mems, data.lines, strict=True):
+        store._check_reward(m.reward, f"{path}:{lineno}")
+    if not mems:
+        return ImportReport([], 0, 0, "")
+    if not upsert:
+        existing = store._existing([m.id for m in mems])
+        if existing:
+            first = next(lineno for m, lineno in zip(mems, data.lines, strict=True) if m.id in existing)
+            raise StoreError(f"{path}: {len(existing)} id(s) are already stored (first on line {first}: "
+                             f"{sorted(existing)[0]!r}): import with upsert (--upsert) to replace them, or drop "
+                             "the ids to get new ones; nothing was imported")
+    dim = store.embedder.dim
+    has_vectors = any(v is not None for v in data.vectors)
+    note = ""
+    reuse = False
+    if has_vectors:
+        h = data.header or {}
+        if data.header is None:
+            note = "the file has no export header naming its embedder"
+        elif h.get("embedder") != store.embedder.name or h.get("dim") != dim:
+            note = f"the file's vectors come from {h.get('embedder')!r} ({h.get('dim')}-d), this store uses " \
+                   f"{store.embedder.name!r} ({dim}-d)"
+        else:
+            reuse = True
+            for v, lineno in zip(data.vectors, data.lines, strict=True):
+                if v is not None and v.shape != (dim,):
+                    raise InvalidMemoryError(f"{path}:{lineno}: embedding has {v.shape[0]} values, expected "
+                                             f"{dim}; nothing was imported")
+    X = np.empty((len(mems), dim), np.float32)
+    todo = [i for i, v in enumerate(data.vectors) if not (reuse and v is not None)]
+    for i, v in enumerate(data.vectors):
+        if reuse and v is not None:
+            X[i] = v
+    for s in range(0, len(todo), batch_size):
+        part = todo[s : s + batch_size]
+        X[part] = store.embedder.embed([mems[i].text for i in part])
+        if progress is not None:
+            progress(s + len(part), len(todo))
+    ids = store.add_many(mems, embeddings=X, upsert=upsert)
+    return ImportReport(ids, len(mems) - len(todo), len(todo), note)

@@ -1,0 +1,198 @@
+"""Export to JSON Lines and import back: lossless round trips, vectors reused only when they fit, all or nothing."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+import numpy as np
+import pytest
+
+from memory_distill import (
+    HashingEmbedder,
+    InvalidMemoryError,
+    MemoryDistill,
+    MemoryStore,
+    StoreConfig,
+    StoreError,
+    export_jsonl,
+    import_jsonl,
+)
+from memory_distill.cli import main
+
+
+class CountingEmbedder(HashingEmbedder):
+    """The real hashing embedder, counting the texts it embeds; ``fail_at`` makes that call raise."""
+
+    def __init__(self, dim: int, fail_at: int | None = None) -> None:
+        super().__init__(dim=dim)
+        self.calls = 0
+        self.texts = 0
+        self.fail_at = fail_at
+
+    def embed(self, texts):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.fail_at is not None and self.calls >= self.fail_at:
+            raise RuntimeError("embedding service unavailable")
+        self.texts += len(texts)
+        return super().embed(texts)
+
+
+def _filled(tmp_path, dim: int = 64) -> tuple[MemoryStore, list[str]]:  # type: ignore[no-untyped-def]
+    store = MemoryStore(HashingEmbedder(dim=dim), StoreConfig(path=tmp_path / "src"))
+    ids = store.add_many([{"text": f"episode {i}: the agent {'searched the web' if i % 2 else 'guessed'} — ünïcode",
+                           "reward": None if i == 7 else i / 40,
+                           "metadata": {"group": f"g{i % 5}", "tool": "search", "steps": i, "ok": i % 3 == 0},
+                           "namespace": "team-a" if i < 30 else "team-b", "created_at": 1.7e9 + i}
+                          for i in range(40)])
+    store.set_reward(ids[3], 0.5, rewarded_at=1.8e9)
+    return store, ids
+
+
+def _rows(store: MemoryStore) -> dict[str, tuple]:
+    out = {}
+    for mems, _ in store.iter_memories(page_size=7):
+        for m in mems:
+            out[m.id] = (m.text, m.reward, m.metadata, m.namespace, m.created_at, m.rewarded_at)
+    return out
+
+
+def test_export_import_roundtrip_reuses_vectors_and_keeps_everything(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    src, ids = _filled(tmp_path)
+    path = tmp_path / "out" / "all.jsonl"
+    seen: list[int] = []
+    assert export_jsonl(src, path, embeddings=True, progress=seen.append) == 40
+    assert seen[-1] == 40
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = json.loads(lines[0])["memory_distill_export"]
+    assert header["embedder"] == "hashing-v1-64" and header["dim"] == 64 and len(lines) == 41
+
+    emb = CountingEmbedder(64)
+    dst = MemoryStore(emb, StoreConfig(path=tmp_path / "dst"))
+    rep = import_jsonl(dst, path)
+    assert (rep.reused_vectors, rep.embedded, rep.note) == (40, 0, "") and emb.calls == 0
+    assert _rows(dst) == _rows(src)
+    assert dst.get(ids[3]).rewarded_at == 1.8e9 and dst.get(ids[7]).reward is None
+    # the source's vectors (Chroma may hand a row back a float32 ulp off, stored or not), so search ranks the same
+    np.testing.assert_allclose(dst.get_embeddings(ids), src.get_embeddings(ids), rtol=1e-6, atol=1e-7)
+    q = "the agent searched the web"
+    assert [h.memory.id for h in dst.search(q, k=5)] == [h.memory.id for h in src.search(q, k=5)]
+
+
+def test_vectors_from_another_embedder_are_not_reused(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    src, ids = _filled(tmp_path)
+    path = tmp_path / "all.jsonl"
+    export_jsonl(src, path, embeddings=True)
+    emb = CountingEmbedder(32)
+    dst = MemoryStore(emb, StoreConfig(path=tmp_path / "dst"))
+    rep = import_jsonl(dst, path, batch_size=16)
+    assert (rep.reused_vectors, rep.embedded, emb.calls) == (0, 40, 3)
+    assert "'hashing-v1-64' (64-d)" in rep.note and "'hashing-v1-32' (32-d)" in rep.note
+    texts = [m.text for m in dst.get_many(ids)]
+    np.testing.assert_allclose(dst.get_embeddings(ids), HashingEmbedder(dim=32).embed(texts), atol=1e-6)
+
+    # a file with vectors but no header naming their embedder: re-embedded, never trusted
+    body = tmp_path / "body.jsonl"
+    body.write_text("\n".join(path.read_text().splitlines()[1:3]) + "\n")
+    emb2 = CountingEmbedder(64)
+    rep = import_jsonl(MemoryStore(emb2, StoreConfig(path=tmp_path / "dst2")), body)
+    assert rep.embedded == 2 and "no export header" in rep.note
+
+
+def test_export_filters_and_streams(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    src, _ = _filled(tmp_path)
+    buf = io.StringIO()
+    assert export_jsonl(src, buf, namespace="team-b") == 10
+    rows = [json.loads(x) for x in buf.getvalue().splitlines()[1:]]
+    assert {r["namespace"] for r in rows} == {"team-b"} and "embedding" not in rows[0]
+    assert export_jsonl(src, io.StringIO(), where={"group": "g1"}) == 8
+    assert export_jsonl(src, io.StringIO(), namespace="team-a", where={"reward": {"$gte": 0.5}}) == 11  # i = 20..29 and 3
+
+
+def test_failed_export_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    src, _ = _filled(tmp_path)
+    path = tmp_path / "backup.jsonl"
+    path.write_text("yesterday's backup\n")
+    real = MemoryStore.iter_memories
+
+    def broken(self, **kw):  # type: ignore[no-untyped-def]
+        pages = real(self, **kw)
+        yield next(pages)
+        raise StoreError("connection lost")
+
+    monkeypatch.setattr(MemoryStore, "iter_memories", broken)
+    with pytest.raises(StoreError, match="connection lost"):
+        export_jsonl(src, path)
+    assert path.read_text() == "yesterday's backup\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".backup")] == []
+
+
+def test_import_is_all_or_nothing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    src, ids = _filled(tmp_path)
+    path = tmp_path / "all.jsonl"
+    export_jsonl(src, path)
+
+    # embedding fails on the third batch: nothing written
+    emb = CountingEmbedder(64, fail_at=3)
+    dst = MemoryStore(emb, StoreConfig(path=tmp_path / "dst"))
+    with pytest.raises(RuntimeError, match="unavailable"):
+        import_jsonl(dst, path, batch_size=10)
+    assert dst.count() == 0
+
+    # a bad line anywhere: nothing written, the error names the line
+    lines = path.read_text(encoding="utf-8").splitlines()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join([*lines, json.dumps({"text": "x", "reward": 2.0})]) + "\n", encoding="utf-8")
+    dst = MemoryStore(HashingEmbedder(dim=64), StoreConfig(path=tmp_path / "dst"))
+    with pytest.raises(InvalidMemoryError, match=rf"bad.jsonl:{len(lines) + 1}: reward 2.0 is outside"):
+        import_jsonl(dst, bad)
+    bad.write_text("\n".join([*lines, lines[5]]) + "\n", encoding="utf-8")
+    with pytest.raises(InvalidMemoryError, match=r"already appears on line 6"):
+        import_jsonl(dst, bad)
+    bad.write_text("\n".join([lines[1], lines[0], lines[2]]) + "\n", encoding="utf-8")
+    with pytest.raises(InvalidMemoryError, match="header must be the first line"):
+        import_jsonl(dst, bad)
+    bad.write_text(json.dumps({"memory_distill_export": {"format_version": 99}}) + "\n" + lines[1] + "\n")
+    with pytest.raises(InvalidMemoryError, match="format_version 99 is not supported"):
+        import_jsonl(dst, bad)
+    row = json.loads(lines[1]) | {"embedding": "not base64!"}
+    bad.write_text(json.dumps(row) + "\n")
+    with pytest.raises(InvalidMemoryError, match="embedding is not base64"):
+        import_jsonl(dst, bad)
+    assert dst.count() == 0
+
+    # ids already stored: refused (before any embedding) unless upsert
+    dst.add_many([{"id": ids[4], "text": "an older version", "reward": 0.0}])
+    emb = CountingEmbedder(64)
+    dst = MemoryStore(emb, StoreConfig(path=tmp_path / "dst"))
+    with pytest.raises(StoreError, match=r"already stored \(first on line 6.*--upsert"):
+        import_jsonl(dst, path)
+    assert dst.count() == 1 and emb.calls == 0
+    rep = import_jsonl(dst, path, upsert=True)
+    assert len(rep.ids) == 40 and dst.count() == 40 and dst.get(ids[4]).reward == src.get(ids[4]).reward
+
+
+def test_cli_export_import_and_forget_older_than(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("MEMORY_DISTILL_EMBEDDER__DIM", "128")
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    mem = MemoryDistill.open(a)
+    now = time.time()
+    mem.add_many([{"text": f"old episode {i}", "reward": 0.2, "created_at": now - 100 * 86400} for i in range(3)]
+                 + [{"text": f"new episode {i}", "reward": 0.9, "created_at": now - 86400} for i in range(4)])
+    del mem
+    out = tmp_path / "a.jsonl"
+    assert main(["-q", "--home", a, "export", str(out), "--embeddings"]) == 0
+    assert "exported 7 memories" in capsys.readouterr().out
+    assert main(["-q", "--home", b, "import", str(out)]) == 0
+    assert "imported 7 memories into memories (7 with the file's vectors, 0 embedded" in capsys.readouterr().out
+    assert main(["-q", "--home", b, "export", "-"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 8 and "memory_distill_export" in printed[0]
+
+    assert main(["-q", "--home", b, "forget", "--older-than", "30d", "--reason", "retention"]) == 0
+    assert "deleted 3 memories" in capsys.readouterr().out
+    left = MemoryDistill.open(b).store
+    assert left.count() == 4 and all(m.text.startswith("new") for ms, _ in left.iter_memories() for m in ms)
+    assert main(["-q", "--home", b, "forget", "--older-than", "1d", "--where", '{"created_at": {"$lt": 1}}']) == 2
+    assert "not both" in capsys.readouterr().err
