@@ -9,6 +9,8 @@ Layout::
       history.jsonl      consolidation job history (written by jobs)
       stale.json         versions trained on memories that were later deleted
       .lock              single-writer lock for consolidation
+      namespaces/<slug>/ the same layout for models trained on one namespace (``scoped(namespace)``),
+                         with the namespace's name in ``NAMESPACE``
 
 A version is written into a staging directory and renamed into ``versions/`` only when
 complete, so a crash leaves either nothing or a whole version; ``CURRENT`` changes by
@@ -22,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -57,6 +60,12 @@ def _write_json_atomic(path: Path, data: Any) -> None:
         json.dump(data, f, indent=2, sort_keys=True)
         f.flush()
         os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -97,11 +106,50 @@ class LoadedModel:
     manifest: dict[str, Any]
 
 
-class ArtifactRegistry:
-    """Publish, list, load, promote and roll back model versions under ``root``."""
+def _slug(namespace: str) -> str:
+    """A directory name for a namespace: readable, filesystem-safe, unique (a hash suffix)."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", namespace).strip("._")[:48] or "ns"
+    return f"{readable}-{hashlib.sha256(namespace.encode()).hexdigest()[:10]}"
 
-    def __init__(self, root: str | Path) -> None:
+
+class ArtifactRegistry:
+    """Publish, list, load, promote and roll back model versions under ``root``.
+
+    Models trained on one namespace (``JobConfig.namespace``) live in their own registry,
+    :meth:`scoped`, under ``root/namespaces/``: each namespace has its own versions, ``CURRENT``,
+    gate and lock, so consolidating one team's memories never replaces another's model.
+    """
+
+    def __init__(self, root: str | Path, *, namespace: str | None = None) -> None:
         self.root = Path(root)
+        self.namespace = namespace
+        """The namespace whose models this registry holds; ``None`` for the top-level registry."""
+
+    def scoped(self, namespace: str | None) -> ArtifactRegistry:
+        """The registry for models trained on ``namespace`` (``None``: this one)."""
+        if namespace is None or namespace == self.namespace:
+            return self
+        if self.namespace is not None:
+            raise ArtifactError(f"this registry already holds namespace {self.namespace!r}'s models; "
+                                f"scope the top-level registry to {namespace!r} instead")
+        return ArtifactRegistry(self.root / "namespaces" / _slug(namespace), namespace=namespace)
+
+    def namespaces(self) -> dict[str, ArtifactRegistry]:
+        """The per-namespace registries that exist, by namespace name."""
+        base = self.root / "namespaces"
+        out: dict[str, ArtifactRegistry] = {}
+        if self.namespace is None and base.is_dir():
+            for d in sorted(base.iterdir()):
+                name_file = d / "NAMESPACE"
+                if name_file.is_file():
+                    name = name_file.read_text(encoding="utf-8")
+                    out[name] = ArtifactRegistry(d, namespace=name)
+        return out
+
+    def serving(self, namespace: str | None) -> ArtifactRegistry:
+        """Where ``namespace``'s predictions come from: its own registry once it has a model, else this one."""
+        reg = self.scoped(namespace)
+        return reg if reg is self or reg.current_version() is not None else self
 
     # ------------------------------------------------------------ paths
 
@@ -115,6 +163,8 @@ class ArtifactRegistry:
 
     def _ensure(self) -> None:
         self.versions_dir.mkdir(parents=True, exist_ok=True)
+        if self.namespace is not None and not (self.root / "NAMESPACE").exists():
+            _write_text_atomic(self.root / "NAMESPACE", self.namespace)
 
     def lock(self, timeout: float = -1) -> FileLock:
         """The single-writer lock (``timeout=0``: fail at once if held; -1: wait)."""
@@ -295,7 +345,13 @@ class ArtifactRegistry:
         """Load a version (default CURRENT), verifying format and checksums."""
         v = version or self.current_version()
         if v is None:
-            raise NoModelError(f"no model published in {self.root}: run `memory-distill consolidate` first")
+            if self.namespace is not None:
+                raise NoModelError(f"no model trained on namespace {self.namespace!r} yet ({self.root}): run "
+                                   f"`memory-distill consolidate --namespace {self.namespace}` first")
+            scoped = sorted(self.namespaces())
+            hint = (f"; models trained on one namespace live in registry.scoped(namespace) (have: {scoped[:5]})"
+                    if scoped else "")
+            raise NoModelError(f"no model published in {self.root}: run `memory-distill consolidate` first{hint}")
         m = self.manifest(v)
         if m.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(f"{v} has format {m.get('format_version')}, this library reads {FORMAT_VERSION}")

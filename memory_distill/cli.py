@@ -21,6 +21,10 @@ log = logging.getLogger("memory_distill.cli")
 # ---------------------------------------------------------------------------- helpers
 
 
+NS_MODEL_HELP = "use that namespace's model (consolidate --namespace), else the top-level one"
+NS_REGISTRY_HELP = "the models consolidated on that namespace (consolidate --namespace)"
+
+
 def _duration(s: str) -> float:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", s)
     if not m:
@@ -209,6 +213,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     mem = _open(args)
     st = mem.store.stats()
     st["model"] = mem.registry.current_version()
+    st["namespace_models"] = {ns: reg.current_version() for ns, reg in mem.registry.namespaces().items()}
     print(json.dumps(st, indent=2))
     return 0
 
@@ -231,7 +236,7 @@ def _write_report(mem: Any, rep: Any, out: str, namespace: str | None = None) ->
     from .report import calibration_curve, write_consolidation_report
     from .training import model_inputs
 
-    loaded = mem.registry.load(rep.version, with_teacher=True)
+    loaded = mem.registry.scoped(namespace).load(rep.version, with_teacher=True)
     spec = FeatureSpec.from_manifest(loaded.manifest, loaded.student.n_features)
     data = mem.store.load_training_data(namespace=namespace, rewarded_only=True, metadata_keys=spec.keys)
     F = spec.build(len(data), text_features=data.features, metadata=data.metadata)
@@ -248,7 +253,7 @@ def _write_report(mem: Any, rep: Any, out: str, namespace: str | None = None) ->
 def cmd_predict(args: argparse.Namespace) -> int:
     mem = _open(args)
     meta = _kv(args.metadata)
-    preds = mem.predict(args.texts, metadata=[meta] * len(args.texts) if meta else None)
+    preds = mem.predict(args.texts, metadata=[meta] * len(args.texts) if meta else None, namespace=args.namespace)
     if args.json:
         print(json.dumps([p.to_dict() for p in preds], indent=2))
         return 0
@@ -262,7 +267,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    reg = _open(args).registry
+    reg = _open(args).registry.scoped(args.namespace)
     rows: list[Sequence[Any]] = [("version", "status", "current", "stale", "spearman", "mae", "reason")]
     for m in reg.list():
         met = m.get("metrics") or {}
@@ -273,19 +278,19 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    _open(args).registry.promote(args.version)
+    _open(args).registry.scoped(args.namespace).promote(args.version)
     print(f"current model: {args.version}")
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    v = _open(args).registry.rollback()
+    v = _open(args).registry.scoped(args.namespace).rollback()
     print(f"rolled back; current model: {v}")
     return 0
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    hist = _open(args).registry.history()
+    hist = _open(args).registry.scoped(args.namespace).history()
     if args.json:
         print(json.dumps(hist, indent=2))
         return 0
@@ -311,7 +316,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 def cmd_drift(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    d = _open(args).drift(threshold=args.threshold)
+    d = _open(args).drift(threshold=args.threshold, namespace=args.namespace)
     print(json.dumps(asdict(d), indent=2))
     return 0
 
@@ -460,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("consolidate", help="train teacher, distil student, gate, publish")
     job_args(sp)
-    sp.add_argument("--namespace")
+    sp.add_argument("--namespace", help="train on one namespace; its models are gated, published and served apart")
     sp.add_argument("--report", help="directory for report.md/html + PNG plots")
     sp.add_argument("--wait", action="store_true", help="wait for a running consolidation instead of exiting")
     sp.set_defaults(func=cmd_consolidate)
@@ -470,19 +475,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--metadata", "-m", nargs="*", help="key=value for every text (a model with metadata features reads them)")
     sp.add_argument("--threshold", type=float, default=0.5)
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--namespace", help=NS_MODEL_HELP)
     sp.set_defaults(func=cmd_predict)
 
     sp = sub.add_parser("models", help="list model versions")
+    sp.add_argument("--namespace", help=NS_REGISTRY_HELP)
     sp.set_defaults(func=cmd_models)
     sp = sub.add_parser("promote", help="make a version current")
     sp.add_argument("version")
+    sp.add_argument("--namespace", help=NS_REGISTRY_HELP)
     sp.set_defaults(func=cmd_promote)
     sp = sub.add_parser("rollback", help="restore the previously promoted version")
+    sp.add_argument("--namespace", help=NS_REGISTRY_HELP)
     sp.set_defaults(func=cmd_rollback)
 
     sp = sub.add_parser("history", help="consolidation job history")
     sp.add_argument("--last", type=int, default=20)
     sp.add_argument("--json", action="store_true")
+    sp.add_argument("--namespace", help=NS_REGISTRY_HELP)
     sp.set_defaults(func=cmd_history)
 
     sp = sub.add_parser("forget", help="delete memories; models trained on them become stale")
@@ -500,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("drift", help="realised vs predicted reward since the model was published")
     sp.add_argument("--threshold", type=float, default=0.1)
+    sp.add_argument("--namespace", help="that namespace's rows, scored by the model serving it")
     sp.set_defaults(func=cmd_drift)
 
     sp = sub.add_parser("worker", help="periodic consolidation")

@@ -235,7 +235,8 @@ class JobConfig(BaseModel):
     warm_start: bool = True
     """Initialise from the published models (same shapes and bins) and replay all stored memories."""
     namespace: str | None = None
-    """Train on one namespace only (``None``: all)."""
+    """Train on one namespace only (``None``: all). Its models are published, gated and served from their
+    own registry (``ArtifactRegistry.scoped(namespace)``), apart from other namespaces' and the top-level one."""
     text_features: bool = True
     """Let the models see four text statistics next to the embedding (log1p of characters, words, line
     breaks, distinct words; :mod:`memory_distill.features`). Embeddings are normalised and lose length,

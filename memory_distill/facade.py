@@ -34,7 +34,7 @@ class MemoryDistill:
         self.store = store
         self.registry = registry
         self.job = job or JobConfig()
-        self._predictor: Predictor | None = None
+        self._predictors: dict[str | None, Predictor] = {}
 
     @classmethod
     def open(cls, home: str | Path | None = None, *, settings: Settings | None = None,
@@ -108,28 +108,47 @@ class MemoryDistill:
         return import_jsonl(self.store, path, **kw)
 
     # models
-    def consolidate(self, config: JobConfig | None = None, **kw: Any) -> ConsolidationReport:
-        report = run_consolidation(self.store, self.registry, config or self.job, **kw)
-        if self._predictor is not None:
-            self._predictor.refresh()
+    def consolidate(self, config: JobConfig | None = None, *, namespace: str | None = None,
+                    **kw: Any) -> ConsolidationReport:
+        """Train, gate and publish (:func:`run_consolidation`).
+
+        ``namespace``: train on that namespace only; its models are published, gated and served
+        separately (``registry.scoped(namespace)``, :meth:`predictor_for`).
+        """
+        cfg = config or self.job
+        if namespace is not None:
+            cfg = cfg.model_copy(update={"namespace": namespace})
+        report = run_consolidation(self.store, self.registry, cfg, **kw)
+        for p in self._predictors.values():
+            p.refresh()
         return report
 
     @property
     def predictor(self) -> Predictor:
-        if self._predictor is None:
-            self._predictor = Predictor(self.registry, self.embedder)
+        """The top-level model's predictor (trained on every namespace), reloaded when a new one is promoted."""
+        return self.predictor_for(None)
+
+    def predictor_for(self, namespace: str | None) -> Predictor:
+        """The predictor serving ``namespace``: its own model once one was consolidated, else the top-level one."""
+        reg = self.registry.serving(namespace)
+        p = self._predictors.get(namespace)
+        if p is None or p.registry.root != reg.root:
+            p = self._predictors[namespace] = Predictor(reg, self.embedder)
         else:
-            self._predictor.refresh()
-        return self._predictor
+            p.refresh()
+        return p
 
     def predict(self, texts: str | Sequence[str], *,
-                metadata: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None) -> list[RewardPrediction]:
-        """The student's predictions; ``metadata`` (one dict per text) when it reads metadata features."""
-        return self.predictor.predict(texts, metadata=metadata)
+                metadata: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,
+                namespace: str | None = None) -> list[RewardPrediction]:
+        """The student's predictions; ``metadata`` (one dict per text) when it reads metadata features;
+        ``namespace``: by that namespace's model (:meth:`predictor_for`)."""
+        return self.predictor_for(namespace).predict(texts, metadata=metadata)
 
     def predict_batch(self, texts: Sequence[str], *,
-                      metadata: Sequence[Mapping[str, Any] | None] | None = None) -> PredictionBatch:
-        return self.predictor.predict_batch(texts, metadata=metadata)
+                      metadata: Sequence[Mapping[str, Any] | None] | None = None,
+                      namespace: str | None = None) -> PredictionBatch:
+        return self.predictor_for(namespace).predict_batch(texts, metadata=metadata)
 
     def drift(self, **kw: Any) -> DriftReport:
         return drift_report(self.store, self.registry, **kw)

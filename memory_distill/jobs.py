@@ -156,8 +156,13 @@ def run_consolidation(
     lock_timeout: float = 0,
     progress: bool = False,
 ) -> ConsolidationReport:
-    """One full consolidation; see the module docstring. Raises ConsolidationError (nothing published)."""
+    """One full consolidation; see the module docstring. Raises ConsolidationError (nothing published).
+
+    With ``config.namespace`` set, the run trains on that namespace only and publishes into
+    ``registry.scoped(namespace)``: it is gated against that namespace's model, never another's.
+    """
     cfg = config or JobConfig()
+    registry = registry.scoped(cfg.namespace)
     lk = registry.acquire(lock_timeout)
     started = time.time()
     try:
@@ -326,7 +331,10 @@ def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None
             raise StoreError("give older_than or a created_at clause in where, not both")
         where = {**(where or {}), "created_at": {"$lt": time.time() - float(older_than)}}
     deleted = store.delete(ids, where=where, namespace=namespace)
-    stale = registry.mark_stale(set(deleted), reason or f"{len(deleted)} training memories deleted")
+    why = reason or f"{len(deleted)} training memories deleted"
+    stale = registry.mark_stale(set(deleted), why)
+    for ns, reg in registry.namespaces().items():  # per-namespace models trained on them too
+        stale += [f"{ns}/{v}" for v in reg.mark_stale(set(deleted), why)]
     entry = {"time": time.time(), "n_deleted": len(deleted), "ids": deleted[:1000], "where": where,
              "namespace": namespace, "stale_versions": stale, "reason": reason}
     registry.log_deletion(entry)
@@ -356,10 +364,14 @@ class DriftReport:
 
 def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: float = 0.1, min_samples: int = 20,
                  namespace: str | None = None) -> DriftReport:
-    """Compare the published student with rewards that arrived after it was published."""
+    """Compare the published student with rewards that arrived after it was published.
+
+    With ``namespace``: that namespace's rows, scored by its own model when it has one
+    (:meth:`ArtifactRegistry.serving`), else by the top-level one.
+    """
     from .predictor import Predictor
 
-    pred = Predictor(registry)
+    pred = Predictor(registry.serving(namespace))
     published = float(pred.loaded.manifest.get("created_at", 0.0))
     baseline = pred.loaded.manifest.get("metrics", {}).get("student", {}).get("mae")
     spec = pred.feature_spec
@@ -398,7 +410,8 @@ class ConsolidationWorker:
                  every_s: float | None = 600.0, min_new: int | None = 100, drift_threshold: float | None = None) -> None:
         if every_s is None and min_new is None and drift_threshold is None:
             raise ValueError("give at least one trigger: every_s, min_new or drift_threshold")
-        self.store, self.registry, self.config = store, registry, config or JobConfig()
+        self.store, self.config = store, config or JobConfig()
+        self.registry = registry.scoped(self.config.namespace)  # where this worker's runs publish
         self.every_s, self.min_new, self.drift_threshold = every_s, min_new, drift_threshold
         self._stop = threading.Event()
         self.runs: list[ConsolidationReport | Exception] = []

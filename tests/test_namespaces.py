@@ -1,0 +1,108 @@
+"""Per-namespace models: consolidating one team's memories never gates against or replaces another's model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import fast_job
+
+from memory_distill import (
+    ArtifactRegistry,
+    ConsolidationWorker,
+    HashingEmbedder,
+    MemoryDistill,
+    MemoryStore,
+    NoModelError,
+    StoreConfig,
+)
+from memory_distill.cli import main
+
+SEARCH = "the agent searched the web and cited two sources before answering"
+GUESS = "the agent guessed the answer without checking anything"
+
+
+def _episodes(namespace: str, search_reward: float, n: int = 120) -> list[dict]:
+    """Team a is paid for searching, team b for guessing (opposite lessons from the same kinds of episode)."""
+    rng = np.random.default_rng(len(namespace) + int(search_reward * 10))
+    out = []
+    for i in range(n):
+        searched = i % 2 == 0
+        base = search_reward if searched else 1 - search_reward
+        out.append({"text": f"{SEARCH if searched else GUESS} (task {i})", "namespace": namespace,
+                    "reward": float(np.clip(base + rng.normal(0, 0.05), 0, 1)),
+                    "metadata": {"group": f"{namespace}-{i // 2}"}, "created_at": 1.7e9 + i})
+    return out
+
+
+@pytest.fixture
+def mem(tmp_path) -> MemoryDistill:  # type: ignore[no-untyped-def]
+    store = MemoryStore(HashingEmbedder(dim=128), StoreConfig(path=tmp_path / "chroma"))
+    m = MemoryDistill(store, ArtifactRegistry(tmp_path / "models"), fast_job())
+    m.add_many(_episodes("team-a", 0.9) + _episodes("team-b", 0.1))
+    return m
+
+
+def test_each_namespace_trains_gates_and_serves_its_own_model(mem, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(NoModelError):
+        mem.predict(SEARCH, namespace="team-a")
+    ra = mem.consolidate(namespace="team-a")
+    rb = mem.consolidate(namespace="team-b")
+    # both are the first model of their own registry: promoted, not gated against the other team's
+    assert (ra.version, ra.promoted, ra.incumbent_version) == ("v000001", True, None)
+    assert (rb.version, rb.promoted, rb.incumbent_version) == ("v000001", True, None)
+    assert ra.n_rows == rb.n_rows == 120  # each trained on its own rows only
+    a_search, a_guess = (p.mean for p in mem.predict([SEARCH, GUESS], namespace="team-a"))
+    b_search, b_guess = (p.mean for p in mem.predict([SEARCH, GUESS], namespace="team-b"))
+    assert a_search > a_guess + 0.4 and b_guess > b_search + 0.4
+
+    # the top-level registry has no model: an unknown namespace falls back to it and says where models are
+    with pytest.raises(NoModelError, match="registry.scoped"):
+        mem.predict(SEARCH, namespace="team-c")
+    assert mem.registry.current_version() is None
+    assert sorted(mem.registry.namespaces()) == ["team-a", "team-b"]
+
+    # a second run of team a is gated against team a's model only; team b's stays current
+    ra2 = mem.consolidate(namespace="team-a")
+    assert ra2.version == "v000002" and ra2.incumbent_version == "v000001"
+    assert mem.registry.scoped("team-b").current_version() == "v000001"
+
+    # a model trained on every namespace serves the namespaces without their own
+    root = mem.consolidate()
+    assert root.n_rows == 240 and mem.predictor_for("team-c").registry.root == mem.registry.root
+    assert mem.predictor_for("team-a").registry.namespace == "team-a"
+
+    # deleting a training row of team a marks team a's models stale, not team b's
+    a_row = next(m.id for ms, _ in mem.store.iter_memories(namespace="team-a") for m in ms)
+    entry = mem.forget([a_row])
+    assert "team-a/v000001" in entry["stale_versions"] and not any("team-b" in v for v in entry["stale_versions"])
+    assert entry["stale_versions"][0] == root.version  # the all-namespace model read it too
+
+
+def test_worker_publishes_into_its_namespace(mem) -> None:  # type: ignore[no-untyped-def]
+    w = ConsolidationWorker(mem.store, mem.registry, fast_job(namespace="team-b"), every_s=None, min_new=10)
+    assert w.run_once() is not None
+    assert w.registry.namespace == "team-b" and w.registry.current_version() == "v000001"
+    assert mem.registry.current_version() is None
+    assert w.due() == (False, "not due")  # its own history, not the top-level one
+
+
+def test_cli_namespace_models(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.setenv("MEMORY_DISTILL_EMBEDDER__DIM", "128")
+    home = str(tmp_path / "home")
+    MemoryDistill.open(home).add_many(_episodes("team-a", 0.9) + _episodes("team-b", 0.1))
+    for ns in ("team-a", "team-b"):
+        assert main(["-q", "--home", home, "consolidate", "--namespace", ns, "--epochs", "12"]) == 0
+    capsys.readouterr()
+    assert main(["-q", "--home", home, "stats"]) == 0
+    st = json.loads(capsys.readouterr().out)
+    assert st["model"] is None and st["namespace_models"] == {"team-a": "v000001", "team-b": "v000001"}
+    assert main(["-q", "--home", home, "predict", SEARCH, "--namespace", "team-b", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["mean"] < 0.4
+    assert main(["-q", "--home", home, "models", "--namespace", "team-a"]) == 0
+    assert "v000001" in capsys.readouterr().out
+    assert main(["-q", "--home", home, "models"]) == 0
+    assert "v000001" not in capsys.readouterr().out
+    assert main(["-q", "--home", home, "history", "--namespace", "team-b", "--json"]) == 0
+    assert [h["outcome"] for h in json.loads(capsys.readouterr().out)] == ["promoted"]
