@@ -19,6 +19,8 @@ written, and a failure part-way through a chunked write removes (or restores) wh
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
@@ -123,6 +125,23 @@ def coerce_memory(item: Any, *, namespace: str | None = None, index: int | None 
     return mem
 
 
+def _digest_page(h: Any, page: Mapping[str, Any]) -> None:
+    for i, d, m in zip(page["ids"], page["documents"], page["metadatas"] or [None] * len(page["ids"]), strict=True):
+        h.update(json.dumps([i, d, m], sort_keys=True, default=str).encode())
+
+
+def _digest(col: Any, page_size: int) -> str:
+    """A digest of every row's id, text and metadata, read page by page in the collection's order."""
+    h = hashlib.sha256()
+    offset = 0
+    while True:
+        page = col.get(limit=page_size, offset=offset, include=["documents", "metadatas"])
+        if not page["ids"]:
+            return h.hexdigest()
+        _digest_page(h, page)
+        offset += len(page["ids"])
+
+
 class MemoryStore:
     """Episodic memories with embeddings, rewards, metadata and namespaces, in Chroma."""
 
@@ -208,8 +227,9 @@ class MemoryStore:
         Nothing to do when the collection already uses ``embedder``, unless ``force`` (vectors
         written by an older version of the same embedder, or passed in by hand).
 
-        Run it while nothing else writes to the collection: rows written during the copy would
-        stay behind in the original. Models trained on the old vectors do not serve the new
+        Run it while nothing else writes to the collection: a row added, deleted or updated (a late
+        reward) during the copy is detected by re-reading the original's ids, texts and metadata
+        at the end, and the run is refused with the original kept. Models trained on the old vectors do not serve the new
         embedder (the Predictor refuses them): consolidate again. ``progress(done, total)`` is
         called after each page.
         """
@@ -229,12 +249,14 @@ class MemoryStore:
         new = client.create_collection(side, **cls._collection_args(embedder))
         batch = min(cfg.write_batch_size, client.get_max_batch_size())
         total, done = old.count(), 0
+        copied = hashlib.sha256()  # what was copied, to detect writes made meanwhile
         try:
             while True:
                 page = old.get(limit=page_size, offset=done, include=["documents", "metadatas"])
                 ids = list(page["ids"])
                 if not ids:
                     break
+                _digest_page(copied, page)
                 docs = [d or "" for d in page["documents"]]
                 vecs = np.asarray(embedder.embed(docs), np.float32)
                 if vecs.shape != (len(ids), embedder.dim) or not np.isfinite(vecs).all():
@@ -249,9 +271,9 @@ class MemoryStore:
                     progress(done, total)
                 if len(ids) < page_size:
                     break
-            if new.count() != old.count():
-                raise StoreError(f"{cfg.collection!r} changed while it was re-embedded ({old.count()} rows, "
-                                 f"{new.count()} copied): stop the writers and run it again; the collection is unchanged")
+            if new.count() != old.count() or _digest(old, page_size) != copied.hexdigest():
+                raise StoreError(f"{cfg.collection!r} changed while it was re-embedded (rows added, deleted or "
+                                 "updated meanwhile): stop the writers and run it again; the collection is unchanged")
         except BaseException:
             client.delete_collection(side)
             raise

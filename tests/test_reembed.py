@@ -155,3 +155,24 @@ def test_facade_reembed_after_an_api_key_appears(tmp_path, server, monkeypatch) 
     rep = mem.consolidate(fast_job())
     assert rep.promoted and "cannot serve them" in rep.reason
     assert 0 <= mem.predict(["the agent searched the web"])[0].mean <= 1
+
+
+def test_a_write_during_the_copy_is_detected_and_the_original_kept(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A late reward set on an already copied row changes no count; the run must still refuse, keeping it."""
+    cfg, ids = _filled(tmp_path)
+    writer = MemoryStore(HashingEmbedder(dim=64), cfg)
+
+    class WritingEmbedder(HashingEmbedder):
+        calls = 0
+
+        def embed(self, texts):  # type: ignore[no-untyped-def]
+            WritingEmbedder.calls += 1
+            if WritingEmbedder.calls == 2:  # another agent records a reward for a row of the first page
+                writer.set_reward(ids[0], 0.77)
+            return super().embed(texts)
+
+    with pytest.raises(Exception, match="changed while it was re-embedded"):
+        MemoryStore.reembed(WritingEmbedder(dim=32), cfg, page_size=16)
+    assert _collections(cfg) == [cfg.collection]
+    again = MemoryStore(HashingEmbedder(dim=64), cfg)  # the original, with the late reward
+    assert again.get(ids[0]).reward == 0.77 and again.count() == 40
