@@ -129,11 +129,13 @@ class MemoryDistill:
         return self.predictor_for(None)
 
     def predictor_for(self, namespace: str | None) -> Predictor:
-        """The predictor serving ``namespace``: its own model once one was consolidated, else the top-level one."""
-        reg = self.registry.serving(namespace)
+        """The predictor serving ``namespace``: its own model once one was consolidated, else the top-level one.
+
+        Pass it to the LangChain adapters; their refresh switches to the namespace's model when it appears.
+        """
         p = self._predictors.get(namespace)
-        if p is None or p.registry.root != reg.root:
-            p = self._predictors[namespace] = Predictor(reg, self.embedder)
+        if p is None:
+            p = self._predictors[namespace] = Predictor(self.registry, self.embedder, namespace=namespace)
         else:
             p.refresh()
         return p

@@ -132,12 +132,16 @@ class Predictor:
     """Predictions of the promoted student for texts or embeddings.
 
     ``refresh()`` picks up a newly promoted version; if it cannot be loaded, the version
-    already in memory keeps serving.
+    already in memory keeps serving. ``namespace``: serve that namespace's own model
+    (``registry.scoped(namespace)``, from ``consolidate(namespace=...)``) once it has one, and the
+    registry's top-level model until then; ``refresh()`` switches over when the first one appears.
     """
 
     def __init__(self, registry: ArtifactRegistry | str, embedder: Embedder | None = None, *,
-                 version: str | None = None, device: str = "cpu") -> None:
-        self.registry = registry if isinstance(registry, ArtifactRegistry) else ArtifactRegistry(registry)
+                 version: str | None = None, device: str = "cpu", namespace: str | None = None) -> None:
+        self._top = registry if isinstance(registry, ArtifactRegistry) else ArtifactRegistry(registry)
+        self.namespace = namespace
+        self.registry = self._top.serving(namespace) if version is None else self._top.scoped(namespace)
         self.embedder = embedder
         self.device = resolve_device(device)
         self._pinned = version
@@ -175,6 +179,14 @@ class Predictor:
         if self._pinned is not None:
             return False
         try:
+            if self.namespace is not None and self.registry.namespace != self.namespace \
+                    and (own := self._top.scoped(self.namespace)).current_version() is not None:
+                loaded = own.load(map_location=self.device)  # the namespace's first model: switch to it
+                with self._lock:
+                    self._install(loaded)
+                self.registry = own
+                log.info("predictor now serves namespace %r's model %s", self.namespace, loaded.version)
+                return True
             cur = self.registry.current_version()
             if cur is None or cur == self.version:
                 return False

@@ -106,3 +106,19 @@ def test_cli_namespace_models(tmp_path, monkeypatch, capsys) -> None:  # type: i
     assert "v000001" not in capsys.readouterr().out
     assert main(["-q", "--home", home, "history", "--namespace", "team-b", "--json"]) == 0
     assert [h["outcome"] for h in json.loads(capsys.readouterr().out)] == ["promoted"]
+
+
+def test_a_namespace_predictor_switches_to_the_namespace_model_when_it_appears(mem, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    mem.consolidate()  # top-level model, trained on both teams: searching and guessing average out
+    served = mem.predictor_for("team-b")  # e.g. handed to a long-running agent's middleware
+    assert served.registry.namespace is None and served.version == "v000001"
+    top_gap = abs(served.predict([SEARCH])[0].mean - served.predict([GUESS])[0].mean)
+
+    # another process consolidates team b; the agent's predictor picks it up on its next refresh
+    other = MemoryDistill(MemoryStore(HashingEmbedder(dim=128), StoreConfig(path=tmp_path / "chroma")),
+                          ArtifactRegistry(tmp_path / "models"), fast_job())
+    other.consolidate(namespace="team-b")
+    assert served.refresh() is True and served.refresh() is False
+    assert served.registry.namespace == "team-b"
+    b_search, b_guess = (p.mean for p in served.predict([SEARCH, GUESS]))
+    assert b_guess - b_search > top_gap + 0.3
