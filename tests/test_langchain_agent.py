@@ -238,6 +238,24 @@ def test_retriever_without_a_model_uses_stored_rewards(store):
     assert [d.metadata["reward"] for d in r.invoke("plan A for the report", mode="cautionary")] == [0.1, 0.9]
 
 
+def test_retriever_diversity_keeps_near_copies_from_filling_the_results(store):
+    retry = "Task: book a flight to Lisbon. The agent searched fares, compared three airlines and booked the cheapest"
+    store.add_many([{"text": f"{retry} (attempt {i})", "reward": 0.9} for i in range(5)]
+                   + [{"text": "Task: book a flight to Lisbon by train and ferry instead, comparing total travel time",
+                       "reward": 0.8},
+                      {"text": "Task: book a hotel in Lisbon near the airport after checking reviews", "reward": 0.8}])
+    r = ValueAwareRetriever(store=store, k=3, fetch_k=10)
+    q = "book a flight to Lisbon"
+    plain = [d.page_content for d in r.invoke(q)]
+    assert all(t.startswith(retry) for t in plain)  # three copies of one episode
+    diverse = r.invoke(q, diversity=0.8)
+    texts = [d.page_content for d in diverse]
+    assert texts[0] == plain[0] and sum(t.startswith(retry) for t in texts) == 1 and len(set(texts)) == 3
+    assert r.invoke(q, diversity=0.0) and [d.page_content for d in r.invoke(q, diversity=0.0)] == plain
+    with pytest.raises(ValueError, match="diversity must be"):
+        r.invoke(q, diversity=-1)
+
+
 def test_predict_tool(trained_store):
     _, _, pred = trained_store
     out = make_predict_tool(pred).invoke({"plan": GOOD})

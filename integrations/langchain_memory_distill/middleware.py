@@ -54,6 +54,7 @@ class MemoryDistillMiddleware(AgentMiddleware):
         *,
         k: int = 3,
         namespace: str = "default",
+        diversity: float = 0.0,
         recall: bool = True,
         record: bool = True,
         reward_fn: RewardFn | None = None,
@@ -65,7 +66,8 @@ class MemoryDistillMiddleware(AgentMiddleware):
     ) -> None:
         super().__init__()
         self.store = store
-        self.retriever = retriever or ValueAwareRetriever(store=store, predictor=predictor, k=k, namespace=namespace)
+        self.retriever = retriever or ValueAwareRetriever(store=store, predictor=predictor, k=k, namespace=namespace,
+                                                          diversity=diversity)
         self.namespace = namespace
         self.do_recall, self.do_record = recall, record
         self.reward_fn = reward_fn

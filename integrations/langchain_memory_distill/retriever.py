@@ -9,6 +9,10 @@ Score of a candidate (all terms in [0, 1])::
 ``value`` is the student's predicted mean reward rescaled to [0, 1] over the model's reward
 support; without a published model it is the stored reward (rescaled with the store's
 range), and 0.5 when neither exists. Mode ``"similarity"`` ranks by similarity alone.
+
+``diversity`` > 0 picks the k results greedily, maximal-marginal-relevance style: each next pick
+maximises ``score - diversity * (its highest cosine similarity to an episode already picked)``,
+so near-copies of one episode (an agent retrying the same task) do not fill the prompt.
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ class ValueAwareRetriever(BaseRetriever):
     recency_half_life_s: float = 7 * 24 * 3600.0
     auto_refresh: bool = True
     """Pick up a newly promoted student before each call."""
+    diversity: float = Field(default=0.0, ge=0.0)
+    """Penalty on a candidate's highest similarity to the results already picked (0: plain ranking;
+    0.3-1: near-duplicates give way to different episodes). Can be set per call."""
 
     def _value(self, hits: list[Any]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         n = len(hits)
@@ -79,9 +86,14 @@ class ValueAwareRetriever(BaseRetriever):
         where = kwargs.get("where", self.where)
         namespace = kwargs.get("namespace", self.namespace)
         fetch = max(k, int(kwargs.get("fetch_k", self.fetch_k))) if mode != "similarity" else k
+        diversity = float(kwargs.get("diversity", self.diversity))
+        if not (diversity >= 0 and math.isfinite(diversity)):
+            raise ValueError(f"diversity must be a number >= 0, got {diversity!r}")
+        if diversity > 0:
+            fetch = max(k, int(kwargs.get("fetch_k", self.fetch_k)))
         hits = self.store.search(query, fetch, namespace=namespace, where=where,
                                  rewarded_only=kwargs.get("rewarded_only", self.rewarded_only),
-                                 include_embeddings=self.predictor is not None)
+                                 include_embeddings=self.predictor is not None or diversity > 0)
         if not hits:
             return []
         value, mean, std = self._value(hits)
@@ -94,7 +106,10 @@ class ValueAwareRetriever(BaseRetriever):
         else:
             v = value if mode == "likely_success" else 1.0 - value
             score = self.w_similarity * sim + self.w_value * v + self.w_recency * recency
-        order = np.argsort(-score, kind="stable")[:k]
+        if diversity > 0 and len(hits) > 1:
+            order = _mmr(score, np.stack([np.asarray(h.embedding) for h in hits]), k, diversity)
+        else:
+            order = [int(i) for i in np.argsort(-score, kind="stable")[:k]]
         docs = []
         for i in order:
             m = hits[i].memory
@@ -108,3 +123,17 @@ class ValueAwareRetriever(BaseRetriever):
             })
             docs.append(Document(page_content=m.text, metadata=meta, id=m.id))
         return docs
+
+
+def _mmr(score: np.ndarray, X: np.ndarray, k: int, diversity: float) -> list[int]:
+    """Greedy maximal marginal relevance: indices of the ``k`` picks, in pick order."""
+    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    picked: list[int] = []
+    closest = np.full(len(score), -np.inf)  # each candidate's highest similarity to a pick
+    for _ in range(min(k, len(score))):
+        gain = score - diversity * np.where(np.isfinite(closest), closest, 0.0)
+        gain[picked] = -np.inf
+        i = int(np.argmax(gain))
+        picked.append(i)
+        closest = np.maximum(closest, X @ X[i])
+    return picked
