@@ -179,7 +179,7 @@ def cmd_set_reward(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     mem = _open(args)
     where = json.loads(args.where) if args.where else None
-    hits = mem.search(args.query, args.k, namespace=args.namespace, where=where)
+    hits = mem.search(args.query, args.k, namespace=args.namespace, where=where, diversity=args.diversity)
     if args.json:
         print(json.dumps([{"id": h.memory.id, "similarity": h.similarity, "reward": h.memory.reward,
                            "text": h.memory.text, "metadata": h.memory.metadata} for h in hits], indent=2))
@@ -367,8 +367,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rows.append((f"{p.mean:.2f}", f"{p.quantiles[0.1]:.2f}-{p.quantiles[0.9]:.2f}", f"{p.prob_above(0.5):.2f}",
                      t.split("The agent ")[1][:70]))
     _table(rows)
-    hits = mem.search("looked it up and cited sources", k=3)
-    print("\n4. recall: memories most similar to 'looked it up and cited sources':")
+    hits = mem.search("looked it up and cited sources", k=3, diversity=0.5)
+    print("\n4. recall: memories most similar to 'looked it up and cited sources' (diversity 0.5: no near-copies):")
     for h in hits:
         print(f"   {h.similarity:.2f}  reward {_fmt(h.memory.reward, 2)}  {h.memory.text[:90]}")
     print(f"\ndone in {time.perf_counter() - t0:.1f}s. Next: `memory-distill predict \"...\"`, `memory-distill models`.")
@@ -457,6 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-k", type=int, default=5)
     sp.add_argument("--namespace", default="default")
     sp.add_argument("--where", help='JSON metadata filter, e.g. \'{"tool": "search"}\'')
+    sp.add_argument("--diversity", type=float, default=0.0, help="> 0: skip near-copies of results (e.g. 0.5)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_search)
 

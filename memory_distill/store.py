@@ -40,7 +40,7 @@ from .errors import EmbedderMismatchError, InvalidMemoryError, MemoryNotFoundErr
 from .features import N_TEXT_FEATURES, decode_stats, encode_stats
 from .types import RESERVED_PREFIX, Memory, SearchHit
 
-__all__ = ["MemoryStore", "TrainingData", "TrainingPage", "coerce_memory"]
+__all__ = ["MemoryStore", "TrainingData", "TrainingPage", "coerce_memory", "mmr_select"]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,24 @@ def coerce_memory(item: Any, *, namespace: str | None = None, index: int | None 
             parts.append(f"{loc}: {msg}")
         raise InvalidMemoryError(f"{where} is invalid: " + "; ".join(parts)) from None
     return mem
+
+
+def mmr_select(score: np.ndarray, vectors: np.ndarray, k: int, diversity: float) -> list[int]:
+    """Greedy maximal marginal relevance: the indices of ``k`` picks, in pick order.
+
+    Each next pick maximises ``score[i] - diversity * max(cos(vectors[i], vectors[p]) for picks p)``;
+    ``diversity=0`` is the plain top-k by ``score``.
+    """
+    X = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    picked: list[int] = []
+    closest = np.zeros(len(score))  # each candidate's highest similarity to a pick (none yet)
+    for _ in range(min(k, len(score))):
+        gain = np.asarray(score, np.float64) - diversity * closest
+        gain[picked] = -np.inf
+        i = int(np.argmax(gain))
+        picked.append(i)
+        closest = np.maximum(closest, X @ X[i]) if len(picked) > 1 else X @ X[i]
+    return picked
 
 
 def _digest_page(h: Any, page: Mapping[str, Any]) -> None:
@@ -540,13 +558,29 @@ class MemoryStore:
         where: Mapping[str, Any] | None = None,
         rewarded_only: bool = False,
         include_embeddings: bool = False,
+        diversity: float = 0.0,
+        fetch_k: int | None = None,
     ) -> list[SearchHit]:
         """The k most similar memories (cosine) in ``namespace`` (``None``: all namespaces).
 
         ``where`` filters on metadata (``{"tool": "search"}``, ``{"reward": {"$gte": 0.5}}``).
+        ``diversity`` > 0 picks the k among the ``fetch_k`` (default ``max(4k, 20)``) most similar
+        by maximal marginal relevance (:func:`mmr_select`): near-copies of a result give way to
+        other episodes.
         """
         if k < 1:
             raise StoreError(f"k must be >= 1, got {k}")
+        if not (diversity >= 0 and math.isfinite(diversity)):
+            raise StoreError(f"diversity must be a number >= 0, got {diversity!r}")
+        if diversity > 0:
+            pool = self.search(query, max(k, fetch_k or max(4 * k, 20)), namespace=namespace, where=where,
+                               rewarded_only=rewarded_only, include_embeddings=True)
+            if len(pool) <= 1:
+                return pool
+            sim = np.array([h.similarity for h in pool])
+            picked = [pool[i] for i in mmr_select(sim, np.stack([np.asarray(h.embedding) for h in pool]), k, diversity)]
+            return picked if include_embeddings else [SearchHit(memory=h.memory, similarity=h.similarity)
+                                                      for h in picked]
         if isinstance(query, str):
             if not query.strip():
                 raise StoreError("query is empty: pass the text to search for")

@@ -220,3 +220,28 @@ def test_namespace_search_is_exact_whether_the_namespace_is_rare_or_dominant(tmp
             got = st.search(q, k=3, namespace="a", rewarded_only=rewarded_only)
             assert [h.memory.id for h in got] == want
             assert all(h.memory.namespace == "a" for h in got)
+
+
+def test_search_diversity_skips_near_copies(store):
+    copy = "the agent searched the web, cross-checked two sources and cited them"
+    ids = store.add_many([{"text": f"{copy} ({i})", "reward": 0.9} for i in range(6)]
+                         + [{"text": "the agent looked it up in the encyclopedia and cited the page", "reward": 0.8},
+                            {"text": "the agent cited sources it found with the search tool", "reward": 0.7}])
+    plain = store.search("searched the web and cited sources", k=3)
+    assert all(h.memory.id in ids[:6] for h in plain)
+    diverse = store.search("searched the web and cited sources", k=3, diversity=0.7)
+    assert diverse[0].memory.id == plain[0].memory.id and sum(h.memory.id in ids[:6] for h in diverse) == 1
+    assert len({h.memory.id for h in diverse}) == 3 and diverse[0].embedding is None
+    assert store.search("searched the web", k=2, diversity=0.7, include_embeddings=True)[1].embedding is not None
+    with pytest.raises(StoreError, match="diversity must be"):
+        store.search("x", diversity=float("nan"))
+
+
+def test_mmr_select_closed_form():
+    from memory_distill.store import mmr_select
+
+    X = np.array([[1.0, 0.0], [0.99, 0.14], [0.0, 1.0]])
+    score = np.array([0.9, 0.89, 0.5])
+    assert mmr_select(score, X, 2, 0.0) == [0, 1]  # plain top-k
+    assert mmr_select(score, X, 2, 0.5) == [0, 2]  # 0.89 - 0.5*0.99 < 0.5 - 0.5*0
+    assert mmr_select(score, X, 5, 0.5) == [0, 2, 1]  # k larger than the pool

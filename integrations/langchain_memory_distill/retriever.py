@@ -28,7 +28,7 @@ from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field
 
 from memory_distill.predictor import Predictor
-from memory_distill.store import MemoryStore
+from memory_distill.store import MemoryStore, mmr_select
 
 __all__ = ["ValueAwareRetriever"]
 
@@ -107,7 +107,7 @@ class ValueAwareRetriever(BaseRetriever):
             v = value if mode == "likely_success" else 1.0 - value
             score = self.w_similarity * sim + self.w_value * v + self.w_recency * recency
         if diversity > 0 and len(hits) > 1:
-            order = _mmr(score, np.stack([np.asarray(h.embedding) for h in hits]), k, diversity)
+            order = mmr_select(score, np.stack([np.asarray(h.embedding) for h in hits]), k, diversity)
         else:
             order = [int(i) for i in np.argsort(-score, kind="stable")[:k]]
         docs = []
@@ -124,16 +124,3 @@ class ValueAwareRetriever(BaseRetriever):
             docs.append(Document(page_content=m.text, metadata=meta, id=m.id))
         return docs
 
-
-def _mmr(score: np.ndarray, X: np.ndarray, k: int, diversity: float) -> list[int]:
-    """Greedy maximal marginal relevance: indices of the ``k`` picks, in pick order."""
-    X = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    picked: list[int] = []
-    closest = np.full(len(score), -np.inf)  # each candidate's highest similarity to a pick
-    for _ in range(min(k, len(score))):
-        gain = score - diversity * np.where(np.isfinite(closest), closest, 0.0)
-        gain[picked] = -np.inf
-        i = int(np.argmax(gain))
-        picked.append(i)
-        closest = np.maximum(closest, X @ X[i])
-    return picked
