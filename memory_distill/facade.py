@@ -140,6 +140,16 @@ class MemoryDistill:
             p.refresh()
         return p
 
+    def try_predictor(self, namespace: str | None = None) -> Predictor | None:
+        """:meth:`predictor_for`, or ``None`` while no model serves ``namespace`` yet (never raises NoModelError).
+
+        Give ``mem.try_predictor`` (the method itself) to the LangChain adapters started before the
+        first consolidation: they use stored rewards until a model is published, then the model.
+        """
+        if namespace not in self._predictors and self.registry.serving(namespace).current_version() is None:
+            return None
+        return self.predictor_for(namespace)
+
     def predict(self, texts: str | Sequence[str], *,
                 metadata: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,
                 namespace: str | None = None) -> list[RewardPrediction]:

@@ -71,6 +71,29 @@ def test_middleware_recalls_into_system_prompt_and_records_episode(trained_store
     assert ep.reward == 1.0 and ep.metadata["outcome"] == "completed" and ep.metadata["tool_calls"] == 1
 
 
+def test_middleware_started_before_any_model_picks_up_the_first_one(store, registry):
+    """A long-running agent attached before the first consolidation: stored rewards first, the student after."""
+    from memory_distill import MemoryDistill
+
+    mem = MemoryDistill(store, registry, fast_job())
+    mem.add_many(synthetic_episodes(300, seed=4))
+    assert mem.try_predictor() is None and mem.try_predictor("team-a") is None
+    mw = MemoryDistillMiddleware.from_memory(mem, k=2)
+    model = ScriptedChatModel(responses=[AIMessage(content="Done.")])
+    agent = create_agent(model, [], middleware=[mw])
+
+    def recall_prompt() -> str:
+        agent.invoke({"messages": [HumanMessage("find the population of Oslo, search the web and cite")]})
+        return next(m.content for m in model.seen[-1] if isinstance(m, SystemMessage))
+
+    before = recall_prompt()
+    assert "Relevant past episodes" in before and ", predicted " not in before
+    report = mem.consolidate()  # e.g. the periodic worker, while the agent keeps running
+    after = recall_prompt()
+    assert ", predicted " in after
+    assert mw.retriever.invoke("population of Oslo")[0].metadata["model_version"] == report.version
+
+
 def test_async_agent_and_late_feedback(trained_store):
     store, _, pred = trained_store
     model = ScriptedChatModel(responses=tool_then_answer("lookup", {"city": "Lima"}, "About 10 million."))

@@ -50,7 +50,7 @@ class MemoryDistillMiddleware(AgentMiddleware):
     def __init__(
         self,
         store: MemoryStore,
-        predictor: Predictor | None = None,
+        predictor: Predictor | Callable[[], Predictor | None] | None = None,
         *,
         k: int = 3,
         namespace: str = "default",
@@ -76,6 +76,15 @@ class MemoryDistillMiddleware(AgentMiddleware):
         self.metadata = dict(metadata or {})
         self.tools = [make_recall_tool(self.retriever)] if expose_recall_tool else []
         self.episode_ids: list[str] = []
+
+    @classmethod
+    def from_memory(cls, mem: Any, *, namespace: str = "default", **kw: Any) -> MemoryDistillMiddleware:
+        """Middleware on ``mem`` (a :class:`~memory_distill.MemoryDistill`) for one namespace.
+
+        Recall scores with the model serving the namespace, picked up as it is published (stored
+        rewards before the first consolidation); no restart needed when a model appears.
+        """
+        return cls(mem.store, lambda: mem.try_predictor(namespace), namespace=namespace, **kw)
 
     # ------------------------------------------------------------------ recall
 

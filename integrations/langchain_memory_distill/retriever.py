@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -45,7 +46,9 @@ class ValueAwareRetriever(BaseRetriever):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     store: MemoryStore
-    predictor: Predictor | None = None
+    predictor: Predictor | Callable[[], Predictor | None] | None = None
+    """The student scoring candidates; or a function returning the one to use now (``None`` while no model
+    is published), e.g. ``lambda: mem.try_predictor("team-a")``; ``None``: stored rewards."""
     k: int = Field(default=4, ge=1)
     fetch_k: int = Field(default=20, ge=1)
     """Candidates fetched by similarity before re-ranking (at least ``k``)."""
@@ -63,15 +66,30 @@ class ValueAwareRetriever(BaseRetriever):
     """Penalty on a candidate's highest similarity to the results already picked (0: plain ranking;
     0.3-1: near-duplicates give way to different episodes). Can be set per call."""
 
-    def _value(self, hits: list[Any]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    @classmethod
+    def from_memory(cls, mem: Any, *, namespace: str = "default", **kw: Any) -> ValueAwareRetriever:
+        """A retriever on ``mem`` (a :class:`~memory_distill.MemoryDistill`) for one namespace, scoring with the
+        model that serves it (:meth:`~memory_distill.MemoryDistill.try_predictor`): stored rewards until the
+        first consolidation, the student afterwards, the namespace's own model once it has one."""
+        return cls(store=mem.store, predictor=lambda: mem.try_predictor(namespace), namespace=namespace, **kw)
+
+    def current_predictor(self) -> Predictor | None:
+        """The predictor scoring candidates now (refreshed when ``auto_refresh``), or ``None``."""
+        p = self.predictor
+        if p is None or isinstance(p, Predictor):
+            if p is not None and self.auto_refresh:
+                p.refresh()
+            return p
+        return p()  # a provider returns a refreshed predictor, or None
+
+    def _value(self, hits: list[Any],
+               predictor: Predictor | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         n = len(hits)
-        if self.predictor is not None and n:
-            if self.auto_refresh:
-                self.predictor.refresh()
-            X = np.stack([h.embedding for h in hits])
-            batch = self.predictor.predict_embeddings(X, texts=[h.memory.text for h in hits],
-                                                      metadata=[h.memory.metadata for h in hits])
-            lo, hi = float(self.predictor.bins.low), float(self.predictor.bins.high)
+        if predictor is not None and n:
+            X = np.stack([np.asarray(h.embedding) for h in hits])
+            batch = predictor.predict_embeddings(X, texts=[h.memory.text for h in hits],
+                                                 metadata=[h.memory.metadata for h in hits])
+            lo, hi = float(predictor.bins.low), float(predictor.bins.high)
             return np.clip((batch.mean - lo) / (hi - lo), 0, 1), batch.mean, batch.std
         lo, hi = self.store.config.reward_min, self.store.config.reward_max
         v = np.array([0.5 if h.memory.reward is None else (h.memory.reward - lo) / (hi - lo) for h in hits])
@@ -91,12 +109,13 @@ class ValueAwareRetriever(BaseRetriever):
             raise ValueError(f"diversity must be a number >= 0, got {diversity!r}")
         if diversity > 0:
             fetch = max(k, int(kwargs.get("fetch_k", self.fetch_k)))
+        predictor = self.current_predictor()
         hits = self.store.search(query, fetch, namespace=namespace, where=where,
                                  rewarded_only=kwargs.get("rewarded_only", self.rewarded_only),
-                                 include_embeddings=self.predictor is not None or diversity > 0)
+                                 include_embeddings=predictor is not None or diversity > 0)
         if not hits:
             return []
-        value, mean, std = self._value(hits)
+        value, mean, std = self._value(hits, predictor)
         sim = np.array([h.similarity for h in hits])
         now = time.time()
         age = np.array([max(0.0, now - h.memory.created_at) for h in hits])
@@ -119,7 +138,7 @@ class ValueAwareRetriever(BaseRetriever):
                 "similarity": float(sim[i]), "value": float(value[i]), "score": float(score[i]),
                 "predicted_mean": None if mean is None else float(mean[i]),
                 "predicted_std": None if std is None else float(std[i]),
-                "model_version": self.predictor.version if self.predictor is not None else None,
+                "model_version": predictor.version if predictor is not None else None,
             })
             docs.append(Document(page_content=m.text, metadata=meta, id=m.id))
         return docs
