@@ -72,6 +72,72 @@ def bench_ingest(n: int, dim: int, repeats: int | None = None) -> dict[str, Any]
     return {"n": n, "dim": dim, "ours_s": _median(ours), "bare_s": _median(bare), "ratio": _median(ours) / _median(bare)}
 
 
+# ----------------------------------------------------------------------------- export / import / diverse search
+
+
+def bench_transfer(n: int, dim: int, queries: int = 200) -> dict[str, Any]:
+    """export_jsonl / import_jsonl (vectors reused) vs the raw chromadb reads and writes they wrap, alternated;
+    search with diversity (MMR over 20 candidates) vs plain search."""
+    import chromadb
+
+    from memory_distill import HashingEmbedder, MemoryStore, StoreConfig, export_jsonl, import_jsonl
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(n, dim)).astype(np.float32)
+    X /= np.linalg.norm(X, axis=1, keepdims=True)
+    rows = [{"id": f"m{i}", "text": f"episode {i} the agent did something", "reward": float(i % 100) / 100,
+             "metadata": {"group": f"g{i // 8}"}} for i in range(n)]
+    d = Path(tempfile.mkdtemp())
+    src = MemoryStore(HashingEmbedder(dim=dim), StoreConfig(path=d / "src"))
+    src.add_many(rows, embeddings=X)
+    times: dict[str, list[float]] = {"export": [], "bare_read": [], "import": [], "bare_add": []}
+    for rep in range(2):
+        t = time.perf_counter()
+        export_jsonl(src, d / "all.jsonl", embeddings=True)
+        times["export"].append(time.perf_counter() - t)
+        t = time.perf_counter()  # bare: page every row (texts, metadata, vectors) out of Chroma
+        off = 0
+        while True:
+            got = src._col.get(limit=1000, offset=off, include=["documents", "metadatas", "embeddings"])
+            if not got["ids"]:
+                break
+            off += len(got["ids"])
+        times["bare_read"].append(time.perf_counter() - t)
+        client = chromadb.PersistentClient(str(d / f"bare{rep}"), settings=chromadb.Settings(anonymized_telemetry=False))
+        col = client.create_collection("bare", configuration={"hnsw": {"space": "cosine"}}, embedding_function=None)
+        metas = [{"group": r["metadata"]["group"], "_md_ns": "default", "_md_created": 0.0, "_md_has_reward": True,
+                  "_md_reward": r["reward"], "_md_rewarded_at": 0.0, "_md_stats": "36,6,0,6"} for r in rows]
+        ids, docs = [r["id"] for r in rows], [r["text"] for r in rows]
+        t = time.perf_counter()
+        for s in range(0, n, 5000):
+            col.add(ids=ids[s : s + 5000], embeddings=X[s : s + 5000], metadatas=metas[s : s + 5000],
+                    documents=docs[s : s + 5000])
+        times["bare_add"].append(time.perf_counter() - t)
+        dst = MemoryStore(HashingEmbedder(dim=dim), StoreConfig(path=d / f"dst{rep}"))
+        t = time.perf_counter()
+        import_jsonl(dst, d / "all.jsonl")
+        times["import"].append(time.perf_counter() - t)
+        del client, col, dst
+    Q = rng.normal(size=(queries, dim)).astype(np.float32)
+    src.search(Q[0], k=5), src.search(Q[0], k=5, diversity=0.5)
+    plain, diverse = [], []
+    for q in Q:  # alternated
+        t = time.perf_counter()
+        src.search(q, k=5)
+        plain.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        src.search(q, k=5, diversity=0.5)
+        diverse.append(time.perf_counter() - t)
+    size_mb = (d / "all.jsonl").stat().st_size / 1e6
+    shutil.rmtree(d, ignore_errors=True)
+    best = {k: min(v) for k, v in times.items()}
+    return {"n": n, "dim": dim, "export_s": best["export"], "bare_read_s": best["bare_read"],
+            "import_s": best["import"], "bare_add_s": best["bare_add"], "file_mb": size_mb,
+            "export_ratio": best["export"] / best["bare_read"], "import_ratio": best["import"] / best["bare_add"],
+            "search_p50_ms": 1000 * _median(plain), "diverse_p50_ms": 1000 * _median(diverse),
+            "diverse_ratio": _median(diverse) / _median(plain)}
+
+
 # ----------------------------------------------------------------------------- consolidation
 
 CONSOLIDATE_CHILD = r"""
@@ -636,6 +702,20 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
             L.append(f"| {r['n']:,} | {r['ingest_s']:.1f} | {r['n'] / r['ingest_s']:,.0f} | {r['p50_ms']:.2f} | "
                      f"{r['p95_ms']:.2f} | {rawp} | {cs} | {r['embedding_matrix_mb']:,.0f} |")
         L.append("")
+    if res.get("transfer"):
+        L += ["## Export, import and diverse search", "",
+              "`export_jsonl(embeddings=True)` vs paging every row (texts, metadata, vectors) out of the raw collection; "
+              "`import_jsonl` of that file (vectors reused, all or nothing) vs raw `collection.add` of the same rows "
+              "from memory; each alternated twice in one run, best of two. Search: `MemoryStore.search` k=5 with "
+              "`diversity=0.5` (MMR over 20 candidates) vs without, 200 random queries alternated. Random unit vectors, "
+              "dim 384, persistent Chroma directory.", "",
+              "| memories | export (s) | raw read (s) | ratio | file (MB) | import (s) | raw add (s) | ratio | "
+              "search p50 (ms) | diverse p50 (ms) | ratio |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["transfer"]:
+            L.append(f"| {r['n']:,} | {r['export_s']:.1f} | {r['bare_read_s']:.1f} | {r['export_ratio']:.2f}x | "
+                     f"{r['file_mb']:.0f} | {r['import_s']:.1f} | {r['bare_add_s']:.1f} | {r['import_ratio']:.2f}x | "
+                     f"{r['search_p50_ms']:.2f} | {r['diverse_p50_ms']:.2f} | {r['diverse_ratio']:.2f}x |")
+        L.append("")
     if res.get("long_texts"):
         r = res["long_texts"]
         L += ["## Embedding long texts (MiniLM, `LocalEmbedder`)", "",
@@ -694,10 +774,12 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["speed", "inference", "scaling", "ranking", "long-texts", "quality", "all"],
+    ap.add_argument("--only", choices=["speed", "inference", "scaling", "ranking", "long-texts", "transfer", "quality",
+                                       "all"],
                     default="all")
     ap.add_argument("--ranking-sizes", type=int, nargs="*", default=[10_000, 100_000])
     ap.add_argument("--ingest-sizes", type=int, nargs="*", default=[10_000])
+    ap.add_argument("--transfer-size", type=int, default=20_000)
     ap.add_argument("--ingest-dims", type=int, nargs="+", default=[384, 1536])
     ap.add_argument("--consolidation-sizes", type=int, nargs="*", default=[10_000])
     ap.add_argument("--scaling-sizes", type=int, nargs="*", default=[1_000, 10_000, 100_000],
@@ -742,6 +824,9 @@ def main() -> None:
                 row = bench_ranking_fit(n, dim)
                 res["ranking_fit"].append(row)
                 print("ranking fit", json.dumps(row), flush=True)
+    if args.only in ("speed", "transfer", "all"):
+        res["transfer"] = [bench_transfer(args.transfer_size, 384)]
+        print("transfer", json.dumps(res["transfer"][0]), flush=True)
     if args.only in ("long-texts", "all"):
         row = bench_long_texts()
         if row is not None:
