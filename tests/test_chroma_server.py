@@ -23,35 +23,44 @@ from memory_distill.demo_data import synthetic_episodes
 pytestmark = pytest.mark.server
 
 
-@pytest.fixture(scope="module")
-def chroma_server(tmp_path_factory):
+def start_server(port, path):
+    """`chroma run` on 127.0.0.1:port over the data directory path/data; returns the process once it answers."""
     exe = shutil.which("chroma") or os.path.join(os.path.dirname(sys.executable), "chroma")
     if not os.path.exists(exe):
         pytest.skip("the chroma CLI is not installed")
-    port = free_port()
-    path = tmp_path_factory.mktemp("chroma-server")
-    log = open(path / "server.log", "w")
+    log = open(path / "server.log", "a")
     proc = subprocess.Popen([exe, "run", "--host", "127.0.0.1", "--port", str(port), "--path", str(path / "data")],
                             stdout=log, stderr=subprocess.STDOUT)
+    log.close()
     import chromadb
 
     deadline = time.time() + 60
     while True:
         try:
             chromadb.HttpClient(host="127.0.0.1", port=port).heartbeat()
-            break
+            return proc
         except Exception:
             if time.time() > deadline or proc.poll() is not None:
                 proc.kill()
                 pytest.fail(f"chroma server did not start: {(path / 'server.log').read_text()[-2000:]}")
             time.sleep(0.2)
-    yield port
+
+
+def stop_server(proc):
     proc.terminate()
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         proc.kill()
-    log.close()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def chroma_server(tmp_path_factory):
+    port = free_port()
+    proc = start_server(port, tmp_path_factory.mktemp("chroma-server"))
+    yield port
+    stop_server(proc)
 
 
 def http_store(port, collection):
@@ -128,3 +137,54 @@ def test_move_an_embedded_store_to_the_server(chroma_server, tmp_path, monkeypat
     assert remote.get_many(ids) == local.get_many(ids)
     q = synthetic_episodes(1, seed=99)[0]["text"]
     assert [h.memory.id for h in remote.search(q, k=10)] == [h.memory.id for h in local.search(q, k=10)]
+
+
+def test_agent_keeps_running_while_the_server_restarts(tmp_path, caplog):
+    """Memory never takes the agent down: no recall and a buffered episode while the server is away, written after."""
+    from langchain.agents import create_agent
+    from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+    from langchain_memory_distill import MemoryDistillMiddleware
+    from lc_helpers import ScriptedChatModel
+
+    port = free_port()
+    proc = start_server(port, tmp_path)
+    try:
+        st = http_store(port, "outage")
+        st.add_many([{"text": "Task: summarise the report. The agent read every section first", "reward": 0.9}])
+        model = ScriptedChatModel(responses=[AIMessage(content="Here is the summary.")])
+        mw = MemoryDistillMiddleware(st, k=1)
+        agent = create_agent(model, [], middleware=[mw])
+
+        def run(question):
+            out = agent.invoke({"messages": [HumanMessage(question)]})
+            sys_msgs = [m for m in model.seen[-1] if isinstance(m, SystemMessage)]
+            return out, bool(sys_msgs and "Relevant past episodes" in sys_msgs[0].content)
+
+        out, recalled = run("summarise the quarterly report")
+        assert recalled and st.get(out["memory_distill_episode_id"]).text.startswith("User: summarise")
+
+        stop_server(proc)  # the server goes away mid-deployment
+        out, recalled = run("summarise the annual report")
+        assert not recalled and out["messages"][-1].content == "Here is the summary."
+        lost = out["memory_distill_episode_id"]
+        assert list(mw.unsaved) == [lost]
+        mw.feedback(lost, 0.4)  # a late reward for an episode still waiting
+        assert mw.unsaved[lost]["reward"] == 0.4
+        assert "recall skipped" in caplog.text and "not written yet" in caplog.text
+
+        proc = start_server(port, tmp_path)  # back, same data
+        out, recalled = run("summarise the monthly report")
+        assert recalled and mw.unsaved == {}
+        back = http_store(port, "outage")
+        assert back.get(lost).reward == 0.4 and back.get(out["memory_distill_episode_id"]).reward is None
+        assert back.count() == 4
+
+        strict = MemoryDistillMiddleware(st, k=1, errors="raise")
+        stop_server(proc)
+        import httpx
+
+        with pytest.raises(httpx.ConnectError):
+            create_agent(model, [], middleware=[strict]).invoke({"messages": [HumanMessage("summarise it")]})
+    finally:
+        if proc.poll() is None:
+            stop_server(proc)

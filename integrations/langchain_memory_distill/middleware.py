@@ -11,6 +11,12 @@
   ``reward_fn`` gives one, ``failure_reward`` when a tool failed, else pending for a later
   :meth:`feedback`. The id is returned in the state as ``memory_distill_episode_id``.
 
+Memory never takes the agent down (``errors="warn"``, the default): when the store is unreachable
+(a Chroma server restarting) the run goes on without recall, and its episode is kept in
+:attr:`~MemoryDistillMiddleware.unsaved` and written with the next episode that gets through (or
+:meth:`~MemoryDistillMiddleware.flush`); a ``reward_fn`` that raises leaves the episode pending.
+``errors="raise"`` propagates every such error instead.
+
 Every hook has its async twin.
 """
 
@@ -18,8 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Literal
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, ModelResponse
 from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
@@ -63,7 +73,13 @@ class MemoryDistillMiddleware(AgentMiddleware):
         expose_recall_tool: bool = False,
         metadata: dict[str, Any] | None = None,
         retriever: ValueAwareRetriever | None = None,
+        errors: Literal["warn", "raise"] = "warn",
+        max_unsaved: int = 1000,
     ) -> None:
+        if errors not in ("warn", "raise"):
+            raise ValueError(f"errors must be 'warn' or 'raise', got {errors!r}")
+        if max_unsaved < 1:
+            raise ValueError(f"max_unsaved must be >= 1, got {max_unsaved}")
         super().__init__()
         self.store = store
         self.retriever = retriever or ValueAwareRetriever(store=store, predictor=predictor, k=k, namespace=namespace,
@@ -76,6 +92,11 @@ class MemoryDistillMiddleware(AgentMiddleware):
         self.metadata = dict(metadata or {})
         self.tools = [make_recall_tool(self.retriever)] if expose_recall_tool else []
         self.episode_ids: list[str] = []
+        self.errors = errors
+        self.max_unsaved = max_unsaved
+        self.unsaved: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        """Episodes whose write failed (store unreachable), oldest first, by id; written by :meth:`flush`."""
+        self._unsaved_lock = threading.Lock()
 
     @classmethod
     def from_memory(cls, mem: Any, *, namespace: str = "default", **kw: Any) -> MemoryDistillMiddleware:
@@ -106,7 +127,13 @@ class MemoryDistillMiddleware(AgentMiddleware):
     def before_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
         if not self.do_recall:
             return None
-        text = self._recall_text(state)
+        try:
+            text = self._recall_text(state)
+        except Exception as e:
+            if self.errors == "raise":
+                raise
+            log.warning("memory_distill: recall skipped, the run goes on without it (%s: %s)", type(e).__name__, e)
+            return None
         return {"memory_distill_recall": text} if text else None
 
     async def abefore_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
@@ -158,15 +185,52 @@ class MemoryDistillMiddleware(AgentMiddleware):
         if not ep["input"]:
             return None
         failed = failed or ep["tool_errors"] > 0
-        reward = self.reward_fn(ep["input"], ep["answer"], messages) if self.reward_fn else None
+        reward = None
+        if self.reward_fn is not None:
+            try:
+                reward = self.reward_fn(ep["input"], ep["answer"], messages)
+            except Exception as e:
+                if self.errors == "raise":
+                    raise
+                log.warning("memory_distill: reward_fn failed (%s: %s); the episode stays pending", type(e).__name__, e)
         if reward is None and failed:
             reward = self.failure_reward
         meta = episode_metadata(ep["input"], ep["model"], self.metadata, source="langchain_agent",
                                 tool_calls=ep["tool_calls"], tool_errors=ep["tool_errors"],
                                 outcome="failed" if failed else "completed")
-        mid = self.store.add({"text": ep["text"], "reward": reward, "metadata": meta, "namespace": self.namespace})
+        mid = uuid.uuid4().hex
+        memory = {"id": mid, "text": ep["text"], "reward": reward, "metadata": meta, "namespace": self.namespace,
+                  "created_at": time.time()}
+        if reward is not None:
+            memory["rewarded_at"] = memory["created_at"]
+        with self._unsaved_lock:
+            self.unsaved[mid] = memory
+            while len(self.unsaved) > self.max_unsaved:
+                old_id, _ = self.unsaved.popitem(last=False)
+                log.warning("memory_distill: dropped unsaved episode %s (more than max_unsaved=%d waiting)",
+                            old_id, self.max_unsaved)
         self.episode_ids.append(mid)
+        try:
+            self.flush()
+        except Exception as e:
+            if self.errors == "raise":
+                raise
+            log.warning("memory_distill: episode %s not written yet, %d waiting (%s: %s); it is retried with the "
+                        "next episode or flush()", mid, len(self.unsaved), type(e).__name__, e)
         return mid
+
+    def flush(self) -> int:
+        """Write the episodes waiting in :attr:`unsaved` in one atomic batch; returns how many were written.
+
+        Raises the store's error when it is still unreachable (they stay waiting)."""
+        with self._unsaved_lock:
+            batch = list(self.unsaved.values())
+            if not batch:
+                return 0
+            self.store.add_many(batch, upsert=True)  # upsert: idempotent if an earlier try got through
+            for m in batch:
+                self.unsaved.pop(m["id"], None)
+        return len(batch)
 
     def after_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
         if not self.do_record:
@@ -178,5 +242,20 @@ class MemoryDistillMiddleware(AgentMiddleware):
         return await asyncio.to_thread(self.after_agent, state, runtime)
 
     def feedback(self, episode_id: str, reward: float) -> None:
-        """Record a reward that arrived after the run (user rating, test result, ...)."""
-        self.store.set_reward(episode_id, reward)
+        """Record a reward that arrived after the run (user rating, test result, ...).
+
+        An episode still waiting in :attr:`unsaved` gets the reward there and is written with it."""
+        with self._unsaved_lock:
+            waiting = self.unsaved.get(episode_id)
+            if waiting is not None:
+                self.store._check_reward(reward, "reward")
+                waiting.update(reward=reward, rewarded_at=time.time())
+        if waiting is None:
+            self.store.set_reward(episode_id, reward)
+            return
+        try:
+            self.flush()
+        except Exception as e:
+            if self.errors == "raise":
+                raise
+            log.warning("memory_distill: episode %s still waiting (%s: %s)", episode_id, type(e).__name__, e)
