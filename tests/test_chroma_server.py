@@ -171,13 +171,20 @@ def test_agent_keeps_running_while_the_server_restarts(tmp_path, caplog):
         mw.feedback(lost, 0.4)  # a late reward for an episode still waiting
         assert mw.unsaved[lost]["reward"] == 0.4
         assert "recall skipped" in caplog.text and "not written yet" in caplog.text
+        # the callback handler (agents you cannot rebuild) keeps its episodes the same way
+        from langchain_memory_distill import EpisodeRecorder
+
+        rec = EpisodeRecorder(st)
+        create_agent(model, []).invoke({"messages": [HumanMessage("summarise the memo")]}, config={"callbacks": [rec]})
+        assert list(rec.unsaved) == rec.episode_ids and len(rec.episode_ids) == 1
 
         proc = start_server(port, tmp_path)  # back, same data
         out, recalled = run("summarise the monthly report")
         assert recalled and mw.unsaved == {}
         back = http_store(port, "outage")
         assert back.get(lost).reward == 0.4 and back.get(out["memory_distill_episode_id"]).reward is None
-        assert back.count() == 4
+        assert rec.flush() == 1 and rec.unsaved == {} and back.get(rec.episode_ids[0]).text.startswith("User: summarise the memo")
+        assert back.count() == 5
 
         strict = MemoryDistillMiddleware(st, k=1, errors="raise")
         stop_server(proc)

@@ -2,12 +2,16 @@
 
 ``agent.invoke(inputs, config={"callbacks": [EpisodeRecorder(store)]})`` records one episode per
 root run: the user input, the tool calls and their results or errors, and the final answer.
-A root run that raises is recorded as a failed episode.
+A root run that raises is recorded as a failed episode. While the store is unreachable, episodes
+wait in :attr:`EpisodeRecorder.unsaved` and are written with the next one that gets through
+(:class:`~langchain_memory_distill.episodes.EpisodeWriter`).
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 from uuid import UUID
@@ -17,9 +21,18 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
 from memory_distill.store import MemoryStore
 
-from .episodes import episode_from_messages, episode_metadata, message_text, response_model_name
+from .episodes import (
+    EpisodeWriter,
+    Errors,
+    episode_from_messages,
+    episode_metadata,
+    message_text,
+    response_model_name,
+)
 
 __all__ = ["EpisodeRecorder"]
+
+log = logging.getLogger(__name__)
 
 
 def _input_text(inputs: Any) -> str:
@@ -46,8 +59,11 @@ class EpisodeRecorder(BaseCallbackHandler):
 
     def __init__(self, store: MemoryStore, *, namespace: str = "default",
                  reward_fn: Callable[[str, str, list[Any]], float | None] | None = None,
-                 failure_reward: float | None = 0.0, metadata: dict[str, Any] | None = None) -> None:
+                 failure_reward: float | None = 0.0, metadata: dict[str, Any] | None = None,
+                 errors: Errors = "warn", max_unsaved: int = 1000) -> None:
         self.store = store
+        self.writer = EpisodeWriter(store, errors=errors, max_unsaved=max_unsaved)
+        self.errors = errors
         self.namespace = namespace
         self.reward_fn = reward_fn
         self.failure_reward = failure_reward
@@ -135,13 +151,32 @@ class EpisodeRecorder(BaseCallbackHandler):
         failed = error is not None or n_err > 0 or any(t["error"] for t in run["tools"])
         if error is not None:
             text += f"\nRun failed: {type(error).__name__}: {error}"
-        reward = self.reward_fn(run["input"], answer, msgs or []) if (self.reward_fn and error is None) else None
+        reward = None
+        if self.reward_fn is not None and error is None:
+            try:
+                reward = self.reward_fn(run["input"], answer, msgs or [])
+            except Exception as e:
+                if self.errors == "raise":
+                    raise
+                log.warning("memory_distill: reward_fn failed (%s: %s); the episode stays pending", type(e).__name__, e)
         if reward is None and failed:
             reward = self.failure_reward
         meta = episode_metadata(str(run["input"]), run["model"], self.metadata, source="langchain_callback",
                                 tool_calls=len(run["tools"]), outcome="failed" if failed else "completed")
-        self.episode_ids.append(self.store.add({"text": text, "reward": reward, "metadata": meta,
-                                                "namespace": self.namespace}))
+        self.episode_ids.append(self.writer.write(text, reward, meta, self.namespace))
+
+    @property
+    def unsaved(self) -> OrderedDict[str, dict[str, Any]]:
+        """Episodes whose write failed (store unreachable), oldest first; written by :meth:`flush`."""
+        return self.writer.unsaved
+
+    def flush(self) -> int:
+        """Write the waiting episodes in one atomic batch; returns how many (raises if the store is still away)."""
+        return self.writer.flush()
+
+    def feedback(self, episode_id: str, reward: float) -> None:
+        """A late reward for a recorded episode (kept with it if it is still waiting to be written)."""
+        self.writer.set_reward(episode_id, reward)
 
     def on_chain_end(self, outputs: Any, *, run_id: UUID, parent_run_id: UUID | None = None, **kwargs: Any) -> None:
         if parent_run_id is None:

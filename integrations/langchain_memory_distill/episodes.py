@@ -4,12 +4,93 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
-__all__ = ["episode_from_messages", "episode_metadata", "input_group", "message_text", "response_model_name"]
+from memory_distill.store import MemoryStore
+
+__all__ = ["EpisodeWriter", "episode_from_messages", "episode_metadata", "input_group", "message_text",
+           "response_model_name"]
+
+log = logging.getLogger(__name__)
+Errors = Literal["warn", "raise"]
+
+
+class EpisodeWriter:
+    """Writes recorded episodes to the store, keeping them when it is unreachable.
+
+    ``errors="warn"``: an episode whose write fails waits in :attr:`unsaved` (at most
+    ``max_unsaved``, oldest dropped first) and is written, in one atomic batch with the others
+    waiting, with the next episode that gets through or by :meth:`flush`. ``errors="raise"``:
+    the store's error propagates (the episode still waits for a later flush).
+    """
+
+    def __init__(self, store: MemoryStore, *, errors: Errors = "warn", max_unsaved: int = 1000) -> None:
+        if errors not in ("warn", "raise"):
+            raise ValueError(f"errors must be 'warn' or 'raise', got {errors!r}")
+        if max_unsaved < 1:
+            raise ValueError(f"max_unsaved must be >= 1, got {max_unsaved}")
+        self.store, self.errors, self.max_unsaved = store, errors, max_unsaved
+        self.unsaved: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        """Episodes whose write failed, oldest first, by id."""
+        self._lock = threading.Lock()
+
+    def write(self, text: str, reward: float | None, metadata: dict[str, Any], namespace: str) -> str:
+        """Store one episode (now, or once the store is back); returns its id."""
+        mid = uuid.uuid4().hex
+        now = time.time()
+        memory: dict[str, Any] = {"id": mid, "text": text, "reward": reward, "metadata": metadata,
+                                  "namespace": namespace, "created_at": now}
+        if reward is not None:
+            self.store._check_reward(reward, "reward")
+            memory["rewarded_at"] = now
+        with self._lock:
+            self.unsaved[mid] = memory
+            while len(self.unsaved) > self.max_unsaved:
+                old, _ = self.unsaved.popitem(last=False)
+                log.warning("memory_distill: dropped unsaved episode %s (more than max_unsaved=%d waiting)",
+                            old, self.max_unsaved)
+        self._try_flush(f"episode {mid} not written yet")
+        return mid
+
+    def flush(self) -> int:
+        """Write every waiting episode in one atomic batch; returns how many. Raises if the store is still away."""
+        with self._lock:
+            batch = list(self.unsaved.values())
+            if not batch:
+                return 0
+            self.store.add_many(batch, upsert=True)  # upsert: idempotent if an earlier try got through
+            for m in batch:
+                self.unsaved.pop(m["id"], None)
+        return len(batch)
+
+    def set_reward(self, episode_id: str, reward: float) -> None:
+        """A late reward: on the waiting copy if the episode is not written yet, else in the store."""
+        with self._lock:
+            waiting = self.unsaved.get(episode_id)
+            if waiting is not None:
+                self.store._check_reward(reward, "reward")
+                waiting.update(reward=reward, rewarded_at=time.time())
+        if waiting is None:
+            self.store.set_reward(episode_id, reward)
+        else:
+            self._try_flush(f"episode {episode_id} still waiting")
+
+    def _try_flush(self, what: str) -> None:
+        try:
+            self.flush()
+        except Exception as e:
+            if self.errors == "raise":
+                raise
+            log.warning("memory_distill: %s, %d waiting (%s: %s); retried with the next episode or flush()",
+                        what, len(self.unsaved), type(e).__name__, e)
 
 
 def input_group(user_input: str) -> str:

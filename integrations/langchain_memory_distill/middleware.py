@@ -24,12 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
-import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, ModelResponse
 from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
@@ -38,7 +35,7 @@ from typing_extensions import NotRequired
 from memory_distill.predictor import Predictor
 from memory_distill.store import MemoryStore
 
-from .episodes import episode_from_messages, episode_metadata, message_text
+from .episodes import EpisodeWriter, Errors, episode_from_messages, episode_metadata, message_text
 from .retriever import ValueAwareRetriever
 from .tools import make_recall_tool
 
@@ -73,13 +70,10 @@ class MemoryDistillMiddleware(AgentMiddleware):
         expose_recall_tool: bool = False,
         metadata: dict[str, Any] | None = None,
         retriever: ValueAwareRetriever | None = None,
-        errors: Literal["warn", "raise"] = "warn",
+        errors: Errors = "warn",
         max_unsaved: int = 1000,
     ) -> None:
-        if errors not in ("warn", "raise"):
-            raise ValueError(f"errors must be 'warn' or 'raise', got {errors!r}")
-        if max_unsaved < 1:
-            raise ValueError(f"max_unsaved must be >= 1, got {max_unsaved}")
+        self.writer = EpisodeWriter(store, errors=errors, max_unsaved=max_unsaved)
         super().__init__()
         self.store = store
         self.retriever = retriever or ValueAwareRetriever(store=store, predictor=predictor, k=k, namespace=namespace,
@@ -93,10 +87,6 @@ class MemoryDistillMiddleware(AgentMiddleware):
         self.tools = [make_recall_tool(self.retriever)] if expose_recall_tool else []
         self.episode_ids: list[str] = []
         self.errors = errors
-        self.max_unsaved = max_unsaved
-        self.unsaved: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        """Episodes whose write failed (store unreachable), oldest first, by id; written by :meth:`flush`."""
-        self._unsaved_lock = threading.Lock()
 
     @classmethod
     def from_memory(cls, mem: Any, *, namespace: str = "default", **kw: Any) -> MemoryDistillMiddleware:
@@ -198,39 +188,20 @@ class MemoryDistillMiddleware(AgentMiddleware):
         meta = episode_metadata(ep["input"], ep["model"], self.metadata, source="langchain_agent",
                                 tool_calls=ep["tool_calls"], tool_errors=ep["tool_errors"],
                                 outcome="failed" if failed else "completed")
-        mid = uuid.uuid4().hex
-        memory = {"id": mid, "text": ep["text"], "reward": reward, "metadata": meta, "namespace": self.namespace,
-                  "created_at": time.time()}
-        if reward is not None:
-            memory["rewarded_at"] = memory["created_at"]
-        with self._unsaved_lock:
-            self.unsaved[mid] = memory
-            while len(self.unsaved) > self.max_unsaved:
-                old_id, _ = self.unsaved.popitem(last=False)
-                log.warning("memory_distill: dropped unsaved episode %s (more than max_unsaved=%d waiting)",
-                            old_id, self.max_unsaved)
+        mid = self.writer.write(ep["text"], reward, meta, self.namespace)
         self.episode_ids.append(mid)
-        try:
-            self.flush()
-        except Exception as e:
-            if self.errors == "raise":
-                raise
-            log.warning("memory_distill: episode %s not written yet, %d waiting (%s: %s); it is retried with the "
-                        "next episode or flush()", mid, len(self.unsaved), type(e).__name__, e)
         return mid
+
+    @property
+    def unsaved(self) -> OrderedDict[str, dict[str, Any]]:
+        """Episodes whose write failed (store unreachable), oldest first, by id; written by :meth:`flush`."""
+        return self.writer.unsaved
 
     def flush(self) -> int:
         """Write the episodes waiting in :attr:`unsaved` in one atomic batch; returns how many were written.
 
         Raises the store's error when it is still unreachable (they stay waiting)."""
-        with self._unsaved_lock:
-            batch = list(self.unsaved.values())
-            if not batch:
-                return 0
-            self.store.add_many(batch, upsert=True)  # upsert: idempotent if an earlier try got through
-            for m in batch:
-                self.unsaved.pop(m["id"], None)
-        return len(batch)
+        return self.writer.flush()
 
     def after_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
         if not self.do_record:
@@ -245,17 +216,4 @@ class MemoryDistillMiddleware(AgentMiddleware):
         """Record a reward that arrived after the run (user rating, test result, ...).
 
         An episode still waiting in :attr:`unsaved` gets the reward there and is written with it."""
-        with self._unsaved_lock:
-            waiting = self.unsaved.get(episode_id)
-            if waiting is not None:
-                self.store._check_reward(reward, "reward")
-                waiting.update(reward=reward, rewarded_at=time.time())
-        if waiting is None:
-            self.store.set_reward(episode_id, reward)
-            return
-        try:
-            self.flush()
-        except Exception as e:
-            if self.errors == "raise":
-                raise
-            log.warning("memory_distill: episode %s still waiting (%s: %s)", episode_id, type(e).__name__, e)
+        self.writer.set_reward(episode_id, reward)
