@@ -125,6 +125,43 @@ def coerce_memory(item: Any, *, namespace: str | None = None, index: int | None 
     return mem
 
 
+class _ServerCollection:
+    """A Chroma HTTP collection whose connection failures raise :class:`StoreError` naming the server.
+
+    The HTTP client raises transport errors of its own (``httpx.ConnectError``, ...) when the server
+    goes away after the store was opened; callers catch one library error instead.
+    """
+
+    def __init__(self, col: Any, host: str, port: int) -> None:
+        self._col, self._where = col, f"http://{host}:{port}"
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._col, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kw: Any) -> Any:
+            try:
+                return attr(*args, **kw)
+            except Exception as e:
+                if not _is_transport_error(e):
+                    raise
+                raise StoreError(f"the Chroma server at {self._where} is unreachable ({type(e).__name__}: {e}): "
+                                 "check that it is running (`chroma run --host H --port P --path DIR`)") from e
+
+        return call
+
+
+def _is_transport_error(e: BaseException) -> bool:
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        import httpx
+    except ImportError:  # pragma: no cover - chromadb's HTTP client depends on it
+        return False
+    return isinstance(e, httpx.TransportError)
+
+
 def mmr_select(score: np.ndarray, vectors: np.ndarray, k: int, diversity: float) -> list[int]:
     """Greedy maximal marginal relevance: the indices of ``k`` picks, in pick order.
 
@@ -179,6 +216,8 @@ class MemoryStore:
             self._col = self._client.get_or_create_collection(cfg.collection, **self._collection_args(embedder))
         except Exception as e:  # chroma raises several types for an unreachable server
             raise StoreError(f"could not open collection {cfg.collection!r}: {e}") from e
+        if cfg.mode == "http":
+            self._col = _ServerCollection(self._col, cfg.host, cfg.port)
         have = self._col.metadata or {}
         if not self._built_with(have, embedder):
             raise EmbedderMismatchError(

@@ -16,6 +16,7 @@ from memory_distill import (
     HashingEmbedder,
     MemoryStore,
     StoreConfig,
+    StoreError,
     run_consolidation,
 )
 from memory_distill.demo_data import synthetic_episodes
@@ -188,9 +189,7 @@ def test_agent_keeps_running_while_the_server_restarts(tmp_path, caplog):
 
         strict = MemoryDistillMiddleware(st, k=1, errors="raise")
         stop_server(proc)
-        import httpx
-
-        with pytest.raises(httpx.ConnectError):
+        with pytest.raises(StoreError, match=f"Chroma server at http://127.0.0.1:{port} is unreachable"):
             create_agent(model, [], middleware=[strict]).invoke({"messages": [HumanMessage("summarise it")]})
     finally:
         if proc.poll() is None:
