@@ -74,7 +74,8 @@ def main(n_runs: int = 120) -> int:
         city = next(c for c in FACTS if c in question)
         return grader(answer, f"The population is {FACTS[city]}.")
 
-    mw = MemoryDistillMiddleware(mem.store, reward_fn=reward, k=3)
+    # from_memory: recall uses stored rewards now and the student as soon as one is published (no restart)
+    mw = MemoryDistillMiddleware.from_memory(mem, reward_fn=reward, k=3, diversity=0.5)
     agent = create_agent(HabitAgentModel(seed=1), [lookup_population], middleware=[mw])
     cities = list(FACTS)
     for i in range(n_runs):
@@ -102,7 +103,7 @@ def main(n_runs: int = 120) -> int:
         print(f"   expected reward {p.mean:.2f}{rank}  <- {'looked it up' if 'Tool call' in text else 'guessed'}")
     print(f"   best of n: candidate {idx} ({'looked it up' if idx == 1 else 'guessed'})")
 
-    retriever = ValueAwareRetriever(store=mem.store, predictor=mem.predictor, k=2)
+    retriever = ValueAwareRetriever.from_memory(mem, k=2)  # scores with the student published above
     docs = retriever.invoke("What is the population of Lima?")
     print("4. recall for a new question (likely to succeed):")
     for d in docs:
