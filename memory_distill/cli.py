@@ -262,12 +262,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
         rows.append((f"{p.mean:.3f}", f"{p.std:.3f}", f"{p.quantiles[0.1]:.2f}", f"{p.quantiles[0.9]:.2f}",
                      f"{p.prob_above(args.threshold):.2f}", t[:60]))
     _table(rows)
-    print(f"(model {preds[0].model_version})")
+    served = mem.predictor_for(args.namespace).registry.namespace
+    whose = (f", namespace {served!r}" if served is not None else
+             f", top-level: namespace {args.namespace!r} has no model of its own" if args.namespace else "")
+    print(f"(model {preds[0].model_version}{whose})")
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     reg = _open(args).registry.scoped(args.namespace)
+    if args.namespace is not None and not reg.list_versions():
+        print(f"no models for namespace {args.namespace!r} yet: `memory-distill consolidate --namespace "
+              f"{args.namespace}` trains one")
+        return 0
     rows: list[Sequence[Any]] = [("version", "status", "current", "stale", "spearman", "mae", "reason")]
     for m in reg.list():
         met = m.get("metrics") or {}

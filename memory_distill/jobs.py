@@ -224,8 +224,14 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         data = data.subset(keep)
     n_rewarded = int(data.rewarded.sum())
     if n_rewarded < cfg.min_rewarded:
+        where = ""
+        if cfg.namespace is not None:
+            where = f" in namespace {cfg.namespace!r}"
+            if len(data) == 0:
+                known = sorted(store.stats()["namespaces"])
+                where += f" (the store's namespaces: {', '.join(map(repr, known[:10])) or 'none'})"
         raise NotEnoughDataError(
-            f"only {n_rewarded} rewarded memories (need JobConfig.min_rewarded={cfg.min_rewarded}): "
+            f"only {n_rewarded} rewarded memories{where} (need JobConfig.min_rewarded={cfg.min_rewarded}): "
             "record more rewards with set_reward() or lower min_rewarded"
         )
     split = split_by_group_and_time(data, cfg.gate.holdout_fraction, 0.15, rng)

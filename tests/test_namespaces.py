@@ -100,6 +100,13 @@ def test_cli_namespace_models(tmp_path, monkeypatch, capsys) -> None:  # type: i
     assert st["model"] is None and st["namespace_models"] == {"team-a": "v000001", "team-b": "v000001"}
     assert main(["-q", "--home", home, "predict", SEARCH, "--namespace", "team-b", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["mean"] < 0.4
+    assert main(["-q", "--home", home, "predict", SEARCH, "--namespace", "team-a"]) == 0
+    assert "(model v000001, namespace 'team-a')" in capsys.readouterr().out
+    assert main(["-q", "--home", home, "consolidate", "--namespace", "team-c"]) == 2
+    assert "0 rewarded memories in namespace 'team-c' (the store's namespaces: 'team-a', 'team-b')" in \
+        capsys.readouterr().err
+    assert main(["-q", "--home", home, "models", "--namespace", "team-c"]) == 0
+    assert "no models for namespace 'team-c' yet" in capsys.readouterr().out
     assert main(["-q", "--home", home, "models", "--namespace", "team-a"]) == 0
     assert "v000001" in capsys.readouterr().out
     assert main(["-q", "--home", home, "models"]) == 0
