@@ -4,7 +4,8 @@ from memory_distill.grading import AnswerGrader, bleu, exact_match, token_f1
 
 from .callbacks import EpisodeRecorder
 from .embeddings import MemoryDistillEmbeddings
-from .episodes import episode_from_messages
+from .episodes import EpisodeWriter, episode_from_messages
+from .langgraph_store import MemoryDistillStore
 from .middleware import MemoryDistillMiddleware, MemoryDistillState
 from .retriever import ValueAwareRetriever
 from .router import RewardRouter
@@ -14,8 +15,10 @@ from .tools import make_predict_tool, make_recall_tool
 __all__ = [
     "AnswerGrader",
     "EpisodeRecorder",
+    "EpisodeWriter",
     "MemoryDistillEmbeddings",
     "MemoryDistillMiddleware",
+    "MemoryDistillStore",
     "MemoryDistillState",
     "RewardRouter",
     "RewardScorer",

@@ -1,0 +1,267 @@
+"""A LangGraph ``BaseStore`` on a :class:`~memory_distill.MemoryStore`: long-term memory whose rewards train the student.
+
+``create_agent(model, tools, store=MemoryDistillStore(mem.store))`` (or ``graph.compile(store=...)``) gives
+tools and nodes the standard LangGraph store API (``put`` / ``get`` / ``search`` / ``delete`` /
+``list_namespaces``, sync and async) on Chroma. An item is one memory:
+
+* its LangGraph namespace ``("users", "alice")`` becomes the memory namespace ``"lg:users.alice"``
+  (labels cannot contain ``.``), so ``consolidate(namespace="lg:users.alice")`` trains one user's model;
+* the value is kept whole (JSON in the metadata); the embedded text is ``value["text"]`` when it is a
+  string, else the value as JSON, or the ``fields`` paths given (LangGraph's path syntax);
+* ``value["reward"]`` (a number in the store's range; ``reward_key``) is the memory's reward, so items
+  an agent stores with an outcome feed consolidation; ``value["group"]`` and other top-level scalar
+  fields become metadata (``group`` for best-of-n, ``JobConfig.metadata_features`` for the rest).
+
+``search(prefix, query=...)`` ranks by cosine similarity; with a ``predictor`` (or a function returning
+one, e.g. ``lambda: mem.try_predictor()``) and ``value_weight`` > 0 it ranks by
+``(1 - value_weight) * similarity + value_weight * predicted value`` (scaled to [0, 1]) and the
+item's ``score`` is that. ``filter`` follows LangGraph's semantics (exact match, nested dicts,
+``$eq $ne $gt $gte $lt $lte``); a filtered query scores every item under the prefix exactly. Searches
+without a query return items newest-updated first. ``list_namespaces`` reads every item's metadata
+(O(items)). TTLs are not supported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+from langgraph.store.base import (
+    BaseStore,
+    GetOp,
+    Item,
+    ListNamespacesOp,
+    MatchCondition,
+    Op,
+    PutOp,
+    Result,
+    SearchItem,
+    SearchOp,
+    get_text_at_path,
+)
+
+from memory_distill.errors import InvalidMemoryError
+from memory_distill.predictor import Predictor
+from memory_distill.store import MemoryStore
+from memory_distill.types import Memory
+
+__all__ = ["MemoryDistillStore"]
+
+ITEM = "lg_item"
+KEY = "lg_key"
+NS = "lg_ns"
+DEPTH = "lg_depth"
+VALUE = "lg_value"
+UPDATED = "lg_updated_at"
+INDEXED = "lg_indexed"
+_RESERVED = ("lg_", "_md_")
+
+
+def _level(i: int) -> str:
+    return f"lg_ns_{i}"
+
+
+def _ts(t: float) -> datetime:
+    return datetime.fromtimestamp(t, tz=timezone.utc)
+
+
+def _apply(value: Any, op: str, target: Any) -> bool:
+    try:
+        if op == "$eq":
+            return bool(value == target)
+        if op == "$ne":
+            return bool(value != target)
+        if op == "$gt":
+            return bool(value > target)
+        if op == "$gte":
+            return bool(value >= target)
+        if op == "$lt":
+            return bool(value < target)
+        if op == "$lte":
+            return bool(value <= target)
+    except TypeError:
+        return False
+    raise ValueError(f"filter operator {op!r} is not supported: use $eq, $ne, $gt, $gte, $lt or $lte")
+
+
+def _matches(value: Any, flt: Any) -> bool:
+    """LangGraph's filter semantics: exact match, nested dicts, comparison operators."""
+    if isinstance(flt, dict):
+        if any(k.startswith("$") for k in flt):
+            return all(_apply(value, k, v) for k, v in flt.items())
+        return isinstance(value, dict) and all(_matches(value.get(k), v) for k, v in flt.items())
+    return bool(value == flt)
+
+
+def _does_match(cond: MatchCondition, ns: tuple[str, ...]) -> bool:
+    path = tuple(cond.path)
+    if len(ns) < len(path):
+        return False
+    pairs = zip(ns, path, strict=False) if cond.match_type == "prefix" else zip(reversed(ns), reversed(path), strict=False)
+    return all(p == "*" or a == p for a, p in pairs)
+
+
+class MemoryDistillStore(BaseStore):
+    """LangGraph's long-term memory store interface, backed by a memory_distill :class:`MemoryStore`."""
+
+    def __init__(self, store: MemoryStore, *, predictor: Predictor | Callable[[], Predictor | None] | None = None,
+                 value_weight: float = 0.0, fields: list[str] | None = None, reward_key: str = "reward") -> None:
+        if not 0.0 <= value_weight <= 1.0:
+            raise ValueError(f"value_weight must be in [0, 1], got {value_weight}")
+        self.store = store
+        self.predictor = predictor
+        self.value_weight = value_weight
+        self.fields = fields
+        self.reward_key = reward_key
+
+    # ------------------------------------------------------------------ mapping
+
+    @staticmethod
+    def memory_namespace(namespace: tuple[str, ...]) -> str:
+        """The memory namespace an item of this LangGraph namespace is stored in (``"lg:a.b"``)."""
+        name = "lg:" + ".".join(namespace)
+        return name if len(name) <= 256 else "lg:" + hashlib.sha256(name.encode()).hexdigest()
+
+    @staticmethod
+    def memory_id(namespace: tuple[str, ...], key: str) -> str:
+        return "lg-" + hashlib.sha256(json.dumps([list(namespace), key]).encode()).hexdigest()[:40]
+
+    def _text(self, value: Mapping[str, Any], index: list[str] | None) -> str:
+        paths = index if index else self.fields
+        if paths:
+            parts = [t for p in paths for t in get_text_at_path(value, p) if t]
+            if parts:
+                return "\n".join(parts)
+        if isinstance(value.get("text"), str) and value["text"].strip():
+            return str(value["text"])
+        return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+
+    def _memory(self, op: PutOp, created_at: float | None) -> Memory:
+        value = dict(op.value or {})
+        reward = value.get(self.reward_key)
+        if reward is not None and (isinstance(reward, bool) or not isinstance(reward, (int, float))):
+            raise InvalidMemoryError(f"value[{self.reward_key!r}] must be a number (the item's reward) or absent, "
+                                     f"got {reward!r}: store it under another key or pass reward_key=")
+        now = time.time()
+        meta: dict[str, Any] = {k: v for k, v in value.items()
+                                if isinstance(v, (str, int, float, bool)) and k not in ("text", self.reward_key)
+                                and not k.startswith(_RESERVED) and (not isinstance(v, str) or v)}
+        meta.update({ITEM: True, KEY: op.key, NS: json.dumps(list(op.namespace)), DEPTH: len(op.namespace),
+                     VALUE: json.dumps(value, ensure_ascii=False, default=str), UPDATED: now,
+                     INDEXED: op.index is not False})
+        meta.update({_level(i): label for i, label in enumerate(op.namespace)})
+        return Memory(id=self.memory_id(op.namespace, op.key), text=self._text(value, op.index or None),
+                      reward=reward, metadata=meta, namespace=self.memory_namespace(op.namespace),
+                      created_at=created_at if created_at is not None else now,
+                      rewarded_at=now if reward is not None else None)
+
+    @staticmethod
+    def _item(m: Memory, cls: type[Item] = Item, score: float | None = None) -> Any:
+        md = m.metadata
+        kw: dict[str, Any] = {"value": json.loads(str(md[VALUE])), "key": str(md[KEY]),
+                              "namespace": tuple(json.loads(str(md[NS]))), "created_at": _ts(m.created_at),
+                              "updated_at": _ts(float(md.get(UPDATED, m.created_at)))}  # type: ignore[arg-type]
+        return SearchItem(**kw, score=score) if cls is SearchItem else Item(**kw)
+
+    @staticmethod
+    def _prefix_where(prefix: tuple[str, ...]) -> dict[str, Any]:
+        where: dict[str, Any] = {ITEM: True}
+        where.update({_level(i): label for i, label in enumerate(prefix)})
+        return where
+
+    def _predictor(self) -> Predictor | None:
+        p = self.predictor
+        if p is None or isinstance(p, Predictor):
+            if p is not None:
+                p.refresh()
+            return p
+        return p()
+
+    # ------------------------------------------------------------------ ops
+
+    def batch(self, ops: Iterable[Op]) -> list[Result]:
+        out: list[Result] = []
+        for op in ops:
+            if isinstance(op, GetOp):
+                got = self.store.get_many([self.memory_id(op.namespace, op.key)])
+                out.append(self._item(got[0]) if got else None)
+            elif isinstance(op, PutOp):
+                self._put(op)
+                out.append(None)
+            elif isinstance(op, SearchOp):
+                out.append(self._search(op))
+            elif isinstance(op, ListNamespacesOp):
+                out.append(self._list_namespaces(op))
+            else:
+                raise ValueError(f"unsupported store operation {type(op).__name__}")
+        return out
+
+    async def abatch(self, ops: Iterable[Op]) -> list[Result]:
+        return await asyncio.to_thread(self.batch, list(ops))
+
+    def _put(self, op: PutOp) -> None:
+        mid = self.memory_id(op.namespace, op.key)
+        if op.value is None:
+            self.store.delete([mid])
+            return
+        if op.ttl is not None:
+            raise NotImplementedError("MemoryDistillStore does not support TTLs: use forget(older_than=...) instead")
+        old = self.store.get_many([mid])
+        self.store.add_many([self._memory(op, old[0].created_at if old else None)], upsert=True)
+
+    def _search(self, op: SearchOp) -> list[SearchItem]:
+        where = self._prefix_where(op.namespace_prefix)
+        end = op.offset + op.limit
+        if op.query is None:
+            mems = [m for page, _ in self.store.iter_memories(namespace=None, where=where) for m in page
+                    if not op.filter or all(_matches(self._value(m).get(k), v) for k, v in op.filter.items())]
+            mems.sort(key=lambda m: -float(m.metadata.get(UPDATED, m.created_at)))  # type: ignore[arg-type]
+            return [self._item(m, SearchItem) for m in mems[op.offset : end]]
+        where[INDEXED] = True
+        if op.filter:  # exact: every item under the prefix that passes the filter is scored
+            mems, vecs = [], []
+            for page, X in self.store.iter_memories(namespace=None, where=where, with_embeddings=True):
+                for m, v in zip(page, np.asarray(X), strict=True):
+                    if all(_matches(self._value(m).get(k), f) for k, f in op.filter.items()):
+                        mems.append(m)
+                        vecs.append(v)
+            if not mems:
+                return []
+            q = self.store.embedder.embed([op.query])[0]
+            V = np.stack(vecs)
+            sim = (V @ q) / np.maximum(np.linalg.norm(V, axis=1) * np.linalg.norm(q), 1e-12)
+        else:
+            pool = end if self.value_weight == 0 else max(end, 4 * end, 20)
+            hits = self.store.search(op.query, pool, namespace=None, where=where, include_embeddings=True)
+            if not hits:
+                return []
+            mems, V = [h.memory for h in hits], np.stack([np.asarray(h.embedding) for h in hits])
+            sim = np.array([h.similarity for h in hits])
+        score = sim
+        pred = self._predictor() if self.value_weight > 0 else None
+        if pred is not None:
+            batch = pred.predict_embeddings(V, texts=[m.text for m in mems], metadata=[m.metadata for m in mems])
+            lo, hi = float(pred.bins.low), float(pred.bins.high)
+            value = np.clip((batch.mean - lo) / (hi - lo), 0, 1)
+            score = (1 - self.value_weight) * sim + self.value_weight * value
+        order = np.argsort(-score, kind="stable")[op.offset : end]
+        return [self._item(mems[i], SearchItem, float(score[i])) for i in order]
+
+    @staticmethod
+    def _value(m: Memory) -> dict[str, Any]:
+        return dict(json.loads(str(m.metadata[VALUE])))
+
+    def _list_namespaces(self, op: ListNamespacesOp) -> list[tuple[str, ...]]:
+        seen: set[tuple[str, ...]] = set()
+        for page, _ in self.store.iter_memories(namespace=None, where={ITEM: True}):
+            seen.update(tuple(json.loads(str(m.metadata[NS]))) for m in page)
+        spaces = [ns for ns in seen if all(_does_match(c, ns) for c in (op.match_conditions or ()))]
+        if op.max_depth is not None:
+            spaces = list({ns[: op.max_depth] for ns in spaces})
+        return sorted(spaces)[op.offset : op.offset + op.limit]

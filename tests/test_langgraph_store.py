@@ -1,0 +1,145 @@
+"""MemoryDistillStore: LangGraph's BaseStore on a MemoryStore, checked against LangGraph's own InMemoryStore."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import fast_job
+from langchain.agents import create_agent
+from langchain.tools import ToolRuntime
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_core.tools import tool
+from langchain_memory_distill import MemoryDistillStore
+from langgraph.store.memory import InMemoryStore
+from lc_helpers import ScriptedChatModel
+
+from memory_distill import ArtifactRegistry, InvalidMemoryError, MemoryDistill
+
+ITEMS = [
+    (("users", "alice", "episodes"), "e1", {"text": "searched the web and cited two sources", "reward": 0.9,
+                                            "tool": "search", "meta": {"lang": "en", "n": 3}}),
+    (("users", "alice", "episodes"), "e2", {"text": "guessed without checking", "reward": 0.1, "tool": "none",
+                                            "meta": {"lang": "fr", "n": 1}}),
+    (("users", "alice", "prefs"), "p1", {"text": "prefers short answers", "tool": "none"}),
+    (("users", "bob", "episodes"), "e1", {"text": "used the calculator and verified", "reward": 0.8, "tool": "calc",
+                                          "meta": {"lang": "en", "n": 2}}),
+    (("docs",), "d1", {"title": "no text field here", "score": 7}),
+]
+
+
+def _fill(store) -> None:  # type: ignore[no-untyped-def]
+    for ns, key, value in ITEMS:
+        store.put(ns, key, value)
+
+
+@pytest.fixture
+def both(store):  # type: ignore[no-untyped-def]
+    ours, ref = MemoryDistillStore(store), InMemoryStore()
+    _fill(ours)
+    _fill(ref)
+    return ours, ref
+
+
+def _keys(items) -> list[tuple]:  # type: ignore[no-untyped-def]
+    return sorted((i.namespace, i.key, str(i.value)) for i in items)
+
+
+def test_get_put_delete_like_langgraph(both) -> None:  # type: ignore[no-untyped-def]
+    ours, ref = both
+    for ns, key, _ in ITEMS:
+        a, b = ours.get(ns, key), ref.get(ns, key)
+        assert (a.namespace, a.key, a.value) == (b.namespace, b.key, b.value)
+    assert ours.get(("users", "carol"), "e1") is None and ref.get(("users", "carol"), "e1") is None
+    first = ours.get(("users", "alice", "episodes"), "e1")
+    ours.put(("users", "alice", "episodes"), "e1", {"text": "searched again", "reward": 0.7})
+    again = ours.get(("users", "alice", "episodes"), "e1")
+    assert again.value == {"text": "searched again", "reward": 0.7}
+    assert again.created_at == first.created_at and again.updated_at >= first.updated_at
+    ours.delete(("users", "alice", "episodes"), "e1")
+    assert ours.get(("users", "alice", "episodes"), "e1") is None
+
+
+@pytest.mark.parametrize("prefix,flt", [
+    ((), None), (("users",), None), (("users", "alice"), None), (("users", "alice", "episodes"), None),
+    (("users",), {"tool": "none"}), (("users", "alice", "episodes"), {"reward": {"$gte": 0.5}}), (("users",), {"meta": {"lang": "en"}}),
+    (("docs",), {"score": {"$gt": 5}}), (("users",), {"reward": {"$ne": 0.1}, "tool": {"$eq": "search"}}), (("nope",), None),
+])
+def test_search_without_query_matches_langgraph(both, prefix, flt) -> None:  # type: ignore[no-untyped-def]
+    ours, ref = both
+    assert _keys(ours.search(prefix, filter=flt, limit=50)) == _keys(ref.search(prefix, filter=flt, limit=50))
+
+
+def test_a_comparison_on_a_missing_field_does_not_match(both) -> None:  # type: ignore[no-untyped-def]
+    ours, _ = both  # (LangGraph's InMemoryStore raises TypeError here)
+    assert _keys(ours.search((), filter={"score": {"$gt": 5}})) == [(("docs",), "d1", str(ITEMS[4][2]))]
+    assert {i.key for i in ours.search(("users",), filter={"reward": {"$lt": 0.5}})} == {"e2"}
+
+
+def test_list_namespaces_matches_langgraph(both) -> None:  # type: ignore[no-untyped-def]
+    ours, ref = both
+    for kw in ({}, {"prefix": ("users",)}, {"suffix": ("episodes",)}, {"prefix": ("users", "*", "episodes")},
+               {"max_depth": 2}, {"prefix": ("users",), "max_depth": 2, "limit": 1, "offset": 1}):
+        assert ours.list_namespaces(**kw) == ref.list_namespaces(**kw), kw
+
+
+def test_semantic_search_rewards_and_consolidation(tmp_path, store) -> None:  # type: ignore[no-untyped-def]
+    ours = MemoryDistillStore(store)
+    _fill(ours)
+    hits = ours.search(("users",), query="calculator verified", limit=2)
+    assert hits[0].key == "e1" and hits[0].namespace == ("users", "bob", "episodes") and 0 < hits[0].score <= 1
+    filtered = ours.search(("users",), query="calculator verified", filter={"tool": "search"})
+    assert [h.key for h in filtered] == ["e1"] and filtered[0].namespace[1] == "alice"
+    assert ours.search(("users", "alice"), query="web", limit=1, offset=1)[0].key in ("e2", "p1")
+    # items are memories: their reward, group and scalar fields are what consolidation trains on
+    m = store.get(MemoryDistillStore.memory_id(("users", "alice", "episodes"), "e1"))
+    assert m.reward == 0.9 and m.namespace == "lg:users.alice.episodes" and m.metadata["tool"] == "search"
+    assert m.text == "searched the web and cited two sources"
+    assert store.get(MemoryDistillStore.memory_id(("users", "alice", "prefs"), "p1")).reward is None
+    with pytest.raises(InvalidMemoryError, match="must be a number"):
+        ours.put(("users",), "bad", {"text": "x", "reward": "high"})
+    with pytest.raises(InvalidMemoryError, match="outside the configured range"):
+        ours.put(("users",), "bad", {"text": "x", "reward": 7})
+    assert ours.get(("users",), "bad") is None
+
+
+def test_value_weighted_search_prefers_what_paid_off(tmp_path, store) -> None:  # type: ignore[no-untyped-def]
+    mem = MemoryDistill(store, ArtifactRegistry(tmp_path / "models"), fast_job())
+    lg = MemoryDistillStore(store, predictor=mem.try_predictor, value_weight=0.5)
+    for i in range(150):
+        good = i % 2 == 0
+        lg.put(("agent", "runs"), f"r{i}", {
+            "text": f"Task {i // 2}: the agent {'searched the web and cited sources' if good else 'guessed the answer'}",
+            "reward": 0.9 if good else 0.1, "group": f"task-{i // 2}"})
+    plain = lg.search(("agent",), query="Task 3", limit=5)  # no model yet: by similarity alone
+    assert plain[0].value["reward"] == 0.1
+    mem.consolidate()
+    ranked = lg.search(("agent",), query="Task 3", limit=5)  # the student now weighs in
+    assert ranked[0].value["reward"] == 0.9
+    assert sum(h.value["reward"] == 0.9 for h in ranked) > sum(h.value["reward"] == 0.9 for h in plain)
+
+
+def test_async_api_and_an_agent_tool_using_the_store(store) -> None:  # type: ignore[no-untyped-def]
+    lg = MemoryDistillStore(store)
+
+    @tool
+    def remember(fact: str, runtime: ToolRuntime) -> str:
+        """Save a fact about the user."""
+        runtime.store.put(("users", "u1", "facts"), f"f{len(fact)}", {"text": fact})
+        return "saved"
+
+    model = ScriptedChatModel(responses=[
+        AIMessage(content="", tool_calls=[{"name": "remember", "args": {"fact": "likes tea"}, "id": "c1",
+                                           "type": "tool_call"}]),
+        AIMessage(content="Noted.")])
+    agent = create_agent(model, [remember], store=lg)
+    agent.invoke({"messages": [HumanMessage("remember that I like tea")]})
+    assert lg.get(("users", "u1", "facts"), "f9").value == {"text": "likes tea"}
+
+    async def go():  # type: ignore[no-untyped-def]
+        await lg.aput(("users", "u1", "facts"), "f2", {"text": "lives in Oslo"})
+        got = await lg.asearch(("users", "u1"), query="the user lives in", limit=1)
+        return got, await lg.alist_namespaces(prefix=("users",))
+
+    got, spaces = asyncio.run(go())
+    assert got[0].key == "f2" and spaces == [("users", "u1", "facts")]
