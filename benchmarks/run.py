@@ -138,6 +138,41 @@ def bench_transfer(n: int, dim: int, queries: int = 200) -> dict[str, Any]:
             "diverse_ratio": _median(diverse) / _median(plain)}
 
 
+def bench_langgraph_store(n: int = 2000, queries: int = 200) -> dict[str, Any]:
+    """MemoryDistillStore.put / search (LangGraph BaseStore) vs MemoryStore.add / search doing the same, alternated."""
+    from langchain_memory_distill import MemoryDistillStore
+
+    from memory_distill import HashingEmbedder, MemoryStore, StoreConfig
+
+    d = Path(tempfile.mkdtemp())
+    emb = HashingEmbedder(dim=384)
+    raw = MemoryStore(emb, StoreConfig(path=d / "raw"))
+    lg = MemoryDistillStore(MemoryStore(emb, StoreConfig(path=d / "lg")))
+    texts = [f"Task {i}: the agent {'searched the web and cited sources' if i % 2 else 'guessed'} on topic {i % 97}"
+             for i in range(n)]
+    put_ours, put_raw = [], []
+    for i, t in enumerate(texts):
+        a = time.perf_counter()
+        lg.put(("users", f"u{i % 10}", "episodes"), f"k{i}", {"text": t, "reward": (i % 10) / 10, "group": f"g{i % 50}"})
+        b = time.perf_counter()
+        raw.add({"text": t, "reward": (i % 10) / 10, "metadata": {"group": f"g{i % 50}"}, "namespace": f"u{i % 10}"})
+        put_raw.append(time.perf_counter() - b)
+        put_ours.append(b - a)
+    s_ours, s_raw = [], []
+    for i in range(queries):
+        q = texts[(i * 37) % n]
+        a = time.perf_counter()
+        lg.search(("users", f"u{i % 10}"), query=q, limit=5)
+        b = time.perf_counter()
+        raw.search(q, k=5, namespace=f"u{i % 10}")
+        s_raw.append(time.perf_counter() - b)
+        s_ours.append(b - a)
+    shutil.rmtree(d, ignore_errors=True)
+    return {"n": n, "put_p50_ms": 1000 * _median(put_ours), "add_p50_ms": 1000 * _median(put_raw),
+            "put_ratio": _median(put_ours) / _median(put_raw), "search_p50_ms": 1000 * _median(s_ours),
+            "raw_search_p50_ms": 1000 * _median(s_raw), "search_ratio": _median(s_ours) / _median(s_raw)}
+
+
 # ----------------------------------------------------------------------------- consolidation
 
 CONSOLIDATE_CHILD = r"""
@@ -716,6 +751,17 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
                      f"{r['file_mb']:.0f} | {r['import_s']:.1f} | {r['bare_add_s']:.1f} | {r['import_ratio']:.2f}x | "
                      f"{r['search_p50_ms']:.2f} | {r['diverse_p50_ms']:.2f} | {r['diverse_ratio']:.2f}x |")
         L.append("")
+    if res.get("langgraph_store"):
+        r = res["langgraph_store"]
+        L += ["## LangGraph store adapter", "",
+              f"`MemoryDistillStore.put` of {r['n']:,} items (LangGraph `BaseStore`, 10 namespaces) vs `MemoryStore.add` of "
+              "the same memories, one by one, alternated; then `search(namespace, query=..., limit=5)` vs "
+              "`MemoryStore.search(k=5, namespace=...)`, 200 queries alternated. A put reads the item first (to keep "
+              "its creation time) and upserts; a search filters on the namespace path in Chroma.", "",
+              "| put p50 (ms) | add p50 (ms) | ratio | search p50 (ms) | raw search p50 (ms) | ratio |",
+              "|---|---|---|---|---|---|",
+              f"| {r['put_p50_ms']:.2f} | {r['add_p50_ms']:.2f} | {r['put_ratio']:.2f}x | {r['search_p50_ms']:.2f} | "
+              f"{r['raw_search_p50_ms']:.2f} | {r['search_ratio']:.2f}x |", ""]
     if res.get("long_texts"):
         r = res["long_texts"]
         L += ["## Embedding long texts (MiniLM, `LocalEmbedder`)", "",
@@ -774,8 +820,8 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=["speed", "inference", "scaling", "ranking", "long-texts", "transfer", "quality",
-                                       "all"],
+    ap.add_argument("--only", choices=["speed", "inference", "scaling", "ranking", "long-texts", "transfer",
+                                       "langgraph", "quality", "all"],
                     default="all")
     ap.add_argument("--ranking-sizes", type=int, nargs="*", default=[10_000, 100_000])
     ap.add_argument("--ingest-sizes", type=int, nargs="*", default=[10_000])
@@ -827,6 +873,9 @@ def main() -> None:
     if args.only in ("speed", "transfer", "all"):
         res["transfer"] = [bench_transfer(args.transfer_size, 384)]
         print("transfer", json.dumps(res["transfer"][0]), flush=True)
+    if args.only in ("speed", "langgraph", "all"):
+        res["langgraph_store"] = bench_langgraph_store()
+        print("langgraph store", json.dumps(res["langgraph_store"]), flush=True)
     if args.only in ("long-texts", "all"):
         row = bench_long_texts()
         if row is not None:

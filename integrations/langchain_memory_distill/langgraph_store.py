@@ -224,6 +224,7 @@ class MemoryDistillStore(BaseStore):
             mems.sort(key=lambda m: -float(m.metadata.get(UPDATED, m.created_at)))  # type: ignore[arg-type]
             return [self._item(m, SearchItem) for m in mems[op.offset : end]]
         where[INDEXED] = True
+        pred = self._predictor() if self.value_weight > 0 else None
         if op.filter:  # exact: every item under the prefix that passes the filter is scored
             mems, vecs = [], []
             for page, X in self.store.iter_memories(namespace=None, where=where, with_embeddings=True):
@@ -237,14 +238,14 @@ class MemoryDistillStore(BaseStore):
             V = np.stack(vecs)
             sim = (V @ q) / np.maximum(np.linalg.norm(V, axis=1) * np.linalg.norm(q), 1e-12)
         else:
-            pool = end if self.value_weight == 0 else max(end, 4 * end, 20)
-            hits = self.store.search(op.query, pool, namespace=None, where=where, include_embeddings=True)
+            pool = end if pred is None else max(4 * end, 20)  # value re-ranks a wider pool
+            hits = self._nearest(op.query, pool, op.namespace_prefix, where, vectors=pred is not None)
             if not hits:
                 return []
-            mems, V = [h.memory for h in hits], np.stack([np.asarray(h.embedding) for h in hits])
+            mems = [h.memory for h in hits]
+            V = np.stack([np.asarray(h.embedding) for h in hits]) if pred is not None else np.empty((0, 0))
             sim = np.array([h.similarity for h in hits])
         score = sim
-        pred = self._predictor() if self.value_weight > 0 else None
         if pred is not None:
             batch = pred.predict_embeddings(V, texts=[m.text for m in mems], metadata=[m.metadata for m in mems])
             lo, hi = float(pred.bins.low), float(pred.bins.high)
@@ -252,6 +253,20 @@ class MemoryDistillStore(BaseStore):
             score = (1 - self.value_weight) * sim + self.value_weight * value
         order = np.argsort(-score, kind="stable")[op.offset : end]
         return [self._item(mems[i], SearchItem, float(score[i])) for i in order]
+
+    def _nearest(self, query: str, k: int, prefix: tuple[str, ...], where: dict[str, Any], *,
+                 vectors: bool) -> list[Any]:
+        """The k nearest indexed items under ``prefix``. Chroma evaluates a ``where`` over every row before it
+        searches, so an oversampled unfiltered search is tried first and the prefix checked on its rows; the
+        filtered search runs only when too few of them qualify (as ``MemoryStore.search`` does for namespaces)."""
+        q = self.store.embedder.embed([query])[0]
+        n = 4 * k + 16
+        hits = self.store.search(q, n, namespace=None, include_embeddings=vectors)
+        keep = [h for h in hits if h.memory.metadata.get(ITEM) is True and h.memory.metadata.get(INDEXED) is True
+                and all(h.memory.metadata.get(_level(i)) == label for i, label in enumerate(prefix))]
+        if len(keep) >= k or len(hits) < n:
+            return keep[:k]
+        return self.store.search(q, k, namespace=None, where=where, include_embeddings=vectors)
 
     @staticmethod
     def _value(m: Memory) -> dict[str, Any]:
