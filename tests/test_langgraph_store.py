@@ -143,3 +143,14 @@ def test_async_api_and_an_agent_tool_using_the_store(store) -> None:  # type: ig
 
     got, spaces = asyncio.run(go())
     assert got[0].key == "f2" and spaces == [("users", "u1", "facts")]
+
+
+def test_semantic_search_finds_items_crowded_out_by_other_memories(store) -> None:  # type: ignore[no-untyped-def]
+    """The oversampled unfiltered query holds only other memories: the filtered search must still find the items."""
+    store.add_many([{"text": f"the agent booked a flight to Lisbon, attempt {i}", "reward": 0.5} for i in range(80)])
+    lg = MemoryDistillStore(store)
+    lg.put(("trips",), "t1", {"text": "booked a flight to Lisbon for the conference"})
+    lg.put(("trips",), "t2", {"text": "cancelled the hotel"})
+    lg.put(("trips",), "t3", {"text": "booked a flight to Lisbon, hidden from search"}, index=False)
+    hits = lg.search(("trips",), query="the agent booked a flight to Lisbon", limit=2)
+    assert [h.key for h in hits] == ["t1", "t2"]

@@ -16,8 +16,10 @@ tools and nodes the standard LangGraph store API (``put`` / ``get`` / ``search``
 one, e.g. ``lambda: mem.try_predictor()``) and ``value_weight`` > 0 it ranks by
 ``(1 - value_weight) * similarity + value_weight * predicted value`` (scaled to [0, 1]) and the
 item's ``score`` is that. ``filter`` follows LangGraph's semantics (exact match, nested dicts,
-``$eq $ne $gt $gte $lt $lte``); a filtered query scores every item under the prefix exactly. Searches
-without a query return items newest-updated first. ``list_namespaces`` reads every item's metadata
+``$eq $ne $gt $gte $lt $lte``; a comparison with a missing field does not match); a filtered query
+scores every item under the prefix exactly. Items put with ``index=False`` are left out of query
+searches (LangGraph's ``InMemoryStore`` appends them unscored). Searches without a query return items
+newest-updated first. ``list_namespaces`` reads every item's metadata
 (O(items)). TTLs are not supported.
 """
 
