@@ -429,14 +429,18 @@ class ConsolidationWorker:
         return None, 0
 
     def due(self) -> tuple[bool, str]:
-        """Whether a run is due now, and why."""
+        """Whether a run is due now, and why. Never while there are fewer rewarded memories than a run needs."""
         last_time, last_rewarded = self._last()
+        rewarded = self.store.count(namespace=self.config.namespace, rewarded_only=True)
+        if rewarded < self.config.min_rewarded:
+            return False, (f"only {rewarded} rewarded memories (a run needs JobConfig.min_rewarded="
+                           f"{self.config.min_rewarded})")
         if last_time is None:
             return True, "no consolidation has run yet"
         if self.every_s is not None and time.time() - last_time >= self.every_s:
             return True, f"{self.every_s:.0f}s elapsed since the last run"
         if self.min_new is not None:
-            new = self.store.count(namespace=self.config.namespace, rewarded_only=True) - last_rewarded
+            new = rewarded - last_rewarded
             if new >= self.min_new:
                 return True, f"{new} new rewarded memories (>= {self.min_new})"
         if self.drift_threshold is not None:
@@ -457,6 +461,12 @@ class ConsolidationWorker:
             rep = run_consolidation(self.store, self.registry, self.config, lock_timeout=0)
         except (JobLockedError, NotEnoughDataError) as e:
             log.info("skipped: %s", e)
+            self.runs.append(e)
+            return None
+        except ConsolidationError as e:
+            if not isinstance(e.__cause__, NotEnoughDataError):
+                raise
+            log.info("skipped: %s", e)  # e.g. too few training rows once the recent ones are held out
             self.runs.append(e)
             return None
         self.runs.append(rep)

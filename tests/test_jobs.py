@@ -124,6 +124,18 @@ def test_worker_triggers_on_new_rewards_and_time(store, registry):
     assert w2.due()[0] and "elapsed" in w2.due()[1]
 
 
+def test_worker_waits_for_enough_rewards_without_failing_runs(store, registry):
+    eps = synthetic_episodes(60, seed=4, pending_fraction=0.0)
+    store.add_many(eps[:10])
+    w = ConsolidationWorker(store, registry, fast_job(min_rewarded=20), every_s=0.0, min_new=1)
+    assert w.due() == (False, "only 10 rewarded memories (a run needs JobConfig.min_rewarded=20)")
+    for _ in range(3):  # a fresh deployment polling before the data is there
+        assert w.run_once() is None
+    assert registry.history() == [] and w.runs == []  # no failed runs logged every poll
+    store.add_many(eps[10:])
+    assert w.due() == (True, "no consolidation has run yet") and w.run_once() is not None
+
+
 def test_worker_run_forever_stops(store, registry, episodes):
     store.add_many(episodes)
     w = ConsolidationWorker(store, registry, fast_job(), every_s=None, min_new=1)
