@@ -329,19 +329,30 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from .jobs import ConsolidationWorker
+    from .jobs import ConsolidationWorker, NamespaceWorkers
 
     mem = _open(args)
-    w = ConsolidationWorker(mem.store, mem.registry, _job_config(args, mem.job), every_s=args.every,
-                            min_new=args.min_new, drift_threshold=args.drift_threshold)
-    print(f"worker: every {args.every}s or {args.min_new} new rewards; polling every {args.poll}s (Ctrl-C stops)")
+    cfg = _job_config(args, mem.job)
+    triggers = {"every_s": args.every, "min_new": args.min_new, "drift_threshold": args.drift_threshold}
+    if args.each_namespace:
+        if cfg.namespace is not None:
+            raise MemoryDistillError("give --each-namespace or --namespace, not both")
+        w: Any = NamespaceWorkers(mem.store, mem.registry, cfg, **triggers)
+        scope = "each namespace: "
+    else:
+        w = ConsolidationWorker(mem.store, mem.registry, cfg, **triggers)
+        scope = ""
+    print(f"worker: {scope}every {args.every}s or {args.min_new} new rewards; polling every {args.poll}s (Ctrl-C stops)")
     try:
         w.run_forever(poll_s=args.poll, max_runs=args.max_runs)
     except KeyboardInterrupt:
         pass
-    for r in w.runs:
-        if not isinstance(r, Exception):
-            print(f"{r.version}: {'promoted' if r.promoted else 'rejected'} ({r.reason})")
+    workers = w.workers.items() if args.each_namespace else [(cfg.namespace, w)]
+    for ns, one in workers:
+        for r in one.runs:
+            if not isinstance(r, Exception):
+                where = f"namespace {ns!r} " if ns is not None else ""
+                print(f"{where}{r.version}: {'promoted' if r.promoted else 'rejected'} ({r.reason})")
     return 0
 
 
@@ -529,6 +540,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--drift-threshold", type=float)
     sp.add_argument("--poll", type=_duration, default=30.0)
     sp.add_argument("--max-runs", type=int)
+    sp.add_argument("--each-namespace", action="store_true",
+                    help="one model per namespace, each consolidated on its own triggers")
     sp.set_defaults(func=cmd_worker)
 
     sp = sub.add_parser("demo", help="main job: ingest synthetic episodes, consolidate, predict (offline)")

@@ -7,7 +7,8 @@ publishes a version (promoted or kept as a rejected candidate). It holds the reg
 single-writer lock for the whole run; readers keep serving the published student meanwhile.
 
 :class:`ConsolidationExecutor` runs it in a background thread (submit -> future);
-:class:`ConsolidationWorker` runs it periodically when N new rewards arrived or T elapsed.
+:class:`ConsolidationWorker` runs it periodically when N new rewards arrived or T elapsed;
+:class:`NamespaceWorkers` keeps one per namespace (a model per team or user).
 :func:`forget` deletes memories and marks models trained on them stale.
 :func:`drift_report` compares predicted and realised rewards on memories newer than the model.
 """
@@ -482,6 +483,68 @@ class ConsolidationWorker:
             except ConsolidationError as e:
                 log.error("%s", e)
             if max_runs is not None and done >= max_runs:
+                return
+            self._stop.wait(poll_s)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class NamespaceWorkers:
+    """One :class:`ConsolidationWorker` per namespace of the store: each team's (user's, LangGraph namespace's)
+    model is trained, gated and published on its own triggers (``registry.scoped(namespace)``).
+
+    Namespaces are discovered from the store (a full metadata read) at most every ``discover_every_s``;
+    one with fewer than ``JobConfig.min_rewarded`` rewarded memories is not consolidated until it has them.
+    ``run_once()`` returns the reports of the runs it made, by namespace.
+    """
+
+    def __init__(self, store: MemoryStore, registry: ArtifactRegistry, config: JobConfig | None = None, *,
+                 every_s: float | None = 600.0, min_new: int | None = 100, drift_threshold: float | None = None,
+                 discover_every_s: float = 600.0) -> None:
+        self.config = config or JobConfig()
+        if self.config.namespace is not None:
+            raise ValueError(f"NamespaceWorkers runs every namespace: leave JobConfig.namespace unset "
+                             f"(got {self.config.namespace!r}), or use ConsolidationWorker for one namespace")
+        if every_s is None and min_new is None and drift_threshold is None:
+            raise ValueError("give at least one trigger: every_s, min_new or drift_threshold")
+        self.store, self.registry = store, registry
+        self.triggers: dict[str, Any] = {"every_s": every_s, "min_new": min_new, "drift_threshold": drift_threshold}
+        self.discover_every_s = discover_every_s
+        self.workers: dict[str, ConsolidationWorker] = {}
+        self._discovered_at: float | None = None
+        self._stop = threading.Event()
+
+    def discover(self, *, force: bool = False) -> list[str]:
+        """The store's namespaces (re-read when ``discover_every_s`` passed or ``force``), each with its worker."""
+        now = time.time()
+        if force or self._discovered_at is None or now - self._discovered_at >= self.discover_every_s:
+            for ns in self.store.stats()["namespaces"]:
+                if ns not in self.workers:
+                    cfg = self.config.model_copy(update={"namespace": ns})
+                    self.workers[ns] = ConsolidationWorker(self.store, self.registry, cfg, **self.triggers)
+            self._discovered_at = now
+        return sorted(self.workers)
+
+    def run_once(self) -> dict[str, ConsolidationReport]:
+        """Run every namespace whose triggers fire (one after the other); a failing namespace does not stop the rest."""
+        done: dict[str, ConsolidationReport] = {}
+        for ns in self.discover():
+            try:
+                rep = self.workers[ns].run_once()
+            except ConsolidationError as e:
+                log.error("namespace %r: %s", ns, e)
+                continue
+            if rep is not None:
+                done[ns] = rep
+        return done
+
+    def run_forever(self, poll_s: float = 30.0, max_runs: int | None = None) -> None:
+        """Poll until ``stop()`` (or ``max_runs`` runs happened, over all namespaces)."""
+        n = 0
+        while not self._stop.is_set():
+            n += len(self.run_once())
+            if max_runs is not None and n >= max_runs:
                 return
             self._stop.wait(poll_s)
 

@@ -129,3 +129,28 @@ def test_a_namespace_predictor_switches_to_the_namespace_model_when_it_appears(m
     assert served.registry.namespace == "team-b"
     b_search, b_guess = (p.mean for p in served.predict([SEARCH, GUESS]))
     assert b_guess - b_search > top_gap + 0.3
+
+
+def test_namespace_workers_keep_one_model_per_namespace(mem, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from memory_distill import NamespaceWorkers
+
+    mem.add_many([{"text": f"{SEARCH} (tiny {i})", "reward": 0.5, "namespace": "team-tiny"} for i in range(5)])
+    nw = NamespaceWorkers(mem.store, mem.registry, fast_job(), every_s=3600, min_new=10)
+    first = nw.run_once()
+    assert sorted(first) == ["team-a", "team-b"]  # team-tiny has 5 rewarded memories: not due, not failed
+    assert nw.workers["team-tiny"].due()[0] is False and mem.registry.scoped("team-tiny").history() == []
+    assert {ns: r.version for ns, r in first.items()} == {"team-a": "v000001", "team-b": "v000001"}
+    assert nw.run_once() == {}  # nothing new
+    mem.add_many(_episodes("team-b", 0.1, n=12))
+    assert list(nw.run_once()) == ["team-b"]  # only the namespace whose rewards arrived
+    assert mem.registry.scoped("team-b").current_version() in ("v000001", "v000002")
+    assert len(mem.registry.scoped("team-b").history()) == 2 and len(mem.registry.scoped("team-a").history()) == 1
+    with pytest.raises(ValueError, match="leave JobConfig.namespace unset"):
+        NamespaceWorkers(mem.store, mem.registry, fast_job(namespace="team-a"))
+
+    home = str(tmp_path / "home")
+    MemoryDistill.open(home).add_many(_episodes("x", 0.9) + _episodes("y", 0.1))
+    assert main(["-q", "--home", home, "worker", "--each-namespace", "--epochs", "6", "--max-runs", "2",
+                 "--poll", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "namespace 'x' v000001" in out and "namespace 'y' v000001" in out

@@ -12,7 +12,7 @@ EXPECTED = {
     "NoModelError", "NotEnoughDataError", "OpenAIEmbedder", "PredictionBatch", "Predictor", "RewardBins",
     "RewardMLP", "RewardPrediction", "SearchHit", "Settings", "StoreConfig", "StoreError", "TeacherConfig",
     "build_student", "build_teacher", "drift_report", "forget", "make_embedder", "run_consolidation", "text_stats",
-    "ImportReport", "export_jsonl", "import_jsonl", "__version__",
+    "ImportReport", "NamespaceWorkers", "export_jsonl", "import_jsonl", "__version__",
 }
 
 
