@@ -29,7 +29,7 @@ import asyncio
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -49,9 +49,10 @@ from langgraph.store.base import (
 )
 
 from memory_distill.errors import InvalidMemoryError
-from memory_distill.predictor import Predictor
 from memory_distill.store import MemoryStore
 from memory_distill.types import Memory
+
+from .retriever import PredictorLike, predicted_value, resolve_predictor
 
 __all__ = ["MemoryDistillStore"]
 
@@ -112,7 +113,7 @@ def _does_match(cond: MatchCondition, ns: tuple[str, ...]) -> bool:
 class MemoryDistillStore(BaseStore):
     """LangGraph's long-term memory store interface, backed by a memory_distill :class:`MemoryStore`."""
 
-    def __init__(self, store: MemoryStore, *, predictor: Predictor | Callable[[], Predictor | None] | None = None,
+    def __init__(self, store: MemoryStore, *, predictor: PredictorLike = None,
                  value_weight: float = 0.0, fields: list[str] | None = None, reward_key: str = "reward") -> None:
         if not 0.0 <= value_weight <= 1.0:
             raise ValueError(f"value_weight must be in [0, 1], got {value_weight}")
@@ -177,14 +178,6 @@ class MemoryDistillStore(BaseStore):
         where.update({_level(i): label for i, label in enumerate(prefix)})
         return where
 
-    def _predictor(self) -> Predictor | None:
-        p = self.predictor
-        if p is None or isinstance(p, Predictor):
-            if p is not None:
-                p.refresh()
-            return p
-        return p()
-
     # ------------------------------------------------------------------ ops
 
     def batch(self, ops: Iterable[Op]) -> list[Result]:
@@ -226,7 +219,7 @@ class MemoryDistillStore(BaseStore):
             mems.sort(key=lambda m: -float(m.metadata.get(UPDATED, m.created_at)))  # type: ignore[arg-type]
             return [self._item(m, SearchItem) for m in mems[op.offset : end]]
         where[INDEXED] = True
-        pred = self._predictor() if self.value_weight > 0 else None
+        pred = resolve_predictor(self.predictor) if self.value_weight > 0 else None
         if op.filter:  # exact: every item under the prefix that passes the filter is scored
             mems, vecs = [], []
             for page, X in self.store.iter_memories(namespace=None, where=where, with_embeddings=True):
@@ -249,9 +242,7 @@ class MemoryDistillStore(BaseStore):
             sim = np.array([h.similarity for h in hits])
         score = sim
         if pred is not None:
-            batch = pred.predict_embeddings(V, texts=[m.text for m in mems], metadata=[m.metadata for m in mems])
-            lo, hi = float(pred.bins.low), float(pred.bins.high)
-            value = np.clip((batch.mean - lo) / (hi - lo), 0, 1)
+            value = predicted_value(pred, V, mems)[0]
             score = (1 - self.value_weight) * sim + self.value_weight * value
         order = np.argsort(-score, kind="stable")[op.offset : end]
         return [self._item(mems[i], SearchItem, float(score[i])) for i in order]

@@ -32,11 +32,10 @@ from langchain.agents.middleware import AgentMiddleware, AgentState, ModelReques
 from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
 from typing_extensions import NotRequired
 
-from memory_distill.predictor import Predictor
 from memory_distill.store import MemoryStore
 
 from .episodes import EpisodeWriter, Errors, episode_from_messages, episode_metadata, message_text
-from .retriever import ValueAwareRetriever
+from .retriever import PredictorLike, ValueAwareRetriever
 from .tools import make_recall_tool
 
 __all__ = ["MemoryDistillMiddleware", "MemoryDistillState"]
@@ -57,7 +56,7 @@ class MemoryDistillMiddleware(AgentMiddleware):
     def __init__(
         self,
         store: MemoryStore,
-        predictor: Predictor | Callable[[], Predictor | None] | None = None,
+        predictor: PredictorLike = None,
         *,
         k: int = 3,
         namespace: str = "default",

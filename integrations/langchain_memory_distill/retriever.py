@@ -31,9 +31,30 @@ from pydantic import ConfigDict, Field
 from memory_distill.predictor import Predictor
 from memory_distill.store import MemoryStore, mmr_select
 
-__all__ = ["ValueAwareRetriever"]
+__all__ = ["ValueAwareRetriever", "predicted_value", "resolve_predictor"]
 
 Mode = Literal["likely_success", "cautionary", "similarity"]
+
+
+PredictorLike = Predictor | Callable[[], Predictor | None] | None
+"""A predictor, a function returning the one to use now (``None`` while no model is published), or ``None``."""
+
+
+def resolve_predictor(p: PredictorLike, *, refresh: bool = True) -> Predictor | None:
+    """The predictor to score with now: ``p`` itself (refreshed), what a provider function returns, or ``None``."""
+    if p is None or isinstance(p, Predictor):
+        if p is not None and refresh:
+            p.refresh()
+        return p
+    return p()  # a provider returns a refreshed predictor, or None
+
+
+def predicted_value(predictor: Predictor, X: np.ndarray,
+                    memories: list[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The student's expected reward of stored memories scaled to [0, 1] over its support, with mean and std."""
+    batch = predictor.predict_embeddings(X, texts=[m.text for m in memories], metadata=[m.metadata for m in memories])
+    lo, hi = float(predictor.bins.low), float(predictor.bins.high)
+    return np.clip((batch.mean - lo) / (hi - lo), 0, 1), batch.mean, batch.std
 
 
 class ValueAwareRetriever(BaseRetriever):
@@ -46,7 +67,7 @@ class ValueAwareRetriever(BaseRetriever):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     store: MemoryStore
-    predictor: Predictor | Callable[[], Predictor | None] | None = None
+    predictor: PredictorLike = None
     """The student scoring candidates; or a function returning the one to use now (``None`` while no model
     is published), e.g. ``lambda: mem.try_predictor("team-a")``; ``None``: stored rewards."""
     k: int = Field(default=4, ge=1)
@@ -75,22 +96,14 @@ class ValueAwareRetriever(BaseRetriever):
 
     def current_predictor(self) -> Predictor | None:
         """The predictor scoring candidates now (refreshed when ``auto_refresh``), or ``None``."""
-        p = self.predictor
-        if p is None or isinstance(p, Predictor):
-            if p is not None and self.auto_refresh:
-                p.refresh()
-            return p
-        return p()  # a provider returns a refreshed predictor, or None
+        return resolve_predictor(self.predictor, refresh=self.auto_refresh)
 
     def _value(self, hits: list[Any],
                predictor: Predictor | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         n = len(hits)
         if predictor is not None and n:
-            X = np.stack([np.asarray(h.embedding) for h in hits])
-            batch = predictor.predict_embeddings(X, texts=[h.memory.text for h in hits],
-                                                 metadata=[h.memory.metadata for h in hits])
-            lo, hi = float(predictor.bins.low), float(predictor.bins.high)
-            return np.clip((batch.mean - lo) / (hi - lo), 0, 1), batch.mean, batch.std
+            return predicted_value(predictor, np.stack([np.asarray(h.embedding) for h in hits]),
+                                   [h.memory for h in hits])
         lo, hi = self.store.config.reward_min, self.store.config.reward_max
         v = np.array([0.5 if h.memory.reward is None else (h.memory.reward - lo) / (hi - lo) for h in hits])
         return np.clip(v, 0, 1), None, None
