@@ -94,6 +94,17 @@ def test_middleware_started_before_any_model_picks_up_the_first_one(store, regis
     assert mw.retriever.invoke("population of Oslo")[0].metadata["model_version"] == report.version
 
 
+def test_recall_shows_an_episode_recorded_several_times_once(store):
+    same = "User: population of Oslo?\nTool call: lookup({\"city\": \"Oslo\"})\nAnswer: 700,000"
+    store.add_many([{"text": same, "reward": 1.0} for _ in range(3)]
+                   + [{"text": "User: population of Oslo?\nAnswer: I think 2 million", "reward": 0.0}])
+    model = ScriptedChatModel(responses=[AIMessage(content="Done.")])
+    agent = create_agent(model, [], middleware=[MemoryDistillMiddleware(store, k=2, record=False)])
+    agent.invoke({"messages": [HumanMessage("population of Oslo?")]})
+    prompt = next(m.content for m in model.seen[-1] if isinstance(m, SystemMessage))
+    assert prompt.count("\n- [reward") == 2 and prompt.count("Answer: 700,000") == 1 and "2 million" in prompt
+
+
 def test_async_agent_and_late_feedback(trained_store):
     store, _, pred = trained_store
     model = ScriptedChatModel(responses=tool_then_answer("lookup", {"city": "Lima"}, "About 10 million."))

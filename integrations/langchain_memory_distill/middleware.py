@@ -102,7 +102,14 @@ class MemoryDistillMiddleware(AgentMiddleware):
         query = next((message_text(m) for m in reversed(state["messages"]) if isinstance(m, HumanMessage)), "")
         if not query.strip() or self.store.count(namespace=self.namespace) == 0:
             return None
-        docs = self.retriever.invoke(query)
+        k = self.retriever.k
+        seen: set[str] = set()
+        docs = []
+        for d in self.retriever.invoke(query, k=2 * k):  # an episode recorded several times shows once
+            if d.page_content not in seen:
+                seen.add(d.page_content)
+                docs.append(d)
+        docs = docs[:k]
         if not docs:
             return None
         lines = ["Relevant past episodes (reward / predicted reward), learn from what paid off:"]
