@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ from typing import IO, TYPE_CHECKING, Any
 from .artifacts import ArtifactRegistry
 from .config import JobConfig, Settings, StoreConfig
 from .embeddings import Embedder, as_embedder, make_embedder
+from .errors import ArtifactError, EmbedderMismatchError
 from .jobs import ConsolidationReport, DriftReport, drift_report, forget, run_consolidation
 from .predictor import Predictor
 from .store import MemoryStore
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
     from .transfer import ImportReport
 
 __all__ = ["MemoryDistill"]
+
+log = logging.getLogger(__name__)
 
 
 class MemoryDistill:
@@ -141,14 +145,20 @@ class MemoryDistill:
         return p
 
     def try_predictor(self, namespace: str | None = None) -> Predictor | None:
-        """:meth:`predictor_for`, or ``None`` while no model serves ``namespace`` yet (never raises NoModelError).
+        """:meth:`predictor_for`, or ``None`` while no usable model serves ``namespace``.
 
-        Give ``mem.try_predictor`` (the method itself) to the LangChain adapters started before the
-        first consolidation: they use stored rewards until a model is published, then the model.
+        ``None`` before the first consolidation, and when the published model cannot serve this
+        store's embedder (after a re-embed, until the next consolidation; logged). Give
+        ``mem.try_predictor`` (the method itself) to the LangChain adapters: they use stored rewards
+        until a usable model is published, then the model, without a restart.
         """
         if namespace not in self._predictors and self.registry.serving(namespace).current_version() is None:
             return None
-        return self.predictor_for(namespace)
+        try:
+            return self.predictor_for(namespace)
+        except (ArtifactError, EmbedderMismatchError) as e:
+            log.warning("no usable model for namespace %r, using stored rewards: %s", namespace, e)
+            return None
 
     def predict(self, texts: str | Sequence[str], *,
                 metadata: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,

@@ -152,9 +152,12 @@ def test_facade_reembed_after_an_api_key_appears(tmp_path, server, monkeypatch) 
         MemoryDistill.open(tmp_path / "home")
     mem = MemoryDistill.reembed(tmp_path / "home")
     assert mem.embedder.name.startswith("openai:") and mem.store.count() == 200
+    # adapters holding mem.try_predictor fall back to stored rewards until the next consolidation
+    assert mem.try_predictor() is None
     rep = mem.consolidate(fast_job())
     assert rep.promoted and "cannot serve them" in rep.reason
     assert 0 <= mem.predict(["the agent searched the web"])[0].mean <= 1
+    assert mem.try_predictor() is not None and mem.try_predictor().version == rep.version
 
 
 def test_a_write_during_the_copy_is_detected_and_the_original_kept(tmp_path) -> None:  # type: ignore[no-untyped-def]
