@@ -52,6 +52,8 @@ REWARDED_AT = RESERVED_PREFIX + "rewarded_at"
 STATS = RESERVED_PREFIX + "stats"
 """Raw text counts for the models' text features (:mod:`memory_distill.features`)."""
 FORMAT_VERSION = 1
+ID_PAGE_SIZE = 100_000
+"""Rows per page when only ids are read (counts, deletes by filter): about 7 MB of ids."""
 
 
 @dataclass
@@ -557,12 +559,17 @@ class MemoryStore:
         return list(got)
 
     def _iter_ids(self, flt: dict[str, Any] | None) -> Iterator[list[str]]:
+        # ids only, in big pages: Chroma re-evaluates a filter from the first row for every page (offset),
+        # so small pages make a filtered count quadratic (1.3 s vs 0.18 s at 50k rows in one page)
+        size = max(self.config.read_page_size, ID_PAGE_SIZE)
         offset = 0
         while True:
-            page = self._col.get(where=flt, limit=self.config.read_page_size, offset=offset, include=[])["ids"]
+            page = self._col.get(where=flt, limit=size, offset=offset, include=[])["ids"]
             if not page:
                 return
             yield page
+            if len(page) < size:  # the last page: asking for the next one would scan everything again
+                return
             offset += len(page)
 
     # ------------------------------------------------------------------ reads

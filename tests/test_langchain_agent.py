@@ -103,6 +103,9 @@ def test_recall_shows_an_episode_recorded_several_times_once(store):
     agent.invoke({"messages": [HumanMessage("population of Oslo?")]})
     prompt = next(m.content for m in model.seen[-1] if isinstance(m, SystemMessage))
     assert prompt.count("\n- [reward") == 2 and prompt.count("Answer: 700,000") == 1 and "2 million" in prompt
+    other = MemoryDistillMiddleware(store, k=2, record=False, namespace="empty")  # nothing recorded there yet
+    create_agent(model, [], middleware=[other]).invoke({"messages": [HumanMessage("population of Oslo?")]})
+    assert not any(isinstance(m, SystemMessage) and "Relevant past" in m.content for m in model.seen[-1])
 
 
 def test_async_agent_and_late_feedback(trained_store):

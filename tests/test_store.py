@@ -245,3 +245,15 @@ def test_mmr_select_closed_form():
     assert mmr_select(score, X, 2, 0.0) == [0, 1]  # plain top-k
     assert mmr_select(score, X, 2, 0.5) == [0, 2]  # 0.89 - 0.5*0.99 < 0.5 - 0.5*0
     assert mmr_select(score, X, 5, 0.5) == [0, 2, 1]  # k larger than the pool
+
+
+def test_filtered_counts_and_deletes_page_through_ids(store, monkeypatch):
+    import memory_distill.store as store_mod
+
+    monkeypatch.setattr(store_mod, "ID_PAGE_SIZE", 7)
+    store.config = store.config.model_copy(update={"read_page_size": 5})
+    store.add_many([{"text": f"episode {i}", "reward": None if i % 4 == 0 else 0.5, "namespace": "a" if i % 3 else "b"}
+                    for i in range(40)])
+    assert store.count(namespace="a") == 26 and store.count(namespace="b") == 14
+    assert store.count(namespace="a", rewarded_only=True) == sum(1 for i in range(40) if i % 3 and i % 4)
+    assert len(store.delete(namespace="b")) == 14 and store.count(namespace="b") == 0 and store.count() == 26

@@ -100,7 +100,7 @@ class MemoryDistillMiddleware(AgentMiddleware):
 
     def _recall_text(self, state: Any) -> str | None:
         query = next((message_text(m) for m in reversed(state["messages"]) if isinstance(m, HumanMessage)), "")
-        if not query.strip() or self.store.count(namespace=self.namespace) == 0:
+        if not query.strip():  # (no count of the namespace first: a filtered count reads every row)
             return None
         k = self.retriever.k
         seen: set[str] = set()
