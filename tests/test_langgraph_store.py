@@ -100,6 +100,10 @@ def test_semantic_search_rewards_and_consolidation(tmp_path, store) -> None:  # 
         ours.put(("users",), "bad", {"text": "x", "reward": "high"})
     with pytest.raises(InvalidMemoryError, match="outside the configured range"):
         ours.put(("users",), "bad", {"text": "x", "reward": 7})
+    with pytest.raises(InvalidMemoryError, match="reward must be finite"):
+        ours.put(("users",), "bad", {"text": "x", "reward": float("nan")})
+    ours.put(("users",), "nan-field", {"text": "x", "loss": float("nan")})  # kept in the value, not as metadata
+    assert str(ours.get(("users",), "nan-field").value["loss"]) == "nan"
     assert ours.get(("users",), "bad") is None
 
 

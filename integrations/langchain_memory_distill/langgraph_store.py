@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
@@ -49,7 +50,7 @@ from langgraph.store.base import (
 )
 
 from memory_distill.errors import InvalidMemoryError
-from memory_distill.store import MemoryStore
+from memory_distill.store import MemoryStore, coerce_memory
 from memory_distill.types import Memory
 
 from .retriever import PredictorLike, predicted_value, resolve_predictor
@@ -154,15 +155,16 @@ class MemoryDistillStore(BaseStore):
         now = time.time()
         meta: dict[str, Any] = {k: v for k, v in value.items()
                                 if isinstance(v, (str, int, float, bool)) and k not in ("text", self.reward_key)
+                                and (not isinstance(v, float) or math.isfinite(v))
                                 and not k.startswith(_RESERVED) and (not isinstance(v, str) or v)}
         meta.update({ITEM: True, KEY: op.key, NS: json.dumps(list(op.namespace)), DEPTH: len(op.namespace),
                      VALUE: json.dumps(value, ensure_ascii=False, default=str), UPDATED: now,
                      INDEXED: op.index is not False})
         meta.update({_level(i): label for i, label in enumerate(op.namespace)})
-        return Memory(id=self.memory_id(op.namespace, op.key), text=self._text(value, op.index or None),
-                      reward=reward, metadata=meta, namespace=self.memory_namespace(op.namespace),
-                      created_at=created_at if created_at is not None else now,
-                      rewarded_at=now if reward is not None else None)
+        return coerce_memory({"id": self.memory_id(op.namespace, op.key), "text": self._text(value, op.index or None),
+                              "reward": reward, "metadata": meta, "namespace": self.memory_namespace(op.namespace),
+                              "created_at": created_at if created_at is not None else now,
+                              "rewarded_at": now if reward is not None else None})
 
     @staticmethod
     def _item(m: Memory, cls: type[Item] = Item, score: float | None = None) -> Any:
