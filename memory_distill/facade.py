@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -171,6 +172,27 @@ class MemoryDistill:
                       metadata: Sequence[Mapping[str, Any] | None] | None = None,
                       namespace: str | None = None) -> PredictionBatch:
         return self.predictor_for(namespace).predict_batch(texts, metadata=metadata)
+
+    # async twins for asyncio apps (LangGraph servers, async agents): the same calls on a worker thread, so
+    # Chroma I/O, embedding requests and training never block the event loop
+    async def arecord(self, text: str, reward: float | None = None, **kw: Any) -> str:
+        return await asyncio.to_thread(self.record, text, reward, **kw)
+
+    async def aadd_many(self, memories: Sequence[Memory | Mapping[str, Any] | str], **kw: Any) -> list[str]:
+        return await asyncio.to_thread(self.add_many, memories, **kw)
+
+    async def aset_reward(self, memory_id: str, reward: float) -> Memory:
+        return await asyncio.to_thread(self.set_reward, memory_id, reward)
+
+    async def asearch(self, query: str, k: int = 5, **kw: Any) -> list[SearchHit]:
+        return await asyncio.to_thread(self.search, query, k, **kw)
+
+    async def apredict(self, texts: str | Sequence[str], **kw: Any) -> list[RewardPrediction]:
+        return await asyncio.to_thread(self.predict, texts, **kw)
+
+    async def aconsolidate(self, config: JobConfig | None = None, **kw: Any) -> ConsolidationReport:
+        """:meth:`consolidate` on a worker thread (seconds to minutes of training)."""
+        return await asyncio.to_thread(self.consolidate, config, **kw)
 
     def drift(self, **kw: Any) -> DriftReport:
         return drift_report(self.store, self.registry, **kw)

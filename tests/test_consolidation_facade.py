@@ -57,3 +57,37 @@ def test_memory_distill_facade(tmp_path):
     assert mem.forget([ids[0]])["n_deleted"] == 1
     assert MemoryDistill.open(tmp_path, embedder=HashingEmbedder(dim=128)).store.count() == 500
     assert mem.store.config == StoreConfig()
+
+
+def test_async_facade_keeps_the_event_loop_free(tmp_path):
+    import asyncio
+    import time
+
+    from conftest import fast_job
+
+    mem = MemoryDistill.open(tmp_path, embedder=HashingEmbedder(dim=128))
+
+    async def app():  # an async agent server: record, reward, consolidate in the background, predict, recall
+        ids = await mem.aadd_many(synthetic_episodes(400, seed=11))
+        late = await mem.arecord(GOOD, namespace="default")
+        assert (await mem.aset_reward(late, 0.95)).reward == 0.95
+        ticks = 0
+
+        async def heartbeat():  # would stall if consolidation ran on the event loop
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        hb = asyncio.create_task(heartbeat())
+        t0 = time.perf_counter()
+        rep = await mem.aconsolidate(fast_job())
+        elapsed = time.perf_counter() - t0
+        hb.cancel()
+        g, b = await mem.apredict([GOOD, BAD])
+        hits = await mem.asearch("cited sources", k=2)
+        return ids, rep, elapsed, ticks, g, b, hits
+
+    ids, rep, elapsed, ticks, g, b, hits = asyncio.run(app())
+    assert rep.promoted and g.mean > b.mean and len(hits) == 2 and len(ids) == 400
+    assert ticks >= 0.2 * elapsed / 0.01  # the loop kept running during training
