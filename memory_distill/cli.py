@@ -140,14 +140,19 @@ def cmd_import(args: argparse.Namespace) -> int:
     from .transfer import import_jsonl
 
     mem = _open(args)
-    with tqdm(desc="embed", unit="mem", disable=args.quiet) as bar:
+    bars: list[Any] = []  # shown only when something needs embedding
 
-        def progress(done: int, total: int) -> None:
-            bar.total = total
-            bar.update(done - bar.n)
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(tqdm(desc="embed", unit="mem", total=total, disable=args.quiet))
+        bars[0].update(done - bars[0].n)
 
+    try:
         rep = import_jsonl(mem.store, args.file, namespace=args.namespace, upsert=args.upsert,
                            batch_size=args.batch_size, progress=progress)
+    finally:
+        for b in bars:
+            b.close()
     how = f"{rep.reused_vectors} with the file's vectors, {rep.embedded} embedded with {mem.embedder.name}"
     print(f"imported {len(rep.ids)} memories into {mem.store.collection_name} ({how})"
           + (f"; vectors not reused: {rep.note}" if rep.note else ""))
