@@ -108,6 +108,20 @@ def test_recall_shows_an_episode_recorded_several_times_once(store):
     assert not any(isinstance(m, SystemMessage) and "Relevant past" in m.content for m in model.seen[-1])
 
 
+def test_a_bad_reward_fn_leaves_the_episode_pending_not_the_run_failed(store, caplog):
+    from memory_distill import InvalidMemoryError
+
+    model = ScriptedChatModel(responses=[AIMessage(content="Done.")])
+    for reward_fn, why in ((lambda q, a, m: 1.5, "outside the configured range"), (lambda q, a, m: 1 / 0, "ZeroDivision")):
+        mw = MemoryDistillMiddleware(store, reward_fn=reward_fn, recall=False)
+        out = create_agent(model, [], middleware=[mw]).invoke({"messages": [HumanMessage("grade me")]})
+        assert out["messages"][-1].content == "Done." and store.get(out["memory_distill_episode_id"]).reward is None
+        assert why in caplog.text
+    strict = MemoryDistillMiddleware(store, reward_fn=lambda q, a, m: 1.5, recall=False, errors="raise")
+    with pytest.raises(InvalidMemoryError, match="reward_fn's reward"):
+        create_agent(model, [], middleware=[strict]).invoke({"messages": [HumanMessage("grade me")]})
+
+
 def test_async_agent_and_late_feedback(trained_store):
     store, _, pred = trained_store
     model = ScriptedChatModel(responses=tool_then_answer("lookup", {"city": "Lima"}, "About 10 million."))

@@ -155,10 +155,12 @@ class EpisodeRecorder(BaseCallbackHandler):
         if self.reward_fn is not None and error is None:
             try:
                 reward = self.reward_fn(run["input"], answer, msgs or [])
+                self.store._check_reward(reward, "reward_fn's reward")
             except Exception as e:
                 if self.errors == "raise":
                     raise
                 log.warning("memory_distill: reward_fn failed (%s: %s); the episode stays pending", type(e).__name__, e)
+                reward = None
         if reward is None and failed:
             reward = self.failure_reward
         meta = episode_metadata(str(run["input"]), run["model"], self.metadata, source="langchain_callback",
