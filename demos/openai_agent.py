@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 
 def main() -> int:
@@ -37,7 +38,7 @@ def main() -> int:
         return str(eval(expression))  # noqa: S307 - restricted to arithmetic characters
 
     questions = [("What is 17 * 23 + 4?", "395"), ("What is (120 - 45) / 5?", "15"), ("What is 2**10?", "1024")]
-    mem = MemoryDistill.open(settings=Settings(home=tempfile.mkdtemp(), embedder=EmbedderConfig(kind="openai")))
+    mem = MemoryDistill.open(settings=Settings(home=Path(tempfile.mkdtemp()), embedder=EmbedderConfig(kind="openai")))
     grader = AnswerGrader("token_f1", threshold=0.5)
     refs = dict(questions)
     mw = MemoryDistillMiddleware(mem.store, reward_fn=lambda q, a, m: grader(a, refs.get(q, "")))

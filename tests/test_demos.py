@@ -12,6 +12,12 @@ def test_offline_agent_demo_runs_and_learns():
     assert "best of n: candidate 1 (looked it up)" in out.stdout and out.stdout.strip().endswith("OK")
 
 
+def test_langgraph_store_demo_runs_and_learns():
+    out = subprocess.run([sys.executable, str(DEMOS / "langgraph_store.py")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "saved 120 attempts" in out.stdout and out.stdout.strip().endswith("OK")
+
+
 def test_openai_demo_without_key_exits_cleanly():
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
     out = subprocess.run([sys.executable, str(DEMOS / "openai_agent.py")], capture_output=True, text=True, env=env, timeout=60)

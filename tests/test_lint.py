@@ -20,6 +20,6 @@ def test_ruff_clean():
 
 def test_mypy_clean():
     pytest.importorskip("mypy")
-    out = subprocess.run([sys.executable, "-m", "mypy", "memory_distill", "integrations/langchain_memory_distill"],
+    out = subprocess.run([sys.executable, "-m", "mypy", "memory_distill", "integrations/langchain_memory_distill", "demos"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-3000:]
