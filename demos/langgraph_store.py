@@ -59,7 +59,7 @@ class Scripted(BaseChatModel):
 
 def main() -> int:
     mem = MemoryDistill.open(tempfile.mkdtemp(prefix="md-langgraph-demo-"))
-    store = MemoryDistillStore(mem.store, predictor=mem.try_predictor, value_weight=0.5)
+    store = MemoryDistillStore.from_memory(mem, value_weight=0.5)  # the student weighs in once published
     agent = create_agent(Scripted(), [save_attempt], store=store)
     for task in range(60):
         for approach in APPROACHES:

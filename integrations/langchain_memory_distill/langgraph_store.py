@@ -124,6 +124,12 @@ class MemoryDistillStore(BaseStore):
         self.fields = fields
         self.reward_key = reward_key
 
+    @classmethod
+    def from_memory(cls, mem: Any, *, value_weight: float = 0.3, **kw: Any) -> MemoryDistillStore:
+        """A store on ``mem`` (a :class:`~memory_distill.MemoryDistill`) whose query searches weigh in the
+        top-level student's predicted value once one is published (similarity alone until then)."""
+        return cls(mem.store, predictor=mem.try_predictor, value_weight=value_weight, **kw)
+
     # ------------------------------------------------------------------ mapping
 
     @staticmethod
