@@ -130,14 +130,19 @@ class MemoryDistill:
 
     @property
     def predictor(self) -> Predictor:
-        """The top-level model's predictor (trained on every namespace), reloaded when a new one is promoted."""
+        """The predictor of what :meth:`consolidate` trains: the top-level model (every namespace), or with
+        ``JobConfig.namespace`` set that namespace's model; reloaded when a new one is promoted."""
         return self.predictor_for(None)
 
     def predictor_for(self, namespace: str | None) -> Predictor:
         """The predictor serving ``namespace``: its own model once one was consolidated, else the top-level one.
 
-        Pass it to the LangChain adapters; their refresh switches to the namespace's model when it appears.
+        ``None``: the namespace this facade's ``JobConfig`` trains (the top-level model by default), so
+        ``mem.predict`` serves what ``mem.consolidate`` publishes. Pass it to the LangChain adapters; their
+        refresh switches to the namespace's model when it appears.
         """
+        if namespace is None:
+            namespace = self.job.namespace
         p = self._predictors.get(namespace)
         if p is None:
             p = self._predictors[namespace] = Predictor(self.registry, self.embedder, namespace=namespace)
@@ -153,6 +158,8 @@ class MemoryDistill:
         ``mem.try_predictor`` (the method itself) to the LangChain adapters: they use stored rewards
         until a usable model is published, then the model, without a restart.
         """
+        if namespace is None:
+            namespace = self.job.namespace
         if namespace not in self._predictors and self.registry.serving(namespace).current_version() is None:
             return None
         try:

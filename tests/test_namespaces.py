@@ -154,3 +154,12 @@ def test_namespace_workers_keep_one_model_per_namespace(mem, tmp_path, capsys) -
                  "--poll", "0"]) == 0
     out = capsys.readouterr().out
     assert "namespace 'x' v000001" in out and "namespace 'y' v000001" in out
+
+
+def test_a_facade_configured_for_one_namespace_serves_what_it_trains(mem) -> None:  # type: ignore[no-untyped-def]
+    team_b = MemoryDistill(mem.store, mem.registry, fast_job(namespace="team-b"))  # e.g. MEMORY_DISTILL_JOB__NAMESPACE
+    assert team_b.try_predictor() is None
+    rep = team_b.consolidate()
+    assert mem.registry.scoped("team-b").current_version() == rep.version and mem.registry.current_version() is None
+    s, g = (p.mean for p in team_b.predict([SEARCH, GUESS]))  # no namespace= needed
+    assert g > s + 0.4 and team_b.predictor.registry.namespace == "team-b" and team_b.try_predictor() is not None
