@@ -9,7 +9,6 @@ wait in :attr:`EpisodeRecorder.unsaved` and are written with the next one that g
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -31,8 +30,6 @@ from .episodes import (
 )
 
 __all__ = ["EpisodeRecorder"]
-
-log = logging.getLogger(__name__)
 
 
 def _input_text(inputs: Any) -> str:
@@ -151,16 +148,7 @@ class EpisodeRecorder(BaseCallbackHandler):
         failed = error is not None or n_err > 0 or any(t["error"] for t in run["tools"])
         if error is not None:
             text += f"\nRun failed: {type(error).__name__}: {error}"
-        reward = None
-        if self.reward_fn is not None and error is None:
-            try:
-                reward = self.reward_fn(run["input"], answer, msgs or [])
-                self.store._check_reward(reward, "reward_fn's reward")
-            except Exception as e:
-                if self.errors == "raise":
-                    raise
-                log.warning("memory_distill: reward_fn failed (%s: %s); the episode stays pending", type(e).__name__, e)
-                reward = None
+        reward = self.writer.grade(self.reward_fn, run["input"], answer, msgs or []) if error is None else None
         if reward is None and failed:
             reward = self.failure_reward
         meta = episode_metadata(str(run["input"]), run["model"], self.metadata, source="langchain_callback",

@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
@@ -41,6 +41,22 @@ class EpisodeWriter:
         self.unsaved: OrderedDict[str, dict[str, Any]] = OrderedDict()
         """Episodes whose write failed, oldest first, by id."""
         self._lock = threading.Lock()
+
+    def grade(self, reward_fn: Callable[[str, str, list[Any]], float | None] | None, question: str, answer: str,
+              messages: list[Any]) -> float | None:
+        """``reward_fn``'s reward for an episode, checked against the store's range. With ``errors="warn"`` a
+        reward_fn that raises or returns a bad reward leaves the episode pending (``None``, logged)."""
+        if reward_fn is None:
+            return None
+        try:
+            reward = reward_fn(question, answer, messages)
+            self.store._check_reward(reward, "reward_fn's reward")
+            return reward
+        except Exception as e:
+            if self.errors == "raise":
+                raise
+            log.warning("memory_distill: reward_fn failed (%s: %s); the episode stays pending", type(e).__name__, e)
+            return None
 
     def write(self, text: str, reward: float | None, metadata: dict[str, Any], namespace: str) -> str:
         """Store one episode (now, or once the store is back); returns its id."""

@@ -181,16 +181,7 @@ class MemoryDistillMiddleware(AgentMiddleware):
         if not ep["input"]:
             return None
         failed = failed or ep["tool_errors"] > 0
-        reward = None
-        if self.reward_fn is not None:
-            try:
-                reward = self.reward_fn(ep["input"], ep["answer"], messages)
-                self.store._check_reward(reward, "reward_fn's reward")
-            except Exception as e:
-                if self.errors == "raise":
-                    raise
-                log.warning("memory_distill: reward_fn failed (%s: %s); the episode stays pending", type(e).__name__, e)
-                reward = None
+        reward = self.writer.grade(self.reward_fn, ep["input"], ep["answer"], messages)
         if reward is None and failed:
             reward = self.failure_reward
         meta = episode_metadata(ep["input"], ep["model"], self.metadata, source="langchain_agent",
