@@ -17,7 +17,7 @@ import torch
 
 from .artifacts import ArtifactRegistry, LoadedModel
 from .embeddings import Embedder
-from .errors import ArtifactError, EmbedderMismatchError
+from .errors import ArtifactError, EmbedderMismatchError, NoModelError
 from .features import N_TEXT_FEATURES, FeatureSpec, metadata_columns, text_stats
 from .models import FEATURE_CLIP, RewardMLP, resolve_device
 from .rewards import RewardBins, summarize_probs
@@ -146,7 +146,15 @@ class Predictor:
         self.device = resolve_device(device)
         self._pinned = version
         self._lock = threading.Lock()
-        self._install(self.registry.load(version, map_location=self.device))
+        try:
+            loaded = self.registry.load(version, map_location=self.device)
+        except NoModelError:
+            if namespace is None or version is not None:
+                raise
+            raise NoModelError(f"no model serves namespace {namespace!r} yet: neither its own (`memory-distill "
+                               f"consolidate --namespace {namespace}`) nor a top-level one (`memory-distill "
+                               "consolidate`)") from None
+        self._install(loaded)
 
     def _install(self, loaded: LoadedModel) -> None:
         emb = loaded.manifest.get("embedder", {})

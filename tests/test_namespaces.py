@@ -45,7 +45,7 @@ def mem(tmp_path) -> MemoryDistill:  # type: ignore[no-untyped-def]
 
 
 def test_each_namespace_trains_gates_and_serves_its_own_model(mem, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(NoModelError):
+    with pytest.raises(NoModelError, match="no model serves namespace 'team-a' yet"):
         mem.predict(SEARCH, namespace="team-a")
     ra = mem.consolidate(namespace="team-a")
     rb = mem.consolidate(namespace="team-b")
@@ -57,9 +57,11 @@ def test_each_namespace_trains_gates_and_serves_its_own_model(mem, tmp_path) -> 
     b_search, b_guess = (p.mean for p in mem.predict([SEARCH, GUESS], namespace="team-b"))
     assert a_search > a_guess + 0.4 and b_guess > b_search + 0.4
 
-    # the top-level registry has no model: an unknown namespace falls back to it and says where models are
-    with pytest.raises(NoModelError, match="registry.scoped"):
+    # the top-level registry has no model: an unknown namespace falls back to it, and the error says both ways out
+    with pytest.raises(NoModelError, match="neither its own .*consolidate --namespace team-c.* nor a top-level"):
         mem.predict(SEARCH, namespace="team-c")
+    with pytest.raises(NoModelError, match="registry.scoped"):  # the top-level predictor points to the scoped ones
+        mem.predict(SEARCH)
     assert mem.registry.current_version() is None
     assert sorted(mem.registry.namespaces()) == ["team-a", "team-b"]
 
