@@ -430,18 +430,20 @@ class ConsolidationWorker:
         return None, 0
 
     def due(self) -> tuple[bool, str]:
-        """Whether a run is due now, and why. Never while there are fewer rewarded memories than a run needs."""
+        """Whether a run is due now, and why. Before the first run, not until there are enough rewarded
+        memories for one (a fresh deployment does not log a failed run every poll)."""
         last_time, last_rewarded = self._last()
-        rewarded = self.store.count(namespace=self.config.namespace, rewarded_only=True)
-        if rewarded < self.config.min_rewarded:
-            return False, (f"only {rewarded} rewarded memories (a run needs JobConfig.min_rewarded="
-                           f"{self.config.min_rewarded})")
         if last_time is None:
+            # a filtered count reads every row of the namespace: only where a trigger needs it
+            rewarded = self.store.count(namespace=self.config.namespace, rewarded_only=True)
+            if rewarded < self.config.min_rewarded:
+                return False, (f"only {rewarded} rewarded memories (a run needs JobConfig.min_rewarded="
+                               f"{self.config.min_rewarded})")
             return True, "no consolidation has run yet"
         if self.every_s is not None and time.time() - last_time >= self.every_s:
             return True, f"{self.every_s:.0f}s elapsed since the last run"
         if self.min_new is not None:
-            new = rewarded - last_rewarded
+            new = self.store.count(namespace=self.config.namespace, rewarded_only=True) - last_rewarded
             if new >= self.min_new:
                 return True, f"{new} new rewarded memories (>= {self.min_new})"
         if self.drift_threshold is not None:

@@ -134,6 +134,9 @@ def test_worker_waits_for_enough_rewards_without_failing_runs(store, registry):
     assert registry.history() == [] and w.runs == []  # no failed runs logged every poll
     store.add_many(eps[10:])
     assert w.due() == (True, "no consolidation has run yet") and w.run_once() is not None
+    forget(store, registry, [m.id for page, _ in store.iter_memories() for m in page][5:])  # below min_rewarded again
+    assert w.run_once(force=True) is None  # skipped, not raised
+    assert isinstance(w.runs[-1], ConsolidationError) and "only 5 rewarded" in str(w.runs[-1])
 
 
 def test_worker_run_forever_stops(store, registry, episodes):
