@@ -258,7 +258,8 @@ def _write_report(mem: Any, rep: Any, out: str, namespace: str | None = None) ->
 def cmd_predict(args: argparse.Namespace) -> int:
     mem = _open(args)
     meta = _kv(args.metadata)
-    preds = mem.predict(args.texts, metadata=[meta] * len(args.texts) if meta else None, namespace=args.namespace)
+    pred = mem.predictor_for(args.namespace)  # the namespace's model, else the top-level one
+    preds = pred.predict(args.texts, metadata=[meta] * len(args.texts) if meta else None)
     if args.json:
         print(json.dumps([p.to_dict() for p in preds], indent=2))
         return 0
@@ -267,7 +268,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         rows.append((f"{p.mean:.3f}", f"{p.std:.3f}", f"{p.quantiles[0.1]:.2f}", f"{p.quantiles[0.9]:.2f}",
                      f"{p.prob_above(args.threshold):.2f}", t[:60]))
     _table(rows)
-    served = mem.predictor_for(args.namespace).registry.namespace
+    served = pred.registry.namespace
     whose = (f", namespace {served!r}" if served is not None else
              f", top-level: namespace {args.namespace!r} has no model of its own" if args.namespace else "")
     print(f"(model {preds[0].model_version}{whose})")

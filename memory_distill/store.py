@@ -171,14 +171,15 @@ def mmr_select(score: np.ndarray, vectors: np.ndarray, k: int, diversity: float)
     ``diversity=0`` is the plain top-k by ``score``.
     """
     X = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    score = np.asarray(score, np.float64)
     picked: list[int] = []
-    closest = np.zeros(len(score))  # each candidate's highest similarity to a pick (none yet)
+    closest = np.full(len(score), -np.inf)  # each candidate's highest similarity to a pick
     for _ in range(min(k, len(score))):
-        gain = np.asarray(score, np.float64) - diversity * closest
+        gain = score - diversity * closest if picked else score.copy()
         gain[picked] = -np.inf
         i = int(np.argmax(gain))
         picked.append(i)
-        closest = np.maximum(closest, X @ X[i]) if len(picked) > 1 else X @ X[i]
+        closest = np.maximum(closest, X @ X[i])
     return picked
 
 

@@ -72,9 +72,9 @@ class MemoryDistillMiddleware(AgentMiddleware):
         errors: Errors = "warn",
         max_unsaved: int = 1000,
     ) -> None:
-        self.writer = EpisodeWriter(store, errors=errors, max_unsaved=max_unsaved)
         super().__init__()
         self.store = store
+        self.writer = EpisodeWriter(store, errors=errors, max_unsaved=max_unsaved)
         self.retriever = retriever or ValueAwareRetriever(store=store, predictor=predictor, k=k, namespace=namespace,
                                                           diversity=diversity)
         self.namespace = namespace

@@ -98,12 +98,10 @@ class ValueAwareRetriever(BaseRetriever):
         """The predictor scoring candidates now (refreshed when ``auto_refresh``), or ``None``."""
         return resolve_predictor(self.predictor, refresh=self.auto_refresh)
 
-    def _value(self, hits: list[Any],
-               predictor: Predictor | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        n = len(hits)
-        if predictor is not None and n:
-            return predicted_value(predictor, np.stack([np.asarray(h.embedding) for h in hits]),
-                                   [h.memory for h in hits])
+    def _value(self, hits: list[Any], predictor: Predictor | None,
+               X: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        if predictor is not None and X is not None:
+            return predicted_value(predictor, X, [h.memory for h in hits])
         lo, hi = self.store.config.reward_min, self.store.config.reward_max
         v = np.array([0.5 if h.memory.reward is None else (h.memory.reward - lo) / (hi - lo) for h in hits])
         return np.clip(v, 0, 1), None, None
@@ -116,19 +114,19 @@ class ValueAwareRetriever(BaseRetriever):
             raise ValueError(f"mode must be 'likely_success', 'cautionary' or 'similarity', got {mode!r}")
         where = kwargs.get("where", self.where)
         namespace = kwargs.get("namespace", self.namespace)
-        fetch = max(k, int(kwargs.get("fetch_k", self.fetch_k))) if mode != "similarity" else k
         diversity = float(kwargs.get("diversity", self.diversity))
         if not (diversity >= 0 and math.isfinite(diversity)):
             raise ValueError(f"diversity must be a number >= 0, got {diversity!r}")
-        if diversity > 0:
-            fetch = max(k, int(kwargs.get("fetch_k", self.fetch_k)))
+        # re-ranking by value or diversity needs a candidate pool; plain similarity needs only k
+        fetch = max(k, int(kwargs.get("fetch_k", self.fetch_k))) if mode != "similarity" or diversity > 0 else k
         predictor = self.current_predictor()
         hits = self.store.search(query, fetch, namespace=namespace, where=where,
                                  rewarded_only=kwargs.get("rewarded_only", self.rewarded_only),
                                  include_embeddings=predictor is not None or diversity > 0)
         if not hits:
             return []
-        value, mean, std = self._value(hits, predictor)
+        X = np.stack([np.asarray(h.embedding) for h in hits]) if hits[0].embedding is not None else None
+        value, mean, std = self._value(hits, predictor, X)
         sim = np.array([h.similarity for h in hits])
         now = time.time()
         age = np.array([max(0.0, now - h.memory.created_at) for h in hits])
@@ -138,8 +136,8 @@ class ValueAwareRetriever(BaseRetriever):
         else:
             v = value if mode == "likely_success" else 1.0 - value
             score = self.w_similarity * sim + self.w_value * v + self.w_recency * recency
-        if diversity > 0 and len(hits) > 1:
-            order = mmr_select(score, np.stack([np.asarray(h.embedding) for h in hits]), k, diversity)
+        if diversity > 0 and X is not None:
+            order = mmr_select(score, X, k, diversity)
         else:
             order = [int(i) for i in np.argsort(-score, kind="stable")[:k]]
         docs = []
