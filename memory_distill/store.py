@@ -474,6 +474,10 @@ class MemoryStore:
             )
         snapshot = self._snapshot(sorted(existing)) if existing else None
         metas = [self._to_meta(m) for m in mems]
+        if snapshot:  # Chroma merges metadata on upsert: clear the old row's keys the new one lacks
+            old = dict(zip(snapshot["ids"], snapshot["metadatas"], strict=True))
+            for i, meta in zip(ids, metas, strict=True):
+                meta.update(dict.fromkeys((old.get(i) or {}).keys() - meta.keys()))
         docs = [m.text for m in mems]
         write = self._col.upsert if upsert else self._col.add
         done = 0

@@ -78,6 +78,12 @@ def test_http_store_roundtrip(chroma_server):
     # a second client (another process would do the same) sees every write
     other = http_store(chroma_server, "roundtrip")
     assert other.get(ids[2]).reward == 0.6 and other.count() == 3
+    # an upsert replaces the row through the server too (Chroma itself would merge the old metadata in)
+    first = st.get(ids[0])
+    other.add_many([{"id": ids[0], "text": first.text, "metadata": {"retry": 1}}], namespace="team-a", upsert=True)
+    got = st.get(ids[0])
+    assert got.reward is None and got.rewarded_at is None and got.metadata == {"retry": 1}
+    other.add_many([first], upsert=True)
     assert other._col.configuration["hnsw"]["space"] == "cosine"
 
     # moving the collection to another embedder works through the server too (side collection, rename)

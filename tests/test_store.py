@@ -85,6 +85,18 @@ def test_duplicate_ids_are_refused_not_silently_dropped(store):
     assert store.get("x1").text == "second" and store.get("x1").reward == 0.9
 
 
+def test_upsert_replaces_the_whole_row_not_a_merge(store):
+    """Chroma merges metadata on upsert; a replaced memory must not keep the old row's reward or keys."""
+    store.add({"id": "r", "text": "old", "reward": 0.9, "metadata": {"tool": "search", "stale": "yes"}})
+    store.add_many([{"id": "r", "text": "new", "metadata": {"tool": "calc"}}], upsert=True)
+    m = store.get("r")
+    assert m.text == "new" and m.reward is None and m.rewarded_at is None
+    assert m.metadata == {"tool": "calc"}
+    assert store.count(rewarded_only=True) == 0
+    assert [h.memory.id for h in store.search("new", k=5, where={"stale": "yes"})] == []
+    assert [h.memory.id for h in store.search("new", k=5, where={"reward": {"$gte": 0.5}})] == []
+
+
 def test_failed_chunked_write_is_rolled_back(tmp_path, embedder, monkeypatch):
     st = MemoryStore(embedder, StoreConfig(path=tmp_path / "c", write_batch_size=3))
     st.add_many([{"id": "keep", "text": "already here", "reward": 0.5}])
