@@ -38,7 +38,7 @@ from .config import StoreConfig
 from .embeddings import Embedder
 from .errors import EmbedderMismatchError, InvalidMemoryError, MemoryNotFoundError, StoreError
 from .features import N_TEXT_FEATURES, decode_stats, encode_stats
-from .types import RESERVED_PREFIX, Memory, SearchHit
+from .types import RESERVED_PREFIX, Memory, SearchHit, check_metadata
 
 __all__ = ["MemoryStore", "TrainingData", "TrainingPage", "coerce_memory", "mmr_select"]
 
@@ -476,8 +476,8 @@ class MemoryStore:
         metas = [self._to_meta(m) for m in mems]
         if snapshot:  # Chroma merges metadata on upsert: clear the old row's keys the new one lacks
             old = dict(zip(snapshot["ids"], snapshot["metadatas"], strict=True))
-            for i, meta in zip(ids, metas, strict=True):
-                meta.update(dict.fromkeys((old.get(i) or {}).keys() - meta.keys()))
+            for mid, meta in zip(ids, metas, strict=True):
+                meta.update(dict.fromkeys((old.get(mid) or {}).keys() - meta.keys()))
         docs = [m.text for m in mems]
         write = self._col.upsert if upsert else self._col.add
         done = 0
@@ -544,6 +544,48 @@ class MemoryStore:
             metas.append(meta)
             out.append(self._from_row(i, doc, meta))
         self._col.update(ids=ids, metadatas=metas)
+        return out
+
+    def update_metadata(self, updates: Mapping[str, Mapping[str, Any]]) -> list[Memory]:
+        """Merge metadata into stored memories without re-embedding them; returns the updated memories.
+
+        ``updates`` maps a memory id to the keys to set; a ``None`` value removes that key. Every id and
+        value is checked before anything is written (one write), and the reserved keys (reward,
+        namespace, ...) cannot be set here: use :meth:`set_rewards` for rewards.
+        """
+        ids = list(updates)
+        if not ids:
+            return []
+        for i in ids:
+            try:
+                check_metadata(dict(updates[i]), allow_none=True)
+            except (TypeError, ValueError) as e:
+                raise InvalidMemoryError(f"update_metadata[{i!r}]: {e}") from e
+        got = self._col.get(ids=ids, include=["metadatas", "documents"])
+        by_id = dict(zip(got["ids"], zip(got["documents"], got["metadatas"], strict=True), strict=True))
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise MemoryNotFoundError(f"no memory with id {missing[0]!r} ({len(missing)} missing): check the id")
+        patches, out = [], []
+        for i in ids:
+            doc, meta = by_id[i]
+            patch = dict(updates[i])
+            merged = {k: v for k, v in {**(meta or {}), **patch}.items() if v is not None}
+            patches.append(patch)
+            out.append(self._from_row(i, doc, merged))
+        done = 0
+        try:
+            for s in range(0, len(ids), self._max_batch):
+                self._col.update(ids=ids[s : s + self._max_batch], metadatas=patches[s : s + self._max_batch])
+                done = s + self._max_batch
+        except Exception as exc:
+            if done:  # put back the keys the earlier chunks changed
+                undo = [{k: (by_id[i][1] or {}).get(k) for k in p} for i, p in zip(ids[:done], patches, strict=False)]
+                try:
+                    self._col.update(ids=ids[:done], metadatas=undo)
+                except Exception:  # pragma: no cover - best effort; the original error is raised
+                    log.exception("rollback of update_metadata failed")
+            raise StoreError(f"update_metadata failed and was rolled back: {exc}") from exc
         return out
 
     def delete(self, ids: Sequence[str] | None = None, *, where: Mapping[str, Any] | None = None,

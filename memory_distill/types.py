@@ -21,6 +21,36 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
+
+def check_metadata(v: Any, *, allow_none: bool = False) -> dict[str, Any]:
+    """Validate memory metadata (a dict of str/int/float/bool scalars under non-reserved keys); returns it.
+
+    With ``allow_none`` a ``None`` value is accepted (``MemoryStore.update_metadata``: remove the key).
+    """
+    if v is None:
+        return {}
+    if not isinstance(v, dict):
+        raise ValueError(f"metadata must be a dict of scalars, got {type(v).__name__}")
+    for key, value in v.items():
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"metadata key {key!r} must be a non-empty string")
+        if key.startswith(RESERVED_PREFIX) or key.startswith(("$", "#", "chroma:")):
+            raise ValueError(
+                f"metadata key {key!r} uses a reserved prefix ({RESERVED_PREFIX!r}, '$', '#', 'chroma:'): rename it"
+            )
+        if value is None and allow_none:
+            continue
+        if value is None or not isinstance(value, (str, int, float, bool)):
+            raise ValueError(
+                f"metadata[{key!r}] must be a str, int, float or bool, got "
+                f"{type(value).__name__}: flatten it or json.dumps it into a string"
+            )
+        if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+            raise ValueError(f"metadata[{key!r}] = {value} does not fit in 64 bits: store it as a string")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"metadata[{key!r}] must be finite, got {value!r}")
+    return v
+
 class Memory(BaseModel):
     """One episode: what the agent saw/did/answered, and the reward it earned (maybe later).
 
@@ -66,27 +96,7 @@ class Memory(BaseModel):
     @field_validator("metadata", mode="before")
     @classmethod
     def _metadata(cls, v: Any) -> Any:
-        if v is None:
-            return {}
-        if not isinstance(v, dict):
-            raise ValueError(f"metadata must be a dict of scalars, got {type(v).__name__}")
-        for key, value in v.items():
-            if not isinstance(key, str) or not key:
-                raise ValueError(f"metadata key {key!r} must be a non-empty string")
-            if key.startswith(RESERVED_PREFIX) or key.startswith(("$", "#", "chroma:")):
-                raise ValueError(
-                    f"metadata key {key!r} uses a reserved prefix ({RESERVED_PREFIX!r}, '$', '#', 'chroma:'): rename it"
-                )
-            if value is None or not isinstance(value, (str, int, float, bool)):
-                raise ValueError(
-                    f"metadata[{key!r}] must be a str, int, float or bool, got "
-                    f"{type(value).__name__}: flatten it or json.dumps it into a string"
-                )
-            if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
-                raise ValueError(f"metadata[{key!r}] = {value} does not fit in 64 bits: store it as a string")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"metadata[{key!r}] must be finite, got {value!r}")
-        return v
+        return check_metadata(v)
 
     @property
     def has_reward(self) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from conftest import fast_job
@@ -158,3 +159,74 @@ def test_semantic_search_finds_items_crowded_out_by_other_memories(store) -> Non
     lg.put(("trips",), "t3", {"text": "booked a flight to Lisbon, hidden from search"}, index=False)
     hits = lg.search(("trips",), query="the agent booked a flight to Lisbon", limit=2)
     assert [h.key for h in hits] == ["t1", "t2"]
+
+
+def test_unindexed_items_fill_a_short_query_result_like_langgraph(store, embedder) -> None:  # type: ignore[no-untyped-def]
+    ours = MemoryDistillStore(store)
+    ref = InMemoryStore(index={"dims": embedder.dim, "fields": ["text"],
+                               "embed": lambda texts: embedder.embed(texts).tolist()})
+    for st in (ours, ref):
+        _fill(st)
+        st.put(("users", "alice", "episodes"), "raw", {"text": "a raw log nobody should rank"}, index=False)
+    prefix, q = ("users", "alice"), "searched the web and cited sources"
+    for limit in (2, 3, 10):
+        a, b = ours.search(prefix, query=q, limit=limit), ref.search(prefix, query=q, limit=limit)
+        assert [(i.key, i.score is None) for i in a] == [(i.key, i.score is None) for i in b]
+        assert all(x.score == pytest.approx(y.score, abs=1e-5) for x, y in zip(a, b, strict=True) if x.score is not None)
+    assert [i.key for i in ours.search(prefix, query=q, limit=10)] == ["e1", "e2", "p1", "raw"]
+
+
+def _expires(store, lg, ns, key):  # type: ignore[no-untyped-def]
+    return store.get(lg.memory_id(ns, key)).metadata.get("lg_expires_at")
+
+
+def test_ttl_expiry_refresh_omit_and_sweep(store) -> None:  # type: ignore[no-untyped-def]
+    lg = MemoryDistillStore(store, ttl_config={"omit_expired": True, "default_ttl": 60})
+    ns = ("sessions",)
+    lg.put(ns, "short", {"text": "a note that should vanish", "reward": 0.2}, ttl=0.001)  # 60 ms
+    lg.put(ns, "default", {"text": "a note kept for an hour"})  # default_ttl
+    lg.put(ns, "forever", {"text": "a note that never expires"}, ttl=None)
+    lg.put(("gone",), "only", {"text": "the only note here"}, ttl=0.001)
+    assert _expires(store, lg, ns, "forever") is None
+    first = _expires(store, lg, ns, "default")
+    assert abs(first - (time.time() + 3600)) < 60
+    time.sleep(0.2)
+    # expired, not swept: omitted from get, search (with and without query) and namespace listing
+    assert lg.get(ns, "short") is None
+    assert {i.key for i in lg.search(ns)} == {"default", "forever"}
+    assert {i.key for i in lg.search(ns, query="a note that should vanish")} == {"default", "forever"}
+    assert lg.list_namespaces() == [ns]
+    # reads (those searches too) restart the clock of items with a TTL, unless refresh_ttl=False
+    assert _expires(store, lg, ns, "default") > first
+    first = _expires(store, lg, ns, "default")
+    lg.get(ns, "default", refresh_ttl=False)
+    assert _expires(store, lg, ns, "default") == first
+    lg.get(ns, "default")
+    assert _expires(store, lg, ns, "default") > first
+    # the sweep deletes the expired rows themselves
+    n = store.count()
+    assert lg.sweep_ttl() == 2 and store.count() == n - 2 and lg.sweep_ttl() == 0
+    # a put without a TTL clears the old one; a bad TTL writes nothing
+    lg.put(ns, "default", {"text": "kept after all"}, ttl=None)
+    assert _expires(store, lg, ns, "default") is None
+    with pytest.raises(InvalidMemoryError, match="ttl must be a positive number"):
+        lg.put(ns, "bad", {"text": "x"}, ttl=-5)
+    assert lg.get(ns, "bad") is None
+
+
+def test_expired_items_stay_visible_until_swept_by_default(store) -> None:  # type: ignore[no-untyped-def]
+    lg = MemoryDistillStore(store)
+    lg.put(("s",), "k", {"text": "short lived"}, ttl=0.001)
+    time.sleep(0.2)
+    assert lg.get(("s",), "k") is not None  # LangGraph's default: omit_expired is off
+    lg.put(("s",), "k", {"text": "short lived"}, ttl=0.001)
+    lg.start_ttl_sweeper(sweep_interval_minutes=0.002)  # every 120 ms
+    try:
+        deadline = time.time() + 10
+        while lg.get(("s",), "k", refresh_ttl=False) is not None and time.time() < deadline:
+            time.sleep(0.05)
+        assert lg.get(("s",), "k") is None
+        assert lg.start_ttl_sweeper() is lg._sweeper  # one sweeper at a time
+    finally:
+        assert lg.stop_ttl_sweeper(timeout=5)
+    assert lg._sweeper is None and lg.stop_ttl_sweeper()

@@ -269,3 +269,38 @@ def test_filtered_counts_and_deletes_page_through_ids(store, monkeypatch):
     assert store.count(namespace="a") == 26 and store.count(namespace="b") == 14
     assert store.count(namespace="a", rewarded_only=True) == sum(1 for i in range(40) if i % 3 and i % 4)
     assert len(store.delete(namespace="b")) == 14 and store.count(namespace="b") == 0 and store.count() == 26
+
+
+def test_update_metadata_merges_removes_and_validates_first(store):
+    a, b = store.add_many([{"text": "first", "reward": 0.4, "metadata": {"tool": "search", "n": 1}},
+                           {"text": "second", "metadata": {"tool": "calc"}}])
+    vec = store.get_embeddings([a])
+    out = store.update_metadata({a: {"n": 2, "tool": None, "checked": True}, b: {"tier": "gold"}})
+    assert [m.metadata for m in out] == [{"n": 2, "checked": True}, {"tool": "calc", "tier": "gold"}]
+    assert store.get(a).metadata == {"n": 2, "checked": True} and store.get(a).reward == 0.4
+    assert np.array_equal(store.get_embeddings([a]), vec)  # nothing re-embedded
+    assert [h.memory.id for h in store.search("first", k=5, where={"checked": True})] == [a]
+    # a bad value, a reserved key or a missing id: nothing is written
+    for bad, err in (({a: {"n": [1]}, b: {"tier": "x"}}, InvalidMemoryError),
+                     ({b: {"tier": "x"}, a: {"_md_reward": 1.0}}, InvalidMemoryError),
+                     ({b: {"tier": "x"}, "nope": {"n": 1}}, MemoryNotFoundError)):
+        with pytest.raises(err):
+            store.update_metadata(bad)
+        assert store.get(b).metadata == {"tool": "calc", "tier": "gold"} and store.get(a).reward == 0.4
+
+
+def test_failed_chunked_metadata_update_is_rolled_back(tmp_path, embedder):
+    st = MemoryStore(embedder, StoreConfig(path=tmp_path / "u", write_batch_size=2))
+    ids = st.add_many([{"text": f"m{i}", "metadata": {"n": i}} for i in range(5)])
+    real, calls = st._col.update, {"n": 0}
+
+    def flaky(**kw):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("server went away")
+        return real(**kw)
+
+    st._col.update = flaky
+    with pytest.raises(StoreError, match="rolled back"):
+        st.update_metadata({i: {"n": None, "seen": True} for i in ids})
+    assert [m.metadata for m in st.get_many(ids)] == [{"n": i} for i in range(5)]

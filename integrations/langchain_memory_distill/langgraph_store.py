@@ -17,18 +17,27 @@ one, e.g. ``lambda: mem.try_predictor()``) and ``value_weight`` > 0 it ranks by
 ``(1 - value_weight) * similarity + value_weight * predicted value`` (scaled to [0, 1]) and the
 item's ``score`` is that. ``filter`` follows LangGraph's semantics (exact match, nested dicts,
 ``$eq $ne $gt $gte $lt $lte``; a comparison with a missing field does not match); a filtered query
-scores every item under the prefix exactly. Items put with ``index=False`` are left out of query
-searches (LangGraph's ``InMemoryStore`` appends them unscored). Searches without a query return items
-newest-updated first. ``list_namespaces`` reads every item's metadata
-(O(items)). TTLs are not supported.
+scores every item under the prefix exactly. Items put with ``index=False`` are not ranked: like
+LangGraph's ``InMemoryStore``, a query search that finds fewer items than ``limit`` fills the rest with
+them, unscored (``score=None``). Searches without a query return items newest-updated first.
+``list_namespaces`` reads every item's metadata (O(items)).
+
+TTLs work as in LangGraph's other stores: ``put(..., ttl=minutes)`` (or ``TTLConfig.default_ttl``) sets
+an expiry, reads refresh it (``refresh_ttl``; ``TTLConfig.refresh_on_read``, default on),
+``sweep_ttl()`` deletes expired items and ``start_ttl_sweeper()`` / ``stop_ttl_sweeper()`` run that in a
+background thread every ``sweep_interval_minutes``. Expired items not yet swept are still returned
+unless ``TTLConfig.omit_expired`` is set. An item without a TTL never expires.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import json
+import logging
 import math
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
@@ -46,6 +55,7 @@ from langgraph.store.base import (
     Result,
     SearchItem,
     SearchOp,
+    TTLConfig,
     get_text_at_path,
 )
 
@@ -57,6 +67,8 @@ from .retriever import PredictorLike, predicted_value, resolve_predictor
 
 __all__ = ["MemoryDistillStore"]
 
+log = logging.getLogger(__name__)
+
 ITEM = "lg_item"
 KEY = "lg_key"
 NS = "lg_ns"
@@ -64,6 +76,8 @@ DEPTH = "lg_depth"
 VALUE = "lg_value"
 UPDATED = "lg_updated_at"
 INDEXED = "lg_indexed"
+TTL = "lg_ttl_minutes"
+EXPIRES = "lg_expires_at"
 _RESERVED = ("lg_", "_md_")
 
 
@@ -114,10 +128,16 @@ def _does_match(cond: MatchCondition, ns: tuple[str, ...]) -> bool:
 class MemoryDistillStore(BaseStore):
     """LangGraph's long-term memory store interface, backed by a memory_distill :class:`MemoryStore`."""
 
+    supports_ttl = True
+
     def __init__(self, store: MemoryStore, *, predictor: PredictorLike = None,
-                 value_weight: float = 0.0, fields: list[str] | None = None, reward_key: str = "reward") -> None:
+                 value_weight: float = 0.0, fields: list[str] | None = None, reward_key: str = "reward",
+                 ttl_config: TTLConfig | None = None) -> None:
         if not 0.0 <= value_weight <= 1.0:
             raise ValueError(f"value_weight must be in [0, 1], got {value_weight}")
+        self.ttl_config = ttl_config
+        self._sweeper: concurrent.futures.Future[None] | None = None
+        self._stop_sweeper = threading.Event()
         self.store = store
         self.predictor = predictor
         self.value_weight = value_weight
@@ -167,6 +187,10 @@ class MemoryDistillStore(BaseStore):
                      VALUE: json.dumps(value, ensure_ascii=False, default=str), UPDATED: now,
                      INDEXED: op.index is not False})
         meta.update({_level(i): label for i, label in enumerate(op.namespace)})
+        if op.ttl is not None:
+            if isinstance(op.ttl, bool) or not isinstance(op.ttl, (int, float)) or not 0 < op.ttl < math.inf:
+                raise InvalidMemoryError(f"ttl must be a positive number of minutes or None, got {op.ttl!r}")
+            meta.update({TTL: float(op.ttl), EXPIRES: now + 60.0 * float(op.ttl)})
         return coerce_memory({"id": self.memory_id(op.namespace, op.key), "text": self._text(value, op.index or None),
                               "reward": reward, "metadata": meta, "namespace": self.memory_namespace(op.namespace),
                               "created_at": created_at if created_at is not None else now,
@@ -192,7 +216,9 @@ class MemoryDistillStore(BaseStore):
         out: list[Result] = []
         for op in ops:
             if isinstance(op, GetOp):
-                got = self.store.get_many([self.memory_id(op.namespace, op.key)])
+                got = self._live(self.store.get_many([self.memory_id(op.namespace, op.key)]))
+                if got and op.refresh_ttl:
+                    self._refresh(got)
                 out.append(self._item(got[0]) if got else None)
             elif isinstance(op, PutOp):
                 self._put(op)
@@ -213,8 +239,6 @@ class MemoryDistillStore(BaseStore):
         if op.value is None:
             self.store.delete([mid])
             return
-        if op.ttl is not None:
-            raise NotImplementedError("MemoryDistillStore does not support TTLs: use forget(older_than=...) instead")
         old = self.store.get_many([mid])
         self.store.add_many([self._memory(op, old[0].created_at if old else None)], upsert=True)
 
@@ -222,29 +246,31 @@ class MemoryDistillStore(BaseStore):
         where = self._prefix_where(op.namespace_prefix)
         end = op.offset + op.limit
         if op.query is None:
-            mems = [m for page, _ in self.store.iter_memories(namespace=None, where=where) for m in page
-                    if not op.filter or all(_matches(self._value(m).get(k), v) for k, v in op.filter.items())]
+            mems = self._live([m for page, _ in self.store.iter_memories(namespace=None, where=where) for m in page
+                               if self._passes(m, op.filter)])
             mems.sort(key=lambda m: -float(m.metadata.get(UPDATED, m.created_at)))  # type: ignore[arg-type]
-            return [self._item(m, SearchItem) for m in mems[op.offset : end]]
+            return self._found(op, [(m, None) for m in mems[op.offset : end]])
+        unindexed = {**where, INDEXED: False}
         where[INDEXED] = True
         pred = resolve_predictor(self.predictor) if self.value_weight > 0 else None
         if op.filter:  # exact: every item under the prefix that passes the filter is scored
             mems, vecs = [], []
             for page, X in self.store.iter_memories(namespace=None, where=where, with_embeddings=True):
                 for m, v in zip(page, np.asarray(X), strict=True):
-                    if all(_matches(self._value(m).get(k), f) for k, f in op.filter.items()):
+                    if self._passes(m, op.filter) and self._live([m]):
                         mems.append(m)
                         vecs.append(v)
             if not mems:
-                return []
+                return self._found(op, [], unindexed)
             q = self.store.embedder.embed([op.query])[0]
             V = np.stack(vecs)
             sim = (V @ q) / np.maximum(np.linalg.norm(V, axis=1) * np.linalg.norm(q), 1e-12)
         else:
             pool = end if pred is None else max(4 * end, 20)  # value re-ranks a wider pool
             hits = self._nearest(op.query, pool, op.namespace_prefix, where, vectors=pred is not None)
+            hits = [h for h in hits if self._live([h.memory])]
             if not hits:
-                return []
+                return self._found(op, [], unindexed)
             mems = [h.memory for h in hits]
             V = np.stack([np.asarray(h.embedding) for h in hits]) if pred is not None else np.empty((0, 0))
             sim = np.array([h.similarity for h in hits])
@@ -253,7 +279,20 @@ class MemoryDistillStore(BaseStore):
             value = predicted_value(pred, V, mems)[0]
             score = (1 - self.value_weight) * sim + self.value_weight * value
         order = np.argsort(-score, kind="stable")[op.offset : end]
-        return [self._item(mems[i], SearchItem, float(score[i])) for i in order]
+        return self._found(op, [(mems[i], float(score[i])) for i in order], unindexed)
+
+    def _found(self, op: SearchOp, ranked: list[tuple[Memory, float | None]],
+               unindexed: dict[str, Any] | None = None) -> list[SearchItem]:
+        """The search result: ``ranked`` items, then (a query search short of ``limit``, as LangGraph's
+        ``InMemoryStore`` does) items put with ``index=False``, unscored; TTLs of what is returned refreshed."""
+        if unindexed is not None and len(ranked) < op.limit:
+            rest = self._live([m for page, _ in self.store.iter_memories(namespace=None, where=unindexed)
+                               for m in page if self._passes(m, op.filter)])
+            rest.sort(key=lambda m: -float(m.metadata.get(UPDATED, m.created_at)))  # type: ignore[arg-type]
+            ranked = ranked + [(m, None) for m in rest[: op.limit - len(ranked)]]
+        if op.refresh_ttl:
+            self._refresh([m for m, _ in ranked])
+        return [self._item(m, SearchItem, score) for m, score in ranked]
 
     def _nearest(self, query: str, k: int, prefix: tuple[str, ...], where: dict[str, Any], *,
                  vectors: bool) -> list[Any]:
@@ -273,10 +312,75 @@ class MemoryDistillStore(BaseStore):
     def _value(m: Memory) -> dict[str, Any]:
         return dict(json.loads(str(m.metadata[VALUE])))
 
+    def _passes(self, m: Memory, flt: dict[str, Any] | None) -> bool:
+        return not flt or all(_matches(self._value(m).get(k), v) for k, v in flt.items())
+
+    # ------------------------------------------------------------------ TTL
+
+    def _live(self, mems: list[Memory]) -> list[Memory]:
+        """``mems`` without expired items when ``TTLConfig.omit_expired`` is set (else all of them)."""
+        if not (self.ttl_config or {}).get("omit_expired", False):
+            return mems
+        now = time.time()
+        return [m for m in mems if float(m.metadata.get(EXPIRES, math.inf)) > now]  # type: ignore[arg-type]
+
+    def _refresh(self, mems: list[Memory]) -> None:
+        """Restart the TTL clock of the items that have one (a read counts as an access)."""
+        now = time.time()
+        updates = {m.id: {EXPIRES: now + 60.0 * float(m.metadata[TTL])}  # type: ignore[arg-type]
+                   for m in mems if TTL in m.metadata}
+        if updates:
+            self.store.update_metadata(updates)
+
+    def sweep_ttl(self) -> int:
+        """Delete every expired item now; returns how many were deleted."""
+        gone = self.store.delete(where={ITEM: True, EXPIRES: {"$lte": time.time()}})
+        if gone:
+            log.info("TTL sweep deleted %d expired item(s)", len(gone))
+        return len(gone)
+
+    def start_ttl_sweeper(self, sweep_interval_minutes: float | None = None) -> concurrent.futures.Future[None]:
+        """Run :meth:`sweep_ttl` in a background thread every ``sweep_interval_minutes`` (default:
+        ``TTLConfig.sweep_interval_minutes``, else 5) until :meth:`stop_ttl_sweeper`. A sweep that fails
+        (e.g. the Chroma server is away) is logged and retried at the next interval."""
+        if self._sweeper is not None and not self._sweeper.done():
+            return self._sweeper
+        minutes = sweep_interval_minutes or (self.ttl_config or {}).get("sweep_interval_minutes") or 5
+        if not minutes > 0:
+            raise ValueError(f"sweep_interval_minutes must be positive, got {minutes!r}")
+        self._stop_sweeper.clear()
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        def loop() -> None:
+            try:
+                while not self._stop_sweeper.wait(60.0 * float(minutes)):
+                    try:
+                        self.sweep_ttl()
+                    except Exception:
+                        log.exception("TTL sweep failed; retrying in %s minute(s)", minutes)
+            finally:
+                done.set_result(None)
+
+        threading.Thread(target=loop, name="memory-distill-ttl-sweeper", daemon=True).start()
+        self._sweeper = done
+        return done
+
+    def stop_ttl_sweeper(self, timeout: float | None = None) -> bool:
+        """Stop the background sweeper; ``True`` once it has stopped (or none was running)."""
+        if self._sweeper is None:
+            return True
+        self._stop_sweeper.set()
+        try:
+            self._sweeper.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            return False
+        self._sweeper = None
+        return True
+
     def _list_namespaces(self, op: ListNamespacesOp) -> list[tuple[str, ...]]:
         seen: set[tuple[str, ...]] = set()
         for page, _ in self.store.iter_memories(namespace=None, where={ITEM: True}):
-            seen.update(tuple(json.loads(str(m.metadata[NS]))) for m in page)
+            seen.update(tuple(json.loads(str(m.metadata[NS]))) for m in self._live(page))
         spaces = [ns for ns in seen if all(_does_match(c, ns) for c in (op.match_conditions or ()))]
         if op.max_depth is not None:
             spaces = list({ns[: op.max_depth] for ns in spaces})
