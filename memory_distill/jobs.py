@@ -429,21 +429,32 @@ class ConsolidationWorker:
                 return float(entry["started_at"]) + float(entry.get("seconds", 0)), int(entry.get("n_rewarded", 0))
         return None, 0
 
-    def due(self) -> tuple[bool, str]:
+    def needs_count(self) -> bool:
+        """Whether :meth:`due` would count the rewarded memories (before the first run, or for ``min_new``)."""
+        return self.min_new is not None or self._last()[0] is None
+
+    def due(self, *, rewarded: int | None = None) -> tuple[bool, str]:
         """Whether a run is due now, and why. Before the first run, not until there are enough rewarded
-        memories for one (a fresh deployment does not log a failed run every poll)."""
+        memories for one (a fresh deployment does not log a failed run every poll). ``rewarded``: the
+        namespace's rewarded count when the caller already has it (:class:`NamespaceWorkers` counts
+        every namespace in one pass)."""
         last_time, last_rewarded = self._last()
+
+        def count() -> int:  # a filtered count reads every row: only where a trigger needs it
+            if rewarded is not None:
+                return rewarded
+            return self.store.count(namespace=self.config.namespace, rewarded_only=True)
+
         if last_time is None:
-            # a filtered count reads every row of the namespace: only where a trigger needs it
-            rewarded = self.store.count(namespace=self.config.namespace, rewarded_only=True)
-            if rewarded < self.config.min_rewarded:
-                return False, (f"only {rewarded} rewarded memories (a run needs JobConfig.min_rewarded="
+            n = count()
+            if n < self.config.min_rewarded:
+                return False, (f"only {n} rewarded memories (a run needs JobConfig.min_rewarded="
                                f"{self.config.min_rewarded})")
             return True, "no consolidation has run yet"
         if self.every_s is not None and time.time() - last_time >= self.every_s:
             return True, f"{self.every_s:.0f}s elapsed since the last run"
         if self.min_new is not None:
-            new = self.store.count(namespace=self.config.namespace, rewarded_only=True) - last_rewarded
+            new = count() - last_rewarded
             if new >= self.min_new:
                 return True, f"{new} new rewarded memories (>= {self.min_new})"
         if self.drift_threshold is not None:
@@ -455,8 +466,8 @@ class ConsolidationWorker:
                 return True, "no published model"
         return False, "not due"
 
-    def run_once(self, *, force: bool = False) -> ConsolidationReport | None:
-        due, why = (True, "forced") if force else self.due()
+    def run_once(self, *, force: bool = False, rewarded: int | None = None) -> ConsolidationReport | None:
+        due, why = (True, "forced") if force else self.due(rewarded=rewarded)
         if not due:
             return None
         log.info("consolidation due: %s", why)
@@ -498,6 +509,8 @@ class NamespaceWorkers:
 
     Namespaces are discovered from the store (a full metadata read) at most every ``discover_every_s``;
     one with fewer than ``JobConfig.min_rewarded`` rewarded memories is not consolidated until it has them.
+    A poll that must count more than ``one_pass_above`` (64) namespaces counts them all in one pass over the
+    metadata (500 namespaces at 50k rows: 3.4 s instead of 21.6 s).
     ``run_once()`` returns the reports of the runs it made, by namespace.
     """
 
@@ -513,6 +526,9 @@ class NamespaceWorkers:
         self.store, self.registry = store, registry
         self.triggers: dict[str, Any] = {"every_s": every_s, "min_new": min_new, "drift_threshold": drift_threshold}
         self.discover_every_s = discover_every_s
+        # Each filtered count scans every row; one pass over all the metadata costs about as much as 50-60
+        # of them (50k rows: 3.0 s vs 0.06 s per count), so past this many namespaces a poll counts in one pass.
+        self.one_pass_above = 64
         self.workers: dict[str, ConsolidationWorker] = {}
         self._discovered_at: float | None = None
         self._stop = threading.Event()
@@ -531,9 +547,14 @@ class NamespaceWorkers:
     def run_once(self) -> dict[str, ConsolidationReport]:
         """Run every namespace whose triggers fire (one after the other); a failing namespace does not stop the rest."""
         done: dict[str, ConsolidationReport] = {}
-        for ns in self.discover():
+        names = self.discover()
+        # one pass over the metadata counts every namespace (one filtered count each would scan every row per namespace)
+        need = {ns for ns in names if self.workers[ns].needs_count()}
+        counts = self.store.namespace_counts(rewarded_only=True) if len(need) > self.one_pass_above else None
+        for ns in names:
             try:
-                rep = self.workers[ns].run_once()
+                rep = self.workers[ns].run_once(rewarded=counts.get(ns, 0) if counts is not None and ns in need
+                                                else None)
             except ConsolidationError as e:
                 log.error("namespace %r: %s", ns, e)
                 continue

@@ -825,18 +825,39 @@ class MemoryStore:
             X, rewards, created, feats = X[:pos], rewards[:pos], created[:pos], feats[:pos]
         return TrainingData(ids, X, rewards, created, groups, feats, meta)
 
+    def _metadata_pages(self) -> Iterator[list[Mapping[str, Any]]]:
+        """Every row's metadata, a page at a time (no filter: one pass over the collection)."""
+        offset, size = 0, self.config.read_page_size
+        while True:
+            metas = self._col.get(limit=size, offset=offset, include=["metadatas"])["metadatas"]
+            if not metas:
+                return
+            yield metas
+            offset += len(metas)
+            if len(metas) < size:
+                return
+
+    def namespace_counts(self, *, rewarded_only: bool = False) -> dict[str, int]:
+        """Memories per namespace (rewarded ones only with ``rewarded_only``) in one pass over the metadata.
+
+        Cheaper than one ``count(namespace=...)`` per namespace once there are more than a few: Chroma
+        evaluates each filtered count over every row.
+        """
+        out: dict[str, int] = {}
+        for metas in self._metadata_pages():
+            for m in metas:
+                if rewarded_only and not m.get(HAS_REWARD):
+                    continue
+                ns = str(m.get(NS, "default"))
+                out[ns] = out.get(ns, 0) + 1
+        return out
+
     def stats(self) -> dict[str, Any]:
         """Counts per namespace, rewarded vs pending, reward summary, embedder."""
         total = rewarded = 0
         per_ns: dict[str, int] = {}
         rs: list[float] = []
-        offset = 0
-        size = self.config.read_page_size
-        while True:
-            got = self._col.get(limit=size, offset=offset, include=["metadatas"])
-            metas = got["metadatas"]
-            if not metas:
-                break
+        for metas in self._metadata_pages():
             for m in metas:
                 total += 1
                 ns = str(m.get(NS, "default"))
@@ -844,9 +865,6 @@ class MemoryStore:
                 if m.get(HAS_REWARD):
                     rewarded += 1
                     rs.append(float(m[REWARD]))
-            offset += len(metas)
-            if len(metas) < size:
-                break
         arr = np.asarray(rs, np.float64)
         return {
             "collection": self.config.collection,
