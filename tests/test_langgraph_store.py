@@ -206,6 +206,10 @@ def test_ttl_expiry_refresh_omit_and_sweep(store) -> None:  # type: ignore[no-un
     # the sweep deletes the expired rows themselves
     n = store.count()
     assert lg.sweep_ttl() == 2 and store.count() == n - 2 and lg.sweep_ttl() == 0
+    # an expiry left on an item without a TTL (a refresh racing a put) never deletes or hides it
+    lg.put(ns, "raced", {"text": "put again without a TTL"}, ttl=None)
+    store.update_metadata({lg.memory_id(ns, "raced"): {"lg_expires_at": time.time() - 1}})
+    assert lg.sweep_ttl() == 0 and lg.get(ns, "raced") is not None
     # a put without a TTL clears the old one; a bad TTL writes nothing
     lg.put(ns, "default", {"text": "kept after all"}, ttl=None)
     assert _expires(store, lg, ns, "default") is None

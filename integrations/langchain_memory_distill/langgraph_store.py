@@ -322,7 +322,8 @@ class MemoryDistillStore(BaseStore):
         if not (self.ttl_config or {}).get("omit_expired", False):
             return mems
         now = time.time()
-        return [m for m in mems if float(m.metadata.get(EXPIRES, math.inf)) > now]  # type: ignore[arg-type]
+        return [m for m in mems if TTL not in m.metadata
+                or float(m.metadata.get(EXPIRES, math.inf)) > now]  # type: ignore[arg-type]
 
     def _refresh(self, mems: list[Memory]) -> None:
         """Restart the TTL clock of the items that have one (a read counts as an access)."""
@@ -334,7 +335,8 @@ class MemoryDistillStore(BaseStore):
 
     def sweep_ttl(self) -> int:
         """Delete every expired item now; returns how many were deleted."""
-        gone = self.store.delete(where={ITEM: True, EXPIRES: {"$lte": time.time()}})
+        # TTL too: a read's refresh racing a put without a TTL can leave an expiry on an item that has none
+        gone = self.store.delete(where={ITEM: True, EXPIRES: {"$lte": time.time()}, TTL: {"$gt": 0}})
         if gone:
             log.info("TTL sweep deleted %d expired item(s)", len(gone))
         return len(gone)
