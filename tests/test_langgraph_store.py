@@ -234,3 +234,17 @@ def test_expired_items_stay_visible_until_swept_by_default(store) -> None:  # ty
     finally:
         assert lg.stop_ttl_sweeper(timeout=5)
     assert lg._sweeper is None and lg.stop_ttl_sweeper()
+
+
+def test_a_query_finds_indexed_items_crowded_out_by_unindexed_ones(store, embedder) -> None:  # type: ignore[no-untyped-def]
+    ours = MemoryDistillStore(store)
+    ref = InMemoryStore(index={"dims": embedder.dim, "fields": ["text"],
+                               "embed": lambda texts: embedder.embed(texts).tolist()})
+    for st in (ours, ref):
+        for i in range(70):
+            st.put(("logs",), f"raw{i}", {"text": f"booked a flight to Lisbon, raw log {i}"}, index=False)
+        st.put(("logs",), "a", {"text": "a summary: the trip was cancelled"})
+        st.put(("logs",), "b", {"text": "a summary: the hotel was moved"})
+    a, b = (st.search(("logs",), query="booked a flight to Lisbon", limit=10) for st in (ours, ref))
+    assert [i.key for i in a[:2]] == [i.key for i in b[:2]] and {i.key for i in a[:2]} == {"a", "b"}
+    assert [i.score is None for i in a] == [i.score is None for i in b] == [False] * 2 + [True] * 8

@@ -250,27 +250,29 @@ class MemoryDistillStore(BaseStore):
                                if self._passes(m, op.filter)])
             mems.sort(key=lambda m: -float(m.metadata.get(UPDATED, m.created_at)))  # type: ignore[arg-type]
             return self._found(op, [(m, None) for m in mems[op.offset : end]])
-        unindexed = {**where, INDEXED: False}
-        where[INDEXED] = True
         pred = resolve_predictor(self.predictor) if self.value_weight > 0 else None
         if op.filter:  # exact: every item under the prefix that passes the filter is scored
-            mems, vecs = [], []
+            mems, vecs, unranked = [], [], []
             for page, X in self.store.iter_memories(namespace=None, where=where, with_embeddings=True):
                 for m, v in zip(page, np.asarray(X), strict=True):
                     if self._passes(m, op.filter) and self._live([m]):
-                        mems.append(m)
-                        vecs.append(v)
+                        if m.metadata.get(INDEXED) is True:
+                            mems.append(m)
+                            vecs.append(v)
+                        else:
+                            unranked.append(m)
             if not mems:
-                return self._found(op, [], unindexed)
+                return self._found(op, [], unranked)
             q = self.store.embedder.embed([op.query])[0]
             V = np.stack(vecs)
             sim = (V @ q) / np.maximum(np.linalg.norm(V, axis=1) * np.linalg.norm(q), 1e-12)
         else:
             pool = end if pred is None else max(4 * end, 20)  # value re-ranks a wider pool
-            hits = self._nearest(op.query, pool, op.namespace_prefix, where, vectors=pred is not None)
+            hits, unranked = self._nearest(op.query, pool, op.namespace_prefix, where, vectors=pred is not None)
             hits = [h for h in hits if self._live([h.memory])]
+            unranked = self._live(unranked)
             if not hits:
-                return self._found(op, [], unindexed)
+                return self._found(op, [], unranked)
             mems = [h.memory for h in hits]
             V = np.stack([np.asarray(h.embedding) for h in hits]) if pred is not None else np.empty((0, 0))
             sim = np.array([h.similarity for h in hits])
@@ -279,15 +281,15 @@ class MemoryDistillStore(BaseStore):
             value = predicted_value(pred, V, mems)[0]
             score = (1 - self.value_weight) * sim + self.value_weight * value
         order = np.argsort(-score, kind="stable")[op.offset : end]
-        return self._found(op, [(mems[i], float(score[i])) for i in order], unindexed)
+        return self._found(op, [(mems[i], float(score[i])) for i in order], unranked)
 
     def _found(self, op: SearchOp, ranked: list[tuple[Memory, float | None]],
-               unindexed: dict[str, Any] | None = None) -> list[SearchItem]:
+               unranked: list[Memory] | None = None) -> list[SearchItem]:
         """The search result: ``ranked`` items, then (a query search short of ``limit``, as LangGraph's
-        ``InMemoryStore`` does) items put with ``index=False``, unscored; TTLs of what is returned refreshed."""
-        if unindexed is not None and len(ranked) < op.limit:
-            rest = self._live([m for page, _ in self.store.iter_memories(namespace=None, where=unindexed)
-                               for m in page if self._passes(m, op.filter)])
+        ``InMemoryStore`` does) the ``unranked`` items put with ``index=False`` under the prefix, newest first,
+        without a score; the TTLs of what is returned are refreshed."""
+        if unranked and len(ranked) < op.limit:
+            rest = [m for m in unranked if self._passes(m, op.filter)]
             rest.sort(key=lambda m: -float(m.metadata.get(UPDATED, m.created_at)))  # type: ignore[arg-type]
             ranked = ranked + [(m, None) for m in rest[: op.limit - len(ranked)]]
         if op.refresh_ttl:
@@ -295,18 +297,27 @@ class MemoryDistillStore(BaseStore):
         return [self._item(m, SearchItem, score) for m, score in ranked]
 
     def _nearest(self, query: str, k: int, prefix: tuple[str, ...], where: dict[str, Any], *,
-                 vectors: bool) -> list[Any]:
-        """The k nearest indexed items under ``prefix``. Chroma evaluates a ``where`` over every row before it
-        searches, so an oversampled unfiltered search is tried first and the prefix checked on its rows; the
-        filtered search runs only when too few of them qualify (as ``MemoryStore.search`` does for namespaces)."""
+                 vectors: bool) -> tuple[list[Any], list[Memory]]:
+        """The k nearest indexed items under ``prefix``, and the ``index=False`` items under it that the same
+        searches saw (all of them whenever fewer than k indexed items exist). Chroma evaluates a ``where``
+        over every row before it searches, so an oversampled unfiltered search is tried first and the prefix
+        checked on its rows; the filtered search runs only when too few of them qualify (as
+        ``MemoryStore.search`` does for namespaces), and it returns the unindexed items too."""
         q = self.store.embedder.embed([query])[0]
         n = 4 * k + 16
         hits = self.store.search(q, n, namespace=None, include_embeddings=vectors)
-        keep = [h for h in hits if h.memory.metadata.get(ITEM) is True and h.memory.metadata.get(INDEXED) is True
-                and all(h.memory.metadata.get(_level(i)) == label for i, label in enumerate(prefix))]
-        if len(keep) >= k or len(hits) < n:
-            return keep[:k]
-        return self.store.search(q, k, namespace=None, where=where, include_embeddings=vectors)
+        under = [h for h in hits if h.memory.metadata.get(ITEM) is True
+                 and all(h.memory.metadata.get(_level(i)) == label for i, label in enumerate(prefix))]
+        if sum(h.memory.metadata.get(INDEXED) is True for h in under) < k and len(hits) == n:
+            under = self.store.search(q, n, namespace=None, where=where, include_embeddings=vectors)
+            if sum(h.memory.metadata.get(INDEXED) is True for h in under) < k and len(under) == n:
+                # unindexed items crowd the prefix: search the indexed ones alone (the unranked are plenty)
+                unranked = [h.memory for h in under if h.memory.metadata.get(INDEXED) is not True]
+                found = self.store.search(q, k, namespace=None, where={**where, INDEXED: True},
+                                          include_embeddings=vectors)
+                return found, unranked
+        found = [h for h in under if h.memory.metadata.get(INDEXED) is True]
+        return found[:k], [h.memory for h in under if h.memory.metadata.get(INDEXED) is not True]
 
     @staticmethod
     def _value(m: Memory) -> dict[str, Any]:
