@@ -81,6 +81,15 @@ class StoreConfig(BaseModel):
     """Chroma server host for ``http`` mode."""
     port: int = Field(default=8000, ge=1, le=65535)
     """Chroma server port for ``http`` mode."""
+    ssl: bool = False
+    """``http`` mode over TLS (``https://``), e.g. a server behind a TLS-terminating proxy on another machine."""
+    headers: dict[str, str] = Field(default_factory=dict, repr=False)
+    """HTTP headers sent with every request in ``http`` mode, e.g. the credentials a proxy or Chroma's auth
+    expects: ``MEMORY_DISTILL_STORE__HEADERS='{"Authorization": "Bearer ..."}'``. Never shown in reprs."""
+    tenant: str = "default_tenant"
+    """Chroma tenant (``http`` mode)."""
+    database: str = "default_database"
+    """Chroma database within the tenant (``http`` mode); it must exist on the server."""
     collection: str = "memories"
     """Collection name (3-512 chars of ``[a-zA-Z0-9._-]``)."""
     reward_min: float = 0.0

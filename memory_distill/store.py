@@ -134,8 +134,8 @@ class _ServerCollection:
     goes away after the store was opened; callers catch one library error instead.
     """
 
-    def __init__(self, col: Any, host: str, port: int) -> None:
-        self._col, self._where = col, f"http://{host}:{port}"
+    def __init__(self, col: Any, where: str) -> None:
+        self._col, self._where = col, where
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._col, name)
@@ -152,6 +152,49 @@ class _ServerCollection:
                                  "check that it is running (`chroma run --host H --port P --path DIR`)") from e
 
         return call
+
+
+def _server_url(cfg: StoreConfig) -> str:
+    """The server's address as messages show it (``host`` may itself be a URL, as Chroma's client allows)."""
+    if cfg.host.startswith(("http://", "https://")):
+        return cfg.host
+    return f"{'https' if cfg.ssl else 'http'}://{cfg.host}:{cfg.port}"
+
+
+def _check_server(cfg: StoreConfig) -> None:
+    """Reach the server's tenant/database once and turn each way of failing into an error that names the fix.
+
+    Chroma's client reports a refused credential or a missing database as "Could not connect to tenant
+    default_tenant. Are you sure it exists?"; this says which it is.
+    """
+    import httpx
+    from chromadb.api.base_http_client import BaseHTTPClient
+
+    where = _server_url(cfg)
+    url = BaseHTTPClient.resolve_url(cfg.host, cfg.ssl, "/api/v2", cfg.port)
+    try:
+        with httpx.Client(headers=cfg.headers, timeout=30.0) as c:
+            r = c.get(f"{url}/tenants/{cfg.tenant}/databases/{cfg.database}")
+    except httpx.HTTPError as e:
+        raise StoreError(
+            f"cannot reach the Chroma server at {where} ({type(e).__name__}): start one with "
+            f"`chroma run --host {cfg.host} --port {cfg.port} --path DIR`, check StoreConfig.host/port/ssl, "
+            "or use mode='persistent'"
+        ) from None
+    if r.status_code in (401, 403):
+        raise StoreError(
+            f"the Chroma server at {where} refused the request ({r.status_code} {r.reason_phrase}): give the "
+            "credentials it expects in StoreConfig.headers, e.g. "
+            "MEMORY_DISTILL_STORE__HEADERS='{\"Authorization\": \"Bearer <token>\"}'"
+        )
+    if r.status_code == 404:
+        raise StoreError(
+            f"database {cfg.database!r} of tenant {cfg.tenant!r} does not exist on the Chroma server at {where}: "
+            "create it (chromadb.AdminClient(...).create_database) or leave StoreConfig.tenant/database at "
+            "their defaults"
+        )
+    if r.status_code >= 400:
+        raise StoreError(f"the Chroma server at {where} answered {r.status_code} {r.reason_phrase}: {r.text[:300]}")
 
 
 def _is_transport_error(e: BaseException) -> bool:
@@ -220,7 +263,7 @@ class MemoryStore:
         except Exception as e:  # chroma raises several types for an unreachable server
             raise StoreError(f"could not open collection {cfg.collection!r}: {e}") from e
         if cfg.mode == "http":
-            self._col = _ServerCollection(self._col, cfg.host, cfg.port)
+            self._col = _ServerCollection(self._col, _server_url(cfg))
         have = self._col.metadata or {}
         if not self._built_with(have, embedder):
             raise EmbedderMismatchError(
@@ -247,16 +290,13 @@ class MemoryStore:
             weakref.finalize(client, shutil.rmtree, tmp, True)
             return client
         if cfg.mode == "http":
+            _check_server(cfg)
             try:
-                client = chromadb.HttpClient(host=cfg.host, port=cfg.port, settings=settings)
-                client.heartbeat()
+                return chromadb.HttpClient(host=cfg.host, port=cfg.port, ssl=cfg.ssl, headers=cfg.headers or None,
+                                           tenant=cfg.tenant, database=cfg.database, settings=settings)
             except Exception as e:
-                raise StoreError(
-                    f"cannot reach the Chroma server at http://{cfg.host}:{cfg.port} ({type(e).__name__}): "
-                    f"start one with `chroma run --host {cfg.host} --port {cfg.port} --path DIR` "
-                    "or use mode='persistent'"
-                ) from None
-            return client
+                raise StoreError(f"could not connect to the Chroma server at {_server_url(cfg)}: "
+                                 f"{type(e).__name__}: {e}") from None
         p = Path(path or cfg.path or ".memory_distill/chroma")
         p.mkdir(parents=True, exist_ok=True)
         return chromadb.PersistentClient(path=str(p), settings=settings)

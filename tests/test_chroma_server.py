@@ -97,6 +97,42 @@ def test_http_store_roundtrip(chroma_server):
         http_store(chroma_server, "roundtrip")
 
 
+def test_server_behind_an_auth_proxy_and_in_its_own_database(chroma_server) -> None:
+    """Credentials in StoreConfig.headers reach the server; a missing or wrong one, or a database that does not
+    exist, is a clear error naming the fix (Chroma's client says "Could not connect to tenant" for all of them)."""
+    import chromadb
+    from auth_proxy import start_proxy
+
+    proxy, port = start_proxy(chroma_server, token="s3cret")
+    try:
+        def cfg(**kw):  # type: ignore[no-untyped-def]
+            return StoreConfig(mode="http", port=port, collection="behind-proxy", **kw)
+
+        with pytest.raises(StoreError, match=r"refused the request \(401 Unauthorized\).*StoreConfig.headers"):
+            MemoryStore(HashingEmbedder(dim=64), cfg())
+        with pytest.raises(StoreError, match="refused the request"):
+            MemoryStore(HashingEmbedder(dim=64), cfg(headers={"Authorization": "Bearer wrong"}))
+        auth = {"Authorization": "Bearer s3cret"}
+        assert "s3cret" not in repr(cfg(headers=auth))
+        st = MemoryStore(HashingEmbedder(dim=64), cfg(headers=auth))
+        mid = st.add({"text": "written through the proxy", "reward": 0.7})
+        assert st.search("through the proxy", k=1)[0].memory.id == mid and st.count() == 1
+
+        # a database of its own: refused until it exists, then isolated from the default one
+        with pytest.raises(StoreError, match="database 'team_db' of tenant 'default_tenant' does not exist"):
+            MemoryStore(HashingEmbedder(dim=64), cfg(headers=auth, database="team_db"))
+        admin = chromadb.AdminClient(chromadb.Settings(chroma_api_impl="chromadb.api.fastapi.FastAPI",
+                                                       chroma_server_host="127.0.0.1",
+                                                       chroma_server_http_port=chroma_server))
+        admin.create_database("team_db")
+        team = MemoryStore(HashingEmbedder(dim=64), cfg(headers=auth, database="team_db"))
+        assert team.count() == 0
+        team.add({"text": "only in the team database"})
+        assert team.count() == 1 and st.count() == 1
+    finally:
+        proxy.shutdown()
+
+
 AGENT = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {tests!r})
