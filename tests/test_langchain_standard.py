@@ -1,12 +1,22 @@
-"""langchain-tests standard suites for the retriever and the embeddings adapter."""
+"""langchain-tests standard suites for the retriever, the vector store and the embeddings adapter."""
 
 import tempfile
+from collections.abc import Iterator
 
-from langchain_memory_distill import MemoryDistillEmbeddings, ValueAwareRetriever
-from langchain_tests.integration_tests import EmbeddingsIntegrationTests, RetrieversIntegrationTests
+import pytest
+from langchain_memory_distill import (
+    MemoryDistillEmbeddings,
+    MemoryDistillVectorStore,
+    ValueAwareRetriever,
+)
+from langchain_tests.integration_tests import (
+    EmbeddingsIntegrationTests,
+    RetrieversIntegrationTests,
+    VectorStoreIntegrationTests,
+)
 from langchain_tests.unit_tests import EmbeddingsUnitTests
 
-from memory_distill import HashingEmbedder, MemoryStore, StoreConfig
+from memory_distill import HashingEmbedder, LangChainEmbedder, MemoryStore, StoreConfig
 from memory_distill.demo_data import synthetic_episodes
 
 _STORE = None
@@ -52,3 +62,11 @@ class TestEmbeddingsIntegration(EmbeddingsIntegrationTests):
     @property
     def embedding_model_params(self) -> dict:
         return {"kind": "hashing", "dim": 64}
+
+
+class TestVectorStoreStandard(VectorStoreIntegrationTests):
+    @pytest.fixture
+    def vectorstore(self, tmp_path) -> Iterator[MemoryDistillVectorStore]:  # type: ignore[override]
+        """An empty store per test, embedding with the suite's deterministic fake embeddings."""
+        store = MemoryStore(LangChainEmbedder(self.get_embeddings()), StoreConfig(path=tmp_path / "c"))
+        yield MemoryDistillVectorStore(store)

@@ -11,6 +11,7 @@ from .retriever import ValueAwareRetriever
 from .router import RewardRouter
 from .scorer import RewardScorer, best_of_n
 from .tools import make_predict_tool, make_recall_tool
+from .vectorstore import MemoryDistillVectorStore
 
 __all__ = [
     "AnswerGrader",
@@ -19,6 +20,7 @@ __all__ = [
     "MemoryDistillEmbeddings",
     "MemoryDistillMiddleware",
     "MemoryDistillStore",
+    "MemoryDistillVectorStore",
     "MemoryDistillState",
     "RewardRouter",
     "RewardScorer",

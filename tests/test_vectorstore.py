@@ -1,0 +1,109 @@
+"""MemoryDistillVectorStore beyond langchain-tests' standard suite (test_langchain_standard.py): rewards,
+the student's value, namespaces, LangChain's indexing API, MMR and clear errors."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import fast_job
+from langchain_core.documents import Document
+from langchain_core.indexing import InMemoryRecordManager, index
+from langchain_memory_distill import MemoryDistillEmbeddings, MemoryDistillVectorStore
+
+from memory_distill import ArtifactRegistry, InvalidMemoryError, MemoryDistill
+
+
+def test_documents_are_memories_with_rewards_and_namespaces(store) -> None:  # type: ignore[no-untyped-def]
+    vs = MemoryDistillVectorStore(store, namespace="docs")
+    ids = vs.add_documents([Document("searched the web and cited two sources", metadata={"reward": 0.9, "tool": "search"}),
+                            Document("guessed without checking", metadata={"tool": "none"})])
+    m = store.get(ids[0])
+    assert m.reward == 0.9 and m.namespace == "docs" and m.metadata == {"tool": "search"}
+    assert store.get(ids[1]).reward is None
+    assert vs.get_by_ids([ids[1], "missing", ids[0]]) == [
+        Document(id=ids[1], page_content="guessed without checking", metadata={"tool": "none"}),
+        Document(id=ids[0], page_content="searched the web and cited two sources",
+                 metadata={"tool": "search", "reward": 0.9})]
+    # a late reward shows up on the document
+    store.set_reward(ids[1], 0.2)
+    assert vs.similarity_search("guessed", k=1)[0].metadata == {"tool": "none", "reward": 0.2}
+    # filters, scores, and another namespace's memories stay out of reach
+    store.add({"text": "searched the web and cited two sources", "reward": 0.5}, namespace="other")
+    assert [d.id for d in vs.similarity_search("searched the web", k=5, filter={"tool": "search"})] == [ids[0]]
+    assert [d.id for d in vs.similarity_search("cited", k=5, filter={"reward": {"$gte": 0.5}})] == [ids[0]]
+    scored = vs.similarity_search_with_relevance_scores("searched the web and cited two sources", k=2)
+    assert scored[0][0].id == ids[0] and scored[0][1] == pytest.approx(1.0, abs=1e-5) and 0 <= scored[1][1] < 1
+    other = store.search("cited", k=5, namespace="other")[0].memory.id
+    assert vs.get_by_ids([other]) == []
+    vs.delete([other])
+    assert store.get(other).namespace == "other"  # not this store's to delete
+    with pytest.raises(ValueError, match="delete\\(\\) needs ids"):
+        vs.delete()
+
+
+def test_bad_metadata_is_refused_and_nothing_written(store) -> None:  # type: ignore[no-untyped-def]
+    vs = MemoryDistillVectorStore(store)
+    with pytest.raises(InvalidMemoryError, match=r"memories\[1\].*metadata\['pages'\].*flatten it or json.dumps"):
+        vs.add_texts(["fine", "nested"], [{"source": "a.md"}, {"pages": [1, 2]}])
+    with pytest.raises(InvalidMemoryError, match="outside the configured range"):
+        vs.add_texts(["fine", "too good"], [{}, {"reward": 5}])
+    with pytest.raises(InvalidMemoryError, match="metadatas has 1 entries for 2 texts"):
+        vs.add_texts(["a", "b"], [{}])
+    assert store.count() == 0
+
+
+def test_langchain_indexing_api_keeps_the_store_in_sync(store) -> None:  # type: ignore[no-untyped-def]
+    """index() with a record manager: unchanged documents are skipped, changed ones replaced, removed ones deleted."""
+    vs = MemoryDistillVectorStore(store)
+    rm = InMemoryRecordManager("memory_distill/docs")
+    rm.create_schema()
+    docs = [Document(f"runbook step {i}: restart the worker", metadata={"source": f"s{i}.md"}) for i in range(4)]
+    assert index(docs, rm, vs, cleanup="full", source_id_key="source", key_encoder="sha256") == \
+        {"num_added": 4, "num_updated": 0, "num_skipped": 0, "num_deleted": 0}
+    assert index(docs, rm, vs, cleanup="full", source_id_key="source", key_encoder="sha256")["num_skipped"] == 4
+    docs[1] = Document("runbook step 1: drain the queue first", metadata={"source": "s1.md"})
+    res = index(docs[:3], rm, vs, cleanup="full", source_id_key="source", key_encoder="sha256")
+    assert (res["num_added"], res["num_deleted"], res["num_skipped"]) == (1, 2, 2)
+    assert store.count() == 3
+    assert vs.similarity_search("drain the queue", k=1)[0].page_content == "runbook step 1: drain the queue first"
+
+
+def test_value_weighted_search_and_mmr_retriever(tmp_path, store) -> None:  # type: ignore[no-untyped-def]
+    mem = MemoryDistill(store, ArtifactRegistry(tmp_path / "models"), fast_job())
+    vs = MemoryDistillVectorStore.from_memory(mem, value_weight=0.5)
+    texts, metas = [], []
+    for i in range(150):
+        good = i % 2 == 0
+        texts.append(f"Task {i // 2}: the agent {'searched the web and cited sources' if good else 'guessed the answer'}")
+        metas.append({"reward": 0.9 if good else 0.1, "group": f"task-{i // 2}"})
+    vs.add_texts(texts, metas)
+    plain = vs.similarity_search("Task 3", k=5)  # no model yet: similarity alone
+    assert plain[0].metadata["reward"] == 0.1
+    mem.consolidate()
+    ranked = vs.similarity_search_with_score("Task 3", k=5)  # the student now weighs in
+    assert ranked[0][0].metadata["reward"] == 0.9
+    assert sum(d.metadata["reward"] == 0.9 for d, _ in ranked) > sum(d.metadata["reward"] == 0.9 for d in plain)
+    assert all(0 <= s <= 1 for _, s in ranked)
+    # MMR through a standard retriever: a near-copy gives way
+    ops = MemoryDistillVectorStore(store, namespace="ops")
+    ops.add_texts(["the deploy failed: disk full", "the deploy failed: disk full!", "the deploy succeeded after a retry"])
+    q = "why the deploy failed: the disk was full"
+    assert [d.page_content for d in ops.similarity_search(q, k=2)] == ["the deploy failed: disk full",
+                                                                      "the deploy failed: disk full!"]
+    mmr = ops.as_retriever(search_type="mmr", search_kwargs={"k": 2, "fetch_k": 10, "lambda_mult": 0.5})
+    assert [d.page_content for d in mmr.invoke(q)] == ["the deploy failed: disk full",
+                                                      "the deploy succeeded after a retry"]
+
+
+def test_from_texts_and_async(embedder) -> None:  # type: ignore[no-untyped-def]
+    vs = MemoryDistillVectorStore.from_texts(["alpha beta", "gamma delta"], MemoryDistillEmbeddings.from_embedder(embedder),
+                                             metadatas=[{"reward": 1.0}, {}], ids=["a", "g"])
+    assert vs.store.embedder is embedder and vs.store.get("a").reward == 1.0
+
+    async def go() -> list[Document]:
+        await vs.aadd_texts(["epsilon zeta"], ids=["e"])
+        await vs.adelete(["g"])
+        return await vs.asimilarity_search("epsilon zeta", k=5)
+
+    assert [d.id for d in asyncio.run(go())] == ["e", "a"]
