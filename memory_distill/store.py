@@ -479,11 +479,13 @@ class MemoryStore:
         embeddings: np.ndarray | Sequence[Sequence[float]] | None = None,
         namespace: str | None = None,
         upsert: bool = False,
+        keep_created: bool = False,
     ) -> list[str]:
         """Validate, embed and write a batch atomically; returns the ids in input order.
 
         ``embeddings`` (n x dim) skips the embedder. With ``upsert=False`` an id that already
-        exists is an error (Chroma would silently drop it); ``upsert=True`` replaces it.
+        exists is an error (Chroma would silently drop it); ``upsert=True`` replaces it, and with
+        ``keep_created`` the replaced memory keeps its stored ``created_at`` (an update, not a new memory).
         """
         mems = [coerce_memory(m, namespace=namespace, index=i) for i, m in enumerate(memories)]
         if not mems:
@@ -506,18 +508,27 @@ class MemoryStore:
                 )
             if not np.isfinite(vecs).all():
                 raise InvalidMemoryError("embeddings contain NaN or inf: re-embed those texts")
-        existing = self._existing(ids)
-        if existing and not upsert:
-            raise StoreError(
-                f"{len(existing)} id(s) already exist (e.g. {sorted(existing)[:3]}): "
-                "use new ids, or upsert=True to replace them"
-            )
-        snapshot = self._snapshot(sorted(existing)) if existing else None
+        snapshot: dict[str, Any] | None = None
+        if upsert:  # one read: the rows being replaced, kept to roll back to (none for new ids)
+            snapshot = self._snapshot(ids)
+        else:
+            existing = self._existing(ids)
+            if existing:
+                raise StoreError(
+                    f"{len(existing)} id(s) already exist (e.g. {sorted(existing)[:3]}): "
+                    "use new ids, or upsert=True to replace them"
+                )
         metas = [self._to_meta(m) for m in mems]
-        if snapshot:  # Chroma merges metadata on upsert: clear the old row's keys the new one lacks
+        if snapshot and snapshot["ids"]:
             old = dict(zip(snapshot["ids"], snapshot["metadatas"], strict=True))
             for mid, meta in zip(ids, metas, strict=True):
-                meta.update(dict.fromkeys((old.get(mid) or {}).keys() - meta.keys()))
+                prev = old.get(mid)
+                if prev is None:
+                    continue
+                if keep_created and CREATED in prev:
+                    meta[CREATED] = prev[CREATED]
+                # Chroma merges metadata on upsert: clear the old row's keys the new one lacks
+                meta.update(dict.fromkeys(prev.keys() - meta.keys()))
         docs = [m.text for m in mems]
         write = self._col.upsert if upsert else self._col.add
         done = 0
@@ -539,9 +550,14 @@ class MemoryStore:
         return found
 
     def _snapshot(self, ids: Sequence[str]) -> dict[str, Any]:
-        got = self._col.get(ids=list(ids), include=["embeddings", "metadatas", "documents"])
-        return {"ids": got["ids"], "embeddings": np.asarray(got["embeddings"]),
-                "metadatas": got["metadatas"], "documents": got["documents"]}
+        """The stored rows among ``ids`` (whole: vectors, metadata, texts), read in write-sized chunks."""
+        out: dict[str, list[Any]] = {"ids": [], "embeddings": [], "metadatas": [], "documents": []}
+        for s in range(0, len(ids), self._max_batch):
+            got = self._col.get(ids=list(ids[s : s + self._max_batch]), include=["embeddings", "metadatas", "documents"])
+            for key in out:
+                out[key].extend(got[key] if key == "ids" or got[key] is not None else [])
+        vecs = np.asarray(out["embeddings"], np.float32).reshape(len(out["ids"]), self.embedder.dim)
+        return {"ids": out["ids"], "embeddings": vecs, "metadatas": out["metadatas"], "documents": out["documents"]}
 
     def _rollback(self, written: Sequence[str], snapshot: dict[str, Any] | None) -> None:
         try:
@@ -549,7 +565,8 @@ class MemoryStore:
                 for s in range(0, len(written), self._max_batch):
                     self._col.delete(ids=list(written[s : s + self._max_batch]))
             if snapshot and snapshot["ids"]:
-                self._col.upsert(**snapshot)
+                for s in range(0, len(snapshot["ids"]), self._max_batch):
+                    self._col.upsert(**{k: v[s : s + self._max_batch] for k, v in snapshot.items()})
         except Exception:  # pragma: no cover - best effort; the original error is raised
             log.exception("rollback failed; the store may hold part of the batch")
 

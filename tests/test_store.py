@@ -115,6 +115,36 @@ def test_failed_chunked_write_is_rolled_back(tmp_path, embedder, monkeypatch):
     assert st.count() == 1 and st.get("keep").text == "already here"
 
 
+def test_failed_chunked_upsert_restores_every_replaced_row(tmp_path, embedder, monkeypatch):
+    st = MemoryStore(embedder, StoreConfig(path=tmp_path / "c", write_batch_size=2))
+    st.add_many([{"id": f"m{i}", "text": f"old {i}", "reward": 0.5, "metadata": {"v": 1}} for i in range(5)])
+    before, vecs = st.get_many([f"m{i}" for i in range(5)]), st.get_embeddings([f"m{i}" for i in range(5)])
+    real, calls = st._col.upsert, {"n": 0}
+
+    def flaky(**kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("connection reset")
+        return real(**kw)
+
+    monkeypatch.setattr(st._col, "upsert", flaky)
+    with pytest.raises(StoreError, match="rolled back"):
+        st.add_many([{"id": f"m{i}", "text": f"new {i}", "metadata": {"w": 2}} for i in range(6)], upsert=True)
+    monkeypatch.undo()
+    assert st.count() == 5 and st.get_many([f"m{i}" for i in range(5)]) == before
+    assert np.array_equal(st.get_embeddings([f"m{i}" for i in range(5)]), vecs)
+
+
+def test_upsert_can_keep_the_stored_creation_time(store):
+    store.add({"id": "a", "text": "first", "created_at": 1000.0})
+    store.add_many([{"id": "a", "text": "edited", "created_at": 2000.0}], upsert=True, keep_created=True)
+    assert store.get("a").created_at == 1000.0 and store.get("a").text == "edited"
+    store.add_many([{"id": "a", "text": "replaced", "created_at": 3000.0}], upsert=True)
+    assert store.get("a").created_at == 3000.0
+    store.add_many([{"id": "new", "text": "fresh", "created_at": 4000.0}], upsert=True, keep_created=True)
+    assert store.get("new").created_at == 4000.0
+
+
 def test_large_batches_are_split_under_chromas_limit(tmp_path):
     emb = HashingEmbedder(dim=8)
     st = MemoryStore(emb, StoreConfig(path=tmp_path / "c"))

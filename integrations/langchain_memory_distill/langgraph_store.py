@@ -239,8 +239,7 @@ class MemoryDistillStore(BaseStore):
         if op.value is None:
             self.store.delete([mid])
             return
-        old = self.store.get_many([mid])
-        self.store.add_many([self._memory(op, old[0].created_at if old else None)], upsert=True)
+        self.store.add_many([self._memory(op, None)], upsert=True, keep_created=True)  # an update keeps created_at
 
     def _search(self, op: SearchOp) -> list[SearchItem]:
         where = self._prefix_where(op.namespace_prefix)
