@@ -157,7 +157,7 @@ class _ServerCollection:
 def _server_url(cfg: StoreConfig) -> str:
     """The server's address as messages show it (``host`` may itself be a URL, as Chroma's client allows)."""
     if cfg.host.startswith(("http://", "https://")):
-        return cfg.host
+        return "https://" + cfg.host.split("://", 1)[1] if cfg.ssl else cfg.host
     return f"{'https' if cfg.ssl else 'http'}://{cfg.host}:{cfg.port}"
 
 
@@ -168,10 +168,9 @@ def _check_server(cfg: StoreConfig) -> None:
     default_tenant. Are you sure it exists?"; this says which it is.
     """
     import httpx
-    from chromadb.api.base_http_client import BaseHTTPClient
 
     where = _server_url(cfg)
-    url = BaseHTTPClient.resolve_url(cfg.host, cfg.ssl, "/api/v2", cfg.port)
+    url = where.rstrip("/") + "/api/v2"  # as chromadb's client builds it (a URL host keeps its own port)
     try:
         with httpx.Client(headers=cfg.headers, timeout=30.0) as c:
             r = c.get(f"{url}/tenants/{cfg.tenant}/databases/{cfg.database}")

@@ -117,6 +117,8 @@ def test_server_behind_an_auth_proxy_and_in_its_own_database(chroma_server) -> N
         st = MemoryStore(HashingEmbedder(dim=64), cfg(headers=auth))
         mid = st.add({"text": "written through the proxy", "reward": 0.7})
         assert st.search("through the proxy", k=1)[0].memory.id == mid and st.count() == 1
+        as_url = StoreConfig(mode="http", host=f"http://127.0.0.1:{port}", collection="behind-proxy", headers=auth)
+        assert MemoryStore(HashingEmbedder(dim=64), as_url).get(mid).reward == 0.7  # host given as a URL
 
         # a database of its own: refused until it exists, then isolated from the default one
         with pytest.raises(StoreError, match="database 'team_db' of tenant 'default_tenant' does not exist"):
