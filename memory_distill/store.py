@@ -760,8 +760,8 @@ class MemoryStore:
         """The k rows passing ``flt`` most similar to ``qv``: exact when at most ``EXACT_MAX_ROWS`` rows pass
         (the common case of a small namespace or a narrow filter), else Chroma's filtered query, asked again
         for more candidates if it comes back short."""
-        ids = self._col.get(where=flt, limit=EXACT_MAX_ROWS + 1, include=[])["ids"]
-        if len(ids) <= EXACT_MAX_ROWS:
+        ids = self._col.get(where=flt, limit=EXACT_MAX_ROWS + 1, include=[])["ids"] if flt is not None else []
+        if flt is not None and len(ids) <= EXACT_MAX_ROWS:
             if not ids:
                 return []
             got = self._col.get(ids=ids, include=["embeddings", "metadatas", "documents"])
