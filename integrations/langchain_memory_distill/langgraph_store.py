@@ -172,7 +172,7 @@ class MemoryDistillStore(BaseStore):
             return str(value["text"])
         return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
 
-    def _memory(self, op: PutOp, created_at: float | None) -> Memory:
+    def _memory(self, op: PutOp) -> Memory:
         value = dict(op.value or {})
         reward = value.get(self.reward_key)
         if reward is not None and (isinstance(reward, bool) or not isinstance(reward, (int, float))):
@@ -193,7 +193,7 @@ class MemoryDistillStore(BaseStore):
             meta.update({TTL: float(op.ttl), EXPIRES: now + 60.0 * float(op.ttl)})
         return coerce_memory({"id": self.memory_id(op.namespace, op.key), "text": self._text(value, op.index or None),
                               "reward": reward, "metadata": meta, "namespace": self.memory_namespace(op.namespace),
-                              "created_at": created_at if created_at is not None else now,
+                              "created_at": now,  # an existing item keeps its own (add_many keep_created)
                               "rewarded_at": now if reward is not None else None})
 
     @staticmethod
@@ -239,7 +239,7 @@ class MemoryDistillStore(BaseStore):
         if op.value is None:
             self.store.delete([mid])
             return
-        self.store.add_many([self._memory(op, None)], upsert=True, keep_created=True)  # an update keeps created_at
+        self.store.add_many([self._memory(op)], upsert=True, keep_created=True)  # an update keeps created_at
 
     def _search(self, op: SearchOp) -> list[SearchItem]:
         where = self._prefix_where(op.namespace_prefix)
