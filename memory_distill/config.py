@@ -61,6 +61,9 @@ class EmbedderConfig(BaseModel):
     """Per-request timeout in seconds."""
     max_retries: int = Field(default=5, ge=0, le=20)
     """Retries with exponential backoff on 429, 5xx, timeouts and connection errors."""
+    max_concurrency: int = Field(default=4, ge=1, le=32)
+    """OpenAI: requests in flight at once when a call needs several (large imports, re-embedding a store);
+    1 sends them one after the other. Lower it if the account's rate limit answers 429."""
     cache: bool = True
     """Cache embeddings on disk keyed by (embedder name, text hash) so nothing is embedded twice."""
     long_texts: Literal["chunk", "truncate"] = "chunk"

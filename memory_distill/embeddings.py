@@ -19,6 +19,7 @@ import sqlite3
 import threading
 import zlib
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
@@ -279,10 +280,15 @@ class OpenAIEmbedder(_ReadsLongTexts):
         max_retries: int = 5,
         client: Any | None = None,
         long_texts: Literal["chunk", "truncate"] = "chunk",
+        max_concurrency: int = 4,
     ) -> None:
         self._set_long_texts(long_texts)
         if not 1 <= batch_size <= 2048:
             raise ValueError(f"batch_size must be in 1..2048 (OpenAI API limit), got {batch_size}")
+        if not 1 <= max_concurrency <= 32:
+            raise ValueError(f"max_concurrency must be in 1..32, got {max_concurrency}")
+        self.max_concurrency = max_concurrency
+        self._count_lock = threading.Lock()
         self.model = model
         self.batch_size = batch_size
         self.max_tokens_per_request = max_tokens_per_request
@@ -356,43 +362,26 @@ class OpenAIEmbedder(_ReadsLongTexts):
         return _pool(self._request(pieces), owner, weights, len(items))
 
     def _request(self, items: list[str]) -> np.ndarray:
-        """Unit vectors for texts that fit, in as few requests as the limits allow."""
-        import openai
-
-        out: np.ndarray | None = None
-        for batch in self._batches(items):
-            kwargs: dict[str, Any] = {"model": self.model, "input": [items[i] for i in batch]}
-            if self._requested_dim:
-                kwargs["dimensions"] = self._requested_dim
-            try:
-                resp = self._client.embeddings.create(**kwargs)
-            except openai.APIStatusError as e:
-                raise EmbeddingError(
-                    f"embeddings request failed with HTTP {e.status_code} after retries "
-                    f"(model={self.model!r}, {len(batch)} inputs): {e.message}"
-                ) from None
-            except openai.APITimeoutError:
-                raise EmbeddingError(
-                    f"embeddings request timed out after retries (model={self.model!r}): "
-                    "raise EmbedderConfig.timeout_s or check the server"
-                ) from None
-            except (ValueError, openai.APIResponseValidationError) as e:
-                raise EmbeddingError(f"embeddings response is malformed (not the expected JSON): {type(e).__name__}") from None
-            except openai.APIConnectionError as e:
-                raise EmbeddingError(
-                    f"could not reach the embeddings server after retries: {type(e).__name__}: "
-                    "check base_url / network"
-                ) from None
-            self.requests_made += 1
-            vecs = self._parse(resp, len(batch))
-            if out is None:
-                out = np.zeros((len(items), vecs.shape[1]), np.float32)
-            elif vecs.shape[1] != out.shape[1]:
-                raise EmbeddingError(
-                    f"embeddings server changed dimension mid-call ({out.shape[1]} -> {vecs.shape[1]})"
-                )
+        """Unit vectors for texts that fit, in as few requests as the limits allow (up to ``max_concurrency``
+        in flight at once); one failed request fails the call, and nothing is returned."""
+        batches = self._batches(items)
+        if len(batches) == 1 or self.max_concurrency == 1:
+            parts = [self._request_one([items[i] for i in b]) for b in batches]
+        else:
+            with ThreadPoolExecutor(min(self.max_concurrency, len(batches)), thread_name_prefix="md-embed") as ex:
+                futures = [ex.submit(self._request_one, [items[i] for i in b]) for b in batches]
+                try:
+                    parts = [f.result() for f in futures]
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+        widths = sorted({p.shape[1] for p in parts})
+        if len(widths) > 1:
+            raise EmbeddingError(f"embeddings server changed dimension mid-call ({widths[0]} -> {widths[-1]})")
+        out = np.zeros((len(items), widths[0]), np.float32)
+        for batch, vecs in zip(batches, parts, strict=True):
             out[batch] = vecs
-        assert out is not None
         if self._dim is None:
             self._dim = out.shape[1]
         elif out.shape[1] != self._dim:
@@ -401,6 +390,36 @@ class OpenAIEmbedder(_ReadsLongTexts):
                 "set EmbedderConfig.dim to the server's dimension"
             )
         return _normalize_rows(out)
+
+    def _request_one(self, inputs: list[str]) -> np.ndarray:
+        """One embeddings request (the client retries transient errors); raw vectors in input order."""
+        import openai
+
+        kwargs: dict[str, Any] = {"model": self.model, "input": inputs}
+        if self._requested_dim:
+            kwargs["dimensions"] = self._requested_dim
+        try:
+            resp = self._client.embeddings.create(**kwargs)
+        except openai.APIStatusError as e:
+            raise EmbeddingError(
+                f"embeddings request failed with HTTP {e.status_code} after retries "
+                f"(model={self.model!r}, {len(inputs)} inputs): {e.message}"
+            ) from None
+        except openai.APITimeoutError:
+            raise EmbeddingError(
+                f"embeddings request timed out after retries (model={self.model!r}): "
+                "raise EmbedderConfig.timeout_s or check the server"
+            ) from None
+        except (ValueError, openai.APIResponseValidationError) as e:
+            raise EmbeddingError(f"embeddings response is malformed (not the expected JSON): {type(e).__name__}") from None
+        except openai.APIConnectionError as e:
+            raise EmbeddingError(
+                f"could not reach the embeddings server after retries: {type(e).__name__}: "
+                "check base_url / network"
+            ) from None
+        with self._count_lock:
+            self.requests_made += 1
+        return self._parse(resp, len(inputs))
 
     @staticmethod
     def _parse(resp: Any, n: int) -> np.ndarray:
@@ -640,6 +659,7 @@ def make_embedder(config: EmbedderConfig | None = None, *, cache_path: str | Pat
             cfg.model, api_key=key, base_url=cfg.base_url, dim=cfg.dim, batch_size=cfg.batch_size,
             max_tokens_per_request=cfg.max_tokens_per_request, max_input_chars=cfg.max_input_chars,
             timeout_s=cfg.timeout_s, max_retries=cfg.max_retries, long_texts=cfg.long_texts,
+            max_concurrency=cfg.max_concurrency,
         )
     else:
         model = cfg.model if cfg.model != "text-embedding-3-small" else "all-MiniLM-L6-v2"

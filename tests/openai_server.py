@@ -24,6 +24,8 @@ class FakeOpenAI:
         self.fail_status = 500
         self.delay_s = 0.0
         self.mode = "ok"  # ok | short | garbage | wrong_dim | shuffled
+        self.in_flight = self.max_in_flight = 0
+        self._lock = threading.Lock()
         self._emb = HashingEmbedder(dim=dim)
         server = self
 
@@ -33,11 +35,22 @@ class FakeOpenAI:
 
             def do_POST(self) -> None:  # noqa: N802
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append(body)
-                server.auth_headers.append(self.headers.get("Authorization", ""))
+                with server._lock:
+                    server.requests.append(body)
+                    server.auth_headers.append(self.headers.get("Authorization", ""))
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    nth = len(server.requests)
+                try:
+                    self._answer(body, nth)
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
+
+            def _answer(self, body: dict, nth: int) -> None:
                 if server.delay_s:
                     time.sleep(server.delay_s)
-                if len(server.requests) <= server.fail_first:
+                if nth <= server.fail_first:
                     self._send(server.fail_status, {"error": {"message": "try again", "type": "server_error"}},
                                {"retry-after-ms": "5"})
                     return

@@ -41,7 +41,7 @@ def test_batches_under_the_input_limit(server):
     e = make(server)
     texts = [f"text number {i}" for i in range(2500)]
     v = e.embed(texts)
-    assert [len(r["input"]) for r in server.requests] == [2048, 452]
+    assert sorted(len(r["input"]) for r in server.requests) == [452, 2048]  # sent concurrently
     assert v.shape == (2500, 64)
     np.testing.assert_allclose(v[2049], HashingEmbedder(dim=64).embed([texts[2049]])[0], atol=1e-6)
 
@@ -158,3 +158,25 @@ def test_cache_entries_from_before_whole_text_reading_are_not_served(server, tmp
     assert cached.misses == 1 and cached.hits == 0
     np.testing.assert_allclose(v, HashingEmbedder(dim=64).embed(["the agent searched"]), atol=1e-6)
     assert CachedEmbedder(make(server, long_texts="truncate"), path).embed(["x y"]).shape == (1, 64)
+
+
+def test_several_requests_are_in_flight_at_once_and_results_keep_their_order(server):
+    server.delay_s = 0.2
+    texts = [f"episode {i}: the agent searched and cited sources" for i in range(16)]
+    v = make(server, batch_size=2, max_concurrency=4).embed(texts)
+    assert len(server.requests) == 8 and server.max_in_flight == 4
+    np.testing.assert_allclose(v, HashingEmbedder(dim=64).embed(texts), atol=1e-6)
+    server.requests.clear()
+    server.max_in_flight = 0
+    make(server, batch_size=2, max_concurrency=1).embed(texts[:6])
+    assert len(server.requests) == 3 and server.max_in_flight == 1
+    with pytest.raises(ValueError, match="max_concurrency must be in 1..32"):
+        make(server, max_concurrency=0)
+
+
+def test_one_failed_request_among_concurrent_ones_fails_the_call_and_writes_nothing(server, tmp_path):
+    st = MemoryStore(make(server, batch_size=2, max_concurrency=4, max_retries=0), StoreConfig(path=tmp_path / "c"))
+    server.fail_first, server.fail_status = 1, 400  # one of the concurrent requests is refused
+    with pytest.raises(EmbeddingError, match="HTTP 400"):
+        st.add_many([f"episode {i}" for i in range(10)])
+    assert st.count() == 0
