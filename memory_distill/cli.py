@@ -50,8 +50,8 @@ def _settings(args: argparse.Namespace) -> Settings:
     upd: dict[str, Any] = {}
     if args.home:
         upd["home"] = Path(args.home)
-    store_upd = {k: v for k, v in {"mode": args.store, "host": args.host, "port": args.port,
-                                   "collection": args.collection}.items() if v is not None}
+    store_upd = {k: v for k, v in {"mode": args.store, "host": args.host, "port": args.port, "ssl": args.ssl,
+                                   "database": args.database, "collection": args.collection}.items() if v is not None}
     if store_upd:
         upd["store"] = StoreConfig(**{**base.store.model_dump(), **store_upd})
     emb_upd = {k: v for k, v in {"kind": args.embedder, "model": args.embedding_model,
@@ -429,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", choices=["persistent", "ephemeral", "http"], help="Chroma mode")
     p.add_argument("--host", help="Chroma server host (http mode)")
     p.add_argument("--port", type=int, help="Chroma server port (http mode)")
+    p.add_argument("--ssl", action="store_true", default=None, help="https to the Chroma server (http mode)")
+    p.add_argument("--database", help="Chroma database on the server (http mode; credentials go in "
+                   "MEMORY_DISTILL_STORE__HEADERS, never on the command line)")
     p.add_argument("--collection", help="Chroma collection name")
     p.add_argument("--embedder", choices=["auto", "hashing", "openai", "local"], help="embedder (auto: OpenAI if a key is set)")
     p.add_argument("--embedding-model", help="OpenAI model or local sentence-transformers name")

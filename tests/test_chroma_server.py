@@ -97,7 +97,7 @@ def test_http_store_roundtrip(chroma_server):
         http_store(chroma_server, "roundtrip")
 
 
-def test_server_behind_an_auth_proxy_and_in_its_own_database(chroma_server) -> None:
+def test_server_behind_an_auth_proxy_and_in_its_own_database(chroma_server, tmp_path, monkeypatch, capsys) -> None:
     """Credentials in StoreConfig.headers reach the server; a missing or wrong one, or a database that does not
     exist, is a clear error naming the fix (Chroma's client says "Could not connect to tenant" for all of them)."""
     import chromadb
@@ -131,6 +131,17 @@ def test_server_behind_an_auth_proxy_and_in_its_own_database(chroma_server) -> N
         assert team.count() == 0
         team.add({"text": "only in the team database"})
         assert team.count() == 1 and st.count() == 1
+
+        # the command line: --database, credentials from the environment only
+        from memory_distill.cli import main
+
+        monkeypatch.setenv("MEMORY_DISTILL_EMBEDDER__KIND", "hashing")
+        monkeypatch.setenv("MEMORY_DISTILL_EMBEDDER__DIM", "64")
+        argv = ["-q", "--home", str(tmp_path / "h"), "--store", "http", "--port", str(port), "--database", "team_db",
+                "--collection", "behind-proxy", "stats"]
+        assert main(argv) != 0 and "refused the request (401" in capsys.readouterr().err
+        monkeypatch.setenv("MEMORY_DISTILL_STORE__HEADERS", '{"Authorization": "Bearer s3cret"}')
+        assert main(argv) == 0 and '"total": 1' in capsys.readouterr().out
     finally:
         proxy.shutdown()
 
