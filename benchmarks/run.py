@@ -853,7 +853,8 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
               "metadata with a reward) vs bare chromadb doing the same work (embed with the same hashing embedder, "
               "`collection.add`), alternated batch by batch; then `similarity_search_with_score(k=4)` vs embedding the "
               "query and `collection.query(n_results=4)`, 200 queries alternated. An add validates every document, "
-              "checks which ids exist (to replace them atomically) and writes the reward and text statistics. A search "
+              "reads the rows its ids hold (no other namespace's; kept to roll back to) and writes the reward and "
+              "text statistics. A search "
               "asks Chroma for 4k+16 candidates and keeps the namespace's (a `where` filter would scan every row; "
               "see README, Store): that query, not the adapter, is the difference.", "",
               "| add p50 (ms / batch) | bare add p50 (ms) | ratio | search p50 (ms) | bare search p50 (ms) | ratio |",

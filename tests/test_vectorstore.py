@@ -40,6 +40,10 @@ def test_documents_are_memories_with_rewards_and_namespaces(store) -> None:  # t
     assert store.get(other).namespace == "other"  # not this store's to delete
     with pytest.raises(ValueError, match="delete\\(\\) needs ids"):
         vs.delete()
+    # an id another namespace holds is refused, not taken over
+    with pytest.raises(InvalidMemoryError, match=f"id '{other}' belongs to a memory of namespace 'other'"):
+        vs.add_texts(["mine now", "new"], ids=[other, "fresh"])
+    assert store.get(other).namespace == "other" and vs.get_by_ids(["fresh"]) == []
 
 
 def test_bad_metadata_is_refused_and_nothing_written(store) -> None:  # type: ignore[no-untyped-def]

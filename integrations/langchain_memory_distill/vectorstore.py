@@ -9,7 +9,8 @@ async. It passes langchain-tests' ``VectorStoreIntegrationTests``.
 * A document is one memory of ``namespace`` (``"default"``): ``page_content`` is the text, the metadata
   is its metadata (scalars, as Chroma keeps them), and ``metadata["reward"]`` (``reward_key``), when present,
   is its reward, so rewarded documents feed consolidation like any episode. A document's ``id`` (or the
-  ``ids=`` given) is the memory id; adding an id again replaces that memory.
+  ``ids=`` given) is the memory id; adding an id again replaces that memory. Ids are unique across the
+  store: an id held by another namespace's memory is refused, not taken over.
 * ``similarity_search_with_score`` returns cosine similarity (higher is closer). With a ``predictor`` (or a
   function returning one, e.g. ``mem.try_predictor``) and ``value_weight`` > 0, results are re-ranked by
   ``(1 - value_weight) * similarity + value_weight * predicted value`` and that is the score.
@@ -83,8 +84,16 @@ class MemoryDistillVectorStore(VectorStore):
             if ids is not None and ids[i] is not None:
                 item["id"] = str(ids[i])
             items.append(item)
+        given = [it["id"] for it in items if "id" in it]
+        if given:  # ids are unique across the store: never take over another namespace's memory
+            other = [m for m in self.store.get_many(given) if m.namespace != self.namespace]
+            if other:
+                raise InvalidMemoryError(
+                    f"id {other[0].id!r} belongs to a memory of namespace {other[0].namespace!r}, not "
+                    f"{self.namespace!r} ({len(other)} such id(s)): ids are unique across the store, so use other ids "
+                    "or that namespace's vector store; nothing was written")
         # without ids every memory is new: a plain add (Chroma's upsert costs about twice as much)
-        return self.store.add_many(items, namespace=self.namespace, upsert=any("id" in it for it in items))
+        return self.store.add_many(items, namespace=self.namespace, upsert=bool(given))
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
         if ids is None:
