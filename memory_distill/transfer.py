@@ -253,6 +253,7 @@ def import_jsonl(store: MemoryStore, path: str | Path, *, namespace: str | None 
     for i, v in enumerate(data.vectors):
         if reuse and v is not None:
             X[i] = v
+        data.vectors[i] = None  # each row lives once: in X (the file's copy is freed as it is moved)
     for s in range(0, len(todo), batch_size):
         part = todo[s : s + batch_size]
         X[part] = store.embedder.embed([mems[i].text for i in part])
