@@ -53,11 +53,11 @@ STATS = RESERVED_PREFIX + "stats"
 """Raw text counts for the models' text features (:mod:`memory_distill.features`)."""
 FORMAT_VERSION = 1
 ID_PAGE_SIZE = 100_000
+"""Rows per page when only ids are read (counts, deletes by filter): about 7 MB of ids."""
 EXACT_MAX_ROWS = 256
 """A filtered search over at most this many rows is exact (their vectors compared in numpy): Chroma's filtered
 HNSW query can return fewer than k rows when few rows pass the filter (2 of 120 here, seen failing 1 run in
 3), and for such small sets the exact path is also faster (50k rows: 25-30 ms vs 60-110 ms)."""
-"""Rows per page when only ids are read (counts, deletes by filter): about 7 MB of ids."""
 
 
 @dataclass
@@ -229,6 +229,20 @@ def mmr_select(score: np.ndarray, vectors: np.ndarray, k: int, diversity: float)
     return picked
 
 
+def _pages(col: Any, *, include: list[str], size: int, where: Mapping[str, Any] | None = None) -> Iterator[Any]:
+    """Chroma ``get`` results a page at a time, in the collection's order. Stops after a short page: asking
+    for the next one would make Chroma evaluate a filter from the first row again."""
+    offset = 0
+    while True:
+        page = col.get(where=where, limit=size, offset=offset, include=include)
+        if not page["ids"]:
+            return
+        yield page
+        if len(page["ids"]) < size:
+            return
+        offset += len(page["ids"])
+
+
 def _digest_page(h: Any, page: Mapping[str, Any]) -> None:
     for i, d, m in zip(page["ids"], page["documents"], page["metadatas"] or [None] * len(page["ids"]), strict=True):
         h.update(json.dumps([i, d, m], sort_keys=True, default=str).encode())
@@ -237,13 +251,9 @@ def _digest_page(h: Any, page: Mapping[str, Any]) -> None:
 def _digest(col: Any, page_size: int) -> str:
     """A digest of every row's id, text and metadata, read page by page in the collection's order."""
     h = hashlib.sha256()
-    offset = 0
-    while True:
-        page = col.get(limit=page_size, offset=offset, include=["documents", "metadatas"])
-        if not page["ids"]:
-            return h.hexdigest()
+    for page in _pages(col, include=["documents", "metadatas"], size=page_size):
         _digest_page(h, page)
-        offset += len(page["ids"])
+    return h.hexdigest()
 
 
 class MemoryStore:
@@ -354,11 +364,8 @@ class MemoryStore:
         total, done = old.count(), 0
         copied = hashlib.sha256()  # what was copied, to detect writes made meanwhile
         try:
-            while True:
-                page = old.get(limit=page_size, offset=done, include=["documents", "metadatas"])
+            for page in _pages(old, include=["documents", "metadatas"], size=page_size):
                 ids = list(page["ids"])
-                if not ids:
-                    break
                 _digest_page(copied, page)
                 docs = [d or "" for d in page["documents"]]
                 vecs = np.asarray(embedder.embed(docs), np.float32)
@@ -372,8 +379,6 @@ class MemoryStore:
                 done += len(ids)
                 if progress is not None:
                     progress(done, total)
-                if len(ids) < page_size:
-                    break
             if new.count() != old.count() or _digest(old, page_size) != copied.hexdigest():
                 raise StoreError(f"{cfg.collection!r} changed while it was re-embedded (rows added, deleted or "
                                  "updated meanwhile): stop the writers and run it again; the collection is unchanged")
@@ -558,7 +563,7 @@ class MemoryStore:
         for s in range(0, len(ids), self._max_batch):
             got = self._col.get(ids=list(ids[s : s + self._max_batch]), include=["embeddings", "metadatas", "documents"])
             for key in out:
-                out[key].extend(got[key] if key == "ids" or got[key] is not None else [])
+                out[key].extend(got[key])
         vecs = np.asarray(out["embeddings"], np.float32).reshape(len(out["ids"]), self.embedder.dim)
         return {"ids": out["ids"], "embeddings": vecs, "metadatas": out["metadatas"], "documents": out["documents"]}
 
@@ -573,6 +578,15 @@ class MemoryStore:
         except Exception:  # pragma: no cover - best effort; the original error is raised
             log.exception("rollback failed; the store may hold part of the batch")
 
+    def _stored(self, ids: list[str]) -> dict[str, tuple[str | None, Mapping[str, Any]]]:
+        """Each id's stored (text, metadata); :class:`MemoryNotFoundError` naming the first missing id."""
+        got = self._col.get(ids=ids, include=["metadatas", "documents"])
+        by_id = dict(zip(got["ids"], zip(got["documents"], got["metadatas"], strict=True), strict=True))
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise MemoryNotFoundError(f"no memory with id {missing[0]!r} ({len(missing)} missing): check the id")
+        return by_id
+
     def set_reward(self, memory_id: str, reward: float, *, rewarded_at: float | None = None) -> Memory:
         """Record a (late) reward for a stored memory; returns the updated memory."""
         return self.set_rewards({memory_id: reward}, rewarded_at=rewarded_at)[0]
@@ -582,11 +596,7 @@ class MemoryStore:
         ids = list(rewards)
         if not ids:
             return []
-        got = self._col.get(ids=ids, include=["metadatas", "documents"])
-        by_id = dict(zip(got["ids"], zip(got["documents"], got["metadatas"], strict=True), strict=True))
-        missing = [i for i in ids if i not in by_id]
-        if missing:
-            raise MemoryNotFoundError(f"no memory with id {missing[0]!r} ({len(missing)} missing): check the id")
+        by_id = self._stored(ids)
         now = time.time() if rewarded_at is None else rewarded_at
         metas, out = [], []
         for i in ids:
@@ -621,11 +631,7 @@ class MemoryStore:
                 check_metadata(dict(updates[i]), allow_none=True)
             except (TypeError, ValueError) as e:
                 raise InvalidMemoryError(f"update_metadata[{i!r}]: {e}") from e
-        got = self._col.get(ids=ids, include=["metadatas", "documents"])
-        by_id = dict(zip(got["ids"], zip(got["documents"], got["metadatas"], strict=True), strict=True))
-        missing = [i for i in ids if i not in by_id]
-        if missing:
-            raise MemoryNotFoundError(f"no memory with id {missing[0]!r} ({len(missing)} missing): check the id")
+        by_id = self._stored(ids)
         patches, out = [], []
         for i in ids:
             doc, meta = by_id[i]
@@ -668,16 +674,8 @@ class MemoryStore:
     def _iter_ids(self, flt: dict[str, Any] | None) -> Iterator[list[str]]:
         # ids only, in big pages: Chroma re-evaluates a filter from the first row for every page (offset),
         # so small pages make a filtered count quadratic (1.3 s vs 0.18 s at 50k rows in one page)
-        size = max(self.config.read_page_size, ID_PAGE_SIZE)
-        offset = 0
-        while True:
-            page = self._col.get(where=flt, limit=size, offset=offset, include=[])["ids"]
-            if not page:
-                return
-            yield page
-            if len(page) < size:  # the last page: asking for the next one would scan everything again
-                return
-            offset += len(page)
+        for page in _pages(self._col, where=flt, include=[], size=max(self.config.read_page_size, ID_PAGE_SIZE)):
+            yield page["ids"]
 
     # ------------------------------------------------------------------ reads
 
@@ -854,21 +852,13 @@ class MemoryStore:
         returns each page's float32 vectors (n x dim). Pages follow Chroma's order; rows written or
         deleted while iterating may be missed or repeated.
         """
-        size = page_size or self.config.read_page_size
-        flt = self._where(namespace, where)
         include = ["documents", "metadatas", "embeddings"] if with_embeddings else ["documents", "metadatas"]
-        offset = 0
-        while True:
-            got = self._col.get(where=flt, limit=size, offset=offset, include=include)
+        for got in _pages(self._col, where=self._where(namespace, where), include=include,
+                          size=page_size or self.config.read_page_size):
             ids = list(got["ids"])
-            if not ids:
-                return
             mems = [self._from_row(i, d, m) for i, d, m in zip(ids, got["documents"], got["metadatas"], strict=True)]
             embs = np.asarray(got["embeddings"], np.float32).reshape(len(ids), -1) if with_embeddings else None
             yield mems, embs
-            offset += len(ids)
-            if len(ids) < size:
-                return
 
     def load_training_data(self, *, namespace: str | None = None, rewarded_only: bool = False,
                            page_size: int | None = None, metadata_keys: Sequence[str] = ()) -> TrainingData:
@@ -906,15 +896,8 @@ class MemoryStore:
 
     def _metadata_pages(self) -> Iterator[list[Mapping[str, Any]]]:
         """Every row's metadata, a page at a time (no filter: one pass over the collection)."""
-        offset, size = 0, self.config.read_page_size
-        while True:
-            metas = self._col.get(limit=size, offset=offset, include=["metadatas"])["metadatas"]
-            if not metas:
-                return
-            yield metas
-            offset += len(metas)
-            if len(metas) < size:
-                return
+        for page in _pages(self._col, include=["metadatas"], size=self.config.read_page_size):
+            yield page["metadatas"]
 
     def namespace_counts(self, *, rewarded_only: bool = False) -> dict[str, int]:
         """Memories per namespace (rewarded ones only with ``rewarded_only``) in one pass over the metadata.
