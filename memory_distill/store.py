@@ -488,12 +488,15 @@ class MemoryStore:
         namespace: str | None = None,
         upsert: bool = False,
         keep_created: bool = False,
+        within_namespace: bool = False,
     ) -> list[str]:
         """Validate, embed and write a batch atomically; returns the ids in input order.
 
         ``embeddings`` (n x dim) skips the embedder. With ``upsert=False`` an id that already
         exists is an error (Chroma would silently drop it); ``upsert=True`` replaces it, and with
         ``keep_created`` the replaced memory keeps its stored ``created_at`` (an update, not a new memory).
+        ``within_namespace`` refuses to replace a memory of another namespace (ids are unique across the
+        store, so an upsert would move it).
         """
         mems = [coerce_memory(m, namespace=namespace, index=i) for i, m in enumerate(memories)]
         if not mems:
@@ -529,6 +532,13 @@ class MemoryStore:
         metas = [self._to_meta(m) for m in mems]
         if snapshot and snapshot["ids"]:
             old = dict(zip(snapshot["ids"], snapshot["metadatas"], strict=True))
+            moved = [(m.id, old[m.id].get(NS), m.namespace) for m in mems
+                     if within_namespace and m.id in old and old[m.id].get(NS) != m.namespace]
+            if moved:
+                mid, was, now = moved[0]
+                raise InvalidMemoryError(f"id {mid!r} belongs to a memory of namespace {was!r}, not {now!r} "
+                                         f"({len(moved)} such id(s)): ids are unique across the store, so use other "
+                                         "ids or write through that namespace; nothing was written")
             for mid, meta in zip(ids, metas, strict=True):
                 prev = old.get(mid)
                 if prev is None:

@@ -360,3 +360,15 @@ def test_a_wide_filter_uses_the_index_and_still_returns_k(tmp_path, embedder):
     hits = st.search("episode about search", k=10, where={"odd": True})
     assert len(hits) == 10 and all(h.memory.metadata["odd"] for h in hits)
     assert all(a.similarity >= b.similarity - 1e-6 for a, b in zip(hits, hits[1:], strict=False))
+
+
+def test_upsert_within_namespace_refuses_to_move_a_memory(store):
+    store.add({"id": "x", "text": "team a's", "reward": 0.3}, namespace="a")
+    with pytest.raises(InvalidMemoryError, match="id 'x' belongs to a memory of namespace 'a', not 'b'"):
+        store.add_many([{"id": "y", "text": "new"}, {"id": "x", "text": "team b's"}], namespace="b", upsert=True,
+                       within_namespace=True)
+    assert store.get("x").namespace == "a" and store.get("x").text == "team a's" and store.count() == 1
+    store.add_many([{"id": "x", "text": "team a's, edited"}], namespace="a", upsert=True, within_namespace=True)
+    assert store.get("x").text == "team a's, edited"
+    store.add_many([{"id": "x", "text": "moved"}], namespace="b", upsert=True)  # a plain upsert replaces it
+    assert store.get("x").namespace == "b"

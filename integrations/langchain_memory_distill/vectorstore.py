@@ -84,16 +84,10 @@ class MemoryDistillVectorStore(VectorStore):
             if ids is not None and ids[i] is not None:
                 item["id"] = str(ids[i])
             items.append(item)
-        given = [it["id"] for it in items if "id" in it]
-        if given:  # ids are unique across the store: never take over another namespace's memory
-            other = [m for m in self.store.get_many(given) if m.namespace != self.namespace]
-            if other:
-                raise InvalidMemoryError(
-                    f"id {other[0].id!r} belongs to a memory of namespace {other[0].namespace!r}, not "
-                    f"{self.namespace!r} ({len(other)} such id(s)): ids are unique across the store, so use other ids "
-                    "or that namespace's vector store; nothing was written")
-        # without ids every memory is new: a plain add (Chroma's upsert costs about twice as much)
-        return self.store.add_many(items, namespace=self.namespace, upsert=bool(given))
+        # without ids every memory is new: a plain add (Chroma's upsert costs about twice as much); with ids,
+        # never take over another namespace's memory
+        upsert = any("id" in it for it in items)
+        return self.store.add_many(items, namespace=self.namespace, upsert=upsert, within_namespace=upsert)
 
     def delete(self, ids: list[str] | None = None, **kwargs: Any) -> bool | None:
         if ids is None:
