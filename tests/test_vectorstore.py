@@ -9,7 +9,7 @@ import pytest
 from conftest import fast_job
 from langchain_core.documents import Document
 from langchain_core.indexing import InMemoryRecordManager, index
-from langchain_memory_distill import MemoryDistillEmbeddings, MemoryDistillVectorStore
+from langchain_memory_distill import MemoryDistillEmbeddings, MemoryDistillStore, MemoryDistillVectorStore
 
 from memory_distill import ArtifactRegistry, InvalidMemoryError, MemoryDistill
 
@@ -55,6 +55,9 @@ def test_bad_metadata_is_refused_and_nothing_written(store) -> None:  # type: ig
     with pytest.raises(InvalidMemoryError, match="metadatas has 1 entries for 2 texts"):
         vs.add_texts(["a", "b"], [{}])
     assert store.count() == 0
+    for adapter in (MemoryDistillVectorStore, MemoryDistillStore):
+        with pytest.raises(ValueError, match=r"value_weight must be in \[0, 1\], got 1.5"):
+            adapter(store, value_weight=1.5)
 
 
 def test_langchain_indexing_api_keeps_the_store_in_sync(store) -> None:  # type: ignore[no-untyped-def]

@@ -64,7 +64,7 @@ from memory_distill.errors import InvalidMemoryError
 from memory_distill.store import MemoryStore, coerce_memory
 from memory_distill.types import Memory
 
-from .retriever import PredictorLike, predicted_value, resolve_predictor
+from .retriever import PredictorLike, check_value_weight, resolve_predictor, value_blend
 
 __all__ = ["MemoryDistillStore"]
 
@@ -134,14 +134,12 @@ class MemoryDistillStore(BaseStore):
     def __init__(self, store: MemoryStore, *, predictor: PredictorLike = None,
                  value_weight: float = 0.0, fields: list[str] | None = None, reward_key: str = "reward",
                  ttl_config: TTLConfig | None = None) -> None:
-        if not 0.0 <= value_weight <= 1.0:
-            raise ValueError(f"value_weight must be in [0, 1], got {value_weight}")
+        self.value_weight = check_value_weight(value_weight)
         self.ttl_config = ttl_config
         self._sweeper: concurrent.futures.Future[None] | None = None
         self._stop_sweeper = threading.Event()
         self.store = store
         self.predictor = predictor
-        self.value_weight = value_weight
         self.fields = fields
         self.reward_key = reward_key
 
@@ -291,8 +289,7 @@ class MemoryDistillStore(BaseStore):
             sim = np.array([h.similarity for h in hits])
         score = sim
         if pred is not None:
-            value = predicted_value(pred, V, mems)[0]
-            score = (1 - self.value_weight) * sim + self.value_weight * value
+            score = value_blend(pred, sim, V, mems, self.value_weight)
         order = np.argsort(-score, kind="stable")[op.offset : end]
         return self._found(op, [(mems[i], float(score[i])) for i in order], unranked)
 

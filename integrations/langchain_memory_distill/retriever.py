@@ -31,7 +31,7 @@ from pydantic import ConfigDict, Field
 from memory_distill.predictor import Predictor
 from memory_distill.store import MemoryStore, mmr_select
 
-__all__ = ["ValueAwareRetriever", "predicted_value", "resolve_predictor"]
+__all__ = ["ValueAwareRetriever", "check_value_weight", "predicted_value", "resolve_predictor", "value_blend"]
 
 Mode = Literal["likely_success", "cautionary", "similarity"]
 
@@ -55,6 +55,19 @@ def predicted_value(predictor: Predictor, X: np.ndarray,
     batch = predictor.predict_embeddings(X, texts=[m.text for m in memories], metadata=[m.metadata for m in memories])
     lo, hi = float(predictor.bins.low), float(predictor.bins.high)
     return np.clip((batch.mean - lo) / (hi - lo), 0, 1), batch.mean, batch.std
+
+
+def check_value_weight(weight: float) -> float:
+    """``weight`` when it is a valid ``value_weight`` (in [0, 1]); a clear error otherwise."""
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"value_weight must be in [0, 1], got {weight}")
+    return weight
+
+
+def value_blend(predictor: Predictor, similarity: np.ndarray, X: np.ndarray, memories: list[Any],
+                weight: float) -> np.ndarray:
+    """``(1 - weight) * similarity + weight * predicted value``: how the stores weigh in the student."""
+    return (1 - weight) * np.asarray(similarity) + weight * predicted_value(predictor, X, memories)[0]
 
 
 class ValueAwareRetriever(BaseRetriever):

@@ -35,7 +35,7 @@ from memory_distill.store import MemoryStore
 from memory_distill.types import Memory, SearchHit
 
 from .embeddings import MemoryDistillEmbeddings
-from .retriever import PredictorLike, predicted_value, resolve_predictor
+from .retriever import PredictorLike, check_value_weight, resolve_predictor, value_blend
 
 __all__ = ["MemoryDistillVectorStore"]
 
@@ -45,12 +45,10 @@ class MemoryDistillVectorStore(VectorStore):
 
     def __init__(self, store: MemoryStore, *, namespace: str = "default", predictor: PredictorLike = None,
                  value_weight: float = 0.0, reward_key: str = "reward") -> None:
-        if not 0.0 <= value_weight <= 1.0:
-            raise ValueError(f"value_weight must be in [0, 1], got {value_weight}")
         self.store = store
         self.namespace = namespace
         self.predictor = predictor
-        self.value_weight = value_weight
+        self.value_weight = check_value_weight(value_weight)
         self.reward_key = reward_key
 
     @classmethod
@@ -121,8 +119,8 @@ class MemoryDistillVectorStore(VectorStore):
                                                   diversity=diversity, fetch_k=fetch_k)
         if not pool:
             return []
-        value = predicted_value(pred, np.stack([np.asarray(h.embedding) for h in pool]), [h.memory for h in pool])[0]
-        score = (1 - self.value_weight) * np.array([h.similarity for h in pool]) + self.value_weight * value
+        score = value_blend(pred, np.array([h.similarity for h in pool]), np.stack([np.asarray(h.embedding) for h in pool]),
+                            [h.memory for h in pool], self.value_weight)
         order = np.argsort(-score, kind="stable")[:k]
         return [(self._doc(pool[i].memory), float(score[i])) for i in order]
 
