@@ -9,7 +9,11 @@ import pytest
 from conftest import fast_job
 from langchain_core.documents import Document
 from langchain_core.indexing import InMemoryRecordManager, index
-from langchain_memory_distill import MemoryDistillEmbeddings, MemoryDistillStore, MemoryDistillVectorStore
+from langchain_memory_distill import (
+    MemoryDistillEmbeddings,
+    MemoryDistillStore,
+    MemoryDistillVectorStore,
+)
 
 from memory_distill import ArtifactRegistry, InvalidMemoryError, MemoryDistill
 
