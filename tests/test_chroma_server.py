@@ -233,6 +233,13 @@ def test_agent_keeps_running_while_the_server_restarts(tmp_path, caplog):
         rec = EpisodeRecorder(st)
         create_agent(model, []).invoke({"messages": [HumanMessage("summarise the memo")]}, config={"callbacks": [rec]})
         assert list(rec.unsaved) == rec.episode_ids and len(rec.episode_ids) == 1
+        # background=True: the writer thread's failure is logged, the episode waits, flush() says the store is away
+        bg = MemoryDistillMiddleware(st, recall=False, background=True)
+        bg_id = create_agent(model, [], middleware=[bg]).invoke(
+            {"messages": [HumanMessage("summarise the minutes")]})["memory_distill_episode_id"]
+        with pytest.raises(StoreError, match="unreachable"):
+            bg.flush()
+        assert list(bg.unsaved) == [bg_id]
 
         proc = start_server(port, tmp_path)  # back, same data
         out, recalled = run("summarise the monthly report")
@@ -240,7 +247,9 @@ def test_agent_keeps_running_while_the_server_restarts(tmp_path, caplog):
         back = http_store(port, "outage")
         assert back.get(lost).reward == 0.4 and back.get(out["memory_distill_episode_id"]).reward is None
         assert rec.flush() == 1 and rec.unsaved == {} and back.get(rec.episode_ids[0]).text.startswith("User: summarise the memo")
-        assert back.count() == 5
+        assert bg.flush() == 1 and bg.unsaved == {} and back.get(bg_id).text.startswith("User: summarise the minutes")
+        bg.close()
+        assert back.count() == 6
 
         strict = MemoryDistillMiddleware(st, k=1, errors="raise")
         stop_server(proc)

@@ -352,3 +352,128 @@ def test_routing_curve():
     pts = {round(pt.threshold, 2): pt for pt in routing_curve(p, cheap, strong, thresholds=np.array([0.5, 2.0]))}
     assert pts[0.5].cheap_fraction == 0.5 and pts[0.5].quality == 1.0 and pts[0.5].cost_saved == pytest.approx(0.45)
     assert pts[2.0].cheap_fraction == 0.0 and pts[2.0].cost_saved == 0.0
+
+
+def _gate_writes(store):
+    """Hold the store's writes until the returned event is set (the store itself stays real)."""
+    import threading
+
+    gate, real = threading.Event(), store.add_many
+
+    def gated(*a, **kw):
+        assert gate.wait(10), "write not released"
+        return real(*a, **kw)
+
+    store.add_many = gated
+    return gate
+
+
+def test_background_recording_returns_before_the_write_and_grading(store):
+    """background=True: the run returns with its id while the judge and the write are still pending; a late
+    feedback wins over the judge; flush() waits for both; episodes queued meanwhile go out in one batch."""
+    import threading
+
+    judged = threading.Event()
+
+    def judge(question, answer, messages):  # a slow LLM judge
+        assert judged.wait(10)
+        return 0.9
+
+    gate = _gate_writes(store)
+    model = ScriptedChatModel(responses=[AIMessage(content="Done.")])
+    mw = MemoryDistillMiddleware(store, reward_fn=judge, recall=False, background=True)
+    agent = create_agent(model, [], middleware=[mw])
+    first = agent.invoke({"messages": [HumanMessage("task one")]})["memory_distill_episode_id"]
+    second = agent.invoke({"messages": [HumanMessage("task two")]})["memory_distill_episode_id"]
+    assert store.count() == 0 and mw.episode_ids == [first, second]  # nothing written, nobody waited
+    mw.feedback(first, 0.2)  # a human's rating arrives while the judge still runs: it wins
+    judged.set()
+    gate.set()
+    mw.flush()
+    assert mw.unsaved == {}
+    assert store.get(first).reward == 0.2 and store.get(second).reward == 0.9
+    assert store.get(second).text.startswith("User: task two")
+    mw.close()
+
+
+def test_background_feedback_while_the_write_is_in_flight_is_not_lost(store):
+    import threading
+
+    started = threading.Event()
+    gate, real = threading.Event(), store.add_many
+
+    def slow(*a, **kw):
+        started.set()
+        assert gate.wait(10)
+        return real(*a, **kw)
+
+    store.add_many = slow
+    rec = EpisodeRecorder(store, background=True)
+    model = ScriptedChatModel(responses=[AIMessage(content="Done.")])
+    create_agent(model, []).invoke({"messages": [HumanMessage("task")]}, config={"callbacks": [rec]})
+    (mid,) = rec.episode_ids
+    assert started.wait(10)  # the batch (reward pending) is being written
+    rec.feedback(mid, 0.7)  # lands on the waiting copy, which is rewritten after the batch
+    gate.set()
+    rec.flush()
+    assert store.get(mid).reward == 0.7 and rec.unsaved == {}
+    rec.close()
+
+
+def test_background_batches_episodes_that_queue_up(store):
+    gate = _gate_writes(store)
+    batches = []
+    gated = store.add_many
+
+    def counting(mems, **kw):
+        mems = list(mems)
+        batches.append(len(mems))
+        return gated(mems, **kw)
+
+    store.add_many = counting
+    model = ScriptedChatModel(responses=[AIMessage(content="Done.")])
+    mw = MemoryDistillMiddleware(store, recall=False, background=True)
+    agent = create_agent(model, [], middleware=[mw])
+    ids = [agent.invoke({"messages": [HumanMessage(f"task {i}")]})["memory_distill_episode_id"] for i in range(5)]
+    gate.set()
+    mw.flush()
+    assert sum(batches) == 5 and len(batches) <= 2  # the first at once, those queued behind it together
+    assert [m.id for m in store.get_many(ids)] == ids
+    mw.close()
+
+
+EXITS_RIGHT_AFTER = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from langchain.agents import create_agent
+from langchain_core.messages import AIMessage, HumanMessage
+from langchain_memory_distill import MemoryDistillMiddleware
+from lc_helpers import ScriptedChatModel
+from memory_distill import HashingEmbedder, MemoryStore, StoreConfig
+
+def judge(q, a, m):
+    time.sleep(0.5)  # a slow judge, still grading when the script ends
+    return 0.6
+
+st = MemoryStore(HashingEmbedder(dim={dim}), StoreConfig(path={path!r}))
+mw = MemoryDistillMiddleware(st, reward_fn=judge, recall=False, background=True)
+agent = create_agent(ScriptedChatModel(responses=[AIMessage(content="Done.")]), [], middleware=[mw])
+for q in ("first task", "second task"):
+    print(agent.invoke({{"messages": [HumanMessage(q)]}})["memory_distill_episode_id"], flush=True)
+"""
+
+
+def test_background_episodes_are_written_when_the_process_exits(store, tmp_path):
+    """A script that records with background=True and ends at once (no flush, no close) loses nothing."""
+    import os
+    import subprocess
+    import sys
+
+    script = EXITS_RIGHT_AFTER.format(tests=os.path.dirname(__file__), dim=store.embedder.dim,
+                                      path=str(tmp_path / "chroma"))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ids = out.stdout.split()
+    assert len(ids) == 2
+    fresh = type(store)(store.embedder, store.config)
+    assert [(m.id, m.reward) for m in fresh.get_many(ids)] == [(ids[0], 0.6), (ids[1], 0.6)]

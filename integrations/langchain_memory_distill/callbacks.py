@@ -57,9 +57,9 @@ class EpisodeRecorder(BaseCallbackHandler):
     def __init__(self, store: MemoryStore, *, namespace: str = "default",
                  reward_fn: Callable[[str, str, list[Any]], float | None] | None = None,
                  failure_reward: float | None = 0.0, metadata: dict[str, Any] | None = None,
-                 errors: Errors = "warn", max_unsaved: int = 1000) -> None:
+                 errors: Errors = "warn", max_unsaved: int = 1000, background: bool = False) -> None:
         self.store = store
-        self.writer = EpisodeWriter(store, errors=errors, max_unsaved=max_unsaved)
+        self.writer = EpisodeWriter(store, errors=errors, max_unsaved=max_unsaved, background=background)
         self.errors = errors
         self.namespace = namespace
         self.reward_fn = reward_fn
@@ -148,12 +148,14 @@ class EpisodeRecorder(BaseCallbackHandler):
         failed = error is not None or n_err > 0 or any(t["error"] for t in run["tools"])
         if error is not None:
             text += f"\nRun failed: {type(error).__name__}: {error}"
-        reward = self.writer.grade(self.reward_fn, run["input"], answer, msgs or []) if error is None else None
-        if reward is None and failed:
-            reward = self.failure_reward
+
+        def grade() -> float | None:
+            reward = self.writer.grade(self.reward_fn, run["input"], answer, msgs or []) if error is None else None
+            return self.failure_reward if reward is None and failed else reward
+
         meta = episode_metadata(str(run["input"]), run["model"], self.metadata, source="langchain_callback",
                                 tool_calls=len(run["tools"]), outcome="failed" if failed else "completed")
-        self.episode_ids.append(self.writer.write(text, reward, meta, self.namespace))
+        self.episode_ids.append(self.writer.write(text, None, meta, self.namespace, grade=grade))
 
     @property
     def unsaved(self) -> OrderedDict[str, dict[str, Any]]:
@@ -161,8 +163,13 @@ class EpisodeRecorder(BaseCallbackHandler):
         return self.writer.unsaved
 
     def flush(self) -> int:
-        """Write the waiting episodes in one atomic batch; returns how many (raises if the store is still away)."""
+        """Write the waiting episodes in one atomic batch; returns how many this call wrote (raises if the store
+        is still away). With ``background=True`` it first waits for the episodes recorded before it."""
         return self.writer.flush()
+
+    def close(self) -> None:
+        """Write what is waiting (:meth:`flush`) and stop the background writer thread, if any."""
+        self.writer.close()
 
     def feedback(self, episode_id: str, reward: float) -> None:
         """A late reward for a recorded episode (kept with it if it is still waiting to be written)."""

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
@@ -30,17 +31,36 @@ class EpisodeWriter:
     ``max_unsaved``, oldest dropped first) and is written, in one atomic batch with the others
     waiting, with the next episode that gets through or by :meth:`flush`. ``errors="raise"``:
     the store's error propagates (the episode still waits for a later flush).
+
+    ``background=True`` takes the write, and the grading (``write(..., grade=)``: a ``reward_fn``,
+    perhaps an LLM judge), off the caller's path: :meth:`write` returns the id at once and one writer
+    thread grades and writes, in order, batching the episodes that queued up meanwhile. A late
+    :meth:`set_reward` reaches an episode wherever it is (grading, waiting, in flight) and wins over the
+    grader. :meth:`flush` waits for everything queued before it; the queue is also drained when the
+    interpreter exits. Errors of the writer thread are logged (``errors`` applies to :meth:`flush`).
     """
 
-    def __init__(self, store: MemoryStore, *, errors: Errors = "warn", max_unsaved: int = 1000) -> None:
+    BATCH = 64
+    """Background: episodes written in one batch at most before the writer stops waiting for the queue."""
+    MAX_DELAY_S = 1.0
+    """Background: how long a graded episode waits for the ones queued behind it before it is written anyway."""
+
+    def __init__(self, store: MemoryStore, *, errors: Errors = "warn", max_unsaved: int = 1000,
+                 background: bool = False) -> None:
         if errors not in ("warn", "raise"):
             raise ValueError(f"errors must be 'warn' or 'raise', got {errors!r}")
         if max_unsaved < 1:
             raise ValueError(f"max_unsaved must be >= 1, got {max_unsaved}")
         self.store, self.errors, self.max_unsaved = store, errors, max_unsaved
+        self.background = bool(background)
         self.unsaved: OrderedDict[str, dict[str, Any]] = OrderedDict()
-        """Episodes whose write failed, oldest first, by id."""
-        self._lock = threading.Lock()
+        """Episodes written to this writer but not yet to the store (graded ones), oldest first, by id."""
+        self._grading: dict[str, dict[str, Any]] = {}  # background: episodes whose grade() has not run yet
+        self._lock = threading.Lock()  # guards unsaved and _grading (held briefly, never during a write)
+        self._write_lock = threading.Lock()  # one store write at a time
+        self._executor: ThreadPoolExecutor | None = None
+        self._thread_name = f"memory-distill-writer-{id(self):x}"
+        self._queued = 0  # tasks submitted to the writer thread and not started yet
 
     def grade(self, reward_fn: Callable[[str, str, list[Any]], float | None] | None, question: str, answer: str,
               messages: list[Any]) -> float | None:
@@ -58,8 +78,12 @@ class EpisodeWriter:
             log.warning("memory_distill: reward_fn failed (%s: %s); the episode stays pending", type(e).__name__, e)
             return None
 
-    def write(self, text: str, reward: float | None, metadata: dict[str, Any], namespace: str) -> str:
-        """Store one episode (now, or once the store is back); returns its id."""
+    def write(self, text: str, reward: float | None, metadata: dict[str, Any], namespace: str, *,
+              grade: Callable[[], float | None] | None = None) -> str:
+        """Store one episode (now, or once the store is back; in the writer thread with ``background``);
+        returns its id.
+
+        ``grade``: computes the reward when ``reward`` is ``None`` (here, or in the writer thread)."""
         mid = uuid.uuid4().hex
         now = time.time()
         memory: dict[str, Any] = {"id": mid, "text": text, "reward": reward, "metadata": metadata,
@@ -67,43 +91,136 @@ class EpisodeWriter:
         if reward is not None:
             self.store._check_reward(reward, "reward")
             memory["rewarded_at"] = now
+            grade = None
+        if grade is not None and not self.background:
+            self._set(memory, grade())
+            grade = None
         with self._lock:
-            self.unsaved[mid] = memory
-            while len(self.unsaved) > self.max_unsaved:
-                old, _ = self.unsaved.popitem(last=False)
-                log.warning("memory_distill: dropped unsaved episode %s (more than max_unsaved=%d waiting)",
-                            old, self.max_unsaved)
-        self._try_flush(f"episode {mid} not written yet")
+            if grade is None:
+                self._enqueue(memory)
+            else:
+                self._grading[mid] = memory
+        if self.background:
+            self._submit(self._graded, mid, grade)
+        else:
+            self._try_flush(f"episode {mid} not written yet")
         return mid
 
-    def flush(self) -> int:
-        """Write every waiting episode in one atomic batch; returns how many. Raises if the store is still away."""
+    def _set(self, memory: dict[str, Any], reward: float | None) -> None:
+        if reward is not None:
+            self.store._check_reward(reward, "reward")
+            memory.update(reward=reward, rewarded_at=time.time())
+
+    def _enqueue(self, memory: dict[str, Any]) -> None:  # with self._lock held
+        self.unsaved[memory["id"]] = memory
+        while len(self.unsaved) > self.max_unsaved:
+            old, _ = self.unsaved.popitem(last=False)
+            log.warning("memory_distill: dropped unsaved episode %s (more than max_unsaved=%d waiting)",
+                        old, self.max_unsaved)
+
+    # ------------------------------------------------------------------ the writer thread
+
+    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
         with self._lock:
-            batch = list(self.unsaved.values())
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(1, thread_name_prefix=self._thread_name)
+            self._queued += 1
+        try:
+            self._executor.submit(self._run, fn, *args)
+        except RuntimeError:  # the interpreter is shutting down: no new threads, so do it here
+            self._run(fn, *args)
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+        with self._lock:
+            self._queued -= 1
+        fn(*args)
+
+    def _graded(self, mid: str, grade: Callable[[], float | None] | None) -> None:
+        if grade is not None:
+            try:
+                reward = grade()
+            except Exception as e:
+                log.warning("memory_distill: grading episode %s failed (%s: %s); it stays pending", mid,
+                            type(e).__name__, e)
+                reward = None
+            with self._lock:
+                memory = self._grading.pop(mid, None)
+                if memory is not None:
+                    if memory["reward"] is None:  # a set_reward() during grading wins
+                        try:
+                            self._set(memory, reward)
+                        except Exception as e:
+                            log.warning("memory_distill: %s; episode %s stays pending", e, mid)
+                    self._enqueue(memory)
+                # more episodes queued behind this one: let the last of them write the lot in one batch
+                # (unless enough wait already, or the oldest has waited a while)
+                if self._queued and len(self.unsaved) < self.BATCH and time.time() - next(
+                        iter(self.unsaved.values()), {"created_at": time.time()})["created_at"] < self.MAX_DELAY_S:
+                    return
+        self._try_flush(f"episode {mid} not written yet", raising=False)
+
+    def _drain(self) -> None:
+        """Wait until the writer thread has run everything submitted so far."""
+        ex = self._executor
+        if ex is not None and not threading.current_thread().name.startswith(self._thread_name):
+            try:
+                ex.submit(lambda: None).result()
+            except RuntimeError:
+                pass
+
+    def close(self) -> None:
+        """Write what is queued (as :meth:`flush`) and stop the writer thread."""
+        try:
+            self.flush()
+        finally:
+            ex, self._executor = self._executor, None
+            if ex is not None:
+                ex.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ flushing
+
+    def flush(self) -> int:
+        """Write every waiting episode in one atomic batch; returns how many this call wrote. Raises if the
+        store is still away. With ``background`` it first waits for the episodes queued before it."""
+        self._drain()
+        return self._flush_now()
+
+    def _flush_now(self) -> int:
+        with self._write_lock:
+            with self._lock:
+                batch = [dict(m) for m in self.unsaved.values()]
             if not batch:
                 return 0
             self.store.add_many(batch, upsert=True)  # upsert: idempotent if an earlier try got through
-            for m in batch:
-                self.unsaved.pop(m["id"], None)
+            with self._lock:
+                for m in batch:  # a set_reward() while the batch was in flight keeps that episode waiting
+                    cur = self.unsaved.get(m["id"])
+                    if cur is not None and (cur["reward"], cur.get("rewarded_at")) == (m["reward"], m.get("rewarded_at")):
+                        del self.unsaved[m["id"]]
         return len(batch)
 
     def set_reward(self, episode_id: str, reward: float) -> None:
         """A late reward: on the waiting copy if the episode is not written yet, else in the store."""
         with self._lock:
-            waiting = self.unsaved.get(episode_id)
+            waiting = self.unsaved.get(episode_id) or self._grading.get(episode_id)
             if waiting is not None:
                 self.store._check_reward(reward, "reward")
                 waiting.update(reward=reward, rewarded_at=time.time())
+            grading = episode_id in self._grading
         if waiting is None:
             self.store.set_reward(episode_id, reward)
+        elif grading:
+            pass  # written once graded
+        elif self.background:
+            self._submit(self._try_flush, f"episode {episode_id} still waiting", False)
         else:
             self._try_flush(f"episode {episode_id} still waiting")
 
-    def _try_flush(self, what: str) -> None:
+    def _try_flush(self, what: str, raising: bool = True) -> None:
         try:
-            self.flush()
+            self._flush_now()
         except Exception as e:
-            if self.errors == "raise":
+            if self.errors == "raise" and raising:
                 raise
             log.warning("memory_distill: %s, %d waiting (%s: %s); retried with the next episode or flush()",
                         what, len(self.unsaved), type(e).__name__, e)

@@ -17,6 +17,10 @@ Memory never takes the agent down (``errors="warn"``, the default): when the sto
 :meth:`~MemoryDistillMiddleware.flush`); a ``reward_fn`` that raises leaves the episode pending.
 ``errors="raise"`` propagates every such error instead.
 
+``background=True`` returns the run without waiting for the write or ``reward_fn``: one writer thread
+(:class:`~langchain_memory_distill.episodes.EpisodeWriter`) grades and writes in order; :meth:`flush`
+waits for it, and what is queued is written when the process exits.
+
 Every hook has its async twin.
 """
 
@@ -71,10 +75,11 @@ class MemoryDistillMiddleware(AgentMiddleware):
         retriever: ValueAwareRetriever | None = None,
         errors: Errors = "warn",
         max_unsaved: int = 1000,
+        background: bool = False,
     ) -> None:
         super().__init__()
         self.store = store
-        self.writer = EpisodeWriter(store, errors=errors, max_unsaved=max_unsaved)
+        self.writer = EpisodeWriter(store, errors=errors, max_unsaved=max_unsaved, background=background)
         self.retriever = retriever or ValueAwareRetriever(store=store, predictor=predictor, k=k, namespace=namespace,
                                                           diversity=diversity)
         self.namespace = namespace
@@ -181,13 +186,15 @@ class MemoryDistillMiddleware(AgentMiddleware):
         if not ep["input"]:
             return None
         failed = failed or ep["tool_errors"] > 0
-        reward = self.writer.grade(self.reward_fn, ep["input"], ep["answer"], messages)
-        if reward is None and failed:
-            reward = self.failure_reward
+
+        def grade() -> float | None:
+            reward = self.writer.grade(self.reward_fn, ep["input"], ep["answer"], messages)
+            return self.failure_reward if reward is None and failed else reward
+
         meta = episode_metadata(ep["input"], ep["model"], self.metadata, source="langchain_agent",
                                 tool_calls=ep["tool_calls"], tool_errors=ep["tool_errors"],
                                 outcome="failed" if failed else "completed")
-        mid = self.writer.write(ep["text"], reward, meta, self.namespace)
+        mid = self.writer.write(ep["text"], None, meta, self.namespace, grade=grade)
         self.episode_ids.append(mid)
         return mid
 
@@ -197,10 +204,15 @@ class MemoryDistillMiddleware(AgentMiddleware):
         return self.writer.unsaved
 
     def flush(self) -> int:
-        """Write the episodes waiting in :attr:`unsaved` in one atomic batch; returns how many were written.
+        """Write the episodes waiting in :attr:`unsaved` in one atomic batch; returns how many this call wrote.
 
-        Raises the store's error when it is still unreachable (they stay waiting)."""
+        With ``background=True`` it first waits for the episodes recorded before it (graded and written by the
+        writer thread). Raises the store's error when it is still unreachable (they stay waiting)."""
         return self.writer.flush()
+
+    def close(self) -> None:
+        """Write what is waiting (:meth:`flush`) and stop the background writer thread, if any."""
+        self.writer.close()
 
     def after_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
         if not self.do_record:
