@@ -866,8 +866,9 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
               "query and `collection.query(n_results=4)`, 200 queries alternated. An add validates every document, "
               "reads the rows its ids hold (no other namespace's; kept to roll back to) and writes the reward and "
               "text statistics. A search "
-              "asks Chroma for 4k+16 candidates and keeps the namespace's (a `where` filter would scan every row; "
-              "see README, Store): that query, not the adapter, is the difference.",
+              "asks Chroma for k+4 candidates (4k+16 when the namespace is a small part of the store) and keeps the "
+              "namespace's (a `where` filter would scan every row; see README, Store): reading those few more "
+              "candidates, not the adapter, is most of the difference.",
               ["add p50 (ms / batch)", "bare add p50 (ms)", "ratio", "search p50 (ms)", "bare search p50 (ms)", "ratio"],
               [f"| {r['add_p50_ms']:.2f} | {r['bare_add_p50_ms']:.2f} | {r['add_ratio']:.2f}x | {r['search_p50_ms']:.2f} | "
                f"{r['bare_search_p50_ms']:.2f} | {r['search_ratio']:.2f}x |"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import numpy as np
 import pytest
 from conftest import fast_job
 from langchain.agents import create_agent
@@ -12,6 +13,7 @@ from langchain.tools import ToolRuntime
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
 from langchain_memory_distill import MemoryDistillStore
+from langgraph.store.base import PutOp
 from langgraph.store.memory import InMemoryStore
 from lc_helpers import ScriptedChatModel
 
@@ -159,6 +161,27 @@ def test_semantic_search_finds_items_crowded_out_by_other_memories(store) -> Non
     lg.put(("trips",), "t3", {"text": "booked a flight to Lisbon, hidden from search"}, index=False)
     hits = lg.search(("trips",), query="the agent booked a flight to Lisbon", limit=2)
     assert [h.key for h in hits] == ["t1", "t2"]
+
+
+def test_semantic_search_is_exact_under_a_dominant_and_a_rare_prefix(store, embedder) -> None:  # type: ignore[no-untyped-def]
+    """A few candidates are asked first where the prefix fills the store (learned per prefix), more where it is
+    rare: either way the results are the prefix's true nearest items."""
+    lg = MemoryDistillStore(store)
+    texts = {("big",): [f"episode {i}: the agent {w} the report" for i, w in
+                        enumerate(["read", "skimmed", "summarised", "cited", "ignored", "rewrote"] * 20)],
+             ("rare",): [f"note {i}: the agent {w} the memo" for i, w in enumerate(["read", "filed", "lost"] * 4)]}
+    for prefix, ts in texts.items():
+        lg.batch([PutOp(prefix, f"k{i}", {"text": t}) for i, t in enumerate(ts)])
+    asked = []
+    real = store.search
+    store.search = lambda q, k, **kw: asked.append(k) or real(q, k, **kw)
+    for query in ["the agent read the report", "the agent lost the memo", "cited", "filed the report"] * 2:
+        qv = embedder.embed([query])[0]
+        for prefix, ts in texts.items():
+            sims = embedder.embed(ts) @ qv
+            want = [f"k{j}" for j in np.argsort(-sims, kind="stable")[:3]]
+            assert [h.key for h in lg.search(prefix, query=query, limit=3)] == want
+    assert asked.count(7) >= 8  # the dominant prefix: k + 4 each time
 
 
 def test_unindexed_items_fill_a_short_query_result_like_langgraph(store, embedder) -> None:  # type: ignore[no-untyped-def]

@@ -241,7 +241,7 @@ def test_paged_read_stays_consistent_when_a_writer_deletes_between_the_two_halve
         assert r == pytest.approx(i / 40)
 
 
-@pytest.mark.parametrize("n_a", [5, 200])
+@pytest.mark.parametrize("n_a", [5, 150, 200])
 def test_namespace_search_is_exact_whether_the_namespace_is_rare_or_dominant(tmp_path, n_a):
     """Search post-filters an oversampled unfiltered query by namespace (fast), and falls back to
     Chroma's filtered query when too few candidates qualify: both must give the true top-k of the namespace."""
@@ -254,14 +254,32 @@ def test_namespace_search_is_exact_whether_the_namespace_is_rare_or_dominant(tmp
     rewards = [None if i % 3 == 0 else 0.5 for i in range(n)]
     st.add_many([{"id": f"r{i}", "text": f"row {i}", "namespace": ns[i], "reward": rewards[i]} for i in range(n)],
                 embeddings=vecs)
-    for q in rng.normal(size=(5, 16)).astype(np.float32):
-        for rewarded_only in (False, True):
-            ok = [i for i in range(n) if ns[i] == "a" and (not rewarded_only or rewards[i] is not None)]
-            sims = vecs[ok] @ (q / np.linalg.norm(q))
-            want = [f"r{ok[j]}" for j in np.argsort(-sims)[:3]]
-            got = st.search(q, k=3, namespace="a", rewarded_only=rewarded_only)
-            assert [h.memory.id for h in got] == want
-            assert all(h.memory.namespace == "a" for h in got)
+    for q in rng.normal(size=(8, 16)).astype(np.float32):
+        for name in ("a", "b"):  # alternating namespaces flips which candidate pool is tried first
+            for rewarded_only in (False, True):
+                ok = [i for i in range(n) if ns[i] == name and (not rewarded_only or rewards[i] is not None)]
+                sims = vecs[ok] @ (q / np.linalg.norm(q))
+                want = [f"r{ok[j]}" for j in np.argsort(-sims)[:3]]
+                got = st.search(q, k=3, namespace=name, rewarded_only=rewarded_only)
+                assert [h.memory.id for h in got] == want
+                assert all(h.memory.namespace == name for h in got)
+
+
+def test_search_asks_for_few_candidates_when_the_namespace_fills_the_store(tmp_path):
+    """Reading candidates' metadata is most of a query: k + 4 are asked when that proved enough, 4k + 16 when
+    the namespace is a small part of the store (learned from the previous search, per namespace)."""
+    st = MemoryStore(HashingEmbedder(dim=16), StoreConfig(path=tmp_path / "c"))
+    st.add_many([{"text": f"episode {i}", "namespace": "big" if i % 10 else "small"} for i in range(400)])
+    asked = []
+    real = st._col.query
+    st._col.query = lambda **kw: asked.append(kw["n_results"]) or real(**kw)
+    st.search("episode 7", k=5, namespace="big")
+    st.search("episode 8", k=5, namespace="big")
+    assert asked == [9, 9]
+    asked.clear()
+    st.search("episode 7", k=5, namespace="small")  # k + 4 fall short, then 4k + 16
+    st.search("episode 8", k=5, namespace="small")  # straight to 4k + 16
+    assert asked[:3] == [9, 36, 36]
 
 
 def test_search_diversity_skips_near_copies(store):

@@ -159,7 +159,8 @@ class EpisodeRecorder(BaseCallbackHandler):
 
     @property
     def unsaved(self) -> OrderedDict[str, dict[str, Any]]:
-        """Episodes whose write failed (store unreachable), oldest first; written by :meth:`flush`."""
+        """Episodes not written yet, oldest first: those whose write failed (store unreachable) and, with
+        ``background=True``, those queued for the writer thread; written by :meth:`flush`."""
         return self.writer.unsaved
 
     def flush(self) -> int:

@@ -137,6 +137,7 @@ class MemoryDistillStore(BaseStore):
         self.value_weight = check_value_weight(value_weight)
         self.ttl_config = ttl_config
         self._sweeper: concurrent.futures.Future[None] | None = None
+        self._narrow_ok: dict[tuple[str, ...], bool] = {}  # search: did k + 4 candidates suffice last time?
         self._stop_sweeper = threading.Event()
         self.store = store
         self.predictor = predictor
@@ -315,7 +316,19 @@ class MemoryDistillStore(BaseStore):
         ``MemoryStore.search`` does for namespaces), and it returns the unindexed items too."""
         q = self.store.embedder.embed([query])[0]
         n = 4 * k + 16
-        hits = self.store.search(q, n, namespace=None, include_embeddings=vectors)
+
+        def ranked_under(hit: Any) -> bool:
+            m = hit.memory.metadata
+            return (m.get(ITEM) is True and m.get(INDEXED) is True
+                    and all(m.get(_level(i)) == label for i, label in enumerate(prefix)))
+
+        # k + 4 candidates first when the last search under this prefix shows that is enough (reading the
+        # candidates' metadata is most of a query's cost), else 4k + 16
+        for size in ((k + 4, n) if self._narrow_ok.get(prefix, True) else (n,)):
+            hits = self.store.search(q, size, namespace=None, include_embeddings=vectors)
+            self._narrow_ok[prefix] = sum(map(ranked_under, hits[: k + 4])) >= k or len(hits) < k + 4
+            if sum(map(ranked_under, hits)) >= k or len(hits) < size:
+                break
         under = [h for h in hits if h.memory.metadata.get(ITEM) is True
                  and all(h.memory.metadata.get(_level(i)) == label for i, label in enumerate(prefix))]
         if sum(h.memory.metadata.get(INDEXED) is True for h in under) < k and len(hits) == n:

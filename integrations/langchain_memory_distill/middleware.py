@@ -200,7 +200,8 @@ class MemoryDistillMiddleware(AgentMiddleware):
 
     @property
     def unsaved(self) -> OrderedDict[str, dict[str, Any]]:
-        """Episodes whose write failed (store unreachable), oldest first, by id; written by :meth:`flush`."""
+        """Episodes not written yet, oldest first, by id: those whose write failed (store unreachable) and, with
+        ``background=True``, those queued for the writer thread; written by :meth:`flush`."""
         return self.writer.unsaved
 
     def flush(self) -> int:
