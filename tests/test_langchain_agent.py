@@ -477,3 +477,36 @@ def test_background_episodes_are_written_when_the_process_exits(store, tmp_path)
     assert len(ids) == 2
     fresh = type(store)(store.embedder, store.config)
     assert [(m.id, m.reward) for m in fresh.get_many(ids)] == [(ids[0], 0.6), (ids[1], 0.6)]
+
+
+def test_bad_recorder_settings_fail_at_construction_naming_the_field(store):
+    from memory_distill import InvalidMemoryError
+
+    for make in (MemoryDistillMiddleware, EpisodeRecorder):
+        with pytest.raises(InvalidMemoryError, match=r"metadata\['tags'\] must be a str.*json.dumps"):
+            make(store, metadata={"tags": ["a", "b"]})
+        with pytest.raises(InvalidMemoryError, match="failure_reward"):
+            make(store, failure_reward=5.0)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_an_invalid_episode_is_dropped_and_never_holds_back_the_next(store, caplog, background):
+    """An episode Chroma cannot hold is refused before it is queued: the run goes on, later episodes are written."""
+    from memory_distill import InvalidMemoryError
+
+    model = ScriptedChatModel(responses=[AIMessage(content="Done.")])
+    mw = MemoryDistillMiddleware(store, recall=False, background=background)
+    agent = create_agent(model, [], middleware=[mw])
+    mw.metadata["tags"] = ["changed", "after", "construction"]  # now invalid for Chroma
+    out = agent.invoke({"messages": [HumanMessage("first")]})
+    assert out["messages"][-1].content == "Done." and "memory_distill_episode_id" not in out
+    assert "episode dropped" in caplog.text and mw.unsaved == {}
+    del mw.metadata["tags"]
+    ok = agent.invoke({"messages": [HumanMessage("second")]})["memory_distill_episode_id"]
+    mw.flush()
+    assert store.count() == 1 and store.get(ok).text.startswith("User: second") and mw.episode_ids == [ok]
+    strict = MemoryDistillMiddleware(store, recall=False, errors="raise")
+    strict.metadata["tags"] = ["x"]
+    with pytest.raises(InvalidMemoryError, match="tags"):
+        create_agent(model, [], middleware=[strict]).invoke({"messages": [HumanMessage("third")]})
+    mw.close()

@@ -23,6 +23,7 @@ from memory_distill.store import MemoryStore
 from .episodes import (
     EpisodeWriter,
     Errors,
+    check_episode_settings,
     episode_from_messages,
     episode_metadata,
     message_text,
@@ -63,8 +64,10 @@ class EpisodeRecorder(BaseCallbackHandler):
         self.errors = errors
         self.namespace = namespace
         self.reward_fn = reward_fn
+        if failure_reward is not None:
+            store._check_reward(failure_reward, "failure_reward")
         self.failure_reward = failure_reward
-        self.metadata = dict(metadata or {})
+        self.metadata = check_episode_settings(metadata, namespace)
         self.episode_ids: list[str] = []
         self._runs: dict[UUID, dict[str, Any]] = {}
         self._parent: dict[UUID, UUID] = {}
@@ -155,7 +158,9 @@ class EpisodeRecorder(BaseCallbackHandler):
 
         meta = episode_metadata(str(run["input"]), run["model"], self.metadata, source="langchain_callback",
                                 tool_calls=len(run["tools"]), outcome="failed" if failed else "completed")
-        self.episode_ids.append(self.writer.write(text, None, meta, self.namespace, grade=grade))
+        mid = self.writer.write_or_drop(text, meta, self.namespace, grade)
+        if mid is not None:
+            self.episode_ids.append(mid)
 
     @property
     def unsaved(self) -> OrderedDict[str, dict[str, Any]]:

@@ -15,9 +15,10 @@ from typing import Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 
-from memory_distill.store import MemoryStore
+from memory_distill.errors import InvalidMemoryError
+from memory_distill.store import MemoryStore, coerce_memory
 
-__all__ = ["EpisodeWriter", "episode_from_messages", "episode_metadata", "input_group", "message_text",
+__all__ = ["EpisodeWriter", "check_episode_settings", "episode_from_messages", "episode_metadata", "input_group", "message_text",
            "response_model_name"]
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,15 @@ class EpisodeWriter:
         """Store one episode (now, or once the store is back; in the writer thread with ``background``);
         returns its id.
 
-        ``grade``: computes the reward when ``reward`` is ``None`` (here, or in the writer thread)."""
+        ``grade``: computes the reward when ``reward`` is ``None`` (here, or in the writer thread).
+        An invalid episode (a metadata value Chroma cannot hold, a reward out of range) raises
+        :class:`~memory_distill.InvalidMemoryError` here, whatever ``errors`` says: it is never queued, so
+        it cannot hold back the episodes after it."""
         mid = uuid.uuid4().hex
         now = time.time()
         memory: dict[str, Any] = {"id": mid, "text": text, "reward": reward, "metadata": metadata,
                                   "namespace": namespace, "created_at": now}
+        coerce_memory(memory)
         if reward is not None:
             self.store._check_reward(reward, "reward")
             memory["rewarded_at"] = now
@@ -105,6 +110,18 @@ class EpisodeWriter:
         else:
             self._try_flush(f"episode {mid} not written yet")
         return mid
+
+    def write_or_drop(self, text: str, metadata: dict[str, Any], namespace: str,
+                      grade: Callable[[], float | None] | None) -> str | None:
+        """:meth:`write` for the recorders: with ``errors="warn"`` an invalid episode is dropped and logged
+        (``None``), so memory never takes the agent down; ``errors="raise"`` raises."""
+        try:
+            return self.write(text, None, metadata, namespace, grade=grade)
+        except InvalidMemoryError as e:
+            if self.errors == "raise":
+                raise
+            log.error("memory_distill: episode dropped, it cannot be stored: %s", e)
+            return None
 
     def _set(self, memory: dict[str, Any], reward: float | None) -> None:
         if reward is not None:
@@ -224,6 +241,16 @@ class EpisodeWriter:
                 raise
             log.warning("memory_distill: %s, %d waiting (%s: %s); retried with the next episode or flush()",
                         what, len(self.unsaved), type(e).__name__, e)
+
+
+def check_episode_settings(metadata: dict[str, Any] | None, namespace: str) -> dict[str, Any]:
+    """A recorder's ``metadata=`` and ``namespace=``, checked once when it is built (a value Chroma cannot hold
+    fails here, naming the key and the fix, not on every episode later); returns a copy of the metadata."""
+    try:
+        coerce_memory({"text": "(settings check)", "metadata": dict(metadata or {}), "namespace": namespace})
+    except InvalidMemoryError as e:
+        raise InvalidMemoryError(str(e).replace("memory is invalid", "metadata= / namespace= are invalid")) from None
+    return dict(metadata or {})
 
 
 def input_group(user_input: str) -> str:

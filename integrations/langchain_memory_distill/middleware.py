@@ -38,7 +38,14 @@ from typing_extensions import NotRequired
 
 from memory_distill.store import MemoryStore
 
-from .episodes import EpisodeWriter, Errors, episode_from_messages, episode_metadata, message_text
+from .episodes import (
+    EpisodeWriter,
+    Errors,
+    check_episode_settings,
+    episode_from_messages,
+    episode_metadata,
+    message_text,
+)
 from .retriever import PredictorLike, ValueAwareRetriever
 from .tools import make_recall_tool
 
@@ -85,9 +92,11 @@ class MemoryDistillMiddleware(AgentMiddleware):
         self.namespace = namespace
         self.do_recall, self.do_record = recall, record
         self.reward_fn = reward_fn
+        if failure_reward is not None:
+            store._check_reward(failure_reward, "failure_reward")
         self.failure_reward = failure_reward
         self.handle_tool_errors = handle_tool_errors
-        self.metadata = dict(metadata or {})
+        self.metadata = check_episode_settings(metadata, namespace)
         self.tools = [make_recall_tool(self.retriever)] if expose_recall_tool else []
         self.episode_ids: list[str] = []
         self.errors = errors
@@ -194,8 +203,9 @@ class MemoryDistillMiddleware(AgentMiddleware):
         meta = episode_metadata(ep["input"], ep["model"], self.metadata, source="langchain_agent",
                                 tool_calls=ep["tool_calls"], tool_errors=ep["tool_errors"],
                                 outcome="failed" if failed else "completed")
-        mid = self.writer.write(ep["text"], None, meta, self.namespace, grade=grade)
-        self.episode_ids.append(mid)
+        mid = self.writer.write_or_drop(ep["text"], meta, self.namespace, grade)
+        if mid is not None:
+            self.episode_ids.append(mid)
         return mid
 
     @property
