@@ -760,6 +760,8 @@ class MemoryStore:
             # most of a query's cost, so k + 4 are asked first when the last search of this namespace shows
             # that would have been enough (a store that is mostly this namespace), else 4k + 16.
             key = (namespace, rewarded_only)
+            if len(self._narrow_ok) > 10_000:  # a namespace per user: keep the memo small
+                self._narrow_ok.clear()
             for n in ((k + 4, 4 * k + 16) if self._narrow_ok.get(key, True) else (4 * k + 16,)):
                 res = self._col.query(query_embeddings=[qv], n_results=n, include=include)
                 keep = [j for j, m in enumerate(res["metadatas"][0])

@@ -324,6 +324,8 @@ class MemoryDistillStore(BaseStore):
 
         # k + 4 candidates first when the last search under this prefix shows that is enough (reading the
         # candidates' metadata is most of a query's cost), else 4k + 16
+        if len(self._narrow_ok) > 10_000:  # a prefix per user: keep the memo small
+            self._narrow_ok.clear()
         for size in ((k + 4, n) if self._narrow_ok.get(prefix, True) else (n,)):
             hits = self.store.search(q, size, namespace=None, include_embeddings=vectors)
             self._narrow_ok[prefix] = sum(map(ranked_under, hits[: k + 4])) >= k or len(hits) < k + 4
