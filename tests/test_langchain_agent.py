@@ -510,3 +510,26 @@ def test_an_invalid_episode_is_dropped_and_never_holds_back_the_next(store, capl
     with pytest.raises(InvalidMemoryError, match="tags"):
         create_agent(model, [], middleware=[strict]).invoke({"messages": [HumanMessage("third")]})
     mw.close()
+
+
+def test_best_of_n_with_question_scores_candidates_as_recorded_episodes(trained_store, store):
+    """question= scores each answer in the shape the middleware records (train and serve see the same text)."""
+    from langchain_memory_distill import episode_text
+
+    _, _, pred = trained_store
+    scorer = RewardScorer(pred)
+    q = "find the population of Oslo in 2020"
+    answers = ["I guessed it without checking.", Document(page_content="Searched the web, cross-checked two sources "
+                                                                         "and cited them.", metadata={"agent": "a1"})]
+    idx, best, preds = best_of_n(answers, scorer, question=q)
+    assert idx == 1 and best is answers[1]
+    want = scorer.batch([episode_text(q, answers[0]), episode_text(q, answers[1].page_content)])
+    assert [p.mean for p in preds] == pytest.approx([p.mean for p in want])
+    assert [p.mean for p in preds] != pytest.approx([p.mean for p in scorer.batch(answers)])  # not the bare answers
+    # exactly the text an agent run records
+    model = ScriptedChatModel(responses=[AIMessage(content="I guessed it without checking.")])
+    mw = MemoryDistillMiddleware(store, recall=False)
+    mid = create_agent(model, [], middleware=[mw]).invoke({"messages": [HumanMessage(q)]})["memory_distill_episode_id"]
+    assert store.get(mid).text == episode_text(q, "I guessed it without checking.")
+    with pytest.raises(ValueError, match="question= or a scorer template"):
+        best_of_n(answers, RewardScorer(pred, template="Q: x\nA: {text}"), question=q)

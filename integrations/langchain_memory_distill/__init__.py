@@ -4,7 +4,7 @@ from memory_distill.grading import AnswerGrader, bleu, exact_match, token_f1
 
 from .callbacks import EpisodeRecorder
 from .embeddings import MemoryDistillEmbeddings
-from .episodes import EpisodeWriter, episode_from_messages
+from .episodes import EpisodeWriter, episode_from_messages, episode_text
 from .langgraph_store import MemoryDistillStore
 from .middleware import MemoryDistillMiddleware, MemoryDistillState
 from .retriever import ValueAwareRetriever
@@ -28,6 +28,7 @@ __all__ = [
     "best_of_n",
     "bleu",
     "episode_from_messages",
+    "episode_text",
     "exact_match",
     "make_predict_tool",
     "make_recall_tool",

@@ -18,7 +18,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMe
 from memory_distill.errors import InvalidMemoryError
 from memory_distill.store import MemoryStore, coerce_memory
 
-__all__ = ["EpisodeWriter", "check_episode_settings", "episode_from_messages", "episode_metadata", "input_group", "message_text",
+__all__ = ["EpisodeWriter", "check_episode_settings", "episode_from_messages", "episode_text", "episode_metadata", "input_group", "message_text",
            "response_model_name"]
 
 log = logging.getLogger(__name__)
@@ -310,6 +310,13 @@ def episode_from_messages(messages: Sequence[BaseMessage], *, max_result_chars: 
     lines.append(f"Answer: {answer}" if answer else "Answer: (none)")
     return {"text": "\n".join(lines), "input": user, "answer": answer, "tool_calls": n_calls, "tool_errors": n_errors,
             "model": model}
+
+
+def episode_text(question: str, answer: str) -> str:
+    """The text the middleware and the callback handler record for a run that answered ``question`` with
+    ``answer`` and called no tool: score candidate answers in this shape (``best_of_n(..., question=)``), so the
+    student sees what it was trained on rather than a bare answer that reads as a very short episode."""
+    return str(episode_from_messages([HumanMessage(question), AIMessage(answer)])["text"])
 
 
 def episode_metadata(user_input: str, model: str | None, user: dict[str, Any], **recorded: Any) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from memory_distill.predictor import Predictor
 from memory_distill.types import PredictionBatch, RewardPrediction
 
+from .episodes import episode_text
+
 __all__ = ["RewardScorer", "best_of_n"]
 
 Input = str | Document
@@ -67,18 +69,29 @@ class RewardScorer(Runnable[Input, RewardPrediction]):
 
 def best_of_n(candidates: Sequence[Input], scorer: RewardScorer, *,
               by: Literal["auto", "rank", "mean", "lcb", "prob_above"] = "auto", risk: float = 1.0,
-              threshold: float = 0.5) -> tuple[int, Input, list[RewardPrediction]]:
+              threshold: float = 0.5, question: str | None = None) -> tuple[int, Input, list[RewardPrediction]]:
     """Pick the best of several answers to the same prompt.
 
     ``by="auto"`` (default): the student's ranking head when it has one (fit on rewards within
     groups of answers to one prompt, see :mod:`memory_distill.ranking`), else the expected
     reward. ``"rank"``: the ranking head (an error without one); ``"mean"``: expected reward;
     ``"lcb"``: mean - risk * std (risk-averse); ``"prob_above"``: P(reward > threshold).
+
+    ``question``: the prompt the candidates answer, for a student trained on episodes the middleware or
+    the callback handler recorded: each candidate is scored as the episode that run would record
+    (:func:`~langchain_memory_distill.episodes.episode_text`), a ``Document``'s metadata kept.
     Returns (index, candidate, predictions).
     """
     if not candidates:
         raise ValueError("best_of_n needs at least one candidate")
-    batch = scorer.score_batch(list(candidates))
+    inputs = list(candidates)
+    if question is not None:
+        if scorer.template != "{text}":
+            raise ValueError("pass question= or a scorer template, not both: question= formats each candidate as "
+                             "a recorded episode, the template would format it again")
+        inputs = [Document(page_content=episode_text(question, _text(c, "{text}")),
+                           metadata=c.metadata if isinstance(c, Document) else {}) for c in inputs]
+    batch = scorer.score_batch(inputs)
     if by == "auto":
         by = "rank" if batch.advantage is not None else "mean"
     if by == "rank":
