@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import math
+import operator
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -229,6 +230,103 @@ def mmr_select(score: np.ndarray, vectors: np.ndarray, k: int, diversity: float)
     return picked
 
 
+_FIELDS = {"reward": REWARD, "namespace": NS, "created_at": CREATED}
+
+
+def _where_clauses(where: Mapping[str, Any], path: str) -> list[dict[str, Any]]:
+    """A user's ``where`` as Chroma clauses, one per field, at every level of ``$and`` / ``$or``: the memory
+    fields ``reward``, ``namespace`` and ``created_at`` become the reserved keys they are stored under."""
+    if not isinstance(where, Mapping):
+        raise StoreError(f"{path}: expected a dict of field conditions, got {type(where).__name__}")
+    out: list[dict[str, Any]] = []
+    for key, value in where.items():
+        if key in ("$and", "$or"):
+            if not isinstance(value, list | tuple) or not value:
+                raise StoreError(f"{path}.{key}: expected a non-empty list of conditions, got {value!r}")
+            subs = []
+            for i, sub in enumerate(value):
+                parts = _where_clauses(sub, f"{path}.{key}[{i}]")
+                subs.append(parts[0] if len(parts) == 1 else {"$and": parts})
+            # Chroma wants two or more conditions under $and / $or
+            out.append(subs[0] if len(subs) == 1 else {key: subs})
+            continue
+        if key.startswith("$"):
+            raise StoreError(f"{path}: unsupported operator {key!r} here; use $and/$or or field names")
+        out.append({_FIELDS.get(key, key): value})
+    return out
+
+
+_MISSING = object()
+Matcher = Callable[[Mapping[str, Any]], bool]
+
+
+def _kind(v: Any) -> str | None:
+    if isinstance(v, bool):
+        return "bool"
+    if isinstance(v, int | float):
+        return "num"
+    return "str" if isinstance(v, str) else None
+
+
+def _operand(stored: Any, arg: Any) -> Any:
+    """The operand as Chroma compares it with a stored number: ints with ints (a float operand truncated
+    toward zero, so ``{"n": {"$gte": 2.5}}`` matches a stored 2), floats with floats."""
+    if isinstance(stored, int) and not isinstance(stored, bool) and isinstance(arg, float):
+        return int(arg)
+    return arg
+
+
+def _same(a: Any, b: Any) -> bool:  # Chroma's equality: 1 == 1.0, True is not 1, "1" is not 1
+    return a is not _MISSING and _kind(a) == _kind(b) and a == _operand(a, b)
+
+
+def compile_where(flt: Mapping[str, Any] | None) -> Matcher | None:
+    """A Python predicate on a row's metadata that agrees with Chroma's ``where`` (checked against Chroma
+    in the tests), or ``None`` for a filter it does not cover (Chroma then evaluates it, and reports
+    its errors). ``$ne`` / ``$nin`` match rows without the field, as in Chroma."""
+    if flt is None:
+        return lambda m: True
+    if not isinstance(flt, Mapping) or len(flt) != 1:
+        return None
+    ((key, cond),) = flt.items()
+    if key in ("$and", "$or"):
+        if not isinstance(cond, list | tuple) or len(cond) < 2:
+            return None
+        subs = [compile_where(c) for c in cond]
+        if any(f is None for f in subs):
+            return None
+        fs: list[Matcher] = [f for f in subs if f is not None]
+        return (lambda m: all(f(m) for f in fs)) if key == "$and" else (lambda m: any(f(m) for f in fs))
+    if key.startswith("$"):
+        return None
+    if not isinstance(cond, Mapping):
+        cond = {"$eq": cond}
+    if len(cond) != 1:
+        return None
+    ((op, arg),) = cond.items()
+    if op in ("$eq", "$ne"):
+        if _kind(arg) is None:
+            return None
+        eq = op == "$eq"
+        return lambda m: _same(m.get(key, _MISSING), arg) == eq
+    if op in ("$gt", "$gte", "$lt", "$lte"):
+        if _kind(arg) != "num":
+            return None
+        cmp = {"$gt": operator.gt, "$gte": operator.ge, "$lt": operator.lt, "$lte": operator.le}[op]
+
+        def compare(m: Mapping[str, Any]) -> bool:
+            v = m.get(key, _MISSING)
+            return _kind(v) == "num" and bool(cmp(v, _operand(v, arg)))
+
+        return compare
+    if op in ("$in", "$nin"):
+        if not isinstance(arg, list | tuple) or not arg or len({type(a) for a in arg}) != 1 or _kind(arg[0]) is None:
+            return None
+        inside = op == "$in"
+        return lambda m: any(_same(m.get(key, _MISSING), a) for a in arg) == inside
+    return None
+
+
 def _pages(col: Any, *, include: list[str], size: int, where: Mapping[str, Any] | None = None) -> Iterator[Any]:
     """Chroma ``get`` results a page at a time, in the collection's order. Stops after a short page: asking
     for the next one would make Chroma evaluate a filter from the first row again."""
@@ -277,7 +375,8 @@ class MemoryStore:
             raise StoreError(f"could not open collection {cfg.collection!r}: {e}") from e
         if cfg.mode == "http":
             self._col = _ServerCollection(self._col, _server_url(cfg))
-        self._narrow_ok: dict[tuple[str, bool], bool] = {}  # search: did k + 4 candidates suffice last time?
+        self._narrow_ok: dict[str, bool] = {}  # search, by filter: did k + 4 candidates suffice last time?
+        self._wide: dict[str, bool] = {}  # search, by filter: known to pass more than EXACT_MAX_ROWS rows
         have = self._col.metadata or {}
         if not self._built_with(have, embedder):
             raise EmbedderMismatchError(
@@ -461,14 +560,8 @@ class MemoryStore:
             clauses.append({NS: namespace})
         if rewarded_only:
             clauses.append({HAS_REWARD: True})
-        for key, value in (where or {}).items():
-            if key in ("$and", "$or"):
-                clauses.append({key: value})
-                continue
-            if key.startswith("$"):
-                raise StoreError(f"where: unsupported top-level operator {key!r}; use $and/$or or field names")
-            field = {"reward": REWARD, "namespace": NS, "created_at": CREATED}.get(key, key)
-            clauses.append({field: value})
+        if where:
+            clauses.extend(_where_clauses(where, "where"))
         if not clauses:
             return None
         return clauses[0] if len(clauses) == 1 else {"$and": clauses}
@@ -752,32 +845,38 @@ class MemoryStore:
             if qv.shape[0] != self.embedder.dim:
                 raise StoreError(f"query vector has dim {qv.shape[0]}, the store uses {self.embedder.dim}")
         include = ["metadatas", "documents", "distances"] + (["embeddings"] if include_embeddings else [])
-        if where is None and namespace is not None:
+        flt = self._where(namespace, where, rewarded_only)
+        match = compile_where(flt) if flt is not None else None
+        if match is not None:
             # Chroma evaluates a `where` filter over every row before searching (about 0.4 s per query at
-            # 100k rows), so the namespace (and reward) condition is checked on an oversampled unfiltered
-            # result instead. Exact whenever >= k of the top candidates qualify (always, in a store with one
-            # namespace); otherwise fall through to Chroma's filtered query. Reading candidates' metadata is
-            # most of a query's cost, so k + 4 are asked first when the last search of this namespace shows
-            # that would have been enough (a store that is mostly this namespace), else 4k + 16.
-            key = (namespace, rewarded_only)
+            # 100k rows), so the filter (namespace, reward, metadata conditions) is checked in Python
+            # (`compile_where`, which agrees with Chroma) on an unfiltered result instead. Exact whenever >= k
+            # of the top candidates qualify (always, in a store with one namespace and no other filter);
+            # otherwise fall through to Chroma's filtered query. Reading candidates' metadata is most of a
+            # query's cost, so k + 4 are asked first when the last search with this filter shows that would
+            # have been enough, else 4k + 16.
+            key = json.dumps(flt, sort_keys=True, default=repr)
             if len(self._narrow_ok) > 10_000:  # a namespace per user: keep the memo small
                 self._narrow_ok.clear()
             for n in ((k + 4, 4 * k + 16) if self._narrow_ok.get(key, True) else (4 * k + 16,)):
                 res = self._col.query(query_embeddings=[qv], n_results=n, include=include)
-                keep = [j for j, m in enumerate(res["metadatas"][0])
-                        if m.get(NS) == namespace and (not rewarded_only or m.get(HAS_REWARD))]
+                keep = [j for j, m in enumerate(res["metadatas"][0]) if match(m or {})]
                 self._narrow_ok[key] = sum(1 for j in keep if j < k + 4) >= k or len(res["ids"][0]) < k + 4
                 if len(keep) >= k or len(res["ids"][0]) < n:
                     return self._hits(res, keep[:k], include_embeddings)
-        return self._filtered_search(qv, k, self._where(namespace, where, rewarded_only), include, include_embeddings)
+        return self._filtered_search(qv, k, flt, include, include_embeddings)
 
     def _filtered_search(self, qv: np.ndarray, k: int, flt: dict[str, Any] | None, include: list[str],
                          include_embeddings: bool) -> list[SearchHit]:
         """The k rows passing ``flt`` most similar to ``qv``: exact when at most ``EXACT_MAX_ROWS`` rows pass
         (the common case of a small namespace or a narrow filter), else Chroma's filtered query, asked again
         for more candidates if it comes back short."""
-        ids = self._col.get(where=flt, limit=EXACT_MAX_ROWS + 1, include=[])["ids"] if flt is not None else []
-        if flt is not None and len(ids) <= EXACT_MAX_ROWS:
+        # which side of EXACT_MAX_ROWS a filter is on costs a filter pass over every row to find out: once a
+        # filter is known to be wide it goes straight to Chroma's filtered query (until a query comes back short)
+        key = json.dumps(flt, sort_keys=True, default=repr)
+        wide = flt is None or self._wide.get(key, False)
+        ids = [] if wide else self._col.get(where=flt, limit=EXACT_MAX_ROWS + 1, include=[])["ids"]
+        if not wide and len(ids) <= EXACT_MAX_ROWS:
             if not ids:
                 return []
             got = self._col.get(ids=ids, include=["embeddings", "metadatas", "documents"])
@@ -787,8 +886,13 @@ class MemoryStore:
             return [SearchHit(memory=self._from_row(got["ids"][j], got["documents"][j], got["metadatas"][j]),
                               similarity=float(sim[j]), embedding=X[j].copy() if include_embeddings else None)
                     for j in order]
+        if flt is not None:
+            if len(self._wide) > 10_000:
+                self._wide.clear()
+            self._wide[key] = True
         res = self._col.query(query_embeddings=[qv], n_results=k, where=flt, include=include)
-        if len(res["ids"][0]) < k:  # more than k rows pass: the graph search missed some
+        if len(res["ids"][0]) < k:  # more than k rows pass: the graph search missed some (or fewer pass now)
+            self._wide.pop(key, None)
             res = self._col.query(query_embeddings=[qv], n_results=4 * k + 16, where=flt, include=include)
         return self._hits(res, list(range(min(k, len(res["ids"][0])))), include_embeddings)
 

@@ -390,3 +390,49 @@ def test_upsert_within_namespace_refuses_to_move_a_memory(store):
     assert store.get("x").text == "team a's, edited"
     store.add_many([{"id": "x", "text": "moved"}], namespace="b", upsert=True)  # a plain upsert replaces it
     assert store.get("x").namespace == "b"
+
+
+@pytest.mark.parametrize("where,keep", [
+    ({"tool": "search"}, lambda m, r: m["tool"] == "search"),
+    ({"steps": {"$gte": 3}}, lambda m, r: m["steps"] >= 3),
+    ({"$or": [{"tool": "calc"}, {"reward": {"$gte": 0.5}}]}, lambda m, r: m["tool"] == "calc" or (r is not None and r >= 0.5)),
+    ({"steps": {"$in": [0, 5]}, "tool": {"$ne": "calc"}}, lambda m, r: m["steps"] in (0, 5) and m["tool"] != "calc"),
+])
+def test_search_with_a_where_filter_is_exact_and_skips_chromas_filter_when_it_can(tmp_path, where, keep):
+    """A metadata filter is checked in Python on unfiltered candidates (Chroma's filter reads every row) and
+    falls back to Chroma's filtered query when too few pass: the true top-k of the matching rows either way."""
+    rng = np.random.default_rng(7)
+    st = MemoryStore(HashingEmbedder(dim=16), StoreConfig(path=tmp_path / "c"))
+    n = 300
+    vecs = rng.normal(size=(n, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    metas = [{"tool": ["search", "calc", "browse"][i % 3], "steps": int(rng.integers(0, 6))} for i in range(n)]
+    rewards = [None if i % 4 == 0 else float(rng.random()) for i in range(n)]
+    st.add_many([{"id": f"r{i}", "text": f"row {i}", "metadata": metas[i], "reward": rewards[i]} for i in range(n)],
+                embeddings=vecs)
+    filtered = []
+    real = st._col.query
+    st._col.query = lambda **kw: filtered.append(kw.get("where") is not None) or real(**kw)
+    for q in rng.normal(size=(6, 16)).astype(np.float32):
+        ok = [i for i in range(n) if keep(metas[i], rewards[i])]
+        sims = vecs[ok] @ (q / np.linalg.norm(q))
+        want = [f"r{ok[j]}" for j in np.argsort(-sims)[:5]]
+        assert [h.memory.id for h in st.search(q, k=5, where=where)] == want
+    assert filtered and not any(filtered)  # every query ran unfiltered, checked in Python
+
+
+def test_a_filter_known_to_be_wide_skips_the_size_probe_until_it_comes_back_short(tmp_path, embedder):
+    """Finding out whether <= 256 rows pass costs a pass over every row: done once per filter, not per search."""
+    st = MemoryStore(embedder, StoreConfig(path=tmp_path / "probe"))
+    st.add_many([{"id": f"e{i}", "text": f"episode {i}", "metadata": {"tool": "x" if i < 400 else "y"}}
+                 for i in range(4000)])
+    probes = []
+    real = st._col.get
+    st._col.get = lambda **kw: probes.append(kw.get("limit")) or real(**kw)
+    for q in ("episode 1", "episode 2", "episode 3"):  # 10% pass: too few among the top candidates
+        assert len(st.search(q, k=5, where={"tool": "x"})) == 5
+    assert probes.count(257) == 1
+    st.delete([f"e{i}" for i in range(3, 400)])  # the filter is narrow now: 3 rows
+    assert sorted(h.memory.id for h in st.search("episode 1", k=5, where={"tool": "x"})) == ["e0", "e1", "e2"]
+    assert sorted(h.memory.id for h in st.search("episode 2", k=5, where={"tool": "x"})) == ["e0", "e1", "e2"]
+    assert probes.count(257) == 2  # probed again once a query came back short, then exact
