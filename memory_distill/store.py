@@ -1016,9 +1016,12 @@ class MemoryStore:
             X, rewards, created, feats = X[:pos], rewards[:pos], created[:pos], feats[:pos]
         return TrainingData(ids, X, rewards, created, groups, feats, meta)
 
-    def _metadata_pages(self) -> Iterator[list[Mapping[str, Any]]]:
-        """Every row's metadata, a page at a time (no filter: one pass over the collection)."""
-        for page in _pages(self._col, include=["metadatas"], size=self.config.read_page_size):
+    def _metadata_pages(self, where: Mapping[str, Any] | None = None,
+                        size: int | None = None) -> Iterator[list[Mapping[str, Any]]]:
+        """Every row's raw metadata (reserved keys included), a page at a time; with ``where`` (a Chroma filter on
+        stored keys) only the rows passing it, in big pages, as Chroma re-runs a filter for every page."""
+        size = size or (self.config.read_page_size if where is None else max(self.config.read_page_size, 20_000))
+        for page in _pages(self._col, include=["metadatas"], size=size, where=where):
             yield page["metadatas"]
 
     def namespace_counts(self, *, rewarded_only: bool = False) -> dict[str, int]:

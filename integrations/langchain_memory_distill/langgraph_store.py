@@ -126,6 +126,11 @@ def _does_match(cond: MatchCondition, ns: tuple[str, ...]) -> bool:
     return all(p == "*" or a == p for a, p in pairs)
 
 
+def _expired(meta: Any, now: float) -> bool:
+    """Whether an item carrying a TTL has passed its expiry time (items without one never expire)."""
+    return TTL in meta and float(meta.get(EXPIRES, math.inf)) <= now
+
+
 class MemoryDistillStore(BaseStore):
     """LangGraph's long-term memory store interface, backed by a memory_distill :class:`MemoryStore`."""
 
@@ -358,8 +363,7 @@ class MemoryDistillStore(BaseStore):
         if not (self.ttl_config or {}).get("omit_expired", False):
             return mems
         now = time.time()
-        return [m for m in mems if TTL not in m.metadata
-                or float(m.metadata.get(EXPIRES, math.inf)) > now]  # type: ignore[arg-type]
+        return [m for m in mems if not _expired(m.metadata, now)]
 
     def _refresh(self, mems: list[Memory]) -> None:
         """Restart the TTL clock of the items that have one (a read counts as an access)."""
@@ -416,9 +420,12 @@ class MemoryDistillStore(BaseStore):
         return True
 
     def _list_namespaces(self, op: ListNamespacesOp) -> list[tuple[str, ...]]:
-        seen: set[tuple[str, ...]] = set()
-        for page, _ in self.store.iter_memories(namespace=None, where={ITEM: True}):
-            seen.update(tuple(json.loads(str(m.metadata[NS]))) for m in self._live(page))
+        # the items' metadata only (no texts, no Memory objects), each distinct path decoded once
+        omit, now = (self.ttl_config or {}).get("omit_expired", False), time.time()
+        paths: set[str] = set()
+        for metas in self.store._metadata_pages(where={ITEM: True}):
+            paths.update(str(m[NS]) for m in metas if not (omit and _expired(m, now)))
+        seen = {tuple(json.loads(p)) for p in paths}
         spaces = [ns for ns in seen if all(_does_match(c, ns) for c in (op.match_conditions or ()))]
         if op.max_depth is not None:
             spaces = list({ns[: op.max_depth] for ns in spaces})
