@@ -284,8 +284,18 @@ def test_filters_pushed_to_chroma_keep_langgraph_semantics(store) -> None:  # ty
     for st in (ours, ref):
         for key, value in items:
             st.put(("s",), key, value)
+    for key, n in (("e", 1.0), ("f", 0), ("g", False), ("h", 2), ("i", 2.5), ("j", -1)):
+        for st in (ours, ref):
+            st.put(("s",), key, {"text": f"number {n!r}", "n": n})
     for flt in ({"kind": "x"}, {"kind": {"$eq": "x"}}, {"namespace": "prod"}, {"created_at": "2024"},
-                {"kind": ""}, {"n": 1}, {"tags": {"kind": "y"}}, {"kind": "x", "n": {"$eq": 1}}, {"kind": "zzz"}):
+                {"kind": ""}, {"n": 1}, {"tags": {"kind": "y"}}, {"kind": "x", "n": {"$eq": 1}}, {"kind": "zzz"},
+                {"n": True}, {"n": 1.0}, {"n": 0}, {"n": False}, {"n": 2}, {"n": 2.0}, {"n": 2.5}, {"n": -1},
+                {"n": 3}, {"n": 0, "kind": "y"}):
         assert _keys(ours.search(("s",), filter=flt)) == _keys(ref.search(("s",), filter=flt)), flt
         assert {i.key for i in ours.search(("s",), query="one", filter=flt)} == \
             {i.key for i in ref.search(("s",), filter=flt)}, flt
+    read = []
+    real = store.iter_memories
+    store.iter_memories = lambda **kw: (read.append(kw["where"]), real(**kw))[1]
+    assert [k[1] for k in _keys(ours.search(("s",), filter={"n": 2}))] == ["h"]
+    assert read[-1]["$and"] == [{"n": 2}]  # pre-selected in Chroma

@@ -247,16 +247,27 @@ class MemoryDistillStore(BaseStore):
         self.store.add_many([self._memory(op)], upsert=True, keep_created=True)  # an update keeps created_at
 
     def _pushdown(self, flt: dict[str, Any] | None) -> dict[str, Any]:
-        """The part of a LangGraph filter Chroma can pre-select on: equality with a non-empty string on a
-        top-level field (kept as metadata by ``put``). Every candidate is still checked with LangGraph's own
-        semantics; this only narrows what is read (a field named like a store field is left alone)."""
+        """The part of a LangGraph filter Chroma can pre-select on: equality with a non-empty string, a finite
+        number or a bool on a top-level field (kept as metadata by ``put``). LangGraph's ``==`` holds
+        ``True == 1 == 1.0`` where Chroma tells a bool from a number, so a 0/1 or a bool is asked both ways.
+        Every candidate is still checked with LangGraph's own semantics; this only narrows what is read (a field
+        named like a store field is left alone)."""
         out: dict[str, Any] = {}
+        either: list[dict[str, Any]] = []
         for k, v in (flt or {}).items():
             if isinstance(v, dict) and set(v) == {"$eq"}:
                 v = v["$eq"]
-            if (isinstance(v, str) and v and k not in ("text", "reward", "namespace", "created_at", self.reward_key)
-                    and not k.startswith(_RESERVED) and not k.startswith("$")):
+            if k in ("text", "reward", "namespace", "created_at", self.reward_key) or k.startswith(_RESERVED) \
+                    or k.startswith("$"):
+                continue
+            if isinstance(v, str) and v:
                 out[k] = v
+            elif isinstance(v, bool):
+                either.append({"$or": [{k: v}, {k: int(v)}]})
+            elif isinstance(v, int | float) and math.isfinite(v) and abs(v) < 2**63:
+                either.append({"$or": [{k: v}, {k: bool(v)}]} if v in (0, 1) else {k: v})
+        if either:
+            out["$and"] = either
         return out
 
     def _search(self, op: SearchOp) -> list[SearchItem]:
