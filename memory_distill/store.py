@@ -231,6 +231,9 @@ def mmr_select(score: np.ndarray, vectors: np.ndarray, k: int, diversity: float)
 
 
 _FIELDS = {"reward": REWARD, "namespace": NS, "created_at": CREATED}
+USER_KEY = "metadata."
+"""In a ``where``, ``"metadata.<key>"`` is the user metadata key even where it is named like a memory field
+(``{"metadata.namespace": "web"}``: a document's own ``namespace`` key, not the memory's namespace)."""
 
 
 def _where_clauses(where: Mapping[str, Any], path: str) -> list[dict[str, Any]]:
@@ -252,7 +255,7 @@ def _where_clauses(where: Mapping[str, Any], path: str) -> list[dict[str, Any]]:
             continue
         if key.startswith("$"):
             raise StoreError(f"{path}: unsupported operator {key!r} here; use $and/$or or field names")
-        out.append({_FIELDS.get(key, key): value})
+        out.append({key.removeprefix(USER_KEY) if key.startswith(USER_KEY) else _FIELDS.get(key, key): value})
     return out
 
 

@@ -118,3 +118,25 @@ def test_from_texts_and_async(embedder) -> None:  # type: ignore[no-untyped-def]
         return await vs.asimilarity_search("epsilon zeta", k=5)
 
     assert [d.id for d in asyncio.run(go())] == ["e", "a"]
+
+
+def test_filters_on_document_keys_named_like_memory_fields(store) -> None:  # type: ignore[no-untyped-def]
+    """A document's own ``namespace`` / ``created_at`` / ``reward`` keys are filterable; ``reward_key`` is the reward."""
+    vs = MemoryDistillVectorStore(store, reward_key="score")
+    vs.add_documents([
+        Document(page_content="alpha doc", metadata={"namespace": "web", "created_at": "2024", "score": 0.9}),
+        Document(page_content="beta doc", metadata={"namespace": "pdf", "reward": "gold", "score": 0.1}),
+    ])
+
+    def texts(flt):  # type: ignore[no-untyped-def]
+        return sorted(d.page_content for d in vs.similarity_search("doc", k=5, filter=flt))
+
+    assert texts({"namespace": "web"}) == ["alpha doc"]  # the document's key, not the memory namespace
+    assert texts({"created_at": "2024"}) == ["alpha doc"]
+    assert texts({"reward": "gold"}) == ["beta doc"]
+    assert texts({"score": {"$gte": 0.5}}) == ["alpha doc"]  # reward_key: the memory's reward
+    assert texts({"$or": [{"namespace": "pdf"}, {"score": {"$gte": 0.5}}]}) == ["alpha doc", "beta doc"]
+    assert [m.namespace for m in store.get_many([d.id for d in vs.similarity_search("doc", k=2)])] == ["default"] * 2
+    # MemoryStore itself: "metadata.<key>" reaches a user key named like a memory field
+    assert len(store.search("doc", k=5, where={"metadata.namespace": "web"})) == 1
+    assert store.search("doc", k=5, where={"namespace": "web"}) == []

@@ -14,7 +14,9 @@ async. It passes langchain-tests' ``VectorStoreIntegrationTests``.
 * ``similarity_search_with_score`` returns cosine similarity (higher is closer). With a ``predictor`` (or a
   function returning one, e.g. ``mem.try_predictor``) and ``value_weight`` > 0, results are re-ranked by
   ``(1 - value_weight) * similarity + value_weight * predicted value`` and that is the score.
-* ``filter`` is a metadata filter (``{"source": "a.md"}``, ``{"reward": {"$gte": 0.5}}``, ``$and`` / ``$or``).
+* ``filter`` is a metadata filter (``{"source": "a.md"}``, ``{"reward": {"$gte": 0.5}}``, ``$and`` / ``$or``). Its
+  keys are the documents' own metadata keys, even ones named like memory fields (``namespace``,
+  ``created_at``); ``reward_key`` is the reward.
 * ``delete(ids)`` removes those memories of the namespace (missing ids are ignored); ``delete()`` without
   ids refuses rather than emptying the namespace (use ``MemoryStore.delete(namespace=...)``).
 """
@@ -31,7 +33,7 @@ from langchain_core.vectorstores import VectorStore
 
 from memory_distill.embeddings import LangChainEmbedder
 from memory_distill.errors import InvalidMemoryError
-from memory_distill.store import MemoryStore
+from memory_distill.store import USER_KEY, MemoryStore
 from memory_distill.types import Memory, SearchHit
 
 from .embeddings import MemoryDistillEmbeddings
@@ -106,8 +108,26 @@ class MemoryDistillVectorStore(VectorStore):
             meta[self.reward_key] = m.reward
         return Document(id=m.id, page_content=m.text, metadata=meta)
 
+    def _filter(self, flt: Any) -> Any:
+        """A document filter as a store ``where``: ``reward_key`` is the memory's reward, every other key the
+        document's own metadata, even one named like a memory field (``namespace``, ``created_at``)."""
+        if isinstance(flt, dict):
+            out: dict[str, Any] = {}
+            for k, v in flt.items():
+                if k in ("$and", "$or"):
+                    out[k] = [self._filter(c) for c in v] if isinstance(v, list | tuple) else v
+                elif k == self.reward_key:
+                    out["reward"] = v
+                elif k in ("reward", "namespace", "created_at"):
+                    out[USER_KEY + k] = v
+                else:
+                    out[k] = v
+            return out
+        return flt
+
     def _ranked(self, query: str | np.ndarray, k: int, flt: dict[str, Any] | None, *,
                 diversity: float = 0.0, fetch_k: int | None = None) -> list[tuple[Document, float]]:
+        flt = self._filter(flt) if flt else None
         pred = resolve_predictor(self.predictor) if self.value_weight > 0 else None
         if pred is None:
             hits = self.store.search(query, k, namespace=self.namespace, where=flt, diversity=diversity,
