@@ -533,3 +533,25 @@ def test_best_of_n_with_question_scores_candidates_as_recorded_episodes(trained_
     assert store.get(mid).text == episode_text(q, "I guessed it without checking.")
     with pytest.raises(ValueError, match="question= or a scorer template"):
         best_of_n(answers, RewardScorer(pred, template="Q: x\nA: {text}"), question=q)
+
+
+def test_background_grading_backlog_is_bounded_and_never_blocks_writes(store, caplog):
+    """A hung judge holds at most max_unsaved episodes; later ones are stored pending, and written while the
+    judge still hangs (grading and writing run on separate threads)."""
+    import threading
+    import time
+
+    release = threading.Event()
+    mw = MemoryDistillMiddleware(store, recall=False, background=True, max_unsaved=3,
+                                 reward_fn=lambda q, a, m: 1.0 if release.wait(10) else 0.0)
+    agent = create_agent(ScriptedChatModel(responses=[AIMessage(content="Done.")]), [], middleware=[mw])
+    ids = [agent.invoke({"messages": [HumanMessage(f"task {i}")]})["memory_distill_episode_id"] for i in range(4)]
+    assert "await grading" in caplog.text and len(mw.writer._grading) <= 3
+    deadline = time.time() + 10
+    while store.count() < 1 and time.time() < deadline:  # the 4th, ungraded, goes out while the judge hangs
+        time.sleep(0.05)
+    assert [m.id for m in store.get_many(ids)] == [ids[3]] and store.get(ids[3]).reward is None
+    release.set()
+    mw.flush()
+    assert [m.reward for m in store.get_many(ids)] == [1.0, 1.0, 1.0, None]
+    mw.close()

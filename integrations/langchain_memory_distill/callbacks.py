@@ -174,7 +174,7 @@ class EpisodeRecorder(BaseCallbackHandler):
         return self.writer.flush()
 
     def close(self) -> None:
-        """Write what is waiting (:meth:`flush`) and stop the background writer thread, if any."""
+        """Write what is waiting (:meth:`flush`) and stop the background threads, if any."""
         self.writer.close()
 
     def feedback(self, episode_id: str, reward: float) -> None:

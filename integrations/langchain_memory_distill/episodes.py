@@ -34,11 +34,14 @@ class EpisodeWriter:
     the store's error propagates (the episode still waits for a later flush).
 
     ``background=True`` takes the write, and the grading (``write(..., grade=)``: a ``reward_fn``,
-    perhaps an LLM judge), off the caller's path: :meth:`write` returns the id at once and one writer
-    thread grades and writes, in order, batching the episodes that queued up meanwhile. A late
+    perhaps an LLM judge), off the caller's path: :meth:`write` returns the id at once; a grader thread
+    runs the judges in order and a writer thread writes, batching the episodes that queued up meanwhile
+    (a slow judge never holds up the writes of other episodes). A late
     :meth:`set_reward` reaches an episode wherever it is (grading, waiting, in flight) and wins over the
     grader. :meth:`flush` waits for everything queued before it; the queue is also drained when the
-    interpreter exits. Errors of the writer thread are logged (``errors`` applies to :meth:`flush`).
+    interpreter exits. Errors of the writer thread are logged (``errors`` applies to :meth:`flush`). While
+    ``max_unsaved`` episodes already await grading (a slow or hung judge), new ones are stored pending,
+    ungraded (logged), so memory stays bounded and nothing waits behind the judge.
     """
 
     BATCH = 64
@@ -59,9 +62,9 @@ class EpisodeWriter:
         self._grading: dict[str, dict[str, Any]] = {}  # background: episodes whose grade() has not run yet
         self._lock = threading.Lock()  # guards unsaved and _grading (held briefly, never during a write)
         self._write_lock = threading.Lock()  # one store write at a time
-        self._executor: ThreadPoolExecutor | None = None
+        self._pools: dict[str, ThreadPoolExecutor] = {}  # background: "grader" and "writer", one thread each
         self._thread_name = f"memory-distill-writer-{id(self):x}"
-        self._queued = 0  # tasks submitted to the writer thread and not started yet
+        self._queued = 0  # write tasks submitted to the writer thread and not started yet
 
     def grade(self, reward_fn: Callable[[str, str, list[Any]], float | None] | None, question: str, answer: str,
               messages: list[Any]) -> float | None:
@@ -81,10 +84,10 @@ class EpisodeWriter:
 
     def write(self, text: str, reward: float | None, metadata: dict[str, Any], namespace: str, *,
               grade: Callable[[], float | None] | None = None) -> str:
-        """Store one episode (now, or once the store is back; in the writer thread with ``background``);
+        """Store one episode (now, or once the store is back; in the background threads with ``background``);
         returns its id.
 
-        ``grade``: computes the reward when ``reward`` is ``None`` (here, or in the writer thread).
+        ``grade``: computes the reward when ``reward`` is ``None`` (here, or in the grader thread).
         An invalid episode (a metadata value Chroma cannot hold, a reward out of range) raises
         :class:`~memory_distill.InvalidMemoryError` here, whatever ``errors`` says: it is never queued, so
         it cannot hold back the episodes after it."""
@@ -101,14 +104,21 @@ class EpisodeWriter:
             self._set(memory, grade())
             grade = None
         with self._lock:
+            if grade is not None and len(self._grading) >= self.max_unsaved:
+                # the grader is far behind (a slow or hung judge): keep the episode, pending, rather than the queue
+                log.warning("memory_distill: %d episodes await grading (max_unsaved=%d); episode %s is stored "
+                            "pending, without reward_fn", len(self._grading), self.max_unsaved, mid)
+                grade = None
             if grade is None:
                 self._enqueue(memory)
             else:
                 self._grading[mid] = memory
-        if self.background:
-            self._submit(self._graded, mid, grade)
-        else:
+        if not self.background:
             self._try_flush(f"episode {mid} not written yet")
+        elif grade is not None:
+            self._submit_grade(mid, grade)
+        else:
+            self._submit_write()
         return mid
 
     def write_or_drop(self, text: str, metadata: dict[str, Any], namespace: str,
@@ -135,64 +145,82 @@ class EpisodeWriter:
             log.warning("memory_distill: dropped unsaved episode %s (more than max_unsaved=%d waiting)",
                         old, self.max_unsaved)
 
-    # ------------------------------------------------------------------ the writer thread
+    # ------------------------------------------------------------------ the grader and writer threads
 
-    def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
+    def _pool(self, role: str) -> ThreadPoolExecutor:
         with self._lock:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(1, thread_name_prefix=self._thread_name)
+            pool = self._pools.get(role)
+            if pool is None:
+                pool = self._pools[role] = ThreadPoolExecutor(1, thread_name_prefix=f"{self._thread_name}-{role}")
+            return pool
+
+    def _submit_grade(self, mid: str, grade: Callable[[], float | None]) -> None:
+        try:
+            self._pool("grader").submit(self._graded, mid, grade)
+        except RuntimeError:  # the interpreter is shutting down: no new threads, so do it here
+            self._graded(mid, grade)
+
+    def _submit_write(self) -> None:
+        with self._lock:
             self._queued += 1
         try:
-            self._executor.submit(self._run, fn, *args)
-        except RuntimeError:  # the interpreter is shutting down: no new threads, so do it here
-            self._run(fn, *args)
+            self._pool("writer").submit(self._write_task)
+        except RuntimeError:
+            self._write_task()
 
-    def _run(self, fn: Callable[..., Any], *args: Any) -> None:
+    def _graded(self, mid: str, grade: Callable[[], float | None]) -> None:
+        """Grader thread: run the judge, then hand the episode to the writer (a slow judge never holds up
+        the writes of other episodes)."""
+        try:
+            reward = grade()
+        except Exception as e:
+            log.warning("memory_distill: grading episode %s failed (%s: %s); it stays pending", mid,
+                        type(e).__name__, e)
+            reward = None
+        with self._lock:
+            memory = self._grading.pop(mid, None)
+            if memory is None:
+                return
+            if memory["reward"] is None:  # a set_reward() during grading wins
+                try:
+                    self._set(memory, reward)
+                except Exception as e:
+                    log.warning("memory_distill: %s; episode %s stays pending", e, mid)
+            self._enqueue(memory)
+        self._submit_write()
+
+    def _write_task(self) -> None:
+        """Writer thread: write what waits, in one batch; while more write tasks are queued behind this one,
+        leave it to the last of them (unless enough wait already, or the oldest has waited a while)."""
         with self._lock:
             self._queued -= 1
-        fn(*args)
-
-    def _graded(self, mid: str, grade: Callable[[], float | None] | None) -> None:
-        if grade is not None:
-            try:
-                reward = grade()
-            except Exception as e:
-                log.warning("memory_distill: grading episode %s failed (%s: %s); it stays pending", mid,
-                            type(e).__name__, e)
-                reward = None
-            with self._lock:
-                memory = self._grading.pop(mid, None)
-                if memory is not None:
-                    if memory["reward"] is None:  # a set_reward() during grading wins
-                        try:
-                            self._set(memory, reward)
-                        except Exception as e:
-                            log.warning("memory_distill: %s; episode %s stays pending", e, mid)
-                    self._enqueue(memory)
-                # more episodes queued behind this one: let the last of them write the lot in one batch
-                # (unless enough wait already, or the oldest has waited a while)
-                if self._queued and len(self.unsaved) < self.BATCH and time.time() - next(
-                        iter(self.unsaved.values()), {"created_at": time.time()})["created_at"] < self.MAX_DELAY_S:
-                    return
-        self._try_flush(f"episode {mid} not written yet", raising=False)
+            oldest = next(iter(self.unsaved.values()), None)
+            if oldest is None or (self._queued and len(self.unsaved) < self.BATCH
+                                  and time.time() - oldest["created_at"] < self.MAX_DELAY_S):
+                return
+        self._try_flush("episodes not written yet", raising=False)
 
     def _drain(self) -> None:
-        """Wait until the writer thread has run everything submitted so far."""
-        ex = self._executor
-        if ex is not None and not threading.current_thread().name.startswith(self._thread_name):
-            try:
-                ex.submit(lambda: None).result()
-            except RuntimeError:
-                pass
+        """Wait until the grader, then the writer, have run everything submitted so far."""
+        if threading.current_thread().name.startswith(self._thread_name):
+            return
+        for role in ("grader", "writer"):  # graded episodes are handed to the writer before their task ends
+            pool = self._pools.get(role)
+            if pool is not None:
+                try:
+                    pool.submit(lambda: None).result()
+                except RuntimeError:
+                    pass
 
     def close(self) -> None:
-        """Write what is queued (as :meth:`flush`) and stop the writer thread."""
+        """Write what is queued (as :meth:`flush`) and stop the background threads."""
         try:
             self.flush()
         finally:
-            ex, self._executor = self._executor, None
-            if ex is not None:
-                ex.shutdown(wait=True)
+            with self._lock:
+                pools, self._pools = list(self._pools.values()), {}
+            for pool in pools:
+                pool.shutdown(wait=True)
 
     # ------------------------------------------------------------------ flushing
 
@@ -229,7 +257,7 @@ class EpisodeWriter:
         elif grading:
             pass  # written once graded
         elif self.background:
-            self._submit(self._try_flush, f"episode {episode_id} still waiting", False)
+            self._submit_write()
         else:
             self._try_flush(f"episode {episode_id} still waiting")
 

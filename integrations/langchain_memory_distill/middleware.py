@@ -17,9 +17,9 @@ Memory never takes the agent down (``errors="warn"``, the default): when the sto
 :meth:`~MemoryDistillMiddleware.flush`); a ``reward_fn`` that raises leaves the episode pending.
 ``errors="raise"`` propagates every such error instead.
 
-``background=True`` returns the run without waiting for the write or ``reward_fn``: one writer thread
-(:class:`~langchain_memory_distill.episodes.EpisodeWriter`) grades and writes in order; :meth:`flush`
-waits for it, and what is queued is written when the process exits.
+``background=True`` returns the run without waiting for the write or ``reward_fn``: a grader and a writer
+thread (:class:`~langchain_memory_distill.episodes.EpisodeWriter`) do them; :meth:`flush` waits for both,
+and what is queued is written when the process exits.
 
 Every hook has its async twin.
 """
@@ -218,11 +218,11 @@ class MemoryDistillMiddleware(AgentMiddleware):
         """Write the episodes waiting in :attr:`unsaved` in one atomic batch; returns how many this call wrote.
 
         With ``background=True`` it first waits for the episodes recorded before it (graded and written by the
-        writer thread). Raises the store's error when it is still unreachable (they stay waiting)."""
+        background threads). Raises the store's error when it is still unreachable (they stay waiting)."""
         return self.writer.flush()
 
     def close(self) -> None:
-        """Write what is waiting (:meth:`flush`) and stop the background writer thread, if any."""
+        """Write what is waiting (:meth:`flush`) and stop the background threads, if any."""
         self.writer.close()
 
     def after_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
