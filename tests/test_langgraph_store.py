@@ -173,8 +173,8 @@ def test_semantic_search_is_exact_under_a_dominant_and_a_rare_prefix(store, embe
     for prefix, ts in texts.items():
         lg.batch([PutOp(prefix, f"k{i}", {"text": t}) for i, t in enumerate(ts)])
     asked = []
-    real = store.search
-    store.search = lambda q, k, **kw: asked.append(k) or real(q, k, **kw)
+    real = store._col.query
+    store._col.query = lambda **kw: asked.append(kw["n_results"]) or real(**kw)
     for query in ["the agent read the report", "the agent lost the memo", "cited", "filed the report"] * 2:
         qv = embedder.embed([query])[0]
         for prefix, ts in texts.items():

@@ -142,7 +142,6 @@ class MemoryDistillStore(BaseStore):
         self.value_weight = check_value_weight(value_weight)
         self.ttl_config = ttl_config
         self._sweeper: concurrent.futures.Future[None] | None = None
-        self._narrow_ok: dict[tuple[str, ...], bool] = {}  # search: did k + 4 candidates suffice last time?
         self._stop_sweeper = threading.Event()
         self.store = store
         self.predictor = predictor
@@ -296,7 +295,7 @@ class MemoryDistillStore(BaseStore):
             sim = (V @ q) / np.maximum(np.linalg.norm(V, axis=1) * np.linalg.norm(q), 1e-12)
         else:
             pool = end if pred is None else max(4 * end, 20)  # value re-ranks a wider pool
-            hits, unranked = self._nearest(op.query, pool, op.namespace_prefix, where, vectors=pred is not None)
+            hits, unranked = self._nearest(op.query, pool, where, vectors=pred is not None)
             hits = [h for h in hits if self._live([h.memory])]
             unranked = self._live(unranked)
             if not hits:
@@ -323,42 +322,16 @@ class MemoryDistillStore(BaseStore):
             self._refresh([m for m, _ in ranked])
         return [self._item(m, SearchItem, score) for m, score in ranked]
 
-    def _nearest(self, query: str, k: int, prefix: tuple[str, ...], where: dict[str, Any], *,
-                 vectors: bool) -> tuple[list[Any], list[Memory]]:
-        """The k nearest indexed items under ``prefix``, and the ``index=False`` items under it that the same
-        searches saw (all of them whenever fewer than k indexed items exist). Chroma evaluates a ``where``
-        over every row before it searches, so an oversampled unfiltered search is tried first and the prefix
-        checked on its rows; the filtered search runs only when too few of them qualify (as
-        ``MemoryStore.search`` does for namespaces), and it returns the unindexed items too."""
-        q = self.store.embedder.embed([query])[0]
-        n = 4 * k + 16
-
-        def ranked_under(hit: Any) -> bool:
-            m = hit.memory.metadata
-            return (m.get(ITEM) is True and m.get(INDEXED) is True
-                    and all(m.get(_level(i)) == label for i, label in enumerate(prefix)))
-
-        # k + 4 candidates first when the last search under this prefix shows that is enough (reading the
-        # candidates' metadata is most of a query's cost), else 4k + 16
-        if len(self._narrow_ok) > 10_000:  # a prefix per user: keep the memo small
-            self._narrow_ok.clear()
-        for size in ((k + 4, n) if self._narrow_ok.get(prefix, True) else (n,)):
-            hits = self.store.search(q, size, namespace=None, include_embeddings=vectors)
-            self._narrow_ok[prefix] = sum(map(ranked_under, hits[: k + 4])) >= k or len(hits) < k + 4
-            if sum(map(ranked_under, hits)) >= k or len(hits) < size:
-                break
-        under = [h for h in hits if h.memory.metadata.get(ITEM) is True
-                 and all(h.memory.metadata.get(_level(i)) == label for i, label in enumerate(prefix))]
-        if sum(h.memory.metadata.get(INDEXED) is True for h in under) < k and len(hits) == n:
-            under = self.store.search(q, n, namespace=None, where=where, include_embeddings=vectors)
-            if sum(h.memory.metadata.get(INDEXED) is True for h in under) < k and len(under) == n:
-                # unindexed items crowd the prefix: search the indexed ones alone (the unranked are plenty)
-                unranked = [h.memory for h in under if h.memory.metadata.get(INDEXED) is not True]
-                found = self.store.search(q, k, namespace=None, where={**where, INDEXED: True},
-                                          include_embeddings=vectors)
-                return found, unranked
-        found = [h for h in under if h.memory.metadata.get(INDEXED) is True]
-        return found[:k], [h.memory for h in under if h.memory.metadata.get(INDEXED) is not True]
+    def _nearest(self, query: str, k: int, where: dict[str, Any], *, vectors: bool) -> tuple[list[Any], list[Memory]]:
+        """The k nearest indexed items passing ``where`` (the prefix) and, when fewer than k of them are live,
+        every ``index=False`` item under the prefix (they fill a short result, as in LangGraph's stores).
+        ``MemoryStore.search`` checks the prefix on unfiltered candidates first, as Chroma's filter reads every
+        row."""
+        found = self.store.search(query, k, namespace=None, where={**where, INDEXED: True}, include_embeddings=vectors)
+        if len(self._live([h.memory for h in found])) >= k:
+            return found, []
+        return found, [m for page, _ in self.store.iter_memories(namespace=None, where={**where, INDEXED: False})
+                       for m in page]
 
     @staticmethod
     def _value(m: Memory) -> dict[str, Any]:
