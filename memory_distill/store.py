@@ -283,12 +283,10 @@ def _same(a: Any, b: Any) -> bool:  # Chroma's equality: 1 == 1.0, True is not 1
     return a is not _MISSING and _kind(a) == _kind(b) and a == _operand(a, b)
 
 
-def compile_where(flt: Mapping[str, Any] | None) -> Matcher | None:
+def compile_where(flt: Mapping[str, Any]) -> Matcher | None:
     """A Python predicate on a row's metadata that agrees with Chroma's ``where`` (checked against Chroma
     in the tests), or ``None`` for a filter it does not cover (Chroma then evaluates it, and reports
     its errors). ``$ne`` / ``$nin`` match rows without the field, as in Chroma."""
-    if flt is None:
-        return lambda m: True
     if not isinstance(flt, Mapping) or len(flt) != 1:
         return None
     ((key, cond),) = flt.items()
@@ -328,6 +326,13 @@ def compile_where(flt: Mapping[str, Any] | None) -> Matcher | None:
         inside = op == "$in"
         return lambda m: any(_same(m.get(key, _MISSING), a) for a in arg) == inside
     return None
+
+
+def _remember(memo: dict[str, bool], key: str, value: bool) -> None:
+    """Store ``value`` in a per-filter memo, emptied past 10,000 filters (say a namespace per user)."""
+    if len(memo) > 10_000:
+        memo.clear()
+    memo[key] = value
 
 
 def _pages(col: Any, *, include: list[str], size: int, where: Mapping[str, Any] | None = None) -> Iterator[Any]:
@@ -849,7 +854,10 @@ class MemoryStore:
                 raise StoreError(f"query vector has dim {qv.shape[0]}, the store uses {self.embedder.dim}")
         include = ["metadatas", "documents", "distances"] + (["embeddings"] if include_embeddings else [])
         flt = self._where(namespace, where, rewarded_only)
-        match = compile_where(flt) if flt is not None else None
+        if flt is None:
+            return self._filtered_search(qv, k, None, "", include, include_embeddings)
+        key = json.dumps(flt, sort_keys=True, default=repr)  # what the memos below remember per filter
+        match = compile_where(flt)
         if match is not None:
             # Chroma evaluates a `where` filter over every row before searching (about 0.4 s per query at
             # 100k rows), so the filter (namespace, reward, metadata conditions) is checked in Python
@@ -858,25 +866,21 @@ class MemoryStore:
             # otherwise fall through to Chroma's filtered query. Reading candidates' metadata is most of a
             # query's cost, so k + 4 are asked first when the last search with this filter shows that would
             # have been enough, else 4k + 16.
-            key = json.dumps(flt, sort_keys=True, default=repr)
-            if len(self._narrow_ok) > 10_000:  # a namespace per user: keep the memo small
-                self._narrow_ok.clear()
             for n in ((k + 4, 4 * k + 16) if self._narrow_ok.get(key, True) else (4 * k + 16,)):
                 res = self._col.query(query_embeddings=[qv], n_results=n, include=include)
                 keep = [j for j, m in enumerate(res["metadatas"][0]) if match(m or {})]
-                self._narrow_ok[key] = sum(1 for j in keep if j < k + 4) >= k or len(res["ids"][0]) < k + 4
+                _remember(self._narrow_ok, key, sum(1 for j in keep if j < k + 4) >= k or len(res["ids"][0]) < k + 4)
                 if len(keep) >= k or len(res["ids"][0]) < n:
                     return self._hits(res, keep[:k], include_embeddings)
-        return self._filtered_search(qv, k, flt, include, include_embeddings)
+        return self._filtered_search(qv, k, flt, key, include, include_embeddings)
 
-    def _filtered_search(self, qv: np.ndarray, k: int, flt: dict[str, Any] | None, include: list[str],
+    def _filtered_search(self, qv: np.ndarray, k: int, flt: dict[str, Any] | None, key: str, include: list[str],
                          include_embeddings: bool) -> list[SearchHit]:
         """The k rows passing ``flt`` most similar to ``qv``: exact when at most ``EXACT_MAX_ROWS`` rows pass
         (the common case of a small namespace or a narrow filter), else Chroma's filtered query, asked again
         for more candidates if it comes back short."""
         # which side of EXACT_MAX_ROWS a filter is on costs a filter pass over every row to find out: once a
         # filter is known to be wide it goes straight to Chroma's filtered query (until a query comes back short)
-        key = json.dumps(flt, sort_keys=True, default=repr)
         wide = flt is None or self._wide.get(key, False)
         ids = [] if wide else self._col.get(where=flt, limit=EXACT_MAX_ROWS + 1, include=[])["ids"]
         if not wide and len(ids) <= EXACT_MAX_ROWS:
@@ -890,9 +894,7 @@ class MemoryStore:
                               similarity=float(sim[j]), embedding=X[j].copy() if include_embeddings else None)
                     for j in order]
         if flt is not None:
-            if len(self._wide) > 10_000:
-                self._wide.clear()
-            self._wide[key] = True
+            _remember(self._wide, key, True)
         res = self._col.query(query_embeddings=[qv], n_results=k, where=flt, include=include)
         if len(res["ids"][0]) < k:  # more than k rows pass: the graph search missed some (or fewer pass now)
             self._wide.pop(key, None)
@@ -1019,11 +1021,10 @@ class MemoryStore:
             X, rewards, created, feats = X[:pos], rewards[:pos], created[:pos], feats[:pos]
         return TrainingData(ids, X, rewards, created, groups, feats, meta)
 
-    def _metadata_pages(self, where: Mapping[str, Any] | None = None,
-                        size: int | None = None) -> Iterator[list[Mapping[str, Any]]]:
+    def _metadata_pages(self, where: Mapping[str, Any] | None = None) -> Iterator[list[Mapping[str, Any]]]:
         """Every row's raw metadata (reserved keys included), a page at a time; with ``where`` (a Chroma filter on
         stored keys) only the rows passing it, in big pages, as Chroma re-runs a filter for every page."""
-        size = size or (self.config.read_page_size if where is None else max(self.config.read_page_size, 20_000))
+        size = self.config.read_page_size if where is None else max(self.config.read_page_size, 20_000)
         for page in _pages(self._col, include=["metadatas"], size=size, where=where):
             yield page["metadatas"]
 
