@@ -64,10 +64,8 @@ class EpisodeRecorder(BaseCallbackHandler):
         self.errors = errors
         self.namespace = namespace
         self.reward_fn = reward_fn
-        if failure_reward is not None:
-            store._check_reward(failure_reward, "failure_reward")
+        self.metadata = check_episode_settings(store, metadata, namespace, failure_reward)
         self.failure_reward = failure_reward
-        self.metadata = check_episode_settings(metadata, namespace)
         self.episode_ids: list[str] = []
         self._runs: dict[UUID, dict[str, Any]] = {}
         self._parent: dict[UUID, UUID] = {}
@@ -151,13 +149,10 @@ class EpisodeRecorder(BaseCallbackHandler):
         failed = error is not None or n_err > 0 or any(t["error"] for t in run["tools"])
         if error is not None:
             text += f"\nRun failed: {type(error).__name__}: {error}"
-
-        def grade() -> float | None:
-            reward = self.writer.grade(self.reward_fn, run["input"], answer, msgs or []) if error is None else None
-            return self.failure_reward if reward is None and failed else reward
-
         meta = episode_metadata(str(run["input"]), run["model"], self.metadata, source="langchain_callback",
                                 tool_calls=len(run["tools"]), outcome="failed" if failed else "completed")
+        grade = self.writer.grader(self.reward_fn if error is None else None, run["input"], answer, msgs or [],
+                                   failed=failed, failure_reward=self.failure_reward)
         mid = self.writer.write_or_drop(text, meta, self.namespace, grade)
         if mid is not None:
             self.episode_ids.append(mid)

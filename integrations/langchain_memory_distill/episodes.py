@@ -82,6 +82,16 @@ class EpisodeWriter:
             log.warning("memory_distill: reward_fn failed (%s: %s); the episode stays pending", type(e).__name__, e)
             return None
 
+    def grader(self, reward_fn: Callable[[str, str, list[Any]], float | None] | None, question: str, answer: str,
+               messages: list[Any], *, failed: bool, failure_reward: float | None) -> Callable[[], float | None]:
+        """The ``grade`` a recorder passes to :meth:`write`: ``reward_fn``'s reward (:meth:`grade`), or
+        ``failure_reward`` when there is none and the run failed."""
+        def grade() -> float | None:
+            reward = self.grade(reward_fn, question, answer, messages)
+            return failure_reward if reward is None and failed else reward
+
+        return grade
+
     def write(self, text: str, reward: float | None, metadata: dict[str, Any], namespace: str, *,
               grade: Callable[[], float | None] | None = None) -> str:
         """Store one episode (now, or once the store is back; in the background threads with ``background``);
@@ -271,9 +281,13 @@ class EpisodeWriter:
                         what, len(self.unsaved), type(e).__name__, e)
 
 
-def check_episode_settings(metadata: dict[str, Any] | None, namespace: str) -> dict[str, Any]:
-    """A recorder's ``metadata=`` and ``namespace=``, checked once when it is built (a value Chroma cannot hold
-    fails here, naming the key and the fix, not on every episode later); returns a copy of the metadata."""
+def check_episode_settings(store: MemoryStore, metadata: dict[str, Any] | None, namespace: str,
+                           failure_reward: float | None) -> dict[str, Any]:
+    """A recorder's ``metadata=``, ``namespace=`` and ``failure_reward``, checked once when it is built (a value
+    Chroma cannot hold fails here, naming the key and the fix, not on every episode later); returns a copy of
+    the metadata."""
+    if failure_reward is not None:
+        store._check_reward(failure_reward, "failure_reward")
     try:
         coerce_memory({"text": "(settings check)", "metadata": dict(metadata or {}), "namespace": namespace})
     except InvalidMemoryError as e:

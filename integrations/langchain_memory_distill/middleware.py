@@ -92,11 +92,9 @@ class MemoryDistillMiddleware(AgentMiddleware):
         self.namespace = namespace
         self.do_recall, self.do_record = recall, record
         self.reward_fn = reward_fn
-        if failure_reward is not None:
-            store._check_reward(failure_reward, "failure_reward")
+        self.metadata = check_episode_settings(store, metadata, namespace, failure_reward)
         self.failure_reward = failure_reward
         self.handle_tool_errors = handle_tool_errors
-        self.metadata = check_episode_settings(metadata, namespace)
         self.tools = [make_recall_tool(self.retriever)] if expose_recall_tool else []
         self.episode_ids: list[str] = []
         self.errors = errors
@@ -195,14 +193,11 @@ class MemoryDistillMiddleware(AgentMiddleware):
         if not ep["input"]:
             return None
         failed = failed or ep["tool_errors"] > 0
-
-        def grade() -> float | None:
-            reward = self.writer.grade(self.reward_fn, ep["input"], ep["answer"], messages)
-            return self.failure_reward if reward is None and failed else reward
-
         meta = episode_metadata(ep["input"], ep["model"], self.metadata, source="langchain_agent",
                                 tool_calls=ep["tool_calls"], tool_errors=ep["tool_errors"],
                                 outcome="failed" if failed else "completed")
+        grade = self.writer.grader(self.reward_fn, ep["input"], ep["answer"], messages, failed=failed,
+                                   failure_reward=self.failure_reward)
         mid = self.writer.write_or_drop(ep["text"], meta, self.namespace, grade)
         if mid is not None:
             self.episode_ids.append(mid)
