@@ -28,7 +28,9 @@ sys.path.insert(0, str(ROOT))
 from memory_distill.artifacts import ArtifactRegistry  # noqa: E402
 from memory_distill.config import DistillConfig, JobConfig, TeacherConfig  # noqa: E402
 from memory_distill.curriculum import CURRICULA, make_curriculum  # noqa: E402
+from memory_distill.demo_data import synthetic_episodes  # noqa: E402
 from memory_distill.evaluate import compare_teacher_student, spearman  # noqa: E402
+from memory_distill.facade import MemoryDistill  # noqa: E402
 from memory_distill.models import resolve_device  # noqa: E402
 from memory_distill.predictor import Predictor  # noqa: E402
 from memory_distill.rewards import RewardBins  # noqa: E402
@@ -78,6 +80,52 @@ def train(data: TrainingData, device: torch.device, cfg: JobConfig, curriculum: 
             "pair": pair, "bins": bins, "holdout_X": Xh.cpu().numpy()}
 
 
+def job_check(dev: torch.device) -> dict[str, Any]:
+    """The whole job on ``dev`` (store -> text and metadata features -> ranking head -> gate -> publish,
+    then a warm-started second run and a namespace's own model); the published student served on the
+    CPU and on ``dev`` must give the same probabilities and ranking-head advantages."""
+    eps = synthetic_episodes(3000, seed=3)
+    for i, e in enumerate(eps):  # a metadata feature that moves the reward
+        e["metadata"]["agent"] = "careful" if i % 3 else "hasty"
+        e["namespace"] = "ops" if i % 2 else "research"
+        if e["reward"] is not None and i % 3 == 0:
+            e["reward"] = round(e["reward"] * 0.5, 4)
+    cfg = JobConfig(device="cuda" if dev.type == "cuda" else "cpu", metadata_features=("agent",),
+                    teacher=TeacherConfig(epochs=6), distill=DistillConfig(epochs=6))
+    with tempfile.TemporaryDirectory() as d:
+        mem = MemoryDistill.open(d)
+        mem.add_many(eps)
+        t = time.perf_counter()
+        first = mem.consolidate(cfg)
+        second = mem.consolidate(cfg)  # warm start from the CUDA-trained, published models
+        ns = mem.consolidate(cfg, namespace="ops")
+        secs = time.perf_counter() - t
+        texts = [e["text"] for e in eps[:400]]
+        md = [e["metadata"] for e in eps[:400]]
+        ref = mem.predictor_for(None)
+        cpu = Predictor(mem.registry, mem.embedder, device="cpu").predict_batch(texts, metadata=md)
+        on_dev = Predictor(mem.registry, mem.embedder, device=dev.type).predict_batch(texts, metadata=md)
+        ns_cpu = Predictor(mem.registry, mem.embedder, device="cpu", namespace="ops").predict_batch(texts, metadata=md)
+        ns_dev = Predictor(mem.registry, mem.embedder, device=dev.type, namespace="ops").predict_batch(texts, metadata=md)
+        assert cpu.advantage is not None and on_dev.advantage is not None, "no ranking head was published"
+        out: dict[str, Any] = {
+            "seconds_three_runs": secs, "devices": [first.device, second.device, ns.device],
+            "warm_started": second.warm_started, "promoted": [first.promoted, second.promoted, ns.promoted],
+            "features": first.features.to_dict() if first.features else None,
+            "student_spearman": first.evaluation.student.spearman,
+            "holdout_within_spearman": first.ranking.holdout_within_spearman if first.ranking else None,
+            "default_predictor_device": str(ref.device),
+            "max_abs_prob_diff": float(np.abs(cpu.probs - on_dev.probs).max()),
+            "max_abs_advantage_diff": float(np.abs(cpu.advantage - on_dev.advantage).max()),
+            "namespace_max_abs_prob_diff": float(np.abs(ns_cpu.probs - ns_dev.probs).max()),
+        }
+    assert out["devices"] == [str(dev)] * 3 or dev.type == "cpu", out["devices"]
+    assert out["warm_started"], "the second run did not warm-start from the CUDA-trained models"
+    worst = max(float(out[k]) for k in ("max_abs_prob_diff", "max_abs_advantage_diff", "namespace_max_abs_prob_diff"))
+    assert worst < 1e-4, out
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu.json"))
@@ -123,6 +171,10 @@ def main() -> None:
     out["checks"]["artifact_roundtrip"] = {"version": version, "max_abs_prob_diff_cpu": err_cpu, "max_abs_prob_diff_device": err_dev}
     print("artifact", json.dumps(out["checks"]["artifact_roundtrip"]), flush=True)
     assert err_cpu < 1e-4 and err_dev < 1e-4
+
+    # 2b) the whole job with every newer input (text and metadata features, ranking head, warm start, namespace)
+    out["checks"]["job"] = job_check(dev)
+    print("job", json.dumps(out["checks"]["job"]), flush=True)
 
     # 3) timing: the same training (teacher 5 epochs, distil 5 epochs) on the device and on the CPU
     big = make_data(args.n, args.dim)

@@ -956,8 +956,15 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
               f"({g['cpu_threads']} threads), side by side in one run. Every curriculum, adaptive teaching, and a "
               "CUDA-trained artifact served on the CPU (max |prob diff| "
               f"{g['checks']['artifact_roundtrip']['max_abs_prob_diff_cpu']:.1e}) were checked in the same run; "
-              "the whole test suite also passed there with `device='auto'` resolving to CUDA.", "",
-              "| memories | dim | device | seconds | held-out student rho | teacher rho |", "|---|---|---|---|---|---|"]
+              "the whole test suite also passed there with `device='auto'` resolving to CUDA.", ""]
+        if "job" in g["checks"]:
+            j = g["checks"]["job"]
+            L += ["The whole job on the GPU (Chroma store, text and metadata features, ranking head, gate, publish; "
+                  "then a warm-started second run and a namespace's own model), its published students served on the "
+                  f"CPU and on the GPU: max |prob diff| {max(j['max_abs_prob_diff'], j['namespace_max_abs_prob_diff']):.1e}, "
+                  f"max |advantage diff| {j['max_abs_advantage_diff']:.1e}; the three runs trained on "
+                  f"{', '.join(j['devices'])}, promoted {j['promoted']}, the second warm-started: {j['warm_started']}.", ""]
+        L += ["| memories | dim | device | seconds | held-out student rho | teacher rho |", "|---|---|---|---|---|---|"]
         for t in g["timing"]:
             L.append(f"| {t['n']:,} | {t['dim']} | {t['device']} | {t['seconds']:.1f} | {t['student_spearman']:.3f} | "
                      f"{t['teacher_spearman']:.3f} |")
