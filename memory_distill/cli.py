@@ -110,6 +110,9 @@ def _print_report(rep: Any) -> None:
     print(f"rows {rep.n_rows} (rewarded {rep.n_rewarded}; train {rep.n_train}, val {rep.n_val}, "
           f"held-out {rep.n_holdout}, transfer {rep.n_transfer}, skipped {rep.skipped_rows}); "
           f"warm start: {rep.warm_started}; {rep.seconds:.1f}s on {rep.device}")
+    if rep.extra.get("deleted_training_memories"):
+        print(f"{rep.extra['deleted_training_memories']} memories the published model trained on were deleted "
+              "outside forget(): it and every version trained on them are marked stale")
     rows: list[Sequence[Any]] = [("held-out metric", "teacher", "student")]
     for k in ("mae", "spearman", "nll", "calibration_error", "within_3_bins"):
         rows.append((k, _fmt(getattr(ev.teacher, k)), _fmt(getattr(ev.student, k))))

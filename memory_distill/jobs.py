@@ -9,7 +9,8 @@ single-writer lock for the whole run; readers keep serving the published student
 :class:`ConsolidationExecutor` runs it in a background thread (submit -> future);
 :class:`ConsolidationWorker` runs it periodically when N new rewards arrived or T elapsed;
 :class:`NamespaceWorkers` keeps one per namespace (a model per team or user).
-:func:`forget` deletes memories and marks models trained on them stale.
+:func:`forget` deletes memories and marks models trained on them stale; each consolidation also marks stale the
+models trained on memories deleted any other way.
 :func:`drift_report` compares predicted and realised rewards on memories newer than the model.
 """
 
@@ -219,6 +220,18 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
 
     keys = (*cfg.metadata_features, *(k for k in inc_spec.keys if k not in cfg.metadata_features))
     data = store.load_training_data(namespace=cfg.namespace, metadata_keys=keys)
+    n_gone = 0
+    if incumbent is not None and inc_version is not None and inc_version not in stale:
+        # memories deleted without forget() (a vector store or LangGraph store delete, an expired TTL,
+        # another process, raw chromadb): the published model was trained on them, so it is as stale
+        # as forget() would have made it
+        gone = set(registry.train_ids(inc_version)).difference(data.ids)
+        if gone:
+            n_gone = len(gone)
+            hit = registry.mark_stale(gone, f"{n_gone} training memories were deleted outside forget()")
+            log.warning("the published model %s was trained on %d memories no longer in the store; marked stale: %s",
+                        inc_version, n_gone, hit)
+            stale = registry.stale_versions()
     keep, skipped = _clean_rows(data)
     if skipped:
         log.warning("skipping %d rows with non-finite or empty embeddings", skipped)
@@ -315,6 +328,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         skipped_rows=skipped, warm_started=warm, incumbent_version=inc_version, incumbent_metrics=inc_metrics,
         evaluation=evaluation, teacher=t_report, distill=d_report, bins=bins.to_dict(),
         seconds=time.perf_counter() - t0, device=str(device), ranking=trained.ranking, features=spec,
+        extra={"deleted_training_memories": n_gone} if n_gone else {},
     )
 
 

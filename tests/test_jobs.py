@@ -163,6 +163,27 @@ def test_forget_marks_models_stale_and_next_run_retrains_without_them(store, reg
     assert registry.current_version() == r2.version
 
 
+def test_memories_deleted_outside_forget_make_the_model_stale_at_the_next_run(store, registry, episodes):
+    store.add_many(episodes)
+    r1 = run_consolidation(store, registry, fast_job())
+    r2 = run_consolidation(store, registry, fast_job())
+    assert r2.warm_started and registry.stale_versions() == {} and r2.extra == {}
+    published = registry.current_version()
+    # a training memory removed behind the library's back (raw chromadb, as another process would)
+    victim = registry.train_ids(published)[0]
+    store._col.delete(ids=[victim])
+    r3 = run_consolidation(store, registry, fast_job())
+    assert r3.extra == {"deleted_training_memories": 1}
+    trained_on_it = {v for v in (r1.version, r2.version) if victim in registry.train_ids(v)}
+    assert published in trained_on_it and set(registry.stale_versions()) == trained_on_it
+    assert "deleted outside forget()" in registry.stale_versions()[published]
+    assert not r3.warm_started and r3.promoted and "deleted memories" in r3.reason
+    assert victim not in registry.train_ids(r3.version)
+    # nothing missing any more: the next run warm-starts from the clean model
+    r4 = run_consolidation(store, registry, fast_job())
+    assert r4.warm_started and r4.extra == {} and r3.version not in registry.stale_versions()
+
+
 def test_forget_by_namespace(store, registry, episodes):
     store.add_many(episodes)
     # old memories (trained on) and new ones (only in the held-out evaluation slice)

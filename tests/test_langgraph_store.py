@@ -299,3 +299,22 @@ def test_filters_pushed_to_chroma_keep_langgraph_semantics(store) -> None:  # ty
     store.iter_memories = lambda **kw: (read.append(kw["where"]), real(**kw))[1]
     assert [k[1] for k in _keys(ours.search(("s",), filter={"n": 2}))] == ["h"]
     assert read[-1]["$and"] == [{"n": 2}]  # pre-selected in Chroma
+
+
+def test_expired_items_swept_away_make_models_trained_on_them_stale(tmp_path, store) -> None:  # type: ignore[no-untyped-def]
+    mem = MemoryDistill(store, ArtifactRegistry(tmp_path / "models"), fast_job())
+    lg = MemoryDistillStore(store)
+    # the oldest items, so the split trains on them (it holds out the most recent)
+    lg.put(("notes",), "short", {"text": "note short: the agent checked", "reward": 0.9}, ttl=0.001)  # 60 ms
+    lg.put(("notes",), "shorter", {"text": "note shorter: the agent guessed", "reward": 0.1}, ttl=0.001)
+    for i in range(60):
+        lg.put(("notes",), f"k{i}", {"text": f"note {i}: the agent {'checked' if i % 2 else 'guessed'}",
+                                     "reward": 0.9 if i % 2 else 0.1})
+    first = mem.consolidate()
+    gone = {lg.memory_id(("notes",), k) for k in ("short", "shorter")}
+    assert gone <= set(mem.registry.train_ids(first.version))
+    time.sleep(0.1)
+    assert lg.sweep_ttl() == 2
+    second = mem.consolidate()
+    assert mem.registry.stale_versions().keys() == {first.version} and not second.warm_started
+    assert second.extra == {"deleted_training_memories": 2} and second.promoted

@@ -140,3 +140,16 @@ def test_filters_on_document_keys_named_like_memory_fields(store) -> None:  # ty
     # MemoryStore itself: "metadata.<key>" reaches a user key named like a memory field
     assert len(store.search("doc", k=5, where={"metadata.namespace": "web"})) == 1
     assert store.search("doc", k=5, where={"namespace": "web"}) == []
+
+
+def test_a_delete_through_the_vector_store_makes_models_trained_on_it_stale(tmp_path, store) -> None:  # type: ignore[no-untyped-def]
+    mem = MemoryDistill(store, ArtifactRegistry(tmp_path / "models"), fast_job())
+    vs = MemoryDistillVectorStore(store)
+    ids = vs.add_texts([f"episode {i}: the agent {'checked' if i % 2 else 'guessed'} the answer" for i in range(80)],
+                       metadatas=[{"reward": 0.9 if i % 2 else 0.1} for i in range(80)])
+    first = mem.consolidate()
+    trained = [i for i in ids if i in set(mem.registry.train_ids(first.version))]
+    vs.delete(trained[:3])
+    second = mem.consolidate()
+    assert mem.registry.stale_versions().keys() == {first.version}
+    assert second.extra == {"deleted_training_memories": 3} and not second.warm_started and second.promoted
