@@ -165,6 +165,7 @@ def run_consolidation(
     """
     cfg = config or JobConfig()
     registry = registry.scoped(cfg.namespace)
+    first = not registry.exists()
     lk = registry.acquire(lock_timeout)
     started = time.time()
     try:
@@ -172,8 +173,11 @@ def run_consolidation(
     except JobLockedError:
         raise
     except BaseException as e:
-        registry.append_history({"started_at": started, "seconds": time.time() - started, "outcome": "failed",
-                                 "error": f"{type(e).__name__}: {e}"})
+        if first and cfg.namespace is not None and not registry.list_versions():
+            registry._discard_unused()  # a namespace's failed first run (a typo, too few rewards) leaves no registry
+        else:
+            registry.append_history({"started_at": started, "seconds": time.time() - started, "outcome": "failed",
+                                     "error": f"{type(e).__name__}: {e}"})
         lk.release()
         if isinstance(e, MemoryDistillError) and not isinstance(e, ConsolidationError):
             raise ConsolidationError(f"consolidation failed, nothing was published: {e}") from e

@@ -178,3 +178,20 @@ def test_a_facade_configured_for_one_namespace_serves_what_it_trains(mem) -> Non
     assert mem.registry.scoped("team-b").current_version() == rep.version and mem.registry.current_version() is None
     s, g = (p.mean for p in team_b.predict([SEARCH, GUESS]))  # no namespace= needed
     assert g > s + 0.4 and team_b.predictor.registry.namespace == "team-b" and team_b.try_predictor() is not None
+
+
+def test_a_failed_first_run_leaves_no_namespace_registry_behind(mem) -> None:  # type: ignore[no-untyped-def]
+    from memory_distill import ConsolidationError
+    with pytest.raises(ConsolidationError, match="only 0 rewarded memories in namespace 'team-x'.*'team-a', 'team-b'"):
+        mem.consolidate(namespace="team-x")  # a typo
+    mem.add_many([{"text": f"one of few {i}", "reward": 0.5, "namespace": "small"} for i in range(5)])
+    with pytest.raises(ConsolidationError, match="only 5 rewarded memories in namespace 'small'"):
+        mem.consolidate(namespace="small")
+    assert mem.registry.namespaces() == {}
+    assert mem.registry.scoped("team-x").history() == [] and not mem.registry.scoped("small").exists()
+    # the namespace can still get its model, and a later failure of a namespace with models is logged as before
+    mem.add_many([{**e, "namespace": "small"} for e in _episodes("x", 0.9)])
+    assert mem.consolidate(namespace="small").promoted and list(mem.registry.namespaces()) == ["small"]
+    with pytest.raises(ConsolidationError):
+        mem.consolidate(fast_job(min_rewarded=10_000), namespace="small")
+    assert [h["outcome"] for h in mem.registry.scoped("small").history()] == ["promoted", "failed"]
