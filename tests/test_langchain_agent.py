@@ -555,3 +555,58 @@ def test_background_grading_backlog_is_bounded_and_never_blocks_writes(store, ca
     mw.flush()
     assert [m.reward for m in store.get_many(ids)] == [1.0, 1.0, 1.0, None]
     mw.close()
+
+
+def test_background_errors_raise_from_the_next_run_or_flush_with_errors_raise(store):
+    """errors="raise" with background=True: what the threads hit (a failed write, a judge that raised) is raised
+    once, by the next recorded run or flush(); episodes are kept, and a write error is forgotten once writes
+    get through again."""
+    import threading
+
+    from memory_distill import StoreError
+
+    real, tried, down = store.add_many, threading.Event(), [True]
+
+    def outage(*a, **kw):
+        if down[0]:
+            tried.set()
+            raise StoreError("Chroma server at http://127.0.0.1:9 is unreachable")
+        return real(*a, **kw)
+
+    store.add_many = outage
+    model = ScriptedChatModel(responses=[AIMessage(content="Done.")])
+    mw = MemoryDistillMiddleware(store, recall=False, background=True, errors="raise")
+    agent = create_agent(model, [], middleware=[mw])
+    first = agent.invoke({"messages": [HumanMessage("task one")]})["memory_distill_episode_id"]
+    assert tried.wait(10)
+    mw.writer._drain()  # the writer thread has failed and logged it
+    with pytest.raises(StoreError, match="unreachable"):
+        agent.invoke({"messages": [HumanMessage("task two")]})
+    mw.writer._drain()
+    assert len(mw.unsaved) == 2 and first in mw.unsaved  # both kept, the second queued before the raise
+    with pytest.raises(StoreError, match="unreachable"):  # flush says so too, and the caller has now heard
+        mw.flush()
+    down[0] = False
+    third = agent.invoke({"messages": [HumanMessage("task three")]})["memory_distill_episode_id"]  # no stale raise
+    assert mw.flush() == 0 and mw.unsaved == {} and store.get(first) is not None and store.get(third) is not None
+
+    returned = threading.Event()
+
+    def judge(q, a, m):
+        assert returned.wait(10)  # the run has returned: its error can only reach the next call
+        raise ValueError("the judge's API key expired")
+
+    strict = MemoryDistillMiddleware(store, reward_fn=judge, recall=False, background=True, errors="raise")
+    agent = create_agent(model, [], middleware=[strict])
+    pending = agent.invoke({"messages": [HumanMessage("task four")]})["memory_distill_episode_id"]
+    returned.set()
+    with pytest.raises(ValueError, match="API key expired"):
+        strict.flush()
+    assert store.get(pending).reward is None  # written, pending
+    assert strict.flush() == 0  # raised once
+    # errors="warn" (the default) only logs
+    lenient = MemoryDistillMiddleware(store, reward_fn=judge, recall=False, background=True)
+    create_agent(model, [], middleware=[lenient]).invoke({"messages": [HumanMessage("task five")]})
+    assert lenient.flush() == 0
+    for m in (mw, strict, lenient):
+        m.close()

@@ -39,7 +39,9 @@ class EpisodeWriter:
     (a slow judge never holds up the writes of other episodes). A late
     :meth:`set_reward` reaches an episode wherever it is (grading, waiting, in flight) and wins over the
     grader. :meth:`flush` waits for everything queued before it; the queue is also drained when the
-    interpreter exits. Errors of the writer thread are logged (``errors`` applies to :meth:`flush`). While
+    interpreter exits. The threads' errors are logged; with ``errors="raise"`` the first one since the caller
+    last heard of it (a failed write, a judge that raised) is also raised by the next :meth:`write` (after
+    queueing that episode) or :meth:`flush`. A write error is forgotten once a later write gets through. While
     ``max_unsaved`` episodes already await grading (a slow or hung judge), new ones are stored pending,
     ungraded (logged), so memory stays bounded and nothing waits behind the judge.
     """
@@ -65,6 +67,9 @@ class EpisodeWriter:
         self._pools: dict[str, ThreadPoolExecutor] = {}  # background: "grader" and "writer", one thread each
         self._thread_name = f"memory-distill-writer-{id(self):x}"
         self._queued = 0  # write tasks submitted to the writer thread and not started yet
+        # background + errors="raise": the threads' errors, raised by the next write() or flush()
+        self._write_error: Exception | None = None
+        self._grade_error: Exception | None = None
 
     def grade(self, reward_fn: Callable[[str, str, list[Any]], float | None] | None, question: str, answer: str,
               messages: list[Any]) -> float | None:
@@ -129,6 +134,7 @@ class EpisodeWriter:
             self._submit_grade(mid, grade)
         else:
             self._submit_write()
+        self._raise_deferred()
         return mid
 
     def write_or_drop(self, text: str, metadata: dict[str, Any], namespace: str,
@@ -186,6 +192,7 @@ class EpisodeWriter:
         except Exception as e:
             log.warning("memory_distill: grading episode %s failed (%s: %s); it stays pending", mid,
                         type(e).__name__, e)
+            self._defer_grade_error(e)
             reward = None
         with self._lock:
             memory = self._grading.pop(mid, None)
@@ -196,8 +203,27 @@ class EpisodeWriter:
                     self._set(memory, reward)
                 except Exception as e:
                     log.warning("memory_distill: %s; episode %s stays pending", e, mid)
+                    if self.errors == "raise" and self._grade_error is None:
+                        self._grade_error = e
             self._enqueue(memory)
         self._submit_write()
+
+    def _defer_grade_error(self, e: Exception) -> None:
+        if self.errors == "raise":
+            with self._lock:
+                if self._grade_error is None:
+                    self._grade_error = e
+
+    def _raise_deferred(self) -> None:
+        """Raise (once) what the background threads hit since the caller last heard: a judge's error first."""
+        with self._lock:
+            e = self._grade_error or self._write_error
+            if e is self._grade_error:
+                self._grade_error = None
+            else:
+                self._write_error = None
+        if e is not None:
+            raise e
 
     def _write_task(self) -> None:
         """Writer thread: write what waits, in one batch; while more write tasks are queued behind this one,
@@ -236,9 +262,17 @@ class EpisodeWriter:
 
     def flush(self) -> int:
         """Write every waiting episode in one atomic batch; returns how many this call wrote. Raises if the
-        store is still away. With ``background`` it first waits for the episodes queued before it."""
+        store is still away. With ``background`` it first waits for the episodes queued before it, and with
+        ``errors="raise"`` then raises a judge's error the grader thread met since the caller last heard."""
         self._drain()
-        return self._flush_now()
+        try:
+            n = self._flush_now()
+        except Exception:
+            with self._lock:
+                self._write_error = None  # the caller hears of the outage now
+            raise
+        self._raise_deferred()
+        return n
 
     def _flush_now(self) -> int:
         with self._write_lock:
@@ -248,6 +282,7 @@ class EpisodeWriter:
                 return 0
             self.store.add_many(batch, upsert=True)  # upsert: idempotent if an earlier try got through
             with self._lock:
+                self._write_error = None  # writes get through again
                 for m in batch:  # a set_reward() while the batch was in flight keeps that episode waiting
                     cur = self.unsaved.get(m["id"])
                     if cur is not None and (cur["reward"], cur.get("rewarded_at")) == (m["reward"], m.get("rewarded_at")):
@@ -275,8 +310,11 @@ class EpisodeWriter:
         try:
             self._flush_now()
         except Exception as e:
-            if self.errors == "raise" and raising:
-                raise
+            if self.errors == "raise":
+                if raising:
+                    raise
+                with self._lock:  # the writer thread: raised by the next write() or flush()
+                    self._write_error = e
             log.warning("memory_distill: %s, %d waiting (%s: %s); retried with the next episode or flush()",
                         what, len(self.unsaved), type(e).__name__, e)
 
