@@ -259,6 +259,24 @@ def _where_clauses(where: Mapping[str, Any], path: str) -> list[dict[str, Any]]:
     return out
 
 
+WHERE_HELP = ("each field takes a value (str, int, float, bool) or one operator: $eq, $ne, $gt/$gte/$lt/$lte "
+              "(numbers), $in/$nin (a non-empty list of one type); combine conditions with $and / $or")
+
+
+def _check_where(translated: dict[str, Any], where: Mapping[str, Any]) -> None:
+    """Chroma's own check of a filter, up front, as an error that names ``where`` and the fix (Chroma's says
+    "in get." and leaves out what is allowed)."""
+    try:
+        from chromadb.api.types import validate_where
+    except ImportError:  # pragma: no cover - another chromadb layout: Chroma still checks at query time
+        return
+    try:
+        validate_where(translated)
+    except ValueError as e:
+        why = str(e).removesuffix(".").removesuffix(" in get").removesuffix(" in query")
+        raise StoreError(f"where={dict(where)!r} is not a filter Chroma accepts ({why}): {WHERE_HELP}") from None
+
+
 _MISSING = object()
 Matcher = Callable[[Mapping[str, Any]], bool]
 
@@ -569,7 +587,9 @@ class MemoryStore:
         if rewarded_only:
             clauses.append({HAS_REWARD: True})
         if where:
-            clauses.extend(_where_clauses(where, "where"))
+            user = _where_clauses(where, "where")
+            _check_where(user[0] if len(user) == 1 else {"$and": user}, where)
+            clauses.extend(user)
         if not clauses:
             return None
         return clauses[0] if len(clauses) == 1 else {"$and": clauses}

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 __all__ = ["Memory", "MetadataValue", "PredictionBatch", "RewardPrediction", "SearchHit"]
 
@@ -80,6 +80,14 @@ class Memory(BaseModel):
     def _text(cls, v: str) -> str:
         if not v or not v.strip():
             raise ValueError("text is empty: give the episode's content (what was seen/done/answered)")
+        return v
+
+    @field_validator("namespace", "id", mode="before")
+    @classmethod
+    def _label(cls, v: Any, info: ValidationInfo) -> Any:
+        what = "a team, user or project name" if info.field_name == "namespace" else "omit it for a random one"
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"{info.field_name} must be a non-empty string ({what}), got {type(v).__name__} {v!r}")
         return v
 
     @field_validator("reward", mode="before")

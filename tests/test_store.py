@@ -187,6 +187,22 @@ def test_delete_by_id_filter_and_namespace(store):
         store.delete()
 
 
+def test_a_filter_chroma_refuses_is_a_clear_error_everywhere_and_deletes_nothing(store):
+    store.add_many([{"text": f"e{i}", "reward": 0.5, "metadata": {"tool": "search"}} for i in range(4)])
+    cases = {"got \\$regex": {"tool": {"$regex": "se.*"}}, "got None": {"tool": None},
+             "int or a float for operator \\$gt": {"$or": [{"reward": {"$gt": "high"}}, {"tool": "x"}]},
+             "exactly one operator": {"tool": {"$eq": "search", "$ne": "web"}}}
+    for why, bad in cases.items():
+        for call in (lambda w=bad: store.search("e", where=w), lambda w=bad: store.delete(where=w),
+                     lambda w=bad: list(store.iter_memories(where=w))):
+            with pytest.raises(StoreError, match=f"where=.* is not a filter Chroma accepts .*{why}.*one operator: \\$eq"):
+                call()
+    assert store.count() == 4
+    for bad_ns in ("", 3):
+        with pytest.raises(InvalidMemoryError, match="namespace: namespace must be a non-empty string .a team, user"):
+            store.add_many([{"text": "t", "namespace": bad_ns}])
+
+
 def test_stats(store):
     store.add_many([{"text": "a", "reward": 0.2}, {"text": "b", "reward": 0.6}, "c"])
     store.add_many(["d"], namespace="other")
