@@ -21,7 +21,7 @@ _EXPORTS = {
     "MemoryDistillError": "errors", "EmbedderMismatchError": "errors", "EmbeddingError": "errors",
     "InvalidMemoryError": "errors", "StoreError": "errors", "MemoryNotFoundError": "errors",
     "NotEnoughDataError": "errors", "ArtifactError": "errors", "NoModelError": "errors",
-    "ConsolidationError": "errors", "JobLockedError": "errors",
+    "ConsolidationError": "errors", "JobLockedError": "errors", "DeviceError": "errors",
     # building blocks
     "Embedder": "embeddings", "HashingEmbedder": "embeddings", "OpenAIEmbedder": "embeddings",
     "LangChainEmbedder": "embeddings", "LocalEmbedder": "embeddings", "CachedEmbedder": "embeddings",
@@ -80,6 +80,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import (
         ArtifactError,
         ConsolidationError,
+        DeviceError,
         EmbedderMismatchError,
         EmbeddingError,
         InvalidMemoryError,

@@ -45,6 +45,18 @@ def _kv(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
+def _json_filter(text: str) -> dict[str, Any]:
+    """``--where``: a JSON object, checked when the arguments are parsed."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): give an object like '{{\"tool\": \"search\"}}' "
+                                         "(double quotes inside single quotes in a shell)") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"tool\": \"search\"}}', got {text!r}")
+    return value
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     base = Settings()
     upd: dict[str, Any] = {}
@@ -168,7 +180,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .transfer import export_jsonl
 
     mem = _open(args)
-    where = json.loads(args.where) if args.where else None
+    where = args.where
     to_stdout = args.file == "-"
     with tqdm(desc="export", unit="mem", disable=args.quiet or to_stdout) as bar:
         n = export_jsonl(mem.store, sys.stdout if to_stdout else args.file, namespace=args.namespace, where=where,
@@ -186,7 +198,7 @@ def cmd_set_reward(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     mem = _open(args)
-    where = json.loads(args.where) if args.where else None
+    where = args.where
     hits = mem.search(args.query, args.k, namespace=args.namespace, where=where, diversity=args.diversity)
     if args.json:
         print(json.dumps([{"id": h.memory.id, "similarity": h.similarity, "reward": h.memory.reward,
@@ -323,7 +335,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
     mem = _open(args)
     if not (args.ids or args.where or args.namespace or args.older_than is not None):
         raise MemoryDistillError("forget needs --id, --where, --namespace or --older-than")
-    entry = mem.forget(args.ids or None, where=json.loads(args.where) if args.where else None,
+    entry = mem.forget(args.ids or None, where=args.where,
                        namespace=args.namespace, older_than=args.older_than, reason=args.reason or "")
     print(f"deleted {entry['n_deleted']} memories; models marked stale: {entry['stale_versions'] or 'none'}")
     return 0
@@ -472,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("export", help="write memories as JSONL (a backup, or to move them to another store)")
     sp.add_argument("file", help="path (written whole or not at all), or - for standard output")
     sp.add_argument("--namespace")
-    sp.add_argument("--where", help="metadata filter as JSON, e.g. '{\"tool\": \"search\"}'")
+    sp.add_argument("--where", type=_json_filter, help="metadata filter as JSON, e.g. '{\"tool\": \"search\"}'")
     sp.add_argument("--embeddings", action="store_true",
                     help="include the vectors: importing into a store with the same embedder then embeds nothing")
     sp.set_defaults(func=cmd_export)
@@ -486,7 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("query")
     sp.add_argument("-k", type=int, default=5)
     sp.add_argument("--namespace", default="default")
-    sp.add_argument("--where", help='JSON metadata filter, e.g. \'{"tool": "search"}\'')
+    sp.add_argument("--where", type=_json_filter, help='JSON metadata filter, e.g. \'{"tool": "search"}\'')
     sp.add_argument("--diversity", type=float, default=0.0, help="> 0: skip near-copies of results (e.g. 0.5)")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_search)
@@ -528,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("forget", help="delete memories; models trained on them become stale")
     sp.add_argument("--id", dest="ids", action="append")
-    sp.add_argument("--where")
+    sp.add_argument("--where", type=_json_filter, help='JSON metadata filter, e.g. \'{"user": "u42"}\'')
     sp.add_argument("--namespace")
     sp.add_argument("--older-than", type=_duration, help="memories created more than this long ago (e.g. 90d)")
     sp.add_argument("--reason")

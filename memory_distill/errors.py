@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "ArtifactError",
     "ConsolidationError",
+    "DeviceError",
     "EmbedderMismatchError",
     "EmbeddingError",
     "InvalidMemoryError",
@@ -58,6 +59,10 @@ class NoModelError(ArtifactError):
 
 class ConsolidationError(MemoryDistillError):
     """A consolidation job failed; nothing was published."""
+
+
+class DeviceError(MemoryDistillError, RuntimeError):
+    """The configured device is not there (``device="cuda"`` on a machine or torch build without a GPU)."""
 
 
 class JobLockedError(MemoryDistillError):

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .config import DistillConfig, TeacherConfig
+from .errors import DeviceError
 
 __all__ = ["ModelInputs", "RewardMLP", "model_inputs", "build_student", "build_teacher", "compression_ratio", "effective_batch_size", "param_count", "resolve_device"]
 
@@ -241,5 +242,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was asked for but torch sees no GPU: use device='auto' or 'cpu'")
+        raise DeviceError(f"device='cuda' was asked for but torch {torch.__version__} sees no GPU: use device='auto' "
+                          "or 'cpu' (JobConfig.device, --device, MEMORY_DISTILL_JOB__DEVICE)")
     return torch.device(name)

@@ -125,3 +125,35 @@ def test_demo_is_reproducible(tmp_path, monkeypatch, capsys):
                      if ln.startswith(("rows ", "spearman", "mae", "best-of-n"))])
     assert len(outs[0]) == 4 and "best-of-n ranking head" in outs[0][-1]
     assert outs[0] == outs[1]
+
+
+def test_bad_arguments_are_clear_errors_not_tracebacks(home, capsys):
+    run(capsys, "add", "the agent searched the web", "--reward", "0.9", "-m", "tool=search")
+    for args in (("search", "web", "--where", "{tool: search}"), ("forget", "--where", "{bad"),
+                 ("search", "web", "--where", "[1]")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["-q", *args])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "argument --where:" in err and '\'{"tool": "search"}\'' in err, err
+    code, _, err = run(capsys, "search", "web", "--where", '{"tool": {"$regex": "se"}}')
+    assert code == 2 and "is not a filter Chroma accepts" in err and "Traceback" not in err
+    code, out, _ = run(capsys, "search", "web", "--where", '{"tool": "search"}', "--json")
+    assert code == 0 and len(json.loads(out)) == 1
+
+
+def test_cuda_without_a_gpu_is_a_clear_error(home, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: device='cuda' works here")
+    from memory_distill import ArtifactRegistry, DeviceError, Predictor
+    from memory_distill.models import resolve_device
+
+    with pytest.raises(DeviceError, match="device='cuda' was asked for but torch .* sees no GPU: use device='auto'"):
+        resolve_device("cuda")
+    assert issubclass(DeviceError, RuntimeError)  # what it raised before
+    run(capsys, "demo", "--n", "200", "--epochs", "2")
+    code, _, err = run(capsys, "consolidate", "--device", "cuda")
+    assert code == 2 and "consolidation failed, nothing was published: device='cuda'" in err and "--device" in err
+    with pytest.raises(DeviceError):
+        Predictor(ArtifactRegistry(home / "artifacts"), device="cuda")

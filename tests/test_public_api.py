@@ -5,7 +5,7 @@ import memory_distill
 
 EXPECTED = {
     "ArtifactError", "ArtifactRegistry", "BinsConfig", "CachedEmbedder", "ConsolidationError", "FeatureSpec",
-    "ConsolidationExecutor", "ConsolidationReport", "ConsolidationWorker", "DistillConfig", "Embedder",
+    "ConsolidationExecutor", "ConsolidationReport", "ConsolidationWorker", "DeviceError", "DistillConfig", "Embedder",
     "EmbedderConfig", "EmbedderMismatchError", "EmbeddingError", "GateConfig", "HashingEmbedder",
     "InvalidMemoryError", "JobConfig", "JobLockedError", "LangChainEmbedder", "LocalEmbedder", "Memory",
     "MemoryDistill", "MemoryDistillError", "MemoryNotFoundError", "MemoryStore", "ModelDistillation",
