@@ -19,6 +19,7 @@ written, and a failure part-way through a chunked write removes (or restores) wh
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -263,12 +264,20 @@ WHERE_HELP = ("each field takes a value (str, int, float, bool) or one operator:
               "(numbers), $in/$nin (a non-empty list of one type); combine conditions with $and / $or")
 
 
-def _check_where(translated: dict[str, Any], where: Mapping[str, Any]) -> None:
-    """Chroma's own check of a filter, up front, as an error that names ``where`` and the fix (Chroma's says
-    "in get." and leaves out what is allowed)."""
+@functools.cache
+def _chroma_validate_where() -> Callable[[Any], None] | None:
     try:
         from chromadb.api.types import validate_where
     except ImportError:  # pragma: no cover - another chromadb layout: Chroma still checks at query time
+        return None
+    return validate_where  # type: ignore[no-any-return]
+
+
+def _check_where(translated: dict[str, Any], where: Mapping[str, Any]) -> None:
+    """Chroma's own check of a filter, up front, as an error that names ``where`` and the fix (Chroma's says
+    "in get." and leaves out what is allowed)."""
+    validate_where = _chroma_validate_where()
+    if validate_where is None:  # pragma: no cover
         return
     try:
         validate_where(translated)
