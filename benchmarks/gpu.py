@@ -126,6 +126,45 @@ def job_check(dev: torch.device) -> dict[str, Any]:
     return out
 
 
+def e2e(n: int, dim: int, dev: torch.device) -> dict[str, Any]:
+    """The whole consolidation job from a Chroma store of ``n`` memories (read in pages, teacher 5 epochs, distil
+    5 epochs, evaluation, gate, publish) on ``dev`` and on this machine's CPU, side by side on the same store."""
+    from memory_distill import HashingEmbedder, MemoryStore, StoreConfig, run_consolidation
+    from memory_distill.config import GateConfig
+
+    rng = np.random.default_rng(1)
+    w = rng.normal(size=dim).astype(np.float32)
+    out: dict[str, Any] = {"n": n, "dim": dim, "runs": []}
+    with tempfile.TemporaryDirectory() as d:
+        st = MemoryStore(HashingEmbedder(dim=dim), StoreConfig(path=Path(d) / "chroma"))
+        t = time.perf_counter()
+        for s in range(0, n, 50_000):
+            m = min(50_000, n - s)
+            X = rng.normal(size=(m, dim)).astype(np.float32)
+            X /= np.linalg.norm(X, axis=1, keepdims=True)
+            r = 1 / (1 + np.exp(-(X @ w) * 3))
+            st.add_many([{"id": f"m{s + i}", "text": f"e{s + i}", "reward": float(r[i]), "created_at": float(s + i)}
+                         for i in range(m)], embeddings=X)
+        out["ingest_s"] = time.perf_counter() - t
+        print("e2e ingest", out["ingest_s"], flush=True)
+        for device in ([dev.type, "cpu"] if dev.type == "cuda" else ["cpu"]):
+            cfg = JobConfig(device="cuda" if device == "cuda" else "cpu", teacher=TeacherConfig(epochs=5, patience=100),
+                            distill=DistillConfig(epochs=5, patience=100), gate=GateConfig(holdout_fraction=0.1))
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            with tempfile.TemporaryDirectory() as reg:
+                t = time.perf_counter()
+                rep = run_consolidation(st, ArtifactRegistry(reg), cfg)
+                secs = time.perf_counter() - t
+            row = {"device": rep.device, "seconds": secs, "student_spearman": rep.evaluation.student.spearman,
+                   "teacher_spearman": rep.evaluation.teacher.spearman, "promoted": rep.promoted, "phases": rep.phases}
+            if device == "cuda":
+                row["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            out["runs"].append(row)
+            print("e2e", json.dumps(row), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "gpu.json"))
@@ -133,10 +172,20 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=1536)
     ap.add_argument("--check-n", type=int, default=20_000, help="rows for the per-curriculum checks")
     ap.add_argument("--cpu-threads", type=int, default=0, help="0: torch default")
+    ap.add_argument("--e2e", type=int, default=0, metavar="N",
+                    help="only time the whole job from a Chroma store of N memories (dim 384), GPU and CPU, and "
+                         "add it to --out as 'e2e' (the other sections there are kept)")
     args = ap.parse_args()
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
     dev = resolve_device("auto")
+    if args.e2e:
+        path = Path(args.out)
+        kept = json.loads(path.read_text()) if path.exists() else {}
+        kept["e2e"] = {**e2e(args.e2e, 384, dev), "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
+                       "cpu_threads": torch.get_num_threads()}
+        path.write_text(json.dumps(kept, indent=1))
+        return
     out: dict[str, Any] = {"torch": torch.__version__, "device": str(dev),
                            "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None,
                            "cpu_threads": torch.get_num_threads(), "checks": {}, "timing": []}

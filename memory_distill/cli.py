@@ -121,7 +121,8 @@ def _print_report(rep: Any) -> None:
     print(f"\nversion {rep.version}: {'PROMOTED' if rep.promoted else 'REJECTED'} - {rep.reason}")
     print(f"rows {rep.n_rows} (rewarded {rep.n_rewarded}; train {rep.n_train}, val {rep.n_val}, "
           f"held-out {rep.n_holdout}, transfer {rep.n_transfer}, skipped {rep.skipped_rows}); "
-          f"warm start: {rep.warm_started}; {rep.seconds:.1f}s on {rep.device}")
+          f"warm start: {rep.warm_started}; {rep.seconds:.1f}s on {rep.device} "
+          f"({', '.join(f'{k} {v:.1f}s' for k, v in rep.phases.items())})")
     if rep.extra.get("deleted_training_memories"):
         print(f"{rep.extra['deleted_training_memories']} memories the published model trained on were deleted "
               "outside forget(): it and every version trained on them are marked stale")

@@ -96,6 +96,9 @@ class ConsolidationReport:
     """The within-group ranking head for best-of-n (attached or why not; :mod:`memory_distill.ranking`)."""
     features: FeatureSpec | None = None
     """The feature columns the models read next to the embedding (text statistics, metadata values)."""
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds per phase: ``read`` (the published model and the store's rows), ``train`` (teacher and student;
+    their own reports split it), ``evaluate`` (held-out metrics, gate, ranking check), ``publish``."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -269,10 +272,12 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
     bins = incumbent.bins if warm and incumbent else RewardBins.fit(data.rewards[data.rewarded], cfg.bins)
 
     init = (incumbent.teacher, incumbent.student) if warm and incumbent is not None and incumbent.teacher is not None else None
+    t_read = time.perf_counter()
     trained = train_pair(data, split, bins, cfg, device=device, generator=gen, curriculum=curriculum,
                          init=init, progress=progress)
     teacher, student, t_report, d_report = trained.teacher, trained.student, trained.teacher_report, trained.distill_report
     X_all = trained.X
+    t_train = time.perf_counter()
 
     def rows(idx: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(idx).to(X_all.device)
@@ -303,6 +308,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         trained.ranking.holdout_within_spearman = within_group_spearman(adv, r, g)[0]
         trained.ranking.holdout_within_spearman_mean = within_group_spearman(mean, r, g)[0]
 
+    t_eval = time.perf_counter()
     train_ids = [data.ids[i] for i in np.concatenate([split.train, split.val, split.transfer])]
     manifest = {
         "status": "promoted" if promote else "rejected",
@@ -326,12 +332,14 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         "distill_report": asdict(d_report),
     }
     version = registry.publish(teacher, student, manifest, promote=promote, train_ids=train_ids)
+    t_end = time.perf_counter()
     return ConsolidationReport(
         version=version, promoted=promote, reason=reason, n_rows=len(data), n_rewarded=n_rewarded,
         n_train=len(split.train), n_val=len(split.val), n_holdout=len(split.holdout), n_transfer=len(split.transfer),
         skipped_rows=skipped, warm_started=warm, incumbent_version=inc_version, incumbent_metrics=inc_metrics,
         evaluation=evaluation, teacher=t_report, distill=d_report, bins=bins.to_dict(),
-        seconds=time.perf_counter() - t0, device=str(device), ranking=trained.ranking, features=spec,
+        seconds=t_end - t0, device=str(device), ranking=trained.ranking, features=spec,
+        phases={"read": t_read - t0, "train": t_train - t_read, "evaluate": t_eval - t_train, "publish": t_end - t_eval},
         extra={"deleted_training_memories": n_gone} if n_gone else {},
     )
 

@@ -43,6 +43,10 @@ def test_second_run_warm_starts_and_history_records_both(store, registry, episod
     hist = registry.history()
     assert [h["outcome"] for h in hist] == ["promoted", "promoted"]
     assert hist[1]["incumbent"] == r1.version and hist[1]["seconds"] > 0
+    # where the time went: the phases add up to the run, and training holds the teacher's and student's own time
+    assert list(r2.phases) == ["read", "train", "evaluate", "publish"] and min(r2.phases.values()) > 0
+    assert sum(r2.phases.values()) == pytest.approx(r2.seconds, rel=1e-6)
+    assert r2.phases["train"] >= r2.teacher.seconds + r2.distill.seconds
 
 
 def test_gate_rejects_a_worse_candidate(store, registry, episodes):
