@@ -971,6 +971,25 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         if "speedup" in g:
             L += ["", f"GPU speed-up over that CPU: **{g['speedup']:.1f}x**. Student inference on the GPU (torch module): "
                   + ", ".join(f"{float(v):,.0f} rows/s at batch {k}" for k, v in g["inference_rows_per_s"].items()) + "."]
+        if "e2e" in g:
+            e = g["e2e"]
+            L += ["", f"The whole job from a Chroma store of {e['n']:,} memories (dim {e['dim']}; `python benchmarks/gpu.py "
+                  f"--e2e {e['n']}`): the same store consolidated on the GPU and on the CPU ({e['cpu_threads']} threads), "
+                  "with `ConsolidationReport.phases`:", "",
+                  "| device | seconds | read | train | evaluate | publish | held-out student rho | peak GPU memory (MB) |",
+                  "|---|---|---|---|---|---|---|---|"]
+            for r in e["runs"]:
+                ph = r["phases"]
+                L.append(f"| {r['device']} | {r['seconds']:.1f} | {ph['read']:.1f} | {ph['train']:.1f} | {ph['evaluate']:.2f} | "
+                         f"{ph['publish']:.2f} | {r['student_spearman']:.3f} | "
+                         + (f"{r['peak_gpu_mb']:,.0f}" if "peak_gpu_mb" in r else "") + " |")
+            if len(e["runs"]) == 2:
+                gpu_run, cpu_run = e["runs"]
+                L += ["", f"End to end the GPU is {cpu_run['seconds'] / gpu_run['seconds']:.1f}x faster, training alone "
+                      f"{cpu_run['phases']['train'] / gpu_run['phases']['train']:.1f}x (less than at dim 1536 above, "
+                      "likely because 256-row minibatches of these small models give the GPU little work per step), "
+                      f"and reading the rows out of Chroma ({gpu_run['phases']['read']:.1f} s) takes "
+                      f"{gpu_run['phases']['read'] / gpu_run['seconds']:.0%} of the GPU run."]
         L.append("")
     if res.get("quality"):
         L += ["## Quality on real episodes (../shared/data; held-out groups; several seeds)", "",
