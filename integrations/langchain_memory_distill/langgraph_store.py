@@ -27,7 +27,8 @@ TTLs work as in LangGraph's other stores: ``put(..., ttl=minutes)`` (or ``TTLCon
 an expiry, reads refresh it (``refresh_ttl``; ``TTLConfig.refresh_on_read``, default on),
 ``sweep_ttl()`` deletes expired items and ``start_ttl_sweeper()`` / ``stop_ttl_sweeper()`` run that in a
 background thread every ``sweep_interval_minutes``. Expired items not yet swept are still returned
-unless ``TTLConfig.omit_expired`` is set. An item without a TTL never expires.
+unless ``TTLConfig.omit_expired`` is set. An item without a TTL never expires. A model trained on an item
+that is later deleted or swept away is marked stale by the next consolidation, as ``forget`` would.
 """
 
 from __future__ import annotations
