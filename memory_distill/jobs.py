@@ -191,7 +191,7 @@ def run_consolidation(
         "skipped_rows": report.skipped_rows, "warm_started": report.warm_started,
         "incumbent": report.incumbent_version, "student": report.evaluation.student.to_dict(),
         "teacher": report.evaluation.teacher.to_dict(), "kl": report.evaluation.kl_divergence,
-        "curriculum": report.distill.curriculum,
+        "curriculum": report.distill.curriculum, "device": report.device, "phases": report.phases,
     })
     lk.release()
     return report

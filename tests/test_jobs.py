@@ -47,6 +47,7 @@ def test_second_run_warm_starts_and_history_records_both(store, registry, episod
     assert list(r2.phases) == ["read", "train", "evaluate", "publish"] and min(r2.phases.values()) > 0
     assert sum(r2.phases.values()) == pytest.approx(r2.seconds, rel=1e-6)
     assert r2.phases["train"] >= r2.teacher.seconds + r2.distill.seconds
+    assert hist[1]["phases"] == r2.phases and hist[1]["device"] == r2.device
 
 
 def test_gate_rejects_a_worse_candidate(store, registry, episodes):
