@@ -168,17 +168,19 @@ class ArtifactRegistry:
         """Whether anything was ever written here (a namespace's registry appears with its first run)."""
         return (self.root / ("NAMESPACE" if self.namespace is not None else "versions")).exists()
 
-    def _discard_unused(self) -> None:
+    def _discard_unused(self) -> bool:
         """Undo :meth:`_ensure` for a namespace's registry that never held a version (its first run failed),
-        so the namespace is not listed as having models. The lock file stays: another process may wait on it."""
+        so the namespace is not listed as having models; whether it did. The lock file stays: another process
+        may wait on it."""
         if self.namespace is None or self.list_versions():
-            return
+            return False
         for name in ("NAMESPACE", ".lock.owner"):
             (self.root / name).unlink(missing_ok=True)
         try:
             self.versions_dir.rmdir()
         except OSError:
             pass
+        return True
 
     def lock(self, timeout: float = -1) -> FileLock:
         """The single-writer lock (``timeout=0``: fail at once if held; -1: wait)."""

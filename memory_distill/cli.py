@@ -181,10 +181,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .transfer import export_jsonl
 
     mem = _open(args)
-    where = args.where
     to_stdout = args.file == "-"
     with tqdm(desc="export", unit="mem", disable=args.quiet or to_stdout) as bar:
-        n = export_jsonl(mem.store, sys.stdout if to_stdout else args.file, namespace=args.namespace, where=where,
+        n = export_jsonl(mem.store, sys.stdout if to_stdout else args.file, namespace=args.namespace, where=args.where,
                          embeddings=args.embeddings, progress=lambda done: bar.update(done - bar.n))
     if not to_stdout:
         print(f"exported {n} memories to {args.file}" + (" with their vectors" if args.embeddings else ""))
@@ -199,8 +198,7 @@ def cmd_set_reward(args: argparse.Namespace) -> int:
 
 def cmd_search(args: argparse.Namespace) -> int:
     mem = _open(args)
-    where = args.where
-    hits = mem.search(args.query, args.k, namespace=args.namespace, where=where, diversity=args.diversity)
+    hits = mem.search(args.query, args.k, namespace=args.namespace, where=args.where, diversity=args.diversity)
     if args.json:
         print(json.dumps([{"id": h.memory.id, "similarity": h.similarity, "reward": h.memory.reward,
                            "text": h.memory.text, "metadata": h.memory.metadata} for h in hits], indent=2))

@@ -176,9 +176,8 @@ def run_consolidation(
     except JobLockedError:
         raise
     except BaseException as e:
-        if first and cfg.namespace is not None and not registry.list_versions():
-            registry._discard_unused()  # a namespace's failed first run (a typo, too few rewards) leaves no registry
-        else:
+        # a namespace's failed first run (a typo, too few rewards) leaves no registry behind
+        if not (first and registry._discard_unused()):
             registry.append_history({"started_at": started, "seconds": time.time() - started, "outcome": "failed",
                                      "error": f"{type(e).__name__}: {e}"})
         lk.release()

@@ -187,43 +187,38 @@ class EpisodeWriter:
     def _graded(self, mid: str, grade: Callable[[], float | None]) -> None:
         """Grader thread: run the judge, then hand the episode to the writer (a slow judge never holds up
         the writes of other episodes)."""
+        error: Exception | None = None
         try:
             reward = grade()
         except Exception as e:
             log.warning("memory_distill: grading episode %s failed (%s: %s); it stays pending", mid,
                         type(e).__name__, e)
-            self._defer_grade_error(e)
-            reward = None
+            error, reward = e, None
         with self._lock:
             memory = self._grading.pop(mid, None)
-            if memory is None:
-                return
-            if memory["reward"] is None:  # a set_reward() during grading wins
+            if memory is not None and memory["reward"] is None:  # a set_reward() during grading wins
                 try:
                     self._set(memory, reward)
                 except Exception as e:
                     log.warning("memory_distill: %s; episode %s stays pending", e, mid)
-                    if self.errors == "raise" and self._grade_error is None:
-                        self._grade_error = e
+                    error = error or e
+            if error is not None and self.errors == "raise" and self._grade_error is None:
+                self._grade_error = error  # raised by the next write() or flush()
+            if memory is None:
+                return
             self._enqueue(memory)
         self._submit_write()
 
-    def _defer_grade_error(self, e: Exception) -> None:
-        if self.errors == "raise":
-            with self._lock:
-                if self._grade_error is None:
-                    self._grade_error = e
-
     def _raise_deferred(self) -> None:
         """Raise (once) what the background threads hit since the caller last heard: a judge's error first."""
+        error: Exception | None
         with self._lock:
-            e = self._grade_error or self._write_error
-            if e is self._grade_error:
-                self._grade_error = None
+            if self._grade_error is not None:
+                error, self._grade_error = self._grade_error, None
             else:
-                self._write_error = None
-        if e is not None:
-            raise e
+                error, self._write_error = self._write_error, None
+        if error is not None:
+            raise error
 
     def _write_task(self) -> None:
         """Writer thread: write what waits, in one batch; while more write tasks are queued behind this one,
