@@ -559,8 +559,8 @@ def test_background_grading_backlog_is_bounded_and_never_blocks_writes(store, ca
 
 def test_background_errors_raise_from_the_next_run_or_flush_with_errors_raise(store):
     """errors="raise" with background=True: what the threads hit (a failed write, a judge that raised) is raised
-    once, by the next recorded run or flush(); episodes are kept, and a write error is forgotten once writes
-    get through again."""
+    once, by the next recorded run or flush(); episodes are kept (the error carries the queued run's
+    episode_id), and a write error is forgotten once writes get through again."""
     import threading
 
     from memory_distill import StoreError
@@ -580,15 +580,27 @@ def test_background_errors_raise_from_the_next_run_or_flush_with_errors_raise(st
     first = agent.invoke({"messages": [HumanMessage("task one")]})["memory_distill_episode_id"]
     assert tried.wait(10)
     mw.writer._drain()  # the writer thread has failed and logged it
-    with pytest.raises(StoreError, match="unreachable"):
+    with pytest.raises(StoreError, match="unreachable") as raised:
         agent.invoke({"messages": [HumanMessage("task two")]})
     mw.writer._drain()
-    assert len(mw.unsaved) == 2 and first in mw.unsaved  # both kept, the second queued before the raise
+    second = raised.value.episode_id  # the run's episode was queued before the raise: the error carries its id
+    assert len(mw.unsaved) == 2 and list(mw.unsaved) == [first, second]  # both kept
+    assert mw.episode_ids == [first, second] and mw.unsaved[second]["text"].startswith("User: task two")
+    mw.feedback(second, 0.7)  # a late reward reaches it by that id
     with pytest.raises(StoreError, match="unreachable"):  # flush says so too, and the caller has now heard
         mw.flush()
     down[0] = False
     third = agent.invoke({"messages": [HumanMessage("task three")]})["memory_distill_episode_id"]  # no stale raise
     assert mw.flush() == 0 and mw.unsaved == {} and store.get(first) is not None and store.get(third) is not None
+    assert store.get(second).reward == 0.7
+    # without background the write fails on the caller's path: the same id on the error, the episode kept
+    down[0] = True
+    sync = MemoryDistillMiddleware(store, recall=False, errors="raise")
+    with pytest.raises(StoreError, match="unreachable") as raised:
+        create_agent(model, [], middleware=[sync]).invoke({"messages": [HumanMessage("task six")]})
+    assert list(sync.unsaved) == sync.episode_ids == [raised.value.episode_id]
+    down[0] = False
+    assert sync.flush() == 1 and store.get(raised.value.episode_id).text.startswith("User: task six")
 
     returned = threading.Event()
 
@@ -608,5 +620,5 @@ def test_background_errors_raise_from_the_next_run_or_flush_with_errors_raise(st
     lenient = MemoryDistillMiddleware(store, reward_fn=judge, recall=False, background=True)
     create_agent(model, [], middleware=[lenient]).invoke({"messages": [HumanMessage("task five")]})
     assert lenient.flush() == 0
-    for m in (mw, strict, lenient):
+    for m in (mw, strict, lenient, sync):
         m.close()

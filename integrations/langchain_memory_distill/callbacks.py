@@ -153,7 +153,12 @@ class EpisodeRecorder(BaseCallbackHandler):
                                 tool_calls=len(run["tools"]), outcome="failed" if failed else "completed")
         grade = self.writer.grader(self.reward_fn if error is None else None, run["input"], answer, msgs or [],
                                    failed=failed, failure_reward=self.failure_reward)
-        mid = self.writer.write_or_drop(text, meta, self.namespace, grade)
+        try:
+            mid = self.writer.write_or_drop(text, meta, self.namespace, grade)
+        except Exception as e:
+            if getattr(e, "episode_id", None):  # errors="raise" after the episode was queued: it is kept
+                self.episode_ids.append(e.episode_id)  # type: ignore[attr-defined]
+            raise
         if mid is not None:
             self.episode_ids.append(mid)
 

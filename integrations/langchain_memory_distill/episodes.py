@@ -105,7 +105,9 @@ class EpisodeWriter:
         ``grade``: computes the reward when ``reward`` is ``None`` (here, or in the grader thread).
         An invalid episode (a metadata value Chroma cannot hold, a reward out of range) raises
         :class:`~memory_distill.InvalidMemoryError` here, whatever ``errors`` says: it is never queued, so
-        it cannot hold back the episodes after it."""
+        it cannot hold back the episodes after it. An error raised after the episode was queued (``errors="raise"``:
+        the store is away, or a background thread's earlier error) carries the episode's id as
+        ``error.episode_id``: the episode is kept and written later, and takes a late reward by that id."""
         mid = uuid.uuid4().hex
         now = time.time()
         memory: dict[str, Any] = {"id": mid, "text": text, "reward": reward, "metadata": metadata,
@@ -128,13 +130,18 @@ class EpisodeWriter:
                 self._enqueue(memory)
             else:
                 self._grading[mid] = memory
-        if not self.background:
-            self._try_flush(f"episode {mid} not written yet")
-        elif grade is not None:
-            self._submit_grade(mid, grade)
-        else:
-            self._submit_write()
-        self._raise_deferred()
+        try:
+            if not self.background:
+                self._try_flush(f"episode {mid} not written yet")
+            elif grade is not None:
+                self._submit_grade(mid, grade)
+            else:
+                self._submit_write()
+            self._raise_deferred()
+        except Exception as e:
+            # the episode is queued and will be written: the caller keeps its id for a late reward
+            _attach_episode_id(e, mid)
+            raise
         return mid
 
     def write_or_drop(self, text: str, metadata: dict[str, Any], namespace: str,
@@ -312,6 +319,14 @@ class EpisodeWriter:
                     self._write_error = e
             log.warning("memory_distill: %s, %d waiting (%s: %s); retried with the next episode or flush()",
                         what, len(self.unsaved), type(e).__name__, e)
+
+
+def _attach_episode_id(error: BaseException, episode_id: str) -> None:
+    """Set ``error.episode_id``: the id of the episode queued by the call that raised (kept, written later)."""
+    try:
+        error.episode_id = episode_id  # type: ignore[attr-defined]
+    except (AttributeError, TypeError):  # an exception type with __slots__
+        pass
 
 
 def check_episode_settings(store: MemoryStore, metadata: dict[str, Any] | None, namespace: str,

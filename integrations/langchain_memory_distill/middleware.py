@@ -198,7 +198,12 @@ class MemoryDistillMiddleware(AgentMiddleware):
                                 outcome="failed" if failed else "completed")
         grade = self.writer.grader(self.reward_fn, ep["input"], ep["answer"], messages, failed=failed,
                                    failure_reward=self.failure_reward)
-        mid = self.writer.write_or_drop(ep["text"], meta, self.namespace, grade)
+        try:
+            mid = self.writer.write_or_drop(ep["text"], meta, self.namespace, grade)
+        except Exception as e:
+            if getattr(e, "episode_id", None):  # errors="raise" after the episode was queued: it is kept
+                self.episode_ids.append(e.episode_id)  # type: ignore[attr-defined]
+            raise
         if mid is not None:
             self.episode_ids.append(mid)
         return mid
