@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from .config import DistillConfig, EmbedderConfig, JobConfig, Settings, StoreConfig, TeacherConfig
 from .errors import MemoryDistillError
 
@@ -43,6 +45,17 @@ def _kv(items: Sequence[str] | None) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[k] = v
     return out
+
+
+def _count(text: str) -> int:
+    """A count argument (epochs, k, batch size, ...): a whole number >= 1, checked when the arguments are parsed."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _json_filter(text: str) -> dict[str, Any]:
@@ -455,9 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def job_args(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--epochs", type=int, help="max epochs for teacher and student")
-        sp.add_argument("--teacher-epochs", type=int)
-        sp.add_argument("--distill-epochs", type=int)
+        sp.add_argument("--epochs", type=_count, help="max epochs for teacher and student")
+        sp.add_argument("--teacher-epochs", type=_count)
+        sp.add_argument("--distill-epochs", type=_count)
         sp.add_argument("--curriculum", choices=["uniform", "easy_to_hard", "hard_to_easy", "adaptive", "sec_bandit"])
         sp.add_argument("--seed", type=int)
         sp.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -476,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "all or nothing")
     sp.add_argument("file", help="path, or - for standard input")
     sp.add_argument("--namespace", help="for lines that do not name one")
-    sp.add_argument("--batch-size", type=int, default=1000, help="texts per embedding call")
+    sp.add_argument("--batch-size", type=_count, default=1000, help="texts per embedding call")
     sp.add_argument("--upsert", action="store_true", help="replace memories whose id exists")
     sp.set_defaults(func=cmd_import)
 
@@ -495,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("search", help="similar memories")
     sp.add_argument("query")
-    sp.add_argument("-k", type=int, default=5)
+    sp.add_argument("-k", type=_count, default=5)
     sp.add_argument("--namespace", default="default")
     sp.add_argument("--where", type=_json_filter, help='JSON metadata filter, e.g. \'{"tool": "search"}\'')
     sp.add_argument("--diversity", type=float, default=0.0, help="> 0: skip near-copies of results (e.g. 0.5)")
@@ -532,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_rollback)
 
     sp = sub.add_parser("history", help="consolidation job history")
-    sp.add_argument("--last", type=int, default=20)
+    sp.add_argument("--last", type=_count, default=20)
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--namespace", help=NS_REGISTRY_HELP)
     sp.set_defaults(func=cmd_history)
@@ -559,17 +572,17 @@ def build_parser() -> argparse.ArgumentParser:
     job_args(sp)
     sp.add_argument("--namespace")
     sp.add_argument("--every", type=_duration, default=600.0, help="run at least this often (e.g. 10m)")
-    sp.add_argument("--min-new", type=int, default=100, help="run when this many new rewards arrived")
+    sp.add_argument("--min-new", type=_count, default=100, help="run when this many new rewards arrived")
     sp.add_argument("--drift-threshold", type=float)
     sp.add_argument("--poll", type=_duration, default=30.0)
-    sp.add_argument("--max-runs", type=int)
+    sp.add_argument("--max-runs", type=_count)
     sp.add_argument("--each-namespace", action="store_true",
                     help="one model per namespace, each consolidated on its own triggers")
     sp.set_defaults(func=cmd_worker)
 
     sp = sub.add_parser("demo", help="main job: ingest synthetic episodes, consolidate, predict (offline)")
     job_args(sp)
-    sp.add_argument("--n", type=int, default=3000, help="number of synthetic episodes")
+    sp.add_argument("--n", type=_count, default=3000, help="number of synthetic episodes")
     sp.add_argument("--report", help="directory for the consolidation report")
     sp.set_defaults(func=cmd_demo, namespace=None)
 
@@ -577,8 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", default="../shared/data", help="directory with *.jsonl.gz episode files")
     sp.add_argument("--out", default="reports/experiment")
     sp.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    sp.add_argument("--epochs", type=int, default=15)
-    sp.add_argument("--max-records", type=int, default=3000)
+    sp.add_argument("--epochs", type=_count, default=15)
+    sp.add_argument("--max-records", type=_count, default=3000)
     sp.add_argument("--curricula", nargs="+")
     sp.add_argument("--no-router", action="store_true", help="skip the FireAct routing evaluation")
     sp.set_defaults(func=cmd_experiment)
@@ -593,6 +606,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except MemoryDistillError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:  # a setting out of range (from the environment or a flag): one line per field
+        for err in e.errors():
+            field = ".".join(str(x) for x in err["loc"])
+            env = ("; set by MEMORY_DISTILL_" + "__".join(str(x).upper() for x in err["loc"])
+                   if e.title == "Settings" else "")
+            print(f"error: {e.title}.{field}: {err['msg']} (got {err.get('input')!r}{env})", file=sys.stderr)
         return 2
     except (ValueError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -128,6 +128,10 @@ def coerce_memory(item: Any, *, namespace: str | None = None, index: int | None 
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"]) or "memory"
             msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "missing":
+                msg += " (every memory needs a text: the episode's content)" if loc == "text" else ""
+            elif err["type"] in ("float_parsing", "float_type") and loc in ("created_at", "rewarded_at"):
+                msg += " (a Unix time in seconds, e.g. time.time())"
             parts.append(f"{loc}: {msg}")
         raise InvalidMemoryError(f"{where} is invalid: " + "; ".join(parts)) from None
     return mem

@@ -75,10 +75,12 @@ class Memory(BaseModel):
     rewarded_at: float | None = None
     """Unix time the reward was set."""
 
-    @field_validator("text")
+    @field_validator("text", mode="before")
     @classmethod
-    def _text(cls, v: str) -> str:
-        if not v or not v.strip():
+    def _text(cls, v: Any) -> str:
+        if not isinstance(v, str):
+            raise ValueError(f"text must be a string (the episode's content), got {type(v).__name__} {v!r:.80}")
+        if not v.strip():
             raise ValueError("text is empty: give the episode's content (what was seen/done/answered)")
         return v
 

@@ -139,6 +139,20 @@ def test_bad_arguments_are_clear_errors_not_tracebacks(home, capsys):
     assert code == 2 and "is not a filter Chroma accepts" in err and "Traceback" not in err
     code, out, _ = run(capsys, "search", "web", "--where", '{"tool": "search"}', "--json")
     assert code == 0 and len(json.loads(out)) == 1
+    for args, flag in ((("consolidate", "--epochs", "-1"), "--epochs"), (("search", "web", "-k", "0"), "-k"),
+                       (("demo", "--n", "many"), "--n")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["-q", *args])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and f"argument {flag}:" in err and ">= 1" in err, err
+
+
+def test_a_bad_setting_in_the_environment_names_the_variable(home, capsys, monkeypatch):
+    monkeypatch.setenv("MEMORY_DISTILL_JOB__TEACHER__EPOCHS", "0")
+    code, _, err = run(capsys, "consolidate")
+    assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "Settings.job.teacher.epochs: Input should be greater than or equal to 1" in err
+    assert "set by MEMORY_DISTILL_JOB__TEACHER__EPOCHS" in err
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(home, capsys):

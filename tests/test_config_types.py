@@ -59,6 +59,9 @@ def test_defaults_match_the_design():
     ("data", "message"),
     [
         ({"text": "   "}, "text: text is empty"),
+        ({"text": None}, "text: text must be a string .the episode's content., got NoneType"),
+        ({"reward": 0.5}, "text: Field required .every memory needs a text"),
+        ({"text": "x", "created_at": "yesterday"}, "created_at: .*a Unix time in seconds"),
         ({"text": "x", "reward": math.nan}, "reward must be finite"),
         ({"text": "x", "reward": math.inf}, "reward must be finite"),
         ({"text": "x", "reward": "high"}, "reward must be a number"),
