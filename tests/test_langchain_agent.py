@@ -258,6 +258,8 @@ def test_scorer_batches_in_one_forward_pass(trained_store):
     apreds = asyncio.run(scorer.abatch([GOOD, BAD]))
     assert calls[-1] == 2 and apreds[0].mean == pytest.approx(preds[0].mean)
     assert scorer.invoke(GOOD).mean == pytest.approx(preds[0].mean)
+    with pytest.raises(TypeError, match=r"got list: score several with .batch\(\[...\]\) or best_of_n"):
+        scorer.invoke([GOOD, BAD])
     idx, best, _ = best_of_n([BAD, GOOD, BAD], scorer)
     assert idx == 1 and best == GOOD
     assert best_of_n([BAD, GOOD], scorer, by="lcb")[0] == 1
@@ -280,6 +282,13 @@ def test_retriever_modes_rank_by_value(trained_store):
     assert [x.metadata["similarity"] for x in sim] == sorted([x.metadata["similarity"] for x in sim], reverse=True)
     with pytest.raises(ValueError, match="mode must be"):
         r.invoke(q, mode="nope")
+    # a misspelt option or a negative weight is an error, not silently the default
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="weights\n  Extra inputs are not permitted"):
+        ValueAwareRetriever(store=store, predictor=pred, weights=(0.5, 0.5))
+    with pytest.raises(ValidationError, match="w_value\n  Input should be greater than or equal to 0"):
+        ValueAwareRetriever(store=store, predictor=pred, w_value=-0.3)
 
 
 def test_retriever_without_a_model_uses_stored_rewards(store):

@@ -77,7 +77,7 @@ class ValueAwareRetriever(BaseRetriever):
     ``retriever.invoke("query", k=2, mode="cautionary", where={"tool": "search"})``.
     """
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
+    model_config = ConfigDict(arbitrary_types_allowed=True, extra="forbid")  # a misspelt option is an error
 
     store: MemoryStore
     predictor: PredictorLike = None
@@ -90,10 +90,10 @@ class ValueAwareRetriever(BaseRetriever):
     namespace: str | None = "default"
     where: dict[str, Any] | None = None
     rewarded_only: bool = False
-    w_similarity: float = 0.6
-    w_value: float = 0.3
-    w_recency: float = 0.1
-    recency_half_life_s: float = 7 * 24 * 3600.0
+    w_similarity: float = Field(default=0.6, ge=0.0)
+    w_value: float = Field(default=0.3, ge=0.0)
+    w_recency: float = Field(default=0.1, ge=0.0)
+    recency_half_life_s: float = Field(default=7 * 24 * 3600.0, gt=0.0)
     auto_refresh: bool = True
     """Pick up a newly promoted student before each call."""
     diversity: float = Field(default=0.0, ge=0.0)

@@ -24,7 +24,8 @@ def _text(x: Input, template: str) -> str:
     if isinstance(x, Document):
         x = x.page_content
     if not isinstance(x, str):
-        raise TypeError(f"RewardScorer scores str or Document, got {type(x).__name__}")
+        hint = ": score several with .batch([...]) or best_of_n()" if isinstance(x, (list, tuple)) else ""
+        raise TypeError(f"RewardScorer scores str or Document, got {type(x).__name__}{hint}")
     return template.format(text=x)
 
 
