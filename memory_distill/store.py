@@ -7,7 +7,9 @@ Facts this module is built around (measured on chromadb 1.x):
 * ``add`` with an existing id is silently ignored, so ids are checked first;
 * texts without vectors make Chroma download a model, so vectors are always passed;
 * a ``where`` takes one top-level key, so clauses are combined under ``$and``;
-* a PersistentClient is not safe across processes: use ``mode="http"`` (``chroma run``) there.
+* a PersistentClient is not safe across processes: each keeps its own in-memory copy of the vector index, so
+  its searches miss what another process adds once that copy is loaded; a store warns when another process has its directory
+  open, and ``mode="http"`` (``chroma run``) is the way to share one.
 
 Reserved metadata keys (``_md_*``) hold the namespace, reward, timestamps and the raw text counts
 behind the models' text features (``_md_stats``), so consolidation pages through embeddings and
@@ -25,6 +27,7 @@ import json
 import logging
 import math
 import operator
+import os
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -162,6 +165,58 @@ class _ServerCollection:
                                  "check that it is running (`chroma run --host H --port P --path DIR`)") from e
 
         return call
+
+
+OPEN_MARKER = ".memory_distill_open"
+"""File in an embedded Chroma directory that every process with the directory open holds a shared lock on."""
+_open_dirs: dict[str, list[int]] = {}  # resolved directory -> [marker fd, stores open on it in this process]
+
+
+def _hold_directory(path: Path, owner: object) -> None:
+    """Hold a shared lock on ``path``'s open marker while ``owner`` lives, and warn when another process holds
+    one too: an embedded Chroma directory is for one process (each keeps its own in-memory vector index, so
+    its searches miss what other processes add once that is loaded). Best effort: no-op where ``fcntl`` is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        return
+    key = str(path.resolve())
+    held = _open_dirs.get(key)
+    if held is None:
+        try:
+            fd = os.open(path / OPEN_MARKER, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # a read-only directory: nothing to learn
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: no other process has the directory open
+            shared = False
+        except OSError:
+            shared = True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # (a downgrade, or wait out another process's brief probe)
+        except OSError:  # pragma: no cover - flock unsupported on this filesystem
+            os.close(fd)
+            return
+        held = _open_dirs[key] = [fd, 0]
+        if shared:
+            log.warning(
+                "the embedded Chroma directory %s is also open in another process. Each process searches its own "
+                "in-memory copy of the vector index, so neither finds what the other adds once its copy is loaded "
+                "(counts, reads and consolidation see everything). Fine for a one-off command (consolidate, stats, "
+                "export); for agents and workers that run side by side, serve it with `chroma run --path %s` and "
+                "use StoreConfig(mode=\"http\") (CLI --store http).", key, key)
+    held[1] += 1
+    weakref.finalize(owner, _release_directory, key)
+
+
+def _release_directory(key: str) -> None:
+    held = _open_dirs.get(key)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] <= 0:
+        del _open_dirs[key]
+        os.close(held[0])  # closing the descriptor drops the lock
 
 
 def _server_url(cfg: StoreConfig) -> str:
@@ -407,6 +462,8 @@ class MemoryStore:
         self.config = cfg = config or StoreConfig()
         self.embedder = embedder
         self._client = client or self._make_client(cfg, path)
+        if client is None and cfg.mode == "persistent":
+            _hold_directory(self._persistent_path(cfg, path), self)
         self._max_batch = min(cfg.write_batch_size, self._client.get_max_batch_size())
         try:
             self._col = self._client.get_or_create_collection(cfg.collection, **self._collection_args(embedder))
@@ -449,9 +506,13 @@ class MemoryStore:
             except Exception as e:
                 raise StoreError(f"could not connect to the Chroma server at {_server_url(cfg)}: "
                                  f"{type(e).__name__}: {e}") from None
-        p = Path(path or cfg.path or ".memory_distill/chroma")
+        p = MemoryStore._persistent_path(cfg, path)
         p.mkdir(parents=True, exist_ok=True)
         return chromadb.PersistentClient(path=str(p), settings=settings)
+
+    @staticmethod
+    def _persistent_path(cfg: StoreConfig, path: str | Path | None) -> Path:
+        return Path(path or cfg.path or ".memory_distill/chroma")
 
     @staticmethod
     def _collection_args(embedder: Embedder) -> dict[str, Any]:

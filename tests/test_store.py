@@ -452,3 +452,37 @@ def test_a_filter_known_to_be_wide_skips_the_size_probe_until_it_comes_back_shor
     assert sorted(h.memory.id for h in st.search("episode 1", k=5, where={"tool": "x"})) == ["e0", "e1", "e2"]
     assert sorted(h.memory.id for h in st.search("episode 2", k=5, where={"tool": "x"})) == ["e0", "e1", "e2"]
     assert probes.count(257) == 2  # probed again once a query came back short, then exact
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="the open marker uses fcntl (POSIX)")
+def test_a_second_process_on_an_embedded_directory_is_warned(tmp_path, caplog):
+    """An embedded directory is for one process: a process that opens one another process holds is told (each
+    searches its own in-memory copy of the index) and pointed at the server; one process opening it many times,
+    or a process after the holder closed it, is not."""
+    import gc
+    import subprocess
+    import sys
+
+    path = tmp_path / "chroma"
+    script = ("import logging, sys\nfrom memory_distill import HashingEmbedder, MemoryStore, StoreConfig\n"
+              "st = MemoryStore(HashingEmbedder(dim=64), StoreConfig(), path=sys.argv[1])\n"
+              "st.add_many([{'text': 'from the second process', 'reward': 0.5}])\n")
+
+    def second() -> str:
+        return subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                              check=True).stderr
+
+    first = MemoryStore(HashingEmbedder(dim=64), StoreConfig(), path=path)
+    again = MemoryStore(HashingEmbedder(dim=64), StoreConfig(), path=path)  # the same process: fine
+    first.add_many([{"text": "from the first process", "reward": 0.5}])
+    assert first.search("from the first process", k=1)  # its copy of the index is loaded
+    assert "also open in another process" not in caplog.text
+    err = second()
+    assert f"the embedded Chroma directory {path.resolve()} is also open in another process" in err
+    assert f"chroma run --path {path.resolve()}" in err and 'StoreConfig(mode="http")' in err
+    # what the warning says: the first process's searches miss the row the second one added, counts see it
+    assert first.count() == 2 and [h.memory.text for h in first.search("from the second process", k=2)] == [
+        "from the first process"]
+    del first, again
+    gc.collect()
+    assert "also open in another process" not in second()  # released with the last store on it
