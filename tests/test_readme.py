@@ -65,3 +65,50 @@ def test_attach_it_to_a_langchain_agent_runs_as_written(home):
     exec(compile(python_blocks()[2], "README.md: Attach it to a LangChain agent", "exec"), scope)
     mid = scope["out"]["memory_distill_episode_id"]
     assert mem.store.get(mid).reward == 0.8  # reward_fn graded it 1.0; the late feedback replaced it
+
+
+def cli_lines() -> list[str]:
+    text = README.read_text()
+    block = re.search(r"## Command line\n\n```\n(.*?)```", text, flags=re.S).group(1)
+    return [ln.split("  #")[0].strip() for ln in block.splitlines() if ln.startswith("memory-distill ")]
+
+
+def _split_outside_brackets(text: str) -> list[str]:
+    """``a | b [c | d]`` -> ``["a", "b [c | d]"]``."""
+    out, depth, start, i = [], 0, 0, 0
+    while i < len(text):
+        depth += {"[": 1, "]": -1}.get(text[i], 0)
+        if depth == 0 and text.startswith(" | ", i):
+            out.append(text[start:i])
+            start = i = i + 3
+            continue
+        i += 1
+    return [p.strip() for p in [*out, text[start:]]]
+
+
+def test_every_command_line_in_the_readme_parses():
+    """Each documented command, without and with its optional parts (each alternative of a group), and each
+    alternative form (``forget --id ID | --where JSON``), is accepted by the parser."""
+    import shlex
+
+    from memory_distill.cli import build_parser
+
+    fill = {"JSON": '{"tool": "search"}', "NS": "team-a", "ID": "ep-1", "VERSION": "v000001"}
+    commands = []
+    for line in cli_lines():
+        first, *alts = _split_outside_brackets(line.removeprefix("memory-distill "))
+        commands.append(first)
+        commands += [f"{first.split()[0]} {a}" if a.startswith("--") else a for a in alts]
+    parser = build_parser()
+    checked = 0
+    for cmd in commands:
+        groups = re.findall(r"\[([^\]]*)\]", cmd)
+        bare = re.sub(r"\s*\[[^\]]*\]", "", cmd)
+        variants = [bare]
+        for g in groups:  # each optional group on its own, each of its alternatives
+            variants += [f"{bare} {alt.strip()}" for alt in g.split(" | ")]
+        variants.append(" ".join([bare, *(g.split(" | ")[0] for g in groups)]))  # all together
+        for v in variants:
+            parser.parse_args([fill.get(a, a) for a in shlex.split(v)])  # argparse exits (fails) if it refuses
+            checked += 1
+    assert len(commands) >= 20 and checked > len(commands)
