@@ -631,3 +631,23 @@ def test_background_errors_raise_from_the_next_run_or_flush_with_errors_raise(st
     assert lenient.flush() == 0
     for m in (mw, strict, lenient, sync):
         m.close()
+
+
+def test_streamed_runs_are_recorded_and_their_episode_id_is_streamed(store):
+    """stream / astream (any stream_mode) record the run like invoke; the id arrives in the after_agent update."""
+    mw = MemoryDistillMiddleware(store, reward_fn=lambda q, a, m: 1.0, recall=False)
+    agent = create_agent(ScriptedChatModel(responses=[AIMessage(content="Done.")]), [], middleware=[mw])
+    updates = list(agent.stream({"messages": [HumanMessage("streamed task")]}, stream_mode="updates"))
+    streamed = updates[-1]["MemoryDistillMiddleware.after_agent"]["memory_distill_episode_id"]
+    list(agent.stream({"messages": [HumanMessage("streamed tokens")]}, stream_mode="messages"))
+
+    async def astream() -> list:
+        return [c async for c in agent.astream({"messages": [HumanMessage("async streamed")]}, stream_mode="values")]
+
+    values = asyncio.run(astream())
+    assert len(mw.episode_ids) == 3 and mw.episode_ids[0] == streamed
+    assert values[-1]["memory_distill_episode_id"] == mw.episode_ids[2]
+    got = store.get_many(mw.episode_ids)
+    assert [m.text.splitlines()[0] for m in got] == ["User: streamed task", "User: streamed tokens",
+                                                      "User: async streamed"]
+    assert all(m.reward == 1.0 for m in got)
