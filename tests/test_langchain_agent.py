@@ -651,3 +651,32 @@ def test_streamed_runs_are_recorded_and_their_episode_id_is_streamed(store):
     assert [m.text.splitlines()[0] for m in got] == ["User: streamed task", "User: streamed tokens",
                                                       "User: async streamed"]
     assert all(m.reward == 1.0 for m in got)
+
+
+def test_callback_handler_with_errors_raise_raises_to_the_caller(store):
+    """LangChain only logs a callback handler's exception unless the handler asks otherwise: EpisodeRecorder with
+    errors="raise" does, so a failed write reaches invoke/ainvoke (carrying the kept episode's id)."""
+    from memory_distill import StoreError
+
+    real, down = store.add_many, [True]
+
+    def outage(*a, **kw):
+        if down[0]:
+            raise StoreError("Chroma server at http://127.0.0.1:9 is unreachable")
+        return real(*a, **kw)
+
+    store.add_many = outage
+    agent = create_agent(ScriptedChatModel(responses=[AIMessage(content="Done.")]), [])
+    strict = EpisodeRecorder(store, errors="raise")
+    with pytest.raises(StoreError, match="unreachable") as raised:
+        agent.invoke({"messages": [HumanMessage("task one")]}, config={"callbacks": [strict]})
+    with pytest.raises(StoreError, match="unreachable") as araised:
+        asyncio.run(agent.ainvoke({"messages": [HumanMessage("task two")]}, config={"callbacks": [strict]}))
+    ids = [raised.value.episode_id, araised.value.episode_id]
+    assert strict.episode_ids == ids and list(strict.unsaved) == ids  # kept
+    lenient = EpisodeRecorder(store)  # errors="warn": the run goes on, the episode waits
+    agent.invoke({"messages": [HumanMessage("task three")]}, config={"callbacks": [lenient]})
+    assert len(lenient.unsaved) == 1
+    down[0] = False
+    assert strict.flush() == 2 and lenient.flush() == 1
+    assert [m.text.splitlines()[0] for m in store.get_many(ids)] == ["User: task one", "User: task two"]

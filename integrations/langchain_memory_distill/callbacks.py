@@ -62,6 +62,8 @@ class EpisodeRecorder(BaseCallbackHandler):
         self.store = store
         self.writer = EpisodeWriter(store, errors=errors, max_unsaved=max_unsaved, background=background)
         self.errors = errors
+        # LangChain swallows (logs) a handler's exceptions unless it says otherwise: errors="raise" must reach the caller
+        self.raise_error = errors == "raise"
         self.namespace = namespace
         self.reward_fn = reward_fn
         self.metadata = check_episode_settings(store, metadata, namespace, failure_reward)
