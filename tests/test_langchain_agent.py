@@ -680,3 +680,40 @@ def test_callback_handler_with_errors_raise_raises_to_the_caller(store):
     down[0] = False
     assert strict.flush() == 2 and lenient.flush() == 1
     assert [m.text.splitlines()[0] for m in store.get_many(ids)] == ["User: task one", "User: task two"]
+
+
+def test_conversations_with_a_checkpointer_record_each_turn_with_its_thread(store):
+    """With a checkpointer each turn is one episode (its own question and answer, not the whole thread), tagged
+    with the conversation's thread_id; recall skips the conversation's own earlier turns (already in its messages)
+    and brings back other conversations'."""
+    from langgraph.checkpoint.memory import InMemorySaver
+
+    mw = MemoryDistillMiddleware(store, k=3)
+    model = ScriptedChatModel(responses=[AIMessage(content="Oslo has 700k people."), AIMessage(content="Bergen: 290k.")])
+    agent = create_agent(model, [], middleware=[mw], checkpointer=InMemorySaver())
+    one = {"configurable": {"thread_id": "conv-1"}}
+    agent.invoke({"messages": [HumanMessage("population of Oslo?")]}, one)
+    agent.invoke({"messages": [HumanMessage("population of Oslo and Bergen?")]}, one)
+    assert not any(isinstance(m, SystemMessage) for m in model.seen[-1])  # turn 1 is in the messages, not recalled
+    first, second = store.get_many(mw.episode_ids)
+    assert first.text == "User: population of Oslo?\nAnswer: Oslo has 700k people."
+    assert second.text == "User: population of Oslo and Bergen?\nAnswer: Bergen: 290k."
+    assert first.metadata["thread_id"] == second.metadata["thread_id"] == "conv-1"
+
+    out = asyncio.run(agent.ainvoke({"messages": [HumanMessage("population of Oslo?")]},
+                                    {"configurable": {"thread_id": "conv-2"}}))
+    system = next(m for m in model.seen[-1] if isinstance(m, SystemMessage))
+    assert "Oslo has 700k people." in system.content  # another conversation's episode is recalled
+    assert store.get(out["memory_distill_episode_id"]).metadata["thread_id"] == "conv-2"
+    mine = MemoryDistillMiddleware(store, recall=False, metadata={"thread_id": "mine"})  # metadata= wins
+    out = create_agent(model, [], middleware=[mine], checkpointer=InMemorySaver()).invoke(
+        {"messages": [HumanMessage("hi")]}, one)
+    assert store.get(out["memory_distill_episode_id"]).metadata["thread_id"] == "mine"
+    out = create_agent(model, [], middleware=[MemoryDistillMiddleware(store, recall=False)]).invoke(
+        {"messages": [HumanMessage("no checkpointer")]})
+    assert "thread_id" not in store.get(out["memory_distill_episode_id"]).metadata
+    # the callback handler reads the thread from the run's metadata
+    rec = EpisodeRecorder(store)
+    agent.invoke({"messages": [HumanMessage("and Trondheim?")]}, {**one, "callbacks": [rec]})
+    assert store.get(rec.episode_ids[-1]).metadata["thread_id"] == "conv-1"
+    assert store.get(rec.episode_ids[-1]).text.startswith("User: and Trondheim?\n")

@@ -85,8 +85,9 @@ class EpisodeRecorder(BaseCallbackHandler):
     def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *, run_id: UUID,
                        parent_run_id: UUID | None = None, **kwargs: Any) -> None:
         if parent_run_id is None:
+            thread = (kwargs.get("metadata") or {}).get("thread_id")  # LangGraph copies a checkpointer's thread here
             with self._lock:
-                self._runs[run_id] = {"input": _input_text(inputs), "tools": [], "model": None}
+                self._runs[run_id] = {"input": _input_text(inputs), "tools": [], "model": None, "thread_id": thread}
         else:
             self._root(run_id, parent_run_id)
 
@@ -151,7 +152,8 @@ class EpisodeRecorder(BaseCallbackHandler):
         failed = error is not None or n_err > 0 or any(t["error"] for t in run["tools"])
         if error is not None:
             text += f"\nRun failed: {type(error).__name__}: {error}"
-        meta = episode_metadata(str(run["input"]), run["model"], self.metadata, source="langchain_callback",
+        meta = episode_metadata(str(run["input"]), run["model"], self.metadata, thread_id=run.get("thread_id"),
+                                source="langchain_callback",
                                 tool_calls=len(run["tools"]), outcome="failed" if failed else "completed")
         grade = self.writer.grader(self.reward_fn if error is None else None, run["input"], answer, msgs or [],
                                    failed=failed, failure_reward=self.failure_reward)

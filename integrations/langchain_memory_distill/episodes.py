@@ -18,7 +18,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMe
 from memory_distill.errors import InvalidMemoryError
 from memory_distill.store import MemoryStore, coerce_memory
 
-__all__ = ["EpisodeWriter", "check_episode_settings", "episode_from_messages", "episode_text", "episode_metadata", "input_group", "message_text",
+__all__ = ["EpisodeWriter", "check_episode_settings", "current_thread_id", "episode_from_messages", "episode_text", "episode_metadata", "input_group", "message_text",
            "response_model_name"]
 
 log = logging.getLogger(__name__)
@@ -409,10 +409,24 @@ def episode_text(question: str, answer: str) -> str:
     return str(episode_from_messages([HumanMessage(question), AIMessage(answer)])["text"])
 
 
-def episode_metadata(user_input: str, model: str | None, user: dict[str, Any], **recorded: Any) -> dict[str, Any]:
-    """The metadata a recorded episode gets: ``group`` (:func:`input_group`) and ``model`` as defaults,
-    the user's ``metadata=`` over them, then what the recorder itself observed (``source``, counts, outcome)."""
-    return {"group": input_group(user_input), **({"model": model} if model else {}), **user, **recorded}
+def episode_metadata(user_input: str, model: str | None, user: dict[str, Any], *, thread_id: Any = None,
+                     **recorded: Any) -> dict[str, Any]:
+    """The metadata a recorded episode gets: ``group`` (:func:`input_group`), ``model`` and the conversation's
+    ``thread_id`` (a LangGraph checkpointer's) as defaults, the user's ``metadata=`` over them, then what the
+    recorder itself observed (``source``, counts, outcome)."""
+    return {"group": input_group(user_input), **({"model": model} if model else {}),
+            **({"thread_id": str(thread_id)} if thread_id is not None else {}), **user, **recorded}
+
+
+def current_thread_id() -> str | None:
+    """The ``thread_id`` of the LangGraph run this is called from (a checkpointer's conversation), if any."""
+    try:
+        from langgraph.config import get_config
+
+        tid = (get_config().get("configurable") or {}).get("thread_id")
+    except Exception:  # outside a LangGraph run
+        return None
+    return None if tid is None else str(tid)
 
 
 def response_model_name(meta: Any) -> str | None:

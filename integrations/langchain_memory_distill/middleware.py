@@ -42,6 +42,7 @@ from .episodes import (
     EpisodeWriter,
     Errors,
     check_episode_settings,
+    current_thread_id,
     episode_from_messages,
     episode_metadata,
     message_text,
@@ -117,7 +118,10 @@ class MemoryDistillMiddleware(AgentMiddleware):
         k = self.retriever.k
         seen: set[str] = set()
         docs = []
+        thread = current_thread_id()
         for d in self.retriever.invoke(query, k=2 * k):  # an episode recorded several times shows once
+            if thread is not None and d.metadata.get("thread_id") == thread:
+                continue  # an earlier turn of this conversation: the model sees it in the messages already
             if d.page_content not in seen:
                 seen.add(d.page_content)
                 docs.append(d)
@@ -193,7 +197,8 @@ class MemoryDistillMiddleware(AgentMiddleware):
         if not ep["input"]:
             return None
         failed = failed or ep["tool_errors"] > 0
-        meta = episode_metadata(ep["input"], ep["model"], self.metadata, source="langchain_agent",
+        meta = episode_metadata(ep["input"], ep["model"], self.metadata, thread_id=current_thread_id(),
+                                source="langchain_agent",
                                 tool_calls=ep["tool_calls"], tool_errors=ep["tool_errors"],
                                 outcome="failed" if failed else "completed")
         grade = self.writer.grader(self.reward_fn, ep["input"], ep["answer"], messages, failed=failed,
