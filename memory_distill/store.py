@@ -21,6 +21,7 @@ written, and a failure part-way through a chunked write removes (or restores) wh
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
@@ -175,7 +176,8 @@ _open_dirs: dict[str, list[int]] = {}  # resolved directory -> [marker fd, store
 def _hold_directory(path: Path, owner: object) -> None:
     """Hold a shared lock on ``path``'s open marker while ``owner`` lives, and warn when another process holds
     one too: an embedded Chroma directory is for one process (each keeps its own in-memory vector index, so
-    its searches miss what other processes add once that is loaded). Best effort: no-op where ``fcntl`` is missing (Windows)."""
+    its searches miss what other processes add once that is loaded). Best effort: a no-op without ``fcntl``
+    (Windows) or where the filesystem has no ``flock``."""
     try:
         import fcntl
     except ImportError:  # pragma: no cover - Windows
@@ -190,13 +192,17 @@ def _hold_directory(path: Path, owner: object) -> None:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: no other process has the directory open
             shared = False
-        except OSError:
-            shared = True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # (a downgrade, or wait out another process's brief probe)
-        except OSError:  # pragma: no cover - flock unsupported on this filesystem
-            os.close(fd)
-            return
+            fcntl.flock(fd, fcntl.LOCK_SH)  # downgrade: the next process's probe sees this one
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):  # no flock on this filesystem (some network mounts)
+                os.close(fd)
+                return
+            shared = True  # another process holds it
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)  # waits out another process's brief probe at most
+            except OSError:  # pragma: no cover
+                os.close(fd)
+                return
         held = _open_dirs[key] = [fd, 0]
         if shared:
             log.warning(
