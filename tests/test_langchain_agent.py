@@ -717,3 +717,24 @@ def test_conversations_with_a_checkpointer_record_each_turn_with_its_thread(stor
     agent.invoke({"messages": [HumanMessage("and Trondheim?")]}, {**one, "callbacks": [rec]})
     assert store.get(rec.episode_ids[-1]).metadata["thread_id"] == "conv-1"
     assert store.get(rec.episode_ids[-1]).text.startswith("User: and Trondheim?\n")
+
+
+def test_long_running_recorders_hold_bounded_state(store, monkeypatch):
+    """A server records millions of runs: the callback handler forgets every run under a root run when it ends
+    (model and tool runs two levels down included), and episode_ids keeps the latest RECENT_IDS."""
+    import langchain_memory_distill.episodes as episodes
+
+    rec = EpisodeRecorder(store)
+    agent = create_agent(ScriptedChatModel(responses=tool_then_answer("lookup", {"city": "Oslo"}, "700k")), [lookup])
+    for i in range(3):
+        agent.invoke({"messages": [HumanMessage(f"population {i}?")]}, config={"callbacks": [rec]})
+    assert len(rec.episode_ids) == 3 and rec._runs == {} and rec._parent == {} and rec._members == {}
+    asyncio.run(agent.ainvoke({"messages": [HumanMessage("async?")]}, config={"callbacks": [rec]}))
+    assert len(rec.episode_ids) == 4 and rec._parent == {} and rec._members == {}
+    assert "Tool call: lookup" in store.get(rec.episode_ids[-1]).text  # what it tracked still reached the episode
+
+    monkeypatch.setattr(episodes, "RECENT_IDS", 3)
+    mw = MemoryDistillMiddleware(store, recall=False)
+    bare = create_agent(ScriptedChatModel(responses=[AIMessage(content="Done.")]), [], middleware=[mw])
+    ids = [bare.invoke({"messages": [HumanMessage(f"task {i}")]})["memory_distill_episode_id"] for i in range(5)]
+    assert mw.episode_ids == ids[-3:] and store.count() == 9  # all written, the latest ids kept

@@ -27,6 +27,7 @@ from .episodes import (
     episode_from_messages,
     episode_metadata,
     message_text,
+    record_episode,
     response_model_name,
 )
 
@@ -69,17 +70,26 @@ class EpisodeRecorder(BaseCallbackHandler):
         self.metadata = check_episode_settings(store, metadata, namespace, failure_reward)
         self.failure_reward = failure_reward
         self.episode_ids: list[str] = []
+        """Ids of the episodes this recorded, oldest first (the last ``RECENT_IDS``, 10,000)."""
         self._runs: dict[UUID, dict[str, Any]] = {}
-        self._parent: dict[UUID, UUID] = {}
+        self._parent: dict[UUID, UUID] = {}  # run -> its parent, for the runs under a recorded root run
+        self._members: dict[UUID, list[UUID]] = {}  # recorded root run -> the runs registered under it
         self._lock = threading.Lock()
 
     def _root(self, run_id: UUID, parent_run_id: UUID | None) -> UUID | None:
+        """The recorded root run ``run_id`` belongs to (registering it under its parent the first time)."""
         with self._lock:
-            if parent_run_id is not None:
-                self._parent[run_id] = parent_run_id
+            new = parent_run_id is not None and run_id not in self._parent
+            if new:
+                self._parent[run_id] = parent_run_id  # type: ignore[assignment]
             cur: UUID | None = run_id
             while cur is not None and cur not in self._runs:
                 cur = self._parent.get(cur)
+            if new:
+                if cur is None:  # under no run this handler records: nothing to remember
+                    del self._parent[run_id]
+                else:
+                    self._members.setdefault(cur, []).append(run_id)  # forgotten with the root run
             return cur
 
     def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *, run_id: UUID,
@@ -132,7 +142,8 @@ class EpisodeRecorder(BaseCallbackHandler):
     def _finish(self, run_id: UUID, outputs: Any, error: BaseException | None) -> None:
         with self._lock:
             run = self._runs.pop(run_id, None)
-            self._parent = {k: v for k, v in self._parent.items() if v != run_id}
+            for member in self._members.pop(run_id, ()):  # every run under it, however deep
+                self._parent.pop(member, None)
         if run is None:
             return
         msgs = outputs.get("messages") if isinstance(outputs, dict) else None
@@ -157,14 +168,7 @@ class EpisodeRecorder(BaseCallbackHandler):
                                 tool_calls=len(run["tools"]), outcome="failed" if failed else "completed")
         grade = self.writer.grader(self.reward_fn if error is None else None, run["input"], answer, msgs or [],
                                    failed=failed, failure_reward=self.failure_reward)
-        try:
-            mid = self.writer.write_or_drop(text, meta, self.namespace, grade)
-        except Exception as e:
-            if getattr(e, "episode_id", None):  # errors="raise" after the episode was queued: it is kept
-                self.episode_ids.append(e.episode_id)  # type: ignore[attr-defined]
-            raise
-        if mid is not None:
-            self.episode_ids.append(mid)
+        record_episode(self.writer, self.episode_ids, text, meta, self.namespace, grade)
 
     @property
     def unsaved(self) -> OrderedDict[str, dict[str, Any]]:

@@ -18,8 +18,8 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMe
 from memory_distill.errors import InvalidMemoryError
 from memory_distill.store import MemoryStore, coerce_memory
 
-__all__ = ["EpisodeWriter", "check_episode_settings", "current_thread_id", "episode_from_messages", "episode_text", "episode_metadata", "input_group", "message_text",
-           "response_model_name"]
+__all__ = ["RECENT_IDS", "EpisodeWriter", "check_episode_settings", "current_thread_id", "episode_from_messages",
+           "episode_metadata", "episode_text", "input_group", "message_text", "record_episode", "response_model_name"]
 
 log = logging.getLogger(__name__)
 Errors = Literal["warn", "raise"]
@@ -319,6 +319,31 @@ class EpisodeWriter:
                     self._write_error = e
             log.warning("memory_distill: %s, %d waiting (%s: %s); retried with the next episode or flush()",
                         what, len(self.unsaved), type(e).__name__, e)
+
+
+RECENT_IDS = 10_000
+"""How many of the latest episode ids a recorder keeps in ``episode_ids`` (a long-running server records millions)."""
+
+
+def record_episode(writer: EpisodeWriter, recent: list[str], text: str, metadata: dict[str, Any], namespace: str,
+                   grade: Callable[[], float | None] | None) -> str | None:
+    """A recorder's write (:meth:`EpisodeWriter.write_or_drop`), its id appended to ``recent`` (the last
+    :data:`RECENT_IDS`), also when an error raised after the episode was queued carries it."""
+    try:
+        mid = writer.write_or_drop(text, metadata, namespace, grade)
+    except Exception as e:
+        if getattr(e, "episode_id", None):  # errors="raise" after the episode was queued: it is kept
+            _keep_recent(recent, e.episode_id)  # type: ignore[attr-defined]
+        raise
+    if mid is not None:
+        _keep_recent(recent, mid)
+    return mid
+
+
+def _keep_recent(recent: list[str], episode_id: str) -> None:
+    recent.append(episode_id)
+    if len(recent) > RECENT_IDS:
+        del recent[0]
 
 
 def _attach_episode_id(error: BaseException, episode_id: str) -> None:

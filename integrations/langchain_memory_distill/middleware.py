@@ -46,6 +46,7 @@ from .episodes import (
     episode_from_messages,
     episode_metadata,
     message_text,
+    record_episode,
 )
 from .retriever import PredictorLike, ValueAwareRetriever
 from .tools import make_recall_tool
@@ -98,6 +99,7 @@ class MemoryDistillMiddleware(AgentMiddleware):
         self.handle_tool_errors = handle_tool_errors
         self.tools = [make_recall_tool(self.retriever)] if expose_recall_tool else []
         self.episode_ids: list[str] = []
+        """Ids of the episodes this recorded, oldest first (the last ``RECENT_IDS``, 10,000)."""
         self.errors = errors
 
     @classmethod
@@ -203,14 +205,7 @@ class MemoryDistillMiddleware(AgentMiddleware):
                                 outcome="failed" if failed else "completed")
         grade = self.writer.grader(self.reward_fn, ep["input"], ep["answer"], messages, failed=failed,
                                    failure_reward=self.failure_reward)
-        try:
-            mid = self.writer.write_or_drop(ep["text"], meta, self.namespace, grade)
-        except Exception as e:
-            if getattr(e, "episode_id", None):  # errors="raise" after the episode was queued: it is kept
-                self.episode_ids.append(e.episode_id)  # type: ignore[attr-defined]
-            raise
-        if mid is not None:
-            self.episode_ids.append(mid)
+        mid = record_episode(self.writer, self.episode_ids, ep["text"], meta, self.namespace, grade)
         return mid
 
     @property
