@@ -7,6 +7,8 @@ Facts this module is built around (measured on chromadb 1.x):
 * ``add`` with an existing id is silently ignored, so ids are checked first;
 * texts without vectors make Chroma download a model, so vectors are always passed;
 * a ``where`` takes one top-level key, so clauses are combined under ``$and``;
+* a PersistentClient is shared per path *string* within a process, so the path is made absolute first (a relative
+  one opened again after a chdir would reach the first directory);
 * a PersistentClient is not safe across processes: each keeps its own in-memory copy of the vector index, so
   its searches miss what another process adds once that copy is loaded; a store warns when another process has its directory
   open, and ``mode="http"`` (``chroma run``) is the way to share one.
@@ -514,7 +516,9 @@ class MemoryStore:
                                  f"{type(e).__name__}: {e}") from None
         p = MemoryStore._persistent_path(cfg, path)
         p.mkdir(parents=True, exist_ok=True)
-        return chromadb.PersistentClient(path=str(p), settings=settings)
+        # absolute: Chroma keeps one client per path string in a process, so a relative path opened again after a
+        # chdir would reach the first directory's store
+        return chromadb.PersistentClient(path=str(p.resolve()), settings=settings)
 
     @staticmethod
     def _persistent_path(cfg: StoreConfig, path: str | Path | None) -> Path:

@@ -486,3 +486,18 @@ def test_a_second_process_on_an_embedded_directory_is_warned(tmp_path, caplog):
     del first, again
     gc.collect()
     assert "also open in another process" not in second()  # released with the last store on it
+
+
+def test_a_relative_path_means_the_directory_under_the_current_working_directory(tmp_path, monkeypatch):
+    """Chroma keeps one client per path string in a process: a relative path opened again after a chdir must not
+    reach the first directory's store (the default path, ./.memory_distill, is relative)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    first = MemoryStore(HashingEmbedder(dim=64), StoreConfig(path="mem/chroma"))
+    first.add_many([{"text": "stored from a", "reward": 0.5}])
+    monkeypatch.chdir(tmp_path / "b")
+    second = MemoryStore(HashingEmbedder(dim=64), StoreConfig(path="mem/chroma"))
+    assert second.count() == 0 and (tmp_path / "b" / "mem" / "chroma").is_dir()
+    second.add_many([{"text": "stored from b", "reward": 0.5}])
+    assert first.count() == 1 and second.count() == 1
