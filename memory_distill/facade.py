@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -35,11 +36,15 @@ log = logging.getLogger(__name__)
 class MemoryDistill:
     """Store + registry + predictor for one home directory (or a Chroma server)."""
 
+    MAX_PREDICTORS = 1024
+    """Predictors kept, one per namespace asked for, least recently used dropped first (a later call makes it
+    again; the weights of a version still served elsewhere in the process are shared, not reloaded)."""
+
     def __init__(self, store: MemoryStore, registry: ArtifactRegistry, job: JobConfig | None = None) -> None:
         self.store = store
         self.registry = registry
         self.job = job or JobConfig()
-        self._predictors: dict[str | None, Predictor] = {}
+        self._predictors: OrderedDict[str | None, Predictor] = OrderedDict()  # by namespace, least recently used first
 
     @classmethod
     def open(cls, home: str | Path | None = None, *, settings: Settings | None = None,
@@ -146,7 +151,10 @@ class MemoryDistill:
         p = self._predictors.get(namespace)
         if p is None:
             p = self._predictors[namespace] = Predictor(self.registry, self.embedder, namespace=namespace)
+            while len(self._predictors) > self.MAX_PREDICTORS:  # a namespace per user: keep the recent ones
+                self._predictors.popitem(last=False)
         else:
+            self._predictors.move_to_end(namespace)
             p.refresh()
         return p
 

@@ -7,9 +7,12 @@ BLAS speed; on CUDA the torch module runs on the GPU.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,6 +29,20 @@ from .types import PredictionBatch, RewardPrediction
 __all__ = ["Predictor", "StudentRunner"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Served:
+    """One published version loaded for one device, shared by the Predictors of a process that serve it."""
+
+    loaded: LoadedModel
+    spec: FeatureSpec
+    runner: StudentRunner
+
+
+_SERVED: weakref.WeakValueDictionary[tuple[Any, ...], _Served] = weakref.WeakValueDictionary()
+"""Loaded versions by (version directory, device, checksums, creation time); gone when no Predictor serves them."""
+_SERVED_LOCK = threading.Lock()
 
 
 class StudentRunner:
@@ -147,31 +164,51 @@ class Predictor:
         self._pinned = version
         self._lock = threading.Lock()
         try:
-            loaded = self.registry.load(version, map_location=self.device)
+            served = self._load(self.registry, version)
         except NoModelError:
             if namespace is None or version is not None:
                 raise
             raise NoModelError(f"no model serves namespace {namespace!r} yet: neither its own (`memory-distill "
                                f"consolidate --namespace {namespace}`) nor a top-level one (`memory-distill "
                                "consolidate`)") from None
-        self._install(loaded)
+        self._install(served)
 
-    def _install(self, loaded: LoadedModel) -> None:
+    def _load(self, registry: ArtifactRegistry, version: str | None = None) -> _Served:
+        """``version`` (default CURRENT) of ``registry``, loaded once per process and device: every Predictor
+        serving it shares the weights (a model per user falls back to one top-level model, not one copy each)."""
+        v = version or registry.current_version()
+        if v is None:
+            registry.load(None)  # raises NoModelError, saying what to run
+        m = registry.manifest(v)  # type: ignore[arg-type]
+        key = (str((registry.versions_dir / v).resolve()), str(self.device),  # type: ignore[operator]
+               json.dumps(m.get("checksums"), sort_keys=True), m.get("created_at"))
+        with _SERVED_LOCK:
+            served = _SERVED.get(key)
+        if served is None:
+            loaded = registry.load(v, map_location=self.device)
+            try:
+                spec = FeatureSpec.from_manifest(loaded.manifest, loaded.student.n_features)
+            except ValueError as e:
+                raise ArtifactError(f"model {loaded.version}: {e}") from e
+            fresh = _Served(loaded, spec, StudentRunner(loaded.student, self.device))
+            with _SERVED_LOCK:
+                served = _SERVED.setdefault(key, fresh)
+        return served
+
+    def _install(self, served: _Served) -> None:
+        loaded = served.loaded
         emb = loaded.manifest.get("embedder", {})
         if self.embedder is not None and (emb.get("name") != self.embedder.name or int(emb.get("dim", -1)) != self.embedder.dim):
             raise EmbedderMismatchError(
                 f"model {loaded.version} was trained on embedder {emb.get('name')!r} (dim {emb.get('dim')}), "
                 f"but {self.embedder.name!r} (dim {self.embedder.dim}) was given: use the same embedder"
             )
-        try:
-            spec = FeatureSpec.from_manifest(loaded.manifest, loaded.student.n_features)
-        except ValueError as e:
-            raise ArtifactError(f"model {loaded.version}: {e}") from e
+        self._served = served  # keeps the shared weights alive while this Predictor serves them
         self.loaded = loaded
-        self.spec = spec
+        self.spec = served.spec
         self._warned_metadata = False  # once per served version
         self.bins: RewardBins = loaded.bins
-        self.runner = StudentRunner(loaded.student, self.device)
+        self.runner = served.runner
         self._centers = self.bins.centers
 
     @property
@@ -189,18 +226,18 @@ class Predictor:
         try:
             if self.namespace is not None and self.registry.namespace != self.namespace \
                     and (own := self._top.scoped(self.namespace)).current_version() is not None:
-                loaded = own.load(map_location=self.device)  # the namespace's first model: switch to it
+                served = self._load(own)  # the namespace's first model: switch to it
                 with self._lock:
-                    self._install(loaded)
+                    self._install(served)
                 self.registry = own
-                log.info("predictor now serves namespace %r's model %s", self.namespace, loaded.version)
+                log.info("predictor now serves namespace %r's model %s", self.namespace, served.loaded.version)
                 return True
             cur = self.registry.current_version()
             if cur is None or cur == self.version:
                 return False
-            loaded = self.registry.load(cur, map_location=self.device)
+            served = self._load(self.registry, cur)  # (read from disk outside the lock: predictions go on)
             with self._lock:
-                self._install(loaded)
+                self._install(served)
             log.info("predictor now serves %s", cur)
             return True
         except (ArtifactError, EmbedderMismatchError) as e:

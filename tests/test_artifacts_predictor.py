@@ -71,6 +71,37 @@ def test_predictor_picks_up_new_versions(tmp_path):
     assert a.mean != b.mean and b.model_version == "v000002"
 
 
+def test_predictors_of_one_version_share_its_weights(tmp_path):
+    """A model per user: every namespace without its own model falls back to the top-level one, and the
+    Predictors serving it share one loaded copy (not one per namespace); a version wiped and trained again under
+    the same name is not mistaken for the old one; the copy goes when no Predictor serves it."""
+    import gc
+
+    from memory_distill import predictor as predictor_mod
+
+    reg = ArtifactRegistry(tmp_path / "a")
+    _publish(reg, 1)
+    emb = HashingEmbedder(dim=256)
+    preds = [Predictor(reg, emb, namespace=f"user-{i}") for i in range(5)]
+    assert len({id(p.runner) for p in preds}) == 1 and preds[0].runner is Predictor(reg, emb).runner
+    first = preds[0].predict(["hello"])[0].mean
+    assert all(p.predict(["hello"])[0].mean == first for p in preds)
+    _publish(reg, 2)  # a new version: refreshed predictors share that one too
+    assert all(p.refresh() for p in preds) and len({id(p.runner) for p in preds}) == 1
+    assert preds[0].version == "v000002" and preds[0].predict(["hello"])[0].mean != first
+
+    shutil.rmtree(tmp_path / "a")  # wiped, and a different model published under the same version name
+    reg = ArtifactRegistry(tmp_path / "a")
+    _publish(reg, 3)
+    again = Predictor(reg, emb)
+    assert again.version == "v000001" and again.runner is not preds[0].runner
+    assert again.predict(["hello"])[0].mean != first
+    n = len(predictor_mod._SERVED)
+    del preds, again
+    gc.collect()
+    assert len(predictor_mod._SERVED) < n
+
+
 def test_predictor_refuses_other_embedder(tmp_path):
     reg = ArtifactRegistry(tmp_path)
     _publish(reg, 1)

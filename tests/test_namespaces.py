@@ -133,6 +133,20 @@ def test_a_namespace_predictor_switches_to_the_namespace_model_when_it_appears(m
     assert b_guess - b_search > top_gap + 0.3
 
 
+def test_a_namespace_per_user_shares_the_fallback_model_and_keeps_recent_predictors(mem) -> None:  # type: ignore[no-untyped-def]
+    """Many namespaces without models of their own: their predictors share the top-level weights, and the facade
+    keeps the most recently used MAX_PREDICTORS of them (an evicted one is made again on demand)."""
+    mem.consolidate()
+    mem.MAX_PREDICTORS = 3
+    means = [mem.predict(SEARCH, namespace=f"user-{i}")[0].mean for i in range(5)]
+    assert len(set(means)) == 1 and list(mem._predictors) == ["user-2", "user-3", "user-4"]
+    assert len({id(p.runner) for p in mem._predictors.values()}) == 1
+    mem.predict(SEARCH, namespace="user-2")  # used: now the most recent
+    mem.predict(SEARCH, namespace="user-0")  # made again; user-3 is the least recently used
+    assert list(mem._predictors) == ["user-4", "user-2", "user-0"]
+    assert mem.predict(SEARCH, namespace="user-0")[0].mean == means[0]
+
+
 def test_namespace_workers_keep_one_model_per_namespace(mem, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     from memory_distill import NamespaceWorkers
 
