@@ -263,6 +263,55 @@ def bench_agent_overhead(n: int = 10_000, runs: int = 100) -> dict[str, Any]:
             "bg_p95_ms": 1000 * float(np.percentile(t_bg, 95))}
 
 
+NAMESPACES_CHILD = r"""
+import json, sys, time, tempfile
+sys.path.insert(0, {root!r}); sys.path.insert(0, {root!r} + "/integrations")
+import torch
+from memory_distill import ArtifactRegistry, HashingEmbedder, MemoryDistill, MemoryStore, RewardMLP, StoreConfig
+from memory_distill.config import DistillConfig, TeacherConfig
+from memory_distill.predictor import StudentRunner
+
+def rss_mb():
+    return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+
+mode, n, dim = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+d = tempfile.mkdtemp()
+reg = ArtifactRegistry(d + "/models")
+t = RewardMLP(dim, list(TeacherConfig().hidden), 64, batchnorm=True)
+st = RewardMLP(dim, list(DistillConfig().hidden), 64)
+reg.publish(t, st, {{"embedder": {{"name": f"hashing-v1-{{dim}}", "dim": dim}},
+                     "bins": {{"low": 0, "high": 1, "n_bins": 64}}, "status": "promoted"}}, promote=True, train_ids=[])
+emb = HashingEmbedder(dim=dim)
+mem = MemoryDistill(MemoryStore(emb, StoreConfig(mode="ephemeral")), reg)
+mem.predict(["a warm-up task"])
+base = rss_mb()
+kept, first = [], []
+for i in range(n):
+    t0 = time.perf_counter()
+    if mode == "ours":  # the facade: a predictor per namespace, each falling back to the top-level model
+        mem.predict(["a task"], namespace=f"user-{{i}}")
+    else:  # a per-namespace cache of loaded models: one copy each (this library before it shared them)
+        loaded = reg.load()
+        kept.append(StudentRunner(loaded.student))
+        kept[-1].logits(emb.embed(["a task"]))
+    first.append(time.perf_counter() - t0)
+first.sort()
+print(json.dumps({{"rss_mb": rss_mb() - base, "first_ms": 1000 * first[len(first) // 2]}}))
+"""
+
+
+def bench_namespaces(n: int = 300, dim: int = 1536) -> dict[str, Any]:
+    """RSS added by serving ``n`` namespaces that fall back to one top-level model, each mode in its own process."""
+    out: dict[str, Any] = {"n": n, "dim": dim}
+    code = NAMESPACES_CHILD.format(root=str(ROOT))
+    for mode in ("ours", "copies"):
+        res = subprocess.run([sys.executable, "-c", code, mode, str(n), str(dim)], capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr[-3000:])
+        out[mode] = json.loads(res.stdout.strip().splitlines()[-1])
+    return out
+
+
 def bench_filtered_search(n: int = 100_000, dim: int = 384, queries: int = 100) -> dict[str, Any]:
     """``MemoryStore.search(k=5, where=...)`` vs raw chromadb ``collection.query(where=...)`` of the same
     filter (namespace and metadata condition), alternated, on n random memories; a quarter of the rows
@@ -929,6 +978,18 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
               [f"| {r['bare_p50_ms']:.1f} | {r['mem_p50_ms']:.1f} | **{r['added_p50_ms']:.1f}** | {r['mem_p95_ms']:.1f} | "
                + (f"{r['bg_p50_ms']:.1f} | **{r['bg_added_p50_ms']:.1f}** | {r['bg_p95_ms']:.1f} |" if "bg_p50_ms" in r
                   else "- | - | - |")])
+    if res.get("namespaces"):
+        r = res["namespaces"]
+        L += _section("A namespace per user: serving memory",
+              f"{r['n']} namespaces without models of their own, each asked for one prediction through "
+              "`MemoryDistill.predict(..., namespace=...)`, so each gets a predictor that falls back to the top-level "
+              f"model (default student, dim {r['dim']}); next to it, a per-namespace cache holding one loaded copy "
+              "of that model each (what this library did before predictors shared a version's weights). Each in its "
+              "own process; RSS added after the first prediction; first-prediction time per namespace (median).",
+              ["namespaces", "RSS added, shared (MB)", "RSS added, one copy each (MB)", "first prediction, shared (ms)",
+               "one copy each (ms)"],
+              [f"| {r['n']} | **{r['ours']['rss_mb']:.0f}** | {r['copies']['rss_mb']:.0f} | "
+               f"{r['ours']['first_ms']:.2f} | {r['copies']['first_ms']:.2f} |"])
     if res.get("long_texts"):
         r = res["long_texts"]
         L += _section("Embedding long texts (MiniLM, `LocalEmbedder`)",
@@ -1014,7 +1075,7 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["speed", "inference", "scaling", "ranking", "long-texts", "transfer",
-                                       "langgraph", "vectorstore", "agent", "filtered", "quality", "all"],
+                                       "langgraph", "vectorstore", "agent", "filtered", "namespaces", "quality", "all"],
                     default="all")
     ap.add_argument("--ranking-sizes", type=int, nargs="*", default=[10_000, 100_000])
     ap.add_argument("--ingest-sizes", type=int, nargs="*", default=[10_000])
@@ -1078,6 +1139,9 @@ def main() -> None:
     if args.only in ("speed", "agent", "all"):
         res["agent_overhead"] = bench_agent_overhead()
         print("agent overhead", json.dumps(res["agent_overhead"]), flush=True)
+    if args.only in ("speed", "namespaces", "all"):
+        res["namespaces"] = bench_namespaces()
+        print("namespaces", json.dumps(res["namespaces"]), flush=True)
     if args.only in ("long-texts", "all"):
         row = bench_long_texts()
         if row is not None:
