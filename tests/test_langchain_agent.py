@@ -738,3 +738,57 @@ def test_long_running_recorders_hold_bounded_state(store, monkeypatch):
     bare = create_agent(ScriptedChatModel(responses=[AIMessage(content="Done.")]), [], middleware=[mw])
     ids = [bare.invoke({"messages": [HumanMessage(f"task {i}")]})["memory_distill_episode_id"] for i in range(5)]
     assert mw.episode_ids == ids[-3:] and store.count() == 9  # all written, the latest ids kept
+
+
+def test_one_agent_serves_many_users_each_in_their_own_namespace(tmp_path, caplog):
+    """namespace= a function of the run's runtime: one agent records each user's episodes in the user's own
+    namespace, recalls only from it (middleware and recall tool) and scores it with the model serving it."""
+    from dataclasses import dataclass
+
+    from memory_distill import (
+        ArtifactRegistry,
+        HashingEmbedder,
+        InvalidMemoryError,
+        MemoryDistill,
+        MemoryStore,
+    )
+    from memory_distill import StoreConfig as SC
+
+    @dataclass
+    class Ctx:
+        user_id: str
+
+    mem = MemoryDistill(MemoryStore(HashingEmbedder(dim=128), SC(path=tmp_path / "chroma")),
+                        ArtifactRegistry(tmp_path / "models"), fast_job())
+    eps = synthetic_episodes(300, seed=5)
+    mem.add_many([{**e, "namespace": "user-alice"} for e in eps])
+    mem.consolidate(namespace="user-alice")  # alice has a model of her own; bob has none, nor is there a top-level one
+    mem.add_many([{"text": "Task: bob's spreadsheet. The agent asked bob.", "reward": 0.3, "namespace": "user-bob"}])
+
+    mw = MemoryDistillMiddleware.from_memory(mem, namespace=lambda rt: f"user-{rt.context.user_id}", k=2,
+                                             expose_recall_tool=True)
+    model = ScriptedChatModel(responses=tool_then_answer("recall_past_episodes", {"query": "Task: find"}, "Done."))
+    agent = create_agent(model, [], middleware=[mw], context_schema=Ctx)
+    q = {"messages": [HumanMessage("Task: find the population of Oslo in 2020.")]}
+    alice = agent.invoke(q, context=Ctx("alice"))
+    prompt = next(m for m in model.seen[-1] if isinstance(m, SystemMessage)).content
+    tool_out = next(m for m in alice["messages"] if m.type == "tool").content
+    assert "±" in prompt and "bob" not in prompt  # alice's episodes, scored by alice's model (predicted mean±std)
+    assert "±" in tool_out and "bob" not in tool_out  # the tool searched alice's namespace too
+    bob = asyncio.run(agent.ainvoke(q, context=Ctx("bob")))
+    prompt = next(m for m in model.seen[-1] if isinstance(m, SystemMessage)).content
+    assert "bob's spreadsheet" in prompt and "±" not in prompt  # bob's own, stored rewards: no model
+    assert mem.store.get(alice["memory_distill_episode_id"]).namespace == "user-alice"
+    assert mem.store.get(bob["memory_distill_episode_id"]).namespace == "user-bob"
+
+    # a run whose context lacks what the function reads: recall is skipped and the episode dropped (logged), or
+    # with errors="raise" a clear error
+    broken = create_agent(ScriptedChatModel(responses=[AIMessage(content="Done.")]), [], middleware=[mw])
+    out = broken.invoke(q)
+    assert out["messages"][-1].content == "Done." and "memory_distill_episode_id" not in out
+    assert "namespace=: the function raised AttributeError" in caplog.text
+    strict = MemoryDistillMiddleware(mem.store, namespace=lambda rt: "", recall=False, errors="raise")
+    with pytest.raises(InvalidMemoryError, match="namespace=: the function returned '' for this run"):
+        create_agent(ScriptedChatModel(responses=[AIMessage(content="Done.")]), [], middleware=[strict]).invoke(q)
+    with pytest.raises(TypeError, match="namespace must be a string or a function"):
+        MemoryDistillMiddleware(mem.store, namespace=42)

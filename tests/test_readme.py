@@ -30,8 +30,9 @@ def home(tmp_path, monkeypatch):
 
 def test_the_readme_has_the_examples_this_file_runs():
     blocks = python_blocks()
-    assert len(blocks) == 3
+    assert len(blocks) == 4
     assert "MemoryDistill.open()" in blocks[0] and "ModelDistillation" in blocks[1] and "create_agent" in blocks[2]
+    assert "context_schema=Context" in blocks[3]
 
 
 def test_use_it_from_python_runs_as_written(home):
@@ -65,6 +66,9 @@ def test_attach_it_to_a_langchain_agent_runs_as_written(home):
     exec(compile(python_blocks()[2], "README.md: Attach it to a LangChain agent", "exec"), scope)
     mid = scope["out"]["memory_distill_episode_id"]
     assert mem.store.get(mid).reward == 0.8  # reward_fn graded it 1.0; the late feedback replaced it
+    # "One agent, many users", in the same session
+    exec(compile(python_blocks()[3], "README.md: One agent, many users", "exec"), scope)
+    assert mem.store.count(namespace="user-alice") == 1 and mem.store.count() == 2
 
 
 def cli_lines() -> list[str]:

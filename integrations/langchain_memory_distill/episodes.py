@@ -18,8 +18,9 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMe
 from memory_distill.errors import InvalidMemoryError
 from memory_distill.store import MemoryStore, coerce_memory
 
-__all__ = ["RECENT_IDS", "EpisodeWriter", "check_episode_settings", "current_thread_id", "episode_from_messages",
-           "episode_metadata", "episode_text", "input_group", "message_text", "record_episode", "response_model_name"]
+__all__ = ["RECENT_IDS", "EpisodeWriter", "NamespaceFn", "check_episode_settings", "current_thread_id",
+           "episode_from_messages", "episode_metadata", "episode_text", "input_group", "message_text", "record_episode",
+           "response_model_name", "run_namespace"]
 
 log = logging.getLogger(__name__)
 Errors = Literal["warn", "raise"]
@@ -441,6 +442,25 @@ def episode_metadata(user_input: str, model: str | None, user: dict[str, Any], *
     recorder itself observed (``source``, counts, outcome)."""
     return {"group": input_group(user_input), **({"model": model} if model else {}),
             **({"thread_id": str(thread_id)} if thread_id is not None else {}), **user, **recorded}
+
+
+NamespaceFn = Callable[[Any], str]
+"""A run's namespace from its LangGraph runtime (``runtime.context``), e.g. ``lambda rt: f"user-{rt.context.user_id}"``."""
+
+
+def run_namespace(namespace: str | NamespaceFn, runtime: Any) -> str:
+    """``namespace`` itself, or what the function gives for this run's ``runtime``, checked."""
+    if isinstance(namespace, str):
+        return namespace
+    try:
+        ns = namespace(runtime)
+    except Exception as e:
+        raise InvalidMemoryError(f"namespace=: the function raised {type(e).__name__}: {e} for this run "
+                                 "(does the agent's context carry what it reads?)") from e
+    if not isinstance(ns, str) or not ns:
+        raise InvalidMemoryError(f"namespace=: the function returned {ns!r} for this run; it must return a "
+                                 "non-empty string (a team, user or project name)")
+    return ns
 
 
 def current_thread_id() -> str | None:

@@ -21,6 +21,10 @@ Memory never takes the agent down (``errors="warn"``, the default): when the sto
 thread (:class:`~langchain_memory_distill.episodes.EpisodeWriter`) do them; :meth:`flush` waits for both,
 and what is queued is written when the process exits.
 
+``namespace`` may be a function of the run's runtime (``lambda rt: f"user-{rt.context.user_id}"``): one agent
+then records, recalls and scores each run in its own namespace (``predictor_for``, set by :meth:`from_memory`,
+gives the model serving it).
+
 Every hook has its async twin.
 """
 
@@ -36,17 +40,21 @@ from langchain.agents.middleware import AgentMiddleware, AgentState, ModelReques
 from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
 from typing_extensions import NotRequired
 
+from memory_distill.errors import InvalidMemoryError
+from memory_distill.predictor import Predictor
 from memory_distill.store import MemoryStore
 
 from .episodes import (
     EpisodeWriter,
     Errors,
+    NamespaceFn,
     check_episode_settings,
     current_thread_id,
     episode_from_messages,
     episode_metadata,
     message_text,
     record_episode,
+    run_namespace,
 )
 from .retriever import PredictorLike, ValueAwareRetriever
 from .tools import make_recall_tool
@@ -72,7 +80,8 @@ class MemoryDistillMiddleware(AgentMiddleware):
         predictor: PredictorLike = None,
         *,
         k: int = 3,
-        namespace: str = "default",
+        namespace: str | NamespaceFn = "default",
+        predictor_for: Callable[[str], Predictor | None] | None = None,
         diversity: float = 0.0,
         recall: bool = True,
         record: bool = True,
@@ -87,33 +96,55 @@ class MemoryDistillMiddleware(AgentMiddleware):
         background: bool = False,
     ) -> None:
         super().__init__()
+        if not (isinstance(namespace, str) or callable(namespace)):
+            raise TypeError(f"namespace must be a string or a function of the run's runtime, got "
+                            f"{type(namespace).__name__}")
+        fixed = namespace if isinstance(namespace, str) else "default"
         self.store = store
         self.writer = EpisodeWriter(store, errors=errors, max_unsaved=max_unsaved, background=background)
-        self.retriever = retriever or ValueAwareRetriever(store=store, predictor=predictor, k=k, namespace=namespace,
+        self.retriever = retriever or ValueAwareRetriever(store=store, predictor=predictor, k=k, namespace=fixed,
                                                           diversity=diversity)
         self.namespace = namespace
+        self.predictor_for = predictor_for
         self.do_recall, self.do_record = recall, record
         self.reward_fn = reward_fn
-        self.metadata = check_episode_settings(store, metadata, namespace, failure_reward)
+        self.metadata = check_episode_settings(store, metadata, fixed, failure_reward)
         self.failure_reward = failure_reward
         self.handle_tool_errors = handle_tool_errors
-        self.tools = [make_recall_tool(self.retriever)] if expose_recall_tool else []
+        self.tools = ([make_recall_tool(self.retriever, namespace=None if isinstance(namespace, str) else namespace,
+                                        predictor_for=predictor_for)] if expose_recall_tool else [])
         self.episode_ids: list[str] = []
         """Ids of the episodes this recorded, oldest first (the last ``RECENT_IDS``, 10,000)."""
         self.errors = errors
 
     @classmethod
-    def from_memory(cls, mem: Any, *, namespace: str = "default", **kw: Any) -> MemoryDistillMiddleware:
-        """Middleware on ``mem`` (a :class:`~memory_distill.MemoryDistill`) for one namespace.
+    def from_memory(cls, mem: Any, *, namespace: str | NamespaceFn = "default", **kw: Any) -> MemoryDistillMiddleware:
+        """Middleware on ``mem`` (a :class:`~memory_distill.MemoryDistill`) for one namespace, or for each run's
+        own (``namespace`` a function of the run's runtime, e.g. ``lambda rt: f"user-{rt.context.user_id}"``).
 
-        Recall scores with the model serving the namespace, picked up as it is published (stored
+        Recall scores with the model serving the run's namespace, picked up as it is published (stored
         rewards before the first consolidation); no restart needed when a model appears.
         """
-        return cls(mem.store, lambda: mem.try_predictor(namespace), namespace=namespace, **kw)
+        if isinstance(namespace, str):
+            return cls(mem.store, lambda: mem.try_predictor(namespace), namespace=namespace, **kw)
+        return cls(mem.store, None, namespace=namespace, predictor_for=mem.try_predictor, **kw)
+
+    def _run_namespace(self, runtime: Any) -> str:
+        return run_namespace(self.namespace, runtime)
+
+    def _recall_kwargs(self, runtime: Any) -> dict[str, Any]:
+        """The retriever's per-call arguments for this run: its namespace and the predictor serving it."""
+        if isinstance(self.namespace, str):
+            return {}
+        ns = self._run_namespace(runtime)
+        kw: dict[str, Any] = {"namespace": ns}
+        if self.predictor_for is not None:
+            kw["predictor"] = self.predictor_for(ns)
+        return kw
 
     # ------------------------------------------------------------------ recall
 
-    def _recall_text(self, state: Any) -> str | None:
+    def _recall_text(self, state: Any, runtime: Any = None) -> str | None:
         query = next((message_text(m) for m in reversed(state["messages"]) if isinstance(m, HumanMessage)), "")
         if not query.strip():  # (no count of the namespace first: a filtered count reads every row)
             return None
@@ -121,7 +152,7 @@ class MemoryDistillMiddleware(AgentMiddleware):
         seen: set[str] = set()
         docs = []
         thread = current_thread_id()
-        for d in self.retriever.invoke(query, k=2 * k):  # an episode recorded several times shows once
+        for d in self.retriever.invoke(query, k=2 * k, **self._recall_kwargs(runtime)):  # duplicates show once
             if thread is not None and d.metadata.get("thread_id") == thread:
                 continue  # an earlier turn of this conversation: the model sees it in the messages already
             if d.page_content not in seen:
@@ -142,7 +173,7 @@ class MemoryDistillMiddleware(AgentMiddleware):
         if not self.do_recall:
             return None
         try:
-            text = self._recall_text(state)
+            text = self._recall_text(state, runtime)
         except Exception as e:
             if self.errors == "raise":
                 raise
@@ -174,7 +205,7 @@ class MemoryDistillMiddleware(AgentMiddleware):
         if not self.handle_tool_errors:
             msgs = list((request.state or {}).get("messages", []))
             msgs.append(ToolMessage(content=f"{type(e).__name__}: {e}", tool_call_id=tc["id"], name=tc["name"], status="error"))
-            self._record(msgs, failed=True)
+            self._record(msgs, failed=True, runtime=getattr(request, "runtime", None))
             raise e
         log.info("tool %s failed: %s", tc["name"], e)
         return ToolMessage(content=f"Tool error: {type(e).__name__}: {e}", tool_call_id=tc["id"], name=tc["name"],
@@ -194,7 +225,7 @@ class MemoryDistillMiddleware(AgentMiddleware):
 
     # ------------------------------------------------------------------ record
 
-    def _record(self, messages: list[Any], *, failed: bool = False) -> str | None:
+    def _record(self, messages: list[Any], *, failed: bool = False, runtime: Any = None) -> str | None:
         ep = episode_from_messages(messages)
         if not ep["input"]:
             return None
@@ -205,7 +236,14 @@ class MemoryDistillMiddleware(AgentMiddleware):
                                 outcome="failed" if failed else "completed")
         grade = self.writer.grader(self.reward_fn, ep["input"], ep["answer"], messages, failed=failed,
                                    failure_reward=self.failure_reward)
-        mid = record_episode(self.writer, self.episode_ids, ep["text"], meta, self.namespace, grade)
+        try:
+            namespace = self._run_namespace(runtime)
+        except InvalidMemoryError as e:
+            if self.errors == "raise":
+                raise
+            log.error("memory_distill: episode dropped, it cannot be stored: %s", e)
+            return None
+        mid = record_episode(self.writer, self.episode_ids, ep["text"], meta, namespace, grade)
         return mid
 
     @property
@@ -228,7 +266,7 @@ class MemoryDistillMiddleware(AgentMiddleware):
     def after_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:
         if not self.do_record:
             return None
-        mid = self._record(list(state["messages"]))
+        mid = self._record(list(state["messages"]), runtime=runtime)
         return {"memory_distill_episode_id": mid} if mid else None
 
     async def aafter_agent(self, state: Any, runtime: Any) -> dict[str, Any] | None:

@@ -73,7 +73,7 @@ def value_blend(predictor: Predictor, similarity: np.ndarray, X: np.ndarray, mem
 class ValueAwareRetriever(BaseRetriever):
     """Retrieve past episodes from a :class:`MemoryStore`, re-ranked by predicted value.
 
-    ``k``, ``mode``, ``where`` and ``namespace`` can be overridden per call:
+    ``k``, ``mode``, ``where``, ``namespace``, ``diversity`` and ``predictor`` can be overridden per call:
     ``retriever.invoke("query", k=2, mode="cautionary", where={"tool": "search"})``.
     """
 
@@ -132,7 +132,9 @@ class ValueAwareRetriever(BaseRetriever):
             raise ValueError(f"diversity must be a number >= 0, got {diversity!r}")
         # re-ranking by value or diversity needs a candidate pool; plain similarity needs only k
         fetch = max(k, int(kwargs.get("fetch_k", self.fetch_k))) if mode != "similarity" or diversity > 0 else k
-        predictor = self.current_predictor()
+        # per call: a predictor (or provider) for this call's namespace, e.g. the middleware's for a run's user
+        predictor = (resolve_predictor(kwargs["predictor"], refresh=self.auto_refresh) if "predictor" in kwargs
+                     else self.current_predictor())
         hits = self.store.search(query, fetch, namespace=namespace, where=where,
                                  rewarded_only=kwargs.get("rewarded_only", self.rewarded_only),
                                  include_embeddings=predictor is not None or diversity > 0)

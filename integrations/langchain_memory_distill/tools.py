@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from langchain_core.tools import BaseTool, StructuredTool
 
 from memory_distill.predictor import Predictor
 
+from .episodes import NamespaceFn, run_namespace
 from .retriever import ValueAwareRetriever
 
 __all__ = ["make_predict_tool", "make_recall_tool"]
@@ -24,18 +25,44 @@ def _fmt_doc(d) -> str:  # type: ignore[no-untyped-def]
     return f"- [{', '.join(parts) or 'no reward yet'}] {d.page_content[:500]}"
 
 
-def make_recall_tool(retriever: ValueAwareRetriever, *, name: str = "recall_past_episodes") -> BaseTool:
-    """A tool returning the most relevant past episodes with their (predicted) rewards."""
+def make_recall_tool(retriever: ValueAwareRetriever, *, name: str = "recall_past_episodes",
+                     namespace: str | NamespaceFn | None = None,
+                     predictor_for: Callable[[str], Predictor | None] | None = None) -> BaseTool:
+    """A tool returning the most relevant past episodes with their (predicted) rewards.
 
-    def recall(query: str, mode: str = "likely_success") -> str:
-        docs = retriever.invoke(query, mode=mode)
+    ``namespace``: where to search (default: the retriever's); a function of the run's runtime
+    (``runtime.context``) searches each run's own namespace, e.g. the calling user's. ``predictor_for``:
+    the predictor serving a namespace (``mem.try_predictor``), so each namespace's episodes are scored by
+    its own model.
+    """
+    description = ("Search your past episodes similar to `query`. mode='likely_success' favours what worked, "
+                   "mode='cautionary' surfaces past failures to avoid.")
+
+    def search(query: str, mode: str, ns: str | None) -> str:
+        kw: dict[str, Any] = {}
+        if ns is not None:
+            kw["namespace"] = ns
+            if predictor_for is not None:
+                kw["predictor"] = predictor_for(ns)
+        docs = retriever.invoke(query, mode=mode, **kw)
         return "\n".join(_fmt_doc(d) for d in docs) or "no relevant past episodes"
 
-    return StructuredTool.from_function(
-        recall, name=name,
-        description=("Search your past episodes similar to `query`. mode='likely_success' favours what worked, "
-                     "mode='cautionary' surfaces past failures to avoid."),
-    )
+    if namespace is None or isinstance(namespace, str):
+        def recall(query: str, mode: str = "likely_success") -> str:
+            return search(query, mode, namespace)
+
+        return StructuredTool.from_function(recall, name=name, description=description)
+
+    from langchain.tools import ToolRuntime
+
+    fn = namespace
+
+    def recall_in_run(query: str, runtime: ToolRuntime, mode: str = "likely_success") -> str:
+        return search(query, mode, run_namespace(fn, runtime))
+
+    # the runtime is injected by the agent's tool node, never shown to the model
+    recall_in_run.__annotations__ = {"query": str, "runtime": ToolRuntime[Any, Any], "mode": str, "return": str}
+    return StructuredTool.from_function(recall_in_run, name=name, description=description)
 
 
 def make_predict_tool(predictor: Predictor, *, name: str = "estimate_payoff",
