@@ -792,3 +792,20 @@ def test_one_agent_serves_many_users_each_in_their_own_namespace(tmp_path, caplo
         create_agent(ScriptedChatModel(responses=[AIMessage(content="Done.")]), [], middleware=[strict]).invoke(q)
     with pytest.raises(TypeError, match="namespace must be a string or a function"):
         MemoryDistillMiddleware(mem.store, namespace=42)
+
+
+def test_one_callback_handler_records_each_run_in_its_own_namespace(store, caplog):
+    """EpisodeRecorder(namespace=fn of the run's metadata): the namespace comes from each run's config."""
+    from memory_distill import InvalidMemoryError
+
+    rec = EpisodeRecorder(store, namespace=lambda md: f"user-{md['user_id']}")
+    agent = create_agent(ScriptedChatModel(responses=[AIMessage(content="Done.")]), [])
+    for user in ("alice", "bob"):
+        agent.invoke({"messages": [HumanMessage(f"{user}'s task")]},
+                     config={"callbacks": [rec], "metadata": {"user_id": user}})
+    assert [m.namespace for m in store.get_many(rec.episode_ids)] == ["user-alice", "user-bob"]
+    agent.invoke({"messages": [HumanMessage("no user")]}, config={"callbacks": [rec]})  # dropped, logged
+    assert len(rec.episode_ids) == 2 and "namespace=: the function raised KeyError" in caplog.text
+    strict = EpisodeRecorder(store, namespace=lambda md: md.get("user_id"), errors="raise")
+    with pytest.raises(InvalidMemoryError, match="namespace=: the function returned None"):
+        agent.invoke({"messages": [HumanMessage("no user")]}, config={"callbacks": [strict]})

@@ -4,11 +4,14 @@
 root run: the user input, the tool calls and their results or errors, and the final answer.
 A root run that raises is recorded as a failed episode. While the store is unreachable, episodes
 wait in :attr:`EpisodeRecorder.unsaved` and are written with the next one that gets through
-(:class:`~langchain_memory_distill.episodes.EpisodeWriter`).
+(:class:`~langchain_memory_distill.episodes.EpisodeWriter`). ``namespace`` may be a function of the
+run's metadata (``config["metadata"]``, e.g. ``lambda md: f"user-{md['user_id']}"``): one handler then
+records each run in its own namespace.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,6 +21,7 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
+from memory_distill.errors import InvalidMemoryError
 from memory_distill.store import MemoryStore
 
 from .episodes import (
@@ -29,9 +33,12 @@ from .episodes import (
     message_text,
     record_episode,
     response_model_name,
+    run_namespace,
 )
 
 __all__ = ["EpisodeRecorder"]
+
+log = logging.getLogger(__name__)
 
 
 def _input_text(inputs: Any) -> str:
@@ -56,7 +63,7 @@ class EpisodeRecorder(BaseCallbackHandler):
 
     raise_error = False
 
-    def __init__(self, store: MemoryStore, *, namespace: str = "default",
+    def __init__(self, store: MemoryStore, *, namespace: str | Callable[[dict[str, Any]], str] = "default",
                  reward_fn: Callable[[str, str, list[Any]], float | None] | None = None,
                  failure_reward: float | None = 0.0, metadata: dict[str, Any] | None = None,
                  errors: Errors = "warn", max_unsaved: int = 1000, background: bool = False) -> None:
@@ -65,9 +72,13 @@ class EpisodeRecorder(BaseCallbackHandler):
         self.errors = errors
         # LangChain swallows (logs) a handler's exceptions unless it says otherwise: errors="raise" must reach the caller
         self.raise_error = errors == "raise"
+        if not (isinstance(namespace, str) or callable(namespace)):
+            raise TypeError(f"namespace must be a string or a function of the run's metadata, got "
+                            f"{type(namespace).__name__}")
         self.namespace = namespace
         self.reward_fn = reward_fn
-        self.metadata = check_episode_settings(store, metadata, namespace, failure_reward)
+        self.metadata = check_episode_settings(store, metadata, namespace if isinstance(namespace, str) else "default",
+                                               failure_reward)
         self.failure_reward = failure_reward
         self.episode_ids: list[str] = []
         """Ids of the episodes this recorded, oldest first (the last ``RECENT_IDS``, 10,000)."""
@@ -95,9 +106,10 @@ class EpisodeRecorder(BaseCallbackHandler):
     def on_chain_start(self, serialized: dict[str, Any] | None, inputs: Any, *, run_id: UUID,
                        parent_run_id: UUID | None = None, **kwargs: Any) -> None:
         if parent_run_id is None:
-            thread = (kwargs.get("metadata") or {}).get("thread_id")  # LangGraph copies a checkpointer's thread here
+            run_meta = dict(kwargs.get("metadata") or {})  # config["metadata"]; LangGraph adds thread_id and the like
             with self._lock:
-                self._runs[run_id] = {"input": _input_text(inputs), "tools": [], "model": None, "thread_id": thread}
+                self._runs[run_id] = {"input": _input_text(inputs), "tools": [], "model": None,
+                                      "thread_id": run_meta.get("thread_id"), "run_metadata": run_meta}
         else:
             self._root(run_id, parent_run_id)
 
@@ -168,7 +180,14 @@ class EpisodeRecorder(BaseCallbackHandler):
                                 tool_calls=len(run["tools"]), outcome="failed" if failed else "completed")
         grade = self.writer.grader(self.reward_fn if error is None else None, run["input"], answer, msgs or [],
                                    failed=failed, failure_reward=self.failure_reward)
-        record_episode(self.writer, self.episode_ids, text, meta, self.namespace, grade)
+        try:
+            namespace = run_namespace(self.namespace, run["run_metadata"])
+        except InvalidMemoryError as e:
+            if self.errors == "raise":
+                raise
+            log.error("memory_distill: episode dropped, it cannot be stored: %s", e)
+            return
+        record_episode(self.writer, self.episode_ids, text, meta, namespace, grade)
 
     @property
     def unsaved(self) -> OrderedDict[str, dict[str, Any]]:
