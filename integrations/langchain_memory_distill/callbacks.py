@@ -11,7 +11,6 @@ records each run in its own namespace.
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,7 +20,6 @@ from uuid import UUID
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 
-from memory_distill.errors import InvalidMemoryError
 from memory_distill.store import MemoryStore
 
 from .episodes import (
@@ -33,12 +31,9 @@ from .episodes import (
     message_text,
     record_episode,
     response_model_name,
-    run_namespace,
 )
 
 __all__ = ["EpisodeRecorder"]
-
-log = logging.getLogger(__name__)
 
 
 def _input_text(inputs: Any) -> str:
@@ -180,14 +175,7 @@ class EpisodeRecorder(BaseCallbackHandler):
                                 tool_calls=len(run["tools"]), outcome="failed" if failed else "completed")
         grade = self.writer.grader(self.reward_fn if error is None else None, run["input"], answer, msgs or [],
                                    failed=failed, failure_reward=self.failure_reward)
-        try:
-            namespace = run_namespace(self.namespace, run["run_metadata"])
-        except InvalidMemoryError as e:
-            if self.errors == "raise":
-                raise
-            log.error("memory_distill: episode dropped, it cannot be stored: %s", e)
-            return
-        record_episode(self.writer, self.episode_ids, text, meta, namespace, grade)
+        record_episode(self.writer, self.episode_ids, text, meta, self.namespace, run["run_metadata"], grade)
 
     @property
     def unsaved(self) -> OrderedDict[str, dict[str, Any]]:

@@ -326,12 +326,22 @@ RECENT_IDS = 10_000
 """How many of the latest episode ids a recorder keeps in ``episode_ids`` (a long-running server records millions)."""
 
 
-def record_episode(writer: EpisodeWriter, recent: list[str], text: str, metadata: dict[str, Any], namespace: str,
+def record_episode(writer: EpisodeWriter, recent: list[str], text: str, metadata: dict[str, Any],
+                   namespace: str | Callable[[Any], str], run: Any,
                    grade: Callable[[], float | None] | None) -> str | None:
-    """A recorder's write (:meth:`EpisodeWriter.write_or_drop`), its id appended to ``recent`` (the last
-    :data:`RECENT_IDS`), also when an error raised after the episode was queued carries it."""
+    """A recorder's write (:meth:`EpisodeWriter.write_or_drop`) in ``namespace`` (or what the function gives for
+    ``run``: the run's runtime or metadata), its id appended to ``recent`` (the last :data:`RECENT_IDS`), also
+    when an error raised after the episode was queued carries it. A namespace the function cannot give drops the
+    episode like any the store cannot hold (logged; ``errors="raise"`` raises)."""
     try:
-        mid = writer.write_or_drop(text, metadata, namespace, grade)
+        ns = run_namespace(namespace, run)
+    except InvalidMemoryError as e:
+        if writer.errors == "raise":
+            raise
+        log.error("memory_distill: episode dropped, it cannot be stored: %s", e)
+        return None
+    try:
+        mid = writer.write_or_drop(text, metadata, ns, grade)
     except Exception as e:
         if getattr(e, "episode_id", None):  # errors="raise" after the episode was queued: it is kept
             _keep_recent(recent, e.episode_id)  # type: ignore[attr-defined]

@@ -40,7 +40,6 @@ from langchain.agents.middleware import AgentMiddleware, AgentState, ModelReques
 from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
 from typing_extensions import NotRequired
 
-from memory_distill.errors import InvalidMemoryError
 from memory_distill.predictor import Predictor
 from memory_distill.store import MemoryStore
 
@@ -129,14 +128,11 @@ class MemoryDistillMiddleware(AgentMiddleware):
             return cls(mem.store, lambda: mem.try_predictor(namespace), namespace=namespace, **kw)
         return cls(mem.store, None, namespace=namespace, predictor_for=mem.try_predictor, **kw)
 
-    def _run_namespace(self, runtime: Any) -> str:
-        return run_namespace(self.namespace, runtime)
-
     def _recall_kwargs(self, runtime: Any) -> dict[str, Any]:
         """The retriever's per-call arguments for this run: its namespace and the predictor serving it."""
         if isinstance(self.namespace, str):
             return {}
-        ns = self._run_namespace(runtime)
+        ns = run_namespace(self.namespace, runtime)
         kw: dict[str, Any] = {"namespace": ns}
         if self.predictor_for is not None:
             kw["predictor"] = self.predictor_for(ns)
@@ -236,14 +232,7 @@ class MemoryDistillMiddleware(AgentMiddleware):
                                 outcome="failed" if failed else "completed")
         grade = self.writer.grader(self.reward_fn, ep["input"], ep["answer"], messages, failed=failed,
                                    failure_reward=self.failure_reward)
-        try:
-            namespace = self._run_namespace(runtime)
-        except InvalidMemoryError as e:
-            if self.errors == "raise":
-                raise
-            log.error("memory_distill: episode dropped, it cannot be stored: %s", e)
-            return None
-        mid = record_episode(self.writer, self.episode_ids, ep["text"], meta, namespace, grade)
+        mid = record_episode(self.writer, self.episode_ids, ep["text"], meta, self.namespace, runtime, grade)
         return mid
 
     @property
