@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -45,6 +46,7 @@ class MemoryDistill:
         self.registry = registry
         self.job = job or JobConfig()
         self._predictors: OrderedDict[str | None, Predictor] = OrderedDict()  # by namespace, least recently used first
+        self._predictors_lock = threading.Lock()  # agents' threads ask for predictors concurrently
 
     @classmethod
     def open(cls, home: str | Path | None = None, *, settings: Settings | None = None,
@@ -129,7 +131,9 @@ class MemoryDistill:
         if namespace is not None:
             cfg = cfg.model_copy(update={"namespace": namespace})
         report = run_consolidation(self.store, self.registry, cfg, **kw)
-        for p in self._predictors.values():
+        with self._predictors_lock:
+            serving = list(self._predictors.values())
+        for p in serving:
             p.refresh()
         return report
 
@@ -148,13 +152,17 @@ class MemoryDistill:
         """
         if namespace is None:
             namespace = self.job.namespace
-        p = self._predictors.get(namespace)
+        with self._predictors_lock:
+            p = self._predictors.get(namespace)
+            if p is not None:
+                self._predictors.move_to_end(namespace)
         if p is None:
-            p = self._predictors[namespace] = Predictor(self.registry, self.embedder, namespace=namespace)
-            while len(self._predictors) > self.MAX_PREDICTORS:  # a namespace per user: keep the recent ones
-                self._predictors.popitem(last=False)
+            p = Predictor(self.registry, self.embedder, namespace=namespace)  # (loads outside the lock)
+            with self._predictors_lock:
+                p = self._predictors.setdefault(namespace, p)
+                while len(self._predictors) > self.MAX_PREDICTORS:  # a namespace per user: keep the recent ones
+                    self._predictors.popitem(last=False)
         else:
-            self._predictors.move_to_end(namespace)
             p.refresh()
         return p
 

@@ -147,6 +147,40 @@ def test_a_namespace_per_user_shares_the_fallback_model_and_keeps_recent_predict
     assert mem.predict(SEARCH, namespace="user-0")[0].mean == means[0]
 
 
+def test_predictors_for_many_namespaces_from_many_threads(mem) -> None:  # type: ignore[no-untyped-def]
+    """An agent server's threads ask for many users' predictors at once while the least recently used are dropped."""
+    import threading
+
+    mem.consolidate()
+    mem.MAX_PREDICTORS = 2
+    errors: list[BaseException] = []
+    want = mem.predict(SEARCH)[0].mean
+
+    def work(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        try:
+            for i in range(1500):
+                p = mem.predictor_for(f"user-{rng.integers(6)}")
+                if i % 100 == 0:
+                    assert p.predict([SEARCH])[0].mean == want
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    import sys
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show up
+    try:
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == [] and len(mem._predictors) <= 2
+
+
 def test_namespace_workers_keep_one_model_per_namespace(mem, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     from memory_distill import NamespaceWorkers
 
