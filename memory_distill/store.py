@@ -31,6 +31,7 @@ import logging
 import math
 import operator
 import os
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -173,6 +174,7 @@ class _ServerCollection:
 OPEN_MARKER = ".memory_distill_open"
 """File in an embedded Chroma directory that every process with the directory open holds a shared lock on."""
 _open_dirs: dict[str, list[int]] = {}  # resolved directory -> [marker fd, stores open on it in this process]
+_open_dirs_lock = threading.RLock()  # stores opened from several threads; re-entrant: a finalizer may run inside
 
 
 def _hold_directory(path: Path, owner: object) -> None:
@@ -185,6 +187,12 @@ def _hold_directory(path: Path, owner: object) -> None:
     except ImportError:  # pragma: no cover - Windows
         return
     key = str(path.resolve())
+    with _open_dirs_lock:
+        _hold(fcntl, path, key)
+    weakref.finalize(owner, _release_directory, key)
+
+
+def _hold(fcntl: Any, path: Path, key: str) -> None:  # with _open_dirs_lock held
     held = _open_dirs.get(key)
     if held is None:
         try:
@@ -214,17 +222,17 @@ def _hold_directory(path: Path, owner: object) -> None:
                 "export); for agents and workers that run side by side, serve it with `chroma run --path %s` and "
                 "use StoreConfig(mode=\"http\") (CLI --store http).", key, key)
     held[1] += 1
-    weakref.finalize(owner, _release_directory, key)
 
 
 def _release_directory(key: str) -> None:
-    held = _open_dirs.get(key)
-    if held is None:
-        return
-    held[1] -= 1
-    if held[1] <= 0:
-        del _open_dirs[key]
-        os.close(held[0])  # closing the descriptor drops the lock
+    with _open_dirs_lock:
+        held = _open_dirs.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] <= 0:
+            del _open_dirs[key]
+            os.close(held[0])  # closing the descriptor drops the lock
 
 
 def _server_url(cfg: StoreConfig) -> str:

@@ -501,3 +501,26 @@ def test_a_relative_path_means_the_directory_under_the_current_working_directory
     assert second.count() == 0 and (tmp_path / "b" / "mem" / "chroma").is_dir()
     second.add_many([{"text": "stored from b", "reward": 0.5}])
     assert first.count() == 1 and second.count() == 1
+
+
+def test_stores_opened_from_threads_share_one_open_marker(tmp_path, caplog):
+    """Several threads of one process opening one directory at once are one process: no warning, one marker."""
+    import threading
+
+    from memory_distill import store as store_mod
+
+    path = tmp_path / "chroma"
+    stores: list[MemoryStore] = []
+    start = threading.Barrier(6)
+
+    def open_it() -> None:
+        start.wait()
+        stores.append(MemoryStore(HashingEmbedder(dim=64), StoreConfig(), path=path))
+
+    threads = [threading.Thread(target=open_it) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(stores) == 6 and "also open in another process" not in caplog.text
+    assert store_mod._open_dirs[str(path.resolve())][1] == 6
