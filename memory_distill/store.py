@@ -7,6 +7,7 @@ Facts this module is built around (measured on chromadb 1.x):
 * ``add`` with an existing id is silently ignored, so ids are checked first;
 * texts without vectors make Chroma download a model, so vectors are always passed;
 * a ``where`` takes one top-level key, so clauses are combined under ``$and``;
+* making clients from several threads at once breaks Chroma's shared client cache, so opening a store is serialised;
 * a PersistentClient is shared per path *string* within a process, so the path is made absolute first (a relative
   one opened again after a chdir would reach the first directory);
 * a PersistentClient is not safe across processes: each keeps its own in-memory copy of the vector index, so
@@ -170,6 +171,10 @@ class _ServerCollection:
 
         return call
 
+
+_OPEN_LOCK = threading.Lock()
+"""Opening a store (client, collection): two threads making a client for one path at once break Chroma's shared
+client cache ("'RustBindingsAPI' object has no attribute 'bindings'", "Could not connect to tenant")."""
 
 OPEN_MARKER = ".memory_distill_open"
 """File in an embedded Chroma directory that every process with the directory open holds a shared lock on."""
@@ -477,14 +482,15 @@ class MemoryStore:
     ) -> None:
         self.config = cfg = config or StoreConfig()
         self.embedder = embedder
-        self._client = client or self._make_client(cfg, path)
-        if client is None and cfg.mode == "persistent":
-            _hold_directory(self._persistent_path(cfg, path), self)
-        self._max_batch = min(cfg.write_batch_size, self._client.get_max_batch_size())
-        try:
-            self._col = self._client.get_or_create_collection(cfg.collection, **self._collection_args(embedder))
-        except Exception as e:  # chroma raises several types for an unreachable server
-            raise StoreError(f"could not open collection {cfg.collection!r}: {e}") from e
+        with _OPEN_LOCK:  # Chroma's client cache and collection creation are not safe from several threads at once
+            self._client = client or self._make_client(cfg, path)
+            if client is None and cfg.mode == "persistent":
+                _hold_directory(self._persistent_path(cfg, path), self)
+            self._max_batch = min(cfg.write_batch_size, self._client.get_max_batch_size())
+            try:
+                self._col = self._client.get_or_create_collection(cfg.collection, **self._collection_args(embedder))
+            except Exception as e:  # chroma raises several types for an unreachable server
+                raise StoreError(f"could not open collection {cfg.collection!r}: {e}") from e
         if cfg.mode == "http":
             self._col = _ServerCollection(self._col, _server_url(cfg))
         self._narrow_ok: dict[str, bool] = {}  # search, by filter: did k + 4 candidates suffice last time?

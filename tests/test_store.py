@@ -503,8 +503,9 @@ def test_a_relative_path_means_the_directory_under_the_current_working_directory
     assert first.count() == 1 and second.count() == 1
 
 
-def test_stores_opened_from_threads_share_one_open_marker(tmp_path, caplog):
-    """Several threads of one process opening one directory at once are one process: no warning, one marker."""
+def test_stores_opened_from_threads_at_once(tmp_path, caplog):
+    """Several threads opening one directory at once: every store opens (Chroma's shared client cache breaks when
+    two threads make a client for a path at once), and they are one process: one marker, no warning."""
     import threading
 
     from memory_distill import store as store_mod
