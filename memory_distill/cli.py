@@ -123,7 +123,7 @@ def _job_config(args: argparse.Namespace, base: JobConfig) -> JobConfig:
         upd["teacher"] = TeacherConfig(**{**base.teacher.model_dump(), **t})
     if d:
         upd["distill"] = DistillConfig(**{**base.distill.model_dump(), **d})
-    for k in ("seed", "device", "namespace", "metadata_features"):
+    for k in ("seed", "device", "threads", "namespace", "metadata_features"):
         if getattr(args, k, None) is not None:
             upd[k] = getattr(args, k)
     return JobConfig(**{**base.model_dump(), **{k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in upd.items()}})
@@ -134,7 +134,8 @@ def _print_report(rep: Any) -> None:
     print(f"\nversion {rep.version}: {'PROMOTED' if rep.promoted else 'REJECTED'} - {rep.reason}")
     print(f"rows {rep.n_rows} (rewarded {rep.n_rewarded}; train {rep.n_train}, val {rep.n_val}, "
           f"held-out {rep.n_holdout}, transfer {rep.n_transfer}, skipped {rep.skipped_rows}); "
-          f"warm start: {rep.warm_started}; {rep.seconds:.1f}s on {rep.device} "
+          f"warm start: {rep.warm_started}; {rep.seconds:.1f}s on {rep.device}"
+          f"{f' ({rep.threads} threads)' if rep.device == 'cpu' else ''} "
           f"({', '.join(f'{k} {v:.1f}s' for k, v in rep.phases.items())})")
     if rep.extra.get("deleted_training_memories"):
         print(f"{rep.extra['deleted_training_memories']} memories the published model trained on were deleted "
@@ -474,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--curriculum", choices=["uniform", "easy_to_hard", "hard_to_easy", "adaptive", "sec_bandit"])
         sp.add_argument("--seed", type=int)
         sp.add_argument("--device", choices=["auto", "cpu", "cuda"])
+        sp.add_argument("--threads", type=_count, help="CPU threads to train with (default: every core)")
         sp.add_argument("--metadata-feature", dest="metadata_features", action="append", metavar="KEY",
                         help="metadata key the models read as a category, e.g. agent (repeatable)")
 

@@ -242,6 +242,10 @@ class JobConfig(BaseModel):
     """Seed for splits, initialisation and sampling: same data + seed -> same model."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` uses CUDA when available."""
+    threads: int | None = Field(default=None, ge=1)
+    """CPU threads torch may use during the run (``None``: torch's default, every core). Set it when the job
+    shares the machine with agents, e.g. a worker in the agent's process: ``threads=1`` leaves the other cores to
+    them. Torch's thread count is process-wide: it is set for the run and restored afterwards."""
     min_rewarded: int = Field(default=20, ge=2)
     """Refuse to train on fewer rewarded memories than this."""
     warm_start: bool = True

@@ -92,6 +92,8 @@ class ConsolidationReport:
     bins: dict[str, Any]
     seconds: float
     device: str
+    threads: int = 0
+    """CPU threads torch trained with (:attr:`JobConfig.threads`, else torch's default)."""
     ranking: RankingFit | None = None
     """The within-group ranking head for best-of-n (attached or why not; :mod:`memory_distill.ranking`)."""
     features: FeatureSpec | None = None
@@ -171,7 +173,10 @@ def run_consolidation(
     first = not registry.exists()
     lk = registry.acquire(lock_timeout)
     started = time.time()
+    threads = torch.get_num_threads()
     try:
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
         report = _consolidate(store, registry, cfg, curriculum, progress)
     except JobLockedError:
         raise
@@ -184,13 +189,17 @@ def run_consolidation(
         if isinstance(e, MemoryDistillError) and not isinstance(e, ConsolidationError):
             raise ConsolidationError(f"consolidation failed, nothing was published: {e}") from e
         raise
+    finally:
+        if cfg.threads is not None:
+            torch.set_num_threads(threads)
     registry.append_history({
         "started_at": started, "seconds": report.seconds, "outcome": "promoted" if report.promoted else "rejected",
         "version": report.version, "reason": report.reason, "n_rows": report.n_rows, "n_rewarded": report.n_rewarded,
         "skipped_rows": report.skipped_rows, "warm_started": report.warm_started,
         "incumbent": report.incumbent_version, "student": report.evaluation.student.to_dict(),
         "teacher": report.evaluation.teacher.to_dict(), "kl": report.evaluation.kl_divergence,
-        "curriculum": report.distill.curriculum, "device": report.device, "phases": report.phases,
+        "curriculum": report.distill.curriculum, "device": report.device, "threads": report.threads,
+        "phases": report.phases,
     })
     lk.release()
     return report
@@ -272,6 +281,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
 
     init = (incumbent.teacher, incumbent.student) if warm and incumbent is not None and incumbent.teacher is not None else None
     t_read = time.perf_counter()
+    threads = torch.get_num_threads()
     trained = train_pair(data, split, bins, cfg, device=device, generator=gen, curriculum=curriculum,
                          init=init, progress=progress)
     teacher, student, t_report, d_report = trained.teacher, trained.student, trained.teacher_report, trained.distill_report
@@ -337,7 +347,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         n_train=len(split.train), n_val=len(split.val), n_holdout=len(split.holdout), n_transfer=len(split.transfer),
         skipped_rows=skipped, warm_started=warm, incumbent_version=inc_version, incumbent_metrics=inc_metrics,
         evaluation=evaluation, teacher=t_report, distill=d_report, bins=bins.to_dict(),
-        seconds=t_end - t0, device=str(device), ranking=trained.ranking, features=spec,
+        seconds=t_end - t0, device=str(device), threads=threads, ranking=trained.ranking, features=spec,
         phases={"read": t_read - t0, "train": t_train - t_read, "evaluate": t_eval - t_train, "publish": t_end - t_eval},
         extra={"deleted_training_memories": n_gone} if n_gone else {},
     )

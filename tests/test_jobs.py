@@ -50,6 +50,25 @@ def test_second_run_warm_starts_and_history_records_both(store, registry, episod
     assert hist[1]["phases"] == r2.phases and hist[1]["device"] == r2.device
 
 
+def test_threads_bounds_the_run_and_is_restored(store, registry, episodes):
+    """JobConfig.threads: torch trains with that many threads, and the process's count is restored after the run,
+    also after a failed one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ConsolidationError):  # nothing stored yet
+            run_consolidation(store, registry, fast_job(threads=1))
+        assert torch.get_num_threads() == 2
+        store.add_many(episodes)
+        one = run_consolidation(store, registry, fast_job(threads=1))
+        assert one.threads == 1 and torch.get_num_threads() == 2 and registry.history()[-1]["threads"] == 1
+        assert run_consolidation(store, registry, fast_job()).threads == 2  # default: torch's own count
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_gate_rejects_a_worse_candidate(store, registry, episodes):
     store.add_many(episodes)
     good = run_consolidation(store, registry, fast_job())
