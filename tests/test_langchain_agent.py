@@ -765,19 +765,26 @@ def test_one_agent_serves_many_users_each_in_their_own_namespace(tmp_path, caplo
     mem.consolidate(namespace="user-alice")  # alice has a model of her own; bob has none, nor is there a top-level one
     mem.add_many([{"text": "Task: bob's spreadsheet. The agent asked bob.", "reward": 0.3, "namespace": "user-bob"}])
 
-    mw = MemoryDistillMiddleware.from_memory(mem, namespace=lambda rt: f"user-{rt.context.user_id}", k=2,
-                                             expose_recall_tool=True)
-    model = ScriptedChatModel(responses=tool_then_answer("recall_past_episodes", {"query": "Task: find"}, "Done."))
-    agent = create_agent(model, [], middleware=[mw], context_schema=Ctx)
+    user_ns = lambda rt: f"user-{rt.context.user_id}"  # noqa: E731
+    mw = MemoryDistillMiddleware.from_memory(mem, namespace=user_ns, k=2, expose_recall_tool=True)
+    estimate = make_predict_tool(namespace=user_ns, predictor_for=mem.try_predictor)
+    calls = [{"name": "recall_past_episodes", "args": {"query": "Task: find"}, "id": "c1", "type": "tool_call"},
+             {"name": "estimate_payoff", "args": {"plan": "search the web"}, "id": "c2", "type": "tool_call"}]
+    model = ScriptedChatModel(responses=[AIMessage(content="", tool_calls=calls), AIMessage(content="Done.")])
+    agent = create_agent(model, [estimate], middleware=[mw], context_schema=Ctx)
     q = {"messages": [HumanMessage("Task: find the population of Oslo in 2020.")]}
     alice = agent.invoke(q, context=Ctx("alice"))
     prompt = next(m for m in model.seen[-1] if isinstance(m, SystemMessage)).content
-    tool_out = next(m for m in alice["messages"] if m.type == "tool").content
+    recalled, estimated = (m.content for m in alice["messages"] if m.type == "tool")
     assert "±" in prompt and "bob" not in prompt  # alice's episodes, scored by alice's model (predicted mean±std)
-    assert "±" in tool_out and "bob" not in tool_out  # the tool searched alice's namespace too
+    assert "±" in recalled and "bob" not in recalled  # the tool searched alice's namespace too
+    assert "expected reward" in estimated and "model v000001" in estimated  # and alice's model estimated
     bob = asyncio.run(agent.ainvoke(q, context=Ctx("bob")))
     prompt = next(m for m in model.seen[-1] if isinstance(m, SystemMessage)).content
     assert "bob's spreadsheet" in prompt and "±" not in prompt  # bob's own, stored rewards: no model
+    assert [m.content for m in bob["messages"] if m.type == "tool"][1].startswith("no model has learned")
+    with pytest.raises(ValueError, match="give a predictor, or namespace="):
+        make_predict_tool(namespace=user_ns)
     assert mem.store.get(alice["memory_distill_episode_id"]).namespace == "user-alice"
     assert mem.store.get(bob["memory_distill_episode_id"]).namespace == "user-bob"
 

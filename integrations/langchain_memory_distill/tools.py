@@ -65,22 +65,43 @@ def make_recall_tool(retriever: ValueAwareRetriever, *, name: str = "recall_past
     return StructuredTool.from_function(recall_in_run, name=name, description=description)
 
 
-def make_predict_tool(predictor: Predictor, *, name: str = "estimate_payoff",
-                      metadata: Mapping[str, Any] | None = None) -> BaseTool:
+def make_predict_tool(predictor: Predictor | None = None, *, name: str = "estimate_payoff",
+                      metadata: Mapping[str, Any] | None = None, namespace: NamespaceFn | None = None,
+                      predictor_for: Callable[[str], Predictor | None] | None = None) -> BaseTool:
     """A tool estimating how well a described plan/answer is likely to pay off.
 
     ``metadata``: what the calling agent's episodes are recorded with (e.g. ``{"agent": "planner-v2"}``),
     for a student trained with ``JobConfig.metadata_features``: the estimate is then for this agent.
+    ``namespace`` (a function of the run's runtime) with ``predictor_for`` (``mem.try_predictor``): each run
+    gets the estimate of the model serving its own namespace, e.g. the calling user's.
     """
+    if (predictor is None) == (namespace is None or predictor_for is None):
+        raise ValueError("give a predictor, or namespace= (a function of the run's runtime) and predictor_for=")
     meta = dict(metadata) if metadata else None
+    description = "Estimate the reward a described plan or answer is likely to earn, from past experience."
 
-    def estimate(plan: str) -> str:
-        predictor.refresh()
-        p = predictor.predict_one(plan, meta)
+    def estimate_with(pred: Predictor | None, plan: str) -> str:
+        if pred is None:
+            return "no model has learned from past episodes here yet: no estimate"
+        pred.refresh()
+        p = pred.predict_one(plan, meta)
         return (f"expected reward {p.mean:.2f} (std {p.std:.2f}, 10-90% range {p.quantiles[0.1]:.2f}-"
                 f"{p.quantiles[0.9]:.2f}, model {p.model_version})")
 
-    return StructuredTool.from_function(
-        estimate, name=name,
-        description="Estimate the reward a described plan or answer is likely to earn, from past experience.",
-    )
+    if predictor is not None:
+        fixed = predictor
+
+        def estimate(plan: str) -> str:
+            return estimate_with(fixed, plan)
+
+        return StructuredTool.from_function(estimate, name=name, description=description)
+
+    from langchain.tools import ToolRuntime
+
+    fn, lookup = namespace, predictor_for
+
+    def estimate_in_run(plan: str, runtime: ToolRuntime) -> str:
+        return estimate_with(lookup(run_namespace(fn, runtime)), plan)  # type: ignore[misc,arg-type]
+
+    estimate_in_run.__annotations__ = {"plan": str, "runtime": ToolRuntime[Any, Any], "return": str}
+    return StructuredTool.from_function(estimate_in_run, name=name, description=description)
