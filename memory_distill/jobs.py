@@ -587,6 +587,8 @@ class NamespaceWorkers:
         need = {ns for ns in names if self.workers[ns].needs_count()}
         counts = self.store.namespace_counts(rewarded_only=True) if len(need) > self.one_pass_above else None
         for ns in names:
+            if self._stop.is_set():  # stopping: not another namespace's run
+                break
             try:
                 rep = self.workers[ns].run_once(rewarded=counts.get(ns, 0) if counts is not None and ns in need
                                                 else None)

@@ -171,3 +171,25 @@ def test_cuda_without_a_gpu_is_a_clear_error(home, capsys):
     assert code == 2 and "consolidation failed, nothing was published: device='cuda'" in err and "--device" in err
     with pytest.raises(DeviceError):
         Predictor(ArtifactRegistry(home / "artifacts"), device="cuda")
+
+
+def test_worker_stops_cleanly_on_sigterm(home):
+    """docker stop / systemd / Kubernetes send SIGTERM: the worker stops (after the run under way) and exits 0."""
+    import os
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "memory_distill", "-q", "worker", "--every", "1h", "--poll", "60s"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("worker:")  # polling, waiting for the next poll
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "SIGTERM, stopping" in out

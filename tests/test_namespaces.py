@@ -243,3 +243,13 @@ def test_a_failed_first_run_leaves_no_namespace_registry_behind(mem) -> None:  #
     with pytest.raises(ConsolidationError):
         mem.consolidate(fast_job(min_rewarded=10_000), namespace="small")
     assert [h["outcome"] for h in mem.registry.scoped("small").history()] == ["promoted", "failed"]
+
+
+def test_stopped_namespace_workers_start_no_further_runs(mem) -> None:  # type: ignore[no-untyped-def]
+    """stop() (the CLI worker's SIGTERM) takes effect between namespaces, not after every due one has run."""
+    from memory_distill import NamespaceWorkers
+
+    workers = NamespaceWorkers(mem.store, mem.registry, fast_job(), every_s=None, min_new=1)
+    assert all(workers.workers[ns].due()[0] for ns in workers.discover())  # both teams are due
+    workers.stop()
+    assert workers.run_once() == {} and mem.registry.namespaces() == {}
