@@ -475,7 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-model", help="OpenAI model or local sentence-transformers name")
     p.add_argument("--base-url", help="OpenAI-compatible base URL")
     p.add_argument("-v", "--verbose", action="count", default=0)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars (also when stderr is not a terminal)")
     sub = p.add_subparsers(dest="command", required=True)
 
     def job_args(sp: argparse.ArgumentParser) -> None:
@@ -612,6 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not sys.stderr.isatty():  # cron, CI, docker logs: no progress bars redrawn line after line
+        args.quiet = True
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

@@ -193,3 +193,10 @@ def test_worker_stops_cleanly_on_sigterm(home):
             proc.kill()
     assert proc.returncode == 0, out
     assert "SIGTERM, stopping" in out
+
+
+def test_no_progress_bars_when_stderr_is_not_a_terminal(home):
+    """Under cron, CI or docker logs the bars would be redrawn line after line: they are off there."""
+    out = subprocess.run([sys.executable, "-m", "memory_distill", "demo", "--n", "300", "--epochs", "2"],
+                         capture_output=True, text=True, check=True)
+    assert "PROMOTED" in out.stdout and "epoch/s" not in out.stderr and "\r" not in out.stderr
