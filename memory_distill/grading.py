@@ -33,10 +33,12 @@ def normalize_answer(s: str) -> str:
 
 
 def exact_match(answer: str, reference: str) -> float:
+    """1.0 when the answer equals the reference after SQuAD-style normalisation (case, punctuation, articles), else 0.0."""
     return float(normalize_answer(answer) == normalize_answer(reference))
 
 
 def token_f1(answer: str, reference: str) -> float:
+    """Token-overlap F1 of the normalised answer and reference (SQuAD / HotpotQA style), in [0, 1]."""
     a, r = normalize_answer(answer).split(), normalize_answer(reference).split()
     if not a or not r:
         return float(a == r)

@@ -54,7 +54,13 @@ def _input_text(inputs: Any) -> str:
 
 
 class EpisodeRecorder(BaseCallbackHandler):
-    """Records one episode per root run into ``store``."""
+    """Records one episode per root run into ``store``: ``config={"callbacks": [EpisodeRecorder(store)]}``.
+
+    ``namespace`` (or a function of the run's ``config["metadata"]``), ``reward_fn``, ``failure_reward``,
+    ``metadata``, ``errors``, ``max_unsaved`` and ``background`` work as on
+    :class:`~langchain_memory_distill.MemoryDistillMiddleware`; :meth:`feedback` gives a late reward and
+    :attr:`episode_ids` lists what it recorded.
+    """
 
     raise_error = False
 

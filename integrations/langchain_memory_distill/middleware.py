@@ -66,11 +66,33 @@ RewardFn = Callable[[str, str, list[Any]], float | None]
 
 
 class MemoryDistillState(AgentState):
+    """The agent state the middleware adds: the recalled episodes (as put in the system prompt) and the id of the
+    episode recorded for the run (for a later :meth:`MemoryDistillMiddleware.feedback`)."""
+
     memory_distill_recall: NotRequired[str]
     memory_distill_episode_id: NotRequired[str]
 
 
 class MemoryDistillMiddleware(AgentMiddleware):
+    """Episodic memory for ``create_agent``: recall past episodes before a run, record the run after it.
+
+    ``store``: the :class:`~memory_distill.MemoryStore`; ``predictor``: the student that scores recalled episodes
+    (a :class:`~memory_distill.Predictor`, a function returning the one to use now, or ``None`` for stored rewards;
+    :meth:`from_memory` wires it to a :class:`~memory_distill.MemoryDistill`).
+
+    * ``k``, ``diversity``, ``retriever``: what recall brings back (``retriever`` replaces the default
+      :class:`ValueAwareRetriever`); ``recall=False`` / ``record=False`` turn either half off.
+    * ``namespace``: where episodes live, or a function of the run's runtime (one agent, many users);
+      ``predictor_for``: the predictor serving a namespace (``mem.try_predictor``).
+    * ``reward_fn(question, answer, messages)``: grades each run (``None`` leaves it pending for :meth:`feedback`);
+      ``failure_reward``: the reward of a run whose tool failed; ``handle_tool_errors``: turn tool exceptions
+      into error messages so the run goes on.
+    * ``metadata``: recorded with every episode (e.g. ``{"agent": "planner-v2"}``); ``expose_recall_tool``: also
+      give the model a ``recall_past_episodes`` tool.
+    * ``errors`` (``"warn"``: memory never takes the agent down; ``"raise"``), ``max_unsaved`` (episodes kept
+      while the store is away), ``background`` (grade and write off the agent's path).
+    """
+
     state_schema = MemoryDistillState
 
     def __init__(
