@@ -217,10 +217,13 @@ def model_inputs(embeddings: np.ndarray, features: np.ndarray | None, device: to
 
 
 def build_teacher(cfg: TeacherConfig, in_dim: int, n_bins: int, n_features: int = 0) -> RewardMLP:
+    """The teacher MLP: ``in_dim`` embedding (+ ``n_features`` side features) -> ``cfg.hidden`` -> ``n_bins`` logits,
+    with BatchNorm and dropout as configured (default 1024-512-256-128)."""
     return RewardMLP(in_dim, cfg.hidden, n_bins, dropout=cfg.dropout, batchnorm=cfg.batchnorm, n_features=n_features)
 
 
 def build_student(cfg: DistillConfig, in_dim: int, n_bins: int, n_features: int = 0) -> RewardMLP:
+    """The compact student MLP (default 256-128), without BatchNorm so it serves as a chain of matmuls."""
     return RewardMLP(in_dim, cfg.hidden, n_bins, dropout=cfg.dropout, batchnorm=False, n_features=n_features)
 
 
