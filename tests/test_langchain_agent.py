@@ -282,6 +282,8 @@ def test_retriever_modes_rank_by_value(trained_store):
     assert [x.metadata["similarity"] for x in sim] == sorted([x.metadata["similarity"] for x in sim], reverse=True)
     with pytest.raises(ValueError, match="mode must be"):
         r.invoke(q, mode="nope")
+    with pytest.raises(ValueError, match="k must be >= 1, got -1"):  # (a negative k used to slice off the last one)
+        r.invoke(q, k=-1)
     # a misspelt option or a negative weight is an error, not silently the default
     from pydantic import ValidationError
 
@@ -351,6 +353,21 @@ def test_router_routes_by_predicted_reward(trained_store):
     assert b.content == "strong answer" and b.response_metadata["memory_distill_route"]["predicted_reward"] < 0.5
     assert router.stats.cheap == 1 and router.stats.strong == 1
     assert router.cost_saved() == pytest.approx(1 - (1 + 10) / 20)
+    with pytest.raises(ValueError, match=r"threshold 3 is outside the rewards the student predicts \(\[-?0.0"):
+        RewardRouter(cheap, strong, pred, threshold=3)
+
+
+def test_a_long_running_router_keeps_the_latest_predictions(trained_store, monkeypatch):
+    import langchain_memory_distill.router as router_mod
+
+    _, _, pred = trained_store
+    monkeypatch.setattr(router_mod, "RECENT_PREDICTIONS", 3)
+    router = RewardRouter(ScriptedChatModel(responses=[AIMessage(content="a")]),
+                          ScriptedChatModel(responses=[AIMessage(content="b")]), pred)
+    for q in (GOOD, BAD, GOOD, BAD, GOOD):
+        router.invoke(q)
+    assert router.stats.cheap + router.stats.strong == 5 and len(router.stats.predicted) == 3
+    assert list(router.stats.predicted) == [router.route(q)[1] for q in (GOOD, BAD, GOOD)]
 
 
 def test_routing_curve():

@@ -122,6 +122,8 @@ class ValueAwareRetriever(BaseRetriever):
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 **kwargs: Any) -> list[Document]:
         k = int(kwargs.get("k", self.k))
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
         mode: Mode = kwargs.get("mode", self.mode)
         if mode not in ("likely_success", "cautionary", "similarity"):
             raise ValueError(f"mode must be 'likely_success', 'cautionary' or 'similarity', got {mode!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +19,17 @@ from .episodes import message_text
 __all__ = ["RewardRouter", "RouterStats"]
 
 
+RECENT_PREDICTIONS = 10_000
+"""How many of the latest predicted rewards :attr:`RouterStats.predicted` keeps (a router serves for months)."""
+
+
 @dataclass
 class RouterStats:
+    """Routes so far: how many questions went to each model, and the latest predicted rewards of the cheap one."""
+
     cheap: int = 0
     strong: int = 0
-    predicted: list[float] = field(default_factory=list)
+    predicted: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_PREDICTIONS))
 
     @property
     def cheap_fraction(self) -> float:
@@ -40,6 +47,10 @@ class RewardRouter(Runnable[Any, AIMessage]):
 
     def __init__(self, cheap: BaseChatModel, strong: BaseChatModel, predictor: Predictor, *, threshold: float = 0.5,
                  cost_cheap: float = 1.0, cost_strong: float = 10.0) -> None:
+        lo, hi = float(predictor.bins.low), float(predictor.bins.high)
+        if not lo <= threshold <= hi:
+            raise ValueError(f"threshold {threshold} is outside the rewards the student predicts ([{lo}, {hi}]): "
+                             "every question would go to one model; give a reward in that range")
         self.cheap, self.strong, self.predictor = cheap, strong, predictor
         self.threshold, self.cost_cheap, self.cost_strong = threshold, cost_cheap, cost_strong
         self.stats = RouterStats()
