@@ -21,6 +21,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -448,6 +449,9 @@ class ConsolidationWorker:
     ``drift_threshold`` (optional) also triggers a run when the published model drifts.
     """
 
+    KEEP_RUNS = 100
+    """How many of the latest runs :attr:`runs` keeps (a worker polls for months)."""
+
     def __init__(self, store: MemoryStore, registry: ArtifactRegistry, config: JobConfig | None = None, *,
                  every_s: float | None = 600.0, min_new: int | None = 100, drift_threshold: float | None = None) -> None:
         if every_s is None and min_new is None and drift_threshold is None:
@@ -456,7 +460,8 @@ class ConsolidationWorker:
         self.registry = registry.scoped(self.config.namespace)  # where this worker's runs publish
         self.every_s, self.min_new, self.drift_threshold = every_s, min_new, drift_threshold
         self._stop = threading.Event()
-        self.runs: list[ConsolidationReport | Exception] = []
+        self.runs: deque[ConsolidationReport | Exception] = deque(maxlen=self.KEEP_RUNS)
+        """The latest runs (:attr:`KEEP_RUNS`): reports, and the errors of skipped ones (tracebacks dropped)."""
 
     def _last(self) -> tuple[float | None, int]:
         for entry in reversed(self.registry.history()):
@@ -510,13 +515,14 @@ class ConsolidationWorker:
             rep = run_consolidation(self.store, self.registry, self.config, lock_timeout=0)
         except (JobLockedError, NotEnoughDataError) as e:
             log.info("skipped: %s", e)
-            self.runs.append(e)
+            self.runs.append(e.with_traceback(None))  # a traceback would keep the run's frames (its data) alive
             return None
         except ConsolidationError as e:
             if not isinstance(e.__cause__, NotEnoughDataError):
                 raise
             log.info("skipped: %s", e)  # e.g. too few training rows once the recent ones are held out
-            self.runs.append(e)
+            e.__cause__ = e.__cause__.with_traceback(None)
+            self.runs.append(e.with_traceback(None))
             return None
         self.runs.append(rep)
         return rep

@@ -148,19 +148,26 @@ def test_worker_triggers_on_new_rewards_and_time(store, registry):
     assert w2.due()[0] and "elapsed" in w2.due()[1]
 
 
-def test_worker_waits_for_enough_rewards_without_failing_runs(store, registry):
+def test_worker_waits_for_enough_rewards_without_failing_runs(store, registry, monkeypatch):
     eps = synthetic_episodes(60, seed=4, pending_fraction=0.0)
     store.add_many(eps[:10])
     w = ConsolidationWorker(store, registry, fast_job(min_rewarded=20), every_s=0.0, min_new=1)
     assert w.due() == (False, "only 10 rewarded memories (a run needs JobConfig.min_rewarded=20)")
     for _ in range(3):  # a fresh deployment polling before the data is there
         assert w.run_once() is None
-    assert registry.history() == [] and w.runs == []  # no failed runs logged every poll
+    assert registry.history() == [] and list(w.runs) == []  # no failed runs logged every poll
     store.add_many(eps[10:])
     assert w.due() == (True, "no consolidation has run yet") and w.run_once() is not None
     forget(store, registry, [m.id for page, _ in store.iter_memories() for m in page][5:])  # below min_rewarded again
     assert w.run_once(force=True) is None  # skipped, not raised
     assert isinstance(w.runs[-1], ConsolidationError) and "only 5 rewarded" in str(w.runs[-1])
+    # kept without a traceback (it would hold the run's frames, the data among them), and only the latest runs
+    assert w.runs[-1].__traceback__ is None and w.runs[-1].__cause__.__traceback__ is None
+    monkeypatch.setattr(ConsolidationWorker, "KEEP_RUNS", 2)
+    w = ConsolidationWorker(store, registry, fast_job(min_rewarded=20), every_s=0.0, min_new=1)
+    for _ in range(3):
+        w.run_once(force=True)
+    assert len(w.runs) == 2 and all(isinstance(r, ConsolidationError) for r in w.runs)
 
 
 def test_worker_run_forever_stops(store, registry, episodes):
