@@ -833,3 +833,18 @@ def test_one_callback_handler_records_each_run_in_its_own_namespace(store, caplo
     strict = EpisodeRecorder(store, namespace=lambda md: md.get("user_id"), errors="raise")
     with pytest.raises(InvalidMemoryError, match="namespace=: the function returned None"):
         agent.invoke({"messages": [HumanMessage("no user")]}, config={"callbacks": [strict]})
+
+
+def test_a_namespace_function_can_read_the_user_from_the_run_config(store):
+    """A user id in config["configurable"] (no context schema): the function reads it through get_config(), in
+    the middleware's hooks and in the recall tool alike."""
+    import langgraph.config
+
+    mw = MemoryDistillMiddleware(store, namespace=lambda rt: langgraph.config.get_config()["configurable"]["user_id"],
+                                 expose_recall_tool=True)
+    agent = create_agent(ScriptedChatModel(responses=tool_then_answer("recall_past_episodes", {"query": "x"}, "Done.")),
+                         [], middleware=[mw])
+    first = agent.invoke({"messages": [HumanMessage("carol's report")]}, config={"configurable": {"user_id": "carol"}})
+    second = agent.invoke({"messages": [HumanMessage("carol's report")]}, config={"configurable": {"user_id": "carol"}})
+    assert store.get(first["memory_distill_episode_id"]).namespace == "carol"
+    assert "carol's report" in [m.content for m in second["messages"] if m.type == "tool"][0]  # found in "carol"
