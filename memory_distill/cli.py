@@ -377,14 +377,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     else:
         w = ConsolidationWorker(mem.store, mem.registry, cfg, **triggers)
         scope = ""
-    print(f"worker: {scope}every {args.every}s or {args.min_new} new rewards; polling every {args.poll}s "
-          "(Ctrl-C or SIGTERM stops it)", flush=True)
-
     def on_term(signum: int, frame: Any) -> None:  # docker stop, systemd, Kubernetes: finish the run under way
         print("worker: SIGTERM, stopping after the run under way (if any)", flush=True)
         w.stop()
 
     previous = signal.signal(signal.SIGTERM, on_term)
+    print(f"worker: {scope}every {args.every}s or {args.min_new} new rewards; polling every {args.poll}s "
+          "(Ctrl-C or SIGTERM stops it)", flush=True)
     try:
         w.run_forever(poll_s=args.poll, max_runs=args.max_runs)
     except KeyboardInterrupt:

@@ -184,7 +184,7 @@ def test_worker_stops_cleanly_on_sigterm(home):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         assert proc.stdout is not None
-        assert proc.stdout.readline().startswith("worker:")  # polling, waiting for the next poll
+        assert proc.stdout.readline().startswith("worker:")  # the handler is in place; waiting for the next poll
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
