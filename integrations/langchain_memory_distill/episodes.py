@@ -145,12 +145,14 @@ class EpisodeWriter:
             raise
         return mid
 
-    def write_or_drop(self, text: str, metadata: dict[str, Any], namespace: str,
-                      grade: Callable[[], float | None] | None) -> str | None:
+    def write_or_drop(self, text: str, metadata: dict[str, Any], namespace: str | NamespaceFn,
+                      grade: Callable[[], float | None] | None, run: Any = None) -> str | None:
         """:meth:`write` for the recorders: with ``errors="warn"`` an invalid episode is dropped and logged
-        (``None``), so memory never takes the agent down; ``errors="raise"`` raises."""
+        (``None``), so memory never takes the agent down; ``errors="raise"`` raises. ``namespace`` may be a
+        function of ``run`` (the run's runtime or metadata); one that cannot give a namespace drops the episode
+        the same way."""
         try:
-            return self.write(text, None, metadata, namespace, grade=grade)
+            return self.write(text, None, metadata, run_namespace(namespace, run), grade=grade)
         except InvalidMemoryError as e:
             if self.errors == "raise":
                 raise
@@ -327,21 +329,11 @@ RECENT_IDS = 10_000
 
 
 def record_episode(writer: EpisodeWriter, recent: list[str], text: str, metadata: dict[str, Any],
-                   namespace: str | Callable[[Any], str], run: Any,
-                   grade: Callable[[], float | None] | None) -> str | None:
-    """A recorder's write (:meth:`EpisodeWriter.write_or_drop`) in ``namespace`` (or what the function gives for
-    ``run``: the run's runtime or metadata), its id appended to ``recent`` (the last :data:`RECENT_IDS`), also
-    when an error raised after the episode was queued carries it. A namespace the function cannot give drops the
-    episode like any the store cannot hold (logged; ``errors="raise"`` raises)."""
+                   namespace: str | NamespaceFn, run: Any, grade: Callable[[], float | None] | None) -> str | None:
+    """A recorder's write (:meth:`EpisodeWriter.write_or_drop`), its id appended to ``recent`` (the last
+    :data:`RECENT_IDS`), also when an error raised after the episode was queued carries it."""
     try:
-        ns = run_namespace(namespace, run)
-    except InvalidMemoryError as e:
-        if writer.errors == "raise":
-            raise
-        log.error("memory_distill: episode dropped, it cannot be stored: %s", e)
-        return None
-    try:
-        mid = writer.write_or_drop(text, metadata, ns, grade)
+        mid = writer.write_or_drop(text, metadata, namespace, grade, run)
     except Exception as e:
         if getattr(e, "episode_id", None):  # errors="raise" after the episode was queued: it is kept
             _keep_recent(recent, e.episode_id)  # type: ignore[attr-defined]
