@@ -31,6 +31,7 @@ Every hook has its async twin.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -156,8 +157,8 @@ class MemoryDistillMiddleware(AgentMiddleware):
             return {}
         ns = run_namespace(self.namespace, runtime)
         kw: dict[str, Any] = {"namespace": ns}
-        if self.predictor_for is not None:
-            kw["predictor"] = self.predictor_for(ns)
+        if self.predictor_for is not None:  # a provider: it hands back a refreshed predictor (not refreshed twice)
+            kw["predictor"] = functools.partial(self.predictor_for, ns)
         return kw
 
     # ------------------------------------------------------------------ recall

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -42,8 +43,8 @@ def make_recall_tool(retriever: ValueAwareRetriever, *, name: str = "recall_past
         kw: dict[str, Any] = {}
         if ns is not None:
             kw["namespace"] = ns
-            if predictor_for is not None:
-                kw["predictor"] = predictor_for(ns)
+            if predictor_for is not None:  # a provider: it hands back a refreshed predictor
+                kw["predictor"] = functools.partial(predictor_for, ns)
         docs = retriever.invoke(query, mode=mode, **kw)
         return "\n".join(_fmt_doc(d) for d in docs) or "no relevant past episodes"
 
@@ -80,10 +81,9 @@ def make_predict_tool(predictor: Predictor | None = None, *, name: str = "estima
     meta = dict(metadata) if metadata else None
     description = "Estimate the reward a described plan or answer is likely to earn, from past experience."
 
-    def estimate_with(pred: Predictor | None, plan: str) -> str:
+    def estimate_with(pred: Predictor | None, plan: str) -> str:  # pred: refreshed already
         if pred is None:
             return "no model has learned from past episodes here yet: no estimate"
-        pred.refresh()
         p = pred.predict_one(plan, meta)
         return (f"expected reward {p.mean:.2f} (std {p.std:.2f}, 10-90% range {p.quantiles[0.1]:.2f}-"
                 f"{p.quantiles[0.9]:.2f}, model {p.model_version})")
@@ -92,6 +92,7 @@ def make_predict_tool(predictor: Predictor | None = None, *, name: str = "estima
         fixed = predictor
 
         def estimate(plan: str) -> str:
+            fixed.refresh()
             return estimate_with(fixed, plan)
 
         return StructuredTool.from_function(estimate, name=name, description=description)
