@@ -174,7 +174,7 @@ def run_consolidation(
     first = not registry.exists()
     lk = registry.acquire(lock_timeout)
     started = time.time()
-    threads = torch.get_num_threads()
+    prev_threads = torch.get_num_threads()
     try:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
@@ -192,7 +192,7 @@ def run_consolidation(
         raise
     finally:
         if cfg.threads is not None:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(prev_threads)
     registry.append_history({
         "started_at": started, "seconds": report.seconds, "outcome": "promoted" if report.promoted else "rejected",
         "version": report.version, "reason": report.reason, "n_rows": report.n_rows, "n_rewarded": report.n_rewarded,

@@ -11,8 +11,8 @@ Facts this module is built around (measured on chromadb 1.x):
 * a PersistentClient is shared per path *string* within a process, so the path is made absolute first (a relative
   one opened again after a chdir would reach the first directory);
 * a PersistentClient is not safe across processes: each keeps its own in-memory copy of the vector index, so
-  its searches miss what another process adds once that copy is loaded; a store warns when another process has its directory
-  open, and ``mode="http"`` (``chroma run``) is the way to share one.
+  its searches miss what another process adds once that copy is loaded; a store warns when another process has
+  its directory open, and ``mode="http"`` (``chroma run``) is the way to share one.
 
 Reserved metadata keys (``_md_*``) hold the namespace, reward, timestamps and the raw text counts
 behind the models' text features (``_md_stats``), so consolidation pages through embeddings and
@@ -43,6 +43,11 @@ from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
+
+try:
+    import fcntl  # the open marker's lock (POSIX)
+except ImportError:  # pragma: no cover - Windows: no marker, no warning
+    fcntl = None  # type: ignore[assignment]
 
 from .config import StoreConfig
 from .embeddings import Embedder
@@ -187,17 +192,16 @@ def _hold_directory(path: Path, owner: object) -> None:
     one too: an embedded Chroma directory is for one process (each keeps its own in-memory vector index, so
     its searches miss what other processes add once that is loaded). Best effort: a no-op without ``fcntl``
     (Windows) or where the filesystem has no ``flock``."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - Windows
+    if fcntl is None:  # pragma: no cover - Windows
         return
     key = str(path.resolve())
     with _open_dirs_lock:
-        _hold(fcntl, path, key)
+        _hold(path, key)
     weakref.finalize(owner, _release_directory, key)
 
 
-def _hold(fcntl: Any, path: Path, key: str) -> None:  # with _open_dirs_lock held
+def _hold(path: Path, key: str) -> None:  # with _open_dirs_lock held
+    assert fcntl is not None
     held = _open_dirs.get(key)
     if held is None:
         try:
@@ -312,6 +316,8 @@ def mmr_select(score: np.ndarray, vectors: np.ndarray, k: int, diversity: float)
 
 
 _FIELDS = {"reward": REWARD, "namespace": NS, "created_at": CREATED}
+MEMORY_FIELDS = tuple(_FIELDS)
+"""Names a ``where`` reads as the memory's own fields, not metadata keys (unless written ``"metadata.<key>"``)."""
 USER_KEY = "metadata."
 """In a ``where``, ``"metadata.<key>"`` is the user metadata key even where it is named like a memory field
 (``{"metadata.namespace": "web"}``: a document's own ``namespace`` key, not the memory's namespace)."""

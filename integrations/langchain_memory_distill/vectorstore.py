@@ -33,7 +33,7 @@ from langchain_core.vectorstores import VectorStore
 
 from memory_distill.embeddings import LangChainEmbedder
 from memory_distill.errors import InvalidMemoryError
-from memory_distill.store import USER_KEY, MemoryStore
+from memory_distill.store import MEMORY_FIELDS, USER_KEY, MemoryStore
 from memory_distill.types import Memory, SearchHit
 
 from .embeddings import MemoryDistillEmbeddings
@@ -118,7 +118,7 @@ class MemoryDistillVectorStore(VectorStore):
                     out[k] = [self._filter(c) for c in v] if isinstance(v, list | tuple) else v
                 elif k == self.reward_key:
                     out["reward"] = v
-                elif k in ("reward", "namespace", "created_at"):
+                elif k in MEMORY_FIELDS:
                     out[USER_KEY + k] = v
                 else:
                     out[k] = v
