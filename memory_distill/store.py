@@ -69,6 +69,9 @@ STATS = RESERVED_PREFIX + "stats"
 FORMAT_VERSION = 1
 ID_PAGE_SIZE = 100_000
 """Rows per page when only ids are read (counts, deletes by filter): about 7 MB of ids."""
+POST_FILTER_RETRY = 32
+"""After a search whose filter too few of the nearest rows pass, this many searches with that filter go straight
+to the filtered path instead of first checking the filter on an unfiltered result."""
 EXACT_MAX_ROWS = 256
 """A filtered search over at most this many rows is exact (their vectors compared in numpy): Chroma's filtered
 HNSW query can return fewer than k rows when few rows pass the filter (2 of 120 here, seen failing 1 run in
@@ -501,6 +504,7 @@ class MemoryStore:
             self._col = _ServerCollection(self._col, _server_url(cfg))
         self._narrow_ok: dict[str, bool] = {}  # search, by filter: did k + 4 candidates suffice last time?
         self._wide: dict[str, bool] = {}  # search, by filter: known to pass more than EXACT_MAX_ROWS rows
+        self._skip_post: dict[str, int] = {}  # search, by filter: searches left before post-filtering is tried again
         have = self._col.metadata or {}
         if not self._built_with(have, embedder):
             raise EmbedderMismatchError(
@@ -982,7 +986,7 @@ class MemoryStore:
             return self._filtered_search(qv, k, None, "", include, include_embeddings)
         key = json.dumps(flt, sort_keys=True, default=repr)  # what the memos below remember per filter
         match = compile_where(flt)
-        if match is not None:
+        if match is not None and self._post_filter_due(key):
             # Chroma evaluates a `where` filter over every row before searching (about 0.4 s per query at
             # 100k rows), so the filter (namespace, reward, metadata conditions) is checked in Python
             # (`compile_where`, which agrees with Chroma) on an unfiltered result instead. Exact whenever >= k
@@ -996,7 +1000,22 @@ class MemoryStore:
                 _remember(self._narrow_ok, key, sum(1 for j in keep if j < k + 4) >= k or len(res["ids"][0]) < k + 4)
                 if len(keep) >= k or len(res["ids"][0]) < n:
                     return self._hits(res, keep[:k], include_embeddings)
+            # too few of the nearest rows pass (a small namespace in a shared store, a rare value): skip this
+            # attempt for the next searches with this filter, then check again in case the rows have moved
+            if len(self._skip_post) > 10_000:
+                self._skip_post.clear()
+            self._skip_post[key] = POST_FILTER_RETRY
         return self._filtered_search(qv, k, flt, key, include, include_embeddings)
+
+    def _post_filter_due(self, key: str) -> bool:
+        left = self._skip_post.get(key)
+        if left is None:
+            return True
+        if left <= 1:
+            del self._skip_post[key]
+        else:
+            self._skip_post[key] = left - 1
+        return False
 
     def _filtered_search(self, qv: np.ndarray, k: int, flt: dict[str, Any] | None, key: str, include: list[str],
                          include_embeddings: bool) -> list[SearchHit]:
@@ -1006,17 +1025,20 @@ class MemoryStore:
         # which side of EXACT_MAX_ROWS a filter is on costs a filter pass over every row to find out: once a
         # filter is known to be wide it goes straight to Chroma's filtered query (until a query comes back short)
         wide = flt is None or self._wide.get(key, False)
-        ids = [] if wide else self._col.get(where=flt, limit=EXACT_MAX_ROWS + 1, include=[])["ids"]
-        if not wide and len(ids) <= EXACT_MAX_ROWS:
-            if not ids:
+        # the vectors come with the filter pass (one call); texts and metadata are read for the k best only
+        got = None if wide else self._col.get(where=flt, limit=EXACT_MAX_ROWS + 1, include=["embeddings"])
+        if got is not None and len(got["ids"]) <= EXACT_MAX_ROWS:
+            if not got["ids"]:
                 return []
-            got = self._col.get(ids=ids, include=["embeddings", "metadatas", "documents"])
             X = np.asarray(got["embeddings"], np.float32)
             sim = (X @ qv) / np.maximum(np.linalg.norm(X, axis=1) * np.linalg.norm(qv), 1e-12)
             order = np.argsort(-sim, kind="stable")[:k]
-            return [SearchHit(memory=self._from_row(got["ids"][j], got["documents"][j], got["metadatas"][j]),
-                              similarity=float(sim[j]), embedding=X[j].copy() if include_embeddings else None)
-                    for j in order]
+            best = [got["ids"][j] for j in order]
+            rows = self._col.get(ids=best, include=["metadatas", "documents"])
+            found = {i: (d, m) for i, d, m in zip(rows["ids"], rows["documents"], rows["metadatas"], strict=True)}
+            return [SearchHit(memory=self._from_row(i, *found[i]), similarity=float(sim[j]),
+                              embedding=X[j].copy() if include_embeddings else None)
+                    for i, j in zip(best, order, strict=True) if i in found]  # a row deleted in between is left out
         if flt is not None:
             _remember(self._wide, key, True)
         res = self._col.query(query_embeddings=[qv], n_results=k, where=flt, include=include)

@@ -285,7 +285,7 @@ def test_search_asks_for_few_candidates_when_the_namespace_fills_the_store(tmp_p
     """Reading candidates' metadata is most of a query: k + 4 are asked when that proved enough, 4k + 16 when
     the namespace is a small part of the store (learned from the previous search, per namespace)."""
     st = MemoryStore(HashingEmbedder(dim=16), StoreConfig(path=tmp_path / "c"))
-    st.add_many([{"text": f"episode {i}", "namespace": "big" if i % 10 else "small"} for i in range(400)])
+    st.add_many([{"text": f"episode {i}", "namespace": "big" if i % 4 else "small"} for i in range(400)])
     asked = []
     real = st._col.query
     st._col.query = lambda **kw: asked.append(kw["n_results"]) or real(**kw)
@@ -296,6 +296,40 @@ def test_search_asks_for_few_candidates_when_the_namespace_fills_the_store(tmp_p
     st.search("episode 7", k=5, namespace="small")  # k + 4 fall short, then 4k + 16
     st.search("episode 8", k=5, namespace="small")  # straight to 4k + 16
     assert asked[:3] == [9, 36, 36]
+
+
+def test_a_small_namespace_in_a_shared_store_goes_straight_to_the_exact_search(tmp_path):
+    """A user's namespace of a few dozen rows among thousands: checking the namespace on unfiltered candidates
+    finds too few, so the next POST_FILTER_RETRY searches skip that attempt (no unfiltered query at all) and
+    search the namespace's rows exactly; then it is tried again, and kept once the namespace fills the store."""
+    from memory_distill.store import POST_FILTER_RETRY
+
+    rng = np.random.default_rng(5)
+    st = MemoryStore(HashingEmbedder(dim=16), StoreConfig(path=tmp_path / "c"))
+    n = 1000
+    vecs = rng.normal(size=(n, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    ns = [f"user-{i % 50}" for i in range(n)]
+    st.add_many([{"id": f"r{i}", "text": f"row {i}", "namespace": ns[i]} for i in range(n)], embeddings=vecs)
+    asked = []
+    real = st._col.query
+    st._col.query = lambda **kw: asked.append(kw["n_results"]) or real(**kw)
+    queries = rng.normal(size=(POST_FILTER_RETRY + 2, 16)).astype(np.float32)
+    for t, q in enumerate(queries):
+        ok = [i for i in range(n) if ns[i] == "user-7"]
+        want = [f"r{ok[j]}" for j in np.argsort(-(vecs[ok] @ (q / np.linalg.norm(q))))[:5]]
+        before = len(asked)
+        assert [h.memory.id for h in st.search(q, k=5, namespace="user-7")] == want
+        tried = len(asked) > before
+        assert tried == (t in (0, POST_FILTER_RETRY + 1)), t  # the first search, then once the window has passed
+    # the namespace now fills the store: once tried again, checking candidates works and is kept
+    st.delete([f"r{i}" for i in range(n) if ns[i] != "user-7"])
+    for q in rng.normal(size=(POST_FILTER_RETRY + 3, 16)).astype(np.float32):
+        st.search(q, k=5, namespace="user-7")
+    asked.clear()
+    for q in rng.normal(size=(3, 16)).astype(np.float32):
+        assert len(st.search(q, k=5, namespace="user-7")) == 5
+    assert len(asked) == 3
 
 
 def test_search_diversity_skips_near_copies(store):
