@@ -253,13 +253,44 @@ class ArtifactRegistry:
     # ------------------------------------------------------------ write
 
     def cleanup_staging(self) -> int:
-        """Remove staging directories left by a crashed publish."""
+        """Remove staging directories left by a crashed publish (and versions a crashed prune set aside)."""
         n = 0
         if self.root.exists():
-            for p in self.root.glob(".staging-*"):
+            for p in [*self.root.glob(".staging-*"), *self.root.glob(".pruned-*")]:
                 shutil.rmtree(p, ignore_errors=True)
                 n += 1
         return n
+
+    def prune(self, keep: int) -> StrList:
+        """Delete all but the ``keep`` newest versions, never the current one or the one :meth:`rollback` would
+        restore; returns the versions deleted. Each is moved out of ``versions/`` in one rename before its files
+        are removed, so readers see a version whole or not at all. Their lines stay in :meth:`history`."""
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1 (the newest version is always kept), got {keep}")
+        versions = self.list_versions()
+        if len(versions) <= keep:
+            return []
+        cur = self.current_version()
+        protect = {*versions[-keep:], cur, self._rollback_target(cur)}
+        pruned: StrList = []
+        for v in versions:
+            if v in protect:
+                continue
+            aside = self.root / f".pruned-{v}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(self.versions_dir / v, aside)
+            except OSError as e:
+                log.warning("could not prune %s: %s", v, e)
+                continue
+            shutil.rmtree(aside, ignore_errors=True)
+            pruned.append(v)
+        stale = self.stale_versions()
+        if pruned and any(v in stale for v in pruned):
+            _write_json_atomic(self.root / "stale.json", {v: r for v, r in stale.items() if v not in pruned})
+        if pruned:
+            log.info("pruned %d old versions (keeping the newest %d, the current and the rollback target): %s",
+                     len(pruned), keep, ", ".join(pruned))
+        return pruned
 
     def _next_version(self) -> str:
         nums = [int(v[1:]) for v in self.list_versions() if v[1:].isdigit()]
@@ -314,6 +345,17 @@ class ArtifactRegistry:
         cur = self.current_version()
         if cur is None:
             raise NoModelError("nothing to roll back: no model has been published")
+        prev = self._rollback_target(cur)
+        if prev is None:
+            raise ArtifactError(f"no earlier promoted version to roll back to from {cur}")
+        self.load(prev)
+        self._set_current(prev, action="rollback", reason=f"rollback from {cur}")
+        return prev
+
+    def _rollback_target(self, cur: str | None) -> str | None:
+        """The version :meth:`rollback` would restore: the promoted one before ``cur`` that still exists."""
+        if cur is None:
+            return None
         seen_current = False
         for entry in reversed(_read_jsonl(self.root / "promotions.jsonl")):
             if entry.get("version") == cur and not seen_current:
@@ -321,10 +363,8 @@ class ArtifactRegistry:
                 continue
             prev = entry.get("version")
             if seen_current and prev and prev != cur and (self.versions_dir / prev).exists():
-                self.load(prev)
-                self._set_current(prev, action="rollback", reason=f"rollback from {cur}")
-                return prev
-        raise ArtifactError(f"no earlier promoted version to roll back to from {cur}")
+                return str(prev)
+        return None
 
     # ------------------------------------------------------------ staleness
 

@@ -124,7 +124,7 @@ def _job_config(args: argparse.Namespace, base: JobConfig) -> JobConfig:
         upd["teacher"] = TeacherConfig(**{**base.teacher.model_dump(), **t})
     if d:
         upd["distill"] = DistillConfig(**{**base.distill.model_dump(), **d})
-    for k in ("seed", "device", "threads", "namespace", "metadata_features"):
+    for k in ("seed", "device", "threads", "namespace", "metadata_features", "keep_versions"):
         if getattr(args, k, None) is not None:
             upd[k] = getattr(args, k)
     return JobConfig(**{**base.model_dump(), **{k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in upd.items()}})
@@ -153,6 +153,10 @@ def _print_report(rep: Any) -> None:
 
     for line in feature_lines(rep):
         print(line)
+    if rep.extra.get("pruned_versions"):
+        pruned = rep.extra["pruned_versions"]
+        print(f"removed {len(pruned)} old version{'s' if len(pruned) > 1 else ''} ({', '.join(pruned)}): "
+              "--keep-versions keeps the newest, the current one and the rollback target")
 
 
 # ---------------------------------------------------------------------------- commands
@@ -306,6 +310,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 def cmd_models(args: argparse.Namespace) -> int:
     reg = _open(args).registry.scoped(args.namespace)
+    if args.json:
+        print(json.dumps(reg.list(), indent=2))
+        return 0
     if args.namespace is not None and not reg.list_versions():
         print(f"no models for namespace {args.namespace!r} yet: `memory-distill consolidate --namespace "
               f"{args.namespace}` trains one")
@@ -485,6 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--seed", type=int)
         sp.add_argument("--device", choices=["auto", "cpu", "cuda"])
         sp.add_argument("--threads", type=_count, help="CPU threads to train with (default: every core)")
+        sp.add_argument("--keep-versions", type=_count, metavar="N",
+                        help="keep the N newest model versions (default 20; the current one and the rollback "
+                             "target are always kept)")
         sp.add_argument("--metadata-feature", dest="metadata_features", action="append", metavar="KEY",
                         help="metadata key the models read as a category, e.g. agent (repeatable)")
 
@@ -545,6 +555,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_predict)
 
     sp = sub.add_parser("models", help="list model versions")
+    sp.add_argument("--json", action="store_true")
     sp.add_argument("--namespace", help=NS_REGISTRY_HELP)
     sp.set_defaults(func=cmd_models)
     sp = sub.add_parser("promote", help="make a version current")

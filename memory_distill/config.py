@@ -248,6 +248,11 @@ class JobConfig(BaseModel):
     them. Torch's thread count is process-wide: it is set for the run and restored afterwards."""
     min_rewarded: int = Field(default=20, ge=2)
     """Refuse to train on fewer rewarded memories than this."""
+    keep_versions: int | None = Field(default=20, ge=1)
+    """After each run, delete all but this many newest model versions of the registry (never the current one,
+    nor the one ``rollback`` would restore): a worker publishing every few minutes would otherwise fill the
+    disk (a version at dim 1536 holds 11 MB of weights plus 4 MB of training ids per 100k memories). ``None``
+    keeps every version."""
     warm_start: bool = True
     """Initialise from the published models (same shapes and bins) and replay all stored memories."""
     namespace: str | None = None

@@ -202,7 +202,15 @@ def run_consolidation(
         "curriculum": report.distill.curriculum, "device": report.device, "threads": report.threads,
         "phases": report.phases,
     })
-    lk.release()
+    try:
+        if cfg.keep_versions is not None:
+            pruned = registry.prune(cfg.keep_versions)
+            if pruned:
+                report.extra["pruned_versions"] = pruned
+    except OSError as e:  # the run is published: a failed clean-up is only worth a warning
+        log.warning("could not prune old versions in %s: %s", registry.root, e)
+    finally:
+        lk.release()
     return report
 
 

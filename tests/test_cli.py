@@ -83,6 +83,11 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
     assert code == 0 and "v000001" in out
     code, out, _ = run(capsys, "forget", "--where", '{"strategy": 6}')
     assert code == 0 and "models marked stale: ['v000001', 'v000002']" in out
+    # the stale v000001 is replaced; v000002 is neither the newest, the current nor the rollback target
+    code, out, _ = run(capsys, "consolidate", "--epochs", "10", "--keep-versions", "1")
+    assert code == 0 and "version v000003: PROMOTED" in out and "removed 1 old version (v000002)" in out
+    code, out, _ = run(capsys, "models", "--json")
+    assert [m["version"] for m in json.loads(out)] == ["v000001", "v000003"]
 
 
 def test_errors_exit_2_with_message(home, capsys):

@@ -84,6 +84,37 @@ def test_gate_rejects_a_worse_candidate(store, registry, episodes):
     assert registry.history()[-1]["outcome"] == "rejected"
 
 
+def test_old_versions_are_pruned_but_the_current_and_rollback_target_stay(store, registry, episodes):
+    """A worker publishing every few minutes must not fill the disk: each run keeps the newest keep_versions
+    versions, plus the current one and the one rollback would restore, whatever their age."""
+    store.add_many(episodes)
+    job = fast_job(keep_versions=1)
+    v1, v2, v3 = (run_consolidation(store, registry, job).version for _ in range(3))
+    assert registry.list_versions() == [v2, v3]  # v3 current, v2 its rollback target
+    assert registry.rollback() == v2
+    r4 = run_consolidation(store, registry, job)  # promoted over v2; rollback from v4 restores v2
+    assert r4.promoted and r4.extra["pruned_versions"] == [v3]
+    assert registry.list_versions() == [v2, r4.version]
+    # a rejected newest version: the current (older) one stays, and so does its rollback target
+    from memory_distill.config import DistillConfig, TeacherConfig
+
+    bad = run_consolidation(store, registry, fast_job(
+        keep_versions=1, warm_start=False, teacher=TeacherConfig(hidden=(4,), epochs=1),
+        distill=DistillConfig(hidden=(2,), epochs=1), gate=GateConfig(min_holdout=10, tolerance=0.0)))
+    assert not bad.promoted and registry.current_version() == r4.version
+    assert registry.list_versions() == [v2, r4.version, bad.version]
+    assert Predictor(registry, store.embedder).predict(["Task: x. The agent guessed."])[0].model_version == r4.version
+    # the history keeps every run; stale marks of pruned versions go with them; None keeps everything
+    assert [h["version"] for h in registry.history()] == [v1, v2, v3, r4.version, bad.version]
+    forget(store, registry, registry.train_ids(r4.version)[:2])
+    assert set(registry.stale_versions()) == {v2, r4.version, bad.version}
+    r6 = run_consolidation(store, registry, job)
+    assert registry.list_versions() == [r4.version, r6.version] and set(registry.stale_versions()) == {r4.version}
+    run_consolidation(store, registry, fast_job(keep_versions=None))
+    assert len(registry.list_versions()) == 3
+    assert not list(registry.root.glob(".pruned-*"))
+
+
 def test_single_writer_lock(store, registry, episodes):
     store.add_many(episodes)
     lk = registry.acquire()
