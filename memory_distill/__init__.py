@@ -22,6 +22,7 @@ _EXPORTS = {
     "InvalidMemoryError": "errors", "StoreError": "errors", "MemoryNotFoundError": "errors",
     "NotEnoughDataError": "errors", "ArtifactError": "errors", "NoModelError": "errors",
     "ConsolidationError": "errors", "JobLockedError": "errors", "DeviceError": "errors",
+    "UnchangedDataError": "errors",
     # building blocks
     "Embedder": "embeddings", "HashingEmbedder": "embeddings", "OpenAIEmbedder": "embeddings",
     "LangChainEmbedder": "embeddings", "LocalEmbedder": "embeddings", "CachedEmbedder": "embeddings",
@@ -90,6 +91,7 @@ if TYPE_CHECKING:  # pragma: no cover
         NoModelError,
         NotEnoughDataError,
         StoreError,
+        UnchangedDataError,
     )
     from .facade import MemoryDistill
     from .features import FeatureSpec, text_stats

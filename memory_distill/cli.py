@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .config import DistillConfig, EmbedderConfig, JobConfig, Settings, StoreConfig, TeacherConfig
-from .errors import MemoryDistillError
+from .errors import MemoryDistillError, UnchangedDataError
 
 log = logging.getLogger("memory_distill.cli")
 
@@ -259,7 +259,12 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_consolidate(args: argparse.Namespace) -> int:
     mem = _open(args)
     cfg = _job_config(args, mem.job)
-    rep = mem.consolidate(cfg, progress=not args.quiet, lock_timeout=-1 if args.wait else 0)
+    try:
+        rep = mem.consolidate(cfg, progress=not args.quiet, lock_timeout=-1 if args.wait else 0,
+                              skip_unchanged=args.skip_unchanged)
+    except UnchangedDataError as e:
+        print(f"skipped: {e}")
+        return 0
     _print_report(rep)
     if args.report:
         _write_report(mem, rep, args.report, cfg.namespace)
@@ -375,7 +380,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     mem = _open(args)
     cfg = _job_config(args, mem.job)
-    triggers = {"every_s": args.every, "min_new": args.min_new, "drift_threshold": args.drift_threshold}
+    triggers = {"every_s": args.every, "min_new": args.min_new, "drift_threshold": args.drift_threshold,
+                "skip_unchanged": not args.retrain_unchanged}
     if args.each_namespace:
         if cfg.namespace is not None:
             raise MemoryDistillError("give --each-namespace or --namespace, not both")
@@ -544,6 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--namespace", help="train on one namespace; its models are gated, published and served apart")
     sp.add_argument("--report", help="directory for report.md/html + PNG plots")
     sp.add_argument("--wait", action="store_true", help="wait for a running consolidation instead of exiting")
+    sp.add_argument("--skip-unchanged", action="store_true",
+                    help="train nothing when the memories and settings are what the last run saw (for cron jobs)")
     sp.set_defaults(func=cmd_consolidate)
 
     sp = sub.add_parser("predict", help="predicted reward of texts")
@@ -593,7 +601,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("worker", help="periodic consolidation")
     job_args(sp)
     sp.add_argument("--namespace")
-    sp.add_argument("--every", type=_duration, default=600.0, help="run at least this often (e.g. 10m)")
+    sp.add_argument("--every", type=_duration, default=600.0,
+                    help="run at least this often (e.g. 10m); a store unchanged since the last run is skipped")
+    sp.add_argument("--retrain-unchanged", action="store_true",
+                    help="train on every trigger, even when the memories are what the last run saw")
     sp.add_argument("--min-new", type=_count, default=100, help="run when this many new rewards arrived")
     sp.add_argument("--drift-threshold", type=float)
     sp.add_argument("--poll", type=_duration, default=30.0)

@@ -15,6 +15,7 @@ __all__ = [
     "NoModelError",
     "NotEnoughDataError",
     "StoreError",
+    "UnchangedDataError",
 ]
 
 
@@ -67,3 +68,15 @@ class DeviceError(MemoryDistillError, RuntimeError):
 
 class JobLockedError(MemoryDistillError):
     """Another consolidation holds the single-writer lock of this registry."""
+
+
+class UnchangedDataError(MemoryDistillError):
+    """A run asked to skip unchanged data (``skip_unchanged=True``, what the worker does) found the memories and
+    the job's settings exactly as the current model's last run saw them: nothing new to learn, nothing trained."""
+
+    def __init__(self, message: str, *, version: str, fingerprint: str, n_rewarded: int = 0) -> None:
+        super().__init__(message)
+        self.version = version
+        """The current model, still serving."""
+        self.fingerprint = fingerprint
+        self.n_rewarded = n_rewarded

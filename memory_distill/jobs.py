@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import hashlib
+import json
 import logging
 import threading
 import time
@@ -39,6 +40,7 @@ from .errors import (
     NoModelError,
     NotEnoughDataError,
     StoreError,
+    UnchangedDataError,
 )
 from .evaluate import (
     EvalReport,
@@ -61,6 +63,7 @@ __all__ = [
     "ConsolidationWorker",
     "DriftReport",
     "Split",
+    "data_fingerprint",
     "drift_report",
     "forget",
     "run_consolidation",
@@ -102,6 +105,8 @@ class ConsolidationReport:
     phases: dict[str, float] = field(default_factory=dict)
     """Seconds per phase: ``read`` (the published model and the store's rows), ``train`` (teacher and student;
     their own reports split it), ``evaluate`` (held-out metrics, gate, ranking check), ``publish``."""
+    fingerprint: str = ""
+    """What the run learned from (:func:`data_fingerprint`): the memories and the job's settings."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,6 +160,33 @@ def _ids_digest(ids: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
+FINGERPRINT_EXCLUDES = {"threads", "keep_versions", "device"}
+"""Job settings that do not change what a run learns, left out of its data fingerprint."""
+
+
+def data_fingerprint(data: TrainingData, cfg: JobConfig) -> str:
+    """What a run learns from: every row's id, reward, creation time, group, text statistics, asked-for
+    metadata and vector (a 4-number random projection of it: a changed vector changes it), and the job's
+    settings (those in :data:`FINGERPRINT_EXCLUDES` aside) and library version. Two runs with the same
+    fingerprint train the same model (runs are seeded)."""
+    from . import __version__
+
+    h = hashlib.blake2b(digest_size=16)
+    settings = cfg.model_dump(mode="json", exclude=FINGERPRINT_EXCLUDES)
+    h.update(json.dumps([__version__, settings], sort_keys=True).encode())
+    h.update("\0".join(data.ids).encode())
+    h.update("\0".join(map(str, data.groups)).encode())
+    h.update(np.ascontiguousarray(data.rewards, np.float32).tobytes())
+    h.update(np.ascontiguousarray(data.created_at, np.float64).tobytes())
+    if data.features is not None:
+        h.update(np.ascontiguousarray(data.features, np.float32).tobytes())
+    h.update(json.dumps(data.metadata, sort_keys=True, default=str).encode())
+    if len(data):  # float32 throughout: no float64 copy of the embedding matrix
+        proj = np.random.default_rng(0).standard_normal((data.embeddings.shape[1], 4)).astype(np.float32)
+        h.update(np.ascontiguousarray(np.asarray(data.embeddings, np.float32) @ proj).tobytes())
+    return h.hexdigest()
+
+
 def run_consolidation(
     store: MemoryStore,
     registry: ArtifactRegistry,
@@ -163,11 +195,18 @@ def run_consolidation(
     curriculum: Curriculum | None = None,
     lock_timeout: float = 0,
     progress: bool = False,
+    skip_unchanged: bool = False,
 ) -> ConsolidationReport:
     """One full consolidation; see the module docstring. Raises ConsolidationError (nothing published).
 
     With ``config.namespace`` set, the run trains on that namespace only and publishes into
     ``registry.scoped(namespace)``: it is gated against that namespace's model, never another's.
+
+    ``skip_unchanged``: when the memories and the job's settings are exactly what the registry's last run saw
+    (:func:`data_fingerprint`) and the current model is not stale, train nothing and raise
+    :class:`UnchangedDataError` after reading the store; the history records a ``skipped`` run. The worker
+    does this, so a time trigger on an idle store does not publish copies of the same model, nor overturn a
+    ``rollback`` or ``promote`` an operator made since with a model of the same data.
     """
     cfg = config or JobConfig()
     registry = registry.scoped(cfg.namespace)
@@ -178,8 +217,14 @@ def run_consolidation(
     try:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        report = _consolidate(store, registry, cfg, curriculum, progress)
+        report = _consolidate(store, registry, cfg, curriculum, progress, skip_unchanged)
     except JobLockedError:
+        raise
+    except UnchangedDataError as e:
+        registry.append_history({"started_at": started, "seconds": time.time() - started, "outcome": "skipped",
+                                 "version": e.version, "fingerprint": e.fingerprint, "reason": str(e),
+                                 "n_rewarded": e.n_rewarded})
+        lk.release()
         raise
     except BaseException as e:
         # a namespace's failed first run (a typo, too few rewards) leaves no registry behind
@@ -200,7 +245,7 @@ def run_consolidation(
         "incumbent": report.incumbent_version, "student": report.evaluation.student.to_dict(),
         "teacher": report.evaluation.teacher.to_dict(), "kl": report.evaluation.kl_divergence,
         "curriculum": report.distill.curriculum, "device": report.device, "threads": report.threads,
-        "phases": report.phases,
+        "phases": report.phases, "fingerprint": report.fingerprint,
     })
     try:
         if cfg.keep_versions is not None:
@@ -214,8 +259,16 @@ def run_consolidation(
     return report
 
 
+def _last_fingerprint(registry: ArtifactRegistry) -> str | None:
+    """What the registry's last run (promoted, rejected or skipped) learned from."""
+    for entry in reversed(registry.history()):
+        if entry.get("outcome") in ("promoted", "rejected", "skipped"):
+            return entry.get("fingerprint")
+    return None
+
+
 def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
-                 curriculum: Curriculum | None, progress: bool) -> ConsolidationReport:
+                 curriculum: Curriculum | None, progress: bool, skip_unchanged: bool = False) -> ConsolidationReport:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -256,6 +309,13 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
             log.warning("the published model %s was trained on %d memories no longer in the store; marked stale: %s",
                         inc_version, n_gone, hit)
             stale = registry.stale_versions()
+    fingerprint = data_fingerprint(data, cfg)
+    if (skip_unchanged and incumbent is not None and inc_version is not None and inc_version not in stale
+            and replace_reason is None and _last_fingerprint(registry) == fingerprint):
+        raise UnchangedDataError(
+            f"nothing new since the last run: the {len(data)} memories and the job's settings are what it saw; "
+            f"{inc_version} keeps serving (run without skip_unchanged to train anyway)",
+            version=inc_version, fingerprint=fingerprint, n_rewarded=int(data.rewarded.sum()))
     keep, skipped = _clean_rows(data)
     if skipped:
         log.warning("skipping %d rows with non-finite or empty embeddings", skipped)
@@ -342,7 +402,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         "incumbent": {"version": inc_version, "metrics": inc_metrics.to_dict() if inc_metrics else None},
         "data": {"n_rows": len(data), "n_rewarded": n_rewarded, "n_train": len(split.train),
                  "n_val": len(split.val), "n_holdout": len(split.holdout), "n_transfer": len(split.transfer),
-                 "skipped_rows": skipped, "ids_digest": _ids_digest(data.ids),
+                 "skipped_rows": skipped, "ids_digest": _ids_digest(data.ids), "fingerprint": fingerprint,
                  "max_created_at": float(data.created_at.max()) if len(data) else None,
                  "namespace": cfg.namespace},
         "warm_started": warm,
@@ -358,6 +418,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         evaluation=evaluation, teacher=t_report, distill=d_report, bins=bins.to_dict(),
         seconds=t_end - t0, device=str(device), threads=threads, ranking=trained.ranking, features=spec,
         phases={"read": t_read - t0, "train": t_train - t_read, "evaluate": t_eval - t_train, "publish": t_end - t_eval},
+        fingerprint=fingerprint,
         extra={"deleted_training_memories": n_gone} if n_gone else {},
     )
 
@@ -454,16 +515,21 @@ def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: f
 class ConsolidationWorker:
     """Runs consolidation when ``min_new`` new rewarded memories arrived or ``every_s`` elapsed.
 
-    ``drift_threshold`` (optional) also triggers a run when the published model drifts.
+    ``drift_threshold`` (optional) also triggers a run when the published model drifts. With
+    ``skip_unchanged`` (the default) a due run that finds the memories and settings just as the last run saw them
+    trains nothing (:func:`run_consolidation`'s ``skip_unchanged``; logged as ``skipped`` in the history, and the
+    time trigger counts from it): an idle store gets no copies of the same model every ``every_s``.
     """
 
     KEEP_RUNS = 100
     """How many of the latest runs :attr:`runs` keeps (a worker polls for months)."""
 
     def __init__(self, store: MemoryStore, registry: ArtifactRegistry, config: JobConfig | None = None, *,
-                 every_s: float | None = 600.0, min_new: int | None = 100, drift_threshold: float | None = None) -> None:
+                 every_s: float | None = 600.0, min_new: int | None = 100, drift_threshold: float | None = None,
+                 skip_unchanged: bool = True) -> None:
         if every_s is None and min_new is None and drift_threshold is None:
             raise ValueError("give at least one trigger: every_s, min_new or drift_threshold")
+        self.skip_unchanged = skip_unchanged
         self.store, self.config = store, config or JobConfig()
         self.registry = registry.scoped(self.config.namespace)  # where this worker's runs publish
         self.every_s, self.min_new, self.drift_threshold = every_s, min_new, drift_threshold
@@ -473,8 +539,8 @@ class ConsolidationWorker:
 
     def _last(self) -> tuple[float | None, int]:
         for entry in reversed(self.registry.history()):
-            if entry.get("outcome") in ("promoted", "rejected"):
-                return float(entry["started_at"]) + float(entry.get("seconds", 0)), int(entry.get("n_rewarded", 0))
+            if entry.get("outcome") in ("promoted", "rejected", "skipped"):
+                return float(entry["started_at"]) + float(entry.get("seconds", 0)), int(entry.get("n_rewarded") or 0)
         return None, 0
 
     def needs_count(self) -> bool:
@@ -520,8 +586,9 @@ class ConsolidationWorker:
             return None
         log.info("consolidation due: %s", why)
         try:
-            rep = run_consolidation(self.store, self.registry, self.config, lock_timeout=0)
-        except (JobLockedError, NotEnoughDataError) as e:
+            rep = run_consolidation(self.store, self.registry, self.config, lock_timeout=0,
+                                    skip_unchanged=self.skip_unchanged and not force)
+        except (JobLockedError, NotEnoughDataError, UnchangedDataError) as e:
             log.info("skipped: %s", e)
             self.runs.append(e.with_traceback(None))  # a traceback would keep the run's frames (its data) alive
             return None
@@ -565,7 +632,7 @@ class NamespaceWorkers:
 
     def __init__(self, store: MemoryStore, registry: ArtifactRegistry, config: JobConfig | None = None, *,
                  every_s: float | None = 600.0, min_new: int | None = 100, drift_threshold: float | None = None,
-                 discover_every_s: float = 600.0) -> None:
+                 discover_every_s: float = 600.0, skip_unchanged: bool = True) -> None:
         self.config = config or JobConfig()
         if self.config.namespace is not None:
             raise ValueError(f"NamespaceWorkers runs every namespace: leave JobConfig.namespace unset "
@@ -573,7 +640,8 @@ class NamespaceWorkers:
         if every_s is None and min_new is None and drift_threshold is None:
             raise ValueError("give at least one trigger: every_s, min_new or drift_threshold")
         self.store, self.registry = store, registry
-        self.triggers: dict[str, Any] = {"every_s": every_s, "min_new": min_new, "drift_threshold": drift_threshold}
+        self.triggers: dict[str, Any] = {"every_s": every_s, "min_new": min_new, "drift_threshold": drift_threshold,
+                                         "skip_unchanged": skip_unchanged}
         self.discover_every_s = discover_every_s
         # Each filtered count scans every row; one pass over all the metadata costs about as much as 50-60
         # of them (50k rows: 3.0 s vs 0.06 s per count), so past this many namespaces a poll counts in one pass.

@@ -66,6 +66,8 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
     assert "- inputs: embedding + 4 text statistics" in report_md and "- best-of-n ranking head: " in report_md
     code, out, _ = run(capsys, "consolidate", "--epochs", "10")
     assert code == 0 and "version v000002" in out
+    code, out, _ = run(capsys, "consolidate", "--epochs", "10", "--skip-unchanged")  # a cron job on an idle store
+    assert code == 0 and "skipped: nothing new since the last run" in out and "v000002 keeps serving" in out
     # predictions are asked for texts shaped like the stored episodes (the models also read text length)
     code, out, _ = run(capsys, "predict", "--json",
                        "Task: answer who founded Acme. The agent guessed the answer and did not check it. "
@@ -78,7 +80,7 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
     code, out, _ = run(capsys, "models")
     assert "v000001" in out and "v000002" in out
     code, out, _ = run(capsys, "history", "--json")
-    assert [h["outcome"] for h in json.loads(out)] == ["promoted", "promoted"]
+    assert [h["outcome"] for h in json.loads(out)] == ["promoted", "promoted", "skipped"]
     code, out, _ = run(capsys, "rollback")
     assert code == 0 and "v000001" in out
     code, out, _ = run(capsys, "forget", "--where", '{"strategy": 6}')

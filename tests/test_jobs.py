@@ -115,6 +115,64 @@ def test_old_versions_are_pruned_but_the_current_and_rollback_target_stay(store,
     assert not list(registry.root.glob(".pruned-*"))
 
 
+def test_worker_skips_a_store_that_has_not_changed(store, registry):
+    """A time trigger on an idle store trains nothing (no copy of the same model every few minutes, and an operator's
+    rollback stands); any change to the memories or the settings, a stale model or force=True trains again."""
+    from memory_distill import UnchangedDataError
+
+    eps = synthetic_episodes(300, seed=5, pending_fraction=0.2)
+    store.add_many(eps)
+    w = ConsolidationWorker(store, registry, fast_job(), every_s=0.0, min_new=None)
+    v1 = w.run_once().version
+    assert w.run_once() is None and isinstance(w.runs[-1], UnchangedDataError) and w.runs[-1].version == v1
+    assert registry.list_versions() == [v1] and registry.current_version() == v1
+    skipped = registry.history()[-1]
+    assert skipped["outcome"] == "skipped" and skipped["version"] == v1 and "nothing new" in skipped["reason"]
+    assert skipped["n_rewarded"] == registry.history()[0]["n_rewarded"]
+    # the time trigger counts from the skip
+    assert ConsolidationWorker(store, registry, fast_job(), every_s=3600, min_new=None).due()[0] is False
+    pending = next(m.id for page, _ in store.iter_memories() for m in page if m.reward is None)
+    store.set_reward(pending, 0.9)  # a late reward
+    assert w.run_once() is not None
+    assert w.run_once() is None
+    store.add_many([{"id": eps[0]["id"], "text": eps[0]["text"] + " It also asked a human.", "reward": eps[0]["reward"]}],
+                   upsert=True)  # same id, same reward, new text
+    v3 = w.run_once().version
+    assert w.run_once() is None
+    # the settings are part of what a run learns from; threads and retention are not
+    assert ConsolidationWorker(store, registry, fast_job(threads=1, keep_versions=5), every_s=0.0).run_once() is None
+    assert ConsolidationWorker(store, registry, fast_job(seed=1), every_s=0.0).run_once() is not None
+    assert registry.rollback() == v3
+    assert w.run_once() is not None  # the last run (v4) saw other settings
+    assert registry.rollback() == v3
+    assert w.run_once() is None and registry.current_version() == v3  # nothing new: the rollback stands
+    assert "v000003 keeps serving" in str(w.runs[-1])
+    assert w.run_once(force=True) is not None
+    forget(store, registry, [eps[1]["id"]])
+    assert w.run_once() is not None  # ids changed (and the model is stale)
+    assert ConsolidationWorker(store, registry, fast_job(), every_s=0.0, skip_unchanged=False).run_once() is not None
+    with pytest.raises(UnchangedDataError, match="nothing new since the last run"):
+        run_consolidation(store, registry, fast_job(), skip_unchanged=True)
+    assert [h["outcome"] for h in registry.history()].count("skipped") == 6
+
+
+def test_the_data_fingerprint_sees_every_input_of_a_run(store):
+    from memory_distill.jobs import data_fingerprint
+
+    store.add_many(synthetic_episodes(50, seed=6))
+    data = store.load_training_data(metadata_keys=("strategy",))
+    base = data_fingerprint(data, fast_job())
+    assert data_fingerprint(data, fast_job(threads=1, keep_versions=3, device="cpu")) == base
+    assert data_fingerprint(data, fast_job(seed=2)) != base
+    for change in (lambda d: d.embeddings.__setitem__((7, 3), d.embeddings[7, 3] + 1e-3),
+                   lambda d: d.rewards.__setitem__(4, 0.123), lambda d: d.groups.__setitem__(2, "other"),
+                   lambda d: d.metadata["strategy"].__setitem__(1, 99),
+                   lambda d: d.features.__setitem__((0, 0), 9.0)):
+        d = store.load_training_data(metadata_keys=("strategy",))
+        change(d)
+        assert data_fingerprint(d, fast_job()) != base
+
+
 def test_single_writer_lock(store, registry, episodes):
     store.add_many(episodes)
     lk = registry.acquire()

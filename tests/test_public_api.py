@@ -9,7 +9,7 @@ EXPECTED = {
     "EmbedderConfig", "EmbedderMismatchError", "EmbeddingError", "GateConfig", "HashingEmbedder",
     "InvalidMemoryError", "JobConfig", "JobLockedError", "LangChainEmbedder", "LocalEmbedder", "Memory",
     "MemoryDistill", "MemoryDistillError", "MemoryNotFoundError", "MemoryStore", "ModelDistillation",
-    "NoModelError", "NotEnoughDataError", "OpenAIEmbedder", "PredictionBatch", "Predictor", "RewardBins",
+    "NoModelError", "NotEnoughDataError", "UnchangedDataError", "OpenAIEmbedder", "PredictionBatch", "Predictor", "RewardBins",
     "RewardMLP", "RewardPrediction", "SearchHit", "Settings", "StoreConfig", "StoreError", "TeacherConfig",
     "build_student", "build_teacher", "drift_report", "forget", "make_embedder", "run_consolidation", "text_stats",
     "ImportReport", "NamespaceWorkers", "export_jsonl", "import_jsonl", "__version__",
