@@ -706,13 +706,14 @@ class ConsolidationExecutor:
         self._current: cf.Future[ConsolidationReport] | None = None
         self._lock = threading.Lock()
 
-    def submit(self, config: JobConfig | None = None) -> cf.Future[ConsolidationReport]:
-        """Queue a run (or return the one already pending/running)."""
+    def submit(self, config: JobConfig | None = None, *, skip_unchanged: bool = False) -> cf.Future[ConsolidationReport]:
+        """Queue a run (or return the one already pending/running). ``skip_unchanged``: as in
+        :func:`run_consolidation` (the future then raises :class:`UnchangedDataError` when nothing changed)."""
         with self._lock:
             if self._current is not None and not self._current.done():
                 return self._current
             self._current = self._pool.submit(run_consolidation, self.store, self.registry,
-                                              config or self.config, lock_timeout=-1)
+                                              config or self.config, lock_timeout=-1, skip_unchanged=skip_unchanged)
             return self._current
 
     @property

@@ -218,6 +218,10 @@ def test_executor_runs_in_background_and_readers_keep_serving(store, registry, e
         rep = fut.result()
     assert served and set(served) == {first.version}  # the published model served throughout
     assert rep.version != first.version and pred.refresh()
+    from memory_distill import UnchangedDataError
+
+    with ConsolidationExecutor(store, registry, fast_job()) as ex, pytest.raises(UnchangedDataError):
+        ex.submit(skip_unchanged=True).result()
 
 
 def test_worker_triggers_on_new_rewards_and_time(store, registry):
