@@ -603,20 +603,47 @@ class ConsolidationWorker:
         return rep
 
     def run_forever(self, poll_s: float = 30.0, max_runs: int | None = None) -> None:
-        """Poll triggers until ``stop()`` (or ``max_runs`` runs happened)."""
+        """Poll triggers until ``stop()`` (or ``max_runs`` runs happened).
+
+        A poll that fails (a failed run, a Chroma server that is away while the triggers are checked, a full disk)
+        is logged and the worker polls again: a worker runs for months and outlives outages. The same error on
+        consecutive polls is logged once, and its end is logged too.
+        """
         done = 0
+        failing = _Failing()
         while not self._stop.is_set():
             try:
                 if self.run_once() is not None:
                     done += 1
-            except ConsolidationError as e:
-                log.error("%s", e)
+                failing.ok()
+            except Exception as e:
+                failing.failed(e)
             if max_runs is not None and done >= max_runs:
                 return
             self._stop.wait(poll_s)
 
     def stop(self) -> None:
         self._stop.set()
+
+
+class _Failing:
+    """Logs a poll's error once while it repeats, and when polls work again."""
+
+    def __init__(self, what: str = "worker") -> None:
+        self.what, self.last = what, ""
+
+    def failed(self, e: Exception) -> None:
+        msg = f"{type(e).__name__}: {e}"
+        if msg != self.last:
+            # an error of ours explains itself; anything else is a bug or the system's (disk, memory): keep its trace
+            log.error("%s: poll failed, retrying at the next poll: %s", self.what, msg,
+                      exc_info=None if isinstance(e, MemoryDistillError) else e)
+        self.last = msg
+
+    def ok(self) -> None:
+        if self.last:
+            log.warning("%s: polls work again (after: %s)", self.what, self.last)
+        self.last = ""
 
 
 class NamespaceWorkers:
@@ -674,7 +701,7 @@ class NamespaceWorkers:
             try:
                 rep = self.workers[ns].run_once(rewarded=counts.get(ns, 0) if counts is not None and ns in need
                                                 else None)
-            except ConsolidationError as e:
+            except MemoryDistillError as e:  # a failed run, or the store away while its triggers were checked
                 log.error("namespace %r: %s", ns, e)
                 continue
             if rep is not None:
@@ -682,10 +709,16 @@ class NamespaceWorkers:
         return done
 
     def run_forever(self, poll_s: float = 30.0, max_runs: int | None = None) -> None:
-        """Poll until ``stop()`` (or ``max_runs`` runs happened, over all namespaces)."""
+        """Poll until ``stop()`` (or ``max_runs`` runs happened, over all namespaces); a poll that fails (the store
+        away) is logged and retried at the next poll, as in :meth:`ConsolidationWorker.run_forever`."""
         n = 0
+        failing = _Failing("namespace workers")
         while not self._stop.is_set():
-            n += len(self.run_once())
+            try:
+                n += len(self.run_once())
+                failing.ok()
+            except Exception as e:
+                failing.failed(e)
             if max_runs is not None and n >= max_runs:
                 return
             self._stop.wait(poll_s)

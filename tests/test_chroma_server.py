@@ -258,3 +258,47 @@ def test_agent_keeps_running_while_the_server_restarts(tmp_path, caplog):
     finally:
         if proc.poll() is None:
             stop_server(proc)
+
+
+@pytest.mark.parametrize("each_namespace", [False, True])
+def test_a_worker_outlives_a_server_outage(tmp_path, caplog, each_namespace):
+    """A worker runs for months: a Chroma server that goes away (while the triggers are checked or mid-run) is
+    logged once and retried at the next poll, and runs resume when it is back."""
+    import threading
+
+    from memory_distill import ConsolidationWorker, NamespaceWorkers
+
+    port = free_port()
+    proc = start_server(port, tmp_path)
+    try:
+        st = http_store(port, "worker-outage")
+        eps = synthetic_episodes(260, seed=8, pending_fraction=0.0)
+        st.add_many(eps[:200], namespace="team-a")
+        reg = ArtifactRegistry(tmp_path / "art")
+        kw = {"every_s": None, "min_new": 20}
+        w = (NamespaceWorkers(st, reg, fast_job(), discover_every_s=0.0, **kw) if each_namespace
+             else ConsolidationWorker(st, reg, fast_job(), **kw))
+        scoped = reg.scoped("team-a") if each_namespace else reg
+        t = threading.Thread(target=w.run_forever, kwargs={"poll_s": 0.1}, daemon=True)
+        t.start()
+        deadline = time.time() + 60
+        while scoped.current_version() is None and time.time() < deadline:
+            time.sleep(0.1)
+        first = scoped.current_version()
+        assert first is not None
+        stop_server(proc)
+        time.sleep(1.5)  # a dozen polls against the dead server
+        assert t.is_alive()
+        assert caplog.text.count("poll failed, retrying at the next poll") + caplog.text.count("namespace 'team-a'") >= 1
+        assert caplog.text.count("is unreachable") <= 4  # once per distinct error, not once per poll
+        proc = start_server(port, tmp_path)
+        http_store(port, "worker-outage").add_many(eps[200:], namespace="team-a")  # 60 new rewards
+        deadline = time.time() + 60
+        while scoped.current_version() == first and time.time() < deadline:
+            time.sleep(0.1)
+        assert scoped.current_version() != first and t.is_alive()
+    finally:
+        w.stop()
+        t.join(timeout=30)
+        if proc.poll() is None:
+            stop_server(proc)
