@@ -28,6 +28,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,28 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:  # a torn last line after a crash
             log.warning("skipping unreadable line in %s", path)
     return out
+
+
+def _iter_jsonl_reversed(path: Path, block: int = 1 << 16) -> Iterator[dict[str, Any]]:
+    """The entries of a JSON Lines file, last first, read from the end a block at a time (a worker's history
+    grows by a line per run for months; its last run should not cost a read of all of it)."""
+    if not path.exists():
+        return
+    with open(path, "rb") as f:
+        pos = f.seek(0, os.SEEK_END)
+        tail = b""
+        while pos > 0:
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            lines = (f.read(step) + tail).split(b"\n")
+            tail = lines[0] if pos > 0 else b""  # may start mid-line: completed by the next block
+            for line in reversed(lines[1:] if pos > 0 else lines):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError:  # a torn last line after a crash
+                        log.warning("skipping unreadable line in %s", path)
 
 
 StrList = list[str]
@@ -437,6 +460,10 @@ class ArtifactRegistry:
 
     def history(self) -> Records:
         return _read_jsonl(self.history_path)
+
+    def last_run(self, outcomes: tuple[str, ...] = ("promoted", "rejected", "skipped")) -> dict[str, Any] | None:
+        """The newest :meth:`history` entry with one of ``outcomes``, read from the end of the file."""
+        return next((e for e in _iter_jsonl_reversed(self.history_path) if e.get("outcome") in outcomes), None)
 
     def append_history(self, entry: dict[str, Any]) -> None:
         self._ensure()

@@ -261,10 +261,8 @@ def run_consolidation(
 
 def _last_fingerprint(registry: ArtifactRegistry) -> str | None:
     """What the registry's last run (promoted, rejected or skipped) learned from."""
-    for entry in reversed(registry.history()):
-        if entry.get("outcome") in ("promoted", "rejected", "skipped"):
-            return entry.get("fingerprint")
-    return None
+    last = registry.last_run()
+    return last.get("fingerprint") if last is not None else None
 
 
 def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
@@ -538,10 +536,10 @@ class ConsolidationWorker:
         """The latest runs (:attr:`KEEP_RUNS`): reports, and the errors of skipped ones (tracebacks dropped)."""
 
     def _last(self) -> tuple[float | None, int]:
-        for entry in reversed(self.registry.history()):
-            if entry.get("outcome") in ("promoted", "rejected", "skipped"):
-                return float(entry["started_at"]) + float(entry.get("seconds", 0)), int(entry.get("n_rewarded") or 0)
-        return None, 0
+        entry = self.registry.last_run()
+        if entry is None:
+            return None, 0
+        return float(entry["started_at"]) + float(entry.get("seconds", 0)), int(entry.get("n_rewarded") or 0)
 
     def needs_count(self) -> bool:
         """Whether :meth:`due` would count the rewarded memories (before the first run, or for ``min_new``)."""

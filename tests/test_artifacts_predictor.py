@@ -145,3 +145,31 @@ def test_mark_stale_only_hits_versions_trained_on_deleted_ids(tmp_path):
     assert json.loads((tmp_path / "versions" / "v000001" / "train_ids.json").read_text()) == ["id1"]
     shutil.rmtree(tmp_path / "versions" / "v000001")
     assert reg.list_versions() == ["v000002"]
+
+
+def test_the_last_run_is_read_from_the_end_of_the_history(tmp_path):
+    """A worker's history gains a line per run for months; its last run is read backwards a block at a time, and
+    agrees with reading the whole file (blank lines, a torn last line, lines longer than a block, non-ASCII text)."""
+    import json
+    import random
+
+    from memory_distill.artifacts import _iter_jsonl_reversed, _read_jsonl
+
+    rnd = random.Random(0)
+    for trial in range(60):
+        p = tmp_path / f"h{trial}.jsonl"
+        rows = [{"i": i, "pad": "é-x" * rnd.randint(0, 120)} for i in range(rnd.randint(0, 40))]
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        if rnd.random() < 0.3:
+            text += '{"torn": '
+        if rnd.random() < 0.3:
+            text = text.replace("\n", "\n\n", 3)
+        p.write_text(text, encoding="utf-8")
+        for block in (1, 7, 64, 1 << 16):
+            assert list(_iter_jsonl_reversed(p, block)) == list(reversed(_read_jsonl(p))), (trial, block)
+    reg = ArtifactRegistry(tmp_path / "reg")
+    assert reg.last_run() is None
+    for outcome in ("promoted", "failed", "skipped", "failed"):
+        reg.append_history({"outcome": outcome, "n": outcome})
+    assert reg.last_run() == {"outcome": "skipped", "n": "skipped"}
+    assert reg.last_run(("promoted",)) == {"outcome": "promoted", "n": "promoted"}
