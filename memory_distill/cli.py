@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .config import DistillConfig, EmbedderConfig, JobConfig, Settings, StoreConfig, TeacherConfig
-from .errors import MemoryDistillError, UnchangedDataError
+from .errors import ConsolidationError, MemoryDistillError, NotEnoughDataError, UnchangedDataError
 
 log = logging.getLogger("memory_distill.cli")
 
@@ -381,7 +381,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     mem = _open(args)
     cfg = _job_config(args, mem.job)
     triggers = {"every_s": args.every, "min_new": args.min_new, "drift_threshold": args.drift_threshold,
-                "skip_unchanged": not args.retrain_unchanged}
+                "skip_unchanged": not args.retrain_unchanged, "on_run": _print_run}
     if args.each_namespace:
         if cfg.namespace is not None:
             raise MemoryDistillError("give --each-namespace or --namespace, not both")
@@ -403,13 +403,22 @@ def cmd_worker(args: argparse.Namespace) -> int:
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-    workers = w.workers.items() if args.each_namespace else [(cfg.namespace, w)]
-    for ns, one in workers:
-        for r in one.runs:
-            if not isinstance(r, Exception):
-                where = f"namespace {ns!r} " if ns is not None else ""
-                print(f"{where}{r.version}: {'promoted' if r.promoted else 'rejected'} ({r.reason})")
     return 0
+
+
+def _print_run(worker: Any, result: Any) -> None:
+    """The worker's line per due run, as it happens (docker logs, journald): what was published, or why not."""
+    ns = worker.config.namespace
+    where = f"namespace {ns!r} " if ns is not None else ""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(result, Exception):
+        what = "failed" if isinstance(result, ConsolidationError) and not isinstance(
+            result.__cause__, NotEnoughDataError) else "skipped"
+        print(f"{stamp} {where}{what}: {result}", flush=True)
+        return
+    ev = result.evaluation.student
+    print(f"{stamp} {where}{result.version}: {'promoted' if result.promoted else 'rejected'} ({result.reason}); "
+          f"{result.n_rewarded} rewarded, student spearman {_fmt(ev.spearman)}, {result.seconds:.1f}s", flush=True)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -607,8 +616,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train on every trigger, even when the memories are what the last run saw")
     sp.add_argument("--min-new", type=_count, default=100, help="run when this many new rewards arrived")
     sp.add_argument("--drift-threshold", type=float)
-    sp.add_argument("--poll", type=_duration, default=30.0)
-    sp.add_argument("--max-runs", type=_count)
+    sp.add_argument("--poll", type=_duration, default=30.0, help="how often the triggers are checked")
+    sp.add_argument("--max-runs", type=_count,
+                    help="exit after this many runs that trained (skipped polls do not count); "
+                         "for one run from cron use `consolidate --skip-unchanged`")
     sp.add_argument("--each-namespace", action="store_true",
                     help="one model per namespace, each consolidated on its own triggers")
     sp.set_defaults(func=cmd_worker)

@@ -23,6 +23,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -524,10 +525,14 @@ class ConsolidationWorker:
 
     def __init__(self, store: MemoryStore, registry: ArtifactRegistry, config: JobConfig | None = None, *,
                  every_s: float | None = 600.0, min_new: int | None = 100, drift_threshold: float | None = None,
-                 skip_unchanged: bool = True) -> None:
+                 skip_unchanged: bool = True,
+                 on_run: Callable[[ConsolidationWorker, ConsolidationReport | Exception], None] | None = None) -> None:
         if every_s is None and min_new is None and drift_threshold is None:
             raise ValueError("give at least one trigger: every_s, min_new or drift_threshold")
         self.skip_unchanged = skip_unchanged
+        self.on_run = on_run
+        """Called with this worker and each due run's report, or the error of a run that was skipped (nothing
+        new, too few rewards, another run holding the lock) or failed: a log line, a metric, an alert."""
         self.store, self.config = store, config or JobConfig()
         self.registry = registry.scoped(self.config.namespace)  # where this worker's runs publish
         self.every_s, self.min_new, self.drift_threshold = every_s, min_new, drift_threshold
@@ -588,17 +593,29 @@ class ConsolidationWorker:
                                     skip_unchanged=self.skip_unchanged and not force)
         except (JobLockedError, NotEnoughDataError, UnchangedDataError) as e:
             log.info("skipped: %s", e)
-            self.runs.append(e.with_traceback(None))  # a traceback would keep the run's frames (its data) alive
+            self._record(e.with_traceback(None))  # a traceback would keep the run's frames (its data) alive
             return None
         except ConsolidationError as e:
             if not isinstance(e.__cause__, NotEnoughDataError):
+                self._notify(e)
                 raise
             log.info("skipped: %s", e)  # e.g. too few training rows once the recent ones are held out
             e.__cause__ = e.__cause__.with_traceback(None)
-            self.runs.append(e.with_traceback(None))
+            self._record(e.with_traceback(None))
             return None
-        self.runs.append(rep)
+        self._record(rep)
         return rep
+
+    def _record(self, result: ConsolidationReport | Exception) -> None:
+        self.runs.append(result)
+        self._notify(result)
+
+    def _notify(self, result: ConsolidationReport | Exception) -> None:
+        if self.on_run is not None:
+            try:
+                self.on_run(self, result)
+            except Exception:  # a broken hook must not stop the worker
+                log.exception("the worker's on_run hook raised")
 
     def run_forever(self, poll_s: float = 30.0, max_runs: int | None = None) -> None:
         """Poll triggers until ``stop()`` (or ``max_runs`` runs happened).
@@ -657,7 +674,8 @@ class NamespaceWorkers:
 
     def __init__(self, store: MemoryStore, registry: ArtifactRegistry, config: JobConfig | None = None, *,
                  every_s: float | None = 600.0, min_new: int | None = 100, drift_threshold: float | None = None,
-                 discover_every_s: float = 600.0, skip_unchanged: bool = True) -> None:
+                 discover_every_s: float = 600.0, skip_unchanged: bool = True,
+                 on_run: Callable[[ConsolidationWorker, ConsolidationReport | Exception], None] | None = None) -> None:
         self.config = config or JobConfig()
         if self.config.namespace is not None:
             raise ValueError(f"NamespaceWorkers runs every namespace: leave JobConfig.namespace unset "
@@ -666,7 +684,7 @@ class NamespaceWorkers:
             raise ValueError("give at least one trigger: every_s, min_new or drift_threshold")
         self.store, self.registry = store, registry
         self.triggers: dict[str, Any] = {"every_s": every_s, "min_new": min_new, "drift_threshold": drift_threshold,
-                                         "skip_unchanged": skip_unchanged}
+                                         "skip_unchanged": skip_unchanged, "on_run": on_run}
         self.discover_every_s = discover_every_s
         # Each filtered count scans every row; one pass over all the metadata costs about as much as 50-60
         # of them (50k rows: 3.0 s vs 0.06 s per count), so past this many namespaces a poll counts in one pass.

@@ -180,6 +180,26 @@ def test_cuda_without_a_gpu_is_a_clear_error(home, capsys):
         Predictor(ArtifactRegistry(home / "artifacts"), device="cuda")
 
 
+def test_the_worker_prints_a_line_per_run_as_it_happens(home):
+    """docker logs / journald show each run when it happens, not when the worker exits."""
+    import os
+
+    main(["-q", "demo", "--n", "200", "--epochs", "2"])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "memory_distill", "-q", "worker", "--every", "0s", "--poll", "0.2s",
+                             "--epochs", "3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().startswith("worker:")
+        ran = proc.stdout.readline()  # other settings than the demo's run: it trains
+        assert "v000002: promoted (" in ran and "rewarded, student spearman" in ran, ran
+        skipped = proc.stdout.readline()  # then nothing new
+        assert "skipped: nothing new since the last run" in skipped and "v000002 keeps serving" in skipped, skipped
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_worker_stops_cleanly_on_sigterm(home):
     """docker stop / systemd / Kubernetes send SIGTERM: the worker stops (after the run under way) and exits 0."""
     import os

@@ -156,6 +156,27 @@ def test_worker_skips_a_store_that_has_not_changed(store, registry):
     assert [h["outcome"] for h in registry.history()].count("skipped") == 6
 
 
+def test_the_worker_reports_each_run_as_it_happens(store, registry, caplog):
+    """on_run: a log line, a metric or an alert per due run (report or why it was skipped); a hook that raises
+    is logged and the worker goes on."""
+    from memory_distill import UnchangedDataError
+
+    store.add_many(synthetic_episodes(300, seed=7))
+    seen = []
+    w = ConsolidationWorker(store, registry, fast_job(), every_s=0.0, min_new=None,
+                            on_run=lambda worker, result: seen.append((worker, result)))
+    rep = w.run_once()
+    w.run_once()
+    assert [r for _, r in seen][0] is rep and isinstance(seen[1][1], UnchangedDataError)
+    assert all(worker is w for worker, _ in seen)
+
+    def broken(worker, result):
+        raise RuntimeError("the metrics backend is down")
+
+    w.on_run = broken
+    assert w.run_once() is None and "on_run hook raised" in caplog.text
+
+
 def test_the_data_fingerprint_sees_every_input_of_a_run(store):
     from memory_distill.jobs import data_fingerprint
 
