@@ -251,6 +251,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
     mem = _open(args)
     st = mem.store.stats()
     st["model"] = mem.registry.current_version()
+    if st["model"] is not None:  # how old the served model is, and what the last run did (is the worker alive?)
+        published = mem.registry.manifest(st["model"]).get("created_at")
+        st["model_age_s"] = round(time.time() - published, 1) if published else None
+    last = mem.registry.last_run(("promoted", "rejected", "skipped", "failed"))
+    st["last_run"] = None if last is None else {
+        "outcome": last.get("outcome"), "version": last.get("version"),
+        "at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("started_at", 0))),
+        "ago_s": round(time.time() - float(last.get("started_at", 0)), 1), "reason": last.get("reason") or last.get("error")}
     st["namespace_models"] = {ns: reg.current_version() for ns, reg in mem.registry.namespaces().items()}
     print(json.dumps(st, indent=2))
     return 0

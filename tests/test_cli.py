@@ -32,7 +32,11 @@ def test_add_search_set_reward_stats(home, capsys):
     assert hit["id"] == mid and hit["metadata"] == {"tool": "search", "n": 3} and hit["reward"] == 0.9
     code, out, _ = run(capsys, "stats")
     st = json.loads(out)
-    assert st["total"] == 2 and st["rewarded"] == 2 and st["model"] is None
+    assert st["total"] == 2 and st["rewarded"] == 2 and st["model"] is None and st["last_run"] is None
+    assert run(capsys, "consolidate")[0] == 2  # too few rewards: the failed run shows in stats
+    code, out, _ = run(capsys, "stats")
+    last = json.loads(out)["last_run"]
+    assert last["outcome"] == "failed" and "only 2 rewarded memories" in last["reason"] and 0 <= last["ago_s"] < 60
 
 
 def test_import_reports_bad_line_and_writes_nothing(home, tmp_path, capsys):
@@ -68,6 +72,9 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
     assert code == 0 and "version v000002" in out
     code, out, _ = run(capsys, "consolidate", "--epochs", "10", "--skip-unchanged")  # a cron job on an idle store
     assert code == 0 and "skipped: nothing new since the last run" in out and "v000002 keeps serving" in out
+    st = json.loads(run(capsys, "stats")[1])
+    assert st["model"] == "v000002" and 0 <= st["model_age_s"] < 120
+    assert st["last_run"]["outcome"] == "skipped" and st["last_run"]["version"] == "v000002"
     # predictions are asked for texts shaped like the stored episodes (the models also read text length)
     code, out, _ = run(capsys, "predict", "--json",
                        "Task: answer who founded Acme. The agent guessed the answer and did not check it. "
