@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from pydantic import ValidationError
@@ -58,6 +58,7 @@ from .types import RESERVED_PREFIX, Memory, SearchHit, check_metadata
 __all__ = ["MemoryStore", "TrainingData", "TrainingPage", "coerce_memory", "mmr_select"]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 NS = RESERVED_PREFIX + "ns"
 REWARD = RESERVED_PREFIX + "reward"
@@ -444,7 +445,7 @@ def compile_where(flt: Mapping[str, Any]) -> Matcher | None:
     return None
 
 
-def _remember(memo: dict[str, bool], key: str, value: bool) -> None:
+def _remember(memo: dict[str, _T], key: str, value: _T) -> None:
     """Store ``value`` in a per-filter memo, emptied past 10,000 filters (say a namespace per user)."""
     if len(memo) > 10_000:
         memo.clear()
@@ -1002,9 +1003,7 @@ class MemoryStore:
                     return self._hits(res, keep[:k], include_embeddings)
             # too few of the nearest rows pass (a small namespace in a shared store, a rare value): skip this
             # attempt for the next searches with this filter, then check again in case the rows have moved
-            if len(self._skip_post) > 10_000:
-                self._skip_post.clear()
-            self._skip_post[key] = POST_FILTER_RETRY
+            _remember(self._skip_post, key, POST_FILTER_RETRY)
         return self._filtered_search(qv, k, flt, key, include, include_embeddings)
 
     def _post_filter_due(self, key: str) -> bool:
@@ -1012,7 +1011,7 @@ class MemoryStore:
         if left is None:
             return True
         if left <= 1:
-            del self._skip_post[key]
+            self._skip_post.pop(key, None)  # (another thread may have just removed it)
         else:
             self._skip_post[key] = left - 1
         return False

@@ -559,3 +559,22 @@ def test_stores_opened_from_threads_at_once(tmp_path, caplog):
         t.join()
     assert len(stores) == 6 and "also open in another process" not in caplog.text
     assert store_mod._open_dirs[str(path.resolve())][1] == 6
+
+
+
+def test_a_filter_memo_countdown_tolerates_another_thread_ending_it(tmp_path):
+    """An agent server searches one store from many threads and the per-filter memos take no lock: when another
+    thread ends a countdown between this thread's read and its update, the search still goes on (it was a
+    KeyError). The interleaving is made deterministic: the memo loses the key right after it is read."""
+    st = MemoryStore(HashingEmbedder(dim=16), StoreConfig(path=tmp_path / "c"))
+
+    class Racing(dict):
+        def get(self, key, default=None):
+            value = super().get(key, default)
+            self.pop(key, None)  # another thread's search ends the countdown meanwhile
+            return value
+
+    st._skip_post = Racing({"k": 1})
+    assert st._post_filter_due("k") is False and "k" not in st._skip_post
+    st._skip_post = Racing({"k": 5})
+    assert st._post_filter_due("k") is False and st._skip_post["k"] == 4
