@@ -10,6 +10,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -389,7 +390,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     mem = _open(args)
     cfg = _job_config(args, mem.job)
     triggers = {"every_s": args.every, "min_new": args.min_new, "drift_threshold": args.drift_threshold,
-                "skip_unchanged": not args.retrain_unchanged, "on_run": _print_run}
+                "skip_unchanged": not args.retrain_unchanged,
+                # a model per user: one "nothing new" line per idle user per --every would drown the runs (-v shows them)
+                "on_run": partial(_print_run, show_unchanged=not args.each_namespace or args.verbose > 0)}
     if args.each_namespace:
         if cfg.namespace is not None:
             raise MemoryDistillError("give --each-namespace or --namespace, not both")
@@ -414,11 +417,13 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_run(worker: Any, result: Any) -> None:
+def _print_run(worker: Any, result: Any, *, show_unchanged: bool = True) -> None:
     """The worker's line per due run, as it happens (docker logs, journald): what was published, or why not."""
     ns = worker.config.namespace
     where = f"namespace {ns!r} " if ns is not None else ""
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(result, UnchangedDataError) and not show_unchanged:
+        return
     if isinstance(result, Exception):
         what = "failed" if isinstance(result, ConsolidationError) and not isinstance(
             result.__cause__, NotEnoughDataError) else "skipped"

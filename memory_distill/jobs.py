@@ -588,6 +588,7 @@ class ConsolidationWorker:
         if not due:
             return None
         log.info("consolidation due: %s", why)
+        self.store.count()  # a store that is away (StoreError) is an outage for run_forever to wait out, not a failed run
         try:
             rep = run_consolidation(self.store, self.registry, self.config, lock_timeout=0,
                                     skip_unchanged=self.skip_unchanged and not force)

@@ -207,6 +207,24 @@ def test_the_worker_prints_a_line_per_run_as_it_happens(home):
         proc.wait()
 
 
+def test_a_worker_per_namespace_prints_no_line_per_idle_user(capsys):
+    """worker --each-namespace with a model per user: "nothing new" for each idle user every --every would drown
+    the runs, so those lines show only with -v; other skips (too few rewards, failures) always show."""
+    from types import SimpleNamespace
+
+    from memory_distill import NotEnoughDataError, UnchangedDataError
+    from memory_distill.cli import _print_run
+
+    w = SimpleNamespace(config=SimpleNamespace(namespace="user-7"))
+    _print_run(w, UnchangedDataError("nothing new since the last run", version="v000001", fingerprint="f"),
+               show_unchanged=False)
+    assert capsys.readouterr().out == ""
+    _print_run(w, NotEnoughDataError("only 3 rewarded memories"), show_unchanged=False)
+    assert "namespace 'user-7' skipped: only 3 rewarded memories" in capsys.readouterr().out
+    _print_run(w, UnchangedDataError("nothing new since the last run", version="v000001", fingerprint="f"))
+    assert "namespace 'user-7' skipped: nothing new" in capsys.readouterr().out
+
+
 def test_worker_stops_cleanly_on_sigterm(home):
     """docker stop / systemd / Kubernetes send SIGTERM: the worker stops (after the run under way) and exits 0."""
     import os
