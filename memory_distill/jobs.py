@@ -512,7 +512,8 @@ def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: f
 
 
 class ConsolidationWorker:
-    """Runs consolidation when ``min_new`` new rewarded memories arrived or ``every_s`` elapsed.
+    """Runs consolidation when ``min_new`` new rewarded memories arrived or ``every_s`` elapsed, and at once when
+    the published model became stale (``forget`` deleted memories it trained on).
 
     ``drift_threshold`` (optional) also triggers a run when the published model drifts. With
     ``skip_unchanged`` (the default) a due run that finds the memories and settings just as the last run saw them
@@ -568,6 +569,10 @@ class ConsolidationWorker:
                 return False, (f"only {n} rewarded memories (a run needs JobConfig.min_rewarded="
                                f"{self.config.min_rewarded})")
             return True, "no consolidation has run yet"
+        cur = self.registry.current_version()
+        if cur is not None and cur in self.registry.stale_versions():
+            # forget() deleted memories it trained on: replace it now, not at the next time or count trigger
+            return True, f"the published model {cur} is stale (trained on deleted memories)"
         if self.every_s is not None and time.time() - last_time >= self.every_s:
             return True, f"{self.every_s:.0f}s elapsed since the last run"
         if self.min_new is not None:

@@ -260,6 +260,13 @@ def test_worker_triggers_on_new_rewards_and_time(store, registry):
     assert w.run_once().warm_started
     w2 = ConsolidationWorker(store, registry, fast_job(), every_s=0.0, min_new=None)
     assert w2.due()[0] and "elapsed" in w2.due()[1]
+    # forget(): the published model trained on deleted memories is replaced at the next poll, not in an hour
+    assert w.due()[0] is False
+    cur = registry.current_version()
+    forget(store, registry, registry.train_ids(cur)[:1], reason="user asked")
+    assert w.due() == (True, f"the published model {cur} is stale (trained on deleted memories)")
+    rep = w.run_once()
+    assert rep.promoted and not rep.warm_started and w.due()[0] is False
 
 
 def test_worker_waits_for_enough_rewards_without_failing_runs(store, registry, monkeypatch):
