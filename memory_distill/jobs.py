@@ -531,6 +531,7 @@ class ConsolidationWorker:
         if every_s is None and min_new is None and drift_threshold is None:
             raise ValueError("give at least one trigger: every_s, min_new or drift_threshold")
         self.skip_unchanged = skip_unchanged
+        self._stale_tried: set[str] = set()  # stale versions a run was started for
         self.on_run = on_run
         """Called with this worker and each due run's report, or the error of a run that was skipped (nothing
         new, too few rewards, another run holding the lock) or failed: a log line, a metric, an alert."""
@@ -570,8 +571,9 @@ class ConsolidationWorker:
                                f"{self.config.min_rewarded})")
             return True, "no consolidation has run yet"
         cur = self.registry.current_version()
-        if cur is not None and cur in self.registry.stale_versions():
+        if cur is not None and cur not in self._stale_tried and cur in self.registry.stale_versions():
             # forget() deleted memories it trained on: replace it now, not at the next time or count trigger
+            # (once: if that run cannot replace it, say too few rewards are left, the other triggers take over)
             return True, f"the published model {cur} is stale (trained on deleted memories)"
         if self.every_s is not None and time.time() - last_time >= self.every_s:
             return True, f"{self.every_s:.0f}s elapsed since the last run"
@@ -594,6 +596,9 @@ class ConsolidationWorker:
             return None
         log.info("consolidation due: %s", why)
         self.store.count()  # a store that is away (StoreError) is an outage for run_forever to wait out, not a failed run
+        cur = self.registry.current_version()
+        if cur is not None and cur in self.registry.stale_versions():
+            self._stale_tried.add(cur)  # a run was started while it is stale: the stale trigger has had its turn
         try:
             rep = run_consolidation(self.store, self.registry, self.config, lock_timeout=0,
                                     skip_unchanged=self.skip_unchanged and not force)

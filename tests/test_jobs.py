@@ -267,6 +267,11 @@ def test_worker_triggers_on_new_rewards_and_time(store, registry):
     assert w.due() == (True, f"the published model {cur} is stale (trained on deleted memories)")
     rep = w.run_once()
     assert rep.promoted and not rep.warm_started and w.due()[0] is False
+    # a stale model that cannot be replaced (too few rewards left) is tried once, not at every poll
+    few = ConsolidationWorker(store, registry, fast_job(min_rewarded=10_000), every_s=3600, min_new=None)
+    forget(store, registry, registry.train_ids(rep.version)[:1])
+    assert few.due()[0] and few.run_once() is None and "only" in str(few.runs[-1])
+    assert few.due() == (False, "not due")
 
 
 def test_worker_waits_for_enough_rewards_without_failing_runs(store, registry, monkeypatch):
