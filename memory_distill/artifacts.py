@@ -295,28 +295,50 @@ class ArtifactRegistry:
             return []
         cur = self.current_version()
         protect = {*versions[-keep:], cur, self._rollback_target(cur)}
-        pruned: StrList = []
-        for v in versions:
-            if v in protect:
-                continue
-            aside = self.root / f".pruned-{v}-{uuid.uuid4().hex[:8]}"
-            try:
-                os.rename(self.versions_dir / v, aside)
-            except OSError as e:
-                log.warning("could not prune %s: %s", v, e)
-                continue
-            shutil.rmtree(aside, ignore_errors=True)
-            pruned.append(v)
-        stale = self.stale_versions()
-        if pruned and any(v in stale for v in pruned):
-            _write_json_atomic(self.root / "stale.json", {v: r for v, r in stale.items() if v not in pruned})
+        pruned = self._remove_versions([v for v in versions if v not in protect])
         if pruned:
             log.info("pruned %d old versions (keeping the newest %d, the current and the rollback target): %s",
                      len(pruned), keep, ", ".join(pruned))
         return pruned
 
+    def _remove_versions(self, versions: StrList) -> StrList:
+        """Delete these versions (each moved out of ``versions/`` in one rename first) and their stale marks;
+        returns those removed."""
+        removed: StrList = []
+        for v in versions:
+            aside = self.root / f".pruned-{v}-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(self.versions_dir / v, aside)
+            except OSError as e:
+                log.warning("could not remove %s: %s", v, e)
+                continue
+            shutil.rmtree(aside, ignore_errors=True)
+            removed.append(v)
+        stale = self.stale_versions()
+        if any(v in stale for v in removed):
+            _write_json_atomic(self.root / "stale.json", {v: r for v, r in stale.items() if v not in removed})
+        return removed
+
+    def retire(self, reason: str) -> StrList:
+        """Stop serving from this registry: unset CURRENT (a namespace's predictors fall back to the top-level
+        model, others stop predicting) and delete the stale versions, those trained on deleted memories.
+        :func:`~memory_distill.jobs.forget` does this when it empties the store or a namespace. Returns the
+        versions deleted; the next consolidation publishes afresh."""
+        cur = self.current_version()
+        (self.root / "CURRENT").unlink(missing_ok=True)
+        _append_jsonl(self.root / "promotions.jsonl", {"time": time.time(), "action": "retire", "version": None,
+                                                       "previous": cur, "reason": reason})
+        stale = self.stale_versions()
+        removed = self._remove_versions([v for v in self.list_versions() if v in stale])
+        log.warning("retired the models of %s (%s): nothing serves from it until the next consolidation; "
+                    "deleted %s", self.root, reason, ", ".join(removed) or "no version")
+        return removed
+
     def _next_version(self) -> str:
-        nums = [int(v[1:]) for v in self.list_versions() if v[1:].isdigit()]
+        # the last published one counts too: after retire() deleted every version, numbers are not reused
+        last = self.last_run(("promoted", "rejected"))
+        named = [*self.list_versions(), *([str(last["version"])] if last and last.get("version") else [])]
+        nums = [int(v[1:]) for v in named if v[1:].isdigit()]
         return f"v{(max(nums) + 1 if nums else 1):06d}"
 
     def publish(self, teacher: RewardMLP, student: RewardMLP, manifest: dict[str, Any], *,

@@ -372,7 +372,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
         raise MemoryDistillError("forget needs --id, --where, --namespace or --older-than")
     entry = mem.forget(args.ids or None, where=args.where,
                        namespace=args.namespace, older_than=args.older_than, reason=args.reason or "")
-    print(f"deleted {entry['n_deleted']} memories; models marked stale: {entry['stale_versions'] or 'none'}")
+    print(f"deleted {entry['n_deleted']} memories; models marked stale: {entry['stale_versions'] or 'none'}"
+          + (f"; retired (nothing left to train on): {', '.join(entry['retired'])}" if entry.get("retired") else ""))
     return 0
 
 

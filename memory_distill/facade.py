@@ -179,10 +179,11 @@ class MemoryDistill:
         if namespace not in self._predictors and self.registry.serving(namespace).current_version() is None:
             return None
         try:
-            return self.predictor_for(namespace)
+            p = self.predictor_for(namespace)
         except (ArtifactError, EmbedderMismatchError) as e:
             log.warning("no usable model for namespace %r, using stored rewards: %s", namespace, e)
             return None
+        return None if p.retired else p  # its model was retired by forget: stored rewards until the next one
 
     def predict(self, texts: str | Sequence[str], *,
                 metadata: Mapping[str, Any] | Sequence[Mapping[str, Any] | None] | None = None,

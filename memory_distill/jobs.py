@@ -433,7 +433,9 @@ def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None
     Select by ``ids``, a metadata filter ``where``, a ``namespace`` and/or ``older_than`` (seconds:
     memories created longer ago than that; a retention policy). The next consolidation retrains
     from scratch without them (no warm start from a stale model) and replaces a stale published
-    model even if the gate would otherwise refuse.
+    model even if the gate would otherwise refuse. A registry left with a stale model and no memories to train
+    a new one (a user's namespace forgotten whole) is retired (:meth:`ArtifactRegistry.retire`): the namespace's
+    predictors fall back to the top-level model, and the stale versions are deleted (``entry["retired"]``).
     """
     if older_than is not None:
         if not (isinstance(older_than, (int, float)) and older_than >= 0):
@@ -444,10 +446,20 @@ def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None
     deleted = store.delete(ids, where=where, namespace=namespace)
     why = reason or f"{len(deleted)} training memories deleted"
     stale = registry.mark_stale(set(deleted), why)
-    for ns, reg in registry.namespaces().items():  # per-namespace models trained on them too
+    regs = registry.namespaces()
+    for ns, reg in regs.items():  # per-namespace models trained on them too
         stale += [f"{ns}/{v}" for v in reg.mark_stale(set(deleted), why)]
+    # a registry whose model trained on deleted memories and that has nothing left to train on (a user's namespace
+    # forgotten whole, or the whole store) would serve that model for good: retire it
+    retired: list[str] = []
+    scopes: list[tuple[str | None, ArtifactRegistry]] = [(None, registry), *regs.items()]
+    for scope, reg in scopes:
+        cur = reg.current_version()
+        if cur is not None and cur in reg.stale_versions() and store.count(namespace=scope) == 0:
+            reg.retire(f"{why}; no memories left to train on")
+            retired.append("(top level)" if scope is None else scope)
     entry = {"time": time.time(), "n_deleted": len(deleted), "ids": deleted[:1000], "where": where,
-             "namespace": namespace, "stale_versions": stale, "reason": reason}
+             "namespace": namespace, "stale_versions": stale, "retired": retired, "reason": reason}
     registry.log_deletion(entry)
     log.info("forgot %d memories; stale versions: %s", len(deleted), stale)
     return entry

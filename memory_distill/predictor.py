@@ -203,6 +203,7 @@ class Predictor:
                 f"model {loaded.version} was trained on embedder {emb.get('name')!r} (dim {emb.get('dim')}), "
                 f"but {self.embedder.name!r} (dim {self.embedder.dim}) was given: use the same embedder"
             )
+        self._retired: str | None = None
         self._served = served  # keeps the shared weights alive while this Predictor serves them
         self.loaded = loaded
         self.spec = served.spec
@@ -233,7 +234,9 @@ class Predictor:
                 log.info("predictor now serves namespace %r's model %s", self.namespace, served.loaded.version)
                 return True
             cur = self.registry.current_version()
-            if cur is None or cur == self.version:
+            if cur is None:
+                return self._lost_current()
+            if cur == self.version and self._retired is None:
                 return False
             served = self._load(self.registry, cur)  # (read from disk outside the lock: predictions go on)
             with self._lock:
@@ -243,6 +246,29 @@ class Predictor:
         except (ArtifactError, EmbedderMismatchError) as e:
             log.warning("keeping %s: could not load the new version (%s)", self.version, e)
             return False
+
+    def _lost_current(self) -> bool:
+        """The registry serves nothing any more (``forget`` retired it: its model trained on deleted memories and
+        nothing is left to train on): a namespace falls back to the top-level model; otherwise predictions stop
+        (:attr:`retired`) until a new model is published."""
+        if self.namespace is not None and self.registry is not self._top and self._top.current_version() is not None:
+            served = self._load(self._top)
+            with self._lock:
+                self._install(served)
+            self.registry = self._top
+            log.warning("namespace %r's own model was retired; serving the top-level model %s", self.namespace,
+                        served.loaded.version)
+            return True
+        if self._retired is None:
+            self._retired = (f"model {self.version} was retired from {self.registry.root} (it trained on deleted "
+                             "memories and none are left to train on): consolidate again once there are memories")
+            log.warning("predictor: %s", self._retired)
+        return False
+
+    @property
+    def retired(self) -> str | None:
+        """Why this predictor no longer predicts (its model was retired), or ``None`` while it serves."""
+        return self._retired
 
     # ------------------------------------------------------------ predict
 
@@ -316,6 +342,8 @@ class Predictor:
             X = X[None, :]
         if X.ndim != 2 or X.shape[1] != self.in_dim:
             raise ValueError(f"embeddings must be [n, {self.in_dim}], got {list(X.shape)}")
+        if self._retired is not None:
+            raise NoModelError(self._retired)
         with self._lock:
             runner, centers, version, spec = self.runner, self._centers, self.version, self.spec
         features = self._features(spec, X.shape[0], features, texts, metadata)

@@ -97,6 +97,9 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
     assert code == 0 and "version v000003: PROMOTED" in out and "removed 1 old version (v000002)" in out
     code, out, _ = run(capsys, "models", "--json")
     assert [m["version"] for m in json.loads(out)] == ["v000001", "v000003"]
+    code, out, _ = run(capsys, "forget", "--namespace", "default")  # everything: nothing left to train on
+    assert code == 0 and "retired (nothing left to train on): (top level)" in out
+    assert json.loads(run(capsys, "models", "--json")[1]) == [] and json.loads(run(capsys, "stats")[1])["model"] is None
 
 
 def test_errors_exit_2_with_message(home, capsys):

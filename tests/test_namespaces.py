@@ -253,3 +253,44 @@ def test_stopped_namespace_workers_start_no_further_runs(mem) -> None:  # type: 
     assert all(workers.workers[ns].due()[0] for ns in workers.discover())  # both teams are due
     workers.stop()
     assert workers.run_once() == {} and mem.registry.namespaces() == {}
+
+
+def test_forgetting_a_whole_namespace_retires_its_model(mem) -> None:  # type: ignore[no-untyped-def]
+    """A user's namespace forgotten whole: the user's own model trained on nothing but deleted memories, and no
+    run can replace it, so it stops serving (the namespace falls back to the top-level model) and its files go.
+    Forgetting the whole store stops the top-level model the same way, until a new one is published."""
+    from memory_distill import ConsolidationError
+
+    top = mem.consolidate().version
+    top_held = mem.predictor_for(None)
+    ra = mem.consolidate(namespace="team-a").version
+    rb = mem.consolidate(namespace="team-b").version
+    held = mem.predictor_for("team-a")  # an agent holding team a's predictor
+    assert held.registry.namespace == "team-a" and held.predict(SEARCH)[0].model_version == ra
+    entry = mem.forget(namespace="team-a")
+    assert entry["retired"] == ["team-a"] and "team-a/" + ra in entry["stale_versions"]
+    reg_a = mem.registry.scoped("team-a")
+    assert reg_a.current_version() is None and reg_a.list_versions() == [] and reg_a.stale_versions() == {}
+    assert mem.registry.scoped("team-b").current_version() == rb  # untouched
+    assert held.refresh() and held.registry.namespace is None  # falls back to the top-level model
+    assert held.predict(SEARCH)[0].model_version == top and mem.try_predictor("team-a") is held
+    with pytest.raises(ConsolidationError, match="only 0 rewarded memories in namespace 'team-a'"):
+        mem.consolidate(namespace="team-a")
+    # team a comes back: its first model gets a new number, not the deleted one's
+    mem.add_many(_episodes("team-a", 0.9))
+    assert mem.consolidate(namespace="team-a").version == "v000002"
+    assert held.registry.namespace == "team-a"  # (consolidate refreshed the facade's predictors)
+
+    # the whole store forgotten: nothing is left to train the top-level model either
+    everything = mem.forget(where={"group": {"$ne": ""}})
+    assert "(top level)" in everything["retired"] and mem.registry.current_version() is None
+    assert mem.try_predictor() is None and top_held.retired is not None
+    with pytest.raises(NoModelError, match="was retired"):
+        top_held.predict(SEARCH)
+    mem.add_many(_episodes("team-b", 0.1))
+    from langchain_memory_distill import ValueAwareRetriever
+
+    docs = ValueAwareRetriever(store=mem.store, predictor=top_held, namespace="team-b", k=2).invoke(SEARCH)
+    assert len(docs) == 2 and all(d.metadata.get("predicted_mean") is None for d in docs)  # stored rewards rank
+    assert mem.consolidate().promoted and top_held.retired is None
+    assert top_held.predict(SEARCH)[0].model_version == mem.registry.current_version()

@@ -41,11 +41,12 @@ PredictorLike = Predictor | Callable[[], Predictor | None] | None
 
 
 def resolve_predictor(p: PredictorLike, *, refresh: bool = True) -> Predictor | None:
-    """The predictor to score with now: ``p`` itself (refreshed), what a provider function returns, or ``None``."""
+    """The predictor to score with now: ``p`` itself (refreshed), what a provider function returns, or ``None``
+    (also when ``forget`` retired its model: stored rewards rank until a new one is published)."""
     if p is None or isinstance(p, Predictor):
         if p is not None and refresh:
             p.refresh()
-        return p
+        return None if p is None or p.retired else p
     return p()  # a provider returns a refreshed predictor, or None
 
 
