@@ -357,6 +357,23 @@ def test_router_routes_by_predicted_reward(trained_store):
         RewardRouter(cheap, strong, pred, threshold=3)
 
 
+def test_a_router_without_a_prediction_goes_to_the_strong_model(trained_store, caplog):
+    """Routing never takes the agent down, nor trades quality for cost blind: when no prediction can be made (here
+    the model was retired: forget emptied the store), questions go to the strong model, logged once."""
+    from memory_distill import forget
+
+    store, registry, pred = trained_store
+    router = RewardRouter(ScriptedChatModel(responses=[AIMessage(content="cheap")]),
+                          ScriptedChatModel(responses=[AIMessage(content="strong")]), pred, threshold=0.5)
+    assert router.invoke(GOOD).content == "cheap"
+    assert forget(store, registry, namespace="default")["retired"] == ["(top level)"]
+    for q in (GOOD, GOOD):
+        out = router.invoke(q)
+        assert out.content == "strong" and out.response_metadata["memory_distill_route"]["predicted_reward"] is None
+    assert router.stats.unpredicted == 2 and router.stats.strong == 2 and len(router.stats.predicted) == 1
+    assert caplog.text.count("routing to the strong model: no prediction (NoModelError") == 1
+
+
 def test_a_long_running_router_keeps_the_latest_predictions(trained_store, monkeypatch):
     import langchain_memory_distill.router as router_mod
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -12,11 +13,14 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.runnables import Runnable, RunnableConfig
 
+from memory_distill.errors import MemoryDistillError
 from memory_distill.predictor import Predictor
 
 from .episodes import message_text
 
 __all__ = ["RewardRouter", "RouterStats"]
+
+log = logging.getLogger(__name__)
 
 
 RECENT_PREDICTIONS = 10_000
@@ -29,6 +33,8 @@ class RouterStats:
 
     cheap: int = 0
     strong: int = 0
+    unpredicted: int = 0
+    """Questions sent to the strong model because no prediction could be made (counted in ``strong`` too)."""
     predicted: deque[float] = field(default_factory=lambda: deque(maxlen=RECENT_PREDICTIONS))
 
     @property
@@ -55,6 +61,7 @@ class RewardRouter(Runnable[Any, AIMessage]):
         self.threshold, self.cost_cheap, self.cost_strong = threshold, cost_cheap, cost_strong
         self.stats = RouterStats()
         self._lock = threading.Lock()
+        self._last_error = ""
 
     @staticmethod
     def _question(input: Any) -> tuple[str, Any]:
@@ -67,17 +74,28 @@ class RewardRouter(Runnable[Any, AIMessage]):
             return (message_text(human[-1]) if human else str(input)), input
         raise TypeError(f"RewardRouter takes a str, a message or a list of messages, got {type(input).__name__}")
 
-    def route(self, question: str) -> tuple[str, float]:
-        """("cheap" | "strong", predicted reward of the cheap model)."""
-        self.predictor.refresh()
-        pred = float(self.predictor.predict_one(question).mean)
-        choice = "cheap" if pred >= self.threshold else "strong"
+    def route(self, question: str) -> tuple[str, float | None]:
+        """("cheap" | "strong", predicted reward of the cheap model). Without a prediction (the embedder failing,
+        the model retired by ``forget``) the question goes to the strong model, with ``None``: routing never takes
+        the agent down, and never trades quality for cost blind."""
+        try:
+            self.predictor.refresh()
+            pred: float | None = float(self.predictor.predict_one(question).mean)
+        except MemoryDistillError as e:
+            msg = f"{type(e).__name__}: {e}"
+            if msg != self._last_error:  # once per distinct error, not once per question
+                log.warning("routing to the strong model: no prediction (%s)", msg)
+            self._last_error, pred = msg, None
+        choice = "cheap" if pred is not None and pred >= self.threshold else "strong"
         with self._lock:
             setattr(self.stats, choice, getattr(self.stats, choice) + 1)
-            self.stats.predicted.append(pred)
+            if pred is None:
+                self.stats.unpredicted += 1
+            else:
+                self.stats.predicted.append(pred)
         return choice, pred
 
-    def _annotate(self, msg: Any, choice: str, pred: float) -> AIMessage:
+    def _annotate(self, msg: Any, choice: str, pred: float | None) -> AIMessage:
         if not isinstance(msg, AIMessage):
             msg = AIMessage(content=str(msg))
         msg.response_metadata = {**(msg.response_metadata or {}),
