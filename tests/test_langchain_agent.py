@@ -319,9 +319,14 @@ def test_retriever_diversity_keeps_near_copies_from_filling_the_results(store):
 
 
 def test_predict_tool(trained_store):
-    _, _, pred = trained_store
-    out = make_predict_tool(pred).invoke({"plan": GOOD})
+    from memory_distill import forget
+
+    store, registry, pred = trained_store
+    tool = make_predict_tool(pred)
+    out = tool.invoke({"plan": GOOD})
     assert out.startswith("expected reward 0.") and "model v000001" in out
+    forget(store, registry, namespace="default")  # everything: the model is retired
+    assert tool.invoke({"plan": GOOD}).startswith("no model has learned from past episodes here yet")
 
 
 def test_grading_helpers():

@@ -82,7 +82,7 @@ def make_predict_tool(predictor: Predictor | None = None, *, name: str = "estima
     description = "Estimate the reward a described plan or answer is likely to earn, from past experience."
 
     def estimate_with(pred: Predictor | None, plan: str) -> str:  # pred: refreshed already
-        if pred is None:
+        if pred is None or pred.retired:  # (retired: forget deleted everything it learned from)
             return "no model has learned from past episodes here yet: no estimate"
         p = pred.predict_one(plan, meta)
         return (f"expected reward {p.mean:.2f} (std {p.std:.2f}, 10-90% range {p.quantiles[0.1]:.2f}-"
