@@ -66,6 +66,9 @@ class EmbedderConfig(BaseModel):
     1 sends them one after the other. Lower it if the account's rate limit answers 429."""
     cache: bool = True
     """Cache embeddings on disk keyed by (embedder name, text hash) so nothing is embedded twice."""
+    cache_max_entries: int | None = Field(default=200_000, ge=1)
+    """Bound on the cache: past it the entries written longest ago go (200k entries are 1.2 GB at dim 1536);
+    ``None`` keeps everything."""
     long_texts: Literal["chunk", "truncate"] = "chunk"
     """``local`` and ``openai``: a text longer than the model reads is embedded in pieces and averaged
     (``chunk``), or cut at the limit (``truncate``)."""

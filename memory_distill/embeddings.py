@@ -566,10 +566,17 @@ class CachedEmbedder:
     texts), so entries written the old way are not served.
 
     Thread-safe; ``hits``/``misses`` count lookups. Use ``path=None`` for an in-memory cache.
+
+    ``max_entries`` bounds it (``None``: no bound): past it, the entries written longest ago are dropped, a tenth
+    of the bound at a time. Every stored memory and every query passes through it, so an agent that runs for
+    months would otherwise keep a second copy of every vector on disk (6 KB each at dim 1536).
     """
 
-    def __init__(self, inner: Embedder, path: str | Path | None = None) -> None:
+    def __init__(self, inner: Embedder, path: str | Path | None = None, *, max_entries: int | None = 200_000) -> None:
+        if max_entries is not None and max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1 (or None for no bound), got {max_entries}")
         self.inner = inner
+        self.max_entries = max_entries
         self._tag = str(getattr(inner, "cache_tag", inner.name))
         self._lock = threading.Lock()
         if path is not None:
@@ -578,8 +585,21 @@ class CachedEmbedder:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
         self._db.commit()
+        self._count = int(self._db.execute("SELECT COUNT(*) FROM emb").fetchone()[0])
         self.hits = 0
         self.misses = 0
+
+    def _trim(self) -> None:  # with self._lock held, after a write
+        if self.max_entries is None or self._count <= self.max_entries:
+            return
+        self._count = int(self._db.execute("SELECT COUNT(*) FROM emb").fetchone()[0])  # (another process writes too)
+        excess = self._count - self.max_entries
+        if excess > 0:  # down to 90% of the bound: a trim every max_entries / 10 writes, not at each one
+            drop = excess + self.max_entries // 10
+            # a replaced entry gets a new rowid: rowid order is write order
+            self._db.execute("DELETE FROM emb WHERE rowid IN (SELECT rowid FROM emb ORDER BY rowid LIMIT ?)", (drop,))
+            self._db.commit()
+            self._count -= drop
 
     @property
     def name(self) -> str:
@@ -616,6 +636,8 @@ class CachedEmbedder:
                     [(k, v.astype(np.float32).tobytes()) for k, v in zip(missing, vecs, strict=True)],
                 )
                 self._db.commit()
+                self._count += len(missing)
+                self._trim()
             for k, v in zip(missing, vecs, strict=True):
                 found[k] = v
         dim = self.inner.dim if not found else next(iter(found.values())).shape[0]
@@ -666,7 +688,7 @@ def make_embedder(config: EmbedderConfig | None = None, *, cache_path: str | Pat
         inner = LocalEmbedder(model, long_texts=cfg.long_texts)
     log.info("embedder: %s (dim %s)", inner.name, inner.dim if kind != "openai" or cfg.dim else "?")
     if cfg.cache and kind != "hashing":  # hashing is cheaper than a cache lookup
-        return CachedEmbedder(inner, cache_path)
+        return CachedEmbedder(inner, cache_path, max_entries=cfg.cache_max_entries)
     return inner
 
 

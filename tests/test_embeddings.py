@@ -61,6 +61,31 @@ def test_cache_never_embeds_twice(tmp_path):
     assert inner2.seen == [] and again.shape == (2, 32)
 
 
+def test_the_cache_is_bounded_and_keeps_the_latest(tmp_path):
+    """Every memory and query passes through the cache: an agent running for months must not grow it forever.
+    Past max_entries the entries written longest ago go (down to 90% of the bound); recent ones still hit."""
+    import sqlite3
+
+    inner = CountingEmbedder()
+    cache = CachedEmbedder(inner, tmp_path / "cache.sqlite", max_entries=20)
+    for i in range(5):
+        cache.embed([f"text {i}-{j}" for j in range(10)])  # 50 distinct texts
+    rows = sqlite3.connect(tmp_path / "cache.sqlite").execute("SELECT COUNT(*) FROM emb").fetchone()[0]
+    assert 18 <= rows <= 20
+    inner.seen.clear()
+    cache.embed([f"text 4-{j}" for j in range(10)])  # the latest: still cached
+    assert inner.seen == []
+    cache.embed(["text 0-0"])  # the oldest: gone, embedded again
+    assert inner.seen == ["text 0-0"]
+    cache.close()
+    # reopened over a bigger cache (a smaller bound now): trimmed at the next write
+    small = CachedEmbedder(CountingEmbedder(), tmp_path / "cache.sqlite", max_entries=5)
+    small.embed(["new"])
+    assert sqlite3.connect(tmp_path / "cache.sqlite").execute("SELECT COUNT(*) FROM emb").fetchone()[0] <= 5
+    with pytest.raises(ValueError, match="max_entries must be >= 1"):
+        CachedEmbedder(inner, None, max_entries=0)
+
+
 def test_langchain_embeddings_adapter():
     from langchain_core.embeddings import DeterministicFakeEmbedding
 
