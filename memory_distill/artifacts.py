@@ -497,3 +497,7 @@ class ArtifactRegistry:
 
     def deletions(self) -> Records:
         return _read_jsonl(self.root / "deletions.jsonl")
+
+    def last_deletion(self) -> dict[str, Any] | None:
+        """The newest :meth:`deletions` entry (read from the end of the file)."""
+        return next(_iter_jsonl_reversed(self.root / "deletions.jsonl"), None)

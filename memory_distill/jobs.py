@@ -210,7 +210,7 @@ def run_consolidation(
     ``rollback`` or ``promote`` an operator made since with a model of the same data.
     """
     cfg = config or JobConfig()
-    registry = registry.scoped(cfg.namespace)
+    top, registry = registry, registry.scoped(cfg.namespace)  # forget() logs deletions in the top-level registry
     first = not registry.exists()
     lk = registry.acquire(lock_timeout)
     started = time.time()
@@ -218,7 +218,7 @@ def run_consolidation(
     try:
         if cfg.threads is not None:
             torch.set_num_threads(cfg.threads)
-        report = _consolidate(store, registry, cfg, curriculum, progress, skip_unchanged)
+        report = _consolidate(store, registry, cfg, curriculum, progress, skip_unchanged, top)
     except JobLockedError:
         raise
     except UnchangedDataError as e:
@@ -267,8 +267,10 @@ def _last_fingerprint(registry: ArtifactRegistry) -> str | None:
 
 
 def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
-                 curriculum: Curriculum | None, progress: bool, skip_unchanged: bool = False) -> ConsolidationReport:
+                 curriculum: Curriculum | None, progress: bool, skip_unchanged: bool = False,
+                 top: ArtifactRegistry | None = None) -> ConsolidationReport:
     t0 = time.perf_counter()
+    started = time.time()
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -387,6 +389,15 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
 
     t_eval = time.perf_counter()
     train_ids = [data.ids[i] for i in np.concatenate([split.train, split.val, split.transfer])]
+    # forget() during the run marked stale the versions that existed then, not this one: never promote a model
+    # trained on memories forgotten meanwhile (checked only when forget() ran since the run started)
+    forgotten: set[str] = set()
+    last_forget = (top or registry).last_deletion()
+    if last_forget is not None and float(last_forget.get("time", 0)) >= started:
+        forgotten = set(train_ids) - store.existing_ids(train_ids)
+        if forgotten:
+            promote, reason = False, (f"{len(forgotten)} of its training memories were forgotten while it trained: "
+                                      "not promoted, marked stale")
     manifest = {
         "status": "promoted" if promote else "rejected",
         "reason": reason,
@@ -409,6 +420,8 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         "distill_report": asdict(d_report),
     }
     version = registry.publish(teacher, student, manifest, promote=promote, train_ids=train_ids)
+    if forgotten:
+        registry.mark_stale(forgotten, reason)
     t_end = time.perf_counter()
     return ConsolidationReport(
         version=version, promoted=promote, reason=reason, n_rows=len(data), n_rewarded=n_rewarded,
@@ -548,6 +561,7 @@ class ConsolidationWorker:
         """Called with this worker and each due run's report, or the error of a run that was skipped (nothing
         new, too few rewards, another run holding the lock) or failed: a log line, a metric, an alert."""
         self.store, self.config = store, config or JobConfig()
+        self._top = registry  # (forget() logs deletions there)
         self.registry = registry.scoped(self.config.namespace)  # where this worker's runs publish
         self.every_s, self.min_new, self.drift_threshold = every_s, min_new, drift_threshold
         self._stop = threading.Event()
@@ -612,7 +626,7 @@ class ConsolidationWorker:
         if cur is not None and cur in self.registry.stale_versions():
             self._stale_tried.add(cur)  # a run was started while it is stale: the stale trigger has had its turn
         try:
-            rep = run_consolidation(self.store, self.registry, self.config, lock_timeout=0,
+            rep = run_consolidation(self.store, self._top, self.config, lock_timeout=0,
                                     skip_unchanged=self.skip_unchanged and not force)
         except (JobLockedError, NotEnoughDataError, UnchangedDataError) as e:
             log.info("skipped: %s", e)

@@ -320,6 +320,31 @@ def test_forget_marks_models_stale_and_next_run_retrains_without_them(store, reg
     assert registry.current_version() == r2.version
 
 
+def test_a_model_trained_while_its_memories_were_forgotten_is_not_promoted(store, registry, episodes, monkeypatch):
+    """forget() during a run marks stale the versions that exist then; the one being trained must not be promoted
+    with the forgotten memories in it (it would serve them until some later run noticed)."""
+    import memory_distill.jobs as jobs_mod
+
+    store.add_many(episodes)
+    first = run_consolidation(store, registry, fast_job())
+    victims = registry.train_ids(first.version)[:3]
+    real = jobs_mod.train_pair
+
+    def forgetting_meanwhile(*a, **kw):  # a user's erasure request lands while the run trains
+        out = real(*a, **kw)
+        forget(store, registry, victims, reason="erasure request")
+        return out
+
+    monkeypatch.setattr(jobs_mod, "train_pair", forgetting_meanwhile)
+    rep = run_consolidation(store, registry, fast_job())
+    assert not rep.promoted and "3 of its training memories were forgotten while it trained" in rep.reason
+    assert registry.current_version() == first.version  # (stale too: forget marked it)
+    assert set(registry.stale_versions()) == {first.version, rep.version}
+    monkeypatch.setattr(jobs_mod, "train_pair", real)
+    again = run_consolidation(store, registry, fast_job())  # the next run replaces the stale model
+    assert again.promoted and not set(victims) & set(registry.train_ids(again.version))
+
+
 def test_memories_deleted_outside_forget_make_the_model_stale_at_the_next_run(store, registry, episodes):
     store.add_many(episodes)
     r1 = run_consolidation(store, registry, fast_job())
