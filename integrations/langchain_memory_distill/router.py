@@ -81,6 +81,7 @@ class RewardRouter(Runnable[Any, AIMessage]):
         try:
             self.predictor.refresh()
             pred: float | None = float(self.predictor.predict_one(question).mean)
+            self._last_error = ""  # predictions work (again): the next failure is logged
         except MemoryDistillError as e:
             msg = f"{type(e).__name__}: {e}"
             if msg != self._last_error:  # once per distinct error, not once per question
