@@ -402,7 +402,7 @@ class ArtifactRegistry:
         if cur is None:
             return None
         seen_current = False
-        for entry in reversed(_read_jsonl(self.root / "promotions.jsonl")):
+        for entry in _iter_jsonl_reversed(self.root / "promotions.jsonl"):  # (read from the end: every run asks)
             if entry.get("version") == cur and not seen_current:
                 seen_current = True
                 continue
