@@ -21,6 +21,7 @@ manifest (JSON) holds architecture, bins, embedder, metrics and SHA-256 checksum
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -480,8 +481,11 @@ class ArtifactRegistry:
         p = self.versions_dir / version / "train_ids.json"
         return json.loads(p.read_text()) if p.exists() else []
 
-    def history(self) -> Records:
-        return _read_jsonl(self.history_path)
+    def history(self, last: int | None = None) -> Records:
+        """Every run, oldest first; ``last``: only the latest ``last`` (read from the end of the file)."""
+        if last is None:
+            return _read_jsonl(self.history_path)
+        return list(itertools.islice(_iter_jsonl_reversed(self.history_path), last))[::-1]
 
     def last_run(self, outcomes: tuple[str, ...] = ("promoted", "rejected", "skipped")) -> dict[str, Any] | None:
         """The newest :meth:`history` entry with one of ``outcomes``, read from the end of the file."""

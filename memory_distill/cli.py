@@ -353,12 +353,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_history(args: argparse.Namespace) -> int:
-    hist = _open(args).registry.scoped(args.namespace).history()
+    reg = _open(args).registry.scoped(args.namespace)
     if args.json:
-        print(json.dumps(hist, indent=2))
+        print(json.dumps(reg.history(), indent=2))
         return 0
     rows: list[Sequence[Any]] = [("started", "outcome", "version", "seconds", "rewarded", "spearman", "reason/error")]
-    for h in hist[-args.last :]:
+    for h in reg.history(last=args.last):
         rows.append((time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.get("started_at", 0))), h.get("outcome"),
                      h.get("version", "-"), f"{h.get('seconds', 0):.1f}", h.get("n_rewarded", "-"),
                      _fmt((h.get("student") or {}).get("spearman", "-")), (h.get("reason") or h.get("error") or "")[:60]))

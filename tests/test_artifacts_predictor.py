@@ -173,3 +173,4 @@ def test_the_last_run_is_read_from_the_end_of_the_history(tmp_path):
         reg.append_history({"outcome": outcome, "n": outcome})
     assert reg.last_run() == {"outcome": "skipped", "n": "skipped"}
     assert reg.last_run(("promoted",)) == {"outcome": "promoted", "n": "promoted"}
+    assert reg.history(last=2) == reg.history()[-2:] and reg.history(last=10) == reg.history()
