@@ -1041,11 +1041,10 @@ class MemoryStore:
             sim = (X @ qv) / np.maximum(np.linalg.norm(X, axis=1) * np.linalg.norm(qv), 1e-12)
             order = np.argsort(-sim, kind="stable")[:k]
             best = [got["ids"][j] for j in order]
-            rows = self._col.get(ids=best, include=["metadatas", "documents"])
-            found = {i: (d, m) for i, d, m in zip(rows["ids"], rows["documents"], rows["metadatas"], strict=True)}
-            return [SearchHit(memory=self._from_row(i, *found[i]), similarity=float(sim[j]),
+            found = {m.id: m for m in self.get_many(best)}  # a row deleted in between is left out
+            return [SearchHit(memory=found[i], similarity=float(sim[j]),
                               embedding=X[j].copy() if include_embeddings else None)
-                    for i, j in zip(best, order, strict=True) if i in found]  # a row deleted in between is left out
+                    for i, j in zip(best, order, strict=True) if i in found]
         if flt is not None:
             _remember(self._wide, key, True)
         res = self._col.query(query_embeddings=[qv], n_results=k, where=flt, include=include)
