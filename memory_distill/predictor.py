@@ -227,37 +227,37 @@ class Predictor:
         try:
             if self.namespace is not None and self.registry.namespace != self.namespace \
                     and (own := self._top.scoped(self.namespace)).current_version() is not None:
-                served = self._load(own)  # the namespace's first model: switch to it
-                with self._lock:
-                    self._install(served)
-                self.registry = own
-                log.info("predictor now serves namespace %r's model %s", self.namespace, served.loaded.version)
+                self._serve(own)  # the namespace's first model: switch to it
+                log.info("predictor now serves namespace %r's model %s", self.namespace, self.version)
                 return True
             cur = self.registry.current_version()
             if cur is None:
                 return self._lost_current()
             if cur == self.version and self._retired is None:
                 return False
-            served = self._load(self.registry, cur)  # (read from disk outside the lock: predictions go on)
-            with self._lock:
-                self._install(served)
+            self._serve(self.registry, cur)
             log.info("predictor now serves %s", cur)
             return True
         except (ArtifactError, EmbedderMismatchError) as e:
             log.warning("keeping %s: could not load the new version (%s)", self.version, e)
             return False
 
+    def _serve(self, registry: ArtifactRegistry, version: str | None = None) -> None:
+        """Serve ``version`` (default CURRENT) of ``registry`` from now on; read from disk outside the lock, so
+        predictions go on meanwhile."""
+        served = self._load(registry, version)
+        with self._lock:
+            self._install(served)
+        self.registry = registry
+
     def _lost_current(self) -> bool:
         """The registry serves nothing any more (``forget`` retired it: its model trained on deleted memories and
         nothing is left to train on): a namespace falls back to the top-level model; otherwise predictions stop
         (:attr:`retired`) until a new model is published."""
         if self.namespace is not None and self.registry is not self._top and self._top.current_version() is not None:
-            served = self._load(self._top)
-            with self._lock:
-                self._install(served)
-            self.registry = self._top
+            self._serve(self._top)
             log.warning("namespace %r's own model was retired; serving the top-level model %s", self.namespace,
-                        served.loaded.version)
+                        self.version)
             return True
         if self._retired is None:
             self._retired = (f"model {self.version} was retired from {self.registry.root} (it trained on deleted "
