@@ -153,14 +153,6 @@ def _compatible(manifest: dict[str, Any], store: MemoryStore, cfg: JobConfig, sp
             and int(t.get("n_features", 0)) == spec.width)
 
 
-def _ids_digest(ids: list[str]) -> str:
-    h = hashlib.sha256()
-    for i in sorted(ids):
-        h.update(i.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
 FINGERPRINT_EXCLUDES = {"threads", "keep_versions", "device"}
 """Job settings that do not change what a run learns, left out of its data fingerprint."""
 
@@ -266,9 +258,8 @@ def _last_fingerprint(registry: ArtifactRegistry) -> str | None:
     return last.get("fingerprint") if last is not None else None
 
 
-def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
-                 curriculum: Curriculum | None, progress: bool, skip_unchanged: bool = False,
-                 top: ArtifactRegistry | None = None) -> ConsolidationReport:
+def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig, curriculum: Curriculum | None,
+                 progress: bool, skip_unchanged: bool, top: ArtifactRegistry) -> ConsolidationReport:
     t0 = time.perf_counter()
     started = time.time()
     device = resolve_device(cfg.device)
@@ -392,7 +383,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
     # forget() during the run marked stale the versions that existed then, not this one: never promote a model
     # trained on memories forgotten meanwhile (checked only when forget() ran since the run started)
     forgotten: set[str] = set()
-    last_forget = (top or registry).last_deletion()
+    last_forget = top.last_deletion()
     if last_forget is not None and float(last_forget.get("time", 0)) >= started:
         forgotten = set(train_ids) - store.existing_ids(train_ids)
         if forgotten:
@@ -412,7 +403,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         "incumbent": {"version": inc_version, "metrics": inc_metrics.to_dict() if inc_metrics else None},
         "data": {"n_rows": len(data), "n_rewarded": n_rewarded, "n_train": len(split.train),
                  "n_val": len(split.val), "n_holdout": len(split.holdout), "n_transfer": len(split.transfer),
-                 "skipped_rows": skipped, "ids_digest": _ids_digest(data.ids), "fingerprint": fingerprint,
+                 "skipped_rows": skipped, "fingerprint": fingerprint,
                  "max_created_at": float(data.created_at.max()) if len(data) else None,
                  "namespace": cfg.namespace},
         "warm_started": warm,
@@ -464,11 +455,15 @@ def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None
         stale += [f"{ns}/{v}" for v in reg.mark_stale(set(deleted), why)]
     # a registry whose model trained on deleted memories and that has nothing left to train on (a user's namespace
     # forgotten whole, or the whole store) would serve that model for good: retire it
-    retired: list[str] = []
     scopes: list[tuple[str | None, ArtifactRegistry]] = [(None, registry), *regs.items()]
-    for scope, reg in scopes:
-        cur = reg.current_version()
-        if cur is not None and cur in reg.stale_versions() and store.count(namespace=scope) == 0:
+    stale_now = [(scope, reg) for scope, reg in scopes if (cur := reg.current_version()) is not None
+                 and cur in reg.stale_versions()]
+    # a filtered count reads every row: past a few namespaces (a retention policy touching many users), one pass
+    counts = store.namespace_counts() if len(stale_now) > 2 else None
+    retired: list[str] = []
+    for scope, reg in stale_now:
+        left = store.count(namespace=scope) if counts is None or scope is None else counts.get(scope, 0)
+        if left == 0:
             reg.retire(f"{why}; no memories left to train on")
             retired.append("(top level)" if scope is None else scope)
     entry = {"time": time.time(), "n_deleted": len(deleted), "ids": deleted[:1000], "where": where,

@@ -283,7 +283,7 @@ def test_forgetting_a_whole_namespace_retires_its_model(mem) -> None:  # type: i
 
     # the whole store forgotten: nothing is left to train the top-level model either
     everything = mem.forget(where={"group": {"$ne": ""}})
-    assert "(top level)" in everything["retired"] and mem.registry.current_version() is None
+    assert everything["retired"] == ["(top level)", "team-a", "team-b"] and mem.registry.current_version() is None
     assert mem.try_predictor() is None and top_held.retired is not None
     with pytest.raises(NoModelError, match="was retired"):
         top_held.predict(SEARCH)
