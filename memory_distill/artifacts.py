@@ -7,7 +7,8 @@ Layout::
       CURRENT            {"version": "v000001"}   (replaced atomically)
       promotions.jsonl   every change of CURRENT (promote / rollback)
       history.jsonl      consolidation job history (written by jobs)
-      stale.json         versions trained on memories that were later deleted
+      stale.json         versions trained on memories that were later deleted (only the current one is kept:
+                         drop_stale() deletes the others)
       .lock              single-writer lock for consolidation
       namespaces/<slug>/ the same layout for models trained on one namespace (``scoped(namespace)``),
                          with the namespace's name in ``NAMESPACE``
@@ -320,6 +321,20 @@ class ArtifactRegistry:
             _write_json_atomic(self.root / "stale.json", {v: r for v, r in stale.items() if v not in removed})
         return removed
 
+    def drop_stale(self) -> StrList:
+        """Delete the stale versions (trained on memories deleted since) other than the current one, which serves
+        until a run replaces it; returns those deleted. Their weights hold what was forgotten, so they are neither
+        kept for :meth:`rollback` nor for retention: :func:`~memory_distill.jobs.forget` calls this, and so does
+        every consolidation (which deletes the stale model it replaced)."""
+        stale = self.stale_versions()
+        if not stale:
+            return []
+        cur = self.current_version()
+        removed = self._remove_versions([v for v in self.list_versions() if v in stale and v != cur])
+        if removed:
+            log.info("deleted %d stale versions (trained on forgotten memories): %s", len(removed), ", ".join(removed))
+        return removed
+
     def retire(self, reason: str) -> StrList:
         """Stop serving from this registry: unset CURRENT (a namespace's predictors fall back to the top-level
         model, others stop predicting) and delete the stale versions, those trained on deleted memories.
@@ -393,22 +408,25 @@ class ArtifactRegistry:
             raise NoModelError("nothing to roll back: no model has been published")
         prev = self._rollback_target(cur)
         if prev is None:
-            raise ArtifactError(f"no earlier promoted version to roll back to from {cur}")
+            raise ArtifactError(f"no earlier promoted version to roll back to from {cur} (one trained on memories "
+                                "forgotten since is deleted, never restored)")
         self.load(prev)
         self._set_current(prev, action="rollback", reason=f"rollback from {cur}")
         return prev
 
     def _rollback_target(self, cur: str | None) -> str | None:
-        """The version :meth:`rollback` would restore: the promoted one before ``cur`` that still exists."""
+        """The version :meth:`rollback` would restore: the promoted one before ``cur`` that still exists and is not
+        stale (a model trained on forgotten memories is never restored)."""
         if cur is None:
             return None
+        stale = self.stale_versions()
         seen_current = False
         for entry in _iter_jsonl_reversed(self.root / "promotions.jsonl"):  # (read from the end: every run asks)
             if entry.get("version") == cur and not seen_current:
                 seen_current = True
                 continue
             prev = entry.get("version")
-            if seen_current and prev and prev != cur and (self.versions_dir / prev).exists():
+            if seen_current and prev and prev != cur and prev not in stale and (self.versions_dir / prev).exists():
                 return str(prev)
         return None
 

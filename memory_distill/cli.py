@@ -154,6 +154,8 @@ def _print_report(rep: Any) -> None:
 
     for line in feature_lines(rep):
         print(line)
+    if rep.extra.get("deleted_stale_versions"):
+        print(f"deleted stale {', '.join(rep.extra['deleted_stale_versions'])} (trained on forgotten memories)")
     if rep.extra.get("pruned_versions"):
         pruned = rep.extra["pruned_versions"]
         print(f"removed {len(pruned)} old version{'s' if len(pruned) > 1 else ''} ({', '.join(pruned)}): "
@@ -373,6 +375,8 @@ def cmd_forget(args: argparse.Namespace) -> int:
     entry = mem.forget(args.ids or None, where=args.where,
                        namespace=args.namespace, older_than=args.older_than, reason=args.reason or "")
     print(f"deleted {entry['n_deleted']} memories; models marked stale: {entry['stale_versions'] or 'none'}"
+          + (f"; deleted (trained on them): {', '.join(entry['deleted_versions'])}" if entry.get("deleted_versions")
+             else "")
           + (f"; retired (nothing left to train on): {', '.join(entry['retired'])}" if entry.get("retired") else ""))
     return 0
 

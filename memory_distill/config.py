@@ -255,7 +255,8 @@ class JobConfig(BaseModel):
     """After each run, delete all but this many newest model versions of the registry (never the current one,
     nor the one ``rollback`` would restore): a worker publishing every few minutes would otherwise fill the
     disk (a version at dim 1536 holds 11 MB of weights plus 4 MB of training ids per 100k memories). ``None``
-    keeps every version."""
+    keeps every version, except stale ones (trained on forgotten memories), which are deleted once they do not
+    serve whatever this says."""
     warm_start: bool = True
     """Initialise from the published models (same shapes and bins) and replay all stored memories."""
     namespace: str | None = None

@@ -241,6 +241,9 @@ def run_consolidation(
         "phases": report.phases, "fingerprint": report.fingerprint,
     })
     try:
+        dropped = registry.drop_stale()  # the stale model this run replaced, or this run's own if it lost memories
+        if dropped:
+            report.extra["deleted_stale_versions"] = dropped
         if cfg.keep_versions is not None:
             pruned = registry.prune(cfg.keep_versions)
             if pruned:
@@ -435,9 +438,11 @@ def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None
     """Delete memories and mark every model trained on any of them stale.
 
     Select by ``ids``, a metadata filter ``where``, a ``namespace`` and/or ``older_than`` (seconds:
-    memories created longer ago than that; a retention policy). The next consolidation retrains
-    from scratch without them (no warm start from a stale model) and replaces a stale published
-    model even if the gate would otherwise refuse. A registry left with a stale model and no memories to train
+    memories created longer ago than that; a retention policy). The stale versions are deleted at once, all
+    but a current one, which serves until the next consolidation replaces it (and deletes it): their weights
+    hold what was forgotten, so ``rollback`` never restores them (``entry["deleted_versions"]``). The next
+    consolidation retrains from scratch without them (no warm start from a stale model) and replaces a stale
+    published model even if the gate would otherwise refuse. A registry left with a stale model and no memories to train
     a new one (a user's namespace forgotten whole) is retired (:meth:`ArtifactRegistry.retire`): the namespace's
     predictors fall back to the top-level model, and the stale versions are deleted (``entry["retired"]``).
     """
@@ -450,9 +455,11 @@ def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None
     deleted = store.delete(ids, where=where, namespace=namespace)
     why = reason or f"{len(deleted)} training memories deleted"
     stale = registry.mark_stale(set(deleted), why)
+    dropped = registry.drop_stale()  # their weights hold what was forgotten: only a current one serves on, until replaced
     regs = registry.namespaces()
     for ns, reg in regs.items():  # per-namespace models trained on them too
         stale += [f"{ns}/{v}" for v in reg.mark_stale(set(deleted), why)]
+        dropped += [f"{ns}/{v}" for v in reg.drop_stale()]
     # a registry whose model trained on deleted memories and that has nothing left to train on (a user's namespace
     # forgotten whole, or the whole store) would serve that model for good: retire it
     scopes: list[tuple[str | None, ArtifactRegistry]] = [(None, registry), *regs.items()]
@@ -464,10 +471,12 @@ def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None
     for scope, reg in stale_now:
         left = store.count(namespace=scope) if counts is None or scope is None else counts.get(scope, 0)
         if left == 0:
-            reg.retire(f"{why}; no memories left to train on")
+            gone = reg.retire(f"{why}; no memories left to train on")
+            dropped += gone if scope is None else [f"{scope}/{v}" for v in gone]
             retired.append("(top level)" if scope is None else scope)
     entry = {"time": time.time(), "n_deleted": len(deleted), "ids": deleted[:1000], "where": where,
-             "namespace": namespace, "stale_versions": stale, "retired": retired, "reason": reason}
+             "namespace": namespace, "stale_versions": stale, "deleted_versions": dropped, "retired": retired,
+             "reason": reason}
     registry.log_deletion(entry)
     log.info("forgot %d memories; stale versions: %s", len(deleted), stale)
     return entry

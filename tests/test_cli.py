@@ -92,11 +92,18 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
     assert code == 0 and "v000001" in out
     code, out, _ = run(capsys, "forget", "--where", '{"strategy": 6}')
     assert code == 0 and "models marked stale: ['v000001', 'v000002']" in out
-    # the stale v000001 is replaced; v000002 is neither the newest, the current nor the rollback target
+    assert "deleted (trained on them): v000002" in out  # the current v000001 serves until replaced
+    assert [m["version"] for m in json.loads(run(capsys, "models", "--json")[1])] == ["v000001"]
     code, out, _ = run(capsys, "consolidate", "--epochs", "10", "--keep-versions", "1")
-    assert code == 0 and "version v000003: PROMOTED" in out and "removed 1 old version (v000002)" in out
+    assert code == 0 and "version v000003: PROMOTED" in out
+    assert "deleted stale v000001 (trained on forgotten memories)" in out
     code, out, _ = run(capsys, "models", "--json")
-    assert [m["version"] for m in json.loads(out)] == ["v000001", "v000003"]
+    assert [m["version"] for m in json.loads(out)] == ["v000003"]
+    code, _, err = run(capsys, "rollback")
+    assert code == 2 and "never restored" in err
+    for _ in range(2):  # retention: the newest, the current one and the rollback target stay
+        code, out, _ = run(capsys, "consolidate", "--epochs", "10", "--keep-versions", "1")
+    assert code == 0 and "version v000005: PROMOTED" in out and "removed 1 old version (v000003)" in out
     code, out, _ = run(capsys, "forget", "--namespace", "default")  # everything: nothing left to train on
     assert code == 0 and "retired (nothing left to train on): (top level)" in out
     assert json.loads(run(capsys, "models", "--json")[1]) == [] and json.loads(run(capsys, "stats")[1])["model"] is None

@@ -104,14 +104,37 @@ def test_old_versions_are_pruned_but_the_current_and_rollback_target_stay(store,
     assert not bad.promoted and registry.current_version() == r4.version
     assert registry.list_versions() == [v2, r4.version, bad.version]
     assert Predictor(registry, store.embedder).predict(["Task: x. The agent guessed."])[0].model_version == r4.version
-    # the history keeps every run; stale marks of pruned versions go with them; None keeps everything
+    # the history keeps every run; None keeps everything
     assert [h["version"] for h in registry.history()] == [v1, v2, v3, r4.version, bad.version]
-    forget(store, registry, registry.train_ids(r4.version)[:2])
-    assert set(registry.stale_versions()) == {v2, r4.version, bad.version}
-    r6 = run_consolidation(store, registry, job)
-    assert registry.list_versions() == [r4.version, r6.version] and set(registry.stale_versions()) == {r4.version}
-    run_consolidation(store, registry, fast_job(keep_versions=None))
-    assert len(registry.list_versions()) == 3
+    r6 = run_consolidation(store, registry, fast_job(keep_versions=None))
+    assert r6.promoted and registry.list_versions() == [v2, r4.version, bad.version, r6.version]
+    assert not list(registry.root.glob(".pruned-*"))
+
+
+def test_versions_trained_on_forgotten_memories_are_deleted_and_never_restored(store, registry, episodes):
+    """Their weights hold what was forgotten: forget deletes every stale version but the current one (which
+    serves until replaced), the run that replaces it deletes it, and rollback never restores one."""
+    early, late = episodes[:150], episodes[150:]
+    store.add_many(early)
+    job = fast_job(keep_versions=None)
+    v1 = run_consolidation(store, registry, job).version
+    late_ids = store.add_many(late)
+    v2 = run_consolidation(store, registry, job).version
+    registry.promote(v2)
+    v3 = run_consolidation(store, registry, job).version
+    registry.promote(v3)
+    victim = next(i for i in late_ids if i in registry.train_ids(v2) and i in registry.train_ids(v3))
+    entry = forget(store, registry, [victim])
+    # v2 and v3 trained on it: v2 is deleted at once, v3 serves on (stale) until replaced; v1 never saw it
+    assert entry["stale_versions"] == [v2, v3] and entry["deleted_versions"] == [v2]
+    assert registry.list_versions() == [v1, v3] and registry.stale_versions().keys() == {v3}
+    assert registry.current_version() == v3
+    assert Predictor(registry, store.embedder).predict(["Task: x."])[0].model_version == v3
+    r4 = run_consolidation(store, registry, job)
+    assert r4.promoted and r4.extra["deleted_stale_versions"] == [v3]
+    assert registry.list_versions() == [v1, r4.version] and registry.stale_versions() == {}
+    assert registry.rollback() == v1  # the clean v1, never the stale v3 or v2 promoted in between
+    assert not list(registry.root.glob(".pruned-*"))
     assert not list(registry.root.glob(".pruned-*"))
 
 
@@ -338,8 +361,9 @@ def test_a_model_trained_while_its_memories_were_forgotten_is_not_promoted(store
     monkeypatch.setattr(jobs_mod, "train_pair", forgetting_meanwhile)
     rep = run_consolidation(store, registry, fast_job())
     assert not rep.promoted and "3 of its training memories were forgotten while it trained" in rep.reason
-    assert registry.current_version() == first.version  # (stale too: forget marked it)
-    assert set(registry.stale_versions()) == {first.version, rep.version}
+    assert registry.current_version() == first.version  # (stale too: forget marked it, and it serves until replaced)
+    assert registry.stale_versions().keys() == {first.version} and registry.list_versions() == [first.version]
+    assert rep.extra["deleted_stale_versions"] == [rep.version]  # published rejected, then deleted with what it holds
     monkeypatch.setattr(jobs_mod, "train_pair", real)
     again = run_consolidation(store, registry, fast_job())  # the next run replaces the stale model
     assert again.promoted and not set(victims) & set(registry.train_ids(again.version))
@@ -354,11 +378,12 @@ def test_memories_deleted_outside_forget_make_the_model_stale_at_the_next_run(st
     # a training memory removed behind the library's back (raw chromadb, as another process would)
     victim = registry.train_ids(published)[0]
     store._col.delete(ids=[victim])
+    trained_on_it = [v for v in (r1.version, r2.version) if victim in registry.train_ids(v)]
+    assert published in trained_on_it
     r3 = run_consolidation(store, registry, fast_job())
-    assert r3.extra == {"deleted_training_memories": 1}
-    trained_on_it = {v for v in (r1.version, r2.version) if victim in registry.train_ids(v)}
-    assert published in trained_on_it and set(registry.stale_versions()) == trained_on_it
-    assert "deleted outside forget()" in registry.stale_versions()[published]
+    # marked stale, replaced, and deleted with what they hold
+    assert r3.extra == {"deleted_training_memories": 1, "deleted_stale_versions": trained_on_it}
+    assert registry.stale_versions() == {} and not set(trained_on_it) & set(registry.list_versions())
     assert not r3.warm_started and r3.promoted and "deleted memories" in r3.reason
     assert victim not in registry.train_ids(r3.version)
     # nothing missing any more: the next run warm-starts from the clean model

@@ -320,5 +320,5 @@ def test_expired_items_swept_away_make_models_trained_on_them_stale(tmp_path, st
     time.sleep(0.1)
     assert lg.sweep_ttl() == 2
     second = mem.consolidate()
-    assert mem.registry.stale_versions().keys() == {first.version} and not second.warm_started
-    assert second.extra == {"deleted_training_memories": 2} and second.promoted
+    assert second.extra == {"deleted_training_memories": 2, "deleted_stale_versions": [first.version]}
+    assert second.promoted and not second.warm_started and mem.registry.list_versions() == [second.version]

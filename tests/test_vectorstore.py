@@ -151,5 +151,6 @@ def test_a_delete_through_the_vector_store_makes_models_trained_on_it_stale(tmp_
     trained = [i for i in ids if i in set(mem.registry.train_ids(first.version))]
     vs.delete(trained[:3])
     second = mem.consolidate()
-    assert mem.registry.stale_versions().keys() == {first.version}
-    assert second.extra == {"deleted_training_memories": 3} and not second.warm_started and second.promoted
+    assert second.extra == {"deleted_training_memories": 3, "deleted_stale_versions": [first.version]}
+    assert not second.warm_started and second.promoted  # the stale model was replaced and deleted
+    assert mem.registry.list_versions() == [second.version] and mem.registry.stale_versions() == {}
