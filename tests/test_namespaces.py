@@ -190,20 +190,28 @@ def test_namespace_workers_keep_one_model_per_namespace(mem, tmp_path, capsys) -
     assert sorted(first) == ["team-a", "team-b"]  # team-tiny has 5 rewarded memories: not due, not failed
     assert nw.workers["team-tiny"].due()[0] is False and mem.registry.scoped("team-tiny").history() == []
     assert {ns: r.version for ns, r in first.items()} == {"team-a": "v000001", "team-b": "v000001"}
-    # past one_pass_above namespaces a poll counts them all in one pass over the metadata
     calls = {"count": 0, "namespace_counts": 0}
     for name in calls:
         def spy(*a, _name=name, _real=getattr(mem.store, name), **kw):  # type: ignore[no-untyped-def]
             calls[_name] += 1
             return _real(*a, **kw)
         setattr(mem.store, name, spy)
-    assert nw.run_once() == {}  # nothing new; few namespaces: one filtered count each
-    assert calls == {"count": 3, "namespace_counts": 0}
+    # nothing written since the last poll (same total and rewarded counts, no forget): its counts stand
+    assert nw.run_once() == {} and calls == {"count": 2, "namespace_counts": 0}
+    pending = mem.record("a pending episode", namespace="team-a")  # a write: counted again, one filtered count each
+    assert nw.run_once() == {} and calls == {"count": 2 + 2 + 3, "namespace_counts": 0}
+    # past one_pass_above namespaces a poll counts them all in one pass over the metadata
     nw.one_pass_above = 2
-    assert nw.run_once() == {}
-    assert calls == {"count": 3, "namespace_counts": 1}
-    assert mem.store.namespace_counts(rewarded_only=True) == {
-        ns: mem.store.count(namespace=ns, rewarded_only=True) for ns in ("team-a", "team-b", "team-tiny")}
+    mem.record("another pending one", namespace="team-b")
+    assert nw.run_once() == {} and calls == {"count": 7 + 2, "namespace_counts": 1}
+    assert nw.run_once() == {} and calls == {"count": 9 + 2, "namespace_counts": 1}
+    mem.forget(namespace="team-tiny")  # a forget: counted again (team-tiny's count drops to 0)
+    assert nw.run_once() == {} and calls == {"count": 11 + 2, "namespace_counts": 2}
+    assert nw._counts == mem.store.namespace_counts(rewarded_only=True) == {
+        ns: mem.store.count(namespace=ns, rewarded_only=True) for ns in ("team-a", "team-b")}
+    before = nw._counts["team-a"]
+    mem.set_reward(pending, 0.5)  # a reward arriving changes no total: the rewarded count shows it
+    assert nw.run_once() == {} and nw._counts["team-a"] == before + 1
     mem.add_many(_episodes("team-b", 0.1, n=12))
     assert list(nw.run_once()) == ["team-b"]  # only the namespace whose rewards arrived
     assert mem.registry.scoped("team-b").current_version() in ("v000001", "v000002")
