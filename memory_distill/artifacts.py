@@ -10,6 +10,7 @@ Layout::
       stale.json         versions trained on memories that were later deleted (only the current one is kept:
                          drop_stale() deletes the others)
       .lock              single-writer lock for consolidation
+      .stale.lock        held while stale.json is rewritten (forget and a run may both do it)
       namespaces/<slug>/ the same layout for models trained on one namespace (``scoped(namespace)``),
                          with the namespace's name in ``NAMESPACE``
 
@@ -311,14 +312,18 @@ class ArtifactRegistry:
             aside = self.root / f".pruned-{v}-{uuid.uuid4().hex[:8]}"
             try:
                 os.rename(self.versions_dir / v, aside)
+            except FileNotFoundError:  # another process (a forget beside a run) removed it first
+                continue
             except OSError as e:
                 log.warning("could not remove %s: %s", v, e)
                 continue
             shutil.rmtree(aside, ignore_errors=True)
             removed.append(v)
-        stale = self.stale_versions()
-        if any(v in stale for v in removed):
-            _write_json_atomic(self.root / "stale.json", {v: r for v, r in stale.items() if v not in removed})
+        if removed:
+            with self._stale_lock():
+                stale = self.stale_versions()
+                if any(v in stale for v in removed):
+                    _write_json_atomic(self.root / "stale.json", {v: r for v, r in stale.items() if v not in removed})
         return removed
 
     def drop_stale(self) -> StrList:
@@ -436,6 +441,12 @@ class ArtifactRegistry:
         path = self.root / "stale.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
+    def _stale_lock(self) -> FileLock:
+        """Held while ``stale.json`` is read and rewritten: ``forget`` (marking) and a run (deleting) may do so at
+        once from two processes, and neither may lose the other's change."""
+        self._ensure()
+        return FileLock(str(self.root / ".stale.lock"), timeout=60)
+
     def mark_stale(self, deleted_ids: set[str], reason: str) -> StrList:
         """Mark every version whose training set contains a deleted id; returns those versions."""
         if not deleted_ids:
@@ -451,11 +462,13 @@ class ArtifactRegistry:
             except json.JSONDecodeError:
                 ids = set()
             if ids & deleted_ids:
-                stale[v] = reason
                 hit.append(v)
         if hit:
-            self._ensure()
-            _write_json_atomic(self.root / "stale.json", stale)
+            with self._stale_lock():  # re-read: another process may have marked or deleted versions meanwhile
+                stale = self.stale_versions()
+                hit = [v for v in hit if v not in stale and (self.versions_dir / v).exists()]
+                stale.update({v: reason for v in hit})
+                _write_json_atomic(self.root / "stale.json", stale)
         return hit
 
     # ------------------------------------------------------------ load

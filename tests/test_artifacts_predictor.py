@@ -147,6 +147,40 @@ def test_mark_stale_only_hits_versions_trained_on_deleted_ids(tmp_path):
     assert reg.list_versions() == ["v000002"]
 
 
+def test_a_stale_mark_made_while_versions_are_deleted_is_not_lost(tmp_path, monkeypatch):
+    """forget() (marking) and a run (deleting stale versions) rewrite stale.json from two processes: the mark made
+    between the other's read and write must survive."""
+    import threading
+
+    import memory_distill.artifacts as art
+
+    writer, marker = ArtifactRegistry(tmp_path), ArtifactRegistry(tmp_path)  # two processes' registries
+    for seed in (1, 2, 3):
+        _publish(writer, seed)
+    writer.mark_stale({"id1"}, "first")
+    real, in_write, go_on = art._write_json_atomic, threading.Event(), threading.Event()
+
+    def slow_write(path, obj):  # type: ignore[no-untyped-def]
+        if path.name == "stale.json" and threading.current_thread().name == "deleting":
+            in_write.set()
+            go_on.wait(10)  # the deleting run stalls between reading stale.json and writing it back
+        real(path, obj)
+
+    monkeypatch.setattr(art, "_write_json_atomic", slow_write)
+    t = threading.Thread(target=writer.drop_stale, name="deleting")
+    t.start()
+    assert in_write.wait(10)
+    marked: list[list[str]] = []
+    m = threading.Thread(target=lambda: marked.append(marker.mark_stale({"id2"}, "second")))
+    m.start()
+    m.join(0.5)
+    go_on.set()
+    t.join(10)
+    m.join(10)
+    assert marked == [["v000002"]] and writer.list_versions() == ["v000002", "v000003"]
+    assert writer.stale_versions() == {"v000002": "second"}
+
+
 def test_rollback_never_restores_a_stale_version_and_drop_stale_keeps_the_current(tmp_path):
     reg = ArtifactRegistry(tmp_path)
     for seed in (1, 2, 3):
