@@ -607,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--namespace", help=NS_REGISTRY_HELP)
     sp.set_defaults(func=cmd_history)
 
-    sp = sub.add_parser("forget", help="delete memories; models trained on them become stale")
+    sp = sub.add_parser("forget", help="delete memories; models trained on them are deleted "
+                        "(a current one serves until the next consolidation replaces it)")
     sp.add_argument("--id", dest="ids", action="append")
     sp.add_argument("--where", type=_json_filter, help='JSON metadata filter, e.g. \'{"user": "u42"}\'')
     sp.add_argument("--namespace")
