@@ -766,6 +766,104 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
     return results
 
 
+def bench_label_selection(datasets: list[str], seeds: list[int], max_records: int, init: float = 0.2,
+                          budget: float = 0.2) -> list[dict[str, Any]]:
+    """Which pending episodes to get rewards for first (a human rater's or an LLM judge's time)? Per dataset and
+    seed: the held-out and validation groups as in the quality benchmark; a random ``init`` share of the training
+    rows has its reward, the rest is pending (it still teaches the student through the KL term). A student trained
+    so asks for ``budget`` more rewards, picked at random, by its largest predicted std, or by the largest entropy
+    of its reward distribution; the job is retrained from scratch with them, and the held-out groups are scored as
+    in the quality benchmark. *all*: every training reward, for scale."""
+    from memory_distill.datasets import ACTION_KEYS, find_data_dir, load_episodes
+    from memory_distill.embeddings import HashingEmbedder
+    from memory_distill.features import metadata_columns, text_stats
+
+    base = find_data_dir()
+    if base is None:
+        print("label selection: ../shared/data not found, skipped")
+        return []
+    emb, out = HashingEmbedder(dim=512), []
+    for name in datasets:
+        eps = load_episodes(name, data_dir=base, max_records=max_records, seed=0)
+        texts = [e["text"] for e in eps]
+        keys = tuple(k for k in ACTION_KEYS if any(k in e["metadata"] for e in eps))
+        data = {"ids": [e["id"] for e in eps], "X": emb.embed(texts), "F": text_stats(texts), "keys": keys,
+                "meta": metadata_columns([e["metadata"] for e in eps], keys),
+                "R": np.array([e["reward"] for e in eps], np.float32), "G": [e["metadata"]["group"] for e in eps]}
+        for seed in seeds:
+            row: dict[str, Any] = {"dataset": name, "seed": seed, **_label_selection_run(data, seed, init, budget)}
+            out.append(row)
+            print(f"  labels {name} seed {seed}: " + ", ".join(
+                f"{k} {row[k]['spearman']:.3f}/{row[k]['best_of_n']:.3f}"
+                for k in ("initial", "random", "std", "entropy", "all")), flush=True)
+    return out
+
+
+def _label_selection_run(d: dict[str, Any], seed: int, init: float, budget: float) -> dict[str, Any]:
+    import torch
+
+    from memory_distill.config import JobConfig
+    from memory_distill.evaluate import spearman
+    from memory_distill.features import FeatureSpec
+    from memory_distill.models import model_inputs
+    from memory_distill.rewards import RewardBins
+    from memory_distill.store import TrainingData
+    from memory_distill.training import Split, split_by_group_and_time, train_pair
+
+    X, R, G, meta = d["X"], d["R"], d["G"], d["meta"]
+    rng = np.random.default_rng(seed)
+    order = {g: i for i, g in enumerate(rng.permutation(sorted(set(G))))}
+    C = np.array([float(order[g]) for g in G])
+    sp = split_by_group_and_time(TrainingData(d["ids"], X, R, C, G, d["F"]), 0.3, 0.15, rng)
+    pool = sp.train
+    first = rng.choice(pool, size=int(init * len(pool)), replace=False)
+    cfg = JobConfig()
+    bins = RewardBins.fit(R, cfg.bins)
+    spec = FeatureSpec.fit(text=True, columns={k: [v[i] for i in pool] for k, v in meta.items()})
+    FM = spec.build(len(R), text_features=d["F"], metadata=meta)
+    assert FM is not None  # (text features on)
+    job = cfg.model_copy(update={"seed": seed, "metadata_features": d["keys"]})
+
+    def fit(labeled: np.ndarray) -> tuple[Any, np.ndarray]:
+        Rm = np.full_like(R, np.nan)
+        known = np.concatenate([labeled, sp.val, sp.holdout])
+        Rm[known] = R[known]
+        pending = np.setdiff1d(pool, labeled)
+        split = Split(train=np.sort(labeled), val=sp.val, holdout=sp.holdout, transfer=pending, groups=sp.groups)
+        torch.manual_seed(seed)
+        pair = train_pair(TrainingData(d["ids"], X, Rm, C, G, FM, meta), split, bins, job,
+                          device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed))
+        return pair.student, pending
+
+    def score(student: Any) -> dict[str, float]:
+        ho = sp.holdout
+        xh = model_inputs(X[ho], FM[ho])[:]
+        with torch.no_grad():
+            mean = torch.softmax(student(xh), -1).numpy() @ bins.centers
+            pick = student.advantage(xh, torch.from_numpy(mean)).numpy() if student.has_ranking else mean
+        r, g = R[ho], np.array([G[i] for i in ho], dtype=object)
+        best = []
+        for gg in np.unique(g):
+            m = np.flatnonzero(g == gg)
+            if len(m) >= 2:
+                best.append(float(r[m[pick[m] >= pick[m].max() - 1e-12]].mean()))
+        return {"spearman": spearman(mean, r), "best_of_n": float(np.mean(best))}
+
+    student, pending = fit(first)
+    with torch.no_grad():
+        p = torch.softmax(student(model_inputs(X[pending], FM[pending])[:]), -1).numpy()
+    mean = p @ bins.centers
+    std = np.sqrt(np.maximum(p @ bins.centers**2 - mean**2, 0))
+    entropy = -(p * np.log(p + 1e-12)).sum(1)
+    n_ask = int(budget * len(pool))
+    asked = {"random": rng.choice(pending, size=n_ask, replace=False), "std": pending[np.argsort(-std)[:n_ask]],
+             "entropy": pending[np.argsort(-entropy)[:n_ask]], "all": pending}
+    row: dict[str, Any] = {"pool": int(len(pool)), "asked": n_ask, "initial_share": init, "initial": score(student)}
+    for how, extra in asked.items():
+        row[how] = score(fit(np.concatenate([first, extra]))[0])
+    return row
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -1086,13 +1184,41 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
               f"{', '.join(sorted({r['embedder'] for r in res['quality']}))}.", ""]
         L += _fmt_quality(res["quality"])
         L.append("")
+    if res.get("labels"):
+        L += _fmt_labels(res["labels"])
     path.write_text("\n".join(L) + "\n")
+
+
+def _fmt_labels(rows: list[dict[str, Any]]) -> list[str]:
+    ex = rows[0]
+    text = ("Which pending episodes should a rater (a person, an LLM judge) score first? Per dataset and seed, the "
+            "held-out and validation groups are those of the quality benchmark; a random "
+            f"{ex['initial_share']:.0%} of the training rows has its reward and the rest is pending (it still teaches "
+            f"the student through the KL term). A student trained so asks for {ex['asked'] / ex['pool']:.0%} more "
+            "rewards: at random, where its predicted std is largest, or where its reward distribution's entropy is "
+            "largest; the job is retrained from scratch with them and scored on the held-out groups as in the quality "
+            "benchmark (student's rho / best-of-n pick). *All rewards*: every training row rewarded, for scale. "
+            f"{len({r['seed'] for r in rows})} seeds, hashing embedder, embedding + text + metadata features; "
+            "differences paired against random, 95% intervals (`python benchmarks/run.py --only labels`).")
+    out = []
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        rs = [r for r in rows if r["dataset"] == name]
+        cells = [f"{np.mean([r[k]['spearman'] for r in rs]):.3f} / {np.mean([r[k]['best_of_n'] for r in rs]):.3f}"
+                 for k in ("initial", "random", "std", "entropy", "all")]
+        diffs = [_paired(np.array([r[k][m] - r["random"][m] for r in rs])) for k in ("std", "entropy")
+                 for m in ("spearman", "best_of_n")]
+        out.append(f"| {name} | " + " | ".join(cells + diffs) + " |")
+    return _section("Which rewards to ask for first (pending episodes)", text,
+                    ["dataset", "first rewards: rho / best-of-n", "+ random", "+ largest std", "+ largest entropy",
+                     "all rewards", "std - random: rho", "std - random: best-of-n", "entropy - random: rho",
+                     "entropy - random: best-of-n"], out)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["speed", "inference", "scaling", "ranking", "long-texts", "transfer",
-                                       "langgraph", "vectorstore", "agent", "filtered", "namespaces", "quality", "all"],
+                                       "langgraph", "vectorstore", "agent", "filtered", "namespaces", "quality", "labels",
+                                       "all"],
                     default="all")
     ap.add_argument("--ranking-sizes", type=int, nargs="*", default=[10_000, 100_000])
     ap.add_argument("--ingest-sizes", type=int, nargs="*", default=[10_000])
@@ -1168,6 +1294,8 @@ def main() -> None:
         res["quality"] = []
         for e in args.embedders:
             res["quality"] += bench_quality(args.datasets, args.seeds, e, args.max_records)
+    if args.only in ("labels", "all"):
+        res["labels"] = bench_label_selection(args.datasets, args.seeds, args.max_records)
     Path(args.json).write_text(json.dumps(res, indent=1))
     write_markdown(res, Path(args.markdown))
     print(Path(args.markdown).read_text())
