@@ -18,7 +18,7 @@ import re
 import sqlite3
 import threading
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -645,6 +645,19 @@ class CachedEmbedder:
         for i, k in enumerate(keys):
             out[i] = found[k]
         return out
+
+    def evict(self, texts: Iterable[str | None]) -> int:
+        """Drop these texts' vectors; returns how many were cached. :meth:`MemoryStore.delete` calls it (``forget``,
+        a vector store's or the LangGraph store's delete), so a deleted memory's vector does not outlive it here."""
+        keys = sorted({self._key(t) for t in texts if isinstance(t, str)})
+        n = 0
+        with self._lock:
+            for s in range(0, len(keys), 500):
+                chunk = keys[s : s + 500]
+                n += self._db.execute(f"DELETE FROM emb WHERE key IN ({','.join('?' * len(chunk))})", chunk).rowcount
+            self._db.commit()
+            self._count = max(0, self._count - n)
+        return n
 
     def close(self) -> None:
         with self._lock:

@@ -897,16 +897,25 @@ class MemoryStore:
 
     def delete(self, ids: Sequence[str] | None = None, *, where: Mapping[str, Any] | None = None,
                namespace: str | None = None) -> list[str]:
-        """Delete by ids, by metadata filter and/or by namespace; returns the deleted ids."""
+        """Delete by ids, by metadata filter and/or by namespace; returns the deleted ids. An embedder with a cache
+        (``CachedEmbedder``) drops the deleted texts' vectors too."""
         if ids is None and where is None and namespace is None:
             raise StoreError("delete() needs ids, where or namespace: refusing to delete everything")
         flt = self._where(namespace, where)
+        evict = getattr(self.embedder, "evict", None)
+        include: list[Any] = ["documents"] if callable(evict) else []
         if ids is not None:
-            got = self._col.get(ids=list(ids), where=flt, include=[])["ids"]
+            pages: Iterable[Any] = [self._col.get(ids=list(ids), where=flt, include=include)]
         else:
-            got = []
-            for page_ids in self._iter_ids(flt):
-                got.extend(page_ids)
+            pages = _pages(self._col, where=flt, include=include, size=max(self.config.read_page_size, ID_PAGE_SIZE))
+        got: list[str] = []
+        for page in pages:
+            got.extend(page["ids"])
+            if callable(evict) and page["ids"]:
+                try:  # (a page at a time: a whole namespace's texts are never held at once)
+                    evict(page["documents"] or [])
+                except Exception as e:  # the cache is not the store: a failure there must not stop the delete
+                    log.warning("could not drop deleted memories' vectors from the embedding cache: %s", e)
         for s in range(0, len(got), self._max_batch):
             self._col.delete(ids=got[s : s + self._max_batch])
         log.info("deleted %d memories", len(got))

@@ -86,6 +86,28 @@ def test_the_cache_is_bounded_and_keeps_the_latest(tmp_path):
         CachedEmbedder(inner, None, max_entries=0)
 
 
+def test_deleted_memories_leave_no_vector_in_the_embedding_cache(tmp_path):
+    """forget() (and any delete through the store) must not leave the deleted texts' vectors on disk in the
+    cache; the kept memories' vectors stay cached."""
+    import sqlite3
+
+    from memory_distill import ArtifactRegistry, MemoryStore, forget
+
+    inner = CountingEmbedder()
+    cache = CachedEmbedder(inner, tmp_path / "cache.sqlite")
+    store = MemoryStore(cache, path=tmp_path / "chroma")
+    ids = store.add_many([{"text": t, "reward": 0.5, "namespace": ns} for t, ns in
+                          [("alice's address", "user-a"), ("alice's phone", "user-a"), ("bob's note", "user-b"),
+                           ("carol's note", "user-c")]])
+    forget(store, ArtifactRegistry(tmp_path / "models"), namespace="user-a")
+    store.delete([ids[3]])  # by id, as a vector store's delete does
+    assert sqlite3.connect(tmp_path / "cache.sqlite").execute("SELECT COUNT(*) FROM emb").fetchone()[0] == 1
+    inner.seen.clear()
+    cache.embed(["alice's address", "alice's phone", "bob's note", "carol's note"])
+    assert inner.seen == ["alice's address", "alice's phone", "carol's note"]  # bob's is still cached
+    assert cache.evict(["bob's note", "never cached"]) == 1
+
+
 def test_langchain_embeddings_adapter():
     from langchain_core.embeddings import DeterministicFakeEmbedding
 
