@@ -447,9 +447,9 @@ class ArtifactRegistry:
         self._ensure()
         return FileLock(str(self.root / ".stale.lock"), timeout=60)
 
-    def mark_stale(self, deleted_ids: set[str], reason: str) -> StrList:
-        """Mark every version whose training set contains a deleted id; returns those versions."""
-        if not deleted_ids:
+    def trained_on(self, ids: set[str]) -> StrList:
+        """The versions, not yet stale, whose training set holds any of ``ids``."""
+        if not ids:
             return []
         stale = self.stale_versions()
         hit: StrList = []
@@ -458,11 +458,16 @@ class ArtifactRegistry:
                 continue
             p = self.versions_dir / v / "train_ids.json"
             try:
-                ids = set(json.loads(p.read_text())) if p.exists() else set()
+                trained = set(json.loads(p.read_text())) if p.exists() else set()
             except json.JSONDecodeError:
-                ids = set()
-            if ids & deleted_ids:
+                trained = set()
+            if trained & ids:
                 hit.append(v)
+        return hit
+
+    def mark_stale(self, deleted_ids: set[str], reason: str) -> StrList:
+        """Mark every version whose training set contains a deleted id; returns those versions."""
+        hit = self.trained_on(deleted_ids)
         if hit:
             with self._stale_lock():  # re-read: another process may have marked or deleted versions meanwhile
                 stale = self.stale_versions()

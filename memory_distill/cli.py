@@ -372,8 +372,14 @@ def cmd_forget(args: argparse.Namespace) -> int:
     mem = _open(args)
     if not (args.ids or args.where or args.namespace or args.older_than is not None):
         raise MemoryDistillError("forget needs --id, --where, --namespace or --older-than")
-    entry = mem.forget(args.ids or None, where=args.where,
-                       namespace=args.namespace, older_than=args.older_than, reason=args.reason or "")
+    entry = mem.forget(args.ids or None, where=args.where, namespace=args.namespace, older_than=args.older_than,
+                       reason=args.reason or "", dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"dry run, nothing changed: would delete {entry['n_deleted']} memories; models that would become stale: "
+              f"{entry['stale_versions'] or 'none'}"
+              + (f"; would delete models: {', '.join(entry['deleted_versions'])}" if entry["deleted_versions"] else "")
+              + (f"; would retire: {', '.join(entry['retired'])}" if entry["retired"] else ""))
+        return 0
     print(f"deleted {entry['n_deleted']} memories; models marked stale: {entry['stale_versions'] or 'none'}"
           + (f"; deleted (trained on them): {', '.join(entry['deleted_versions'])}" if entry.get("deleted_versions")
              else "")
@@ -614,6 +620,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--namespace")
     sp.add_argument("--older-than", type=_duration, help="memories created more than this long ago (e.g. 90d)")
     sp.add_argument("--reason")
+    sp.add_argument("--dry-run", action="store_true",
+                    help="change nothing: say which memories would go and which models would be stale, deleted, retired")
     sp.set_defaults(func=cmd_forget)
 
     sp = sub.add_parser("reembed", help="re-embed every memory with the configured embedder (e.g. after setting an API key)")

@@ -434,7 +434,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
 
 def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None = None, *,
            where: dict[str, Any] | None = None, namespace: str | None = None, older_than: float | None = None,
-           reason: str = "") -> dict[str, Any]:
+           reason: str = "", dry_run: bool = False) -> dict[str, Any]:
     """Delete memories and mark every model trained on any of them stale.
 
     Select by ``ids``, a metadata filter ``where``, a ``namespace`` and/or ``older_than`` (seconds:
@@ -445,6 +445,10 @@ def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None
     published model even if the gate would otherwise refuse. A registry left with a stale model and no memories to train
     a new one (a user's namespace forgotten whole) is retired (:meth:`ArtifactRegistry.retire`): the namespace's
     predictors fall back to the top-level model, and the stale versions are deleted (``entry["retired"]``).
+
+    ``dry_run``: change nothing and return what would happen (the same entry, with ``"dry_run": True``): which
+    memories go, which versions become stale, which are deleted and which registries retired. Preview a
+    retention policy or a ``where`` before it deletes anything.
     """
     if older_than is not None:
         if not (isinstance(older_than, (int, float)) and older_than >= 0):
@@ -452,7 +456,9 @@ def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None
         if where and "created_at" in where:
             raise StoreError("give older_than or a created_at clause in where, not both")
         where = {**(where or {}), "created_at": {"$lt": time.time() - float(older_than)}}
-    deleted = store.delete(ids, where=where, namespace=namespace)
+    deleted = store.delete(ids, where=where, namespace=namespace, dry_run=dry_run)
+    if dry_run:
+        return _forget_preview(store, registry, deleted, ids, where, namespace, reason)
     why = reason or f"{len(deleted)} training memories deleted"
     stale = registry.mark_stale(set(deleted), why)
     dropped = registry.drop_stale()  # their weights hold what was forgotten: only a current one serves on, until replaced
@@ -480,6 +486,36 @@ def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None
     registry.log_deletion(entry)
     log.info("forgot %d memories; stale versions: %s", len(deleted), stale)
     return entry
+
+
+def _forget_preview(store: MemoryStore, registry: ArtifactRegistry, deleted: list[str], ids: list[str] | None,
+                    where: dict[str, Any] | None, namespace: str | None, reason: str) -> dict[str, Any]:
+    """What :func:`forget` would do for these ``deleted`` ids, computed without changing anything."""
+    gone = set(deleted)
+    stale: list[str] = []
+    doomed: list[str] = []
+    retired: list[str] = []
+    retired_current: list[str] = []  # (forget lists them after the stale versions it drops)
+    for scope, reg in [(None, registry), *registry.namespaces().items()]:
+        prefix = "" if scope is None else f"{scope}/"
+        already, hit = reg.stale_versions(), reg.trained_on(gone)
+        stale += [prefix + v for v in hit]
+        cur = reg.current_version()
+        doomed += [prefix + v for v in reg.list_versions() if (v in already or v in hit) and v != cur]
+        if cur is None or not (cur in already or cur in hit):
+            continue
+        if scope is None:
+            left = store.count() - len(gone)
+        elif namespace not in (None, scope):
+            left = store.count(namespace=scope)
+        else:  # this request's rows in that namespace
+            left = store.count(namespace=scope) - len(store.delete(ids, where=where, namespace=scope, dry_run=True))
+        if left == 0:
+            retired_current.append(prefix + cur)
+            retired.append("(top level)" if scope is None else scope)
+    return {"dry_run": True, "n_deleted": len(deleted), "ids": deleted[:1000], "where": where, "namespace": namespace,
+            "stale_versions": stale, "deleted_versions": doomed + retired_current, "retired": retired,
+            "reason": reason}
 
 
 # ---------------------------------------------------------------------------- drift

@@ -896,13 +896,14 @@ class MemoryStore:
         return out
 
     def delete(self, ids: Sequence[str] | None = None, *, where: Mapping[str, Any] | None = None,
-               namespace: str | None = None) -> list[str]:
-        """Delete by ids, by metadata filter and/or by namespace; returns the deleted ids. An embedder with a cache
-        (``CachedEmbedder``) drops the deleted texts' vectors too."""
+               namespace: str | None = None, dry_run: bool = False) -> list[str]:
+        """Delete by ids, by metadata filter and/or by namespace; returns the deleted ids (with ``dry_run``, the ids
+        that would be deleted, and nothing is). An embedder with a cache (``CachedEmbedder``) drops the deleted
+        texts' vectors too."""
         if ids is None and where is None and namespace is None:
             raise StoreError("delete() needs ids, where or namespace: refusing to delete everything")
         flt = self._where(namespace, where)
-        evict = getattr(self.embedder, "evict", None)
+        evict = None if dry_run else getattr(self.embedder, "evict", None)
         include: list[Any] = ["documents"] if callable(evict) else []
         if ids is not None:
             pages: Iterable[Any] = [self._col.get(ids=list(ids), where=flt, include=include)]
@@ -916,6 +917,8 @@ class MemoryStore:
                     evict(page["documents"] or [])
                 except Exception as e:  # the cache is not the store: a failure there must not stop the delete
                     log.warning("could not drop deleted memories' vectors from the embedding cache: %s", e)
+        if dry_run:
+            return got
         for s in range(0, len(got), self._max_batch):
             self._col.delete(ids=got[s : s + self._max_batch])
         log.info("deleted %d memories", len(got))

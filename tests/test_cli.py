@@ -90,6 +90,9 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
     assert [h["outcome"] for h in json.loads(out)] == ["promoted", "promoted", "skipped"]
     code, out, _ = run(capsys, "rollback")
     assert code == 0 and "v000001" in out
+    code, out, _ = run(capsys, "forget", "--where", '{"strategy": 6}', "--dry-run")
+    assert code == 0 and "dry run, nothing changed: would delete" in out
+    assert "would become stale: ['v000001', 'v000002']; would delete models: v000002" in out
     code, out, _ = run(capsys, "forget", "--where", '{"strategy": 6}')
     assert code == 0 and "models marked stale: ['v000001', 'v000002']" in out
     assert "deleted (trained on them): v000002" in out  # the current v000001 serves until replaced

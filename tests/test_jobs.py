@@ -124,6 +124,10 @@ def test_versions_trained_on_forgotten_memories_are_deleted_and_never_restored(s
     v3 = run_consolidation(store, registry, job).version
     registry.promote(v3)
     victim = next(i for i in late_ids if i in registry.train_ids(v2) and i in registry.train_ids(v3))
+    preview = forget(store, registry, [victim], dry_run=True)
+    assert preview["dry_run"] and preview["n_deleted"] == 1 and store.get(victim).id == victim
+    assert (preview["stale_versions"], preview["deleted_versions"], preview["retired"]) == ([v2, v3], [v2], [])
+    assert registry.list_versions() == [v1, v2, v3] and registry.stale_versions() == {}
     entry = forget(store, registry, [victim])
     # v2 and v3 trained on it: v2 is deleted at once, v3 serves on (stale) until replaced; v1 never saw it
     assert entry["stale_versions"] == [v2, v3] and entry["deleted_versions"] == [v2]

@@ -275,7 +275,14 @@ def test_forgetting_a_whole_namespace_retires_its_model(mem) -> None:  # type: i
     rb = mem.consolidate(namespace="team-b").version
     held = mem.predictor_for("team-a")  # an agent holding team a's predictor
     assert held.registry.namespace == "team-a" and held.predict(SEARCH)[0].model_version == ra
+    n_before, files_before = mem.store.count(), sorted(p.name for p in mem.registry.root.rglob("*"))
+    preview = mem.forget(namespace="team-a", dry_run=True)  # what it would do, nothing changed
+    assert mem.store.count() == n_before and sorted(p.name for p in mem.registry.root.rglob("*")) == files_before
+    assert mem.registry.deletions() == [] and held.refresh() is False
     entry = mem.forget(namespace="team-a")
+    assert preview.pop("dry_run") is True
+    assert {k: v for k, v in preview.items() if k != "ids"} == {k: v for k, v in entry.items() if k not in ("ids", "time")}
+    assert sorted(preview["ids"]) == sorted(entry["ids"])
     assert entry["retired"] == ["team-a"] and "team-a/" + ra in entry["stale_versions"]
     reg_a = mem.registry.scoped("team-a")
     assert reg_a.current_version() is None and reg_a.list_versions() == [] and reg_a.stale_versions() == {}
@@ -290,7 +297,11 @@ def test_forgetting_a_whole_namespace_retires_its_model(mem) -> None:  # type: i
     assert held.registry.namespace == "team-a"  # (consolidate refreshed the facade's predictors)
 
     # the whole store forgotten: nothing is left to train the top-level model either
+    preview = mem.forget(where={"group": {"$ne": ""}}, dry_run=True)
     everything = mem.forget(where={"group": {"$ne": ""}})
+    assert [preview[k] for k in ("n_deleted", "stale_versions", "deleted_versions", "retired")] == [
+        everything[k] for k in ("n_deleted", "stale_versions", "deleted_versions", "retired")]
+    assert len(everything["deleted_versions"]) >= 3  # (each retired registry's current version at least)
     assert everything["retired"] == ["(top level)", "team-a", "team-b"] and mem.registry.current_version() is None
     assert mem.try_predictor() is None and top_held.retired is not None
     with pytest.raises(NoModelError, match="was retired"):
