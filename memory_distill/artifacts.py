@@ -402,9 +402,11 @@ class ArtifactRegistry:
                                                        "previous": previous, "reason": reason})
 
     def promote(self, version: str, *, reason: str = "manual promote") -> None:
-        """Make ``version`` CURRENT after checking it loads."""
+        """Make ``version`` CURRENT after checking it loads. A stale version it replaces is deleted
+        (:meth:`drop_stale`)."""
         self.load(version)
         self._set_current(version, action="promote", reason=reason)
+        self.drop_stale()
 
     def rollback(self) -> str:
         """Make the previously promoted version CURRENT again; returns it."""
@@ -417,6 +419,7 @@ class ArtifactRegistry:
                                 "forgotten since is deleted, never restored)")
         self.load(prev)
         self._set_current(prev, action="rollback", reason=f"rollback from {cur}")
+        self.drop_stale()  # rolling back from a stale model deletes it
         return prev
 
     def _rollback_target(self, cur: str | None) -> str | None:

@@ -186,14 +186,17 @@ def test_rollback_never_restores_a_stale_version_and_drop_stale_keeps_the_curren
     for seed in (1, 2, 3):
         _publish(reg, seed)
     assert reg.mark_stale({"id1", "id3"}, "erasure") == ["v000001", "v000003"]
-    assert reg.rollback() == "v000002"  # from the stale v3 to the clean v2
-    with pytest.raises(ArtifactError, match="no earlier promoted version to roll back to from v000002"):
-        reg.rollback()  # v1 and v3 trained on forgotten memories: neither comes back
-    reg.promote("v000003")  # (a stale current one serves until replaced)
-    assert reg.drop_stale() == ["v000001"] and reg.list_versions() == ["v000002", "v000003"]
+    assert reg._rollback_target("v000002") is None  # (v1 is stale, not yet deleted: never a target)
+    assert reg.drop_stale() == ["v000001"] and reg.list_versions() == ["v000002", "v000003"]  # v3 serves on
     assert reg.stale_versions() == {"v000003": "erasure"} and reg.drop_stale() == []
-    reg.promote("v000002")
-    assert reg.drop_stale() == ["v000003"] and reg.stale_versions() == {} and reg.list_versions() == ["v000002"]
+    assert reg.rollback() == "v000002"  # from the stale v3 to the clean v2, and v3 goes
+    assert reg.list_versions() == ["v000002"] and reg.stale_versions() == {}
+    with pytest.raises(ArtifactError, match="no earlier promoted version to roll back to from v000002"):
+        reg.rollback()
+    _publish(reg, 4)
+    reg.mark_stale({"id4"}, "erasure")
+    reg.promote("v000002")  # promoting away from a stale current one deletes it too
+    assert reg.list_versions() == ["v000002"] and reg.stale_versions() == {}
 
 
 def test_the_last_run_is_read_from_the_end_of_the_history(tmp_path):
