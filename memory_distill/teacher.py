@@ -39,8 +39,9 @@ def _batch_indices(n: int, batch_size: int, generator: torch.Generator,
     if device is not None:
         perm = perm.to(device)
     out = [perm[s : s + batch_size] for s in range(0, n, batch_size)]
-    if len(out) > 1 and out[-1].numel() < 2:  # BatchNorm cannot train on one row
-        out[-2] = torch.cat([out[-2], out.pop()])
+    if len(out) > 1 and out[-1].numel() < 2:  # BatchNorm cannot train on one row: it joins the batch before
+        last = out.pop()
+        out[-1] = torch.cat([out[-1], last])
     return out
 
 

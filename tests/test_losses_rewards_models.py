@@ -127,3 +127,16 @@ def test_arch_roundtrip():
     torch.testing.assert_close(m(x), m2(x))
     with pytest.raises(ValueError, match="bad RewardMLP shape"):
         RewardMLP(0, [4], 10)
+
+
+@pytest.mark.parametrize(("n", "batch_size"), [(17, 16), (33, 16), (513, 256), (32, 16), (5, 16), (1, 16)])
+def test_teacher_epoch_batches_cover_every_row_once(n, batch_size):
+    """A one-row remainder (BatchNorm cannot train on it) joins the batch before it. It used to replace the
+    batch two before the end instead: past two batches, one batch of rows was dropped and another seen twice
+    every epoch (and with exactly two, the run failed with an IndexError)."""
+    from memory_distill.teacher import _batch_indices
+
+    batches = _batch_indices(n, batch_size, torch.Generator().manual_seed(0))
+    rows = torch.cat(batches).tolist()
+    assert sorted(rows) == list(range(n))
+    assert len(batches) == 1 or all(b.numel() >= 2 for b in batches)
