@@ -263,8 +263,22 @@ def cmd_stats(args: argparse.Namespace) -> int:
         "at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last.get("started_at", 0))),
         "ago_s": round(time.time() - float(last.get("started_at", 0)), 1), "reason": last.get("reason") or last.get("error")}
     st["namespace_models"] = {ns: reg.current_version() for ns, reg in mem.registry.namespaces().items()}
+    # what grows on disk: model versions (retention), the embedding cache (its bound), an embedded Chroma directory
+    s = _settings(args)
+    st["disk_mb"] = {"models": _mb(mem.registry.root),
+                     "embedding_cache": _mb(*s.cache_path.parent.glob(s.cache_path.name + "*")),  # (+ -wal, -shm)
+                     "chroma": _mb(s.store_path) if s.store.mode == "persistent" else None}
     print(json.dumps(st, indent=2))
     return 0
+
+
+def _mb(*paths: Path) -> float:
+    """Megabytes under these files or directories (0 for what does not exist)."""
+    total = 0
+    for p in paths:
+        files = [p] if p.is_file() else p.rglob("*") if p.is_dir() else []
+        total += sum(f.stat().st_size for f in files if f.is_file())
+    return round(total / 1e6, 1)
 
 
 def cmd_consolidate(args: argparse.Namespace) -> int:

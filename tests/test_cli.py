@@ -74,6 +74,8 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
     assert code == 0 and "skipped: nothing new since the last run" in out and "v000002 keeps serving" in out
     st = json.loads(run(capsys, "stats")[1])
     assert st["model"] == "v000002" and 0 <= st["model_age_s"] < 120
+    # what grows on disk; the offline hashing embedder keeps no cache
+    assert st["disk_mb"]["models"] > 0.1 and st["disk_mb"]["chroma"] > 1 and st["disk_mb"]["embedding_cache"] == 0
     assert st["last_run"]["outcome"] == "skipped" and st["last_run"]["version"] == "v000002"
     # predictions are asked for texts shaped like the stored episodes (the models also read text length)
     code, out, _ = run(capsys, "predict", "--json",
