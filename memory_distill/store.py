@@ -754,7 +754,7 @@ class MemoryStore:
         if upsert:  # one read: the rows being replaced, kept to roll back to (none for new ids)
             snapshot = self._snapshot(ids)
         else:
-            existing = self._existing(ids)
+            existing = self.existing_ids(ids)
             if existing:
                 raise StoreError(
                     f"{len(existing)} id(s) already exist (e.g. {sorted(existing)[:3]}): "
@@ -792,19 +792,21 @@ class MemoryStore:
         log.debug("stored %d memories", len(ids))
         return ids
 
-    def _existing(self, ids: Sequence[str]) -> set[str]:
-        found: set[str] = set()
+    def _get_ids(self, ids: Sequence[str], include: list[Any], where: dict[str, Any] | None = None) -> dict[str, list[Any]]:
+        """``collection.get(ids=...)`` in write-sized chunks: one call with more ids than SQLite takes variables
+        (32,766) fails inside Chroma. Returns ``ids`` and each included field as lists."""
+        ids = list(ids)
+        out: dict[str, list[Any]] = {"ids": [], **{k: [] for k in include}}
         for s in range(0, len(ids), self._max_batch):
-            found.update(self._col.get(ids=list(ids[s : s + self._max_batch]), include=[])["ids"])
-        return found
+            got = self._col.get(ids=ids[s : s + self._max_batch], where=where, include=include)
+            out["ids"].extend(got["ids"])
+            for k in include:
+                out[k].extend(got[k] if got[k] is not None else [])
+        return out
 
     def _snapshot(self, ids: Sequence[str]) -> dict[str, Any]:
         """The stored rows among ``ids`` (whole: vectors, metadata, texts), read in write-sized chunks."""
-        out: dict[str, list[Any]] = {"ids": [], "embeddings": [], "metadatas": [], "documents": []}
-        for s in range(0, len(ids), self._max_batch):
-            got = self._col.get(ids=list(ids[s : s + self._max_batch]), include=["embeddings", "metadatas", "documents"])
-            for key in out:
-                out[key].extend(got[key])
+        out = self._get_ids(ids, ["embeddings", "metadatas", "documents"])
         vecs = np.asarray(out["embeddings"], np.float32).reshape(len(out["ids"]), self.embedder.dim)
         return {"ids": out["ids"], "embeddings": vecs, "metadatas": out["metadatas"], "documents": out["documents"]}
 
@@ -821,7 +823,7 @@ class MemoryStore:
 
     def _stored(self, ids: list[str]) -> dict[str, tuple[str | None, Mapping[str, Any]]]:
         """Each id's stored (text, metadata); :class:`MemoryNotFoundError` naming the first missing id."""
-        got = self._col.get(ids=ids, include=["metadatas", "documents"])
+        got = self._get_ids(ids, ["metadatas", "documents"])
         by_id = dict(zip(got["ids"], zip(got["documents"], got["metadatas"], strict=True), strict=True))
         missing = [i for i in ids if i not in by_id]
         if missing:
@@ -854,8 +856,32 @@ class MemoryStore:
                 meta[STATS] = encode_stats(doc or "")
             metas.append(meta)
             out.append(self._from_row(i, doc, meta))
-        self._col.update(ids=ids, metadatas=metas)
+        keys = (REWARD, HAS_REWARD, REWARDED_AT, STATS)
+        try:
+            self._update_chunked(ids, metas, lambda j: {k: by_id[ids[j]][1].get(k) for k in keys})
+        except Exception as exc:
+            raise StoreError(f"set_rewards failed and was rolled back: {exc}") from exc
         return out
+
+    def _update_chunked(self, ids: list[str], metas: list[dict[str, Any]],
+                        undo: Callable[[int], dict[str, Any]]) -> None:
+        """``collection.update`` of metadata in write-sized chunks (Chroma refuses a bigger batch); when a chunk
+        fails, the earlier ones are put back (``undo(j)``: the keys row ``j`` changed, as they were; ``None``
+        removes a key) and the error raised."""
+        done = 0
+        try:
+            for s in range(0, len(ids), self._max_batch):
+                self._col.update(ids=ids[s : s + self._max_batch], metadatas=metas[s : s + self._max_batch])
+                done = min(s + self._max_batch, len(ids))
+        except Exception:
+            try:
+                back = [undo(j) for j in range(done)]
+                for s in range(0, done, self._max_batch):
+                    self._col.update(ids=ids[s : min(s + self._max_batch, done)],
+                                     metadatas=back[s : min(s + self._max_batch, done)])
+            except Exception:  # pragma: no cover - best effort; the original error is raised
+                log.exception("rollback of a metadata update failed; the store may hold part of it")
+            raise
 
     def update_metadata(self, updates: Mapping[str, Mapping[str, Any]]) -> list[Memory]:
         """Merge metadata into stored memories without re-embedding them; returns the updated memories.
@@ -880,18 +906,9 @@ class MemoryStore:
             merged = {k: v for k, v in {**(meta or {}), **patch}.items() if v is not None}
             patches.append(patch)
             out.append(self._from_row(i, doc, merged))
-        done = 0
         try:
-            for s in range(0, len(ids), self._max_batch):
-                self._col.update(ids=ids[s : s + self._max_batch], metadatas=patches[s : s + self._max_batch])
-                done = s + self._max_batch
+            self._update_chunked(ids, patches, lambda j: {k: (by_id[ids[j]][1] or {}).get(k) for k in patches[j]})
         except Exception as exc:
-            if done:  # put back the keys the earlier chunks changed
-                undo = [{k: (by_id[i][1] or {}).get(k) for k in p} for i, p in zip(ids[:done], patches, strict=False)]
-                try:
-                    self._col.update(ids=ids[:done], metadatas=undo)
-                except Exception:  # pragma: no cover - best effort; the original error is raised
-                    log.exception("rollback of update_metadata failed")
             raise StoreError(f"update_metadata failed and was rolled back: {exc}") from exc
         return out
 
@@ -906,7 +923,9 @@ class MemoryStore:
         evict = None if dry_run else getattr(self.embedder, "evict", None)
         include: list[Any] = ["documents"] if callable(evict) else []
         if ids is not None:
-            pages: Iterable[Any] = [self._col.get(ids=list(ids), where=flt, include=include)]
+            ids = list(ids)
+            pages: Iterable[Any] = (self._get_ids(ids[s : s + self._max_batch], include, flt)
+                                    for s in range(0, len(ids), self._max_batch))
         else:
             pages = _pages(self._col, where=flt, include=include, size=max(self.config.read_page_size, ID_PAGE_SIZE))
         got: list[str] = []
@@ -940,20 +959,16 @@ class MemoryStore:
 
     def get_many(self, ids: Sequence[str]) -> list[Memory]:
         """Memories for the ids that exist, in the order asked."""
-        got = self._col.get(ids=list(ids), include=["metadatas", "documents"])
+        got = self._get_ids(ids, ["metadatas", "documents"])
         rows = {i: self._from_row(i, d, m) for i, d, m in zip(got["ids"], got["documents"], got["metadatas"], strict=True)}
         return [rows[i] for i in ids if i in rows]
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         """Which of ``ids`` are stored (ids only, read in chunks: 0.5 s for 100k on 2 cores)."""
-        ids = list(ids)
-        found: set[str] = set()
-        for s in range(0, len(ids), self._max_batch):
-            found.update(self._col.get(ids=ids[s : s + self._max_batch], include=[])["ids"])
-        return found
+        return set(self._get_ids(ids, [])["ids"])
 
     def get_embeddings(self, ids: Sequence[str]) -> np.ndarray:
-        got = self._col.get(ids=list(ids), include=["embeddings"])
+        got = self._get_ids(ids, ["embeddings"])
         pos = {i: k for k, i in enumerate(got["ids"])}
         missing = [i for i in ids if i not in pos]
         if missing:

@@ -225,7 +225,7 @@ def import_jsonl(store: MemoryStore, path: str | Path, *, namespace: str | None 
     if not mems:
         return ImportReport([], 0, 0, "")
     if not upsert:
-        existing = store._existing([m.id for m in mems])
+        existing = store.existing_ids([m.id for m in mems])
         if existing:
             first = next(lineno for m, lineno in zip(mems, data.lines, strict=True) if m.id in existing)
             raise StoreError(f"{path}: {len(existing)} id(s) are already stored (first on line {first}: "

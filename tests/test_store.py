@@ -135,6 +135,41 @@ def test_failed_chunked_upsert_restores_every_replaced_row(tmp_path, embedder, m
     assert np.array_equal(st.get_embeddings([f"m{i}" for i in range(5)]), vecs)
 
 
+def test_failed_chunked_reward_write_is_rolled_back(tmp_path, embedder, monkeypatch):
+    """set_rewards writes in chunks (Chroma refuses a batch past its maximum): a chunk that fails puts back the
+    rewards the earlier chunks wrote, pending ones pending again."""
+    st = MemoryStore(embedder, StoreConfig(path=tmp_path / "c", write_batch_size=2))
+    ids = st.add_many([{"id": f"m{i}", "text": f"episode {i}", "reward": 0.5 if i == 0 else None} for i in range(5)])
+    before = st.get_many(ids)
+    real, calls = st._col.update, {"n": 0}
+
+    def flaky(**kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("connection reset")
+        return real(**kw)
+
+    monkeypatch.setattr(st._col, "update", flaky)
+    with pytest.raises(StoreError, match="set_rewards failed and was rolled back"):
+        st.set_rewards({i: 0.9 for i in ids})
+    monkeypatch.undo()
+    assert st.get_many(ids) == before and st.count(rewarded_only=True) == 1
+
+
+def test_id_lists_past_chromas_limits(tmp_path):
+    """One Chroma call takes at most 5,461 rows to write and 32,766 ids to read (SQLite's variable limit): bigger
+    id lists (forgetting a user's 40k memories by id, a late reward for every episode of a batch) are chunked."""
+    st = MemoryStore(HashingEmbedder(dim=8), StoreConfig(path=tmp_path / "c"))
+    n = 33_000
+    X = np.random.default_rng(0).normal(size=(n, 8)).astype(np.float32)
+    ids = st.add_many([{"id": f"m{i}", "text": f"e{i}"} for i in range(n)], embeddings=X)
+    assert len(st.set_rewards({i: 0.5 for i in ids})) == n and st.count(rewarded_only=True) == n
+    assert len(st.get_many(ids)) == n and len(st.existing_ids(ids)) == n and st.get_embeddings(ids).shape == (n, 8)
+    st.update_metadata({i: {"batch": 1} for i in ids[:6000]})
+    assert st.count() == n and len(st.delete(ids[:-5], dry_run=True)) == n - 5
+    assert len(st.delete(ids[:-5])) == n - 5 and st.count() == 5
+
+
 def test_upsert_can_keep_the_stored_creation_time(store):
     store.add({"id": "a", "text": "first", "created_at": 1000.0})
     store.add_many([{"id": "a", "text": "edited", "created_at": 2000.0}], upsert=True, keep_created=True)
