@@ -14,6 +14,19 @@ from memory_distill import (
 )
 
 
+def _fail_on_call(monkeypatch, st, method: str, n: int, message: str = "connection reset") -> None:  # type: ignore[no-untyped-def]
+    """Make the store's collection ``method`` raise on its ``n``-th call (a server going away mid-batch)."""
+    real, calls = getattr(st._col, method), {"n": 0}
+
+    def flaky(**kw):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise RuntimeError(message)
+        return real(**kw)
+
+    monkeypatch.setattr(st._col, method, flaky)
+
+
 def test_add_get_search_roundtrip(store):
     ids = store.add_many([
         {"text": "searched wikipedia and cited the page", "reward": 0.9, "metadata": {"tool": "search"}},
@@ -100,15 +113,7 @@ def test_upsert_replaces_the_whole_row_not_a_merge(store):
 def test_failed_chunked_write_is_rolled_back(tmp_path, embedder, monkeypatch):
     st = MemoryStore(embedder, StoreConfig(path=tmp_path / "c", write_batch_size=3))
     st.add_many([{"id": "keep", "text": "already here", "reward": 0.5}])
-    real_add, calls = st._col.add, {"n": 0}
-
-    def flaky_add(**kw):
-        calls["n"] += 1
-        if calls["n"] == 3:  # the third chunk fails (e.g. the server went away)
-            raise RuntimeError("connection reset")
-        return real_add(**kw)
-
-    monkeypatch.setattr(st._col, "add", flaky_add)
+    _fail_on_call(monkeypatch, st, "add", 3)  # the third chunk fails (e.g. the server went away)
     with pytest.raises(StoreError, match="rolled back"):
         st.add_many([{"id": f"n{i}", "text": f"new {i}", "reward": 0.1} for i in range(8)])
     monkeypatch.undo()
@@ -119,15 +124,7 @@ def test_failed_chunked_upsert_restores_every_replaced_row(tmp_path, embedder, m
     st = MemoryStore(embedder, StoreConfig(path=tmp_path / "c", write_batch_size=2))
     st.add_many([{"id": f"m{i}", "text": f"old {i}", "reward": 0.5, "metadata": {"v": 1}} for i in range(5)])
     before, vecs = st.get_many([f"m{i}" for i in range(5)]), st.get_embeddings([f"m{i}" for i in range(5)])
-    real, calls = st._col.upsert, {"n": 0}
-
-    def flaky(**kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("connection reset")
-        return real(**kw)
-
-    monkeypatch.setattr(st._col, "upsert", flaky)
+    _fail_on_call(monkeypatch, st, "upsert", 3)
     with pytest.raises(StoreError, match="rolled back"):
         st.add_many([{"id": f"m{i}", "text": f"new {i}", "metadata": {"w": 2}} for i in range(6)], upsert=True)
     monkeypatch.undo()
@@ -141,15 +138,7 @@ def test_failed_chunked_reward_write_is_rolled_back(tmp_path, embedder, monkeypa
     st = MemoryStore(embedder, StoreConfig(path=tmp_path / "c", write_batch_size=2))
     ids = st.add_many([{"id": f"m{i}", "text": f"episode {i}", "reward": 0.5 if i == 0 else None} for i in range(5)])
     before = st.get_many(ids)
-    real, calls = st._col.update, {"n": 0}
-
-    def flaky(**kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("connection reset")
-        return real(**kw)
-
-    monkeypatch.setattr(st._col, "update", flaky)
+    _fail_on_call(monkeypatch, st, "update", 3)
     with pytest.raises(StoreError, match="set_rewards failed and was rolled back"):
         st.set_rewards({i: 0.9 for i in ids})
     monkeypatch.undo()
@@ -422,18 +411,10 @@ def test_update_metadata_merges_removes_and_validates_first(store):
         assert store.get(b).metadata == {"tool": "calc", "tier": "gold"} and store.get(a).reward == 0.4
 
 
-def test_failed_chunked_metadata_update_is_rolled_back(tmp_path, embedder):
+def test_failed_chunked_metadata_update_is_rolled_back(tmp_path, embedder, monkeypatch):
     st = MemoryStore(embedder, StoreConfig(path=tmp_path / "u", write_batch_size=2))
     ids = st.add_many([{"text": f"m{i}", "metadata": {"n": i}} for i in range(5)])
-    real, calls = st._col.update, {"n": 0}
-
-    def flaky(**kw):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise RuntimeError("server went away")
-        return real(**kw)
-
-    st._col.update = flaky
+    _fail_on_call(monkeypatch, st, "update", 2, "server went away")
     with pytest.raises(StoreError, match="rolled back"):
         st.update_metadata({i: {"n": None, "seen": True} for i in ids})
     assert [m.metadata for m in st.get_many(ids)] == [{"n": i} for i in range(5)]
