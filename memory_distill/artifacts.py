@@ -242,6 +242,8 @@ class ArtifactRegistry:
             raise ArtifactError(f"no model version {version!r} in {self.root}: see `memory-distill models`")
         try:
             return json.loads(path.read_text())
+        except FileNotFoundError:  # deleted between the check and the read (another process replaced it)
+            raise ArtifactError(f"model version {version!r} was deleted while it was being read") from None
         except json.JSONDecodeError as e:
             raise ArtifactError(f"manifest of {version} is corrupt ({e}): roll back or re-run consolidation") from None
 
@@ -498,11 +500,20 @@ class ArtifactRegistry:
             raise ArtifactError(f"{v} has format {m.get('format_version')}, this library reads {FORMAT_VERSION}")
         d = self.versions_dir / v
         files = ["student.pt"] + (["teacher.pt"] if with_teacher else [])
-        for f in files:
-            if not (d / f).exists():
-                raise ArtifactError(f"{v}/{f} is missing: the artifact is incomplete; roll back or re-run consolidation")
-            if _sha256(d / f) != m.get("checksums", {}).get(f):
-                raise ArtifactError(f"{v}/{f} fails its checksum (corrupt): roll back or re-run consolidation")
+        try:
+            for f in files:
+                if not (d / f).exists():
+                    raise ArtifactError(f"{v}/{f} is missing: the artifact is incomplete; roll back or re-run "
+                                        "consolidation")
+                if _sha256(d / f) != m.get("checksums", {}).get(f):
+                    raise ArtifactError(f"{v}/{f} fails its checksum (corrupt): roll back or re-run consolidation")
+            return self._load_checked(v, m, d, with_teacher, map_location)
+        except FileNotFoundError:  # another process deleted it meanwhile (a stale version replaced, a prune)
+            raise ArtifactError(f"{v} was deleted while it was being loaded: load the current version again") from None
+
+    @staticmethod
+    def _load_checked(v: str, m: dict[str, Any], d: Path, with_teacher: bool,
+                      map_location: str | torch.device) -> LoadedModel:
         try:
             student = RewardMLP.from_arch(m["student"]["arch"])
             student.load_state_dict(torch.load(d / "student.pt", map_location=map_location, weights_only=True))

@@ -175,11 +175,23 @@ class Predictor:
 
     def _load(self, registry: ArtifactRegistry, version: str | None = None) -> _Served:
         """``version`` (default CURRENT) of ``registry``, loaded once per process and device: every Predictor
-        serving it shares the weights (a model per user falls back to one top-level model, not one copy each)."""
-        v = version or registry.current_version()
+        serving it shares the weights (a model per user falls back to one top-level model, not one copy each).
+        CURRENT read just before another process replaced it (and deleted the old version) is read again."""
+        if version is not None:
+            return self._load_version(registry, version)
+        v = registry.current_version()
         if v is None:
             registry.load(None)  # raises NoModelError, saying what to run
-        m = registry.manifest(v)  # type: ignore[arg-type]
+        try:
+            return self._load_version(registry, v)  # type: ignore[arg-type]
+        except ArtifactError:
+            now = registry.current_version()
+            if now is None or now == v:
+                raise
+            return self._load_version(registry, now)
+
+    def _load_version(self, registry: ArtifactRegistry, v: str) -> _Served:
+        m = registry.manifest(v)
         key = (str((registry.versions_dir / v).resolve()), str(self.device),  # type: ignore[operator]
                json.dumps(m.get("checksums"), sort_keys=True), m.get("created_at"))
         with _SERVED_LOCK:
@@ -235,8 +247,8 @@ class Predictor:
                 return self._lost_current()
             if cur == self.version and self._retired is None:
                 return False
-            self._serve(self.registry, cur)
-            log.info("predictor now serves %s", cur)
+            self._serve(self.registry)  # (CURRENT again: it may move on, and its old version go, while this reads)
+            log.info("predictor now serves %s", self.version)
             return True
         except (ArtifactError, EmbedderMismatchError) as e:
             log.warning("keeping %s: could not load the new version (%s)", self.version, e)

@@ -181,6 +181,43 @@ def test_a_stale_mark_made_while_versions_are_deleted_is_not_lost(tmp_path, monk
     assert writer.stale_versions() == {"v000002": "second"}
 
 
+def test_a_version_deleted_while_it_loads(tmp_path, monkeypatch):
+    """Another process replaces the current model and deletes it (a stale model promoted away from) while this one
+    reads it: the registry says so with an ArtifactError (not a bare FileNotFoundError), a new predictor serves
+    the version that replaced it, and one already serving keeps its model until the next refresh."""
+    import memory_distill.artifacts as art
+
+    reg, other = ArtifactRegistry(tmp_path), ArtifactRegistry(tmp_path)  # this process's and another's
+    for seed in (1, 2, 3):
+        _publish(reg, seed, promote=seed == 1)
+    real = art._sha256
+
+    def meanwhile(version, then):  # type: ignore[no-untyped-def]
+        def sha(path):  # type: ignore[no-untyped-def]
+            if version in str(path):
+                then()
+            return real(path)
+        return sha
+
+    def replace_v1() -> None:
+        if "v000001" in other.list_versions():
+            other.mark_stale({"id1"}, "erasure")
+            other.promote("v000002")  # v1 goes: it is stale and no longer serves
+
+    monkeypatch.setattr(art, "_sha256", meanwhile("v000001", replace_v1))
+    held = Predictor(reg, HashingEmbedder(dim=256))
+    assert held.version == "v000002" and reg.list_versions() == ["v000002", "v000003"]
+    monkeypatch.setattr(art, "_sha256", meanwhile("v000003", lambda: (other.mark_stale({"id3"}, "e"), other.drop_stale())))
+    with pytest.raises(ArtifactError, match="v000003 was deleted while it was being loaded"):
+        reg.load("v000003")
+    monkeypatch.setattr(art, "_sha256", real)
+    newest = _publish(reg, 4, promote=False)
+    other.mark_stale({"id2"}, "erasure")
+    other.promote(newest)  # v2, which `held` serves, is deleted from disk
+    assert held.predict(["hello"])[0].model_version == "v000002"  # (from memory)
+    assert held.refresh() and held.version == newest and reg.list_versions() == [newest]
+
+
 def test_rollback_never_restores_a_stale_version_and_drop_stale_keeps_the_current(tmp_path):
     reg = ArtifactRegistry(tmp_path)
     for seed in (1, 2, 3):
