@@ -1075,8 +1075,10 @@ class MemoryStore:
         if flt is not None:
             _remember(self._wide, key, True)
         res = self._col.query(query_embeddings=[qv], n_results=k, where=flt, include=include)
-        if len(res["ids"][0]) < k:  # more than k rows pass: the graph search missed some (or fewer pass now)
+        if len(res["ids"][0]) < k:  # the graph search missed some, or fewer rows pass now
             self._wide.pop(key, None)
+            if got is None and flt is not None:  # the size probe was skipped: few may pass now, searched exactly
+                return self._filtered_search(qv, k, flt, key, include, include_embeddings)
             res = self._col.query(query_embeddings=[qv], n_results=4 * k + 16, where=flt, include=include)
         return self._hits(res, list(range(min(k, len(res["ids"][0])))), include_embeddings)
 

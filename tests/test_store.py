@@ -500,9 +500,11 @@ def test_a_filter_known_to_be_wide_skips_the_size_probe_until_it_comes_back_shor
         assert len(st.search(q, k=5, where={"tool": "x"})) == 5
     assert probes.count(257) == 1
     st.delete([f"e{i}" for i in range(3, 400)])  # the filter is narrow now: 3 rows
-    assert sorted(h.memory.id for h in st.search("episode 1", k=5, where={"tool": "x"})) == ["e0", "e1", "e2"]
-    assert sorted(h.memory.id for h in st.search("episode 2", k=5, where={"tool": "x"})) == ["e0", "e1", "e2"]
-    assert probes.count(257) == 2  # probed again once a query came back short, then exact
+    for q in ("episode 1", "episode 2", "episode 3"):
+        assert sorted(h.memory.id for h in st.search(q, k=5, where={"tool": "x"})) == ["e0", "e1", "e2"]
+    # the first search's filtered graph query came back short: probed again, then searched exactly (Chroma's
+    # filtered graph search can miss one of 3 rows left among 3,600 deleted ones, so it is not the answer)
+    assert probes.count(257) == 1 + 3
 
 
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="the open marker uses fcntl (POSIX)")
