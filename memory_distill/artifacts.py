@@ -351,8 +351,7 @@ class ArtifactRegistry:
         (self.root / "CURRENT").unlink(missing_ok=True)
         _append_jsonl(self.root / "promotions.jsonl", {"time": time.time(), "action": "retire", "version": None,
                                                        "previous": cur, "reason": reason})
-        stale = self.stale_versions()
-        removed = self._remove_versions([v for v in self.list_versions() if v in stale])
+        removed = self.drop_stale()  # (none is current now: every stale version goes)
         log.warning("retired the models of %s (%s): nothing serves from it until the next consolidation; "
                     "deleted %s", self.root, reason, ", ".join(removed) or "no version")
         return removed
@@ -507,14 +506,6 @@ class ArtifactRegistry:
                                         "consolidation")
                 if _sha256(d / f) != m.get("checksums", {}).get(f):
                     raise ArtifactError(f"{v}/{f} fails its checksum (corrupt): roll back or re-run consolidation")
-            return self._load_checked(v, m, d, with_teacher, map_location)
-        except FileNotFoundError:  # another process deleted it meanwhile (a stale version replaced, a prune)
-            raise ArtifactError(f"{v} was deleted while it was being loaded: load the current version again") from None
-
-    @staticmethod
-    def _load_checked(v: str, m: dict[str, Any], d: Path, with_teacher: bool,
-                      map_location: str | torch.device) -> LoadedModel:
-        try:
             student = RewardMLP.from_arch(m["student"]["arch"])
             student.load_state_dict(torch.load(d / "student.pt", map_location=map_location, weights_only=True))
             teacher = None
@@ -522,6 +513,8 @@ class ArtifactRegistry:
                 teacher = RewardMLP.from_arch(m["teacher"]["arch"])
                 teacher.load_state_dict(torch.load(d / "teacher.pt", map_location=map_location, weights_only=True))
                 teacher.eval()
+        except FileNotFoundError:  # another process deleted it meanwhile (a stale version replaced, a prune)
+            raise ArtifactError(f"{v} was deleted while it was being loaded: load the current version again") from None
         except (KeyError, RuntimeError, ValueError) as e:
             raise ArtifactError(f"{v} does not match its manifest ({e})") from None
         student.eval()
