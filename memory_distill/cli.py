@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import signal
+import stat
 import sys
 import time
 from collections.abc import Sequence
@@ -704,6 +706,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise
+        return 1
+
+
+def _stdout_gone() -> bool:
+    """True when standard output is a pipe whose reader went away (``memory-distill export - | head``): no
+    traceback then, as for any Unix filter. Standard output is pointed at /dev/null so that the exit's flush does
+    not fail again. (A Chroma server's closed socket reaches here as the HTTP client's own error, not this one.)"""
+    try:
+        if not stat.S_ISFIFO(os.fstat(sys.stdout.fileno()).st_mode):
+            return False
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return True
 
 
 if __name__ == "__main__":  # pragma: no cover
