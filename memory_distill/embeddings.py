@@ -27,6 +27,7 @@ import numpy as np
 
 from .config import EmbedderConfig
 from .errors import EmbeddingError
+from .types import not_utf8
 
 __all__ = [
     "CachedEmbedder",
@@ -62,6 +63,8 @@ def _check_texts(texts: Sequence[str]) -> list[str]:
     for i, t in enumerate(out):
         if not isinstance(t, str):
             raise TypeError(f"texts[{i}] must be str, got {type(t).__name__}")
+        if bad := not_utf8(f"texts[{i}]", t):
+            raise ValueError(bad)
     return out
 
 

@@ -21,6 +21,17 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
+def not_utf8(what: str, s: str) -> str | None:
+    """Why ``s`` cannot be stored or embedded (a lone surrogate, e.g. from ``bytes.decode(errors="surrogateescape")``
+    or broken JSON escapes, has no UTF-8 form), or ``None`` when it can."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"{what} holds {s[e.start]!r} at position {e.start}, a lone surrogate with no UTF-8 form: decode the "
+                "source with errors='replace' or drop the character")
+    return None
+
+
 
 def check_metadata(v: Any, *, allow_none: bool = False) -> dict[str, Any]:
     """Validate memory metadata (a dict of str/int/float/bool scalars under non-reserved keys); returns it.
@@ -34,6 +45,8 @@ def check_metadata(v: Any, *, allow_none: bool = False) -> dict[str, Any]:
     for key, value in v.items():
         if not isinstance(key, str) or not key:
             raise ValueError(f"metadata key {key!r} must be a non-empty string")
+        if bad := not_utf8(f"metadata key {key!r}", key):
+            raise ValueError(bad)
         if key.startswith(RESERVED_PREFIX) or key.startswith(("$", "#", "chroma:")):
             raise ValueError(
                 f"metadata key {key!r} uses a reserved prefix ({RESERVED_PREFIX!r}, '$', '#', 'chroma:'): rename it"
@@ -47,6 +60,8 @@ def check_metadata(v: Any, *, allow_none: bool = False) -> dict[str, Any]:
             )
         if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
             raise ValueError(f"metadata[{key!r}] = {value} does not fit in 64 bits: store it as a string")
+        if isinstance(value, str) and (bad := not_utf8(f"metadata[{key!r}]", value)):
+            raise ValueError(bad)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"metadata[{key!r}] must be finite, got {value!r}")
     return v
@@ -82,6 +97,8 @@ class Memory(BaseModel):
             raise ValueError(f"text must be a string (the episode's content), got {type(v).__name__} {v!r:.80}")
         if not v.strip():
             raise ValueError("text is empty: give the episode's content (what was seen/done/answered)")
+        if bad := not_utf8("text", v):
+            raise ValueError(bad)
         return v
 
     @field_validator("namespace", "id", mode="before")
@@ -90,6 +107,8 @@ class Memory(BaseModel):
         what = "a team, user or project name" if info.field_name == "namespace" else "omit it for a random one"
         if not isinstance(v, str) or not v:
             raise ValueError(f"{info.field_name} must be a non-empty string ({what}), got {type(v).__name__} {v!r}")
+        if bad := not_utf8(str(info.field_name), v):
+            raise ValueError(bad)
         return v
 
     @field_validator("reward", mode="before")

@@ -70,6 +70,13 @@ def test_defaults_match_the_design():
         ({"text": "x", "metadata": {"$where": "a"}}, "reserved prefix"),
         ({"text": "x", "metadata": {"big": 2**70}}, "64 bits"),
         ({"text": "x", "colour": "red"}, "colour: Extra inputs are not permitted"),
+        # a lone surrogate (broken JSON escapes, surrogateescape decoding) has no UTF-8 form: Chroma and every
+        # embedder would fail on it with a bare UnicodeEncodeError
+        ({"text": "ok \ud800 then"}, r"text holds '\\ud800' at position 3, a lone surrogate.*errors='replace'"),
+        ({"text": "x", "namespace": "team-\udcff"}, "namespace holds .* at position 5, a lone surrogate"),
+        ({"text": "x", "id": "\udc80"}, "id holds .* at position 0"),
+        ({"text": "x", "metadata": {"k": "v\ud800"}}, r"metadata\['k'\] holds .* a lone surrogate"),
+        ({"text": "x", "metadata": {"k\ud800": 1}}, r"metadata key 'k\\ud800' holds"),
     ],
 )
 def test_memory_validation_names_field_and_fix(data, message):

@@ -35,6 +35,8 @@ def test_hashing_geometry():
     assert e.name == "hashing-v1-512" and e.embed([]).shape == (0, 512)
     with pytest.raises(TypeError, match="wrap it as \\[text\\]"):
         e.embed("a single string")
+    with pytest.raises(ValueError, match=r"texts\[1\] holds '\\udcff' at position 2, a lone surrogate"):
+        e.embed(["fine", "no\udcff"])  # a query decoded with surrogateescape: named, not a bare UnicodeEncodeError
 
 
 class CountingEmbedder(HashingEmbedder):
