@@ -9,6 +9,7 @@ BENCHMARKS.md. Not a test: nothing here asserts.
     python benchmarks/run.py --only scaling --scaling-sizes 1000000   # adds the 1M row (~30 min)
     python benchmarks/run.py --only quality --seeds 0 1 2 --embedders hashing minilm
     python benchmarks/run.py --only long-texts     # MiniLM whole-text vs truncated embedding time (local extra)
+    python benchmarks/run.py --only warm --seeds 0 1 2 3 4 5 6 7 8 9   # second run: warm start vs from scratch
 """
 
 from __future__ import annotations
@@ -953,6 +954,88 @@ _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
          25: 2.060, 30: 2.042}
 
 
+def bench_warm_start(datasets: list[str], seeds: list[int], max_records: int) -> list[dict[str, Any]]:
+    """Periodic consolidation: should the second run start from the published models or from scratch? Per dataset
+    and seed, the groups are shuffled; the first half is stored and consolidated (a Chroma store, the real job with
+    the metadata features), the next 30% is added and the job runs again twice on copies of the model registry:
+    warm-started from the first run's models and from scratch (``JobConfig.warm_start``), both promoted whatever the
+    gate says. Both are scored on the last 20% of the groups, which no run saw: the student's rho and best-of-n
+    pick, as in the quality benchmark, plus how closely the new model's ranking follows the first one's (rho
+    between their predictions)."""
+    from memory_distill.datasets import ACTION_KEYS, find_data_dir, load_episodes
+
+    base = find_data_dir()
+    if base is None:
+        print("warm start: ../shared/data not found, skipped")
+        return []
+    out = []
+    for name in datasets:
+        eps = load_episodes(name, data_dir=base, max_records=max_records, seed=0)
+        keys = tuple(k for k in ACTION_KEYS if any(k in e["metadata"] for e in eps))
+        for seed in seeds:
+            row = {"dataset": name, "seed": seed, **_warm_start_run(eps, keys, seed)}
+            out.append(row)
+            print(f"  warm start {name} seed {seed}: " + ", ".join(
+                f"{k} rho {row[k]['spearman']:.3f} bon {row[k]['best_of_n']:.3f} ({row[k]['seconds']:.1f}s)"
+                for k in ("warm", "cold")), flush=True)
+    return out
+
+
+def _warm_start_run(eps: list[dict[str, Any]], keys: tuple[str, ...], seed: int) -> dict[str, Any]:
+    """One dataset and seed of :func:`bench_warm_start`."""
+    import tempfile
+
+    from memory_distill import (
+        ArtifactRegistry,
+        JobConfig,
+        MemoryStore,
+        Predictor,
+        StoreConfig,
+        run_consolidation,
+    )
+    from memory_distill.config import GateConfig
+    from memory_distill.embeddings import HashingEmbedder
+    from memory_distill.evaluate import spearman
+
+    emb = HashingEmbedder(dim=512)
+    groups = sorted({e["metadata"]["group"] for e in eps})
+    groups = [groups[i] for i in np.random.default_rng(seed).permutation(len(groups))]
+    order = {g: i for i, g in enumerate(groups)}
+    cut1, cut2 = len(groups) // 2, int(0.8 * len(groups))
+    part = [[{"text": e["text"], "reward": e["reward"], "metadata": e["metadata"],
+              "created_at": 1.7e9 + order[e["metadata"]["group"]]} for e in eps if lo <= order[e["metadata"]["group"]] < hi]
+            for lo, hi in ((0, cut1), (cut1, cut2), (cut2, len(groups)))]
+    test = part[2]
+    r = np.array([e["reward"] for e in test])
+    grp = np.array([e["metadata"]["group"] for e in test], dtype=object)
+
+    def scores(reg: ArtifactRegistry) -> tuple[np.ndarray, np.ndarray]:
+        pr = Predictor(reg, emb).predict([e["text"] for e in test], metadata=[e["metadata"] for e in test])
+        return np.array([p.mean for p in pr]), np.array([p.advantage if p.advantage is not None else p.mean for p in pr])
+
+    tmp = Path(tempfile.mkdtemp(prefix="md-warm-"))
+    try:
+        store = MemoryStore(emb, StoreConfig(path=tmp / "chroma"))
+        cfg = JobConfig(seed=seed, metadata_features=keys, gate=GateConfig(tolerance=1.0))
+        store.add_many(part[0])
+        run_consolidation(store, ArtifactRegistry(tmp / "models"), cfg)
+        before, _ = scores(ArtifactRegistry(tmp / "models"))
+        store.add_many(part[1])
+        row: dict[str, Any] = {"n_first": len(part[0]), "n_second": store.count(), "n_test": len(test)}
+        for label, warm in (("warm", True), ("cold", False)):
+            shutil.copytree(tmp / "models", tmp / label)
+            reg = ArtifactRegistry(tmp / label)
+            rep = run_consolidation(store, reg, cfg.model_copy(update={"warm_start": warm}))
+            mean, pick = scores(reg)
+            bon = [float(r[m][pick[m] >= pick[m].max() - 1e-12].mean())
+                   for g in np.unique(grp) for m in [np.flatnonzero(grp == g)] if len(m) > 1]
+            row[label] = {"spearman": spearman(mean, r), "best_of_n": float(np.mean(bon)),
+                          "follows_first": spearman(mean, before), "seconds": rep.seconds,
+                          "warm_started": rep.warm_started}
+        return row
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
 def _paired(diff: np.ndarray) -> str:
     """'+0.012 [-0.010, +0.034] ties': mean paired difference, 95% t interval, verdict."""
     diff = diff[~np.isnan(diff)]
@@ -1186,6 +1269,8 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         L.append("")
     if res.get("labels"):
         L += _fmt_labels(res["labels"])
+    if res.get("warm_start"):
+        L += _fmt_warm(res["warm_start"])
     path.write_text("\n".join(L) + "\n")
 
 
@@ -1214,11 +1299,36 @@ def _fmt_labels(rows: list[dict[str, Any]]) -> list[str]:
                      "entropy - random: best-of-n"], out)
 
 
+def _fmt_warm(rows: list[dict[str, Any]]) -> list[str]:
+    text = ("Periodic consolidation: the second run warm-started from the published models vs trained from scratch "
+            "(`JobConfig.warm_start`). Per dataset and seed the groups are shuffled; the first half is stored and "
+            "consolidated, the next 30% added and the job run again both ways on copies of the registry (the real "
+            "job on a Chroma store: embedding, text and metadata features, ranking head; both promoted). Scored on the "
+            "last 20% of the groups, which no run saw: the student's rho and best-of-n pick, and how closely its "
+            "ranking follows the first run's model (rho between their predictions). "
+            f"{len({r['seed'] for r in rows})} seeds, hashing embedder; differences paired, 95% intervals "
+            "(`python benchmarks/run.py --only warm`).")
+    out = []
+    rows = [r for r in rows if r["warm"]["warm_started"]]  # (a new metadata value changes the columns: no warm start)
+    for name in [*dict.fromkeys(r["dataset"] for r in rows), "all"]:
+        rs = [r for r in rows if name in ("all", r["dataset"])]
+        cells = [f"{np.mean([r[k][m] for r in rs]):.3f}" for k in ("warm", "cold") for m in ("spearman", "best_of_n")]
+        diffs = [_paired(np.array([r["warm"][m] - r["cold"][m] for r in rs])) for m in ("spearman", "best_of_n")]
+        follows = [f"{np.mean([r[k]['follows_first'] for r in rs]):.2f}" for k in ("warm", "cold")]
+        secs = [f"{np.mean([r[k]['seconds'] for r in rs]):.1f}" for k in ("warm", "cold")]
+        lost = sum(r["warm"]["spearman"] < r["cold"]["spearman"] for r in rs)
+        out.append(f"| {name} | " + " | ".join([*cells, *diffs, f"{lost}/{len(rs)}", *follows, *secs]) + " |")
+    return _section("Warm start vs from scratch (the second consolidation)", text,
+                    ["dataset", "warm: rho", "warm: best-of-n", "scratch: rho", "scratch: best-of-n",
+                     "warm - scratch: rho", "warm - scratch: best-of-n", "warm lower rho", "follows first: warm",
+                     "follows first: scratch", "seconds: warm", "seconds: scratch"], out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["speed", "inference", "scaling", "ranking", "long-texts", "transfer",
                                        "langgraph", "vectorstore", "agent", "filtered", "namespaces", "quality", "labels",
-                                       "all"],
+                                       "warm", "all"],
                     default="all")
     ap.add_argument("--ranking-sizes", type=int, nargs="*", default=[10_000, 100_000])
     ap.add_argument("--ingest-sizes", type=int, nargs="*", default=[10_000])
@@ -1296,6 +1406,8 @@ def main() -> None:
             res["quality"] += bench_quality(args.datasets, args.seeds, e, args.max_records)
     if args.only in ("labels", "all"):
         res["labels"] = bench_label_selection(args.datasets, args.seeds, args.max_records)
+    if args.only in ("warm", "all"):
+        res["warm_start"] = bench_warm_start(args.datasets, args.seeds, args.max_records)
     Path(args.json).write_text(json.dumps(res, indent=1))
     write_markdown(res, Path(args.markdown))
     print(Path(args.markdown).read_text())
