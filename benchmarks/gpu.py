@@ -90,7 +90,7 @@ def job_check(dev: torch.device) -> dict[str, Any]:
         e["namespace"] = "ops" if i % 2 else "research"
         if e["reward"] is not None and i % 3 == 0:
             e["reward"] = round(e["reward"] * 0.5, 4)
-    cfg = JobConfig(device="cuda" if dev.type == "cuda" else "cpu", metadata_features=("agent",),
+    cfg = JobConfig(device="cuda" if dev.type == "cuda" else "cpu", metadata_features=("agent",), warm_start=True,
                     teacher=TeacherConfig(epochs=6), distill=DistillConfig(epochs=6))
     with tempfile.TemporaryDirectory() as d:
         mem = MemoryDistill.open(d)

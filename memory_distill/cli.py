@@ -127,6 +127,8 @@ def _job_config(args: argparse.Namespace, base: JobConfig) -> JobConfig:
         upd["teacher"] = TeacherConfig(**{**base.teacher.model_dump(), **t})
     if d:
         upd["distill"] = DistillConfig(**{**base.distill.model_dump(), **d})
+    if getattr(args, "warm_start", False):
+        upd["warm_start"] = True
     for k in ("seed", "device", "threads", "namespace", "metadata_features", "keep_versions"):
         if getattr(args, k, None) is not None:
             upd[k] = getattr(args, k)
@@ -552,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "target are always kept)")
         sp.add_argument("--metadata-feature", dest="metadata_features", action="append", metavar="KEY",
                         help="metadata key the models read as a category, e.g. agent (repeatable)")
+        sp.add_argument("--warm-start", action="store_true",
+                        help="start from the published models instead of from scratch (off by default: it ranked "
+                             "worse on the real data, see BENCHMARKS.md)")
 
     sp = sub.add_parser("add", help="store one memory")
     sp.add_argument("text")

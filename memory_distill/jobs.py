@@ -266,7 +266,6 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
     t0 = time.perf_counter()
     started = time.time()
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
 
@@ -346,6 +345,9 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
     init = (incumbent.teacher, incumbent.student) if warm and incumbent is not None and incumbent.teacher is not None else None
     t_read = time.perf_counter()
     threads = torch.get_num_threads()
+    # seeded here, not at the start: loading the published model builds modules, which draws from torch's global
+    # RNG, and the weights a run starts from must not depend on whether there was one to load
+    torch.manual_seed(cfg.seed)
     trained = train_pair(data, split, bins, cfg, device=device, generator=gen, curriculum=curriculum,
                          init=init, progress=progress)
     teacher, student, t_report, d_report = trained.teacher, trained.student, trained.teacher_report, trained.distill_report

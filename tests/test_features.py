@@ -122,7 +122,7 @@ def test_text_features_let_the_student_learn_what_embeddings_cannot_see(store, r
         pred.predict_embeddings(X, texts=texts[:3])
 
     # a model trained without features is not warm-started into one with them (shapes differ)
-    rep2 = run_consolidation(store, ArtifactRegistry(tmp_path / "plain"), fast_job())
+    rep2 = run_consolidation(store, ArtifactRegistry(tmp_path / "plain"), fast_job(warm_start=True))
     assert not rep2.warm_started and rep2.evaluation.student.spearman > 0.8
-    rep3 = run_consolidation(store, registry, fast_job())
+    rep3 = run_consolidation(store, registry, fast_job(warm_start=True))
     assert rep3.warm_started

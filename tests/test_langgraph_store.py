@@ -306,7 +306,7 @@ def test_filters_pushed_to_chroma_keep_langgraph_semantics(store) -> None:  # ty
 
 
 def test_expired_items_swept_away_make_models_trained_on_them_stale(tmp_path, store) -> None:  # type: ignore[no-untyped-def]
-    mem = MemoryDistill(store, ArtifactRegistry(tmp_path / "models"), fast_job())
+    mem = MemoryDistill(store, ArtifactRegistry(tmp_path / "models"), fast_job(warm_start=True))
     lg = MemoryDistillStore(store)
     # the oldest items, so the split trains on them (it holds out the most recent)
     lg.put(("notes",), "short", {"text": "note short: the agent checked", "reward": 0.9}, ttl=0.001)  # 60 ms

@@ -184,7 +184,7 @@ def _aged(eps: list[dict], t0: float) -> list[dict]:
 
 
 def test_warm_start_needs_the_same_columns(store, registry, embedder) -> None:  # type: ignore[no-untyped-def]
-    cfg = fast_job(metadata_features=("agent",))
+    cfg = fast_job(metadata_features=("agent",), warm_start=True)
     store.add_many(_aged(_episodes(60, seed=0), 1.7e9))
     assert not run_consolidation(store, registry, cfg).warm_started
     assert run_consolidation(store, registry, cfg).warm_started  # same agents, same columns
@@ -205,7 +205,7 @@ def test_warm_start_needs_the_same_columns(store, registry, embedder) -> None:  
     assert rep.features is not None and "critic" in rep.features.metadata[0][1]
     assert rep.incumbent_metrics is not None and rep.incumbent_metrics.spearman > 0.5  # gated on its own columns
     # dropping the key: the incumbent is still scored with the agent it was trained to read
-    rep2 = run_consolidation(store, registry, fast_job())
+    rep2 = run_consolidation(store, registry, fast_job(warm_start=True))
     assert not rep2.warm_started and rep2.features == FeatureSpec(text=True)
     assert rep2.incumbent_metrics is not None and rep2.incumbent_metrics.spearman > 0.5
 

@@ -159,7 +159,7 @@ def test_consolidation_attaches_the_head_and_best_of_n_uses_it(store, registry) 
     assert hits_rank >= 36 and hits_rank > hits_mean
 
     # a second run warm-starts from a student that has a head: the head is refit, not carried over
-    report2 = run_consolidation(store, registry, fast_job())
+    report2 = run_consolidation(store, registry, fast_job(warm_start=True))
     assert report2.warm_started and report2.ranking is not None and report2.ranking.attached
 
 

@@ -143,7 +143,7 @@ def test_filters_on_document_keys_named_like_memory_fields(store) -> None:  # ty
 
 
 def test_a_delete_through_the_vector_store_makes_models_trained_on_it_stale(tmp_path, store) -> None:  # type: ignore[no-untyped-def]
-    mem = MemoryDistill(store, ArtifactRegistry(tmp_path / "models"), fast_job())
+    mem = MemoryDistill(store, ArtifactRegistry(tmp_path / "models"), fast_job(warm_start=True))
     vs = MemoryDistillVectorStore(store)
     ids = vs.add_texts([f"episode {i}: the agent {'checked' if i % 2 else 'guessed'} the answer" for i in range(80)],
                        metadatas=[{"reward": 0.9 if i % 2 else 0.1} for i in range(80)])
