@@ -32,7 +32,6 @@ def not_utf8(what: str, s: str) -> str | None:
     return None
 
 
-
 def check_metadata(v: Any, *, allow_none: bool = False) -> dict[str, Any]:
     """Validate memory metadata (a dict of str/int/float/bool scalars under non-reserved keys); returns it.
 
