@@ -292,11 +292,13 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
     keys = (*cfg.metadata_features, *(k for k in inc_spec.keys if k not in cfg.metadata_features))
     data = store.load_training_data(namespace=cfg.namespace, metadata_keys=keys)
     n_gone = 0
+    inc_train: set[str] = set()  # what the published model learned from (for the stale check and a fair gate)
     if incumbent is not None and inc_version is not None and inc_version not in stale:
         # memories deleted without forget() (a vector store or LangGraph store delete, an expired TTL,
         # another process, raw chromadb): the published model was trained on them, so it is as stale
         # as forget() would have made it
-        gone = set(registry.train_ids(inc_version)).difference(data.ids)
+        inc_train = set(registry.train_ids(inc_version))
+        gone = inc_train.difference(data.ids)
         if gone:
             n_gone = len(gone)
             hit = registry.mark_stale(gone, f"{n_gone} training memories were deleted outside forget()")
@@ -371,8 +373,29 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
             inc_x = model_inputs(data.embeddings[eval_idx], inc_f)[:]  # type: ignore[index]
         inc_probs = torch.softmax(incumbent.student.cpu()(inc_x), -1).detach().numpy()
         inc_metrics = model_metrics(inc_probs, data.rewards[eval_idx], incumbent.bins)
+    gate_cand, gate_inc, gate_note, gate_rows = evaluation.student, inc_metrics, "", None
+    if incumbent is not None and inc_metrics is not None and inc_train and not replace_reason and not inc_stale:
+        # a held-out group the published model trained on (a question asked again: its new answers made it one of
+        # the most recent) flatters it, as the candidate never saw it: compare on the groups neither trained on
+        seen = np.zeros(int(split.groups.max()) + 1, bool)
+        seen[split.groups[np.fromiter((i for i, mid in enumerate(data.ids) if mid in inc_train), np.int64)]] = True
+        fair = ~seen[split.groups[eval_idx]]
+        if not fair.all():
+            gate_rows = {"compared": int(fair.sum()), "left_out": int((~fair).sum())}
+            if fair.sum() >= cfg.gate.min_holdout:
+                with torch.no_grad():
+                    cand_probs = torch.softmax(student.eval()(X_all[ev].cpu()), -1).numpy()
+                gate_cand = model_metrics(cand_probs[fair], data.rewards[eval_idx][fair], bins)
+                gate_inc = model_metrics(inc_probs[fair], data.rewards[eval_idx][fair], incumbent.bins)
+                gate_note = (f", on the {int(fair.sum())} held-out memories in groups the published model never "
+                             f"trained on ({int((~fair).sum())} in groups it did are left out)")
+            else:
+                gate_rows["compared"] = len(eval_idx)
+                gate_note = (f"; the published model trained on groups holding {int((~fair).sum())} of the "
+                             f"{len(eval_idx)} held-out memories, which flatters it: too few others to compare on")
     promote, reason = ((True, replace_reason) if replace_reason else
-                       should_promote(evaluation.student, inc_metrics, cfg.gate, incumbent_stale=inc_stale))
+                       should_promote(gate_cand, gate_inc, cfg.gate, incumbent_stale=inc_stale))
+    reason += gate_note
     if trained.ranking is not None and student.has_ranking and len(split.holdout):
         # how the head and the expected reward rank the held-out groups (reported, not gated)
         hx = X_all[rows(split.holdout)].cpu()
@@ -406,6 +429,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         "config": cfg.model_dump(mode="json"),
         "metrics": evaluation.to_dict(),
         "incumbent": {"version": inc_version, "metrics": inc_metrics.to_dict() if inc_metrics else None},
+        "gate_rows": gate_rows,
         "data": {"n_rows": len(data), "n_rewarded": n_rewarded, "n_train": len(split.train),
                  "n_val": len(split.val), "n_holdout": len(split.holdout), "n_transfer": len(split.transfer),
                  "skipped_rows": skipped, "fingerprint": fingerprint,
@@ -427,7 +451,8 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         seconds=t_end - t0, device=str(device), threads=threads, ranking=trained.ranking, features=spec,
         phases={"read": t_read - t0, "train": t_train - t_read, "evaluate": t_eval - t_train, "publish": t_end - t_eval},
         fingerprint=fingerprint,
-        extra={"deleted_training_memories": n_gone} if n_gone else {},
+        extra={**({"deleted_training_memories": n_gone} if n_gone else {}),
+               **({"gate_rows": gate_rows} if gate_rows else {})},
     )
 
 

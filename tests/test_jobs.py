@@ -49,6 +49,61 @@ def test_runs_train_from_scratch_by_default_and_reproduce_the_published_model_on
     assert r2.evaluation.student.spearman == r2.incumbent_metrics.spearman  # so the gate always lets it through
 
 
+def _gate_rows(store, registry, report, first_version):
+    """The held-out rows of ``report``'s run (rewarded, not trained on), split by whether their group holds a row
+    the published ``first_version`` trained on."""
+    trained = set(registry.train_ids(report.version))
+    held = [m for page, _ in store.iter_memories() for m in page if m.reward is not None and m.id not in trained]
+    seen = {m.metadata["group"] for m in store.get_many(registry.train_ids(first_version))}
+    return [m for m in held if m.metadata["group"] not in seen], [m for m in held if m.metadata["group"] in seen]
+
+
+def test_the_gate_compares_on_held_out_groups_the_published_model_never_trained_on(store, registry, embedder):
+    """A question asked again makes its group one of the most recent, so it is held out, though the published model
+    trained on its earlier answers: that flatters the published model. The gate compares on the other held-out
+    groups (neither model trained on them) when there are enough, else on all and says so."""
+    from memory_distill.evaluate import spearman
+
+    eps = synthetic_episodes(800, seed=4, pending_fraction=0.0)
+    store.add_many(eps[:400])
+    first = run_consolidation(store, registry, fast_job())
+    old = [e for e in eps[:400] if e["id"] in set(registry.train_ids(first.version))][::4]
+    later = [{**e, "id": e["id"] + "-again"} for e in old[:40]] + eps[400:520]
+    order = np.random.default_rng(0).permutation(len(later))
+    # repeated questions and new ones, arriving mixed: both are among the newest groups, so both are held out
+    store.add_many([{**later[j], "created_at": 1.9e9 + i} for i, j in enumerate(order)])
+    rep = run_consolidation(store, registry, fast_job())
+    fair, flattering = _gate_rows(store, registry, rep, first.version)
+    assert len(flattering) > 0 and len(fair) >= 10
+    assert rep.extra["gate_rows"] == {"compared": len(fair), "left_out": len(flattering)}
+    assert f"on the {len(fair)} held-out memories in groups the published model never trained on" in rep.reason
+    assert registry.manifest(rep.version)["gate_rows"] == rep.extra["gate_rows"]
+    # the figures in the reason are both models' Spearman on exactly those rows
+    r = [m.reward for m in fair]
+    cand = spearman([p.mean for p in Predictor(registry, embedder, version=rep.version).predict(
+        [m.text for m in fair])], r)
+    pub = spearman([p.mean for p in Predictor(registry, embedder, version=first.version).predict(
+        [m.text for m in fair])], r)
+    import re
+
+    said = [float(x) for x in re.findall(r"spearman (-?[0-9.]+) (?:vs published|regresses the published model's) "
+                                         r"(-?[0-9.]+)", rep.reason)[0]]
+    assert said == pytest.approx([cand, pub], abs=2e-3)
+    assert rep.incumbent_metrics is not None and rep.incumbent_metrics.n == len(fair) + len(flattering)
+
+    # only repeated questions: no held-out group the published model did not train on, so all are compared (noted)
+    current = registry.current_version()
+    trained = set(registry.train_ids(current))
+    more = [{**e, "id": e["id"] + "-third", "created_at": 2.0e9 + i}
+            for i, e in enumerate(e for e in eps[:520] if e["id"] in trained) if i < 60]
+    store.add_many(more)
+    rep2 = run_consolidation(store, registry, fast_job())
+    fair2, flattering2 = _gate_rows(store, registry, rep2, current)
+    assert len(fair2) < 10 <= len(flattering2)
+    assert rep2.extra["gate_rows"] == {"compared": len(fair2) + len(flattering2), "left_out": len(flattering2)}
+    assert "which flatters it: too few others to compare on" in rep2.reason
+
+
 def test_second_run_warm_starts_and_history_records_both(store, registry, episodes):
     store.add_many(episodes)
     r1 = run_consolidation(store, registry, fast_job(warm_start=True))
