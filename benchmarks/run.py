@@ -10,6 +10,7 @@ BENCHMARKS.md. Not a test: nothing here asserts.
     python benchmarks/run.py --only quality --seeds 0 1 2 --embedders hashing minilm
     python benchmarks/run.py --only long-texts     # MiniLM whole-text vs truncated embedding time (local extra)
     python benchmarks/run.py --only warm --seeds 0 1 2 3 4 5 6 7 8 9   # second run: warm start vs from scratch
+    python benchmarks/run.py --only gate --seeds 0 1 2 3 4 5 6 7 8 9   # the gate when questions are asked again
 """
 
 from __future__ import annotations
@@ -1036,6 +1037,103 @@ def _warm_start_run(eps: list[dict[str, Any]], keys: tuple[str, ...], seed: int)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
+def bench_gate(datasets: list[str], seeds: list[int], max_records: int) -> list[dict[str, Any]]:
+    """Questions asked again: does the gate keep the better model? Per dataset and seed the groups (questions) are
+    shuffled. The last 15% are the future: never stored. The next 15% are new questions: three quarters of their
+    answers arrive after the first run, the rest in the future. Of the other questions, the last quarter of the
+    answers is the future; the first half of the rest is stored before the first run, and the second half before
+    the second run for 40% of them (asked again), before the first for the others. The real job runs twice (a
+    Chroma store, metadata features, the default gate). The second run's held-out groups are the newest: new
+    questions and repeated ones, which the published model trained on. Both models are then scored on the future
+    answers, and each gate's choice is the model it leaves serving: the gate before this change compared on every
+    held-out row (recomputed here), the gate now on the held-out groups the published model never trained on."""
+    from memory_distill.datasets import ACTION_KEYS, find_data_dir, load_episodes
+
+    base = find_data_dir()
+    if base is None:
+        print("gate: ../shared/data not found, skipped")
+        return []
+    out = []
+    for name in datasets:
+        eps = load_episodes(name, data_dir=base, max_records=max_records, seed=0)
+        keys = tuple(k for k in ACTION_KEYS if any(k in e["metadata"] for e in eps))
+        for seed in seeds:
+            row = {"dataset": name, "seed": seed, **_gate_run(eps, keys, seed)}
+            out.append(row)
+            print(f"  gate {name} seed {seed}: future rho published {row['future']['published']:.3f} candidate "
+                  f"{row['future']['candidate']:.3f}; all-rows gate promotes {row['all_rows_gate']}, fair gate "
+                  f"{row['fair_gate']} {row['gate_rows']}", flush=True)
+    return out
+
+
+def _gate_run(eps: list[dict[str, Any]], keys: tuple[str, ...], seed: int) -> dict[str, Any]:
+    """One dataset and seed of :func:`bench_gate`."""
+    import tempfile
+
+    from memory_distill import (
+        ArtifactRegistry,
+        JobConfig,
+        MemoryStore,
+        Predictor,
+        StoreConfig,
+        run_consolidation,
+    )
+    from memory_distill.embeddings import HashingEmbedder
+    from memory_distill.evaluate import spearman
+
+    emb, rng = HashingEmbedder(dim=512), np.random.default_rng(seed)
+    by_group: dict[str, list[dict[str, Any]]] = {}
+    for e in eps:
+        by_group.setdefault(e["metadata"]["group"], []).append(e)
+    groups = sorted(by_group)
+    groups = [groups[i] for i in rng.permutation(len(groups))]
+    first: list[dict[str, Any]] = []
+    second: list[dict[str, Any]] = []
+    future: list[dict[str, Any]] = []
+    for gi, g in enumerate(groups):
+        es, t = by_group[g], 1.7e9 + gi
+        if gi >= int(0.85 * len(groups)):
+            future += es
+            continue
+        q = max(1, (3 * len(es)) // 4) if len(es) >= 4 or gi >= int(0.7 * len(groups)) else len(es)
+        future += es[q:]
+        if gi >= int(0.7 * len(groups)):
+            second += [{**e, "created_at": t} for e in es[:q]]
+            continue
+        k = max(1, q // 2)
+        first += [{**e, "created_at": t} for e in es[:k]]
+        (second if rng.random() < 0.4 else first).extend({**e, "created_at": t} for e in es[k:q])
+    second = [{**second[j], "created_at": 1.8e9 + i} for i, j in enumerate(rng.permutation(len(second)))]
+
+    def memory(e: dict[str, Any]) -> dict[str, Any]:
+        return {"id": e["id"], "text": e["text"], "reward": e["reward"], "metadata": e["metadata"],
+                "created_at": e["created_at"]}
+
+    def rho(reg: ArtifactRegistry, version: str, rows: list[Any]) -> float:
+        pr = Predictor(reg, emb, version=version).predict([m["text"] for m in rows],
+                                                          metadata=[m["metadata"] for m in rows])
+        return spearman(np.array([p.mean for p in pr]), np.array([m["reward"] for m in rows]))
+
+    tmp = Path(tempfile.mkdtemp(prefix="md-gate-"))
+    try:
+        store = MemoryStore(emb, StoreConfig(path=tmp / "chroma"))
+        reg = ArtifactRegistry(tmp / "models")
+        cfg = JobConfig(seed=seed, metadata_features=keys)
+        store.add_many([memory(e) for e in first])
+        r1 = run_consolidation(store, reg, cfg)
+        store.add_many([memory(e) for e in second])
+        r2 = run_consolidation(store, reg, cfg)
+        trained = set(reg.train_ids(r2.version))
+        held = [{"text": m.text, "reward": m.reward, "metadata": m.metadata} for page, _ in store.iter_memories()
+                for m in page if m.reward is not None and m.id not in trained]
+        old = rho(reg, r1.version, held) - rho(reg, r2.version, held) <= cfg.gate.tolerance
+        return {"all_rows_gate": bool(old), "fair_gate": r2.promoted, "gate_rows": r2.extra.get("gate_rows"),
+                "n_first": len(first), "n_second": len(second), "n_future": len(future),
+                "future": {"published": rho(reg, r1.version, future), "candidate": rho(reg, r2.version, future)}}
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _paired(diff: np.ndarray) -> str:
     """'+0.012 [-0.010, +0.034] ties': mean paired difference, 95% t interval, verdict."""
     diff = diff[~np.isnan(diff)]
@@ -1271,6 +1369,8 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         L += _fmt_labels(res["labels"])
     if res.get("warm_start"):
         L += _fmt_warm(res["warm_start"])
+    if res.get("gate"):
+        L += _fmt_gate(res["gate"])
     path.write_text("\n".join(L) + "\n")
 
 
@@ -1324,11 +1424,37 @@ def _fmt_warm(rows: list[dict[str, Any]]) -> list[str]:
                      "follows first: scratch", "seconds: warm", "seconds: scratch"], out)
 
 
+def _fmt_gate(rows: list[dict[str, Any]]) -> list[str]:
+    text = ("Questions asked again make their groups the newest, so the next run holds them out, though the published "
+            "model trained on their earlier answers: compared on them, it looks better than it is. Per dataset and "
+            "seed, the job runs twice; between the runs, new questions arrive and 40% of the old ones are asked again. "
+            "Both models are then scored on answers neither run saw (15% of the questions, and the last quarter of "
+            "every other question's answers). *All held-out rows*: the gate as it was; *fair*: the gate now, on the "
+            "held-out groups the published model never trained on. Each gate's choice is the model it leaves serving. "
+            f"{len({r['seed'] for r in rows})} seeds, hashing embedder, metadata features, default gate (Spearman, "
+            "tolerance 0.02); differences paired, 95% intervals (`python benchmarks/run.py --only gate`).")
+    out = []
+    for name in [*dict.fromkeys(r["dataset"] for r in rows), "all"]:
+        rs = [r for r in rows if name in ("all", r["dataset"])]
+        fut = {k: np.array([r["future"][k] for r in rs]) for k in ("published", "candidate")}
+        serve = {g: np.where([r[g] for r in rs], fut["candidate"], fut["published"]) for g in ("all_rows_gate", "fair_gate")}
+        better = fut["candidate"] > fut["published"]
+        right = {g: np.mean(np.array([r[g] for r in rs]) == better) for g in ("all_rows_gate", "fair_gate")}
+        out.append(f"| {name} | {len(rs)} | {int(better.sum())} | {sum(r['all_rows_gate'] for r in rs)} | "
+                   f"{sum(r['fair_gate'] for r in rs)} | {right['all_rows_gate']:.0%} | {right['fair_gate']:.0%} | "
+                   f"{serve['all_rows_gate'].mean():.3f} | {serve['fair_gate'].mean():.3f} | "
+                   f"{_paired(serve['fair_gate'] - serve['all_rows_gate'])} |")
+    return _section("The gate when questions are asked again", text,
+                    ["dataset", "runs", "new model better on unseen answers", "promoted: all held-out rows",
+                     "promoted: fair", "right call: all rows", "right call: fair", "serving model's rho: all rows",
+                     "serving model's rho: fair", "fair - all rows"], out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["speed", "inference", "scaling", "ranking", "long-texts", "transfer",
                                        "langgraph", "vectorstore", "agent", "filtered", "namespaces", "quality", "labels",
-                                       "warm", "all"],
+                                       "warm", "gate", "all"],
                     default="all")
     ap.add_argument("--ranking-sizes", type=int, nargs="*", default=[10_000, 100_000])
     ap.add_argument("--ingest-sizes", type=int, nargs="*", default=[10_000])
@@ -1408,6 +1534,8 @@ def main() -> None:
         res["labels"] = bench_label_selection(args.datasets, args.seeds, args.max_records)
     if args.only in ("warm", "all"):
         res["warm_start"] = bench_warm_start(args.datasets, args.seeds, args.max_records)
+    if args.only in ("gate", "all"):
+        res["gate"] = bench_gate(args.datasets, args.seeds, args.max_records)
     Path(args.json).write_text(json.dumps(res, indent=1))
     write_markdown(res, Path(args.markdown))
     print(Path(args.markdown).read_text())
