@@ -963,37 +963,34 @@ def bench_warm_start(datasets: list[str], seeds: list[int], max_records: int) ->
     gate says. Both are scored on the last 20% of the groups, which no run saw: the student's rho and best-of-n
     pick, as in the quality benchmark, plus how closely the new model's ranking follows the first one's (rho
     between their predictions)."""
+    return _over_datasets("warm start", datasets, seeds, max_records, _warm_start_run, lambda row: ", ".join(
+        f"{k} rho {row[k]['spearman']:.3f} bon {row[k]['best_of_n']:.3f} ({row[k]['seconds']:.1f}s)"
+        for k in ("warm", "cold")))
+
+
+def _over_datasets(what: str, datasets: list[str], seeds: list[int], max_records: int,
+                   run: Any, describe: Any) -> list[dict[str, Any]]:
+    """``run(episodes, action_keys, seed)`` for each real dataset and seed; one printed line per row."""
     from memory_distill.datasets import ACTION_KEYS, find_data_dir, load_episodes
 
     base = find_data_dir()
     if base is None:
-        print("warm start: ../shared/data not found, skipped")
+        print(f"{what}: ../shared/data not found, skipped")
         return []
     out = []
     for name in datasets:
         eps = load_episodes(name, data_dir=base, max_records=max_records, seed=0)
         keys = tuple(k for k in ACTION_KEYS if any(k in e["metadata"] for e in eps))
         for seed in seeds:
-            row = {"dataset": name, "seed": seed, **_warm_start_run(eps, keys, seed)}
+            row = {"dataset": name, "seed": seed, **run(eps, keys, seed)}
             out.append(row)
-            print(f"  warm start {name} seed {seed}: " + ", ".join(
-                f"{k} rho {row[k]['spearman']:.3f} bon {row[k]['best_of_n']:.3f} ({row[k]['seconds']:.1f}s)"
-                for k in ("warm", "cold")), flush=True)
+            print(f"  {what} {name} seed {seed}: {describe(row)}", flush=True)
     return out
 
 
 def _warm_start_run(eps: list[dict[str, Any]], keys: tuple[str, ...], seed: int) -> dict[str, Any]:
     """One dataset and seed of :func:`bench_warm_start`."""
-    import tempfile
-
-    from memory_distill import (
-        ArtifactRegistry,
-        JobConfig,
-        MemoryStore,
-        Predictor,
-        StoreConfig,
-        run_consolidation,
-    )
+    import memory_distill as md
     from memory_distill.config import GateConfig
     from memory_distill.embeddings import HashingEmbedder
     from memory_distill.evaluate import spearman
@@ -1010,23 +1007,23 @@ def _warm_start_run(eps: list[dict[str, Any]], keys: tuple[str, ...], seed: int)
     r = np.array([e["reward"] for e in test])
     grp = np.array([e["metadata"]["group"] for e in test], dtype=object)
 
-    def scores(reg: ArtifactRegistry) -> tuple[np.ndarray, np.ndarray]:
-        pr = Predictor(reg, emb).predict([e["text"] for e in test], metadata=[e["metadata"] for e in test])
+    def scores(reg: md.ArtifactRegistry) -> tuple[np.ndarray, np.ndarray]:
+        pr = md.Predictor(reg, emb).predict([e["text"] for e in test], metadata=[e["metadata"] for e in test])
         return np.array([p.mean for p in pr]), np.array([p.advantage if p.advantage is not None else p.mean for p in pr])
 
     tmp = Path(tempfile.mkdtemp(prefix="md-warm-"))
     try:
-        store = MemoryStore(emb, StoreConfig(path=tmp / "chroma"))
-        cfg = JobConfig(seed=seed, metadata_features=keys, gate=GateConfig(tolerance=1.0))
+        store = md.MemoryStore(emb, md.StoreConfig(path=tmp / "chroma"))
+        cfg = md.JobConfig(seed=seed, metadata_features=keys, gate=GateConfig(tolerance=1.0))
         store.add_many(part[0])
-        run_consolidation(store, ArtifactRegistry(tmp / "models"), cfg)
-        before, _ = scores(ArtifactRegistry(tmp / "models"))
+        md.run_consolidation(store, md.ArtifactRegistry(tmp / "models"), cfg)
+        before, _ = scores(md.ArtifactRegistry(tmp / "models"))
         store.add_many(part[1])
         row: dict[str, Any] = {"n_first": len(part[0]), "n_second": store.count(), "n_test": len(test)}
         for label, warm in (("warm", True), ("cold", False)):
             shutil.copytree(tmp / "models", tmp / label)
-            reg = ArtifactRegistry(tmp / label)
-            rep = run_consolidation(store, reg, cfg.model_copy(update={"warm_start": warm}))
+            reg = md.ArtifactRegistry(tmp / label)
+            rep = md.run_consolidation(store, reg, cfg.model_copy(update={"warm_start": warm}))
             mean, pick = scores(reg)
             bon = [float(r[m][pick[m] >= pick[m].max() - 1e-12].mean())
                    for g in np.unique(grp) for m in [np.flatnonzero(grp == g)] if len(m) > 1]
@@ -1047,37 +1044,14 @@ def bench_gate(datasets: list[str], seeds: list[int], max_records: int) -> list[
     questions and repeated ones, which the published model trained on. Both models are then scored on the future
     answers, and each gate's choice is the model it leaves serving: the gate before this change compared on every
     held-out row (recomputed here), the gate now on the held-out groups the published model never trained on."""
-    from memory_distill.datasets import ACTION_KEYS, find_data_dir, load_episodes
-
-    base = find_data_dir()
-    if base is None:
-        print("gate: ../shared/data not found, skipped")
-        return []
-    out = []
-    for name in datasets:
-        eps = load_episodes(name, data_dir=base, max_records=max_records, seed=0)
-        keys = tuple(k for k in ACTION_KEYS if any(k in e["metadata"] for e in eps))
-        for seed in seeds:
-            row = {"dataset": name, "seed": seed, **_gate_run(eps, keys, seed)}
-            out.append(row)
-            print(f"  gate {name} seed {seed}: future rho published {row['future']['published']:.3f} candidate "
-                  f"{row['future']['candidate']:.3f}; all-rows gate promotes {row['all_rows_gate']}, fair gate "
-                  f"{row['fair_gate']} {row['gate_rows']}", flush=True)
-    return out
+    return _over_datasets("gate", datasets, seeds, max_records, _gate_run, lambda row: (
+        f"future rho published {row['future']['published']:.3f} candidate {row['future']['candidate']:.3f}; "
+        f"all-rows gate promotes {row['all_rows_gate']}, fair gate {row['fair_gate']} {row['gate_rows']}"))
 
 
 def _gate_run(eps: list[dict[str, Any]], keys: tuple[str, ...], seed: int) -> dict[str, Any]:
     """One dataset and seed of :func:`bench_gate`."""
-    import tempfile
-
-    from memory_distill import (
-        ArtifactRegistry,
-        JobConfig,
-        MemoryStore,
-        Predictor,
-        StoreConfig,
-        run_consolidation,
-    )
+    import memory_distill as md
     from memory_distill.embeddings import HashingEmbedder
     from memory_distill.evaluate import spearman
 
@@ -1109,20 +1083,20 @@ def _gate_run(eps: list[dict[str, Any]], keys: tuple[str, ...], seed: int) -> di
         return {"id": e["id"], "text": e["text"], "reward": e["reward"], "metadata": e["metadata"],
                 "created_at": e["created_at"]}
 
-    def rho(reg: ArtifactRegistry, version: str, rows: list[Any]) -> float:
-        pr = Predictor(reg, emb, version=version).predict([m["text"] for m in rows],
+    def rho(reg: md.ArtifactRegistry, version: str, rows: list[Any]) -> float:
+        pr = md.Predictor(reg, emb, version=version).predict([m["text"] for m in rows],
                                                           metadata=[m["metadata"] for m in rows])
         return spearman(np.array([p.mean for p in pr]), np.array([m["reward"] for m in rows]))
 
     tmp = Path(tempfile.mkdtemp(prefix="md-gate-"))
     try:
-        store = MemoryStore(emb, StoreConfig(path=tmp / "chroma"))
-        reg = ArtifactRegistry(tmp / "models")
-        cfg = JobConfig(seed=seed, metadata_features=keys)
+        store = md.MemoryStore(emb, md.StoreConfig(path=tmp / "chroma"))
+        reg = md.ArtifactRegistry(tmp / "models")
+        cfg = md.JobConfig(seed=seed, metadata_features=keys)
         store.add_many([memory(e) for e in first])
-        r1 = run_consolidation(store, reg, cfg)
+        r1 = md.run_consolidation(store, reg, cfg)
         store.add_many([memory(e) for e in second])
-        r2 = run_consolidation(store, reg, cfg)
+        r2 = md.run_consolidation(store, reg, cfg)
         trained = set(reg.train_ids(r2.version))
         held = [{"text": m.text, "reward": m.reward, "metadata": m.metadata} for page, _ in store.iter_memories()
                 for m in page if m.reward is not None and m.id not in trained]

@@ -260,9 +260,9 @@ class JobConfig(BaseModel):
     warm_start: bool = False
     """Initialise from the published models (same shapes and bins) instead of from scratch; either way the run
     trains on every stored memory. Off by default: on the real data a warm-started second run ranked unseen
-    episodes worse than one from scratch (Spearman -0.018 [-0.030, -0.006] over 4 datasets and 10 seeds, lower in
-    28 of 40 runs; BENCHMARKS.md, "Warm start vs from scratch"), tied on best-of-n, changed its predictions as
-    much, and saved half a second. Its early stopping watches validation groups the published model has already
+    episodes worse than one from scratch (Spearman -0.012 [-0.024, -0.001] over 4 datasets and 10 seeds, lower in
+    25 of 40 runs; BENCHMARKS.md, "Warm start vs from scratch"), tied on best-of-n, kept its ranking barely closer
+    to the published model's, and saved 0.7 s. Its early stopping watches validation groups the published model has already
     fit. From scratch, a run on unchanged memories reproduces the published model (same seed)."""
     namespace: str | None = None
     """Train on one namespace only (``None``: all). Its models are published, gated and served from their
