@@ -104,7 +104,8 @@ class EvalReport:
 
 
 @torch.no_grad()
-def _probs(model: torch.nn.Module, X: torch.Tensor) -> np.ndarray:
+def predict_probs(model: torch.nn.Module, X: torch.Tensor) -> np.ndarray:
+    """The model's reward distributions (softmax of its logits) on ``X``, in eval mode."""
     model.eval()
     return torch.softmax(model(X), dim=-1).cpu().numpy()
 
@@ -121,11 +122,16 @@ def _latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int = 50) -> f
 
 
 def compare_teacher_student(teacher: torch.nn.Module, student: torch.nn.Module, X: torch.Tensor,
-                            rewards: np.ndarray, bins: RewardBins) -> EvalReport:
-    """All held-out metrics of both models on the same rows ``X`` with real ``rewards``."""
+                            rewards: np.ndarray, bins: RewardBins, *,
+                            student_probs: np.ndarray | None = None) -> EvalReport:
+    """All held-out metrics of both models on the same rows ``X`` with real ``rewards``.
+
+    ``student_probs``: the student's distributions on ``X``, when the caller already has them
+    (:func:`predict_probs`)."""
     if len(X) == 0:
         raise ValueError("compare_teacher_student needs at least one held-out row")
-    pt, ps = _probs(teacher, X), _probs(student, X)
+    pt = predict_probs(teacher, X)
+    ps = predict_probs(student, X) if student_probs is None else student_probs
     tm, sm = model_metrics(pt, rewards, bins), model_metrics(ps, rewards, bins)
     kl = float((pt * (np.log(np.clip(pt, 1e-12, None)) - np.log(np.clip(ps, 1e-12, None)))).sum(1).mean())
     retention = sm.spearman / tm.spearman if tm.spearman > 1e-6 else 1.0

@@ -48,6 +48,7 @@ from .evaluate import (
     ModelMetrics,
     compare_teacher_student,
     model_metrics,
+    predict_probs,
     should_promote,
 )
 from .features import TEXT_FEATURES, FeatureSpec
@@ -361,12 +362,14 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
 
     # evaluate + gate on the held-out recent slice (fall back to validation rows when tiny)
     eval_idx = split.holdout if len(split.holdout) else split.val
-    ev = rows(eval_idx)
-    evaluation = compare_teacher_student(teacher.cpu(), student.cpu(), X_all[ev].cpu(), data.rewards[eval_idx], bins)
+    ev_x = X_all[rows(eval_idx)].cpu()
+    s_probs = predict_probs(student.cpu(), ev_x)  # once: the report, the gate and the ranking check read them
+    evaluation = compare_teacher_student(teacher.cpu(), student, ev_x, data.rewards[eval_idx], bins,
+                                         student_probs=s_probs)
     inc_metrics = None
     if incumbent is not None:
         if inc_spec == spec:
-            inc_x = X_all[ev].cpu()
+            inc_x = ev_x
         else:  # the incumbent reads other feature columns: build them as it was trained
             inc_f = inc_spec.build(len(eval_idx), text_features=raw_text[eval_idx],
                                    metadata={k: [data.metadata[k][i] for i in eval_idx] for k in inc_spec.keys})
@@ -383,9 +386,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         if not fair.all():
             gate_rows = {"compared": int(fair.sum()), "left_out": int((~fair).sum())}
             if fair.sum() >= cfg.gate.min_holdout:
-                with torch.no_grad():
-                    cand_probs = torch.softmax(student.eval()(X_all[ev].cpu()), -1).numpy()
-                gate_cand = model_metrics(cand_probs[fair], data.rewards[eval_idx][fair], bins)
+                gate_cand = model_metrics(s_probs[fair], data.rewards[eval_idx][fair], bins)
                 gate_inc = model_metrics(inc_probs[fair], data.rewards[eval_idx][fair], incumbent.bins)
                 gate_note = (f", on the {int(fair.sum())} held-out memories in groups the published model never "
                              f"trained on ({int((~fair).sum())} in groups it did are left out)")
@@ -397,11 +398,11 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
                        should_promote(gate_cand, gate_inc, cfg.gate, incumbent_stale=inc_stale))
     reason += gate_note
     if trained.ranking is not None and student.has_ranking and len(split.holdout):
-        # how the head and the expected reward rank the held-out groups (reported, not gated)
-        hx = X_all[rows(split.holdout)].cpu()
+        # how the head and the expected reward rank the held-out groups (reported, not gated); eval_idx is the
+        # held-out slice here
+        mean = s_probs @ bins.centers
         with torch.no_grad():
-            mean = torch.softmax(student(hx), -1).numpy() @ bins.centers
-            adv = student.advantage(hx, torch.from_numpy(mean)).numpy()
+            adv = student.advantage(ev_x, torch.from_numpy(mean)).numpy()
         g, r = split.groups[split.holdout], data.rewards[split.holdout]
         trained.ranking.holdout_within_spearman = within_group_spearman(adv, r, g)[0]
         trained.ranking.holdout_within_spearman_mean = within_group_spearman(mean, r, g)[0]

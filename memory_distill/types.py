@@ -23,7 +23,10 @@ def _new_id() -> str:
 
 def not_utf8(what: str, s: str) -> str | None:
     """Why ``s`` cannot be stored or embedded (a lone surrogate, e.g. from ``bytes.decode(errors="surrogateescape")``
-    or broken JSON escapes, has no UTF-8 form), or ``None`` when it can."""
+    or broken JSON escapes, has no UTF-8 form), or ``None`` when it can. Called on every text stored or
+    embedded: an ASCII string (a flag CPython keeps) is not encoded."""
+    if s.isascii():
+        return None
     try:
         s.encode("utf-8")
     except UnicodeEncodeError as e:
