@@ -1287,7 +1287,9 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
               f"({g['cpu_threads']} threads), side by side in one run. Every curriculum, adaptive teaching, and a "
               "CUDA-trained artifact served on the CPU (max |prob diff| "
               f"{g['checks']['artifact_roundtrip']['max_abs_prob_diff_cpu']:.1e}) were checked in the same run; "
-              "the whole test suite also passed there with `device='auto'` resolving to CUDA.", ""]
+              + (f"the whole test suite also passed there with `device='auto'` resolving to CUDA ({g['suite']['passed']} "
+                 f"passed, {g['suite']['skipped']} skipped, in {g['suite']['seconds']:.0f} s with `{g['suite']['command']}`; "
+                 "gpu.json lists why the skipped ones skipped)." if "suite" in g else ""), ""]
         if "job" in g["checks"]:
             j = g["checks"]["job"]
             L += ["The whole job on the GPU (Chroma store, text and metadata features, ranking head, gate, publish; "
@@ -1428,8 +1430,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["speed", "inference", "scaling", "ranking", "long-texts", "transfer",
                                        "langgraph", "vectorstore", "agent", "filtered", "namespaces", "quality", "labels",
-                                       "warm", "gate", "all"],
-                    default="all")
+                                       "warm", "gate", "all", "render"],
+                    default="all", help="render: rewrite BENCHMARKS.md from results.json and gpu.json, running nothing")
     ap.add_argument("--ranking-sizes", type=int, nargs="*", default=[10_000, 100_000])
     ap.add_argument("--ingest-sizes", type=int, nargs="*", default=[10_000])
     ap.add_argument("--transfer-size", type=int, default=20_000)
@@ -1446,7 +1448,7 @@ def main() -> None:
     ap.add_argument("--markdown", default=str(ROOT / "BENCHMARKS.md"))
     args = ap.parse_args()
     prev = json.loads(Path(args.json).read_text()) if Path(args.json).exists() else {}
-    res: dict[str, Any] = {**prev, "machine": _machine()}
+    res: dict[str, Any] = {**prev, "machine": _machine()} if args.only != "render" else prev
     if args.only in ("speed", "inference", "all"):
         res["inference"] = bench_inference()
         print("inference", json.dumps(res["inference"]), flush=True)
