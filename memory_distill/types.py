@@ -38,7 +38,8 @@ def not_utf8(what: str, s: str) -> str | None:
 def check_metadata(v: Any, *, allow_none: bool = False) -> dict[str, Any]:
     """Validate memory metadata (a dict of str/int/float/bool scalars under non-reserved keys); returns it.
 
-    With ``allow_none`` a ``None`` value is accepted (``MemoryStore.update_metadata``: remove the key).
+    A ``None`` value means "no value", as in Chroma: it is dropped from the returned copy (LangChain loaders often
+    emit ``{"page": None}``). With ``allow_none`` it is kept (``MemoryStore.update_metadata``: remove the key).
     """
     if v is None:
         return {}
@@ -53,9 +54,9 @@ def check_metadata(v: Any, *, allow_none: bool = False) -> dict[str, Any]:
             raise ValueError(
                 f"metadata key {key!r} uses a reserved prefix ({RESERVED_PREFIX!r}, '$', '#', 'chroma:'): rename it"
             )
-        if value is None and allow_none:
+        if value is None:
             continue
-        if value is None or not isinstance(value, (str, int, float, bool)):
+        if not isinstance(value, (str, int, float, bool)):
             raise ValueError(
                 f"metadata[{key!r}] must be a str, int, float or bool, got "
                 f"{type(value).__name__}: flatten it or json.dumps it into a string"
@@ -66,7 +67,9 @@ def check_metadata(v: Any, *, allow_none: bool = False) -> dict[str, Any]:
             raise ValueError(bad)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"metadata[{key!r}] must be finite, got {value!r}")
-    return v
+    if allow_none or all(value is not None for value in v.values()):
+        return v
+    return {key: value for key, value in v.items() if value is not None}
 
 class Memory(BaseModel):
     """One episode: what the agent saw/did/answered, and the reward it earned (maybe later).

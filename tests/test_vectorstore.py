@@ -50,6 +50,20 @@ def test_documents_are_memories_with_rewards_and_namespaces(store) -> None:  # t
     assert store.get(other).namespace == "other" and vs.get_by_ids(["fresh"]) == []
 
 
+def test_a_none_metadata_value_means_no_value_as_in_chroma(store) -> None:  # type: ignore[no-untyped-def]
+    """LangChain loaders emit ``{"page": None}``: the key is left out (Chroma's meaning of None), not refused; a
+    ``reward`` of None is a pending reward."""
+    vs = MemoryDistillVectorStore(store)
+    ids = vs.add_documents([Document("loaded page", metadata={"source": "a.pdf", "page": None, "reward": None}),
+                            Document("rated page", metadata={"source": "b.pdf", "page": 3, "reward": 0.5})])
+    first = store.get(ids[0])
+    assert first.metadata == {"source": "a.pdf"} and first.reward is None
+    assert vs.get_by_ids(ids)[0].metadata == {"source": "a.pdf"}
+    assert [d.page_content for d in vs.similarity_search("page", k=2, filter={"page": 3})] == ["rated page"]
+    mid = store.add({"text": "an episode", "metadata": {"tool": "search", "retries": None}})
+    assert store.get(mid).metadata == {"tool": "search"}
+
+
 def test_bad_metadata_is_refused_and_nothing_written(store) -> None:  # type: ignore[no-untyped-def]
     vs = MemoryDistillVectorStore(store)
     with pytest.raises(InvalidMemoryError, match=r"memories\[1\].*metadata\['pages'\].*flatten it or json.dumps"):
