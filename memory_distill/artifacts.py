@@ -506,12 +506,12 @@ class ArtifactRegistry:
                                         "consolidation")
                 if _sha256(d / f) != m.get("checksums", {}).get(f):
                     raise ArtifactError(f"{v}/{f} fails its checksum (corrupt): roll back or re-run consolidation")
-            student = RewardMLP.from_arch(m["student"]["arch"])
-            student.load_state_dict(torch.load(d / "student.pt", map_location=map_location, weights_only=True))
+            student = RewardMLP.load(m["student"]["arch"],
+                                     torch.load(d / "student.pt", map_location=map_location, weights_only=True))
             teacher = None
             if with_teacher:
-                teacher = RewardMLP.from_arch(m["teacher"]["arch"])
-                teacher.load_state_dict(torch.load(d / "teacher.pt", map_location=map_location, weights_only=True))
+                teacher = RewardMLP.load(m["teacher"]["arch"],
+                                         torch.load(d / "teacher.pt", map_location=map_location, weights_only=True))
                 teacher.eval()
         except FileNotFoundError:  # another process deleted it meanwhile (a stale version replaced, a prune)
             raise ArtifactError(f"{v} was deleted while it was being loaded: load the current version again") from None

@@ -26,7 +26,7 @@ from .models import RewardMLP, compression_ratio, resolve_device
 from .predictor import StudentRunner, _softmax
 from .rewards import RewardBins, summarize_probs
 from .store import TrainingData, coerce_memory
-from .training import split_by_group_and_time, train_pair
+from .training import seeded_training, split_by_group_and_time, train_pair
 from .types import Memory, PredictionBatch, RewardPrediction
 
 __all__ = ["ModelDistillation"]
@@ -82,10 +82,10 @@ class ModelDistillation:
         })
         rng = np.random.default_rng(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
-        torch.manual_seed(cfg.seed)
         self.bins = RewardBins.fit(rewards[np.isfinite(rewards)], cfg.bins)
         split = split_by_group_and_time(data, 0.15, 0.15, rng)
-        pair = train_pair(data, split, self.bins, cfg, device=self.device, generator=gen)
+        with seeded_training(cfg.seed, self.device):
+            pair = train_pair(data, split, self.bins, cfg, device=self.device, generator=gen)
         self.teacher, self.student = pair.teacher.cpu().eval(), pair.student.cpu().eval()
         self._runner = StudentRunner(self.student)
         self.history = {
@@ -178,10 +178,8 @@ class ModelDistillation:
         if emb.get("name") != self.embedder.name or emb.get("dim") != self.embedder.dim:
             raise ArtifactError(f"models were saved with embedder {emb.get('name')!r}, this instance uses "
                                 f"{self.embedder.name!r}: pass embedder= matching the saved one")
-        self.teacher = RewardMLP.from_arch(manifest["teacher"])
-        self.student = RewardMLP.from_arch(manifest["student"])
-        self.teacher.load_state_dict(torch.load(f"{prefix}_teacher.pth", weights_only=True))
-        self.student.load_state_dict(torch.load(f"{prefix}_student.pth", weights_only=True))
+        self.teacher = RewardMLP.load(manifest["teacher"], torch.load(f"{prefix}_teacher.pth", weights_only=True))
+        self.student = RewardMLP.load(manifest["student"], torch.load(f"{prefix}_student.pth", weights_only=True))
         self.teacher.eval()
         self.student.eval()
         self.bins = RewardBins.from_dict(manifest["bins"])

@@ -57,7 +57,7 @@ from .ranking import RankingFit, within_group_spearman
 from .rewards import RewardBins
 from .store import MemoryStore, TrainingData
 from .teacher import TeacherReport
-from .training import Split, split_by_group_and_time, train_pair
+from .training import Split, seeded_training, split_by_group_and_time, train_pair
 
 __all__ = [
     "ConsolidationExecutor",
@@ -350,9 +350,9 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
     threads = torch.get_num_threads()
     # seeded here, not at the start: loading the published model builds modules, which draws from torch's global
     # RNG, and the weights a run starts from must not depend on whether there was one to load
-    torch.manual_seed(cfg.seed)
-    trained = train_pair(data, split, bins, cfg, device=device, generator=gen, curriculum=curriculum,
-                         init=init, progress=progress)
+    with seeded_training(cfg.seed, device):
+        trained = train_pair(data, split, bins, cfg, device=device, generator=gen, curriculum=curriculum,
+                             init=init, progress=progress)
     teacher, student, t_report, d_report = trained.teacher, trained.student, trained.teacher_report, trained.distill_report
     X_all = trained.X
     t_train = time.perf_counter()

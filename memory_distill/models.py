@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -166,6 +166,19 @@ class RewardMLP(nn.Module):
                 n_features=int(arch.get("n_features", 0)))
         if arch.get("ranking"):
             m.set_ranking(torch.zeros(m.input_dim))  # the saved buffers are loaded over these
+        return m
+
+    @classmethod
+    def load(cls, arch: dict[str, Any], state_dict: Mapping[str, torch.Tensor]) -> RewardMLP:
+        """Rebuild a saved model from its :meth:`arch` and weights.
+
+        Built on the meta device and handed the saved tensors, so loading draws no random initial weights: it takes
+        nothing from torch's global RNG, which a consolidation training in another thread may be using (and which
+        the application owns). A ``state_dict`` that does not fit ``arch`` raises ``RuntimeError``.
+        """
+        with torch.device("meta"):
+            m = cls.from_arch(arch)
+        m.load_state_dict(state_dict, assign=True)
         return m
 
     def flops_per_sample(self) -> int:

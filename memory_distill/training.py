@@ -6,6 +6,9 @@ Shared by :func:`memory_distill.jobs.run_consolidation`, the seed-compatible
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +101,29 @@ def _bar(enabled: bool, total: int, desc: str) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="epoch", leave=False)
+
+
+_TRAINING = threading.Lock()
+
+
+@contextmanager
+def seeded_training(seed: int, device: torch.device) -> Iterator[None]:
+    """Train inside this block for a model that depends only on the data and ``seed``.
+
+    Building modules (weight init) and dropout draw from torch's global random generators, which every thread of
+    the process shares. So the block seeds them (the CPU's, and ``device``'s when it is a GPU), holds a
+    process-wide lock, so two consolidations in one process (threads, :class:`ConsolidationExecutor`, one per
+    namespace) train one after the other instead of drawing from each other's stream, and puts the caller's
+    generator states back afterwards, so a consolidation does not reseed the application's torch RNG.
+    """
+    cuda = device.type == "cuda"
+    with _TRAINING, torch.random.fork_rng(devices=[device.index if device.index is not None else
+                                                   torch.cuda.current_device()] if cuda else []):
+        torch.random.default_generator.manual_seed(seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def train_pair(

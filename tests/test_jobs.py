@@ -49,6 +49,51 @@ def test_runs_train_from_scratch_by_default_and_reproduce_the_published_model_on
     assert r2.evaluation.student.spearman == r2.incumbent_metrics.spearman  # so the gate always lets it through
 
 
+def test_consolidations_in_threads_train_the_models_they_would_alone_and_leave_the_callers_rng_alone(
+        tmp_path, episodes, embedder):
+    """Weight init and dropout draw from torch's global generators, which threads share: two namespaces consolidated
+    at once used to draw from each other's stream (a different model each time), and every run reseeded the
+    application's torch RNG. Now each run's training is seeded, serialised and restores the caller's state."""
+    import torch
+
+    from memory_distill import MemoryDistill
+
+    eps = [{**e, "namespace": "a" if i % 2 else "b"} for i, e in enumerate(episodes)]
+    texts = [e["text"] for e in episodes[:40]]
+
+    def models(home, concurrent: bool):  # type: ignore[no-untyped-def]
+        mem = MemoryDistill.open(home, embedder=embedder)
+        mem.add_many(eps)
+        if concurrent:
+            errors: list[BaseException] = []
+
+            def run(ns: str) -> None:
+                try:
+                    mem.consolidate(fast_job(), namespace=ns)
+                except BaseException as e:  # noqa: BLE001 - surfaced below
+                    errors.append(e)
+
+            threads = [threading.Thread(target=run, args=(ns,)) for ns in ("a", "b")]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert not errors, errors
+        else:
+            for ns in ("a", "b"):
+                mem.consolidate(fast_job(), namespace=ns)
+        return {ns: mem.predictor_for(ns).predict_batch(texts).probs for ns in ("a", "b")}
+
+    torch.manual_seed(123)
+    expected_draw = torch.rand(4)
+    torch.manual_seed(123)
+    alone = models(tmp_path / "alone", concurrent=False)
+    assert torch.equal(torch.rand(4), expected_draw)  # the application's stream went on where it was
+    together = models(tmp_path / "together", concurrent=True)
+    for ns in ("a", "b"):
+        np.testing.assert_array_equal(together[ns], alone[ns])
+
+
 def _gate_rows(store, registry, report, first_version):
     """The held-out rows of ``report``'s run (rewarded, not trained on), split by whether their group holds a row
     the published ``first_version`` trained on."""

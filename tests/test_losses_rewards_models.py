@@ -129,6 +129,22 @@ def test_arch_roundtrip():
         RewardMLP(0, [4], 10)
 
 
+def test_loading_a_saved_model_draws_nothing_from_torchs_rng():
+    """RewardMLP.load builds on the meta device and takes the saved tensors: the same model, and the global RNG
+    (which a training thread or the application may be using) is where it was. A mismatched state dict raises."""
+    m = RewardMLP(32, [16, 8], 10, dropout=0.1, batchnorm=True, n_features=3).eval()
+    m.set_ranking(torch.randn(35), mean_weight=0.5, centers=torch.linspace(0, 1, 10))
+    state = torch.random.get_rng_state()
+    m2 = RewardMLP.load(m.arch(), m.state_dict()).eval()
+    assert torch.equal(torch.random.get_rng_state(), state)
+    x = torch.randn(3, 35)
+    torch.testing.assert_close(m2(x), m(x))
+    torch.testing.assert_close(m2.advantage(x), m.advantage(x))
+    assert all(p.requires_grad and p.device.type == "cpu" for p in m2.parameters())  # trainable (warm start)
+    with pytest.raises(RuntimeError, match="size mismatch|Missing key"):
+        RewardMLP.load({**m.arch(), "hidden": [16, 4]}, m.state_dict())
+
+
 @pytest.mark.parametrize(("n", "batch_size"), [(17, 16), (33, 16), (513, 256), (32, 16), (5, 16), (1, 16)])
 def test_teacher_epoch_batches_cover_every_row_once(n, batch_size):
     """A one-row remainder (BatchNorm cannot train on it) joins the batch before it. It used to replace the
