@@ -39,10 +39,21 @@ def _duration(s: str) -> float:
 
 
 def _kv(items: Sequence[str] | None) -> dict[str, Any]:
+    """``--metadata`` as ``key=value`` items (values parsed as JSON when possible) or JSON objects, merged in order."""
     out: dict[str, Any] = {}
     for it in items or []:
+        if it.lstrip().startswith("{"):
+            try:
+                obj = json.loads(it)
+            except json.JSONDecodeError as e:
+                raise MemoryDistillError(f"--metadata {it!r} is not valid JSON ({e.msg}): use key=value or "
+                                         """'{"key": "value"}'""") from None
+            if not isinstance(obj, dict):
+                raise MemoryDistillError(f"--metadata {it!r}: use key=value or a JSON object")
+            out.update(obj)
+            continue
         if "=" not in it:
-            raise MemoryDistillError(f"--metadata {it!r}: use key=value")
+            raise MemoryDistillError(f"--metadata {it!r}: use key=value or a JSON object like '{{\"tool\": \"git\"}}'")
         k, v = it.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -561,7 +572,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("add", help="store one memory")
     sp.add_argument("text")
     sp.add_argument("--reward", type=float)
-    sp.add_argument("--metadata", "-m", nargs="*", help="key=value (values parsed as JSON when possible)")
+    sp.add_argument("--metadata", "-m", nargs="*",
+                    help="key=value items (values parsed as JSON when possible) or a JSON object")
     sp.add_argument("--namespace", default="default")
     sp.add_argument("--id")
     sp.set_defaults(func=cmd_add)
@@ -610,7 +622,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("predict", help="predicted reward of texts")
     sp.add_argument("texts", nargs="+")
-    sp.add_argument("--metadata", "-m", nargs="*", help="key=value for every text (a model with metadata features reads them)")
+    sp.add_argument("--metadata", "-m", nargs="*",
+                    help="key=value items or a JSON object, for every text (a model with metadata features reads them)")
     sp.add_argument("--threshold", type=float, default=0.5)
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--namespace", help=NS_MODEL_HELP)

@@ -39,6 +39,18 @@ def test_add_search_set_reward_stats(home, capsys):
     assert last["outcome"] == "failed" and "only 2 rewarded memories" in last["reason"] and 0 <= last["ago_s"] < 60
 
 
+def test_metadata_takes_key_value_items_or_a_json_object(home, capsys):
+    code, out, _ = run(capsys, "add", "pushed without tests", "-m", '{"tool": "git", "checked": false}', "n=3")
+    assert code == 0
+    code, out, _ = run(capsys, "search", "pushed", "-k", "1", "--json")
+    assert json.loads(out)[0]["metadata"] == {"tool": "git", "checked": False, "n": 3}
+    for bad, said in [("tool", "use key=value or a JSON object"), ("{bad", "is not valid JSON"),
+                      ("[1]", "use key=value or a JSON object")]:
+        code, _, err = run(capsys, "add", "x", "-m", bad)
+        assert code == 2 and f"--metadata {bad!r}" in err and said in err
+    assert json.loads(run(capsys, "stats")[1])["total"] == 1
+
+
 def test_import_reports_bad_line_and_writes_nothing(home, tmp_path, capsys):
     f = tmp_path / "eps.jsonl"
     lines = [json.dumps({"text": f"episode {i}", "reward": 0.5}) for i in range(5)]
