@@ -339,7 +339,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     pred = mem.predictor_for(args.namespace)  # the namespace's model, else the top-level one
     preds = pred.predict(args.texts, metadata=[meta] * len(args.texts) if meta else None)
     if args.json:
-        print(json.dumps([p.to_dict() for p in preds], indent=2))
+        print(json.dumps([{"text": t, **p.to_dict(), "prob_above": {str(args.threshold): p.prob_above(args.threshold)}}
+                          for t, p in zip(args.texts, preds, strict=True)], indent=2))
         return 0
     rows: list[Sequence[Any]] = [("expected", "std", "p10", "p90", f"P(>{args.threshold})", "text")]
     for t, p in zip(args.texts, preds, strict=True):
@@ -624,8 +625,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("texts", nargs="+")
     sp.add_argument("--metadata", "-m", nargs="*",
                     help="key=value items or a JSON object, for every text (a model with metadata features reads them)")
-    sp.add_argument("--threshold", type=float, default=0.5)
-    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--threshold", type=float, default=0.5, help="report P(reward > threshold) (default 0.5)")
+    sp.add_argument("--json", action="store_true", help="one object per text: the text, the prediction, prob_above")
     sp.add_argument("--namespace", help=NS_MODEL_HELP)
     sp.set_defaults(func=cmd_predict)
 

@@ -100,7 +100,8 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
                        "and cited them in the answer. Outcome: final answer given.")
     preds = json.loads(out)
     assert preds[1]["mean"] > preds[0]["mean"] + 0.3 and preds[0]["model_version"] == "v000002"
-    assert "advantage" in preds[0]
+    assert "advantage" in preds[0] and "cross-checked" in preds[1]["text"] and "guessed" in preds[0]["text"]
+    assert preds[1]["prob_above"]["0.5"] > preds[0]["prob_above"]["0.5"]
     code, out, _ = run(capsys, "models")
     assert "v000001" in out and "v000002" in out
     code, out, _ = run(capsys, "history", "--json")
