@@ -348,8 +348,8 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
     init = (incumbent.teacher, incumbent.student) if warm and incumbent is not None and incumbent.teacher is not None else None
     t_read = time.perf_counter()
     threads = torch.get_num_threads()
-    # seeded here, not at the start: loading the published model builds modules, which draws from torch's global
-    # RNG, and the weights a run starts from must not depend on whether there was one to load
+    # seeded right before training (and serialised with other runs in this process): the weights a run starts
+    # from must depend only on the seed, not on what else drew from torch's RNG before or meanwhile
     with seeded_training(cfg.seed, device):
         trained = train_pair(data, split, bins, cfg, device=device, generator=gen, curriculum=curriculum,
                              init=init, progress=progress)

@@ -6,6 +6,7 @@ Shared by :func:`memory_distill.jobs.run_consolidation`, the seed-compatible
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,6 +104,7 @@ def _bar(enabled: bool, total: int, desc: str) -> Any:
     return tqdm(total=total, desc=desc, unit="epoch", leave=False)
 
 
+log = logging.getLogger(__name__)
 _TRAINING = threading.Lock()
 
 
@@ -117,13 +119,19 @@ def seeded_training(seed: int, device: torch.device) -> Iterator[None]:
     generator states back afterwards, so a consolidation does not reseed the application's torch RNG.
     """
     cuda = device.type == "cuda"
-    with _TRAINING, torch.random.fork_rng(devices=[device.index if device.index is not None else
-                                                   torch.cuda.current_device()] if cuda else []):
-        torch.random.default_generator.manual_seed(seed)
-        if cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(seed)
-        yield
+    if not _TRAINING.acquire(blocking=False):
+        log.info("another consolidation in this process is training: this one trains after it (same seed, same model)")
+        _TRAINING.acquire()
+    try:
+        with torch.random.fork_rng(devices=[device.index if device.index is not None else torch.cuda.current_device()]
+                                   if cuda else []):
+            torch.random.default_generator.manual_seed(seed)
+            if cuda:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
+            yield
+    finally:
+        _TRAINING.release()
 
 
 def train_pair(
