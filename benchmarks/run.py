@@ -1004,32 +1004,81 @@ def _warm_start_run(eps: list[dict[str, Any]], keys: tuple[str, ...], seed: int)
               "created_at": 1.7e9 + order[e["metadata"]["group"]]} for e in eps if lo <= order[e["metadata"]["group"]] < hi]
             for lo, hi in ((0, cut1), (cut1, cut2), (cut2, len(groups)))]
     test = part[2]
-    r = np.array([e["reward"] for e in test])
-    grp = np.array([e["metadata"]["group"] for e in test], dtype=object)
-
-    def scores(reg: md.ArtifactRegistry) -> tuple[np.ndarray, np.ndarray]:
-        pr = md.Predictor(reg, emb).predict([e["text"] for e in test], metadata=[e["metadata"] for e in test])
-        return np.array([p.mean for p in pr]), np.array([p.advantage if p.advantage is not None else p.mean for p in pr])
-
     tmp = Path(tempfile.mkdtemp(prefix="md-warm-"))
     try:
         store = md.MemoryStore(emb, md.StoreConfig(path=tmp / "chroma"))
         cfg = md.JobConfig(seed=seed, metadata_features=keys, gate=GateConfig(tolerance=1.0))
         store.add_many(part[0])
         md.run_consolidation(store, md.ArtifactRegistry(tmp / "models"), cfg)
-        before, _ = scores(md.ArtifactRegistry(tmp / "models"))
+        before, _ = _unseen_scores(md.ArtifactRegistry(tmp / "models"), emb, test)
         store.add_many(part[1])
         row: dict[str, Any] = {"n_first": len(part[0]), "n_second": store.count(), "n_test": len(test)}
         for label, warm in (("warm", True), ("cold", False)):
             shutil.copytree(tmp / "models", tmp / label)
             reg = md.ArtifactRegistry(tmp / label)
             rep = md.run_consolidation(store, reg, cfg.model_copy(update={"warm_start": warm}))
-            mean, pick = scores(reg)
-            bon = [float(r[m][pick[m] >= pick[m].max() - 1e-12].mean())
-                   for g in np.unique(grp) for m in [np.flatnonzero(grp == g)] if len(m) > 1]
-            row[label] = {"spearman": spearman(mean, r), "best_of_n": float(np.mean(bon)),
-                          "follows_first": spearman(mean, before), "seconds": rep.seconds,
+            mean, scores = _unseen_scores(reg, emb, test)
+            row[label] = {**scores, "follows_first": spearman(mean, before), "seconds": rep.seconds,
                           "warm_started": rep.warm_started}
+        return row
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unseen_scores(reg: Any, emb: Any, rows: list[dict[str, Any]]) -> tuple[np.ndarray, dict[str, float]]:
+    """The published student on episodes no run saw: its expected rewards, and its rho and best-of-n pick (by the
+    ranking head's advantage where it has one) against their real rewards, as in the quality benchmark."""
+    import memory_distill as md
+    from memory_distill.evaluate import spearman
+
+    pr = md.Predictor(reg, emb).predict([e["text"] for e in rows], metadata=[e["metadata"] for e in rows])
+    mean = np.array([p.mean for p in pr])
+    pick = np.array([p.advantage if p.advantage is not None else p.mean for p in pr])
+    r = np.array([e["reward"] for e in rows])
+    grp = np.array([e["metadata"]["group"] for e in rows], dtype=object)
+    bon = [float(r[m][pick[m] >= pick[m].max() - 1e-12].mean())
+           for g in np.unique(grp) for m in [np.flatnonzero(grp == g)] if len(m) > 1]
+    return mean, {"spearman": spearman(mean, r), "best_of_n": float(np.mean(bon))}
+
+
+def bench_holdout(datasets: list[str], seeds: list[int], max_records: int) -> list[dict[str, Any]]:
+    """The job holds out the newest 20% of the rewarded episodes to evaluate and gate each run, so the model it
+    publishes never trained on them. Would training on (almost) everything serve better? Per dataset and seed the
+    groups are shuffled; the first 80% are stored, and the job runs with the default holdout and with a 1% one (the
+    smallest it takes: nearly every episode trains). Both are scored on the last 20% of the groups, which no run
+    saw."""
+    return _over_datasets("holdout", datasets, seeds, max_records, _holdout_run, lambda row: ", ".join(
+        f"{k} rho {row[k]['spearman']:.3f} bon {row[k]['best_of_n']:.3f} (train {row[k]['n_train']})"
+        for k in ("default", "tiny")))
+
+
+def _holdout_run(eps: list[dict[str, Any]], keys: tuple[str, ...], seed: int) -> dict[str, Any]:
+    """One dataset and seed of :func:`bench_holdout`."""
+    import memory_distill as md
+    from memory_distill.config import GateConfig
+    from memory_distill.embeddings import HashingEmbedder
+
+    emb = HashingEmbedder(dim=512)
+    groups = sorted({e["metadata"]["group"] for e in eps})
+    groups = [groups[i] for i in np.random.default_rng(seed).permutation(len(groups))]
+    order = {g: i for i, g in enumerate(groups)}
+    cut = int(0.8 * len(groups))
+    stored = [{"text": e["text"], "reward": e["reward"], "metadata": e["metadata"],
+               "created_at": 1.7e9 + order[e["metadata"]["group"]]} for e in eps if order[e["metadata"]["group"]] < cut]
+    test = [e for e in eps if order[e["metadata"]["group"]] >= cut]
+    tmp = Path(tempfile.mkdtemp(prefix="md-holdout-"))
+    try:
+        store = md.MemoryStore(emb, md.StoreConfig(path=tmp / "chroma"))
+        store.add_many(stored)
+        row: dict[str, Any] = {"n_stored": len(stored), "n_test": len(test)}
+        for label, fraction in (("default", GateConfig().holdout_fraction), ("tiny", 0.01)):
+            reg = md.ArtifactRegistry(tmp / label)
+            cfg = md.JobConfig(seed=seed, metadata_features=keys,
+                               gate=GateConfig(holdout_fraction=fraction, min_holdout=1))
+            rep = md.run_consolidation(store, reg, cfg)
+            _, scores = _unseen_scores(reg, emb, test)
+            row[label] = {**scores, "holdout_fraction": fraction, "n_train": rep.n_train, "n_holdout": rep.n_holdout,
+                          "seconds": rep.seconds}
         return row
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1347,6 +1396,8 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         L += _fmt_warm(res["warm_start"])
     if res.get("gate"):
         L += _fmt_gate(res["gate"])
+    if res.get("holdout"):
+        L += _fmt_holdout(res["holdout"])
     path.write_text("\n".join(L) + "\n")
 
 
@@ -1400,6 +1451,26 @@ def _fmt_warm(rows: list[dict[str, Any]]) -> list[str]:
                      "follows first: scratch", "seconds: warm", "seconds: scratch"], out)
 
 
+def _fmt_holdout(rows: list[dict[str, Any]]) -> list[str]:
+    text = ("Each run holds out the newest rewarded episodes (`GateConfig.holdout_fraction`, default "
+            f"{rows[0]['default']['holdout_fraction']:.0%}) to evaluate and gate the new model, which never trains on "
+            "them. Per dataset and seed the groups are shuffled; the first 80% are stored and the job runs with the "
+            "default holdout and with a 1% one (nearly every episode trains). Scored on the last 20% of the groups, "
+            f"which no run saw. {len({r['seed'] for r in rows})} seeds, hashing embedder, metadata features; "
+            "differences paired, 95% intervals (`python benchmarks/run.py --only holdout`).")
+    out = []
+    for name in [*dict.fromkeys(r["dataset"] for r in rows), "all"]:
+        rs = [r for r in rows if name in ("all", r["dataset"])]
+        cells = [f"{np.mean([r[k][m] for r in rs]):.3f}" for k in ("default", "tiny") for m in ("spearman", "best_of_n")]
+        diffs = [_paired(np.array([r["tiny"][m] - r["default"][m] for r in rs])) for m in ("spearman", "best_of_n")]
+        won = sum(r["tiny"]["spearman"] > r["default"]["spearman"] for r in rs)
+        trained = [f"{np.mean([r[k]['n_train'] for r in rs]):,.0f}" for k in ("default", "tiny")]
+        out.append(f"| {name} | " + " | ".join([*trained, *cells, *diffs, f"{won}/{len(rs)}"]) + " |")
+    return _section("Holding out the newest episodes vs training on them", text,
+                    ["dataset", "trained rows: default", "trained rows: 1%", "default: rho", "default: best-of-n",
+                     "1%: rho", "1%: best-of-n", "1% - default: rho", "1% - default: best-of-n", "1% higher rho"], out)
+
+
 def _fmt_gate(rows: list[dict[str, Any]]) -> list[str]:
     text = ("Questions asked again make their groups the newest, so the next run holds them out, though the published "
             "model trained on their earlier answers: compared on them, it looks better than it is. Per dataset and "
@@ -1430,7 +1501,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["speed", "inference", "scaling", "ranking", "long-texts", "transfer",
                                        "langgraph", "vectorstore", "agent", "filtered", "namespaces", "quality", "labels",
-                                       "warm", "gate", "all", "render"],
+                                       "warm", "gate", "holdout", "all", "render"],
                     default="all", help="render: rewrite BENCHMARKS.md from results.json and gpu.json, running nothing")
     ap.add_argument("--ranking-sizes", type=int, nargs="*", default=[10_000, 100_000])
     ap.add_argument("--ingest-sizes", type=int, nargs="*", default=[10_000])
@@ -1512,6 +1583,8 @@ def main() -> None:
         res["warm_start"] = bench_warm_start(args.datasets, args.seeds, args.max_records)
     if args.only in ("gate", "all"):
         res["gate"] = bench_gate(args.datasets, args.seeds, args.max_records)
+    if args.only in ("holdout", "all"):
+        res["holdout"] = bench_holdout(args.datasets, args.seeds, args.max_records)
     Path(args.json).write_text(json.dumps(res, indent=1))
     write_markdown(res, Path(args.markdown))
     print(Path(args.markdown).read_text())
