@@ -1,18 +1,29 @@
 """Frozen configuration models: the only place defaults live.
 
 Every config is a frozen pydantic model with ``extra="forbid"`` so a misspelt key is an error
-that names the key. :class:`Settings` reads the same tree from the environment
-(``MEMORY_DISTILL_`` prefix, ``__`` between nesting levels), e.g.
+that names the key and the nearest real one ("did you mean 'epochs'?"). :class:`Settings` reads the same
+tree from the environment (``MEMORY_DISTILL_`` prefix, ``__`` between nesting levels), e.g.
 ``MEMORY_DISTILL_STORE__MODE=http``.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = [
@@ -30,15 +41,39 @@ __all__ = [
 _FROZEN = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
 
 
+class _Config(BaseModel):
+    """Base of the config models: frozen, no unknown keys; an unknown key's error names the nearest real one."""
+
+    model_config = _FROZEN
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _name_the_nearest_key(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(data)
+        except ValidationError as e:
+            errors = e.errors()
+            if not any(x["type"] == "extra_forbidden" and len(x["loc"]) == 1 for x in errors):
+                raise
+            fixed: list[InitErrorDetails] = []
+            for x in errors:
+                msg = x["msg"]
+                if x["type"] == "extra_forbidden" and len(x["loc"]) == 1:
+                    near = difflib.get_close_matches(str(x["loc"][0]), list(cls.model_fields), n=1)
+                    msg += (f": did you mean {near[0]!r}?" if near else
+                            f" ({cls.__name__} takes {', '.join(cls.model_fields)})")
+                fixed.append({"type": PydanticCustomError(x["type"], msg.replace("{", "{{").replace("}", "}}")),
+                              "loc": x["loc"], "input": x["input"]})
+            raise ValidationError.from_exception_data(e.title, fixed) from None
+
+
 def default_home() -> Path:
     """Directory holding the persistent store, artifacts and caches (``$MEMORY_DISTILL_HOME``)."""
     return Path(os.environ.get("MEMORY_DISTILL_HOME", ".memory_distill"))
 
 
-class EmbedderConfig(BaseModel):
+class EmbedderConfig(_Config):
     """Which embedder turns episode text into vectors."""
-
-    model_config = _FROZEN
 
     kind: Literal["auto", "hashing", "openai", "local"] = "auto"
     """``auto`` picks ``openai`` when an API key is configured, else the offline ``hashing`` embedder."""
@@ -74,10 +109,8 @@ class EmbedderConfig(BaseModel):
     (``chunk``), or cut at the limit (``truncate``)."""
 
 
-class StoreConfig(BaseModel):
+class StoreConfig(_Config):
     """Where memories live (Chroma)."""
-
-    model_config = _FROZEN
 
     mode: Literal["persistent", "ephemeral", "http"] = "persistent"
     """``persistent``: embedded directory (one process); ``http``: a ``chroma run`` server (many processes)."""
@@ -128,10 +161,8 @@ class StoreConfig(BaseModel):
         return self
 
 
-class BinsConfig(BaseModel):
+class BinsConfig(_Config):
     """How scalar rewards become 64-bin target distributions."""
-
-    model_config = _FROZEN
 
     n_bins: int = Field(default=64, ge=2, le=1024)
     """Number of reward bins."""
@@ -147,10 +178,8 @@ class BinsConfig(BaseModel):
     """HL-Gauss sigma as a multiple of the bin width."""
 
 
-class TeacherConfig(BaseModel):
+class TeacherConfig(_Config):
     """Phase 1: the teacher MLP trained on rewarded memories."""
-
-    model_config = _FROZEN
 
     hidden: tuple[int, ...] = (1024, 512, 256, 128)
     """Hidden layer widths."""
@@ -172,10 +201,8 @@ class TeacherConfig(BaseModel):
     """Epochs without validation improvement before stopping (best weights are restored)."""
 
 
-class DistillConfig(BaseModel):
+class DistillConfig(_Config):
     """Phase 2: distilling the teacher into the compact student."""
-
-    model_config = _FROZEN
 
     hidden: tuple[int, ...] = (256, 128)
     """Student hidden layer widths."""
@@ -213,10 +240,8 @@ class DistillConfig(BaseModel):
         return self
 
 
-class GateConfig(BaseModel):
+class GateConfig(_Config):
     """When a new student may replace the published one."""
-
-    model_config = _FROZEN
 
     metric: Literal["spearman", "mae", "nll"] = "spearman"
     """Metric compared on the held-out slice (higher-is-better for spearman, lower for mae/nll)."""
@@ -228,10 +253,8 @@ class GateConfig(BaseModel):
     """Below this many held-out memories the gate passes a first model and refuses a replacement."""
 
 
-class JobConfig(BaseModel):
+class JobConfig(_Config):
     """One consolidation run."""
-
-    model_config = _FROZEN
 
     bins: BinsConfig = BinsConfig()
     """Reward binning."""

@@ -14,9 +14,18 @@ from memory_distill import (
 from memory_distill.store import coerce_memory
 
 
-def test_unknown_config_key_names_the_key():
-    with pytest.raises(ValidationError, match="temprature"):
+def test_unknown_config_key_names_the_key_and_the_nearest_real_one(monkeypatch):
+    with pytest.raises(ValidationError, match="temprature\n  Extra inputs are not permitted: did you mean 'temperature'"):
         DistillConfig(temprature=2.0)  # type: ignore[call-arg]
+    with pytest.raises(ValidationError) as e:  # nested, next to another error, and with nothing close
+        JobConfig(teacher={"epoch": 5}, seed="x", zzz=1)  # type: ignore[arg-type, call-arg]
+    got = {".".join(map(str, x["loc"])): (x["type"], x["msg"]) for x in e.value.errors()}
+    assert got["teacher.epoch"] == ("extra_forbidden", "Extra inputs are not permitted: did you mean 'epochs'?")
+    assert got["seed"][0] == "int_parsing"
+    assert got["zzz"][0] == "extra_forbidden" and "(JobConfig takes bins, teacher, distill, gate, seed" in got["zzz"][1]
+    monkeypatch.setenv("MEMORY_DISTILL_JOB__TEACHER__EPOCS", "3")  # from the environment: the same hint
+    with pytest.raises(ValidationError, match="epocs\n  Extra inputs are not permitted: did you mean 'epochs'"):
+        Settings()
 
 
 def test_config_ranges_and_frozen():
