@@ -16,6 +16,7 @@ BENCHMARKS.md. Not a test: nothing here asserts.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -1002,13 +1003,7 @@ def _warm_start_run(eps: list[dict[str, Any]], keys: tuple[str, ...], seed: int)
     from memory_distill.evaluate import spearman
 
     emb = HashingEmbedder(dim=512)
-    groups = sorted({e["metadata"]["group"] for e in eps})
-    groups = [groups[i] for i in np.random.default_rng(seed).permutation(len(groups))]
-    order = {g: i for i, g in enumerate(groups)}
-    cut1, cut2 = len(groups) // 2, int(0.8 * len(groups))
-    part = [[{"text": e["text"], "reward": e["reward"], "metadata": e["metadata"],
-              "created_at": 1.7e9 + order[e["metadata"]["group"]]} for e in eps if lo <= order[e["metadata"]["group"]] < hi]
-            for lo, hi in ((0, cut1), (cut1, cut2), (cut2, len(groups)))]
+    part = _group_slices(eps, seed, (0.5, 0.8))
     test = part[2]
     tmp = Path(tempfile.mkdtemp(prefix="md-warm-"))
     try:
@@ -1029,6 +1024,18 @@ def _warm_start_run(eps: list[dict[str, Any]], keys: tuple[str, ...], seed: int)
         return row
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _group_slices(eps: list[dict[str, Any]], seed: int, cuts: tuple[float, ...]) -> list[list[dict[str, Any]]]:
+    """The episodes as memories in slices of their groups, shuffled by ``seed`` and cut at these fractions of the
+    groups; a memory's ``created_at`` is its group's place in that order (the later slices are the newer)."""
+    groups = sorted({e["metadata"]["group"] for e in eps})
+    groups = [groups[i] for i in np.random.default_rng(seed).permutation(len(groups))]
+    order = {g: i for i, g in enumerate(groups)}
+    bounds = [0, *(int(c * len(groups)) for c in cuts), len(groups)]
+    return [[{"text": e["text"], "reward": e["reward"], "metadata": e["metadata"],
+              "created_at": 1.7e9 + order[e["metadata"]["group"]]} for e in eps if lo <= order[e["metadata"]["group"]] < hi]
+            for lo, hi in itertools.pairwise(bounds)]
 
 
 def _unseen_scores(reg: Any, emb: Any, rows: list[dict[str, Any]]) -> tuple[np.ndarray, dict[str, float]]:
@@ -1065,13 +1072,7 @@ def _holdout_run(eps: list[dict[str, Any]], keys: tuple[str, ...], seed: int) ->
     from memory_distill.embeddings import HashingEmbedder
 
     emb = HashingEmbedder(dim=512)
-    groups = sorted({e["metadata"]["group"] for e in eps})
-    groups = [groups[i] for i in np.random.default_rng(seed).permutation(len(groups))]
-    order = {g: i for i, g in enumerate(groups)}
-    cut = int(0.8 * len(groups))
-    stored = [{"text": e["text"], "reward": e["reward"], "metadata": e["metadata"],
-               "created_at": 1.7e9 + order[e["metadata"]["group"]]} for e in eps if order[e["metadata"]["group"]] < cut]
-    test = [e for e in eps if order[e["metadata"]["group"]] >= cut]
+    stored, test = _group_slices(eps, seed, (0.8,))
     tmp = Path(tempfile.mkdtemp(prefix="md-holdout-"))
     try:
         store = md.MemoryStore(emb, md.StoreConfig(path=tmp / "chroma"))
@@ -1435,6 +1436,12 @@ def _fmt_labels(rows: list[dict[str, Any]]) -> list[str]:
                      "entropy - random: best-of-n"], out)
 
 
+def _by_dataset(rows: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """Each dataset's rows in first-seen order, then ("all", every row): the rows of a per-dataset table."""
+    names = [*dict.fromkeys(r["dataset"] for r in rows), "all"]
+    return [(name, [r for r in rows if name in ("all", r["dataset"])]) for name in names]
+
+
 def _fmt_warm(rows: list[dict[str, Any]]) -> list[str]:
     text = ("Periodic consolidation: the second run warm-started from the published models vs trained from scratch "
             "(`JobConfig.warm_start`). Per dataset and seed the groups are shuffled; the first half is stored and "
@@ -1446,8 +1453,7 @@ def _fmt_warm(rows: list[dict[str, Any]]) -> list[str]:
             "(`python benchmarks/run.py --only warm`).")
     out = []
     rows = [r for r in rows if r["warm"]["warm_started"]]  # (a new metadata value changes the columns: no warm start)
-    for name in [*dict.fromkeys(r["dataset"] for r in rows), "all"]:
-        rs = [r for r in rows if name in ("all", r["dataset"])]
+    for name, rs in _by_dataset(rows):
         cells = [f"{np.mean([r[k][m] for r in rs]):.3f}" for k in ("warm", "cold") for m in ("spearman", "best_of_n")]
         diffs = [_paired(np.array([r["warm"][m] - r["cold"][m] for r in rs])) for m in ("spearman", "best_of_n")]
         follows = [f"{np.mean([r[k]['follows_first'] for r in rs]):.2f}" for k in ("warm", "cold")]
@@ -1468,8 +1474,7 @@ def _fmt_holdout(rows: list[dict[str, Any]]) -> list[str]:
             f"which no run saw. {len({r['seed'] for r in rows})} seeds, hashing embedder, metadata features; "
             "differences paired, 95% intervals (`python benchmarks/run.py --only holdout`).")
     out = []
-    for name in [*dict.fromkeys(r["dataset"] for r in rows), "all"]:
-        rs = [r for r in rows if name in ("all", r["dataset"])]
+    for name, rs in _by_dataset(rows):
         cells = [f"{np.mean([r[k][m] for r in rs]):.3f}" for k in ("default", "tiny") for m in ("spearman", "best_of_n")]
         diffs = [_paired(np.array([r["tiny"][m] - r["default"][m] for r in rs])) for m in ("spearman", "best_of_n")]
         won = sum(r["tiny"]["spearman"] > r["default"]["spearman"] for r in rs)
@@ -1490,8 +1495,7 @@ def _fmt_gate(rows: list[dict[str, Any]]) -> list[str]:
             f"{len({r['seed'] for r in rows})} seeds, hashing embedder, metadata features, default gate (Spearman, "
             "tolerance 0.02); differences paired, 95% intervals (`python benchmarks/run.py --only gate`).")
     out = []
-    for name in [*dict.fromkeys(r["dataset"] for r in rows), "all"]:
-        rs = [r for r in rows if name in ("all", r["dataset"])]
+    for name, rs in _by_dataset(rows):
         fut = {k: np.array([r["future"][k] for r in rs]) for k in ("published", "candidate")}
         serve = {g: np.where([r[g] for r in rs], fut["candidate"], fut["published"]) for g in ("all_rows_gate", "fair_gate")}
         better = fut["candidate"] > fut["published"]
