@@ -374,7 +374,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
             inc_f = inc_spec.build(len(eval_idx), text_features=raw_text[eval_idx],
                                    metadata={k: [data.metadata[k][i] for i in eval_idx] for k in inc_spec.keys})
             inc_x = model_inputs(data.embeddings[eval_idx], inc_f)[:]  # type: ignore[index]
-        inc_probs = torch.softmax(incumbent.student.cpu()(inc_x), -1).detach().numpy()
+        inc_probs = predict_probs(incumbent.student.cpu(), inc_x)
         inc_metrics = model_metrics(inc_probs, data.rewards[eval_idx], incumbent.bins)
     gate_cand, gate_inc, gate_note, gate_rows = evaluation.student, inc_metrics, "", None
     if incumbent is not None and inc_metrics is not None and inc_train and not replace_reason and not inc_stale:

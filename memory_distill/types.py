@@ -45,6 +45,7 @@ def check_metadata(v: Any, *, allow_none: bool = False) -> dict[str, Any]:
         return {}
     if not isinstance(v, dict):
         raise ValueError(f"metadata must be a dict of scalars, got {type(v).__name__}")
+    has_none = False
     for key, value in v.items():
         if not isinstance(key, str) or not key:
             raise ValueError(f"metadata key {key!r} must be a non-empty string")
@@ -55,6 +56,7 @@ def check_metadata(v: Any, *, allow_none: bool = False) -> dict[str, Any]:
                 f"metadata key {key!r} uses a reserved prefix ({RESERVED_PREFIX!r}, '$', '#', 'chroma:'): rename it"
             )
         if value is None:
+            has_none = True
             continue
         if not isinstance(value, (str, int, float, bool)):
             raise ValueError(
@@ -67,7 +69,7 @@ def check_metadata(v: Any, *, allow_none: bool = False) -> dict[str, Any]:
             raise ValueError(bad)
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"metadata[{key!r}] must be finite, got {value!r}")
-    if allow_none or all(value is not None for value in v.values()):
+    if allow_none or not has_none:
         return v
     return {key: value for key, value in v.items() if value is not None}
 
