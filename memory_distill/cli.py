@@ -158,7 +158,7 @@ def _print_report(rep: Any) -> None:
         print(f"{rep.extra['deleted_training_memories']} memories the published model trained on were deleted "
               "outside forget(): it and every version trained on them are marked stale")
     rows: list[Sequence[Any]] = [("held-out metric", "teacher", "student")]
-    for k in ("mae", "spearman", "nll", "calibration_error", "within_3_bins"):
+    for k in ("mae", "spearman", "crps", "nll", "calibration_error", "within_3_bins"):
         rows.append((k, _fmt(getattr(ev.teacher, k)), _fmt(getattr(ev.student, k))))
     rows.append(("params", f"{ev.teacher_params:,}", f"{ev.student_params:,}"))
     _table(rows)
@@ -319,17 +319,22 @@ def _write_report(mem: Any, rep: Any, out: str, namespace: str | None = None) ->
     from .report import calibration_curve, write_consolidation_report
     from .training import model_inputs
 
-    loaded = mem.registry.scoped(namespace).load(rep.version, with_teacher=True)
+    registry = mem.registry.scoped(namespace)
+    loaded = registry.load(rep.version, with_teacher=True)
     spec = FeatureSpec.from_manifest(loaded.manifest, loaded.student.n_features)
     data = mem.store.load_training_data(namespace=namespace, rewarded_only=True, metadata_keys=spec.keys)
-    F = spec.build(len(data), text_features=data.features, metadata=data.metadata)
-    X = model_inputs(data.embeddings, F)[:]
+    # the plot is of held-out rows: the rewarded memories this version did not train on
+    seen = set(registry.train_ids(rep.version))
+    unseen = np.array([i for i, mid in enumerate(data.ids) if mid not in seen], dtype=np.int64)
     calib = {}
-    with torch.no_grad():
-        for name, model in (("teacher", loaded.teacher), ("student", loaded.student)):
-            probs = torch.softmax(model(X), -1).numpy()
-            calib[name] = calibration_curve(probs, np.asarray(data.rewards), loaded.bins.centers)
-    paths = write_consolidation_report(rep, out, calibration=calib)
+    if len(unseen):
+        F = spec.build(len(data), text_features=data.features, metadata=data.metadata)
+        X = model_inputs(data.embeddings[unseen], None if F is None else F[unseen])[:]
+        with torch.no_grad():
+            for name, model in (("teacher", loaded.teacher), ("student", loaded.student)):
+                probs = torch.softmax(model(X), -1).numpy()
+                calib[name] = calibration_curve(probs, np.asarray(data.rewards)[unseen], loaded.bins)
+    paths = write_consolidation_report(rep, out, calibration=calib, calibration_rows=len(unseen))
     print(f"report: {paths['markdown']} (+ {', '.join(p.name for k, p in paths.items() if k != 'markdown')})")
 
 

@@ -243,8 +243,9 @@ class DistillConfig(_Config):
 class GateConfig(_Config):
     """When a new student may replace the published one."""
 
-    metric: Literal["spearman", "mae", "nll"] = "spearman"
-    """Metric compared on the held-out slice (higher-is-better for spearman, lower for mae/nll)."""
+    metric: Literal["spearman", "mae", "nll", "crps"] = "spearman"
+    """Metric compared on the held-out slice (higher is better for spearman, lower for mae/nll/crps). ``crps`` judges
+    the whole predicted distribution in reward units: a tolerance of 0.02 is about a tenth of a typical value."""
     tolerance: float = Field(default=0.02, ge=0)
     """Allowed regression: the candidate may be at most this much worse than the incumbent."""
     holdout_fraction: float = Field(default=0.2, gt=0, lt=0.9)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,7 +14,8 @@ from .config import GateConfig
 from .models import compression_ratio, param_count
 from .rewards import QUANTILES, RewardBins, summarize_probs
 
-__all__ = ["EvalReport", "ModelMetrics", "compare_teacher_student", "model_metrics", "should_promote", "spearman"]
+__all__ = ["EvalReport", "ModelMetrics", "compare_teacher_student", "crps", "model_metrics", "pit_coverage",
+           "should_promote", "spearman"]
 
 
 def _rank(x: np.ndarray) -> np.ndarray:
@@ -52,12 +54,57 @@ class ModelMetrics:
     spearman: float
     nll: float
     calibration_error: float
-    """Mean |empirical coverage - q| over q in 0.1/0.25/0.5/0.75/0.9 (0 = perfectly calibrated)."""
+    """Mean |coverage - q| over q in 0.1/0.25/0.5/0.75/0.9 (0 = calibrated): the fraction of rewards at or below each
+    predicted quantile level, read from the probability integral transform at bin resolution (see :func:`pit_coverage`),
+    so rewards that take a few values (pass/fail, a 1-10 grade) are judged fairly."""
     within_1_bin: float
     within_3_bins: float
+    crps: float
+    """Continuous ranked probability score in reward units (lower is better; 0 = all mass on the reward): how far
+    the whole predicted distribution is from each reward. Compare it with :func:`crps` of the training rewards'
+    histogram, the forecast that knows nothing of the episode."""
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+def pit_coverage(probs: np.ndarray, rewards: np.ndarray, bins: RewardBins,
+                 levels: Sequence[float] = QUANTILES) -> np.ndarray:
+    """Fraction of ``rewards`` at or below each predicted quantile level, one value per level (ideal: the level).
+
+    The probability integral transform of a reward in bin ``j`` is spread uniformly over ``[F(j-1), F(j)]``, the
+    predicted CDF below and at its bin (the non-randomised PIT of Czado, Gneiting and Held, 2009), so the coverage
+    is exact in expectation at bin resolution and does not depend on where in its bin a reward falls. Comparing
+    rewards with bin-centre quantiles instead misjudges rewards that take a few values: a forecast that puts
+    P(pass) on the pass bin would look miscalibrated whenever the pass reward lies above its bin's centre.
+    """
+    p = np.asarray(probs, np.float64)
+    idx = bins.to_index(np.asarray(rewards, np.float64))
+    cdf = np.cumsum(p, axis=1)
+    hi = cdf[np.arange(len(idx)), idx]
+    lo = hi - p[np.arange(len(idx)), idx]
+    out = []
+    for q in levels:
+        width = hi - lo
+        frac = np.where(width > 1e-12, (q - lo) / np.maximum(width, 1e-12), (q >= hi).astype(np.float64))
+        out.append(float(np.clip(frac, 0.0, 1.0).mean()) if len(idx) else float("nan"))
+    return np.asarray(out)
+
+
+def crps(probs: np.ndarray, rewards: np.ndarray, bins: RewardBins) -> float:
+    """Mean continuous ranked probability score of distributions over the bin centres (lower is better).
+
+    ``E|X - r| - E|X - X'| / 2`` for ``X, X'`` drawn from the predicted distribution: the mean absolute error of
+    the whole distribution, less its own spread, in reward units. A point forecast's CRPS is its absolute error.
+    """
+    p = np.asarray(probs, np.float64)
+    r = np.asarray(rewards, np.float64)
+    if len(r) == 0:
+        return float("nan")
+    c = bins.centers.astype(np.float64)
+    cdf = np.cumsum(p, axis=1)[:, :-1]
+    spread = 2.0 * bins.width * (cdf * (1.0 - cdf)).sum(axis=1)  # E|X - X'| = 2 * integral of F (1 - F)
+    return float(((p * np.abs(c[None, :] - r[:, None])).sum(axis=1) - spread / 2.0).mean())
 
 
 def model_metrics(probs: np.ndarray, rewards: np.ndarray, bins: RewardBins) -> ModelMetrics:
@@ -65,7 +112,7 @@ def model_metrics(probs: np.ndarray, rewards: np.ndarray, bins: RewardBins) -> M
     r = np.asarray(rewards, np.float64)
     idx = bins.to_index(r)
     p_true = np.clip(probs[np.arange(len(r)), idx], 1e-12, None)
-    coverage = [float((r <= s["quantiles"][q]).mean()) for q in QUANTILES]
+    coverage = pit_coverage(probs, r, bins)
     dist = np.abs(probs.argmax(axis=1) - idx)
     return ModelMetrics(
         n=int(len(r)),
@@ -75,6 +122,7 @@ def model_metrics(probs: np.ndarray, rewards: np.ndarray, bins: RewardBins) -> M
         calibration_error=float(np.mean([abs(c - q) for c, q in zip(coverage, QUANTILES, strict=True)])),
         within_1_bin=float((dist <= 1).mean()),
         within_3_bins=float((dist <= 3).mean()),
+        crps=crps(probs, r, bins),
     )
 
 
@@ -148,7 +196,7 @@ def compare_teacher_student(teacher: torch.nn.Module, student: torch.nn.Module, 
     )
 
 
-HIGHER_IS_BETTER = {"spearman": True, "mae": False, "nll": False}
+HIGHER_IS_BETTER = {"spearman": True, "mae": False, "nll": False, "crps": False}
 
 
 def should_promote(candidate: ModelMetrics, incumbent: ModelMetrics | None, gate: GateConfig,

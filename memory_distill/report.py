@@ -42,8 +42,12 @@ def feature_lines(report: Any) -> list[str]:
     return lines
 
 
-def write_consolidation_report(report: Any, out_dir: str | Path, *, calibration: dict[str, Any] | None = None) -> dict[str, Path]:
-    """Write ``losses.png``, ``calibration.png`` (if data given), ``report.md`` and ``report.html``."""
+def write_consolidation_report(report: Any, out_dir: str | Path, *, calibration: dict[str, Any] | None = None,
+                               calibration_rows: int | None = None) -> dict[str, Path]:
+    """Write ``losses.png``, ``calibration.png`` (if data given), ``report.md`` and ``report.html``.
+
+    ``calibration``: ``{model name: calibration_curve(...)}`` on ``calibration_rows`` held-out memories.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     plt = _plt()
@@ -82,7 +86,7 @@ def write_consolidation_report(report: Any, out_dir: str | Path, *, calibration:
 
     ev = report.evaluation
     rows = [("metric", "teacher", "student")]
-    for k in ("mae", "spearman", "nll", "calibration_error", "within_1_bin", "within_3_bins"):
+    for k in ("mae", "spearman", "crps", "nll", "calibration_error", "within_1_bin", "within_3_bins"):
         rows.append((k, f"{getattr(ev.teacher, k):.4f}", f"{getattr(ev.student, k):.4f}"))
     md = [
         f"# Consolidation {report.version}",
@@ -103,6 +107,9 @@ def write_consolidation_report(report: Any, out_dir: str | Path, *, calibration:
         "![losses](losses.png)",
     ]
     if "calibration" in paths:
+        if calibration_rows is not None:
+            md.append(f"calibration on {calibration_rows} held-out memories (rewarded, not trained on):")
+            md.append("")
         md.append("![calibration](calibration.png)")
     paths["markdown"] = out / "report.md"
     paths["markdown"].write_text("\n".join(md) + "\n")
@@ -114,12 +121,13 @@ def write_consolidation_report(report: Any, out_dir: str | Path, *, calibration:
     return paths
 
 
-def calibration_curve(probs: np.ndarray, rewards: np.ndarray, centers: np.ndarray) -> tuple[list[float], list[float]]:
-    """(quantile levels, empirical coverage) for a calibration plot."""
+def calibration_curve(probs: np.ndarray, rewards: np.ndarray, bins: Any) -> tuple[list[float], list[float]]:
+    """(quantile levels, fraction of rewards at or below each predicted quantile) for a calibration plot.
+
+    Read from the probability integral transform at bin resolution (:func:`memory_distill.evaluate.pit_coverage`),
+    the same reading as ``ModelMetrics.calibration_error``.
+    """
+    from .evaluate import pit_coverage
+
     qs = [0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95]
-    cdf = np.cumsum(probs, axis=1)
-    cov = []
-    for q in qs:
-        j = np.minimum((cdf < q).sum(axis=1), probs.shape[1] - 1)
-        cov.append(float((rewards <= centers[j]).mean()))
-    return qs, cov
+    return qs, [float(c) for c in pit_coverage(probs, rewards, bins, qs)]

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -82,6 +83,9 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
     assert (tmp_path / "rep" / "losses.png").stat().st_size > 1000
     report_md = (tmp_path / "rep" / "report.md").read_text()
     assert (tmp_path / "rep" / "calibration.png").exists() and "v000001" in report_md
+    # the calibration plot reads the memories the version did not train on, not the whole store
+    held_out = int(re.search(r"held-out (\d+),", report_md).group(1))
+    assert held_out > 0 and f"calibration on {held_out} held-out memories" in report_md
     assert "- inputs: embedding + 4 text statistics" in report_md and "- best-of-n ranking head: " in report_md
     code, out, _ = run(capsys, "consolidate", "--epochs", "10")
     assert code == 0 and "version v000002" in out and "warm start: False" in out  # from scratch by default

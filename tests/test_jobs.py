@@ -187,16 +187,19 @@ def test_threads_bounds_the_run_and_is_restored(store, registry, episodes):
         torch.set_num_threads(before)
 
 
-def test_gate_rejects_a_worse_candidate(store, registry, episodes):
+@pytest.mark.parametrize("metric", ["spearman", "crps"])
+def test_gate_rejects_a_worse_candidate(store, registry, episodes, metric):
     store.add_many(episodes)
     good = run_consolidation(store, registry, fast_job())
     # a crippled candidate: one epoch, no warm start, tiny student
     from memory_distill.config import DistillConfig, TeacherConfig
 
     bad_cfg = fast_job(warm_start=False, teacher=TeacherConfig(hidden=(4,), epochs=1),
-                       distill=DistillConfig(hidden=(2,), epochs=1), gate=GateConfig(min_holdout=10, tolerance=0.0))
+                       distill=DistillConfig(hidden=(2,), epochs=1),
+                       gate=GateConfig(min_holdout=10, tolerance=0.0, metric=metric))
     bad = run_consolidation(store, registry, bad_cfg)
-    assert not bad.promoted and "regresses the published model" in bad.reason
+    assert not bad.promoted and f"{metric} " in bad.reason and "regresses the published model" in bad.reason
+    assert bad.evaluation.student.crps > good.evaluation.student.crps
     assert registry.current_version() == good.version
     assert registry.manifest(bad.version)["status"] == "rejected"
     assert registry.history()[-1]["outcome"] == "rejected"

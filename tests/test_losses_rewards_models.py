@@ -101,6 +101,46 @@ def test_summary_of_a_point_mass():
     assert s["entropy"][0] == pytest.approx(0, abs=1e-4) and s["quantiles"][0.5][0] == pytest.approx(0.75)
 
 
+def test_calibration_reads_the_pit_at_bin_resolution():
+    from memory_distill.evaluate import model_metrics, pit_coverage
+    from memory_distill.rewards import QUANTILES
+
+    bins = RewardBins(0.0, 1.0, 64)
+    rng = np.random.default_rng(0)
+    r = rng.random(5000)
+    # all mass on each reward's own bin: calibrated at bin resolution wherever in its bin the reward falls
+    # (the bin-centre quantiles read half the rewards as above every quantile: error 0.26)
+    exact = bins.hard_targets(r)
+    np.testing.assert_allclose(pit_coverage(exact, r, bins), QUANTILES, atol=1e-12)
+    assert model_metrics(exact, r, bins).calibration_error < 1e-9
+    # pass/fail rewards forecast with the true pass rate: calibrated (the bin-centre reading said 0.30)
+    passed = (rng.random(20_000) < 0.3).astype(np.float64)
+    honest = np.zeros((len(passed), 64))
+    honest[:, 0], honest[:, 63] = 0.7, 0.3
+    assert model_metrics(honest, passed, bins).calibration_error < 0.02
+    sure = np.zeros_like(honest)
+    sure[:, 0], sure[:, 63] = 0.05, 0.95  # claims 95% pass
+    assert model_metrics(sure, passed, bins).calibration_error > 0.3
+
+
+def test_crps_is_the_distributions_absolute_error_less_half_its_spread():
+    from memory_distill.evaluate import crps
+
+    bins = RewardBins(-1.0, 2.0, 64)
+    c = bins.centers.astype(np.float64)
+    rng = np.random.default_rng(1)
+    p, r = rng.dirichlet(np.full(64, 0.3), size=20), rng.uniform(-1, 2, size=20)
+    brute = np.mean([(pi * np.abs(c - ri)).sum() - 0.5 * (np.outer(pi, pi) * np.abs(c[:, None] - c[None, :])).sum()
+                     for pi, ri in zip(p, r, strict=True)])
+    assert crps(p, r, bins) == pytest.approx(brute, rel=1e-10)
+    # a point forecast's CRPS is its absolute error
+    assert crps(bins.hard_targets(r), r, bins) == pytest.approx(np.abs(c[bins.to_index(r)] - r).mean(), rel=1e-10)
+    # knowing each reward's neighbourhood beats the marginal of all rewards
+    near = bins.hl_gauss_targets(r)
+    marginal = np.tile(near.mean(0), (len(r), 1))
+    assert crps(near, r, bins) < 0.2 * crps(marginal, r, bins)
+
+
 def test_model_sizes_at_1536():
     teacher, student = build_teacher(TeacherConfig(), 1536, 64), build_student(DistillConfig(), 1536, 64)
     # 1536-1024-512-256-128-64 Linear layers + BatchNorm affine params: the "~2.3M" of the design
