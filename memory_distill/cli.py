@@ -575,7 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="start from the published models instead of from scratch (off by default: it ranked "
                              "worse on the real data, see BENCHMARKS.md)")
 
-    sp = sub.add_parser("add", help="store one memory")
+    sp = sub.add_parser("add", aliases=["record"], help="store one memory (alias: record, as MemoryDistill.record)")
     sp.add_argument("text")
     sp.add_argument("--reward", type=float)
     sp.add_argument("--metadata", "-m", nargs="*",

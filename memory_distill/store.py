@@ -708,8 +708,10 @@ class MemoryStore:
     def add(self, memory: Memory | Mapping[str, Any] | str, *, embedding: np.ndarray | None = None,
             namespace: str | None = None) -> str:
         """Add one memory; returns its id."""
+        mem = coerce_memory(memory, namespace=namespace)  # errors name "memory", not "memories[0]"
+        self._check_reward(mem.reward, "memory")
         emb = None if embedding is None else np.asarray(embedding, np.float32).reshape(1, -1)
-        return self.add_many([memory], embeddings=emb, namespace=namespace)[0]
+        return self.add_many([mem], embeddings=emb, namespace=namespace)[0]
 
     def add_many(
         self,

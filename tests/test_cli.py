@@ -25,8 +25,9 @@ def test_add_search_set_reward_stats(home, capsys):
     code, out, _ = run(capsys, "add", "the agent searched the web and cited sources", "--reward", "0.9", "-m", "tool=search", "n=3")
     assert code == 0
     mid = out.strip()
-    code, out, _ = run(capsys, "add", "pending episode")
+    code, out, _ = run(capsys, "record", "pending episode")  # "record", as in Python, is "add"
     pending = out.strip()
+    assert code == 0 and len(pending) == 32
     assert run(capsys, "set-reward", pending, "0.4")[0] == 0
     code, out, _ = run(capsys, "search", "searched the web", "-k", "1", "--json")
     hit = json.loads(out)[0]

@@ -85,6 +85,12 @@ def test_reward_range_is_enforced_and_nothing_written(store):
     with pytest.raises(InvalidMemoryError, match=r"memories\[1\].*reward 7.0 is outside"):
         store.add_many([{"text": "ok", "reward": 0.5}, {"text": "bad", "reward": 7.0}])
     assert store.count() == 0
+    # one memory (store.add, MemoryDistill.record, the CLI's add): the error names it, not "memories[0]"
+    with pytest.raises(InvalidMemoryError, match=r"^memory: reward 7.0 is outside"):
+        store.add({"text": "bad", "reward": 7.0})
+    with pytest.raises(InvalidMemoryError, match=r"^memory is invalid: text"):
+        store.add("")
+    assert store.count() == 0
 
 
 def test_duplicate_ids_are_refused_not_silently_dropped(store):
