@@ -82,10 +82,10 @@ def pit_coverage(probs: np.ndarray, rewards: np.ndarray, bins: RewardBins,
     idx = bins.to_index(np.asarray(rewards, np.float64))
     cdf = np.cumsum(p, axis=1)
     hi = cdf[np.arange(len(idx)), idx]
-    lo = hi - p[np.arange(len(idx)), idx]
+    width = p[np.arange(len(idx)), idx]  # the reward's bin's probability: its PIT is uniform on [hi - width, hi]
+    lo = hi - width
     out = []
     for q in levels:
-        width = hi - lo
         frac = np.where(width > 1e-12, (q - lo) / np.maximum(width, 1e-12), (q >= hi).astype(np.float64))
         out.append(float(np.clip(frac, 0.0, 1.0).mean()) if len(idx) else float("nan"))
     return np.asarray(out)
