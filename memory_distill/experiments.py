@@ -13,8 +13,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
+from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -39,6 +41,18 @@ log = logging.getLogger(__name__)
 DEFAULT_DATASETS = ("creative_writing", "arena", "reflexion", "fireact")
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _keeps_callers_rng(fn: _F) -> _F:
+    """The experiment seeds torch's CPU generator for each run; the caller's generator state is put back after."""
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            return fn(*args, **kwargs)
+    return wrapper  # type: ignore[return-value]
+
+
 def _data(eps: list[dict[str, Any]], embedder: Embedder) -> TrainingData:
     X = embedder.embed([e["text"] for e in eps])
     return TrainingData([e["id"] for e in eps], X, np.array([e["reward"] for e in eps], np.float32),
@@ -52,6 +66,7 @@ def _teacher_difficulty(t_logits: torch.Tensor) -> np.ndarray:
     return (0.3 * (1 - p.max(-1).values) + 0.3 * ent).numpy()
 
 
+@_keeps_callers_rng
 def run_curriculum_experiment(data_dir: str | Path | None = None, *, out_dir: str | Path = "reports/experiment",
                               datasets: tuple[str, ...] | list[str] | None = None, seeds: list[int] | tuple[int, ...] = (0, 1),
                               max_records: int = 3000, epochs: int = 15, curricula: list[str] | None = None,
@@ -222,6 +237,7 @@ def _plot(summary: dict[str, dict[str, Any]], curves: dict[str, dict[str, list[f
     plt.close(fig)
 
 
+@_keeps_callers_rng
 def run_router_experiment(data_dir: str | Path | None = None, *, seeds: list[int] | tuple[int, ...] = (0, 1, 2),
                           cheap: str = "Llama-2-7B", strong: str = "gpt-3.5", embedder: Embedder | None = None,
                           cost_cheap: float = 1.0, cost_strong: float = 10.0) -> dict[str, Any]:

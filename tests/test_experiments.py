@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from conftest import SHARED_DATA
 
 from memory_distill.cli import main
@@ -10,6 +11,7 @@ pytestmark = pytest.mark.skipif(not (SHARED_DATA / "fireact").exists(), reason="
 
 def test_experiment_command_compares_all_curricula_and_routes(tmp_path, capsys):
     out = tmp_path / "exp"
+    before = torch.random.get_rng_state()
     code = main(["-q", "experiment", "--data", str(SHARED_DATA), "--out", str(out), "--seeds", "0",
                  "--epochs", "4", "--max-records", "600", "--curricula", "uniform", "easy_to_hard", "sec_bandit"])
     assert code == 0
@@ -25,3 +27,4 @@ def test_experiment_command_compares_all_curricula_and_routes(tmp_path, capsys):
     pts = router["curves"][0]["student"]
     assert pts[0]["cheap_fraction"] <= pts[-1]["cheap_fraction"]
     assert "quality-vs-cheap-share AUC" in capsys.readouterr().out
+    assert torch.equal(torch.random.get_rng_state(), before)  # the runs' seeding leaves the caller's RNG alone
