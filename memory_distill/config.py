@@ -321,6 +321,29 @@ class JobConfig(_Config):
         return v
 
 
+_ENV_PREFIX = "MEMORY_DISTILL_"
+_ENV_NOT_SETTINGS = {"FAULT"}  # MEMORY_DISTILL_FAULT: crash-safety tests' fault injection (memory_distill._faults)
+
+
+def _check_env_names(settings: type[BaseSettings]) -> None:
+    """A ``MEMORY_DISTILL_*`` variable whose first part names no setting is an error naming the nearest one.
+
+    pydantic-settings reads only the variables that name a field, so a typo in the first part
+    (``MEMORY_DISTILL_JOBB__TEACHER__EPOCHS``) would silently change nothing; typos further down are
+    already errors (``_Config``)."""
+    fields = [f.upper() for f in settings.model_fields]
+    for key in sorted(os.environ):
+        if not key.upper().startswith(_ENV_PREFIX):
+            continue
+        head = key[len(_ENV_PREFIX):].split("__")[0].upper()
+        if head in fields or head in _ENV_NOT_SETTINGS:
+            continue
+        near = difflib.get_close_matches(head, fields, n=1)
+        hint = (f"did you mean {_ENV_PREFIX + near[0] + key[len(_ENV_PREFIX) + len(head):]}?" if near else
+                f"the settings are {', '.join(_ENV_PREFIX + f for f in fields)} (nested parts after '__')")
+        raise ValueError(f"environment variable {key} is not a memory_distill setting: {hint}")
+
+
 class Settings(BaseSettings):
     """Everything, readable from ``MEMORY_DISTILL_*`` environment variables."""
 
@@ -331,6 +354,10 @@ class Settings(BaseSettings):
         frozen=True,
         use_attribute_docstrings=True,
     )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        _check_env_names(type(self))
+        super().__init__(*args, **kwargs)
 
     home: Path = Field(default_factory=default_home)
     """Root directory for the persistent store, artifacts and caches."""

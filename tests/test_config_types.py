@@ -26,6 +26,16 @@ def test_unknown_config_key_names_the_key_and_the_nearest_real_one(monkeypatch):
     monkeypatch.setenv("MEMORY_DISTILL_JOB__TEACHER__EPOCS", "3")  # from the environment: the same hint
     with pytest.raises(ValidationError, match="epocs\n  Extra inputs are not permitted: did you mean 'epochs'"):
         Settings()
+    monkeypatch.delenv("MEMORY_DISTILL_JOB__TEACHER__EPOCS")
+    # a typo in the first part would otherwise change nothing, silently
+    monkeypatch.setenv("MEMORY_DISTILL_JOBB__TEACHER__EPOCHS", "3")
+    with pytest.raises(ValueError, match="MEMORY_DISTILL_JOBB__TEACHER__EPOCHS is not a memory_distill setting: "
+                                         "did you mean MEMORY_DISTILL_JOB__TEACHER__EPOCHS"):
+        Settings()
+    monkeypatch.delenv("MEMORY_DISTILL_JOBB__TEACHER__EPOCHS")
+    monkeypatch.setenv("MEMORY_DISTILL_FAULT", "none")  # the crash tests' switch is not a setting, and allowed
+    monkeypatch.setenv("MEMORY_DISTILL_JOB__TEACHER__EPOCHS", "3")
+    assert Settings().job.teacher.epochs == 3
 
 
 def test_config_ranges_and_frozen():
