@@ -364,9 +364,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reg.list(), indent=2))
         return 0
-    if args.namespace is not None and not reg.list_versions():
-        print(f"no models for namespace {args.namespace!r} yet: `memory-distill consolidate --namespace "
-              f"{args.namespace}` trains one")
+    if not reg.list_versions():
+        where, flag = ((f" for namespace {args.namespace!r}", f" --namespace {args.namespace}")
+                       if args.namespace is not None else ("", ""))
+        print(f"no models{where} yet: `memory-distill consolidate{flag}` trains one")
         return 0
     rows: list[Sequence[Any]] = [("version", "status", "current", "stale", "spearman", "mae", "reason")]
     for m in reg.list():
