@@ -395,8 +395,12 @@ def cmd_history(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(reg.history(), indent=2))
         return 0
+    runs = reg.history(last=args.last)
+    if not runs:
+        print("no consolidation has run yet" + (f" for namespace {args.namespace!r}" if args.namespace is not None else ""))
+        return 0
     rows: list[Sequence[Any]] = [("started", "outcome", "version", "seconds", "rewarded", "spearman", "reason/error")]
-    for h in reg.history(last=args.last):
+    for h in runs:
         rows.append((time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(h.get("started_at", 0))), h.get("outcome"),
                      h.get("version", "-"), f"{h.get('seconds', 0):.1f}", h.get("n_rewarded", "-"),
                      _fmt((h.get("student") or {}).get("spearman", "-")), (h.get("reason") or h.get("error") or "")[:60]))

@@ -30,6 +30,7 @@ def test_add_search_set_reward_stats(home, capsys):
     assert code == 0 and len(pending) == 32
     code, out, _ = run(capsys, "models")  # nothing trained yet: says so, not an empty table
     assert code == 0 and out.strip() == "no models yet: `memory-distill consolidate` trains one"
+    assert run(capsys, "history")[1].strip() == "no consolidation has run yet"
     assert run(capsys, "set-reward", pending, "0.4")[0] == 0
     code, out, _ = run(capsys, "search", "searched the web", "-k", "1", "--json")
     hit = json.loads(out)[0]
