@@ -564,6 +564,10 @@ class DriftReport:
     drift: float | None
     """mae - baseline_mae."""
     triggered: bool
+    crps: float | None = None
+    """CRPS of the predicted distributions on these rewards (``ModelMetrics.crps``)."""
+    baseline_crps: float | None = None
+    """The model's held-out CRPS when it was published (None for models published before CRPS was recorded)."""
 
 
 def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: float = 0.1, min_samples: int = 20,
@@ -577,7 +581,8 @@ def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: f
 
     pred = Predictor(registry.serving(namespace))
     published = float(pred.loaded.manifest.get("created_at", 0.0))
-    baseline = pred.loaded.manifest.get("metrics", {}).get("student", {}).get("mae")
+    published_metrics = pred.loaded.manifest.get("metrics", {}).get("student", {})
+    baseline = published_metrics.get("mae")
     spec = pred.feature_spec
     X_parts: list[np.ndarray] = []
     f_parts: list[np.ndarray] = []
@@ -590,7 +595,8 @@ def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: f
             f_parts.append(F)
         r_parts.append(page.rewards)
     if not X_parts:
-        return DriftReport(pred.version, 0, None, None, None, baseline, None, False)
+        return DriftReport(pred.version, 0, None, None, None, baseline, None, False,
+                           baseline_crps=published_metrics.get("crps"))
     X, r = np.concatenate(X_parts), np.concatenate(r_parts)
     batch = pred.predict_embeddings(X, features=np.concatenate(f_parts) if f_parts else None)
     m = model_metrics(batch.probs, r, pred.bins)
@@ -598,7 +604,7 @@ def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: f
     drift = mae - baseline if baseline is not None else None
     triggered = len(r) >= min_samples and drift is not None and drift > threshold
     return DriftReport(pred.version, int(len(r)), mae, float((batch.mean - r).mean()), m.calibration_error,
-                       baseline, drift, bool(triggered))
+                       baseline, drift, bool(triggered), crps=m.crps, baseline_crps=published_metrics.get("crps"))
 
 
 # ---------------------------------------------------------------------------- scheduling

@@ -533,7 +533,7 @@ def test_drift_report_and_trigger(store, registry):
     store.add_many(eps)
     run_consolidation(store, registry, fast_job())
     d0 = drift_report(store, registry)
-    assert d0.n == 0 and not d0.triggered
+    assert d0.n == 0 and not d0.triggered and d0.crps is None and d0.baseline_crps is not None
     # the world changes: strategies that used to pay off now fail
     flipped = [{"text": e["text"], "reward": round(1.0 - e["reward"], 3), "metadata": e["metadata"]}
                for e in synthetic_episodes(60, seed=5, pending_fraction=0.0)]
@@ -541,6 +541,7 @@ def test_drift_report_and_trigger(store, registry):
     store.set_rewards({i: f["reward"] for i, f in zip(ids, flipped, strict=True)})
     d = drift_report(store, registry, threshold=0.1, min_samples=20)
     assert d.n == 60 and d.mae > d.baseline_mae + 0.2 and d.triggered
+    assert d.baseline_crps is not None and d.crps > d.baseline_crps + 0.1  # the whole distribution is off too
     w = ConsolidationWorker(store, registry, fast_job(), every_s=None, min_new=None, drift_threshold=0.1)
     assert w.due()[0] and "drift" in w.due()[1]
 
