@@ -143,6 +143,9 @@ class EvalReport:
     """Median single-row forward time of the student (no embedding)."""
     retention: float
     """Student Spearman / teacher Spearman (1.0 when the teacher has none to retain)."""
+    histogram_crps: float | None = None
+    """CRPS on the same rows of the training rewards' histogram, the same forecast for every memory: the student's
+    ``crps`` below it means its distributions know something about each memory beyond the base rate."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -171,11 +174,12 @@ def _latency_ms(model: torch.nn.Module, x: torch.Tensor, repeats: int = 50) -> f
 
 def compare_teacher_student(teacher: torch.nn.Module, student: torch.nn.Module, X: torch.Tensor,
                             rewards: np.ndarray, bins: RewardBins, *,
-                            student_probs: np.ndarray | None = None) -> EvalReport:
+                            student_probs: np.ndarray | None = None,
+                            train_rewards: np.ndarray | None = None) -> EvalReport:
     """All held-out metrics of both models on the same rows ``X`` with real ``rewards``.
 
     ``student_probs``: the student's distributions on ``X``, when the caller already has them
-    (:func:`predict_probs`)."""
+    (:func:`predict_probs`). ``train_rewards``: the rewards trained on, for ``histogram_crps``."""
     if len(X) == 0:
         raise ValueError("compare_teacher_student needs at least one held-out row")
     pt = predict_probs(teacher, X)
@@ -193,7 +197,17 @@ def compare_teacher_student(teacher: torch.nn.Module, student: torch.nn.Module, 
         student_params=param_count(student),
         student_latency_ms=_latency_ms(student, X[:1]),
         retention=float(retention),
+        histogram_crps=None if train_rewards is None else _histogram_crps(train_rewards, rewards, bins),
     )
+
+
+def _histogram_crps(train_rewards: np.ndarray, rewards: np.ndarray, bins: RewardBins) -> float | None:
+    seen = np.asarray(train_rewards, np.float64)
+    seen = seen[np.isfinite(seen)]
+    if seen.size == 0:
+        return None
+    hist = bins.hard_targets(seen).mean(axis=0)
+    return crps(np.broadcast_to(hist, (len(rewards), bins.n_bins)), rewards, bins)
 
 
 HIGHER_IS_BETTER = {"spearman": True, "mae": False, "nll": False, "crps": False}

@@ -365,7 +365,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
     ev_x = X_all[rows(eval_idx)].cpu()
     s_probs = predict_probs(student.cpu(), ev_x)  # once: the report, the gate and the ranking check read them
     evaluation = compare_teacher_student(teacher.cpu(), student, ev_x, data.rewards[eval_idx], bins,
-                                         student_probs=s_probs)
+                                         student_probs=s_probs, train_rewards=data.rewards[split.train])
     inc_metrics = None
     if incumbent is not None:
         if inc_spec == spec:

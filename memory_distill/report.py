@@ -21,8 +21,13 @@ def _plt() -> Any:
 
 
 def feature_lines(report: Any) -> list[str]:
-    """What the models read next to the embedding, and the best-of-n ranking head (when the report has them)."""
+    """What the student's distribution adds to the base rate, what the models read next to the embedding, and the
+    best-of-n ranking head (when the report has them)."""
     lines = []
+    ev = getattr(report, "evaluation", None)
+    if ev is not None and getattr(ev, "histogram_crps", None) is not None:
+        lines.append(f"held-out CRPS: student {ev.student.crps:.4f} vs {ev.histogram_crps:.4f} for the training "
+                     "rewards' histogram (the same forecast for every memory; lower is better)")
     spec = getattr(report, "features", None)
     if spec is not None:
         meta = "; ".join(f"{k} (number)" if k in spec.numeric else f"{k} ({len(v)} values)" if v

@@ -84,6 +84,7 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
     assert code == 0
     assert "PROMOTED" in out and "Spearman retention" in out and "3. predict" in out
     assert "best-of-n ranking head: " in out  # the synthetic episodes come in groups of 4 per task
+    assert "held-out CRPS: student " in out and "for the training rewards' histogram" in out
     assert (tmp_path / "rep" / "losses.png").stat().st_size > 1000
     report_md = (tmp_path / "rep" / "report.md").read_text()
     assert (tmp_path / "rep" / "calibration.png").exists() and "v000001" in report_md

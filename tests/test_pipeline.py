@@ -26,6 +26,7 @@ def test_synthetic_consolidation_learns_and_distills(trained):
     assert rep.distill.val_kl[-1] < 0.5 * rep.distill.val_kl[0]  # the student moves towards the teacher
     assert ev.compression_ratio > 3.7
     assert ev.student.calibration_error < 0.1
+    assert ev.student.crps < 0.5 * ev.histogram_crps  # its distributions know each memory, not just the base rate
     assert ev.student.mae < 0.15
 
 
