@@ -650,6 +650,16 @@ def _knn(Xtr: np.ndarray, ytr: np.ndarray, X: np.ndarray, k: int = 10) -> np.nda
     return (ytr[idx] * w).sum(1) / w.sum(1)
 
 
+def _real_data(what: str) -> Path | None:
+    """``../shared/data``, or None (saying the ``what`` benchmark is skipped) where this checkout has none."""
+    from memory_distill.datasets import find_data_dir
+
+    base = find_data_dir()
+    if base is None:
+        print(f"{what}: ../shared/data not found, skipped")
+    return base
+
+
 def _embedder(name: str) -> Any:
     """The quality benchmarks' embedders: "hashing" (offline, 512 dims) or "minilm" (whole-text MiniLM)."""
     from memory_distill.embeddings import HashingEmbedder, LocalEmbedder
@@ -661,7 +671,7 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
     import torch
 
     from memory_distill.config import JobConfig
-    from memory_distill.datasets import ACTION_KEYS, find_data_dir, load_episodes
+    from memory_distill.datasets import ACTION_KEYS, load_episodes
     from memory_distill.evaluate import spearman
     from memory_distill.features import FeatureSpec, metadata_columns, text_stats
     from memory_distill.models import model_inputs
@@ -669,9 +679,8 @@ def bench_quality(datasets: list[str], seeds: list[int], embedder_name: str, max
     from memory_distill.store import TrainingData
     from memory_distill.training import split_by_group_and_time, train_pair
 
-    base = find_data_dir()
+    base = _real_data("quality")
     if base is None:
-        print("quality: ../shared/data not found, skipped")
         return []
     emb = _embedder(embedder_name)
     results = []
@@ -803,11 +812,9 @@ def bench_uncertainty(datasets: list[str], seeds: list[int], embedder_name: str,
     episode) and the student with its logits divided by a temperature fitted on the validation groups (temperature
     scaling); the share of rewards inside the student's 10-90% interval; whether its std tells which predictions
     are off (Spearman of std with |error|, and the MAE of the half it is surest about vs the other half)."""
-    from memory_distill.datasets import find_data_dir
 
-    base = find_data_dir()
+    base = _real_data("uncertainty")
     if base is None:
-        print("uncertainty: ../shared/data not found, skipped")
         return []
     emb = _embedder(embedder_name)
     out = []
@@ -826,7 +833,13 @@ def _uncertainty_run(d: dict[str, Any], seed: int) -> dict[str, Any]:
     import torch
 
     from memory_distill.config import JobConfig
-    from memory_distill.evaluate import crps, model_metrics, pit_coverage, spearman
+    from memory_distill.evaluate import (
+        crps,
+        model_metrics,
+        pit_coverage,
+        reward_histogram,
+        spearman,
+    )
     from memory_distill.features import FeatureSpec
     from memory_distill.models import model_inputs
     from memory_distill.rewards import RewardBins, summarize_probs
@@ -859,8 +872,10 @@ def _uncertainty_run(d: dict[str, Any], seed: int) -> dict[str, Any]:
     T = float(temps[np.argmin([float(torch.nn.functional.cross_entropy(logits["val"] / t, val_idx)) for t in temps])])
     r = R[split.holdout].astype(np.float64)
     train_rows = np.concatenate([split.train, split.val])
+    histogram = reward_histogram(R[train_rows], bins)
+    assert histogram is not None  # (every row here has its reward)
     forecasts = {"student": torch.softmax(logits["holdout"], -1).numpy(), "teacher": teacher,
-                 "marginal": np.tile(bins.hard_targets(R[train_rows]).mean(0), (len(r), 1)),
+                 "marginal": np.tile(histogram, (len(r), 1)),
                  "student_scaled": torch.softmax(logits["holdout"] / T, -1).numpy()}
     s = summarize_probs(forecasts["student"], bins.centers)
     err = np.abs(s["mean"] - r)
@@ -881,12 +896,10 @@ def bench_label_selection(datasets: list[str], seeds: list[int], max_records: in
     so asks for ``budget`` more rewards, picked at random, by its largest predicted std, or by the largest entropy
     of its reward distribution; the job is retrained from scratch with them, and the held-out groups are scored as
     in the quality benchmark. *all*: every training reward, for scale."""
-    from memory_distill.datasets import find_data_dir
     from memory_distill.embeddings import HashingEmbedder
 
-    base = find_data_dir()
+    base = _real_data("label selection")
     if base is None:
-        print("label selection: ../shared/data not found, skipped")
         return []
     emb, out = HashingEmbedder(dim=512), []
     for name in datasets:
@@ -1070,11 +1083,10 @@ def bench_warm_start(datasets: list[str], seeds: list[int], max_records: int) ->
 def _over_datasets(what: str, datasets: list[str], seeds: list[int], max_records: int,
                    run: Any, describe: Any) -> list[dict[str, Any]]:
     """``run(episodes, action_keys, seed)`` for each real dataset and seed; one printed line per row."""
-    from memory_distill.datasets import ACTION_KEYS, find_data_dir, load_episodes
+    from memory_distill.datasets import ACTION_KEYS, load_episodes
 
-    base = find_data_dir()
+    base = _real_data(what)
     if base is None:
-        print(f"{what}: ../shared/data not found, skipped")
         return []
     out = []
     for name in datasets:

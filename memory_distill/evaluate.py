@@ -15,7 +15,7 @@ from .models import compression_ratio, param_count
 from .rewards import QUANTILES, RewardBins, summarize_probs
 
 __all__ = ["EvalReport", "ModelMetrics", "compare_teacher_student", "crps", "model_metrics", "pit_coverage",
-           "should_promote", "spearman"]
+           "reward_histogram", "should_promote", "spearman"]
 
 
 def _rank(x: np.ndarray) -> np.ndarray:
@@ -201,13 +201,17 @@ def compare_teacher_student(teacher: torch.nn.Module, student: torch.nn.Module, 
     )
 
 
-def _histogram_crps(train_rewards: np.ndarray, rewards: np.ndarray, bins: RewardBins) -> float | None:
-    seen = np.asarray(train_rewards, np.float64)
+def reward_histogram(rewards: np.ndarray, bins: RewardBins) -> np.ndarray | None:
+    """The share of ``rewards`` (NaN: pending, skipped) in each bin: the base-rate forecast, the same for every
+    memory. None without a reward."""
+    seen = np.asarray(rewards, np.float64)
     seen = seen[np.isfinite(seen)]
-    if seen.size == 0:
-        return None
-    hist = bins.hard_targets(seen).mean(axis=0)
-    return crps(np.broadcast_to(hist, (len(rewards), bins.n_bins)), rewards, bins)
+    return bins.hard_targets(seen).mean(axis=0) if seen.size else None
+
+
+def _histogram_crps(train_rewards: np.ndarray, rewards: np.ndarray, bins: RewardBins) -> float | None:
+    hist = reward_histogram(train_rewards, bins)
+    return None if hist is None else crps(np.broadcast_to(hist, (len(rewards), bins.n_bins)), rewards, bins)
 
 
 HIGHER_IS_BETTER = {"spearman": True, "mae": False, "nll": False, "crps": False}

@@ -124,7 +124,7 @@ def test_calibration_reads_the_pit_at_bin_resolution():
 
 
 def test_crps_is_the_distributions_absolute_error_less_half_its_spread():
-    from memory_distill.evaluate import crps
+    from memory_distill.evaluate import crps, reward_histogram
 
     bins = RewardBins(-1.0, 2.0, 64)
     c = bins.centers.astype(np.float64)
@@ -139,6 +139,10 @@ def test_crps_is_the_distributions_absolute_error_less_half_its_spread():
     near = bins.hl_gauss_targets(r)
     marginal = np.tile(near.mean(0), (len(r), 1))
     assert crps(near, r, bins) < 0.2 * crps(marginal, r, bins)
+    # the base-rate forecast: the share of the (rewarded) training rewards in each bin
+    hist = reward_histogram(np.array([0.0, 0.0, 1.5, np.nan]), bins)
+    assert hist is not None and hist[bins.to_index(np.array([0.0]))[0]] == pytest.approx(2 / 3) and hist.sum() == 1
+    assert reward_histogram(np.array([np.nan]), bins) is None
 
 
 def test_model_sizes_at_1536():
