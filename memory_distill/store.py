@@ -1034,9 +1034,14 @@ class MemoryStore:
             # have been enough, else 4k + 16.
             for n in ((k + 4, 4 * k + 16) if self._narrow_ok.get(key, True) else (4 * k + 16,)):
                 res = self._col.query(query_embeddings=[qv], n_results=n, include=include)
+                got = len(res["ids"][0])
+                if got < n:  # every row of the store came back, or the graph search stopped short
+                    exact = self._exact_when_stopped_short(qv, k, flt, got, include_embeddings)
+                    if exact is not None:
+                        return exact
                 keep = [j for j, m in enumerate(res["metadatas"][0]) if match(m or {})]
-                _remember(self._narrow_ok, key, sum(1 for j in keep if j < k + 4) >= k or len(res["ids"][0]) < k + 4)
-                if len(keep) >= k or len(res["ids"][0]) < n:
+                _remember(self._narrow_ok, key, sum(1 for j in keep if j < k + 4) >= k or got < k + 4)
+                if len(keep) >= k or got < n:
                     return self._hits(res, keep[:k], include_embeddings)
             # too few of the nearest rows pass (a small namespace in a shared store, a rare value): skip this
             # attempt for the next searches with this filter, then check again in case the rows have moved
@@ -1061,28 +1066,59 @@ class MemoryStore:
         # which side of EXACT_MAX_ROWS a filter is on costs a filter pass over every row to find out: once a
         # filter is known to be wide it goes straight to Chroma's filtered query (until a query comes back short)
         wide = flt is None or self._wide.get(key, False)
-        # the vectors come with the filter pass (one call); texts and metadata are read for the k best only
-        got = None if wide else self._col.get(where=flt, limit=EXACT_MAX_ROWS + 1, include=["embeddings"])
-        if got is not None and len(got["ids"]) <= EXACT_MAX_ROWS:
-            if not got["ids"]:
-                return []
-            X = np.asarray(got["embeddings"], np.float32)
-            sim = (X @ qv) / np.maximum(np.linalg.norm(X, axis=1) * np.linalg.norm(qv), 1e-12)
-            order = np.argsort(-sim, kind="stable")[:k]
-            best = [got["ids"][j] for j in order]
-            found = {m.id: m for m in self.get_many(best)}  # a row deleted in between is left out
-            return [SearchHit(memory=found[i], similarity=float(sim[j]),
-                              embedding=X[j].copy() if include_embeddings else None)
-                    for i, j in zip(best, order, strict=True) if i in found]
-        if flt is not None:
+        if not wide:
+            exact = self._exact_search(qv, k, flt, include_embeddings)
+            if exact is not None:
+                return exact
             _remember(self._wide, key, True)
         res = self._col.query(query_embeddings=[qv], n_results=k, where=flt, include=include)
         if len(res["ids"][0]) < k:  # the graph search missed some, or fewer rows pass now
             self._wide.pop(key, None)
-            if got is None and flt is not None:  # the size probe was skipped: few may pass now, searched exactly
-                return self._filtered_search(qv, k, flt, key, include, include_embeddings)
+            if wide:  # the size probe was skipped: few rows may pass now, or the search stopped short
+                exact = (self._exact_search(qv, k, flt, include_embeddings) if flt is not None else
+                         self._exact_when_stopped_short(qv, k, None, len(res["ids"][0]), include_embeddings))
+                if exact is not None:
+                    return exact
+                if flt is not None:  # (the probe found it wide still)
+                    _remember(self._wide, key, True)
             res = self._col.query(query_embeddings=[qv], n_results=4 * k + 16, where=flt, include=include)
         return self._hits(res, list(range(min(k, len(res["ids"][0])))), include_embeddings)
+
+    def _exact_when_stopped_short(self, qv: np.ndarray, k: int, flt: dict[str, Any] | None, returned: int,
+                                  include_embeddings: bool) -> list[SearchHit] | None:
+        """An unfiltered query returned fewer rows than it asked for. When the store holds more, the graph search
+        stopped short: hnswlib keeps deleted rows in the graph as marked nodes, and a search whose entry point and
+        its neighbours are all marked can end with few results or none (nmslib/hnswlib#344;
+        chroma-core/chroma#7758), as after forgetting a whole store and adding new memories. Then the rows passing
+        ``flt`` are searched exactly where few pass. None: the result was complete, or too many rows pass, or their
+        vectors are not in this process's copy of the index (another process added them to the embedded
+        directory)."""
+        from chromadb.errors import InternalError
+
+        if returned >= int(self._col.count()):
+            return None
+        try:
+            return self._exact_search(qv, k, flt, include_embeddings)
+        except InternalError:
+            return None
+
+    def _exact_search(self, qv: np.ndarray, k: int, flt: dict[str, Any] | None,
+                      include_embeddings: bool) -> list[SearchHit] | None:
+        """The k rows passing ``flt`` most similar to ``qv``, compared in numpy, when at most ``EXACT_MAX_ROWS``
+        pass; None when more do."""
+        # the vectors come with the filter pass (one call); texts and metadata are read for the k best only
+        got = self._col.get(where=flt, limit=EXACT_MAX_ROWS + 1, include=["embeddings"])
+        if len(got["ids"]) > EXACT_MAX_ROWS:
+            return None
+        if not got["ids"]:
+            return []
+        X = np.asarray(got["embeddings"], np.float32)
+        sim = (X @ qv) / np.maximum(np.linalg.norm(X, axis=1) * np.linalg.norm(qv), 1e-12)
+        order = np.argsort(-sim, kind="stable")[:k]
+        best = [got["ids"][j] for j in order]
+        found = {m.id: m for m in self.get_many(best)}  # a row deleted in between is left out
+        return [SearchHit(memory=found[i], similarity=float(sim[j]), embedding=X[j].copy() if include_embeddings else None)
+                for i, j in zip(best, order, strict=True) if i in found]
 
     def _hits(self, res: Any, rows: list[int], include_embeddings: bool) -> list[SearchHit]:
         embs = res.get("embeddings")

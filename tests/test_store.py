@@ -363,6 +363,28 @@ def test_a_small_namespace_in_a_shared_store_goes_straight_to_the_exact_search(t
     assert len(asked) == 3
 
 
+def test_a_graph_search_that_stops_short_is_searched_exactly(tmp_path):
+    """hnswlib keeps deleted rows in the graph as marked nodes, and a search among them can end with few rows or
+    none (nmslib/hnswlib#344): after a whole store was forgotten and new memories added, a retriever once found
+    nothing in a namespace of 120 (CI). A short answer from a store holding more rows is searched exactly."""
+    rng = np.random.default_rng(3)
+    st = MemoryStore(HashingEmbedder(dim=16), StoreConfig(path=tmp_path / "c"))
+    vecs = rng.normal(size=(60, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    st.add_many([{"id": f"r{i}", "text": f"row {i}", "namespace": "team-b"} for i in range(60)], embeddings=vecs)
+    real = st._col.query
+
+    def stops_short(**kw):  # what the graph search returned in CI: nothing
+        return {f: [v[0][:0]] if f in ("ids", "documents", "metadatas", "distances", "embeddings") and v is not None
+                else v for f, v in real(**kw).items()}
+
+    st._col.query = stops_short
+    for t, q in enumerate(rng.normal(size=(3, 16)).astype(np.float32)):
+        want = [f"r{j}" for j in np.argsort(-(vecs @ (q / np.linalg.norm(q))))[:5]]
+        assert [h.memory.id for h in st.search(q, k=5, namespace="team-b")] == want, t
+        assert [h.memory.id for h in st.search(q, k=5, namespace=None)] == want, t
+
+
 def test_search_diversity_skips_near_copies(store):
     copy = "the agent searched the web, cross-checked two sources and cited them"
     ids = store.add_many([{"text": f"{copy} ({i})", "reward": 0.9} for i in range(6)]
