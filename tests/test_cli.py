@@ -164,6 +164,7 @@ def test_output_piped_into_a_reader_that_stops_early_ends_quietly(home, tmp_path
     assert proc.stdout.read(100).startswith(b'{"memory_distill_export"')
     proc.stdout.close()
     err = proc.stderr.read().decode()
+    proc.stderr.close()
     assert proc.wait(timeout=120) == 1 and "Traceback" not in err and "BrokenPipeError" not in err, err
 
 
@@ -261,6 +262,7 @@ def test_the_worker_prints_a_line_per_run_as_it_happens(home):
     finally:
         proc.kill()
         proc.wait()
+        proc.stdout.close()
 
 
 def test_a_worker_per_namespace_prints_no_line_per_idle_user(capsys):

@@ -370,6 +370,7 @@ def test_lock_is_exclusive_across_processes(tmp_path):
     finally:
         p.kill()
         p.wait()
+        p.stdout.close()
     reg.acquire().release()  # the kernel released the dead holder's lock
 
 
