@@ -486,7 +486,7 @@ def bench_inference(dim: int = 1536) -> dict[str, Any]:
     from memory_distill.config import DistillConfig
     from memory_distill.features import N_TEXT_FEATURES
     from memory_distill.models import build_student
-    from memory_distill.predictor import StudentRunner, _softmax
+    from memory_distill.predictor import StudentRunner
     from memory_distill.rewards import summarize_probs
 
     # the default student: embedding + text features
@@ -520,9 +520,12 @@ def bench_inference(dim: int = 1536) -> dict[str, Any]:
             t = time.perf_counter()
             student(xb)
             tt.append(time.perf_counter() - t)
-    # single query latency (logits -> probs -> summary), excluding embedding; alternated with the same
-    # student carrying a best-of-n ranking head (what a student trained on grouped memories serves)
+    # single query latency (logits -> served probs -> summary), excluding embedding, of the student as consolidation
+    # serves it (mixed with a histogram, JobConfig.histogram_mix); alternated with the same student carrying a
+    # best-of-n ranking head (what a student trained on grouped memories serves)
     centers = np.linspace(0, 1, 64, dtype=np.float32)
+    student.set_histogram_mix(0.3, np.full(64, 1 / 64, np.float32))
+    runner = StudentRunner(student)
     student.set_ranking(torch.from_numpy(rng.normal(size=student.input_dim).astype(np.float32)) / 40, mean_weight=0.5,
                         centers=torch.from_numpy(centers))
     runner_h = StudentRunner(student)
@@ -531,10 +534,10 @@ def bench_inference(dim: int = 1536) -> dict[str, Any]:
     for i in range(4000):
         t = time.perf_counter()
         if i % 2 == 0:
-            summarize_probs(_softmax(runner.logits(x1, f1)), centers)
+            summarize_probs(runner.probs(x1, f1), centers)
             lat.append(time.perf_counter() - t)
         else:
-            s = summarize_probs(_softmax(runner_h.logits(x1, f1)), centers)
+            s = summarize_probs(runner_h.probs(x1, f1), centers)
             runner_h.advantage(x1, f1, mean=s["mean"])
             lat_h.append(time.perf_counter() - t)
     lat_us, lat_h_us = np.array(lat) * 1e6, np.array(lat_h) * 1e6
@@ -863,8 +866,10 @@ def _uncertainty_run(d: dict[str, Any], seed: int) -> dict[str, Any]:
     with torch.no_grad():
         pair.student.eval()
         pair.teacher.eval()
-        logits = {part: pair.student(model_inputs(X[ix], FM[ix])[:]) for part, ix in
+        # the distilled student's logits, before the histogram mix consolidation serves it with
+        logits = {part: pair.student.net(pair.student.standardized(model_inputs(X[ix], FM[ix])[:])) for part, ix in
                   (("val", split.val), ("holdout", split.holdout))}
+        served = torch.softmax(pair.student(model_inputs(X[split.holdout], FM[split.holdout])[:]), -1).numpy()
         teacher = torch.softmax(pair.teacher(model_inputs(X[split.holdout], FM[split.holdout])[:]), -1).numpy()
     # temperature scaling: the T in [0.25, 4] that minimises the validation groups' negative log-likelihood
     val_idx = torch.from_numpy(bins.to_index(R[split.val]))
@@ -874,7 +879,7 @@ def _uncertainty_run(d: dict[str, Any], seed: int) -> dict[str, Any]:
     train_rows = np.concatenate([split.train, split.val])
     histogram = reward_histogram(R[train_rows], bins)
     assert histogram is not None  # (every row here has its reward)
-    forecasts = {"student": torch.softmax(logits["holdout"], -1).numpy(), "teacher": teacher,
+    forecasts = {"student": served, "distilled": torch.softmax(logits["holdout"], -1).numpy(), "teacher": teacher,
                  "marginal": np.tile(histogram, (len(r), 1)),
                  "student_scaled": torch.softmax(logits["holdout"] / T, -1).numpy()}
     s = summarize_probs(forecasts["student"], bins.centers)
@@ -882,6 +887,7 @@ def _uncertainty_run(d: dict[str, Any], seed: int) -> dict[str, Any]:
     surest = s["std"] <= np.median(s["std"])
     lo, hi = pit_coverage(forecasts["student"], r, bins, (0.1, 0.9))
     return {"n_holdout": int(len(r)), "temperature": T,
+            "mix_weight": pair.histogram_mix.weight if pair.histogram_mix is not None else 0.0,
             "crps": {k: crps(p, r, bins) for k, p in forecasts.items()},
             "calibration_error": {k: model_metrics(p, r, bins).calibration_error for k, p in forecasts.items()},
             "spearman": spearman(s["mean"], r), "interval_80": float(hi - lo), "rho_std_err": spearman(s["std"], err),
@@ -1528,9 +1534,12 @@ def _uncertainty_row(name: str, emb: str, rs: list[dict[str, Any]]) -> str:
     def diff(a: str, b: str) -> str:
         return _paired(np.array([r["crps"][a] - r["crps"][b] for r in rs]))
 
+    has_mix = all("distilled" in r["crps"] for r in rs)  # runs before the histogram mix served the distilled student
+    mixed = (f" | {m('mix_weight'):.2f} | {m('crps', 'distilled'):.4f} | {diff('distilled', 'student')} | "
+             f"{m('calibration_error', 'distilled'):.3f}") if has_mix else " | - | - | - | -"
     return (f"| {name} | {emb} | {m('spearman'):.3f} | "
             + " | ".join(f"{m('crps', k):.4f}" for k in ("student", "teacher", "marginal", "student_scaled"))
-            + f" | {diff('marginal', 'student')} | {diff('student', 'student_scaled')} | "
+            + f" | {diff('marginal', 'student')} | {diff('student', 'student_scaled')}" + mixed + " | "
             + " | ".join(f"{m('calibration_error', k):.3f}" for k in ("student", "marginal"))
             + f" | {m('interval_80'):.2f} | {m('rho_std_err'):.2f} | {m('mae_surest_half'):.3f} / "
             f"{m('mae_other_half'):.3f} |")
@@ -1540,7 +1549,10 @@ def _fmt_uncertainty(rows: list[dict[str, Any]]) -> list[str]:
     text = ("Is the student's reward distribution honest, beyond its mean? The headline job of the quality benchmark "
             "(same held-out groups and seeds; embedding, text and metadata features), scored on the held-out groups. "
             "*CRPS*: the whole distribution's error in reward units (lower is better); *histogram*: the training "
-            "rewards' histogram, the same forecast for every episode; *scaled*: the student's logits divided by the "
+            "rewards' histogram, the same forecast for every episode; *student*: the distribution consolidation "
+            "serves, the distilled student's mixed with that histogram (`JobConfig.histogram_mix`; *mix weight*: the "
+            "histogram's share, chosen on the validation groups by CRPS); *distilled*: the student before the mix; "
+            "*scaled*: the distilled student's logits divided by the "
             "temperature that minimises the validation groups' NLL. *Calibration error*: mean |coverage - q| over the quantile "
             "levels 0.1-0.9, read from the PIT at bin resolution (`ModelMetrics.calibration_error`). *10-90%*: share "
             "of rewards inside the student's 10-90% interval (ideal 0.80). *std ~ abs. error*: Spearman of the predicted "
@@ -1556,7 +1568,9 @@ def _fmt_uncertainty(rows: list[dict[str, Any]]) -> list[str]:
     return _section("The predicted distribution: CRPS, calibration, and what its std tells", text,
                     ["dataset", "embedder", "student rho", "CRPS: student", "CRPS: teacher", "CRPS: histogram",
                      "CRPS: scaled", "histogram - student (> 0: student better)",
-                     "student - scaled (> 0: scaling helps)", "calibration error: student",
+                     "student - scaled (> 0: scaling helps)", "mix weight", "CRPS: distilled",
+                     "distilled - student (> 0: the mix helps)", "calibration error: distilled",
+                     "calibration error: student",
                      "calibration error: histogram", "10-90% interval holds", "std ~ abs. error",
                      "MAE surest / other half"], out)
 

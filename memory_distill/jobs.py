@@ -45,6 +45,7 @@ from .errors import (
 )
 from .evaluate import (
     EvalReport,
+    HistogramMix,
     ModelMetrics,
     compare_teacher_student,
     model_metrics,
@@ -102,6 +103,8 @@ class ConsolidationReport:
     """CPU threads torch trained with (:attr:`JobConfig.threads`, else torch's default)."""
     ranking: RankingFit | None = None
     """The within-group ranking head for best-of-n (attached or why not; :mod:`memory_distill.ranking`)."""
+    histogram_mix: HistogramMix | None = None
+    """The served distribution's share of the training rewards' histogram (:attr:`JobConfig.histogram_mix`)."""
     features: FeatureSpec | None = None
     """The feature columns the models read next to the embedding (text statistics, metadata values)."""
     phases: dict[str, float] = field(default_factory=dict)
@@ -425,6 +428,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         "features": TEXT_FEATURES if spec.text else None,
         "feature_spec": spec.to_dict(),
         "ranking": asdict(trained.ranking) if trained.ranking is not None else None,
+        "histogram_mix": trained.histogram_mix.to_dict() if trained.histogram_mix is not None else None,
         "bins": bins.to_dict(),
         "target": cfg.bins.target,
         "config": cfg.model_dump(mode="json"),
@@ -449,7 +453,8 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         n_train=len(split.train), n_val=len(split.val), n_holdout=len(split.holdout), n_transfer=len(split.transfer),
         skipped_rows=skipped, warm_started=warm, incumbent_version=inc_version, incumbent_metrics=inc_metrics,
         evaluation=evaluation, teacher=t_report, distill=d_report, bins=bins.to_dict(),
-        seconds=t_end - t0, device=str(device), threads=threads, ranking=trained.ranking, features=spec,
+        seconds=t_end - t0, device=str(device), threads=threads, ranking=trained.ranking,
+        histogram_mix=trained.histogram_mix, features=spec,
         phases={"read": t_read - t0, "train": t_train - t_read, "evaluate": t_eval - t_train, "publish": t_end - t_eval},
         fingerprint=fingerprint,
         extra={**({"deleted_training_memories": n_gone} if n_gone else {}),

@@ -42,6 +42,9 @@ class RewardMLP(nn.Module):
     rank_w: torch.Tensor
     rank_mean_w: torch.Tensor
     rank_centers: torch.Tensor
+    # only when a histogram mix is attached (set_histogram_mix)
+    mix_w: torch.Tensor
+    mix_prior: torch.Tensor
 
     def __init__(self, in_dim: int, hidden: Sequence[int], n_bins: int, *, dropout: float = 0.0,
                  batchnorm: bool = False, n_features: int = 0) -> None:
@@ -90,7 +93,47 @@ class RewardMLP(nn.Module):
         return torch.cat([x[:, : self.in_dim], f], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(self.standardized(x))
+        return self.head(self.standardized(x))
+
+    def head(self, z: torch.Tensor) -> torch.Tensor:
+        """Logits from the standardised input ``z``; with a histogram mix attached, the log of the mixed
+        distribution (its softmax is the mix, so every reader of logits gets the served distribution)."""
+        logits = self.net(z)
+        if not self.has_mix:
+            return logits
+        w = self.mix_w.to(logits.dtype)
+        return torch.logaddexp(torch.log1p(-w) + torch.log_softmax(logits, -1), torch.log(w * self.mix_prior.to(logits.dtype)))
+
+    # ------------------------------------------------------------ histogram mix
+
+    @property
+    def has_mix(self) -> bool:
+        """Whether this model's distribution is mixed with the training rewards' histogram (:meth:`set_histogram_mix`)."""
+        return hasattr(self, "mix_w")
+
+    @torch.no_grad()
+    def set_histogram_mix(self, weight: float | None, prior: torch.Tensor | np.ndarray | None = None) -> None:
+        """Serve ``(1 - weight) * softmax(logits) + weight * prior`` (or with ``None`` / ``0``, the softmax alone).
+
+        ``prior``: a distribution over the bins, the training rewards' histogram
+        (:func:`memory_distill.evaluate.reward_histogram`). The mix keeps the order of the expected rewards (it moves
+        each one ``weight`` of the way to the prior's mean) and widens every distribution by the same share:
+        the shrinkage towards the base rate that a network overconfident on new groups needs.
+        """
+        if not weight:
+            for k in ("mix_w", "mix_prior"):
+                self._buffers.pop(k, None)
+            return
+        if not 0.0 < float(weight) < 1.0:
+            raise ValueError(f"histogram mix weight must be in [0, 1), got {weight}")
+        if prior is None:
+            raise ValueError("set_histogram_mix needs the prior distribution with a weight")
+        p = torch.as_tensor(prior, dtype=torch.float32).reshape(-1)
+        if p.shape[0] != self.n_bins or bool((p < 0).any()) or abs(float(p.sum()) - 1.0) > 1e-3:
+            raise ValueError(f"prior must be a distribution over the {self.n_bins} bins (>= 0, summing to 1)")
+        dev = next(self.parameters()).device
+        self.register_buffer("mix_w", torch.tensor([float(weight)], device=dev))
+        self.register_buffer("mix_prior", (p / p.sum()).to(dev).clone())
 
     # ------------------------------------------------------------ ranking head
 
@@ -135,7 +178,7 @@ class RewardMLP(nn.Module):
         out = z @ self.rank_w
         if float(self.rank_mean_w) != 0.0:
             if mean is None:
-                mean = torch.softmax(self.net(z), -1) @ self.rank_centers
+                mean = torch.softmax(self.head(z), -1) @ self.rank_centers
             out = out + self.rank_mean_w * mean.to(out)
         return out
 
@@ -157,7 +200,7 @@ class RewardMLP(nn.Module):
         """Everything needed to rebuild this module (stored in artifact manifests)."""
         return {"in_dim": self.in_dim, "hidden": list(self.hidden), "n_bins": self.n_bins,
                 "dropout": self.dropout, "batchnorm": self.batchnorm, "n_features": self.n_features,
-                "ranking": self.has_ranking}
+                "ranking": self.has_ranking, "histogram_mix": self.has_mix}
 
     @classmethod
     def from_arch(cls, arch: dict[str, Any]) -> RewardMLP:
@@ -166,6 +209,9 @@ class RewardMLP(nn.Module):
                 n_features=int(arch.get("n_features", 0)))
         if arch.get("ranking"):
             m.set_ranking(torch.zeros(m.input_dim))  # the saved buffers are loaded over these
+        if arch.get("histogram_mix"):
+            m.register_buffer("mix_w", torch.zeros(1))  # likewise
+            m.register_buffer("mix_prior", torch.zeros(m.n_bins))
         return m
 
     @classmethod

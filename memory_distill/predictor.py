@@ -70,6 +70,10 @@ class StudentRunner:
                 self._feat = (np.ascontiguousarray(w0[self.in_dim :]),
                               model.feat_mean.detach().numpy().astype(np.float32),
                               model.feat_std.detach().numpy().astype(np.float32))
+        self._mix: tuple[np.float32, np.ndarray] | None = None  # (weight, weight * prior): the histogram mix
+        if model.has_mix:
+            mw = float(model.mix_w)
+            self._mix = (np.float32(1.0 - mw), (mw * model.mix_prior.detach().cpu().numpy()).astype(np.float32))
         self.has_ranking = model.has_ranking
         self._rank: tuple[np.ndarray, np.ndarray, float, np.ndarray] | None = None  # (w_emb, w_feat, mean w, centers)
         if self.has_ranking:
@@ -111,7 +115,7 @@ class StudentRunner:
                 out += self._standardized_features(F) @ w_f
             if w_mean != 0.0:
                 if mean is None:
-                    mean = _softmax(self.logits(X, F)) @ centers
+                    mean = self.probs(X, F) @ centers
                 out += np.float32(w_mean) * np.asarray(mean, np.float32)
             return out
         x = torch.from_numpy(X if F is None else np.concatenate([X, F], axis=1)).to(self.device)
@@ -119,23 +123,45 @@ class StudentRunner:
         with torch.inference_mode():
             return self.model.advantage(x, m).float().cpu().numpy()
 
+    def probs(self, X: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        """The served reward distributions [n, n_bins]: softmax of the logits, then the histogram mix if attached."""
+        X, F = self._check(X, features)
+        if self._layers is None:
+            with torch.inference_mode():
+                x = torch.from_numpy(X if F is None else np.concatenate([X, F], axis=1)).to(self.device)
+                return torch.softmax(self.model(x).float(), -1).cpu().numpy()
+        p = _softmax(self._raw_logits(X, F))
+        if self._mix is not None:
+            p *= self._mix[0]
+            p += self._mix[1]
+        return p
+
     def logits(self, X: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
-        """Logits for embeddings ``X`` [n, in_dim] and (optional) raw text features [n, k]."""
+        """Logits for embeddings ``X`` [n, in_dim] and (optional) raw text features [n, k]: their softmax is
+        :meth:`probs` (with a histogram mix, the log of the mixed distribution)."""
         X, F = self._check(X, features)
         if self._layers is not None:
-            h = X
-            last = len(self._layers) - 1
-            for i, (w, b) in enumerate(self._layers):
-                h = h @ w
-                if i == 0 and F is not None and self._feat is not None:
-                    h += self._standardized_features(F) @ self._feat[0]
-                h += b
-                if i < last:
-                    np.maximum(h, 0.0, out=h)
-            return h
+            if self._mix is not None:
+                with np.errstate(divide="ignore"):
+                    return np.log(self.probs(X, F))
+            return self._raw_logits(X, F)
         x = torch.from_numpy(X if F is None else np.concatenate([X, F], axis=1)).to(self.device)
         with torch.inference_mode():
             return self.model(x).float().cpu().numpy()
+
+    def _raw_logits(self, X: np.ndarray, F: np.ndarray | None) -> np.ndarray:
+        """The CPU path's forward pass, before any histogram mix."""
+        assert self._layers is not None
+        h = X
+        last = len(self._layers) - 1
+        for i, (w, b) in enumerate(self._layers):
+            h = h @ w
+            if i == 0 and F is not None and self._feat is not None:
+                h += self._standardized_features(F) @ self._feat[0]
+            h += b
+            if i < last:
+                np.maximum(h, 0.0, out=h)
+        return h
 
 
 def _softmax(z: np.ndarray) -> np.ndarray:
@@ -359,8 +385,7 @@ class Predictor:
         with self._lock:
             runner, centers, version, spec = self.runner, self._centers, self.version, self.spec
         features = self._features(spec, X.shape[0], features, texts, metadata)
-        probs = _softmax(runner.logits(X, features))
-        s = summarize_probs(probs, centers)
+        s = summarize_probs(runner.probs(X, features), centers)
         adv = runner.advantage(X, features, mean=s["mean"]) if runner.has_ranking else None
         return PredictionBatch(probs=s["probs"], mean=s["mean"], std=s["std"], entropy=s["entropy"],
                                quantiles=s["quantiles"], support=centers, model_version=version, advantage=adv)

@@ -179,7 +179,7 @@ def fit_ranking_head(student: RewardMLP, X: torch.Tensor | ModelInputs, rewards:
     with torch.no_grad():
         zv = student.standardized(X[torch.from_numpy(va).to(X.device)])
         Zv = zv.to(torch.float64)
-        mean_v = torch.softmax(student.net(zv), -1).cpu().numpy().astype(np.float64) @ np.asarray(centers, np.float64)
+        mean_v = torch.softmax(student.head(zv), -1).cpu().numpy().astype(np.float64) @ np.asarray(centers, np.float64)
     r_v, g_v = rewards[va].astype(np.float64), np.unique(codes[va], return_inverse=True)[1]
     base, _ = within_group_spearman(mean_v, r_v, g_v)
     fit = RankingFit(False, "", n_groups_tr + n_val_groups, len(tr) + len(va), val_within_spearman_mean=base,

@@ -28,6 +28,10 @@ def feature_lines(report: Any) -> list[str]:
     if ev is not None and getattr(ev, "histogram_crps", None) is not None:
         lines.append(f"held-out CRPS: student {ev.student.crps:.4f} vs {ev.histogram_crps:.4f} for the training "
                      "rewards' histogram (the same forecast for every memory; lower is better)")
+    mix = getattr(report, "histogram_mix", None)
+    if mix is not None:
+        lines.append(f"histogram mix: {mix.weight:.2f} of the served distribution is that histogram ("
+                     + (mix.reason[len("not mixed: "):] if mix.reason.startswith("not mixed: ") else mix.reason) + ")")
     spec = getattr(report, "features", None)
     if spec is not None:
         meta = "; ".join(f"{k} (number)" if k in spec.numeric else f"{k} ({len(v)} values)" if v

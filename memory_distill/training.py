@@ -20,6 +20,7 @@ from ._faults import fault_point
 from .config import JobConfig
 from .curriculum import Curriculum
 from .distill import DistillReport, distill, teacher_logits
+from .evaluate import HistogramMix, fit_histogram_mix, predict_probs, reward_histogram
 from .models import ModelInputs, RewardMLP, build_student, build_teacher, model_inputs
 from .ranking import RankingFit, fit_ranking_head
 from .rewards import RewardBins
@@ -94,6 +95,8 @@ class TrainedPair:
     """All rows of the data on the training device (index with split indices): the model inputs."""
     ranking: RankingFit | None = None
     """The within-group ranking head's fit (``None`` when ``cfg.ranking`` is off)."""
+    histogram_mix: HistogramMix | None = None
+    """The student's mix with the training rewards' histogram (``None`` when ``cfg.histogram_mix`` is off)."""
 
 
 def _bar(enabled: bool, total: int, desc: str) -> Any:
@@ -166,8 +169,8 @@ def train_pair(
     student = build_student(cfg.distill, dim, bins.n_bins, k)
     if init is not None:
         teacher.load_state_dict(init[0].state_dict())
-        # the ranking head is refit below at every run, never carried over
-        student.load_state_dict({k: v for k, v in init[1].state_dict().items() if not k.startswith("rank_")})
+        # the ranking head and the histogram mix are refit below at every run, never carried over
+        student.load_state_dict({k: v for k, v in init[1].state_dict().items() if not k.startswith(("rank_", "mix_"))})
     elif k and data.features is not None:
         fit = torch.from_numpy(data.features[split.train])
         teacher.set_feature_stats(fit)
@@ -194,7 +197,12 @@ def train_pair(
                        on_epoch=lambda e, a, b: bar.update(1) if bar else None, rows=di)
     if bar:
         bar.close()
+    mix = None
+    if cfg.histogram_mix:  # before the ranking head, which then stacks on the served expected reward
+        prior = reward_histogram(data.rewards[split.train], bins)
+        mix = fit_histogram_mix(predict_probs(student, X_all[va]), data.rewards[split.val], prior, bins)
+        student.set_histogram_mix(mix.weight, prior)
     ranking = None
     if cfg.ranking:
         ranking = fit_ranking_head(student, X_all, data.rewards, split.groups, split.train, split.val, bins.centers)
-    return TrainedPair(teacher, student, t_report, d_report, X_all, ranking)
+    return TrainedPair(teacher, student, t_report, d_report, X_all, ranking, mix)

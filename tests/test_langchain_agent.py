@@ -250,8 +250,8 @@ def test_scorer_batches_in_one_forward_pass(trained_store):
     _, _, pred = trained_store
     scorer = RewardScorer(pred)
     calls = []
-    real = pred.runner.logits
-    pred.runner.logits = lambda X, F=None: calls.append(len(X)) or real(X, F)
+    real = pred.runner.probs
+    pred.runner.probs = lambda X, F=None: calls.append(len(X)) or real(X, F)
     preds = scorer.batch([GOOD, Document(page_content=BAD), GOOD])
     assert calls == [3] and preds[0].mean == pytest.approx(preds[2].mean)
     assert preds[0].mean > preds[1].mean + 0.3
