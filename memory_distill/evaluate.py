@@ -245,7 +245,7 @@ def fit_histogram_mix(probs: np.ndarray, rewards: np.ndarray, prior: np.ndarray 
     ok = np.isfinite(r)
     p, r = np.asarray(probs, np.float64)[ok], r[ok]
     if prior is None or len(r) < min_rows:
-        why = "no training rewards" if prior is None else f"{len(r)} rewarded validation rows (needs {min_rows})"
+        why = "no training rewards" if prior is None else f"{len(r)} rewarded validation rows, needs {min_rows}"
         base = crps(p, r, bins) if len(r) else float("nan")
         return HistogramMix(0.0, base, base, int(len(r)), f"not mixed: {why}")
     h = np.asarray(prior, np.float64)[None, :]

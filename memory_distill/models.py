@@ -26,7 +26,8 @@ training does not turn small differences into large inputs."""
 class RewardMLP(nn.Module):
     """[embedding | text features] -> [Linear (-> BatchNorm) -> ReLU -> Dropout] x len(hidden) -> Linear -> logits.
 
-    Outputs **logits** over reward bins; softmax happens only in losses and prediction.
+    Outputs **logits** over reward bins; softmax happens only in losses and prediction. With a histogram mix
+    attached (:meth:`set_histogram_mix`, after distillation) the outputs are the log of the mixed distribution.
 
     With ``n_features > 0`` the input is ``[n, in_dim + n_features]``: the embedding followed by
     text features (:mod:`memory_distill.features`). The features are standardised inside the

@@ -30,8 +30,14 @@ def feature_lines(report: Any) -> list[str]:
                      "rewards' histogram (the same forecast for every memory; lower is better)")
     mix = getattr(report, "histogram_mix", None)
     if mix is not None:
-        lines.append(f"histogram mix: {mix.weight:.2f} of the served distribution is that histogram ("
-                     + (mix.reason[len("not mixed: "):] if mix.reason.startswith("not mixed: ") else mix.reason) + ")")
+        if mix.weight:
+            lines.append(f"histogram mix: {mix.weight:.2f} of the served distribution is that histogram (validation "
+                         f"CRPS {mix.val_crps:.4f} vs {mix.val_crps_student:.4f} for the student alone, {mix.n_val} rows)")
+        elif mix.reason.startswith("not mixed: "):
+            lines.append(f"histogram mix: none ({mix.reason[len('not mixed: '):]})")
+        else:
+            lines.append(f"histogram mix: none (the student alone had the lowest validation CRPS, {mix.val_crps:.4f} "
+                         f"on {mix.n_val} rows)")
     spec = getattr(report, "features", None)
     if spec is not None:
         meta = "; ".join(f"{k} (number)" if k in spec.numeric else f"{k} ({len(v)} values)" if v

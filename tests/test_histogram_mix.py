@@ -39,7 +39,7 @@ def test_an_overconfident_forecast_is_mixed_and_a_right_one_is_not() -> None:
     assert right.weight == 0.0 and right.val_crps == right.val_crps_student <= BINS.width / 2 + 1e-9
     # too few rows to choose on, or pending rewards only: the student's distribution as distilled
     few = fit_histogram_mix(_sure(guess[:10]), r[:10], prior, BINS)
-    assert few.weight == 0.0 and "10 rewarded validation rows (needs 20)" in few.reason
+    assert few.weight == 0.0 and "10 rewarded validation rows, needs 20" in few.reason
     pending = fit_histogram_mix(_sure(guess), np.full(400, np.nan), prior, BINS)
     assert pending.weight == 0.0 and pending.n_val == 0
 
@@ -139,3 +139,17 @@ def test_a_warm_start_from_a_mixed_model_refits_the_mix(store, registry):
     assert first.histogram_mix is not None
     warm = run_consolidation(store, registry, job.model_copy(update={"warm_start": True, "seed": 1}))
     assert warm.warm_started and warm.histogram_mix is not None
+
+
+def test_the_summary_says_why_a_run_served_no_mix() -> None:
+    from types import SimpleNamespace
+
+    from memory_distill.evaluate import HistogramMix
+
+    def line(mix: HistogramMix) -> str:
+        return [x for x in feature_lines(SimpleNamespace(histogram_mix=mix)) if x.startswith("histogram mix")][0]
+
+    assert line(HistogramMix(0.0, 0.0401, 0.0401, 324)) == (
+        "histogram mix: none (the student alone had the lowest validation CRPS, 0.0401 on 324 rows)")
+    assert line(HistogramMix(0.0, float("nan"), float("nan"), 5, "not mixed: 5 rewarded validation rows, needs 20")) \
+        == "histogram mix: none (5 rewarded validation rows, needs 20)"
