@@ -1319,7 +1319,9 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         i = res["inference"]
         L += ["## Student inference (targets: >= 50% of sgemm at batch 1024; p50 < 200 us)", "",
               f"Student {i['dim']} (+4 text features)->256->128->64: {i['flops_per_sample']:,} FLOPs per sample. sgemm measured in the same run "
-              "(1024x1536 @ 1536x256, numpy/OpenBLAS float32).", "",
+              "(1024x1536 @ 1536x256, numpy/OpenBLAS float32). Throughput: the forward pass to logits. Single query: "
+              "forward, the histogram mix consolidation serves it with, and the distribution's summary (mean, std, "
+              "quantiles, entropy), no embedding.", "",
               "| sgemm GFLOP/s | student GFLOP/s (batch 1024) | fraction of sgemm | rows/s | torch nn.Module rows/s | single query p50 | p95 | p50 / p95 with a ranking head |",
               "|---|---|---|---|---|---|---|---|",
               f"| {i['sgemm_gflops']:.1f} | {i['student_gflops']:.1f} | **{i['fraction_of_sgemm']:.0%}** | {i['rows_per_s']:,.0f} | "
