@@ -242,6 +242,7 @@ def run_consolidation(
         "incumbent": report.incumbent_version, "student": report.evaluation.student.to_dict(),
         "teacher": report.evaluation.teacher.to_dict(), "kl": report.evaluation.kl_divergence,
         "curriculum": report.distill.curriculum, "device": report.device, "threads": report.threads,
+        "histogram_mix": report.histogram_mix.weight if report.histogram_mix is not None else None,
         "phases": report.phases, "fingerprint": report.fingerprint,
     })
     try:

@@ -114,6 +114,7 @@ def test_consolidation_mixes_a_student_that_is_too_sure_and_serves_the_mix(store
     assert rep.evaluation.student.crps <= rep.evaluation.histogram_crps + 0.01
     assert f"histogram mix: {mix.weight:.2f} of the served distribution is that histogram (validation CRPS" in \
         "\n".join(feature_lines(rep))  # the CLI summary and report.md say so
+    assert registry.history()[-1]["histogram_mix"] == mix.weight
     manifest = registry.manifest(rep.version)
     assert manifest["histogram_mix"]["weight"] == mix.weight and manifest["student"]["arch"]["histogram_mix"]
 
