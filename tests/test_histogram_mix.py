@@ -34,6 +34,10 @@ def test_an_overconfident_forecast_is_mixed_and_a_right_one_is_not() -> None:
     assert 0.2 <= fit.weight <= 0.9, fit
     assert fit.val_crps < fit.val_crps_student - 0.05 and fit.n_val == 400
     assert fit.val_crps == pytest.approx(crps((1 - fit.weight) * _sure(guess) + fit.weight * prior, r, BINS))
+    soft = np.random.default_rng(1).dirichlet(np.full(16, 0.3), size=400)  # the closed form in w is the CRPS
+    for w in (0.1, 0.45, 0.9):
+        assert fit_histogram_mix(soft, r, prior, BINS, grid=(w,)).val_crps == pytest.approx(
+            crps((1 - w) * soft + w * prior, r, BINS), rel=1e-6)
     # sure and right: nothing to temper
     right = fit_histogram_mix(_sure(r), r, prior, BINS)
     assert right.weight == 0.0 and right.val_crps == right.val_crps_student <= BINS.width / 2 + 1e-9
