@@ -1536,9 +1536,8 @@ def _uncertainty_row(name: str, emb: str, rs: list[dict[str, Any]]) -> str:
     def diff(a: str, b: str) -> str:
         return _paired(np.array([r["crps"][a] - r["crps"][b] for r in rs]))
 
-    has_mix = all("distilled" in r["crps"] for r in rs)  # runs before the histogram mix served the distilled student
     mixed = (f" | {m('mix_weight'):.2f} | {m('crps', 'distilled'):.4f} | {diff('distilled', 'student')} | "
-             f"{m('calibration_error', 'distilled'):.3f}") if has_mix else " | - | - | - | -"
+             f"{m('calibration_error', 'distilled'):.3f}")
     return (f"| {name} | {emb} | {m('spearman'):.3f} | "
             + " | ".join(f"{m('crps', k):.4f}" for k in ("student", "teacher", "marginal", "student_scaled"))
             + f" | {diff('marginal', 'student')} | {diff('student', 'student_scaled')}" + mixed + " | "

@@ -127,9 +127,7 @@ class StudentRunner:
         """The served reward distributions [n, n_bins]: softmax of the logits, then the histogram mix if attached."""
         X, F = self._check(X, features)
         if self._layers is None:
-            with torch.inference_mode():
-                x = torch.from_numpy(X if F is None else np.concatenate([X, F], axis=1)).to(self.device)
-                return torch.softmax(self.model(x).float(), -1).cpu().numpy()
+            return _softmax(self.logits(X, F))  # the module's logits are those of the mix already
         p = _softmax(self._raw_logits(X, F))
         if self._mix is not None:
             p *= self._mix[0]

@@ -80,6 +80,13 @@ def test_the_mixed_model_serves_the_mix_keeps_the_order_and_round_trips() -> Non
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(runner.advantage(X, F), want_adv, rtol=1e-5, atol=1e-5)
 
+    bn = RewardMLP(12, (16,), 10, batchnorm=True).eval()  # no numpy fast path: the runner reads the module
+    bn.set_histogram_mix(0.4, prior)
+    with torch.no_grad():
+        np.testing.assert_allclose(StudentRunner(bn).probs(X), torch.softmax(bn(torch.from_numpy(X)), -1).numpy(),
+                                   rtol=1e-5, atol=1e-6)
+    assert (StudentRunner(bn).probs(X)[:, [0, 9]] >= 0.4 * 0.5 - 1e-6).all()  # the prior's share of its two bins
+
     with pytest.raises(ValueError, match=r"in \[0, 1\)"):
         m.set_histogram_mix(1.0, prior)
     with pytest.raises(ValueError, match="distribution over the 10 bins"):
