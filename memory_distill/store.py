@@ -24,6 +24,7 @@ written, and a failure part-way through a chunked write removes (or restores) wh
 
 from __future__ import annotations
 
+import difflib
 import errno
 import functools
 import hashlib
@@ -149,6 +150,10 @@ def coerce_memory(item: Any, *, namespace: str | None = None, index: int | None 
                 msg += " (every memory needs a text: the episode's content)" if loc == "text" else ""
             elif err["type"] in ("float_parsing", "float_type") and loc in ("created_at", "rewarded_at"):
                 msg += " (a Unix time in seconds, e.g. time.time())"
+            elif err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
+                near = difflib.get_close_matches(loc, list(Memory.model_fields), n=1)
+                msg += (f": did you mean {near[0]!r}?" if near else
+                        f": put your own fields in metadata, e.g. metadata={{{loc!r}: ...}}")
             parts.append(f"{loc}: {msg}")
         raise InvalidMemoryError(f"{where} is invalid: " + "; ".join(parts)) from None
     return mem

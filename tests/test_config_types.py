@@ -89,7 +89,10 @@ def test_defaults_match_the_design():
         ({"text": "x", "metadata": {"_md_ns": "a"}}, "reserved prefix"),
         ({"text": "x", "metadata": {"$where": "a"}}, "reserved prefix"),
         ({"text": "x", "metadata": {"big": 2**70}}, "64 bits"),
-        ({"text": "x", "colour": "red"}, "colour: Extra inputs are not permitted"),
+        ({"text": "x", "colour": "red"},
+         r"colour: Extra inputs are not permitted: put your own fields in metadata, e.g. metadata=\{'colour': \.\.\.\}"),
+        ({"text": "x", "rewrd": 0.5}, "rewrd: Extra inputs are not permitted: did you mean 'reward'"),
+        ({"txt": "x"}, "txt: Extra inputs are not permitted: did you mean 'text'"),
         # a lone surrogate (broken JSON escapes, surrogateescape decoding) has no UTF-8 form: Chroma and every
         # embedder would fail on it with a bare UnicodeEncodeError
         ({"text": "ok \ud800 then"}, r"text holds '\\ud800' at position 3, a lone surrogate.*errors='replace'"),
