@@ -115,37 +115,44 @@ class StudentRunner:
                 out += self._standardized_features(F) @ w_f
             if w_mean != 0.0:
                 if mean is None:
-                    mean = self.probs(X, F) @ centers
+                    mean = self._probs(X, F) @ centers
                 out += np.float32(w_mean) * np.asarray(mean, np.float32)
             return out
-        x = torch.from_numpy(X if F is None else np.concatenate([X, F], axis=1)).to(self.device)
         m = None if mean is None else torch.from_numpy(np.asarray(mean, np.float32)).to(self.device)
         with torch.inference_mode():
-            return self.model.advantage(x, m).float().cpu().numpy()
+            return self.model.advantage(self._tensor(X, F), m).float().cpu().numpy()
 
     def probs(self, X: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
         """The served reward distributions [n, n_bins]: softmax of the logits, then the histogram mix if attached."""
+        return self._probs(*self._check(X, features))
+
+    def logits(self, X: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
+        """Logits for embeddings ``X`` [n, in_dim] and (optional) raw text features [n, k]: their softmax is
+        :meth:`probs` (with a histogram mix, the log of the mixed distribution)."""
         X, F = self._check(X, features)
         if self._layers is None:
-            return _softmax(self.logits(X, F))  # the module's logits are those of the mix already
+            return self._module_logits(X, F)
+        if self._mix is None:
+            return self._raw_logits(X, F)
+        with np.errstate(divide="ignore"):
+            return np.log(self._probs(X, F))
+
+    def _probs(self, X: np.ndarray, F: np.ndarray | None) -> np.ndarray:
+        if self._layers is None:
+            return _softmax(self._module_logits(X, F))  # the module's logits are those of the mix already
         p = _softmax(self._raw_logits(X, F))
         if self._mix is not None:
             p *= self._mix[0]
             p += self._mix[1]
         return p
 
-    def logits(self, X: np.ndarray, features: np.ndarray | None = None) -> np.ndarray:
-        """Logits for embeddings ``X`` [n, in_dim] and (optional) raw text features [n, k]: their softmax is
-        :meth:`probs` (with a histogram mix, the log of the mixed distribution)."""
-        X, F = self._check(X, features)
-        if self._layers is not None:
-            if self._mix is not None:
-                with np.errstate(divide="ignore"):
-                    return np.log(self.probs(X, F))
-            return self._raw_logits(X, F)
-        x = torch.from_numpy(X if F is None else np.concatenate([X, F], axis=1)).to(self.device)
+    def _tensor(self, X: np.ndarray, F: np.ndarray | None) -> torch.Tensor:
+        return torch.from_numpy(X if F is None else np.concatenate([X, F], axis=1)).to(self.device)
+
+    def _module_logits(self, X: np.ndarray, F: np.ndarray | None) -> np.ndarray:
+        """The torch path (CUDA, or a module the CPU path does not cover)."""
         with torch.inference_mode():
-            return self.model(x).float().cpu().numpy()
+            return self.model(self._tensor(X, F)).float().cpu().numpy()
 
     def _raw_logits(self, X: np.ndarray, F: np.ndarray | None) -> np.ndarray:
         """The CPU path's forward pass, before any histogram mix."""
