@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import json
+import logging
 import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -50,6 +52,16 @@ HEADER_KEY = "memory_distill_export"
 FORMAT_VERSION = 1
 ENCODING = "base64-float32-le"
 FIELDS = ("id", "text", "reward", "metadata", "namespace", "created_at", "rewarded_at")
+_KNOWN = (*FIELDS, "embedding")
+
+log = logging.getLogger(__name__)
+
+
+def _misspelt(key: str, obj: Mapping[str, Any]) -> str | None:
+    """The field ``key`` is most likely a typo of (``rewrd``, ``Reward``, ``txt`` -> reward, reward, text), when
+    that field is absent from the line; ``None`` for a key that is simply not part of the format."""
+    near = difflib.get_close_matches(key.lower(), _KNOWN, n=1, cutoff=0.8)
+    return near[0] if near and near[0] not in obj else None
 
 
 def _encode(vec: np.ndarray) -> str:
@@ -133,6 +145,8 @@ class ImportFile:
     vectors: list[np.ndarray | None]
     header: dict[str, Any] | None
     lines: list[int]  # line number of each memory, for error messages
+    ignored: dict[str, int] = field(default_factory=dict)
+    """Keys outside the format (not read), with the number of lines that had each."""
 
 
 def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
@@ -150,14 +164,17 @@ def read_jsonl(path: str | Path, *, namespace: str | None = None) -> ImportFile:
     """Parse and validate a JSON Lines file (``-``: standard input) without touching any store.
 
     Each line: a JSON object with at least ``text``; ``id``, ``reward``, ``metadata``,
-    ``namespace``, ``created_at``, ``rewarded_at`` and ``embedding`` are optional, other keys are
-    ignored. ``namespace`` applies to lines that do not name one. Errors name ``path:line``.
+    ``namespace``, ``created_at``, ``rewarded_at`` and ``embedding`` are optional. Other keys are not read
+    (counted in :attr:`ImportFile.ignored`), except a near miss of a missing field (``rewrd``, ``Reward``,
+    ``txt``), which is an error: its value would be lost. ``namespace`` applies to lines that do not name one.
+    Errors name ``path:line``.
     """
     mems: list[Memory] = []
     vecs: list[np.ndarray | None] = []
     linenos: list[int] = []
     header: dict[str, Any] | None = None
     seen: dict[str, int] = {}
+    ignored: dict[str, int] = {}
     for lineno, line in _lines(path):
         if not line.strip():
             continue
@@ -178,6 +195,14 @@ def read_jsonl(path: str | Path, *, namespace: str | None = None) -> ImportFile:
                 raise InvalidMemoryError(f"{where}: export format_version {version!r} is not supported (this "
                                          f"version reads {FORMAT_VERSION}): upgrade memory_distill")
             continue
+        for k in obj:
+            if k in _KNOWN:
+                continue
+            if near := _misspelt(k, obj):
+                raise InvalidMemoryError(f"{where}: unknown field {k!r}: did you mean {near!r}? (rename it: fields "
+                                         "outside the format are not read, so its value would be lost); nothing "
+                                         "was imported")
+            ignored[k] = ignored.get(k, 0) + 1
         try:
             mem = coerce_memory({k: v for k, v in obj.items() if k in FIELDS}, namespace=namespace)
             vec = _decode(obj["embedding"], "embedding") if obj.get("embedding") is not None else None
@@ -190,7 +215,17 @@ def read_jsonl(path: str | Path, *, namespace: str | None = None) -> ImportFile:
         mems.append(mem)
         vecs.append(vec)
         linenos.append(lineno)
-    return ImportFile(mems, vecs, header, linenos)
+    if ignored:
+        log.warning("%s: fields outside the format were not read: %s (to keep them, move them into metadata)",
+                    path, ignored_text(ignored))
+    return ImportFile(mems, vecs, header, linenos, ignored)
+
+
+def ignored_text(ignored: Mapping[str, int]) -> str:
+    """``'score' (3 lines), 'tags' (1 line)``: the keys an import did not read, most frequent first."""
+    top = sorted(ignored.items(), key=lambda kv: (-kv[1], kv[0]))
+    more = f", and {len(top) - 10} more" if len(top) > 10 else ""
+    return ", ".join(f"{k!r} ({n} line{'s' * (n != 1)})" for k, n in top[:10]) + more
 
 
 @dataclass(frozen=True)
@@ -204,6 +239,9 @@ class ImportReport:
     """Rows whose text was embedded by the store's embedder."""
     note: str
     """Why the file's vectors were not reused, when it carried some; empty otherwise."""
+    ignored: dict[str, int] = field(default_factory=dict)
+    """Keys outside the format that were not read (move them into ``metadata`` to keep them), with the number of
+    lines that had each."""
 
 
 def import_jsonl(store: MemoryStore, path: str | Path, *, namespace: str | None = None, upsert: bool = False,
@@ -223,7 +261,7 @@ def import_jsonl(store: MemoryStore, path: str | Path, *, namespace: str | None 
     for m, lineno in zip(mems, data.lines, strict=True):
         store._check_reward(m.reward, f"{path}:{lineno}")
     if not mems:
-        return ImportReport([], 0, 0, "")
+        return ImportReport([], 0, 0, "", data.ignored)
     if not upsert:
         existing = store.existing_ids([m.id for m in mems])
         if existing:
@@ -260,4 +298,4 @@ def import_jsonl(store: MemoryStore, path: str | Path, *, namespace: str | None 
         if progress is not None:
             progress(s + len(part), len(todo))
     ids = store.add_many(mems, embeddings=X, upsert=upsert)
-    return ImportReport(ids, len(mems) - len(todo), len(todo), note)
+    return ImportReport(ids, len(mems) - len(todo), len(todo), note, data.ignored)

@@ -173,6 +173,30 @@ def test_import_is_all_or_nothing(tmp_path) -> None:  # type: ignore[no-untyped-
     assert len(rep.ids) == 40 and dst.count() == 40 and dst.get(ids[4]).reward == src.get(ids[4]).reward
 
 
+def test_a_misspelt_field_fails_the_import_and_other_unknown_keys_are_reported(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    store = MemoryStore(HashingEmbedder(dim=64), StoreConfig(path=tmp_path / "dst"))
+    path = tmp_path / "in.jsonl"
+    ok = [{"text": "a", "reward": 0.2, "score": 3}, {"text": "b", "tags": "x", "score": 1}]
+    for typo, near in (({"text": "c", "rewrd": 0.5}, "reward"), ({"txt": "c"}, "text"),
+                       ({"text": "c", "Reward": 0.5}, "reward"), ({"text": "c", "namespce": "x"}, "namespace")):
+        path.write_text("\n".join(json.dumps(o) for o in [*ok, typo]) + "\n", encoding="utf-8")
+        bad = next(k for k in typo if k not in ("text", "reward"))
+        with pytest.raises(InvalidMemoryError, match=rf"in.jsonl:3: unknown field '{bad}': did you mean '{near}'\?.*"
+                                                     "nothing was imported"):
+            import_jsonl(store, path)
+    assert store.count() == 0
+
+    # keys that are not near misses of a missing field are not read, and the report and the log say which
+    path.write_text("\n".join(json.dumps(o) for o in [*ok, {"text": "c", "reward": 0.1, "rewards": [1]}]) + "\n",
+                    encoding="utf-8")
+    with caplog.at_level("WARNING", logger="memory_distill.transfer"):
+        rep = import_jsonl(store, path)
+    assert len(rep.ids) == 3 and store.count() == 3
+    assert rep.ignored == {"score": 2, "tags": 1, "rewards": 1}
+    assert "'score' (2 lines), 'rewards' (1 line), 'tags' (1 line)" in caplog.text and "into metadata" in caplog.text
+    assert [m.reward for m in store.get_many(rep.ids)] == [0.2, None, 0.1]
+
+
 def test_cli_export_import_and_forget_older_than(tmp_path, monkeypatch, capsys) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("MEMORY_DISTILL_EMBEDDER__DIM", "128")
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
