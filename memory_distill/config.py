@@ -314,7 +314,8 @@ class JobConfig(_Config):
     64 per key); a memory without the key, or with a value not yet trained on, reads as the training
     average. Predictions
     then take the same metadata (``Predictor.predict(texts, metadata=...)``, a ``Document``'s
-    metadata in the scorer, a stored memory's in the retriever)."""
+    metadata in the scorer, a stored memory's in the retriever). A key that no training memory has
+    adds nothing; consolidation logs a warning naming the nearest key the memories do have."""
 
     @field_validator("metadata_features")
     @classmethod

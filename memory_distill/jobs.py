@@ -17,6 +17,7 @@ models trained on memories deleted any other way.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import difflib
 import hashlib
 import json
 import logging
@@ -59,6 +60,7 @@ from .rewards import RewardBins
 from .store import MemoryStore, TrainingData
 from .teacher import TeacherReport
 from .training import Split, seeded_training, split_by_group_and_time, train_pair
+from .types import RESERVED_PREFIX
 
 __all__ = [
     "ConsolidationExecutor",
@@ -182,6 +184,26 @@ def data_fingerprint(data: TrainingData, cfg: JobConfig) -> str:
         proj = np.random.default_rng(0).standard_normal((data.embeddings.shape[1], 4)).astype(np.float32)
         h.update(np.ascontiguousarray(np.asarray(data.embeddings, np.float32) @ proj).tobytes())
     return h.hexdigest()
+
+
+def _warn_absent_features(store: MemoryStore, cfg: JobConfig, data: TrainingData, train: np.ndarray) -> None:
+    """Warn about each of ``JobConfig.metadata_features`` that no training memory carries (a typo, or a key not
+    recorded yet): it adds no feature. Names the nearest key the memories do have (from one page of them)."""
+    absent = [k for k in cfg.metadata_features if all(data.metadata[k][i] is None for i in train)]
+    if not absent:
+        return
+    keys: set[str] = set()
+    for metas in store._metadata_pages(where=store._where(cfg.namespace, None)):
+        keys.update(k for m in metas for k in (m or {}) if not k.startswith(RESERVED_PREFIX))
+        break
+    where = f" in namespace {cfg.namespace!r}" if cfg.namespace is not None else ""
+    for k in absent:
+        near = difflib.get_close_matches(k, sorted(keys), n=1)
+        hint = (f"did you mean {near[0]!r}?" if near else
+                f"their metadata keys include {', '.join(map(repr, sorted(keys)[:10]))}" if keys else
+                "they have no metadata")
+        log.warning("JobConfig.metadata_features: no training memory%s has the metadata key %r, so it adds no "
+                    "feature (%s)", where, k, hint)
 
 
 def run_consolidation(
@@ -343,6 +365,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
     spec = FeatureSpec.fit(text=cfg.text_features,
                            columns={k: [data.metadata[k][i] for i in split.train] for k in cfg.metadata_features})
     data.features = spec.build(len(data), text_features=raw_text, metadata=data.metadata)
+    _warn_absent_features(store, cfg, data, split.train)
 
     inc_stale = inc_version in stale
     warm = bool(cfg.warm_start and incumbent is not None and not inc_stale and _compatible(incumbent.manifest, store, cfg, spec))

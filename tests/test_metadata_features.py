@@ -252,3 +252,24 @@ def test_a_numeric_key_generalises_to_values_never_seen(store, registry, embedde
     text = "Task 7: boiling point. The agent checked wrote cited looked searched."
     means = [pred.predict_one(text, {"steps": s}).mean for s in (4, 10, 30, 75)]  # none of them seen
     assert means == sorted(means, reverse=True) and means[0] > means[-1] + 0.3
+
+
+def test_a_key_no_training_memory_has_is_named_with_the_nearest_real_one(store, registry, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A misspelt key would silently add nothing (one constant column): consolidation warns and names a real key."""
+    from memory_distill.config import DistillConfig, TeacherConfig
+
+    store.add_many(_episodes(12, seed=0))
+    quick = {"teacher": TeacherConfig(hidden=(16,), epochs=1), "distill": DistillConfig(hidden=(8,), epochs=1)}
+    for keys, absent, hint in ((("agnet", "agent"), "agnet", "did you mean 'agent'?"),
+                               (("zzz",), "zzz", "their metadata keys include 'agent', 'group'")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="memory_distill.jobs"):
+            rep = run_consolidation(store, registry, fast_job(metadata_features=keys, **quick))
+        warned = [r.getMessage() for r in caplog.records if "metadata_features" in r.getMessage()]
+        assert warned == [f"JobConfig.metadata_features: no training memory has the metadata key {absent!r}, so it "
+                          f"adds no feature ({hint})"]
+        assert rep.features is not None and (absent, ()) in rep.features.metadata
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="memory_distill.jobs"):
+        run_consolidation(store, registry, fast_job(metadata_features=("agent",), **quick))
+    assert not [r for r in caplog.records if "metadata_features" in r.getMessage()]
