@@ -315,7 +315,8 @@ class JobConfig(_Config):
     average. Predictions
     then take the same metadata (``Predictor.predict(texts, metadata=...)``, a ``Document``'s
     metadata in the scorer, a stored memory's in the retriever). A key that no training memory has
-    adds nothing; consolidation logs a warning naming the nearest key the memories do have."""
+    adds nothing; consolidation logs a warning naming the nearest key the memories do have, and a
+    prediction given a near miss of a feature key (``tol`` for ``tool``) warns once."""
 
     @field_validator("metadata_features")
     @classmethod

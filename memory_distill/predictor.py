@@ -7,6 +7,7 @@ BLAS speed; on CUDA the torch module runs on the GPU.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import threading
@@ -251,6 +252,7 @@ class Predictor:
         self.loaded = loaded
         self.spec = served.spec
         self._warned_metadata = False  # once per served version
+        self._checked_keys: set[str] = set()  # given metadata keys already checked for a near miss of a feature key
         self.bins: RewardBins = loaded.bins
         self.runner = served.runner
         self._centers = self.bins.centers
@@ -366,8 +368,25 @@ class Predictor:
             self._warned_metadata = True
             log.warning("model %s reads metadata features %s but none were given: predicting with their training "
                         "mean (pass metadata=[{...}, ...] one dict per row)", self.version, spec.keys)
+        if metadata is not None and spec.metadata_width:
+            self._warn_near_misses(spec, metadata)
         cols = metadata_columns(metadata, spec.keys) if metadata is not None else None
         return spec.build(n, text_features=tf, metadata=cols)
+
+    def _warn_near_misses(self, spec: FeatureSpec, metadata: Sequence[Mapping[str, Any] | None]) -> None:
+        """Warn about a given key that is a near miss of a feature key no row gave (``tol`` for ``tool``): its rows
+        would read as the training mean. Each key is checked once per served version (no cost on later calls)."""
+        if len(self._checked_keys) > 1000:  # keys made up per call (ids?): stop checking
+            return
+        given = {k for m in metadata if m for k in m}
+        for k in given - set(spec.keys) - self._checked_keys:
+            self._checked_keys.add(k)
+            lower = {key.lower(): key for key in spec.keys}
+            near = [lower[x] for x in difflib.get_close_matches(k.lower(), list(lower), n=1, cutoff=0.8)]
+            if near and near[0] not in given:
+                log.warning("model %s reads the metadata key %r, and the metadata given has %r instead: did you mean "
+                            "%r? (rows without it are predicted with its training mean)", self.version, near[0], k,
+                            near[0])
 
     def predict_embeddings(self, X: np.ndarray, *, features: np.ndarray | None = None,
                            texts: Sequence[str] | None = None,

@@ -133,6 +133,15 @@ def test_consolidation_learns_which_agent_pays_off(agent_models, embedder, caplo
         neutral = pred.predict([text])[0].mean
         pred.predict([text])
     assert sum("reads metadata features ['agent'] but none were given" in r.message for r in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="memory_distill.predictor"):  # a near miss of the key: named, once
+        assert pred.predict([text], metadata=[{"agnet": "planner"}])[0].mean == pytest.approx(neutral, abs=1e-6)
+        pred.predict([text], metadata=[{"agnet": "planner"}])
+        pred.predict([text, text], metadata=[{"Agent": "planner"}, {"agent": "react"}])  # the real key is given too
+        pred.predict([text], metadata=[{"user": "bob", "agent": "planner"}])  # not a near miss
+    assert [r.getMessage() for r in caplog.records] == [
+        f"model {pred.version} reads the metadata key 'agent', and the metadata given has 'agnet' instead: did "
+        "you mean 'agent'? (rows without it are predicted with its training mean)"]
     assert neutral == pytest.approx(means["brand-new-agent"], abs=1e-6)
     X = embedder.embed([text] * 2)
     batch = pred.predict_embeddings(X, texts=[text] * 2, metadata=[{"agent": "planner"}, None])
