@@ -167,6 +167,10 @@ def test_recall_tool_exposed_to_the_model(trained_store):
     out = agent.invoke({"messages": [HumanMessage("what worked before?")]})
     tool_msg = [m for m in out["messages"] if m.type == "tool"][0]
     assert tool_msg.name == "recall_past_episodes" and tool_msg.content.count("\n") >= 2 and "predicted" in tool_msg.content
+    # the model sees the modes as an enum in the tool's schema, so it cannot invent one
+    (tool,) = mw.tools
+    schema = tool.tool_call_schema.model_json_schema()["properties"]["mode"]
+    assert schema["enum"] == ["likely_success", "cautionary", "similarity"] and schema["default"] == "likely_success"
 
 
 @pytest.mark.parametrize("use_async", [False, True])

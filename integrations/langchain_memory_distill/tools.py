@@ -11,7 +11,7 @@ from langchain_core.tools import BaseTool, StructuredTool
 from memory_distill.predictor import Predictor
 
 from .episodes import NamespaceFn, run_namespace
-from .retriever import ValueAwareRetriever
+from .retriever import Mode, ValueAwareRetriever
 
 __all__ = ["make_predict_tool", "make_recall_tool"]
 
@@ -37,9 +37,9 @@ def make_recall_tool(retriever: ValueAwareRetriever, *, name: str = "recall_past
     its own model.
     """
     description = ("Search your past episodes similar to `query`. mode='likely_success' favours what worked, "
-                   "mode='cautionary' surfaces past failures to avoid.")
+                   "mode='cautionary' surfaces past failures to avoid, mode='similarity' ignores rewards.")
 
-    def search(query: str, mode: str, ns: str | None) -> str:
+    def search(query: str, mode: Mode, ns: str | None) -> str:
         kw: dict[str, Any] = {}
         if ns is not None:
             kw["namespace"] = ns
@@ -49,7 +49,7 @@ def make_recall_tool(retriever: ValueAwareRetriever, *, name: str = "recall_past
         return "\n".join(_fmt_doc(d) for d in docs) or "no relevant past episodes"
 
     if namespace is None or isinstance(namespace, str):
-        def recall(query: str, mode: str = "likely_success") -> str:
+        def recall(query: str, mode: Mode = "likely_success") -> str:  # an enum in the tool's schema
             return search(query, mode, namespace)
 
         return StructuredTool.from_function(recall, name=name, description=description)
@@ -58,11 +58,11 @@ def make_recall_tool(retriever: ValueAwareRetriever, *, name: str = "recall_past
 
     fn = namespace
 
-    def recall_in_run(query: str, runtime: ToolRuntime, mode: str = "likely_success") -> str:
+    def recall_in_run(query: str, runtime: ToolRuntime, mode: Mode = "likely_success") -> str:
         return search(query, mode, run_namespace(fn, runtime))
 
     # the runtime is injected by the agent's tool node, never shown to the model
-    recall_in_run.__annotations__ = {"query": str, "runtime": ToolRuntime[Any, Any], "mode": str, "return": str}
+    recall_in_run.__annotations__ = {"query": str, "runtime": ToolRuntime[Any, Any], "mode": Mode, "return": str}
     return StructuredTool.from_function(recall_in_run, name=name, description=description)
 
 
