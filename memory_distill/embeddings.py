@@ -417,8 +417,9 @@ class OpenAIEmbedder(_ReadsLongTexts):
             raise EmbeddingError(f"embeddings response is malformed (not the expected JSON): {type(e).__name__}") from None
         except openai.APIConnectionError as e:
             raise EmbeddingError(
-                f"could not reach the embeddings server after retries: {type(e).__name__}: "
-                "check base_url / network"
+                f"could not reach the embeddings server at {self._client.base_url} after retries "
+                f"({type(e).__name__}): check EmbedderConfig.base_url and the network, or embed offline with "
+                "the hashing embedder (--embedder hashing, MEMORY_DISTILL_EMBEDDER__KIND=hashing)"
             ) from None
         with self._count_lock:
             self.requests_made += 1

@@ -82,6 +82,18 @@ def test_timeout(server):
         make(server, timeout_s=0.2, max_retries=0).embed(["slow"])
 
 
+def test_an_unreachable_server_is_named_with_the_offline_way_out():
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    emb = OpenAIEmbedder(api_key="sk-test", base_url=f"http://127.0.0.1:{port}/v1", dim=8, max_retries=0)
+    with pytest.raises(EmbeddingError, match=rf"could not reach the embeddings server at http://127.0.0.1:{port}/v1/ "
+                                             r"after retries \(APIConnectionError\).*--embedder hashing"):
+        emb.embed(["hello"])
+
+
 @pytest.mark.parametrize(("mode", "match"), [("short", "1 items for 2 inputs"), ("wrong_dim", "ragged"),
                                               ("garbage", "malformed")])
 def test_bad_responses(server, mode, match):
