@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -244,7 +245,25 @@ def cmd_search(args: argparse.Namespace) -> int:
     for h in hits:
         rows.append((f"{h.similarity:.3f}", _fmt(h.memory.reward, 2), h.memory.id[:12], h.memory.text[:70]))
     _table(rows)
+    if not hits:
+        print(_why_no_hits(mem, args.namespace, args.where), file=sys.stderr)
     return 0
+
+
+def _why_no_hits(mem: Any, namespace: str | None, where: Any) -> str:
+    """A hint for an empty search: an empty store, a namespace that does not exist (the nearest one that does),
+    or a filter no memory passes."""
+    counts = mem.store.namespace_counts()
+    if not counts:
+        return "no memories stored yet: add some with `memory-distill add` or `memory-distill import`"
+    if namespace is not None and namespace not in counts:
+        near = difflib.get_close_matches(namespace, list(counts), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        return (f"namespace {namespace!r} has no memories: {hint}the store's namespaces: "
+                f"{', '.join(map(repr, sorted(counts)[:10]))}{' ...' if len(counts) > 10 else ''}")
+    if where:
+        return f"no memory passes --where {json.dumps(where)}"
+    return "no matching memories"
 
 
 def cmd_reembed(args: argparse.Namespace) -> int:

@@ -44,6 +44,19 @@ def test_add_search_set_reward_stats(home, capsys):
     assert last["outcome"] == "failed" and "only 2 rewarded memories" in last["reason"] and 0 <= last["ago_s"] < 60
 
 
+def test_an_empty_search_says_why(home, capsys):
+    code, _, err = run(capsys, "search", "anything")
+    assert code == 0 and "no memories stored yet" in err
+    run(capsys, "add", "the agent searched the web", "-m", "tool=search", "--namespace", "team-a")
+    code, out, err = run(capsys, "search", "searched", "--namespace", "team_a")
+    assert code == 0 and out.count("\n") == 2  # the header only
+    assert err.strip() == "namespace 'team_a' has no memories: did you mean 'team-a'? the store's namespaces: 'team-a'"
+    code, _, err = run(capsys, "search", "searched", "--namespace", "team-a", "--where", '{"tool": "calc"}')
+    assert err.strip() == 'no memory passes --where {"tool": "calc"}'
+    code, out, err = run(capsys, "search", "searched", "--namespace", "team-a")
+    assert "the agent searched the web" in out and err == ""
+
+
 def test_metadata_takes_key_value_items_or_a_json_object(home, capsys):
     code, out, _ = run(capsys, "add", "pushed without tests", "-m", '{"tool": "git", "checked": false}', "n=3")
     assert code == 0
