@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import logging
 import os
@@ -251,15 +250,13 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def _why_no_hits(mem: Any, namespace: str | None, where: Any) -> str:
-    """A hint for an empty search: an empty store, a namespace that does not exist (the nearest one that does),
-    or a filter no memory passes."""
+    """A hint for an empty search: an empty store, a namespace that does not exist (and the ones that do), or a
+    filter no memory passes."""
     counts = mem.store.namespace_counts()
     if not counts:
         return "no memories stored yet: add some with `memory-distill add` or `memory-distill import`"
-    if namespace is not None and namespace not in counts:
-        near = difflib.get_close_matches(namespace, list(counts), n=1)
-        hint = f"did you mean {near[0]!r}? " if near else ""
-        return (f"namespace {namespace!r} has no memories: {hint}the store's namespaces: "
+    if namespace is not None and namespace not in counts:  # (no "did you mean": user-123 is near user-124)
+        return (f"namespace {namespace!r} has no memories; the store's namespaces: "
                 f"{', '.join(map(repr, sorted(counts)[:10]))}{' ...' if len(counts) > 10 else ''}")
     if where:
         return f"no memory passes --where {json.dumps(where)}"

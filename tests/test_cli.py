@@ -50,7 +50,7 @@ def test_an_empty_search_says_why(home, capsys):
     run(capsys, "add", "the agent searched the web", "-m", "tool=search", "--namespace", "team-a")
     code, out, err = run(capsys, "search", "searched", "--namespace", "team_a")
     assert code == 0 and out.count("\n") == 2  # the header only
-    assert err.strip() == "namespace 'team_a' has no memories: did you mean 'team-a'? the store's namespaces: 'team-a'"
+    assert err.strip() == "namespace 'team_a' has no memories; the store's namespaces: 'team-a'"
     code, _, err = run(capsys, "search", "searched", "--namespace", "team-a", "--where", '{"tool": "calc"}')
     assert err.strip() == 'no memory passes --where {"tool": "calc"}'
     code, out, err = run(capsys, "search", "searched", "--namespace", "team-a")
