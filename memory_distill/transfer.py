@@ -29,6 +29,7 @@ from __future__ import annotations
 import base64
 import binascii
 import difflib
+import functools
 import json
 import logging
 import os
@@ -57,11 +58,17 @@ _KNOWN = (*FIELDS, "embedding")
 log = logging.getLogger(__name__)
 
 
+@functools.lru_cache(maxsize=1024)
+def _nearest_field(key: str) -> str | None:
+    near = difflib.get_close_matches(key.lower(), _KNOWN, n=1, cutoff=0.8)
+    return near[0] if near else None
+
+
 def _misspelt(key: str, obj: Mapping[str, Any]) -> str | None:
     """The field ``key`` is most likely a typo of (``rewrd``, ``Reward``, ``txt`` -> reward, reward, text), when
     that field is absent from the line; ``None`` for a key that is simply not part of the format."""
-    near = difflib.get_close_matches(key.lower(), _KNOWN, n=1, cutoff=0.8)
-    return near[0] if near and near[0] not in obj else None
+    near = _nearest_field(key)
+    return near if near is not None and near not in obj else None
 
 
 def _encode(vec: np.ndarray) -> str:
