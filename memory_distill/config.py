@@ -8,7 +8,6 @@ tree from the environment (``MEMORY_DISTILL_`` prefix, ``__`` between nesting le
 
 from __future__ import annotations
 
-import difflib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -25,6 +24,8 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import nearest_name
 
 __all__ = [
     "BinsConfig",
@@ -59,8 +60,8 @@ class _Config(BaseModel):
             for x in errors:
                 msg = x["msg"]
                 if x["type"] == "extra_forbidden" and len(x["loc"]) == 1:
-                    near = difflib.get_close_matches(str(x["loc"][0]), list(cls.model_fields), n=1)
-                    msg += (f": did you mean {near[0]!r}?" if near else
+                    near = nearest_name(str(x["loc"][0]), cls.model_fields)
+                    msg += (f": did you mean {near!r}?" if near else
                             f" ({cls.__name__} takes {', '.join(cls.model_fields)})")
                 fixed.append({"type": PydanticCustomError(x["type"], msg.replace("{", "{{").replace("}", "}}")),
                               "loc": x["loc"], "input": x["input"]})
@@ -347,8 +348,8 @@ def _check_env_names(settings: type[BaseSettings]) -> None:
         head = key[len(_ENV_PREFIX):].split("__")[0].upper()
         if head in fields or head in _ENV_NOT_SETTINGS:
             continue
-        near = difflib.get_close_matches(head, fields, n=1)
-        hint = (f"did you mean {_ENV_PREFIX + near[0] + key[len(_ENV_PREFIX) + len(head):]}?" if near else
+        near = nearest_name(head, fields)
+        hint = (f"did you mean {_ENV_PREFIX + near + key[len(_ENV_PREFIX) + len(head):]}?" if near else
                 f"the settings are {', '.join(_ENV_PREFIX + f for f in fields)} (nested parts after '__')")
         raise ValueError(f"environment variable {key} is not a memory_distill setting: {hint}")
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 __all__ = [
     "ArtifactError",
     "ConsolidationError",
@@ -80,3 +83,11 @@ class UnchangedDataError(MemoryDistillError):
         """The current model, still serving."""
         self.fingerprint = fingerprint
         self.n_rewarded = n_rewarded
+
+
+def nearest_name(name: str, names: Iterable[str], *, cutoff: float = 0.6) -> str | None:
+    """The one of ``names`` that ``name`` most likely misspells, ignoring case (``Rewrd`` -> ``reward``), as spelt
+    in ``names``; ``None`` when none is close. For "did you mean ...?" hints."""
+    by_lower = {n.lower(): n for n in names}
+    near = difflib.get_close_matches(name.lower(), list(by_lower), n=1, cutoff=cutoff)
+    return by_lower[near[0]] if near else None

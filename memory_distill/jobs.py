@@ -17,7 +17,6 @@ models trained on memories deleted any other way.
 from __future__ import annotations
 
 import concurrent.futures as cf
-import difflib
 import hashlib
 import json
 import logging
@@ -43,6 +42,7 @@ from .errors import (
     NotEnoughDataError,
     StoreError,
     UnchangedDataError,
+    nearest_name,
 )
 from .evaluate import (
     EvalReport,
@@ -198,8 +198,8 @@ def _warn_absent_features(store: MemoryStore, cfg: JobConfig, data: TrainingData
         break
     where = f" in namespace {cfg.namespace!r}" if cfg.namespace is not None else ""
     for k in absent:
-        near = difflib.get_close_matches(k, sorted(keys), n=1)
-        hint = (f"did you mean {near[0]!r}?" if near else
+        near = nearest_name(k, sorted(keys))
+        hint = (f"did you mean {near!r}?" if near else
                 f"their metadata keys include {', '.join(map(repr, sorted(keys)[:10]))}" if keys else
                 "they have no metadata")
         log.warning("JobConfig.metadata_features: no training memory%s has the metadata key %r, so it adds no "

@@ -7,7 +7,6 @@ BLAS speed; on CUDA the torch module runs on the GPU.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import threading
@@ -21,7 +20,7 @@ import torch
 
 from .artifacts import ArtifactRegistry, LoadedModel
 from .embeddings import Embedder
-from .errors import ArtifactError, EmbedderMismatchError, NoModelError
+from .errors import ArtifactError, EmbedderMismatchError, NoModelError, nearest_name
 from .features import N_TEXT_FEATURES, FeatureSpec, metadata_columns, text_stats
 from .models import FEATURE_CLIP, RewardMLP, resolve_device
 from .rewards import RewardBins, summarize_probs
@@ -374,19 +373,20 @@ class Predictor:
         return spec.build(n, text_features=tf, metadata=cols)
 
     def _warn_near_misses(self, spec: FeatureSpec, metadata: Sequence[Mapping[str, Any] | None]) -> None:
-        """Warn about a given key that is a near miss of a feature key no row gave (``tol`` for ``tool``): its rows
-        would read as the training mean. Each key is checked once per served version (no cost on later calls)."""
+        """Warn about a key of the first row's metadata that is a near miss of a feature key that row lacks (``tol``
+        for ``tool``): such rows read as the training mean. Rows of a call share a schema, so one row is read (not
+        the batch), and each key is looked up once per served version."""
         if len(self._checked_keys) > 1000:  # keys made up per call (ids?): stop checking
             return
-        given = {k for m in metadata if m for k in m}
-        for k in given - set(spec.keys) - self._checked_keys:
+        given = next((m for m in metadata if m), None)
+        if given is None:
+            return
+        for k in given.keys() - set(spec.keys) - self._checked_keys:
             self._checked_keys.add(k)
-            lower = {key.lower(): key for key in spec.keys}
-            near = [lower[x] for x in difflib.get_close_matches(k.lower(), list(lower), n=1, cutoff=0.8)]
-            if near and near[0] not in given:
+            near = nearest_name(k, spec.keys, cutoff=0.8)
+            if near is not None and near not in given:
                 log.warning("model %s reads the metadata key %r, and the metadata given has %r instead: did you mean "
-                            "%r? (rows without it are predicted with its training mean)", self.version, near[0], k,
-                            near[0])
+                            "%r? (rows without it are predicted with its training mean)", self.version, near, k, near)
 
     def predict_embeddings(self, X: np.ndarray, *, features: np.ndarray | None = None,
                            texts: Sequence[str] | None = None,

@@ -24,7 +24,6 @@ written, and a failure part-way through a chunked write removes (or restores) wh
 
 from __future__ import annotations
 
-import difflib
 import errno
 import functools
 import hashlib
@@ -52,7 +51,13 @@ except ImportError:  # pragma: no cover - Windows: no marker, no warning
 
 from .config import StoreConfig
 from .embeddings import Embedder
-from .errors import EmbedderMismatchError, InvalidMemoryError, MemoryNotFoundError, StoreError
+from .errors import (
+    EmbedderMismatchError,
+    InvalidMemoryError,
+    MemoryNotFoundError,
+    StoreError,
+    nearest_name,
+)
 from .features import N_TEXT_FEATURES, decode_stats, encode_stats
 from .types import RESERVED_PREFIX, Memory, SearchHit, check_metadata
 
@@ -151,8 +156,8 @@ def coerce_memory(item: Any, *, namespace: str | None = None, index: int | None 
             elif err["type"] in ("float_parsing", "float_type") and loc in ("created_at", "rewarded_at"):
                 msg += " (a Unix time in seconds, e.g. time.time())"
             elif err["type"] == "extra_forbidden" and len(err["loc"]) == 1:
-                near = difflib.get_close_matches(loc, list(Memory.model_fields), n=1)
-                msg += (f": did you mean {near[0]!r}?" if near else
+                near = nearest_name(loc, Memory.model_fields)
+                msg += (f": did you mean {near!r}?" if near else
                         f": put your own fields in metadata, e.g. metadata={{{loc!r}: ...}}")
             parts.append(f"{loc}: {msg}")
         raise InvalidMemoryError(f"{where} is invalid: " + "; ".join(parts)) from None

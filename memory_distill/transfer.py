@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import difflib
 import functools
 import json
 import logging
@@ -43,7 +42,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from .errors import InvalidMemoryError, StoreError
+from .errors import InvalidMemoryError, StoreError, nearest_name
 from .store import MemoryStore, coerce_memory
 from .types import Memory
 
@@ -60,8 +59,7 @@ log = logging.getLogger(__name__)
 
 @functools.lru_cache(maxsize=1024)
 def _nearest_field(key: str) -> str | None:
-    near = difflib.get_close_matches(key.lower(), _KNOWN, n=1, cutoff=0.8)
-    return near[0] if near else None
+    return nearest_name(key, _KNOWN, cutoff=0.8)
 
 
 def _misspelt(key: str, obj: Mapping[str, Any]) -> str | None:

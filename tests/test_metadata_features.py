@@ -137,7 +137,7 @@ def test_consolidation_learns_which_agent_pays_off(agent_models, embedder, caplo
     with caplog.at_level("WARNING", logger="memory_distill.predictor"):  # a near miss of the key: named, once
         assert pred.predict([text], metadata=[{"agnet": "planner"}])[0].mean == pytest.approx(neutral, abs=1e-6)
         pred.predict([text], metadata=[{"agnet": "planner"}])
-        pred.predict([text, text], metadata=[{"Agent": "planner"}, {"agent": "react"}])  # the real key is given too
+        pred.predict([text], metadata=[{"Agent": "planner", "agent": "react"}])  # the real key is given too
         pred.predict([text], metadata=[{"user": "bob", "agent": "planner"}])  # not a near miss
     assert [r.getMessage() for r in caplog.records] == [
         f"model {pred.version} reads the metadata key 'agent', and the metadata given has 'agnet' instead: did "
