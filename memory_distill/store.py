@@ -356,6 +356,11 @@ def _where_clauses(where: Mapping[str, Any], path: str) -> list[dict[str, Any]]:
             continue
         if key.startswith("$"):
             raise StoreError(f"{path}: unsupported operator {key!r} here; use $and/$or or field names")
+        if isinstance(value, Mapping) and (op := next((o for o in ("$contains", "$not_contains") if o in value), None)):
+            # Chroma takes them for list metadata; a memory's metadata hold single values, so the answer is silently
+            # empty (or everything)
+            raise StoreError(f"{path}.{key}: {op} tests a list's elements, and memory metadata hold single values "
+                             f"(no substring match): use {'$eq or $in' if op == '$contains' else '$ne or $nin'}")
         out.append({key.removeprefix(USER_KEY) if key.startswith(USER_KEY) else _FIELDS.get(key, key): value})
     return out
 

@@ -229,6 +229,13 @@ def test_a_filter_chroma_refuses_is_a_clear_error_everywhere_and_deletes_nothing
             with pytest.raises(StoreError, match=f"where=.* is not a filter Chroma accepts .*{why}.*one operator: \\$eq"):
                 call()
     assert store.count() == 4
+    # list operators Chroma takes, which never match a memory's single-valued metadata: an error, not silence
+    for bad, fix in (({"tool": {"$contains": "sea"}}, "\\$eq or \\$in"),
+                     ({"$and": [{"reward": 0.5}, {"tool": {"$not_contains": "x"}}]}, "\\$ne or \\$nin")):
+        for call in (lambda w=bad: store.search("e", where=w), lambda w=bad: store.delete(where=w)):
+            with pytest.raises(StoreError, match=f"where.*tool: \\$(not_)?contains tests a list's elements.*use {fix}"):
+                call()
+    assert store.count() == 4
     for bad_ns in ("", 3):
         with pytest.raises(InvalidMemoryError, match="namespace: namespace must be a non-empty string .a team, user"):
             store.add_many([{"text": "t", "namespace": bad_ns}])
