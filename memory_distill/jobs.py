@@ -356,6 +356,13 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
             "record more rewards with set_reward() or lower min_rewarded"
         )
     split = split_by_group_and_time(data, cfg.gate.holdout_fraction, 0.15, rng)
+    if not len(split.holdout):  # the split holds out whole groups, and never the last one
+        group = data.groups[int(split.train[0])]
+        where = f" in namespace {cfg.namespace!r}" if cfg.namespace is not None else ""
+        raise NotEnoughDataError(
+            f"all {n_rewarded} rewarded memories{where} share one group ({group!r}, from the 'group' metadata key): "
+            "a run evaluates and gates its model on groups it did not train on, so it needs two or more; record "
+            "episodes of other tasks, or leave 'group' out of the metadata (each memory is then its own group)")
     if len(split.train) < 2:
         raise NotEnoughDataError(f"only {len(split.train)} training rows after holding out the most recent memories")
     # the model's feature columns: text statistics, then one per metadata value seen in the training

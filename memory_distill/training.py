@@ -62,15 +62,16 @@ def split_by_group_and_time(data: TrainingData, holdout_fraction: float, val_fra
     # (vectorised: a group is taken when the rewarded rows before it fall short of the target)
     counts = n_rew_per_group[order]
     before = np.cumsum(counts) - counts
-    hold = order[(before < holdout_fraction * total_rew) & (counts > 0)]
+    # (never the last group with rewards: a store of one or two big groups still trains)
+    hold = order[(before < holdout_fraction * total_rew) & (counts > 0) & (before + counts < total_rew)]
     is_hold_group = np.zeros(len(uniq), bool)
     is_hold_group[hold] = True
     rest = np.flatnonzero(~is_hold_group & (n_rew_per_group > 0)).astype(np.int64)
     rest = rng.permutation(rest)
     counts = n_rew_per_group[rest]
     before = np.cumsum(counts) - counts
-    val_target = val_fraction * (total_rew - n_rew_per_group[hold].sum())
-    val = rest[before < val_target]
+    left = total_rew - n_rew_per_group[hold].sum()
+    val = rest[(before < val_fraction * left) & (before + counts < left)]  # (nor the last one left for training)
     is_val_group = np.zeros(len(uniq), bool)
     is_val_group[val] = True
     is_hold = is_hold_group[inv]

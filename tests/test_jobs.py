@@ -34,6 +34,36 @@ def test_not_enough_data_fails_cleanly(store, registry):
     assert registry.history()[-1]["outcome"] == "failed"
 
 
+def test_few_big_groups_still_train_and_one_group_is_a_clear_error(store, registry):
+    """The split holds out whole groups, newest first: with two or three big groups it used to take every one of
+    them (holdout, then validation) and fail with "0 training rows"; it now leaves the last for training."""
+    from memory_distill.store import TrainingData
+    from memory_distill.training import split_by_group_and_time
+
+    rng = np.random.default_rng(0)
+    for sizes, train, val, hold in (((58, 2), 58, 0, 2), ((40, 15, 5), 40, 0, 20), ((30, 30), 30, 0, 30),
+                                    ((60,), 60, 0, 0), ((10,) * 10, 60, 20, 20)):
+        groups = [f"g{g}" for g, n in enumerate(sizes) for _ in range(n)]
+        n = len(groups)
+        data = TrainingData([str(i) for i in range(n)], np.zeros((n, 4), np.float32), np.full(n, 0.5, np.float32),
+                            np.arange(n, dtype=np.float64), groups)
+        split = split_by_group_and_time(data, 0.2, 0.15, rng)
+        assert (len(split.train), len(split.val), len(split.holdout)) == (train, val, hold), sizes
+
+    t = 1.7e9
+    store.add_many([{"text": f"task {g} attempt {i}: the agent {'searched' if i % 2 else 'guessed'}",
+                     "reward": 0.9 if i % 2 else 0.1, "metadata": {"group": f"task-{g}"}, "created_at": t + 100 * g + i}
+                    for g, n in enumerate((40, 15, 5)) for i in range(n)])
+    rep = run_consolidation(store, registry, fast_job())
+    assert rep.promoted and (rep.n_train, rep.n_holdout) == (40, 20)
+
+    store.delete(where={"group": {"$ne": "task-0"}})
+    with pytest.raises(ConsolidationError, match="all 40 rewarded memories share one group \\('task-0', from the "
+                                                 "'group' metadata key\\).*leave 'group' out of the metadata"):
+        run_consolidation(store, registry, fast_job())
+    assert registry.current_version() == rep.version
+
+
 def test_runs_train_from_scratch_by_default_and_reproduce_the_published_model_on_unchanged_memories(
         store, registry, episodes, embedder):
     """warm_start is off by default (a warm start ranked worse on the real data): a second run on the same memories
