@@ -514,6 +514,9 @@ def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None
     memories go, which versions become stale, which are deleted and which registries retired. Preview a
     retention policy or a ``where`` before it deletes anything.
     """
+    if ids is None and where is None and namespace is None and older_than is None:
+        raise StoreError("forget needs ids, where, namespace or older_than (CLI: --id, --where, --namespace, "
+                         "--older-than): refusing to forget everything")
     if older_than is not None:
         if not (isinstance(older_than, (int, float)) and older_than >= 0):
             raise StoreError(f"older_than must be a number of seconds >= 0, got {older_than!r}")

@@ -207,7 +207,7 @@ def test_embedder_mismatch_is_refused(tmp_path):
     assert MemoryStore(HashingEmbedder(dim=64), StoreConfig(path=tmp_path / "c")).count() == 1
 
 
-def test_delete_by_id_filter_and_namespace(store):
+def test_delete_by_id_filter_and_namespace(store, registry):
     ids = store.add_many([{"text": f"e{i}", "reward": 0.5, "metadata": {"user": "u1" if i < 3 else "u2"}} for i in range(6)])
     store.add_many(["other ns"], namespace="tmp")
     assert store.delete([ids[0]]) == [ids[0]]
@@ -216,6 +216,11 @@ def test_delete_by_id_filter_and_namespace(store):
     assert store.count() == 3
     with pytest.raises(StoreError, match="refusing to delete everything"):
         store.delete()
+    from memory_distill import forget
+
+    with pytest.raises(StoreError, match="^forget needs ids, where, namespace or older_than .*refusing to forget"):
+        forget(store, registry)
+    assert forget(store, registry, [])["n_deleted"] == 0 and store.count() == 3  # an empty selection forgets nothing
 
 
 def test_a_filter_chroma_refuses_is_a_clear_error_everywhere_and_deletes_nothing(store):
