@@ -140,7 +140,7 @@ def _job_config(args: argparse.Namespace, base: JobConfig) -> JobConfig:
         upd["distill"] = DistillConfig(**{**base.distill.model_dump(), **d})
     if getattr(args, "warm_start", False):
         upd["warm_start"] = True
-    for k in ("seed", "device", "threads", "namespace", "metadata_features", "keep_versions"):
+    for k in ("seed", "device", "threads", "namespace", "metadata_features", "keep_versions", "min_rewarded"):
         if getattr(args, k, None) is not None:
             upd[k] = getattr(args, k)
     return JobConfig(**{**base.model_dump(), **{k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in upd.items()}})
@@ -590,6 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--keep-versions", type=_count, metavar="N",
                         help="keep the N newest model versions (default 20; the current one and the rollback "
                              "target are always kept)")
+        sp.add_argument("--min-rewarded", type=_count, metavar="N",
+                        help="rewarded memories a run needs (default 20; at least 2)")
         sp.add_argument("--metadata-feature", dest="metadata_features", action="append", metavar="KEY",
                         help="metadata key the models read as a category, e.g. agent (repeatable)")
         sp.add_argument("--warm-start", action="store_true",

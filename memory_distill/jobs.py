@@ -353,7 +353,8 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
                 where += f" (the store's namespaces: {', '.join(map(repr, known[:10])) or 'none'})"
         raise NotEnoughDataError(
             f"only {n_rewarded} rewarded memories{where} (need JobConfig.min_rewarded={cfg.min_rewarded}): "
-            "record more rewards with set_reward() or lower min_rewarded"
+            "record more rewards with set_reward() or lower min_rewarded (`--min-rewarded N` on the command line, "
+            "MEMORY_DISTILL_JOB__MIN_REWARDED in the environment)"
         )
     split = split_by_group_and_time(data, cfg.gate.holdout_fraction, 0.15, rng)
     if not len(split.holdout):  # the split holds out whole groups, and never the last one
@@ -364,7 +365,10 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
             "a run evaluates and gates its model on groups it did not train on, so it needs two or more; record "
             "episodes of other tasks, or leave 'group' out of the metadata (each memory is then its own group)")
     if len(split.train) < 2:
-        raise NotEnoughDataError(f"only {len(split.train)} training rows after holding out the most recent memories")
+        raise NotEnoughDataError(
+            f"only {len(split.train)} training row{'s' if len(split.train) != 1 else ''} of {n_rewarded} rewarded "
+            f"memories, after {len(split.holdout)} held out for evaluation and {len(split.val)} for validation: a run "
+            "trains on at least 2; record more rewarded memories")
     # the model's feature columns: text statistics, then one per metadata value seen in the training
     # rows (a value only in held-out or unrewarded rows would get a column no weight was fit for)
     raw_text = data.features  # the store always returns text statistics (NaN rows where unknown)

@@ -42,6 +42,10 @@ def test_add_search_set_reward_stats(home, capsys):
     code, out, _ = run(capsys, "stats")
     last = json.loads(out)["last_run"]
     assert last["outcome"] == "failed" and "only 2 rewarded memories" in last["reason"] and 0 <= last["ago_s"] < 60
+    assert "--min-rewarded N" in last["reason"]  # the fix, as a command-line user can apply it
+    code, _, err = run(capsys, "consolidate", "--min-rewarded", "2", "--epochs", "1")  # now past that check ...
+    assert code == 2 and "only 1 training row of 2 rewarded memories, after 1 held out for evaluation" in err, err
+    assert "record more rewarded memories" in err  # ... and the next one says what is short
 
 
 def test_an_empty_search_says_why(home, capsys):
