@@ -748,7 +748,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             field = ".".join(str(x) for x in err["loc"])
             env = ("; set by MEMORY_DISTILL_" + "__".join(str(x).upper() for x in err["loc"])
                    if e.title == "Settings" else "")
-            print(f"error: {e.title}.{field}: {err['msg']} (got {err.get('input')!r}{env})", file=sys.stderr)
+            got = "" if "headers" in err["loc"] else f"got {err.get('input')!r}"  # credentials are not echoed
+            print(f"error: {e.title}.{field}: {err['msg']} ({got}{env})".replace("(; ", "("), file=sys.stderr)
         return 2
     except (ValueError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -8,7 +8,10 @@ tree from the environment (``MEMORY_DISTILL_`` prefix, ``__`` between nesting le
 
 from __future__ import annotations
 
+import json
 import os
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from .errors import nearest_name
 
@@ -319,6 +322,11 @@ class JobConfig(_Config):
     adds nothing; consolidation logs a warning naming the nearest key the memories do have, and a
     prediction given a near miss of a feature key (``tol`` for ``tool``) warns once."""
 
+    @field_validator("metadata_features", mode="before")
+    @classmethod
+    def _one_key(cls, v: Any) -> Any:  # metadata_features="agent": one key, not the letters of one
+        return (v,) if isinstance(v, str) else v
+
     @field_validator("metadata_features")
     @classmethod
     def _check_metadata_features(cls, v: tuple[str, ...]) -> tuple[str, ...]:
@@ -354,6 +362,45 @@ def _check_env_names(settings: type[BaseSettings]) -> None:
         raise ValueError(f"environment variable {key} is not a memory_distill setting: {hint}")
 
 
+def _takes_json(annotation: Any) -> bool:
+    """Whether pydantic-settings reads an environment variable for this field as JSON (a list, a dict, a model)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_takes_json(a) for a in typing.get_args(annotation) if a is not type(None))
+    origin = typing.get_origin(annotation) or annotation
+    return origin in (list, tuple, dict, set, frozenset) or (isinstance(origin, type) and issubclass(origin, BaseModel))
+
+
+def _env_json_error(settings: type[BaseSettings]) -> str | None:
+    """The ``MEMORY_DISTILL_*`` variable whose value pydantic-settings could not parse as JSON, and the fix
+    (its own error names only the top-level field: 'error parsing value for field "job"')."""
+    for key in sorted(os.environ):
+        if not key.upper().startswith(_ENV_PREFIX):
+            continue
+        model: Any = settings
+        annotation: Any = None
+        for part in key[len(_ENV_PREFIX):].lower().split("__"):
+            fields = getattr(model, "model_fields", None)
+            if not fields or part not in fields:
+                annotation = None
+                break
+            annotation = fields[part].annotation
+            model = annotation
+        if annotation is None or not _takes_json(annotation):
+            continue
+        try:
+            json.loads(os.environ[key])
+        except ValueError:  # (the value is not shown: it may be credentials)
+            origin = typing.get_origin(annotation) or annotation
+            kind = "list" if origin in (list, tuple, set, frozenset) else "object"
+            example = _ENV_JSON_EXAMPLES.get(part, '["..."]' if kind == "list" else '{"...": ...}')
+            return f"environment variable {key} is not JSON: this setting takes a JSON {kind}, e.g. {key}='{example}'"
+    return None
+
+
+_ENV_JSON_EXAMPLES = {"metadata_features": '["agent"]', "hidden": "[256, 128]",
+                      "headers": '{"Authorization": "Bearer ..."}'}
+
+
 class Settings(BaseSettings):
     """Everything, readable from ``MEMORY_DISTILL_*`` environment variables."""
 
@@ -367,7 +414,10 @@ class Settings(BaseSettings):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         _check_env_names(type(self))
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(*args, **kwargs)
+        except SettingsError as e:
+            raise ValueError(_env_json_error(type(self)) or str(e)) from e
 
     home: Path = Field(default_factory=default_home)
     """Root directory for the persistent store, artifacts and caches."""

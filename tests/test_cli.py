@@ -241,6 +241,14 @@ def test_a_bad_setting_in_the_environment_names_the_variable(home, capsys, monke
     assert code == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
     assert "Settings.job.teacher.epochs: Input should be greater than or equal to 1" in err
     assert "set by MEMORY_DISTILL_JOB__TEACHER__EPOCHS" in err
+    monkeypatch.delenv("MEMORY_DISTILL_JOB__TEACHER__EPOCHS")
+    monkeypatch.setenv("MEMORY_DISTILL_STORE__HEADERS", '["Bearer sk-secret"]')  # JSON, but not an object
+    code, _, err = run(capsys, "stats")
+    assert code == 2 and "Settings.store.headers: Input should be a valid dictionary" in err
+    assert "set by MEMORY_DISTILL_STORE__HEADERS" in err and "sk-secret" not in err  # credentials are not echoed
+    monkeypatch.setenv("MEMORY_DISTILL_STORE__HEADERS", "Bearer sk-secret")  # not JSON
+    code, _, err = run(capsys, "stats")
+    assert code == 2 and "MEMORY_DISTILL_STORE__HEADERS is not JSON" in err and "sk-secret" not in err
 
 
 def test_cuda_without_a_gpu_is_a_clear_error(home, capsys):

@@ -64,6 +64,18 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("MEMORY_DISTILL_JOB__BOGUS", "1")
     with pytest.raises(ValidationError, match="bogus"):
         Settings()
+    monkeypatch.delenv("MEMORY_DISTILL_JOB__BOGUS")
+    # a list or dict setting that is not JSON: pydantic-settings' own error names only "job"
+    monkeypatch.setenv("MEMORY_DISTILL_JOB__METADATA_FEATURES", "agent")
+    with pytest.raises(ValueError, match=r"^environment variable MEMORY_DISTILL_JOB__METADATA_FEATURES is not JSON: "
+                                         r"this setting takes a JSON list, e\.g\. .*='\[\"agent\"\]'$"):
+        Settings()
+    monkeypatch.setenv("MEMORY_DISTILL_JOB__METADATA_FEATURES", '["agent"]')
+    monkeypatch.setenv("MEMORY_DISTILL_STORE__HEADERS", "Bearer sk-secret")
+    with pytest.raises(ValueError, match="MEMORY_DISTILL_STORE__HEADERS is not JSON.*JSON object") as info:
+        Settings()
+    assert "sk-secret" not in str(info.value)  # credentials are never echoed
+    assert JobConfig(metadata_features="agent").metadata_features == ("agent",)  # one key, not its letters
 
 
 def test_defaults_match_the_design():
