@@ -129,6 +129,13 @@ class TrainingData:
         return ~np.isnan(self.rewards)
 
 
+def id_list(ids: Any, what: str = "ids") -> list[str]:
+    """``ids`` as a list; one bare id is an error (a str is a sequence: each character would be taken for an id)."""
+    if isinstance(ids, (str, bytes)):
+        raise TypeError(f"{what} must be a list of memory ids, got one {type(ids).__name__} {ids!r}: pass [{ids!r}]")
+    return list(ids)
+
+
 def coerce_memory(item: Any, *, namespace: str | None = None, index: int | None = None) -> Memory:
     """Turn a Memory, a dict or a bare string into a validated Memory (errors name the item)."""
     where = f"memories[{index}]" if index is not None else "memory"
@@ -746,6 +753,9 @@ class MemoryStore:
         ``within_namespace`` refuses to replace a memory of another namespace (ids are unique across the
         store, so an upsert would move it).
         """
+        if isinstance(memories, (str, Mapping, Memory)):  # iterating it would store its characters (or keys)
+            raise TypeError(f"add_many takes a list of memories, got one {type(memories).__name__}: pass [memory], "
+                            "or use add()")
         mems = [coerce_memory(m, namespace=namespace, index=i) for i, m in enumerate(memories)]
         if not mems:
             return []
@@ -940,7 +950,7 @@ class MemoryStore:
         evict = None if dry_run else getattr(self.embedder, "evict", None)
         include: list[Any] = ["documents"] if callable(evict) else []
         if ids is not None:
-            ids = list(ids)
+            ids = id_list(ids)
             pages: Iterable[Any] = (self._get_ids(ids[s : s + self._max_batch], include, flt)
                                     for s in range(0, len(ids), self._max_batch))
         else:
@@ -969,6 +979,8 @@ class MemoryStore:
     # ------------------------------------------------------------------ reads
 
     def get(self, memory_id: str) -> Memory:
+        if not isinstance(memory_id, str):
+            raise TypeError(f"get takes one memory id (a str), got {type(memory_id).__name__}: use get_many for several")
         got = self._col.get(ids=[memory_id], include=["metadatas", "documents"])
         if not got["ids"]:
             raise MemoryNotFoundError(f"no memory with id {memory_id!r}: check the id (or its namespace)")
@@ -976,15 +988,17 @@ class MemoryStore:
 
     def get_many(self, ids: Sequence[str]) -> list[Memory]:
         """Memories for the ids that exist, in the order asked."""
+        ids = id_list(ids)
         got = self._get_ids(ids, ["metadatas", "documents"])
         rows = {i: self._from_row(i, d, m) for i, d, m in zip(got["ids"], got["documents"], got["metadatas"], strict=True)}
         return [rows[i] for i in ids if i in rows]
 
     def existing_ids(self, ids: Sequence[str]) -> set[str]:
         """Which of ``ids`` are stored (ids only, read in chunks: 0.5 s for 100k on 2 cores)."""
-        return set(self._get_ids(ids, [])["ids"])
+        return set(self._get_ids(id_list(ids), [])["ids"])
 
     def get_embeddings(self, ids: Sequence[str]) -> np.ndarray:
+        ids = id_list(ids)
         got = self._get_ids(ids, ["embeddings"])
         pos = {i: k for k, i in enumerate(got["ids"])}
         missing = [i for i in ids if i not in pos]

@@ -13,7 +13,7 @@ from langchain.tools import ToolRuntime
 from langchain_core.messages import AIMessage, HumanMessage
 from langchain_core.tools import tool
 from langchain_memory_distill import MemoryDistillStore
-from langgraph.store.base import PutOp
+from langgraph.store.base import InvalidNamespaceError, PutOp
 from langgraph.store.memory import InMemoryStore
 from lc_helpers import ScriptedChatModel
 
@@ -101,8 +101,16 @@ def test_semantic_search_rewards_and_consolidation(tmp_path, store) -> None:  # 
     assert store.get(MemoryDistillStore.memory_id(("users", "alice", "prefs"), "p1")).reward is None
     with pytest.raises(InvalidMemoryError, match="must be a number"):
         ours.put(("users",), "bad", {"text": "x", "reward": "high"})
-    with pytest.raises(InvalidMemoryError, match="outside the configured range"):
+    with pytest.raises(InvalidMemoryError, match=r"^value\['reward'\]: reward 7.0 is outside the configured range"):
         ours.put(("users",), "bad", {"text": "x", "reward": 7})
+    with pytest.raises(InvalidMemoryError, match="value must be a dict"):
+        ours.put(("users",), "bad", "just a text")  # type: ignore[arg-type]
+    # a str namespace: LangGraph's InMemoryStore files it under ("u", "s", "e", "r", "s"); we refuse it
+    for call in (lambda: ours.put("users", "bad", {"text": "x"}), lambda: ours.get("users", "bad"),  # type: ignore[arg-type]
+                 lambda: ours.search("users")):  # type: ignore[arg-type]
+        with pytest.raises(InvalidNamespaceError, match=r"tuple of labels, e\.g\. \('users',\), got the str 'users'"):
+            call()
+    assert ours.list_namespaces(prefix=("u",)) == []
     with pytest.raises(InvalidMemoryError, match="reward must be finite"):
         ours.put(("users",), "bad", {"text": "x", "reward": float("nan")})
     ours.put(("users",), "nan-field", {"text": "x", "loss": float("nan")})  # kept in the value, not as metadata

@@ -176,6 +176,8 @@ def test_best_of_n_without_a_head(store, registry, episodes) -> None:  # type: i
     assert best_of_n(cands, scorer)[0] == best_of_n(cands, scorer, by="mean")[0] == 1
     with pytest.raises(ValueError, match="ranking head.*'group'"):
         best_of_n(cands, scorer, by="rank")
+    with pytest.raises(TypeError, match="list of candidates, got one str"):  # not its characters, one by one
+        best_of_n(cands[1], scorer)
 
 
 def test_where_the_expected_reward_already_ranks_well_the_head_adds_it(trained) -> None:  # type: ignore[no-untyped-def]

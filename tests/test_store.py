@@ -221,6 +221,18 @@ def test_delete_by_id_filter_and_namespace(store, registry):
     with pytest.raises(StoreError, match="^forget needs ids, where, namespace or older_than .*refusing to forget"):
         forget(store, registry)
     assert forget(store, registry, [])["n_deleted"] == 0 and store.count() == 3  # an empty selection forgets nothing
+    # one bare id is not a list of ids (a str is a sequence: each character would be taken for an id)
+    for call in (lambda: forget(store, registry, ids[3]), lambda: store.delete(ids[3]),
+                 lambda: store.get_many(ids[3]), lambda: store.get_embeddings(ids[3]),
+                 lambda: store.existing_ids(ids[3])):
+        with pytest.raises(TypeError, match=f"ids must be a list of memory ids, got one str '{ids[3]}': pass \\['"):
+            call()
+    with pytest.raises(TypeError, match="get takes one memory id"):
+        store.get([ids[3]])
+    for one in ("a text", {"text": "a text"}):  # not 6 memories of one letter each, nor one of the key "text"
+        with pytest.raises(TypeError, match=f"add_many takes a list of memories, got one {type(one).__name__}"):
+            store.add_many(one)
+    assert store.count() == 3 and store.get(ids[3]).text == "e3"
 
 
 def test_a_filter_chroma_refuses_is_a_clear_error_everywhere_and_deletes_nothing(store):

@@ -72,7 +72,18 @@ def test_bad_metadata_is_refused_and_nothing_written(store) -> None:  # type: ig
         vs.add_texts(["fine", "too good"], [{}, {"reward": 5}])
     with pytest.raises(InvalidMemoryError, match="metadatas has 1 entries for 2 texts"):
         vs.add_texts(["a", "b"], [{}])
+    # one str where a list goes: not stored letter by letter, nor 'q' taken as the id of one text
+    with pytest.raises(TypeError, match="add_texts takes a list of texts, got one str"):
+        vs.add_texts("abc")
+    with pytest.raises(TypeError, match="ids must be a list of memory ids, got one str 'q'"):
+        vs.add_texts(["x"], ids="q")
     assert store.count() == 0
+    (kept,) = vs.add_texts(["kept"])
+    for call in (vs.delete, vs.get_by_ids):
+        with pytest.raises(TypeError, match="ids must be a list of memory ids"):
+            call(kept)
+    assert [d.page_content for d in vs.get_by_ids([kept])] == ["kept"]
+    store.delete([kept])
     for adapter in (MemoryDistillVectorStore, MemoryDistillStore):
         with pytest.raises(ValueError, match=r"value_weight must be in \[0, 1\], got 1.5"):
             adapter(store, value_weight=1.5)

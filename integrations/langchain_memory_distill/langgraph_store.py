@@ -49,6 +49,7 @@ import numpy as np
 from langgraph.store.base import (
     BaseStore,
     GetOp,
+    InvalidNamespaceError,
     Item,
     ListNamespacesOp,
     MatchCondition,
@@ -183,6 +184,8 @@ class MemoryDistillStore(BaseStore):
         if reward is not None and (isinstance(reward, bool) or not isinstance(reward, (int, float))):
             raise InvalidMemoryError(f"value[{self.reward_key!r}] must be a number (the item's reward) or absent, "
                                      f"got {reward!r}: store it under another key or pass reward_key=")
+        if reward is not None and math.isfinite(reward):  # (a NaN or inf gets the memory's own error)
+            self.store._check_reward(float(reward), f"value[{self.reward_key!r}]")
         now = time.time()
         meta: dict[str, Any] = {k: v for k, v in value.items()
                                 if isinstance(v, (str, int, float, bool)) and k not in ("text", self.reward_key)
@@ -220,6 +223,11 @@ class MemoryDistillStore(BaseStore):
     def batch(self, ops: Iterable[Op]) -> list[Result]:
         out: list[Result] = []
         for op in ops:
+            ns = op.namespace_prefix if isinstance(op, SearchOp) else getattr(op, "namespace", ())
+            if isinstance(ns, str):  # a str is a sequence: each letter would become a level ("u", "s", ...)
+                raise InvalidNamespaceError(f"a namespace is a tuple of labels, e.g. ({ns!r},), got the str {ns!r}")
+            if isinstance(op, PutOp) and op.value is not None and not isinstance(op.value, Mapping):
+                raise InvalidMemoryError(f"value must be a dict (e.g. {{'text': ...}}), got {type(op.value).__name__}")
             if isinstance(op, GetOp):
                 got = self._live(self.store.get_many([self.memory_id(op.namespace, op.key)]))
                 if got and op.refresh_ttl:

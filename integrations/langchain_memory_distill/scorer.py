@@ -83,6 +83,9 @@ def best_of_n(candidates: Sequence[Input], scorer: RewardScorer, *,
     (:func:`~langchain_memory_distill.episodes.episode_text`), a ``Document``'s metadata kept.
     Returns (index, candidate, predictions).
     """
+    if isinstance(candidates, (str, Document)):  # a str is a Sequence: it would be scored character by character
+        raise TypeError(f"best_of_n takes a list of candidates, got one {type(candidates).__name__}: pass "
+                        "[candidate, ...] (or scorer.invoke(candidate) to score a single answer)")
     if not candidates:
         raise ValueError("best_of_n needs at least one candidate")
     inputs = list(candidates)

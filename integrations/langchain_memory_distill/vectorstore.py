@@ -33,7 +33,7 @@ from langchain_core.vectorstores import VectorStore
 
 from memory_distill.embeddings import LangChainEmbedder
 from memory_distill.errors import InvalidMemoryError
-from memory_distill.store import MEMORY_FIELDS, USER_KEY, MemoryStore
+from memory_distill.store import MEMORY_FIELDS, USER_KEY, MemoryStore, id_list
 from memory_distill.types import Memory, SearchHit
 
 from .embeddings import MemoryDistillEmbeddings
@@ -71,7 +71,11 @@ class MemoryDistillVectorStore(VectorStore):
     def add_texts(self, texts: Iterable[str], metadatas: list[dict[str, Any]] | None = None, *,
                   ids: list[str] | None = None, **kwargs: Any) -> list[str]:
         """Store the texts as memories of the namespace (one atomic batch); an id already stored is replaced."""
+        if isinstance(texts, str):  # a str is iterable: each character would be stored as a text
+            raise TypeError("add_texts takes a list of texts, got one str: pass [text]")
         texts = list(texts)
+        if ids is not None:
+            ids = id_list(ids)
         if metadatas is not None and len(metadatas) != len(texts):
             raise InvalidMemoryError(f"metadatas has {len(metadatas)} entries for {len(texts)} texts: give one each")
         if ids is not None and len(ids) != len(texts):
@@ -94,13 +98,13 @@ class MemoryDistillVectorStore(VectorStore):
             raise ValueError("delete() needs ids: to empty the namespace, call "
                              f"MemoryStore.delete(namespace={self.namespace!r})")
         if ids:
-            self.store.delete(list(ids), namespace=self.namespace)
+            self.store.delete(id_list(ids), namespace=self.namespace)
         return True
 
     # ------------------------------------------------------------------ reads
 
     def get_by_ids(self, ids: Sequence[str], /) -> list[Document]:
-        return [self._doc(m) for m in self.store.get_many(list(ids)) if m.namespace == self.namespace]
+        return [self._doc(m) for m in self.store.get_many(id_list(ids)) if m.namespace == self.namespace]
 
     def _doc(self, m: Memory) -> Document:
         meta: dict[str, Any] = dict(m.metadata)
