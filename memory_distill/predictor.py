@@ -344,8 +344,9 @@ class Predictor:
     def _features(self, spec: FeatureSpec, n: int, features: np.ndarray | None, texts: Sequence[str] | None,
                   metadata: Sequence[Mapping[str, Any] | None] | None) -> np.ndarray | None:
         if metadata is not None:
-            if isinstance(metadata, Mapping):
-                raise TypeError("metadata takes one dict per row: wrap a single dict as [dict]")
+            if isinstance(metadata, Mapping | str):
+                raise TypeError(f"metadata takes one dict per row, got one {type(metadata).__name__}: wrap a single "
+                                "dict as [dict]")
             metadata = list(metadata)
             if len(metadata) != n:
                 raise ValueError(f"metadata has {len(metadata)} items for {n} rows: pass one dict (or None) per row")
@@ -420,6 +421,8 @@ class Predictor:
         if isinstance(texts, str):
             raise TypeError("predict_batch takes a list of texts: wrap a single text as [text]")
         texts = list(texts)
+        if isinstance(metadata, str):
+            raise TypeError(f"metadata takes one dict per text, got the str {metadata!r}: pass e.g. [{{'agent': ...}}]")
         if metadata is not None and not isinstance(metadata, Mapping) and len(metadata) != len(texts):
             raise ValueError(f"metadata has {len(metadata)} items for {len(texts)} texts: pass one dict (or None) per text")
         return self.predict_embeddings(self._embed(texts), texts=texts, metadata=metadata)

@@ -714,6 +714,10 @@ class MemoryStore:
                rewarded_only: bool = False) -> dict[str, Any] | None:
         clauses: list[dict[str, Any]] = []
         if namespace is not None:
+            if not isinstance(namespace, str):
+                raise StoreError(f"namespace must be a str (one namespace's name), got {type(namespace).__name__} "
+                                 f"{namespace!r}: to read several, pass namespace=None and filter with "
+                                 "where={'namespace': {'$in': [...]}}")
             clauses.append({NS: namespace})
         if rewarded_only:
             clauses.append({HAS_REWARD: True})
@@ -863,6 +867,9 @@ class MemoryStore:
 
     def set_rewards(self, rewards: Mapping[str, float], *, rewarded_at: float | None = None) -> list[Memory]:
         """Record rewards for several memories at once (all validated before any is written)."""
+        if not isinstance(rewards, Mapping):
+            raise TypeError(f"set_rewards takes a dict {{memory_id: reward}}, got {type(rewards).__name__}: "
+                            "e.g. dict(pairs)")
         ids = list(rewards)
         if not ids:
             return []

@@ -151,6 +151,10 @@ def test_consolidation_learns_which_agent_pays_off(agent_models, embedder, caplo
         pred.predict_embeddings(X, metadata=[{"agent": "planner"}])
     with pytest.raises(TypeError, match="one dict per row"):
         pred.predict_embeddings(X, metadata={"agent": "planner"})  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="one dict per row, got one str"):
+        pred.predict_embeddings(X, metadata="agent")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="metadata takes one dict per text, got the str 'agent'"):  # not "5 items"
+        pred.predict([text], metadata="agent")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="agent=planner"):
         pred.predict_embeddings(X, features=np.zeros((2, 5), np.float32))
 

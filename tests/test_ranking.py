@@ -178,6 +178,9 @@ def test_best_of_n_without_a_head(store, registry, episodes) -> None:  # type: i
         best_of_n(cands, scorer, by="rank")
     with pytest.raises(TypeError, match="list of candidates, got one str"):  # not its characters, one by one
         best_of_n(cands[1], scorer)
+    for call in (scorer.batch, scorer.score_batch):
+        with pytest.raises(TypeError, match="take a list of inputs, got one str"):
+            call(cands[1])
 
 
 def test_where_the_expected_reward_already_ranks_well_the_head_adds_it(trained) -> None:  # type: ignore[no-untyped-def]

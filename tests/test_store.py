@@ -233,6 +233,11 @@ def test_delete_by_id_filter_and_namespace(store, registry):
         with pytest.raises(TypeError, match=f"add_many takes a list of memories, got one {type(one).__name__}"):
             store.add_many(one)
     assert store.count() == 3 and store.get(ids[3]).text == "e3"
+    with pytest.raises(TypeError, match=r"set_rewards takes a dict \{memory_id: reward\}, got list"):
+        store.set_rewards([(ids[3], 0.1)])  # type: ignore[arg-type]
+    with pytest.raises(StoreError, match="namespace must be a str.*got tuple.*namespace=None"):
+        store.search("e", namespace=("tmp", "default"))  # type: ignore[arg-type]
+    assert store.get(ids[3]).reward == 0.5
 
 
 def test_a_filter_chroma_refuses_is_a_clear_error_everywhere_and_deletes_nothing(store):

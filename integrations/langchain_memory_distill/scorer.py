@@ -45,6 +45,9 @@ class RewardScorer(Runnable[Input, RewardPrediction]):
         self.auto_refresh = auto_refresh
 
     def score_batch(self, inputs: Sequence[Input]) -> PredictionBatch:
+        if isinstance(inputs, str | Document):  # a str is a sequence: its letters would be scored one by one
+            raise TypeError(f"score_batch and batch take a list of inputs, got one {type(inputs).__name__}: pass "
+                            "[input], or use invoke")
         if self.auto_refresh:
             self.predictor.refresh()
         texts = [_text(x, self.template) for x in inputs]
@@ -59,7 +62,7 @@ class RewardScorer(Runnable[Input, RewardPrediction]):
 
     def batch(self, inputs: list[Input], config: RunnableConfig | list[RunnableConfig] | None = None, *,
               return_exceptions: bool = False, **kwargs: Any) -> list[RewardPrediction]:
-        if not inputs:
+        if not inputs and not isinstance(inputs, str):
             return []
         return self.score_batch(inputs).to_list()
 
