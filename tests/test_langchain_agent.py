@@ -120,6 +120,20 @@ def test_a_bad_reward_fn_leaves_the_episode_pending_not_the_run_failed(store, ca
     strict = MemoryDistillMiddleware(store, reward_fn=lambda q, a, m: 1.5, recall=False, errors="raise")
     with pytest.raises(InvalidMemoryError, match="reward_fn's reward"):
         create_agent(model, [], middleware=[strict]).invoke({"messages": [HumanMessage("grade me")]})
+    # a judge's True, NaN or one-element array: pending too, and never queued, where it used to fail every write
+    # after it (each batch carries the waiting episodes); numpy numbers are numbers
+    import numpy as np
+
+    grades = iter([True, float("nan"), np.array([0.5]), np.float32(0.75), 0.25])
+    mw = MemoryDistillMiddleware(store, reward_fn=lambda q, a, m: next(grades), recall=False)
+    agent = create_agent(model, [], middleware=[mw])
+    rewards = [store.get(agent.invoke({"messages": [HumanMessage(f"grade me {i}")]})["memory_distill_episode_id"]).reward
+               for i in range(5)]
+    assert rewards == [None, None, None, 0.75, 0.25] and not mw.unsaved
+    assert "reward_fn's reward must be a number (or None: pending), got bool True" in caplog.text
+    assert "reward_fn's reward must be finite, got nan" in caplog.text
+    with pytest.raises(InvalidMemoryError, match="must be a finite number, got True"):  # written: the store checks
+        mw.feedback(mw.episode_ids[-1], True)  # type: ignore[arg-type]
 
 
 def test_async_agent_and_late_feedback(trained_store):

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import numbers
 import threading
 import time
 import uuid
@@ -80,8 +82,7 @@ class EpisodeWriter:
             return None
         try:
             reward = reward_fn(question, answer, messages)
-            self.store._check_reward(reward, "reward_fn's reward")
-            return reward
+            return None if reward is None else self._valid_reward(reward, "reward_fn's reward")
         except Exception as e:
             if self.errors == "raise":
                 raise
@@ -115,7 +116,7 @@ class EpisodeWriter:
                                   "namespace": namespace, "created_at": now}
         coerce_memory(memory)
         if reward is not None:
-            self.store._check_reward(reward, "reward")
+            memory["reward"] = self._valid_reward(reward, "reward")
             memory["rewarded_at"] = now
             grade = None
         if grade is not None and not self.background:
@@ -159,10 +160,21 @@ class EpisodeWriter:
             log.error("memory_distill: episode dropped, it cannot be stored: %s", e)
             return None
 
+    def _valid_reward(self, reward: Any, what: str) -> float:
+        """``reward`` as a float in the store's range, else :class:`InvalidMemoryError` (raised before the episode
+        is queued: a True or an array queued would fail every batch after it)."""
+        if isinstance(reward, bool) or not isinstance(reward, numbers.Real):
+            raise InvalidMemoryError(f"{what} must be a number (or None: pending), got {type(reward).__name__} "
+                                     f"{reward!r}")
+        value = float(reward)
+        if not math.isfinite(value):
+            raise InvalidMemoryError(f"{what} must be finite, got {value}: return None to leave the episode pending")
+        self.store._check_reward(value, what)
+        return value
+
     def _set(self, memory: dict[str, Any], reward: float | None) -> None:
         if reward is not None:
-            self.store._check_reward(reward, "reward")
-            memory.update(reward=reward, rewarded_at=time.time())
+            memory.update(reward=self._valid_reward(reward, "reward"), rewarded_at=time.time())
 
     def _enqueue(self, memory: dict[str, Any]) -> None:  # with self._lock held
         self.unsaved[memory["id"]] = memory
@@ -299,8 +311,7 @@ class EpisodeWriter:
         with self._lock:
             waiting = self.unsaved.get(episode_id) or self._grading.get(episode_id)
             if waiting is not None:
-                self.store._check_reward(reward, "reward")
-                waiting.update(reward=reward, rewarded_at=time.time())
+                waiting.update(reward=self._valid_reward(reward, "reward"), rewarded_at=time.time())
             grading = episode_id in self._grading
         if waiting is None:
             self.store.set_reward(episode_id, reward)
