@@ -378,6 +378,8 @@ def test_router_routes_by_predicted_reward(trained_store):
     assert router.cost_saved() == pytest.approx(1 - (1 + 10) / 20)
     with pytest.raises(ValueError, match=r"threshold 3 is outside the rewards the student predicts \(\[-?0.0"):
         RewardRouter(cheap, strong, pred, threshold=3)
+    with pytest.raises(TypeError, match="RewardRouter needs a Predictor .*got NoneType"):  # not 'no attribute bins'
+        RewardRouter(cheap, strong, None)  # type: ignore[arg-type]
 
 
 def test_a_router_without_a_prediction_goes_to_the_strong_model(trained_store, caplog):

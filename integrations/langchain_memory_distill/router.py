@@ -53,6 +53,9 @@ class RewardRouter(Runnable[Any, AIMessage]):
 
     def __init__(self, cheap: BaseChatModel, strong: BaseChatModel, predictor: Predictor, *, threshold: float = 0.5,
                  cost_cheap: float = 1.0, cost_strong: float = 10.0) -> None:
+        if not isinstance(predictor, Predictor):
+            raise TypeError(f"RewardRouter needs a Predictor (e.g. mem.predictor, once a consolidation has published a "
+                            f"model trained on the cheap model's episodes), got {type(predictor).__name__}")
         lo, hi = float(predictor.bins.low), float(predictor.bins.high)
         if not lo <= threshold <= hi:
             raise ValueError(f"threshold {threshold} is outside the rewards the student predicts ([{lo}, {hi}]): "
