@@ -356,6 +356,11 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
             "record more rewards with set_reward() or lower min_rewarded (`--min-rewarded N` on the command line, "
             "MEMORY_DISTILL_JOB__MIN_REWARDED in the environment)"
         )
+    rewards = data.rewards[data.rewarded]
+    if float(rewards.max()) == float(rewards.min()):  # a model is still published: it predicts that value well
+        log.warning("every rewarded memory%s has the reward %g: the models can only learn that value and rank nothing; "
+                    "record rewards that tell better episodes from worse ones",
+                    f" in namespace {cfg.namespace!r}" if cfg.namespace is not None else "", float(rewards[0]))
     split = split_by_group_and_time(data, cfg.gate.holdout_fraction, 0.15, rng)
     if not len(split.holdout):  # the split holds out whole groups, and never the last one
         group = data.groups[int(split.train[0])]

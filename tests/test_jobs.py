@@ -34,6 +34,19 @@ def test_not_enough_data_fails_cleanly(store, registry):
     assert registry.history()[-1]["outcome"] == "failed"
 
 
+def test_a_run_on_one_reward_value_warns_that_it_can_rank_nothing(store, registry, caplog):
+    store.add_many([{"text": f"the agent tried approach {i % 7} on task {i}", "reward": 1.0} for i in range(40)])
+    with caplog.at_level("WARNING", logger="memory_distill.jobs"):
+        report = run_consolidation(store, registry, fast_job())
+    assert report.promoted  # it does predict that value
+    assert "every rewarded memory has the reward 1: the models can only learn that value and rank nothing" in caplog.text
+    caplog.clear()
+    store.add_many([{"text": "the agent gave up", "reward": 0.0}])
+    with caplog.at_level("WARNING", logger="memory_distill.jobs"):
+        run_consolidation(store, registry, fast_job())
+    assert "rank nothing" not in caplog.text
+
+
 def test_few_big_groups_still_train_and_one_group_is_a_clear_error(store, registry):
     """The split holds out whole groups, newest first: with two or three big groups it used to take every one of
     them (holdout, then validation) and fail with "0 training rows"; it now leaves the last for training."""
