@@ -248,8 +248,12 @@ class ArtifactRegistry:
             raise ArtifactError(f"manifest of {version} is corrupt ({e}): roll back or re-run consolidation") from None
 
     def list(self) -> Records:
-        """Summaries of every version, oldest first, with ``current`` and ``stale`` flags."""
-        cur = self.current_version()
+        """Summaries of every version, oldest first, with ``current`` and ``stale`` flags (none ``current`` while
+        ``CURRENT`` is corrupt: this listing is where to pick the version that ``promote`` repairs it with)."""
+        try:
+            cur = self.current_version()
+        except ArtifactError:
+            cur = None
         stale = self.stale_versions()
         out: Records = []
         for v in self.list_versions():
@@ -397,7 +401,10 @@ class ArtifactRegistry:
         return version
 
     def _set_current(self, version: str, *, action: str, reason: str = "") -> None:
-        previous = self.current_version() if (self.root / "CURRENT").exists() else None
+        try:
+            previous = self.current_version()
+        except ArtifactError:  # a corrupt CURRENT is what promote repairs
+            previous = None
         _write_json_atomic(self.root / "CURRENT", {"version": version})
         _append_jsonl(self.root / "promotions.jsonl", {"time": time.time(), "action": action, "version": version,
                                                        "previous": previous, "reason": reason})

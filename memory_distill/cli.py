@@ -19,7 +19,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from .config import DistillConfig, EmbedderConfig, JobConfig, Settings, StoreConfig, TeacherConfig
-from .errors import ConsolidationError, MemoryDistillError, NotEnoughDataError, UnchangedDataError
+from .errors import (
+    ArtifactError,
+    ConsolidationError,
+    MemoryDistillError,
+    NotEnoughDataError,
+    UnchangedDataError,
+)
 
 log = logging.getLogger("memory_distill.cli")
 
@@ -385,6 +391,10 @@ def cmd_models(args: argparse.Namespace) -> int:
                        if args.namespace is not None else ("", ""))
         print(f"no models{where} yet: `memory-distill consolidate{flag}` trains one")
         return 0
+    try:
+        reg.current_version()
+    except ArtifactError as e:
+        print(f"warning: {e}", file=sys.stderr)
     rows: list[Sequence[Any]] = [("version", "status", "current", "stale", "spearman", "mae", "reason")]
     for m in reg.list():
         met = m.get("metrics") or {}

@@ -134,6 +134,14 @@ def test_staging_leftovers_are_cleaned_and_torn_manifest_reported(tmp_path):
     with pytest.raises(ArtifactError, match="manifest of v000002 is corrupt"):
         reg.load("v000002")
     assert [m["status"] for m in reg.list()] == ["promoted", "corrupt"]
+    # a torn CURRENT: the error says `promote VERSION`, so the listing (to pick one) and promote itself still work
+    (tmp_path / "CURRENT").write_text("garbage")
+    with pytest.raises(ArtifactError, match="CURRENT is corrupt: run `memory-distill promote VERSION`"):
+        reg.current_version()
+    assert [(m["version"], m.get("current")) for m in reg.list()] == [("v000001", False), ("v000002", None)]
+    reg.promote("v000001")
+    assert reg.current_version() == "v000001"
+    assert json.loads((tmp_path / "promotions.jsonl").read_text().splitlines()[-1])["previous"] is None
 
 
 def test_mark_stale_only_hits_versions_trained_on_deleted_ids(tmp_path):
