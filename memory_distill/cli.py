@@ -485,6 +485,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, on_term)
     print(f"worker: {scope}every {args.every}s or {args.min_new} new rewards; polling every {args.poll}s "
           "(Ctrl-C or SIGTERM stops it)", flush=True)
+    if not args.each_namespace:  # a fresh store waits silently for enough rewards: say so once
+        due, why = w.due()
+        if not due and why.startswith("only "):
+            print(f"worker: waiting for rewards: {why}; --min-rewarded N lowers it", flush=True)
     try:
         w.run_forever(poll_s=args.poll, max_runs=args.max_runs)
     except KeyboardInterrupt:

@@ -269,12 +269,23 @@ def test_cuda_without_a_gpu_is_a_clear_error(home, capsys):
         Predictor(ArtifactRegistry(home / "artifacts"), device="cuda")
 
 
-def test_the_worker_prints_a_line_per_run_as_it_happens(home):
+def test_the_worker_prints_a_line_per_run_as_it_happens(home, capsys):
     """docker logs / journald show each run when it happens, not when the worker exits."""
     import os
 
-    main(["-q", "demo", "--n", "200", "--epochs", "2"])
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    run(capsys, "add", "the agent searched the web", "--reward", "0.9")
+    proc = subprocess.Popen([sys.executable, "-m", "memory_distill", "-q", "worker", "--every", "0s", "--poll", "0.2s"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:  # too few rewards for a first run: it says so once, instead of waiting in silence
+        assert proc.stdout is not None and proc.stdout.readline().startswith("worker:")
+        assert proc.stdout.readline().strip() == ("worker: waiting for rewards: only 1 rewarded memories (a run "
+                                                  "needs JobConfig.min_rewarded=20); --min-rewarded N lowers it")
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()
+    main(["-q", "demo", "--n", "200", "--epochs", "2"])
     proc = subprocess.Popen([sys.executable, "-m", "memory_distill", "-q", "worker", "--every", "0s", "--poll", "0.2s",
                              "--epochs", "3"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
