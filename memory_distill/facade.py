@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any
 from .artifacts import ArtifactRegistry
 from .config import JobConfig, Settings, StoreConfig
 from .embeddings import Embedder, as_embedder, make_embedder
-from .errors import ArtifactError, EmbedderMismatchError
+from .errors import ArtifactError, EmbedderMismatchError, StoreError
 from .jobs import ConsolidationReport, DriftReport, drift_report, forget, run_consolidation
 from .predictor import Predictor
 from .store import MemoryStore
@@ -80,6 +80,9 @@ class MemoryDistill:
             s = s.model_copy(update={"home": Path(home)})
         if store is not None:
             s = s.model_copy(update={"store": store})
+        if s.home.exists() and not s.home.is_dir():
+            raise StoreError(f"home {str(s.home)!r} is a file: memory_distill keeps its store, models and cache in a "
+                             "directory (created if missing); give a directory path")
         emb = as_embedder(embedder) if embedder is not None else make_embedder(s.embedder, cache_path=s.cache_path)
         return s, emb
 

@@ -162,6 +162,9 @@ def test_errors_exit_2_with_message(home, capsys):
     assert code == 2 and "no model published" in err and "memory-distill consolidate" in err
     code, _, err = run(capsys, "rollback")
     assert code == 2 and "nothing to roll back" in err
+    (home.parent / "a-file").write_text("")
+    code, _, err = run(capsys, "--home", str(home.parent / "a-file"), "stats")  # not "[Errno 20] Not a directory"
+    assert code == 2 and "is a file: memory_distill keeps its store, models and cache in a directory" in err
 
 
 def test_python_dash_m_entry_point(home):
