@@ -404,9 +404,18 @@ class OpenAIEmbedder(_ReadsLongTexts):
         try:
             resp = self._client.embeddings.create(**kwargs)
         except openai.APIStatusError as e:
+            code = e.status_code
+            hint = {
+                401: "the server refused the API key: check OPENAI_API_KEY (or MEMORY_DISTILL_EMBEDDER__API_KEY), or "
+                     "embed offline with --embedder hashing",
+                403: f"the API key may not use {self.model!r}: check the key's project and permissions",
+                404: f"no model {self.model!r} (or no embeddings endpoint) at {self._client.base_url}: check the "
+                     "model name (--embedding-model) and the base URL (OpenAI-compatible servers usually end in /v1)",
+            }.get(code, "")
+            retried = " after retries" if code in (408, 409, 429) or code >= 500 else ""  # the client retries those
             raise EmbeddingError(
-                f"embeddings request failed with HTTP {e.status_code} after retries "
-                f"(model={self.model!r}, {len(inputs)} inputs): {e.message}"
+                f"embeddings request failed with HTTP {code}{retried} (model={self.model!r}, {len(inputs)} inputs): "
+                f"{e.message}{f'; {hint}' if hint else ''}"
             ) from None
         except openai.APITimeoutError:
             raise EmbeddingError(

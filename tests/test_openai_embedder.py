@@ -71,9 +71,21 @@ def test_gives_up_after_retries_without_leaking_the_key(server, caplog):
 
 def test_client_errors_are_not_retried(server):
     server.fail_first, server.fail_status = 100, 400
-    with pytest.raises(EmbeddingError, match="HTTP 400"):
+    with pytest.raises(EmbeddingError, match=r"HTTP 400 \(model="):  # not "after retries": none were made
         make(server, max_retries=3).embed(["x"])
     assert len(server.requests) == 1
+
+
+@pytest.mark.parametrize("status,hint", [
+    (401, "the server refused the API key: check OPENAI_API_KEY"),
+    (403, "the API key may not use 'text-embedding-3-small'"),
+    (404, "no model 'text-embedding-3-small' (or no embeddings endpoint) at http://127.0.0.1:"),
+])
+def test_a_refused_request_says_what_to_check(server, status, hint):
+    server.fail_first, server.fail_status = 100, status
+    with pytest.raises(EmbeddingError, match=f"HTTP {status} ") as info:
+        make(server, max_retries=3).embed(["x"])
+    assert hint in str(info.value) and "after retries" not in str(info.value) and KEY not in str(info.value)
 
 
 def test_timeout(server):
