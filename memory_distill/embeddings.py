@@ -479,18 +479,35 @@ class LangChainEmbedder:
     @property
     def dim(self) -> int:
         if self._dim is None:
-            self._dim = int(np.asarray(self.embeddings.embed_query("dimension probe")).shape[-1])
+            self._dim = self._vectors([self.embeddings.embed_query("dimension probe")], 1, "embed_query").shape[1]
         return self._dim
+
+    def _vectors(self, raw: Any, n: int, method: str) -> np.ndarray:
+        """What ``method`` returned, as an n x dim float32 array, or an :class:`EmbeddingError` saying what is
+        wrong with it (numpy's own errors, or Chroma's at the write, would not name the embeddings)."""
+        who = f"{self._name}.{method}"
+        try:
+            arr = np.asarray(raw, dtype=np.float32)
+        except (ValueError, TypeError) as e:
+            raise EmbeddingError(f"{who} returned {type(raw).__name__}, not {n} lists of numbers of one length "
+                                 f"({e})") from None
+        if arr.ndim != 2 or arr.shape[0] != n or arr.shape[1] == 0:
+            raise EmbeddingError(f"{who} returned shape {arr.shape} for {n} texts: it must return one vector per "
+                                 "text, all of one length")
+        bad = ~np.isfinite(arr).all(axis=1)
+        if bad.any():
+            raise EmbeddingError(f"{who} returned NaN or inf in {int(bad.sum())} of {n} vectors")
+        return arr
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         items = _check_texts(texts)
         if not items:
             return np.zeros((0, self.dim), np.float32)
-        arr = np.asarray(self.embeddings.embed_documents(items), dtype=np.float32)
-        if arr.ndim != 2 or arr.shape[0] != len(items):
-            raise EmbeddingError(f"{self._name} returned shape {arr.shape} for {len(items)} texts")
+        arr = self._vectors(self.embeddings.embed_documents(items), len(items), "embed_documents")
         if self._dim is None:
             self._dim = arr.shape[1]
+        elif arr.shape[1] != self._dim:
+            raise EmbeddingError(f"{self._name} returned {arr.shape[1]}-d vectors, expected {self._dim}")
         return _normalize_rows(arr)
 
 

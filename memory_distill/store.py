@@ -519,8 +519,9 @@ class MemoryStore:
             if client is None and cfg.mode == "persistent":
                 _hold_directory(self._persistent_path(cfg, path), self)
             self._max_batch = min(cfg.write_batch_size, self._client.get_max_batch_size())
+            args = self._collection_args(embedder)  # (asks the embedder its dim: its errors are not the store's)
             try:
-                self._col = self._client.get_or_create_collection(cfg.collection, **self._collection_args(embedder))
+                self._col = self._client.get_or_create_collection(cfg.collection, **args)
             except Exception as e:  # chroma raises several types for an unreachable server
                 raise StoreError(f"could not open collection {cfg.collection!r}: {e}") from e
         if cfg.mode == "http":

@@ -122,6 +122,35 @@ def test_langchain_embeddings_adapter():
         as_embedder(object())
 
 
+def test_a_langchain_embeddings_that_returns_bad_vectors_is_named_in_the_error(tmp_path):
+    from langchain_core.embeddings import Embeddings
+
+    from memory_distill import EmbeddingError, MemoryStore
+
+    class Broken(Embeddings):
+        def __init__(self, vectors):  # type: ignore[no-untyped-def]
+            self.vectors = vectors
+
+        def embed_documents(self, texts):  # type: ignore[no-untyped-def]
+            return self.vectors(texts)
+
+        def embed_query(self, text):  # type: ignore[no-untyped-def]
+            return self.vectors([text])[0]
+
+    cases = [(lambda t: [[0.1, 0.2] if i % 2 else [0.3] for i, _ in enumerate(t)], "not 2 lists of numbers of one length"),
+             (lambda t: [["a", "b"] for _ in t], "not 2 lists of numbers of one length"),
+             (lambda t: [[0.1, 0.2]] * (len(t) - 1), r"shape \(1, 2\) for 2 texts"),
+             (lambda t: [[float("nan"), 0.2] for _ in t], "NaN or inf in 2 of 2 vectors"),
+             (lambda t: [[0.1, 0.2, 0.3][: 2 + (len(t) > 1)] for _ in t], "3-d vectors, expected 2")]
+    for vectors, why in cases:
+        e = LangChainEmbedder(Broken(vectors), dim=2)
+        with pytest.raises(EmbeddingError, match=f"^langchain:Broken.* {why}"):
+            e.embed(["one", "two"])
+    # the dimension probe at open: the embedder's error, not "could not open collection"
+    with pytest.raises(EmbeddingError, match=r"langchain:Broken.embed_query returned NaN or inf"):
+        MemoryStore(LangChainEmbedder(Broken(lambda t: [[float("nan"), 0.2] for _ in t])), path=tmp_path / "s")
+
+
 def test_make_embedder_defaults_offline(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     assert isinstance(make_embedder(EmbedderConfig()), HashingEmbedder)
