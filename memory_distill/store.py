@@ -1052,9 +1052,14 @@ class MemoryStore:
                 raise StoreError("query is empty: pass the text to search for")
             qv = self.embedder.embed([query])[0]
         else:
-            qv = np.asarray(query, np.float32).reshape(-1)
+            raw = np.asarray(query, np.float32)
+            if raw.ndim > 1 and raw.shape[0] != 1:
+                raise StoreError(f"search takes one query vector, got an array of shape {raw.shape}: search each row")
+            qv = raw.reshape(-1)
             if qv.shape[0] != self.embedder.dim:
                 raise StoreError(f"query vector has dim {qv.shape[0]}, the store uses {self.embedder.dim}")
+            if not np.isfinite(qv).all():
+                raise StoreError("query vector contains NaN or inf: re-embed the query")
         include = ["metadatas", "documents", "distances"] + (["embeddings"] if include_embeddings else [])
         flt = self._where(namespace, where, rewarded_only)
         if flt is None:

@@ -40,6 +40,12 @@ def test_add_get_search_roundtrip(store):
     hits = store.search("cited the wikipedia page", k=2)
     assert hits[0].memory.id == ids[0]
     assert 0 < hits[0].similarity <= 1 and hits[0].similarity > hits[1].similarity
+    qv = store.embedder.embed(["cited the wikipedia page"])
+    assert store.search(qv, k=1)[0].memory.id == ids[0]  # a vector: one row, or flat
+    with pytest.raises(StoreError, match=r"one query vector, got an array of shape \(2, 256\)"):
+        store.search(np.vstack([qv, qv]), k=1)  # not "dim 512"
+    with pytest.raises(StoreError, match="query vector contains NaN"):  # not the 2 "nearest" to NaN
+        store.search(np.full(256, np.nan), k=2)
 
 
 def test_collection_uses_cosine_space_and_records_embedder(store):
