@@ -244,7 +244,8 @@ class Predictor:
         if self.embedder is not None and (emb.get("name") != self.embedder.name or int(emb.get("dim", -1)) != self.embedder.dim):
             raise EmbedderMismatchError(
                 f"model {loaded.version} was trained on embedder {emb.get('name')!r} (dim {emb.get('dim')}), "
-                f"but {self.embedder.name!r} (dim {self.embedder.dim}) was given: use the same embedder"
+                f"but {self.embedder.name!r} (dim {self.embedder.dim}) was given: use that embedder, or consolidate to "
+                "train a model on this one (after `reembed`, the store holds its vectors)"
             )
         self._retired: str | None = None
         self._served = served  # keeps the shared weights alive while this Predictor serves them

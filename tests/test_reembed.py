@@ -112,7 +112,7 @@ def test_cli_reembed_then_retrain(tmp_path, monkeypatch, capsys) -> None:  # typ
     assert main(["-q", "reembed"]) == 0
     assert "300 memories" in capsys.readouterr().out
     assert main(["-q", "predict", "the agent searched"]) == 2  # the published model was trained on the old vectors
-    assert "use the same embedder" in capsys.readouterr().err
+    assert "use that embedder, or consolidate to train a model on this one" in capsys.readouterr().err
     assert main(["-q", "consolidate", "--epochs", "2"]) == 0  # replaces it: the old model cannot score these vectors
     assert "cannot serve them" in capsys.readouterr().out
     assert main(["-q", "predict", "--json", "the agent searched"]) == 0
