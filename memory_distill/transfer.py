@@ -28,13 +28,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
+import gzip
 import json
 import logging
 import os
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,14 +158,35 @@ class ImportFile:
 
 
 def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    if str(path) == "-":
-        yield from enumerate(sys.stdin, 1)
-        return
+    """The file's lines, numbered from 1: UTF-8 with or without a byte-order mark, gzip-compressed or not (told by
+    its first bytes, whatever its name)."""
+    lineno = 0
     try:
-        with open(path, encoding="utf-8") as f:
-            yield from enumerate(f, 1)
-    except OSError as e:
-        raise InvalidMemoryError(f"{path}: cannot read the file ({e.strerror}); nothing was imported") from None
+        if str(path) == "-" and not hasattr(sys.stdin, "buffer"):  # a text stream put in its place (io.StringIO)
+            for lineno, text in enumerate(sys.stdin, 1):
+                yield lineno, text.removeprefix("\ufeff") if lineno == 1 else text
+            return
+        if str(path) == "-":
+            raw: IO[bytes] = sys.stdin.buffer
+            peek = getattr(raw, "peek", None)
+            if peek is not None and peek(2)[:2] == b"\x1f\x8b":
+                raw = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]
+        else:
+            raw = open(path, "rb")
+            if raw.read(2) == b"\x1f\x8b":
+                raw.close()
+                raw = gzip.open(path, "rb")  # type: ignore[assignment]
+            else:
+                raw.seek(0)
+        with raw if str(path) != "-" else contextlib.nullcontext(raw):
+            for lineno, line in enumerate(raw, 1):  # decoded line by line: an error names its own line
+                yield lineno, line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except (OSError, EOFError, zlib.error) as e:
+        why = getattr(e, "strerror", None) or str(e)  # (gzip's errors have no strerror: a truncated file)
+        raise InvalidMemoryError(f"{path}: cannot read the file ({why}); nothing was imported") from None
+    except UnicodeDecodeError as e:
+        raise InvalidMemoryError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line): save "
+                                 "the file as UTF-8; nothing was imported") from None
 
 
 def read_jsonl(path: str | Path, *, namespace: str | None = None) -> ImportFile:

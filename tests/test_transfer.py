@@ -173,6 +173,40 @@ def test_import_is_all_or_nothing(tmp_path) -> None:  # type: ignore[no-untyped-
     assert len(rep.ids) == 40 and dst.count() == 40 and dst.get(ids[4]).reward == src.get(ids[4]).reward
 
 
+def test_import_reads_gzip_and_a_byte_order_mark_and_names_a_line_that_is_not_utf8(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import gzip
+
+    src, _ = _filled(tmp_path)
+    plain = tmp_path / "all.jsonl"
+    export_jsonl(src, plain)
+    packed = tmp_path / "all.jsonl.gz"  # what a dataset usually ships as (told by its bytes, not its name)
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    dst = MemoryStore(HashingEmbedder(dim=64), StoreConfig(path=tmp_path / "dst"))
+    assert len(import_jsonl(dst, packed).ids) == 40 and _rows(dst) == _rows(src)
+    bom = tmp_path / "excel.jsonl"  # saved "UTF-8 with BOM", CRLF line ends
+    bom.write_bytes(b"\xef\xbb\xbf" + b'{"text": "caf\xc3\xa9", "reward": 0.5}\r\n{"text": "tea"}\r\n')
+    rep = import_jsonl(dst, bom)
+    assert [m.text for m in dst.get_many(rep.ids)] == ["café", "tea"]
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(b'{"text": "tea"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(InvalidMemoryError, match=r"latin1.jsonl:2: not UTF-8 text .*save the file as UTF-8"):
+        import_jsonl(dst, latin1)
+    truncated = tmp_path / "cut.jsonl.gz"
+    truncated.write_bytes(packed.read_bytes()[:200])
+    with pytest.raises(InvalidMemoryError, match=r"cut.jsonl.gz: cannot read the file \(Compressed file ended"):
+        import_jsonl(dst, truncated)
+    assert dst.count() == 42
+    import subprocess
+    import sys
+
+    env = {"MEMORY_DISTILL_HOME": str(tmp_path / "cli"), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run([sys.executable, "-m", "memory_distill", "-q", "import", "-"], input=packed.read_bytes(),
+                          capture_output=True, env=env, timeout=120)  # gzip on standard input too
+    assert done.returncode == 0 and b"imported 40 memories" in done.stdout, done.stderr
+    monkeypatch.setattr(sys, "stdin", io.StringIO('\ufeff{"text": "from a notebook"}\n'))  # a text stream, no .buffer
+    assert len(import_jsonl(dst, "-").ids) == 1
+
+
 def test_a_misspelt_field_fails_the_import_and_other_unknown_keys_are_reported(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
     store = MemoryStore(HashingEmbedder(dim=64), StoreConfig(path=tmp_path / "dst"))
     path = tmp_path / "in.jsonl"
