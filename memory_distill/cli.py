@@ -230,6 +230,8 @@ def cmd_export(args: argparse.Namespace) -> int:
                          embeddings=args.embeddings, progress=lambda done: bar.update(done - bar.n))
     if not to_stdout:
         print(f"exported {n} memories to {args.file}" + (" with their vectors" if args.embeddings else ""))
+    if not n:
+        print(_why_no_hits(mem, args.namespace, args.where), file=sys.stderr)
     return 0
 
 

@@ -247,6 +247,10 @@ def test_cli_export_import_and_forget_older_than(tmp_path, monkeypatch, capsys) 
     assert main(["-q", "--home", b, "export", "-"]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 8 and "memory_distill_export" in printed[0]
+    assert main(["-q", "--home", b, "export", str(tmp_path / "none.jsonl"), "--namespace", "team_a"]) == 0
+    printed = capsys.readouterr()  # exported nothing: says why, as search does
+    assert "exported 0 memories" in printed.out
+    assert printed.err.strip() == "namespace 'team_a' has no memories; the store's namespaces: 'default'"
 
     assert main(["-q", "--home", b, "forget", "--older-than", "30d", "--reason", "retention"]) == 0
     assert "deleted 3 memories" in capsys.readouterr().out
