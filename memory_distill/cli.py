@@ -367,6 +367,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     meta = _kv(args.metadata)
     pred = mem.predictor_for(args.namespace)  # the namespace's model, else the top-level one
     preds = pred.predict(args.texts, metadata=[meta] * len(args.texts) if meta else None)
+    if meta and not pred.metadata_features:  # (a model with features warns on a near miss of one itself)
+        print(f"note: model {pred.version} reads no metadata, so -m changes nothing; consolidate with "
+              f"--metadata-feature {next(iter(meta))} to train one that does", file=sys.stderr)
     if args.json:
         print(json.dumps([{"text": t, **p.to_dict(), "prob_above": {str(args.threshold): p.prob_above(args.threshold)}}
                           for t, p in zip(args.texts, preds, strict=True)], indent=2))
@@ -460,6 +463,12 @@ def cmd_drift(args: argparse.Namespace) -> int:
 
     d = _open(args).drift(threshold=args.threshold, namespace=args.namespace)
     print(json.dumps(asdict(d), indent=2))
+    if not d.n:
+        print(f"note: no memory was rewarded after {d.version} was published, so there is no drift to measure yet",
+              file=sys.stderr)
+    elif d.n < 20:  # drift_report's min_samples
+        print(f"note: only {d.n} memories were rewarded after {d.version} was published; drift triggers a run (worker "
+              "--drift-threshold) from 20", file=sys.stderr)
     return 0
 
 

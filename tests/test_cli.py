@@ -128,6 +128,10 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
     assert preds[1]["mean"] > preds[0]["mean"] + 0.3 and preds[0]["model_version"] == "v000002"
     assert "advantage" in preds[0] and "cross-checked" in preds[1]["text"] and "guessed" in preds[0]["text"]
     assert preds[1]["prob_above"]["0.5"] > preds[0]["prob_above"]["0.5"]
+    code, _, err = run(capsys, "predict", "anything", "-m", "agent=planner")  # a model that reads no metadata
+    assert code == 0 and "reads no metadata, so -m changes nothing; consolidate with --metadata-feature agent" in err
+    code, out, err = run(capsys, "drift")
+    assert code == 0 and json.loads(out)["n"] == 0 and "no memory was rewarded after v000002 was published" in err
     code, out, _ = run(capsys, "models")
     assert "v000001" in out and "v000002" in out
     code, out, _ = run(capsys, "history", "--json")
