@@ -771,8 +771,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as e:  # a setting out of range (from the environment or a flag): one line per field
         for err in e.errors():
             field = ".".join(str(x) for x in err["loc"])
-            env = ("; set by MEMORY_DISTILL_" + "__".join(str(x).upper() for x in err["loc"])
-                   if e.title == "Settings" else "")
+            names = [str(x) for x in err["loc"]]
+            names = names[:next((i for i, x in enumerate(err["loc"]) if isinstance(x, int)), len(names))]  # not a list's index
+            env = ("; set by MEMORY_DISTILL_" + "__".join(x.upper() for x in names) if e.title == "Settings" else "")
             got = "" if "headers" in err["loc"] else f"got {err.get('input')!r}"  # credentials are not echoed
             print(f"error: {e.title}.{field}: {err['msg']} ({got}{env})".replace("(; ", "("), file=sys.stderr)
         return 2

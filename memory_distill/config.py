@@ -13,7 +13,7 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -185,8 +185,8 @@ class BinsConfig(_Config):
 class TeacherConfig(_Config):
     """Phase 1: the teacher MLP trained on rewarded memories."""
 
-    hidden: tuple[int, ...] = (1024, 512, 256, 128)
-    """Hidden layer widths."""
+    hidden: tuple[Annotated[int, Field(ge=1)], ...] = (1024, 512, 256, 128)
+    """Hidden layer widths (``()``: a linear model)."""
     dropout: float = Field(default=0.2, ge=0.0, lt=1.0)
     """Dropout after each hidden layer."""
     batchnorm: bool = True
@@ -208,8 +208,8 @@ class TeacherConfig(_Config):
 class DistillConfig(_Config):
     """Phase 2: distilling the teacher into the compact student."""
 
-    hidden: tuple[int, ...] = (256, 128)
-    """Student hidden layer widths."""
+    hidden: tuple[Annotated[int, Field(ge=1)], ...] = (256, 128)
+    """Student hidden layer widths (``()``: a linear model)."""
     dropout: float = Field(default=0.1, ge=0.0, lt=1.0)
     """Dropout after each student hidden layer."""
     temperature: float = Field(default=4.0, gt=0)

@@ -249,6 +249,11 @@ def test_a_bad_setting_in_the_environment_names_the_variable(home, capsys, monke
     assert "Settings.job.teacher.epochs: Input should be greater than or equal to 1" in err
     assert "set by MEMORY_DISTILL_JOB__TEACHER__EPOCHS" in err
     monkeypatch.delenv("MEMORY_DISTILL_JOB__TEACHER__EPOCHS")
+    monkeypatch.setenv("MEMORY_DISTILL_JOB__TEACHER__HIDDEN", "[64, 0]")  # a layer of width 0
+    code, _, err = run(capsys, "consolidate")
+    assert code == 2 and "Settings.job.teacher.hidden.1: Input should be greater than or equal to 1" in err
+    assert "set by MEMORY_DISTILL_JOB__TEACHER__HIDDEN)" in err  # the variable, not "...HIDDEN__1"
+    monkeypatch.delenv("MEMORY_DISTILL_JOB__TEACHER__HIDDEN")
     monkeypatch.setenv("MEMORY_DISTILL_STORE__HEADERS", '["Bearer sk-secret"]')  # JSON, but not an object
     code, _, err = run(capsys, "stats")
     assert code == 2 and "Settings.store.headers: Input should be a valid dictionary" in err
