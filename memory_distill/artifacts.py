@@ -495,12 +495,14 @@ class ArtifactRegistry:
         v = version or self.current_version()
         if v is None:
             if self.namespace is not None:
-                raise NoModelError(f"no model trained on namespace {self.namespace!r} yet ({self.root}): run "
-                                   f"`memory-distill consolidate --namespace {self.namespace}` first")
+                raise NoModelError(f"no model trained on namespace {self.namespace!r} yet ({self.root}): consolidate "
+                                   f"first (mem.consolidate(namespace={self.namespace!r}), or `memory-distill "
+                                   f"consolidate --namespace {self.namespace}`)")
             scoped = sorted(self.namespaces())
             hint = (f"; models trained on one namespace live in registry.scoped(namespace) (have: {scoped[:5]})"
                     if scoped else "")
-            raise NoModelError(f"no model published in {self.root}: run `memory-distill consolidate` first{hint}")
+            raise NoModelError(f"no model published in {self.root}: consolidate first (mem.consolidate(), or "
+                               f"`memory-distill consolidate`){hint}")
         m = self.manifest(v)
         if m.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(f"{v} has format {m.get('format_version')}, this library reads {FORMAT_VERSION}")
