@@ -330,3 +330,12 @@ def test_expired_items_swept_away_make_models_trained_on_them_stale(tmp_path, st
     second = mem.consolidate()
     assert second.extra == {"deleted_training_memories": 2, "deleted_stale_versions": [first.version]}
     assert second.promoted and not second.warm_started and mem.registry.list_versions() == [second.version]
+
+
+def test_one_field_path_given_as_a_str_is_that_path_not_its_letters(store) -> None:  # type: ignore[no-untyped-def]
+    value = {"summary": "booked a flight to Lisbon", "text": "a long raw log of the booking"}
+    MemoryDistillStore(store, fields="summary").put(("trips",), "a", value)
+    MemoryDistillStore(store).put(("trips",), "b", value, index="summary")  # type: ignore[arg-type]
+    MemoryDistillStore(store).put(("trips",), "c", value)  # no path: value["text"]
+    texts = [store.get(MemoryDistillStore.memory_id(("trips",), k)).text for k in "abc"]
+    assert texts == ["booked a flight to Lisbon", "booked a flight to Lisbon", "a long raw log of the booking"]

@@ -139,7 +139,7 @@ class MemoryDistillStore(BaseStore):
     supports_ttl = True
 
     def __init__(self, store: MemoryStore, *, predictor: PredictorLike = None,
-                 value_weight: float = 0.0, fields: list[str] | None = None, reward_key: str = "reward",
+                 value_weight: float = 0.0, fields: list[str] | str | None = None, reward_key: str = "reward",
                  ttl_config: TTLConfig | None = None) -> None:
         self.value_weight = check_value_weight(value_weight)
         self.ttl_config = ttl_config
@@ -147,7 +147,7 @@ class MemoryDistillStore(BaseStore):
         self._stop_sweeper = threading.Event()
         self.store = store
         self.predictor = predictor
-        self.fields = fields
+        self.fields = [fields] if isinstance(fields, str) else fields  # one path, not its letters
         self.reward_key = reward_key
 
     @classmethod
@@ -169,7 +169,7 @@ class MemoryDistillStore(BaseStore):
         return "lg-" + hashlib.sha256(json.dumps([list(namespace), key]).encode()).hexdigest()[:40]
 
     def _text(self, value: Mapping[str, Any], index: list[str] | None) -> str:
-        paths = index if index else self.fields
+        paths = ([index] if isinstance(index, str) else index) if index else self.fields
         if paths:
             parts = [t for p in paths for t in get_text_at_path(value, p) if t]
             if parts:
