@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch
 
 from .config import BinsConfig, DistillConfig, JobConfig, TeacherConfig
 from .embeddings import Embedder, HashingEmbedder
-from .errors import ArtifactError, NotEnoughDataError
+from .errors import ArtifactError, InvalidMemoryError, NotEnoughDataError
 from .evaluate import compare_teacher_student
 from .features import text_stats
 from .models import RewardMLP, compression_ratio, resolve_device
@@ -64,9 +64,13 @@ class ModelDistillation:
     def distill_from_memories(self, memories: Iterable[Memory | dict[str, Any] | tuple[str, float | None]],
                               num_epochs: int = 10, batch_size: int = 256) -> dict[str, Any]:
         """Train the teacher then distil the student; returns loss curves and held-out metrics."""
+        if isinstance(memories, (str, Mapping, Memory)):  # iterating it would train on its letters (or keys)
+            raise TypeError(f"distill_from_memories takes a list of memories, got one {type(memories).__name__}")
         mems = []
         for i, m in enumerate(memories):
             if isinstance(m, tuple):
+                if len(m) != 2:
+                    raise InvalidMemoryError(f"memories[{i}]: a tuple is (text, reward), got {len(m)} items")
                 m = {"text": m[0], "reward": m[1]}
             mems.append(coerce_memory(m, index=i))
         rewards = np.array([np.nan if m.reward is None else m.reward for m in mems], np.float32)

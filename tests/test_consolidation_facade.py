@@ -40,6 +40,12 @@ def test_tuples_and_pending_rewards_accepted():
     mems = [(e["text"], e["reward"]) for e in synthetic_episodes(200, seed=9)]
     hist = md.distill_from_memories(mems, num_epochs=3)
     assert hist["n_train"] > 0
+    from memory_distill import InvalidMemoryError
+
+    with pytest.raises(InvalidMemoryError, match=r"memories\[1\]: a tuple is \(text, reward\), got 1 items"):
+        md.distill_from_memories([mems[0], (mems[1][0],)])  # not "tuple index out of range"
+    with pytest.raises(TypeError, match="takes a list of memories, got one str"):
+        md.distill_from_memories(mems[0][0])  # type: ignore[arg-type]
 
 
 def test_memory_distill_facade(tmp_path):
