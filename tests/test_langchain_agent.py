@@ -200,6 +200,11 @@ def test_callback_handler_records_agent_runs(store, use_async):
     (ep,) = store.get_many(rec.episode_ids)
     assert ep.reward == 1.0 and ep.metadata["agent"] == "prod" and ep.metadata["source"] == "langchain_callback"
     assert 'Tool call: lookup({"city": "Oslo"})' in ep.text and "Answer: 700k" in ep.text
+    # OpenAI-style dict messages with content parts: the question's text, not the parts' Python repr
+    parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "population of Oslo?"}]}]}
+    agent.invoke(parts, config={"callbacks": [rec]})
+    again = store.get(rec.episode_ids[-1])
+    assert again.text.startswith("User: population of Oslo?\n") and again.metadata["group"] == ep.metadata["group"]
 
 
 def test_recorded_episodes_are_grouped_by_user_input(store):

@@ -36,6 +36,17 @@ from .episodes import (
 __all__ = ["EpisodeRecorder"]
 
 
+def _content_text(content: Any) -> str:
+    """A message's content given as a tuple's or dict's: text parts joined, as for a ``HumanMessage`` (a multimodal
+    list of parts would otherwise be recorded as its Python repr)."""
+    if isinstance(content, str):
+        return content
+    try:
+        return message_text(HumanMessage(content=content))
+    except Exception:  # not message content at all
+        return str(content)
+
+
 def _input_text(inputs: Any) -> str:
     if isinstance(inputs, dict):
         msgs = inputs.get("messages")
@@ -44,9 +55,9 @@ def _input_text(inputs: Any) -> str:
                 if isinstance(m, HumanMessage):
                     return message_text(m)
                 if isinstance(m, tuple) and m[0] in ("user", "human"):
-                    return str(m[1])
+                    return _content_text(m[1])
                 if isinstance(m, dict) and m.get("role") in ("user", "human"):
-                    return str(m.get("content", ""))
+                    return _content_text(m.get("content", ""))
         for key in ("input", "question", "query"):
             if key in inputs:
                 return str(inputs[key])
