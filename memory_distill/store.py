@@ -925,10 +925,21 @@ class MemoryStore:
         value is checked before anything is written (one write), and the reserved keys (reward,
         namespace, ...) cannot be set here: use :meth:`set_rewards` for rewards.
         """
+        if not isinstance(updates, Mapping):
+            raise TypeError(f"update_metadata takes a dict {{memory_id: {{key: value}}}}, got {type(updates).__name__}")
         ids = list(updates)
         if not ids:
             return []
+        fixes = {"reward": "use set_reward / set_rewards({id: reward})",
+                 "namespace": "a memory's namespace is set when it is added (add_many(..., upsert=True) re-adds it)"}
         for i in ids:
+            if not isinstance(updates[i], Mapping):
+                raise InvalidMemoryError(f"update_metadata[{i!r}]: expected a dict of metadata keys to set, got "
+                                         f"{type(updates[i]).__name__} {updates[i]!r}")
+            if field := next((k for k in fixes if k in updates[i]), None):  # a metadata key of that name is legal,
+                # but here it is almost surely meant as the memory's own field, which this would silently not change
+                raise InvalidMemoryError(f"update_metadata[{i!r}]: {field!r} is the memory's own field, not "
+                                         f"metadata: {fixes[field]}")
             try:
                 check_metadata(dict(updates[i]), allow_none=True)
             except (TypeError, ValueError) as e:

@@ -473,6 +473,15 @@ def test_update_metadata_merges_removes_and_validates_first(store):
         with pytest.raises(err):
             store.update_metadata(bad)
         assert store.get(b).metadata == {"tool": "calc", "tier": "gold"} and store.get(a).reward == 0.4
+    # the memory's own fields: a metadata key "reward" would leave the reward as it was, silently
+    for bad, why in (({b: {"tier": "x"}, a: {"reward": 0.9}}, "'reward' is the memory's own field.*set_rewards"),
+                     ({a: {"namespace": "team-b"}}, "'namespace' is the memory's own field"),
+                     ({a: "gold"}, "expected a dict of metadata keys to set, got str 'gold'")):
+        with pytest.raises(InvalidMemoryError, match=why):
+            store.update_metadata(bad)  # type: ignore[dict-item]
+        assert store.get(b).metadata == {"tool": "calc", "tier": "gold"} and store.get(a).reward == 0.4
+    with pytest.raises(TypeError, match="update_metadata takes a dict"):
+        store.update_metadata([a])  # type: ignore[arg-type]
 
 
 def test_failed_chunked_metadata_update_is_rolled_back(tmp_path, embedder, monkeypatch):
