@@ -566,14 +566,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_experiment(args: argparse.Namespace) -> int:
     from .experiments import run_curriculum_experiment
 
-    res = run_curriculum_experiment(args.data, out_dir=args.out, seeds=args.seeds, max_records=args.max_records,
-                                    epochs=args.epochs, curricula=args.curricula, progress=not args.quiet)
+    try:
+        res = run_curriculum_experiment(args.data, out_dir=args.out, seeds=args.seeds, max_records=args.max_records,
+                                        epochs=args.epochs, curricula=args.curricula, progress=not args.quiet)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     _table(res["table"])
     print(f"\nwrote {args.out}/results.json, {args.out}/curricula.png, {args.out}/report.md")
     if not args.no_router:
         from .experiments import run_router_experiment
 
-        rr = run_router_experiment(args.data, seeds=args.seeds)
+        try:
+            rr = run_router_experiment(args.data, seeds=args.seeds)
+        except FileNotFoundError as e:
+            print(f"error: {e} (--no-router skips the routing evaluation)", file=sys.stderr)
+            return 2
         Path(args.out, "router.json").write_text(json.dumps(rr, indent=1))
         print(f"\nrouting FireAct ({rr['n_questions']} questions, cheap {rr['cheap']} vs strong {rr['strong']}, cost 1:10):")
         rows: list[Sequence[Any]] = [("cheap share", "quality", "quality kept", "cost saved")]
@@ -746,7 +754,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_demo, namespace=None)
 
     sp = sub.add_parser("experiment", help="compare curricula on real data")
-    sp.add_argument("--data", default="../shared/data", help="directory with *.jsonl.gz episode files")
+    sp.add_argument("--data", help="directory with *.jsonl.gz episode files (default: ../shared/data, found from the "
+                    "project or the working directory)")
     sp.add_argument("--out", default="reports/experiment")
     sp.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     sp.add_argument("--epochs", type=_count, default=15)

@@ -32,10 +32,14 @@ DATASETS = {
 
 
 def find_data_dir(start: str | Path | None = None) -> Path | None:
-    """``../shared/data`` relative to the project root (or ``start``), if present."""
-    cands = [Path(start)] if start else []
-    here = Path(__file__).resolve().parents[1]
-    cands += [here.parent / "shared" / "data", Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"]
+    """``start`` if it holds ``*.jsonl.gz`` files; without ``start``, ``../shared/data`` relative to the project root
+    or the working directory, if present. A ``start`` given is the only place looked at: data found elsewhere
+    would silently stand in for what was asked."""
+    if start:
+        cands = [Path(start)]
+    else:
+        here = Path(__file__).resolve().parents[1]
+        cands = [here.parent / "shared" / "data", Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data"]
     for c in cands:
         if c.is_dir() and any(c.rglob("*.jsonl.gz")):
             return c

@@ -74,7 +74,9 @@ def run_curriculum_experiment(data_dir: str | Path | None = None, *, out_dir: st
     """Compare curricula (+ adaptive teaching) on real data; writes results.json, curricula.png, report.md."""
     base = find_data_dir(data_dir)
     if base is None:
-        raise FileNotFoundError(f"no episode data found at {data_dir!r} (expected ../shared/data/*/*.jsonl.gz)")
+        where = repr(str(data_dir)) if data_dir else "../shared/data"
+        raise FileNotFoundError(f"no episode data (*.jsonl.gz) found in {where}: pass --data DIR (data_dir=) with "
+                                "the episode files")
     names = list(datasets or [d for d in DEFAULT_DATASETS if (base / DATASETS[d]).exists()])
     variants = list(curricula or CURRICULA) + ["uniform+adaptive_teaching"]
     emb = embedder or HashingEmbedder(dim=512)
@@ -243,8 +245,9 @@ def run_router_experiment(data_dir: str | Path | None = None, *, seeds: list[int
                           cost_cheap: float = 1.0, cost_strong: float = 10.0) -> dict[str, Any]:
     """Route FireAct questions between a cheap and a strong agent by a student trained on the cheap one."""
     base = find_data_dir(data_dir)
-    if base is None:
-        raise FileNotFoundError("FireAct data not found (../shared/data/fireact)")
+    if base is None or not (base / DATASETS["fireact"]).exists():
+        raise FileNotFoundError(f"FireAct data ({DATASETS['fireact']}) not found in "
+                                f"{repr(str(data_dir)) if data_dir else '../shared/data'}")
     recs = list(iter_records(base / DATASETS["fireact"]))
     by_q: dict[str, dict[str, float]] = {}
     text: dict[str, str] = {}

@@ -166,6 +166,8 @@ def test_errors_exit_2_with_message(home, capsys):
     assert code == 2 and "no model published" in err and "memory-distill consolidate" in err
     code, _, err = run(capsys, "rollback")
     assert code == 2 and "nothing to roll back" in err
+    code, _, err = run(capsys, "experiment", "--data", str(home.parent / "no-such-dir"))  # never data from elsewhere
+    assert code == 2 and "no episode data (*.jsonl.gz) found in '" in err and "no-such-dir'" in err
     (home.parent / "a-file").write_text("")
     code, _, err = run(capsys, "--home", str(home.parent / "a-file"), "stats")  # not "[Errno 20] Not a directory"
     assert code == 2 and "is a file: memory_distill keeps its store, models and cache in a directory" in err
