@@ -237,6 +237,9 @@ class ArtifactRegistry:
         return sorted(p.name for p in self.versions_dir.iterdir() if p.is_dir() and p.name.startswith("v"))
 
     def manifest(self, version: str) -> dict[str, Any]:
+        if not isinstance(version, str) or not re.fullmatch(r"v\d+", version):  # ('' or '..' would leave versions/)
+            raise ArtifactError(f"no model version {version!r} in {self.root}: versions are named like v000001, see "
+                                "`memory-distill models`")
         path = self.versions_dir / version / "manifest.json"
         if not path.exists():
             raise ArtifactError(f"no model version {version!r} in {self.root}: see `memory-distill models`")
@@ -278,8 +281,11 @@ class ArtifactRegistry:
         if not path.exists():
             return None
         try:
-            return str(json.loads(path.read_text())["version"])
-        except (json.JSONDecodeError, KeyError):
+            version = json.loads(path.read_text())["version"]
+            if not isinstance(version, str) or not re.fullmatch(r"v\d+", version):
+                raise KeyError(version)
+            return version
+        except (json.JSONDecodeError, KeyError, TypeError):
             raise ArtifactError(f"{path} is corrupt: run `memory-distill promote VERSION` to repair it") from None
 
     # ------------------------------------------------------------ write
@@ -492,7 +498,7 @@ class ArtifactRegistry:
     def load(self, version: str | None = None, *, with_teacher: bool = False,
              map_location: str | torch.device = "cpu") -> LoadedModel:
         """Load a version (default CURRENT), verifying format and checksums."""
-        v = version or self.current_version()
+        v = version if version is not None else self.current_version()
         if v is None:
             if self.namespace is not None:
                 raise NoModelError(f"no model trained on namespace {self.namespace!r} yet ({self.root}): consolidate "

@@ -139,6 +139,12 @@ def test_staging_leftovers_are_cleaned_and_torn_manifest_reported(tmp_path):
     with pytest.raises(ArtifactError, match="CURRENT is corrupt: run `memory-distill promote VERSION`"):
         reg.current_version()
     assert [(m["version"], m.get("current")) for m in reg.list()] == [("v000001", False), ("v000002", None)]
+    for bad in ("", "..", "../versions/v000001"):  # '' used to load the current model and be written to CURRENT
+        with pytest.raises(ArtifactError, match="versions are named like v000001"):
+            reg.promote(bad)
+    (tmp_path / "CURRENT").write_text('{"version": ""}')
+    with pytest.raises(ArtifactError, match="CURRENT is corrupt"):
+        reg.current_version()
     reg.promote("v000001")
     assert reg.current_version() == "v000001"
     assert json.loads((tmp_path / "promotions.jsonl").read_text().splitlines()[-1])["previous"] is None
