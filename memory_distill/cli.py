@@ -61,6 +61,8 @@ def _kv(items: Sequence[str] | None) -> dict[str, Any]:
         if "=" not in it:
             raise MemoryDistillError(f"--metadata {it!r}: use key=value or a JSON object like '{{\"tool\": \"git\"}}'")
         k, v = it.split("=", 1)
+        if not k.strip():
+            raise MemoryDistillError(f"--metadata {it!r}: the key is empty: use key=value")
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:
@@ -76,6 +78,17 @@ def _count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """``--seed``: a whole number >= 0 (torch and numpy refuse a negative seed, in an error that names no flag)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return value
 
 
@@ -320,9 +333,21 @@ def _mb(*paths: Path) -> float:
     return round(total / 1e6, 1)
 
 
+def _check_report_dir(out: str | None) -> None:
+    """Create ``--report``'s directory before training: a path that cannot be written fails now, not after the run."""
+    if out is None:
+        return
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MemoryDistillError(f"--report {out!r}: cannot create that directory ({e.strerror or e}); nothing was "
+                                 "trained") from None
+
+
 def cmd_consolidate(args: argparse.Namespace) -> int:
     mem = _open(args)
     cfg = _job_config(args, mem.job)
+    _check_report_dir(args.report)
     try:
         rep = mem.consolidate(cfg, progress=not args.quiet, lock_timeout=-1 if args.wait else 0,
                               skip_unchanged=args.skip_unchanged)
@@ -530,6 +555,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo_data import synthetic_episodes
 
     t0 = time.perf_counter()
+    _check_report_dir(args.report)
     mem = _open(args)
     print(f"memory_distill demo - home {mem.registry.root.parent}, embedder {mem.embedder.name}, store {mem.store.config.mode}")
     episodes = synthetic_episodes(args.n, seed=0 if args.seed is None else args.seed)
@@ -617,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--teacher-epochs", type=_count)
         sp.add_argument("--distill-epochs", type=_count)
         sp.add_argument("--curriculum", choices=["uniform", "easy_to_hard", "hard_to_easy", "adaptive", "sec_bandit"])
-        sp.add_argument("--seed", type=int)
+        sp.add_argument("--seed", type=_seed)
         sp.add_argument("--device", choices=["auto", "cpu", "cuda"])
         sp.add_argument("--threads", type=_count, help="CPU threads to train with (default: every core)")
         sp.add_argument("--keep-versions", type=_count, metavar="N",

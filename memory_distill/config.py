@@ -269,7 +269,7 @@ class JobConfig(_Config):
     """Student distillation."""
     gate: GateConfig = GateConfig()
     """Promotion gate."""
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     """Seed for splits, initialisation and sampling: same data + seed -> same model."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` uses CUDA when available."""

@@ -109,7 +109,13 @@ def export_jsonl(store: MemoryStore, path: str | Path | IO[str], *, namespace: s
     if not isinstance(path, (str, Path)):
         return _write(store, path, namespace, where, embeddings, progress)
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    if not str(path).strip() or target.is_dir():
+        raise StoreError(f"export path {str(path)!r} is {'a directory' if str(path).strip() else 'empty'}: give a file "
+                         "path (or '-' for standard output)")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(f"cannot create the export's directory {str(target.parent)!r}: {e.strerror or e}") from None
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:

@@ -112,7 +112,7 @@ class Memory(BaseModel):
     @classmethod
     def _label(cls, v: Any, info: ValidationInfo) -> Any:
         what = "a team, user or project name" if info.field_name == "namespace" else "omit it for a random one"
-        if not isinstance(v, str) or not v:
+        if not isinstance(v, str) or not v.strip():  # (" " is a namespace nobody would find again)
             raise ValueError(f"{info.field_name} must be a non-empty string ({what}), got {type(v).__name__} {v!r}")
         if bad := not_utf8(str(info.field_name), v):
             raise ValueError(bad)

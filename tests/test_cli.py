@@ -237,11 +237,17 @@ def test_bad_arguments_are_clear_errors_not_tracebacks(home, capsys):
     code, out, _ = run(capsys, "search", "web", "--where", '{"tool": "search"}', "--json")
     assert code == 0 and len(json.loads(out)) == 1
     for args, flag in ((("consolidate", "--epochs", "-1"), "--epochs"), (("search", "web", "-k", "0"), "-k"),
-                       (("demo", "--n", "many"), "--n")):
+                       (("demo", "--n", "many"), "--n"), (("consolidate", "--seed", "-1"), "--seed")):
         with pytest.raises(SystemExit) as exit_:
             main(["-q", *args])
         err = capsys.readouterr().err
-        assert exit_.value.code == 2 and f"argument {flag}:" in err and ">= 1" in err, err
+        assert exit_.value.code == 2 and f"argument {flag}:" in err and (">= 1" in err or ">= 0" in err), err
+    code, _, err = run(capsys, "add", "x", "-m", "=1")
+    assert code == 2 and "--metadata '=1': the key is empty" in err
+    for args in (("consolidate", "--report", str(home / "a-file" / "rep")), ("export", ""), ("export", str(home))):
+        (home / "a-file").write_text("")
+        code, _, err = run(capsys, *args)  # a path that cannot be written: an error before any work, no traceback
+        assert code == 2 and err.startswith("error: ") and ("nothing was trained" in err or "give a file path" in err)
 
 
 def test_a_bad_setting_in_the_environment_names_the_variable(home, capsys, monkeypatch):

@@ -105,6 +105,8 @@ def test_defaults_match_the_design():
          r"colour: Extra inputs are not permitted: put your own fields in metadata, e.g. metadata=\{'colour': \.\.\.\}"),
         ({"text": "x", "rewrd": 0.5}, "rewrd: Extra inputs are not permitted: did you mean 'reward'"),
         ({"txt": "x"}, "txt: Extra inputs are not permitted: did you mean 'text'"),
+        ({"text": "x", "namespace": " "}, r"namespace must be a non-empty string \(a team, user or project name\)"),
+        ({"text": "x", "id": "\t"}, "id must be a non-empty string"),
         # a lone surrogate (broken JSON escapes, surrogateescape decoding) has no UTF-8 form: Chroma and every
         # embedder would fail on it with a bare UnicodeEncodeError
         ({"text": "ok \ud800 then"}, r"text holds '\\ud800' at position 3, a lone surrogate.*errors='replace'"),
