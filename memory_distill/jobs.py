@@ -937,22 +937,30 @@ class ConsolidationExecutor:
     def __init__(self, store: MemoryStore, registry: ArtifactRegistry, config: JobConfig | None = None) -> None:
         self.store, self.registry, self.config = store, registry, config or JobConfig()
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-distill")
-        self._current: cf.Future[ConsolidationReport] | None = None
+        self._current: cf.Future[ConsolidationReport] | None = None  # the latest submitted
+        self._pending: dict[tuple[str, bool], cf.Future[ConsolidationReport]] = {}  # by settings
         self._lock = threading.Lock()
 
     def submit(self, config: JobConfig | None = None, *, skip_unchanged: bool = False) -> cf.Future[ConsolidationReport]:
-        """Queue a run (or return the one already pending/running). ``skip_unchanged``: as in
+        """Queue a run, or return the one already pending or running with the same settings; a run with other
+        settings (another namespace, say) is queued behind it, never answered by it. ``skip_unchanged``: as in
         :func:`run_consolidation` (the future then raises :class:`UnchangedDataError` when nothing changed)."""
+        cfg = config or self.config
         with self._lock:
-            if self._current is not None and not self._current.done():
-                return self._current
-            self._current = self._pool.submit(run_consolidation, self.store, self.registry,
-                                              config or self.config, lock_timeout=-1, skip_unchanged=skip_unchanged)
-            return self._current
+            same = self._pending.get((cfg.model_dump_json(), skip_unchanged))
+            if same is not None and not same.done():
+                return same
+            fut = self._pool.submit(run_consolidation, self.store, self.registry, cfg, lock_timeout=-1,
+                                    skip_unchanged=skip_unchanged)
+            self._pending = {k: f for k, f in self._pending.items() if not f.done()}
+            self._pending[(cfg.model_dump_json(), skip_unchanged)] = fut
+            self._current = fut
+            return fut
 
     @property
     def running(self) -> bool:
-        return self._current is not None and not self._current.done()
+        with self._lock:
+            return any(not f.done() for f in self._pending.values())
 
     def shutdown(self, wait: bool = True) -> None:
         self._pool.shutdown(wait=wait)

@@ -435,6 +435,13 @@ def test_executor_runs_in_background_and_readers_keep_serving(store, registry, e
 
     with ConsolidationExecutor(store, registry, fast_job()) as ex, pytest.raises(UnchangedDataError):
         ex.submit(skip_unchanged=True).result()
+    # a run with other settings is queued behind, not answered by the one under way (it used to get that future)
+    store.add_many([{**{k: v for k, v in e.items() if k != "id"}, "namespace": "team-b"} for e in episodes[:60]])
+    with ConsolidationExecutor(store, registry, fast_job()) as ex:
+        top, team = ex.submit(), ex.submit(fast_job(namespace="team-b"))
+        assert team is not top and ex.submit(fast_job(namespace="team-b")) is team and ex.running
+        assert top.result().n_rows == store.count(namespace=None) and team.result().n_rows == 60
+    assert not ex.running and registry.scoped("team-b").current_version() == team.result().version
 
 
 def test_worker_triggers_on_new_rewards_and_time(store, registry):
