@@ -223,8 +223,8 @@ class ArtifactRegistry:
             if info.exists():
                 holder = f" (held by {info.read_text().strip()})"
             raise JobLockedError(
-                f"another consolidation is running on {self.root}{holder}: wait for it to finish, "
-                "or pass a wait timeout"
+                f"another consolidation is running on {self.root}{holder}: try again when it finishes, or wait "
+                "for it with lock_timeout=<seconds> (-1: as long as it takes; CLI: consolidate --wait)"
             ) from None
         (self.root / ".lock.owner").write_text(f"pid {os.getpid()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
         return lk

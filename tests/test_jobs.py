@@ -389,7 +389,7 @@ def test_single_writer_lock(store, registry, episodes):
     store.add_many(episodes)
     lk = registry.acquire()
     try:
-        with pytest.raises(JobLockedError, match="another consolidation is running.*held by pid"):
+        with pytest.raises(JobLockedError, match="another consolidation is running.*held by pid.*wait for it with lock_timeout=<seconds>.*--wait"):
             run_consolidation(store, registry, fast_job())
     finally:
         lk.release()
