@@ -134,6 +134,13 @@ def test_a_bad_reward_fn_leaves_the_episode_pending_not_the_run_failed(store, ca
     assert "reward_fn's reward must be finite, got nan" in caplog.text
     with pytest.raises(InvalidMemoryError, match="must be a finite number, got True"):  # written: the store checks
         mw.feedback(mw.episode_ids[-1], True)  # type: ignore[arg-type]
+    # a judge that cannot be called as reward_fn(question, answer, messages) fails when the recorder is built,
+    # not as a warning on every run with the episode left pending
+    for recorder in (MemoryDistillMiddleware, EpisodeRecorder):
+        with pytest.raises(TypeError, match="reward_fn must be a function .* got float 0.8"):
+            recorder(store, reward_fn=0.8)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match=r"reward_fn must take \(question, answer, messages\): too many"):
+            recorder(store, reward_fn=lambda answer: 1.0)  # type: ignore[arg-type,misc]
 
 
 def test_async_agent_and_late_feedback(trained_store):

@@ -90,7 +90,7 @@ class EpisodeRecorder(BaseCallbackHandler):
         self.namespace = namespace
         self.reward_fn = reward_fn
         self.metadata = check_episode_settings(store, metadata, namespace if isinstance(namespace, str) else "default",
-                                               failure_reward)
+                                               failure_reward, reward_fn)
         self.failure_reward = failure_reward
         self.episode_ids: list[str] = []
         """Ids of the episodes this recorded, oldest first (the last ``RECENT_IDS``, 10,000)."""

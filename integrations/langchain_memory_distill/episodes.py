@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -369,10 +370,21 @@ def _attach_episode_id(error: BaseException, episode_id: str) -> None:
 
 
 def check_episode_settings(store: MemoryStore, metadata: dict[str, Any] | None, namespace: str,
-                           failure_reward: float | None) -> dict[str, Any]:
-    """A recorder's ``metadata=``, ``namespace=`` and ``failure_reward``, checked once when it is built (a value
-    Chroma cannot hold fails here, naming the key and the fix, not on every episode later); returns a copy of
-    the metadata."""
+                           failure_reward: float | None, reward_fn: Any = None) -> dict[str, Any]:
+    """A recorder's ``metadata=``, ``namespace=``, ``failure_reward`` and ``reward_fn``, checked once when it is
+    built (a value Chroma cannot hold, or a judge that cannot take ``(question, answer, messages)``, fails here,
+    naming the fix, not as a warning on every episode later); returns a copy of the metadata."""
+    if reward_fn is not None:
+        if not callable(reward_fn):
+            raise TypeError(f"reward_fn must be a function (question, answer, messages) -> reward or None, got "
+                            f"{type(reward_fn).__name__} {reward_fn!r}: a fixed reward for every run is "
+                            "lambda q, a, m: 1.0")
+        try:
+            inspect.signature(reward_fn).bind("question", "answer", [])
+        except TypeError as e:
+            raise TypeError(f"reward_fn must take (question, answer, messages): {e}") from None
+        except ValueError:  # no signature to read (some builtins): it is called as it is
+            pass
     if failure_reward is not None:
         store._check_reward(failure_reward, "failure_reward")
     try:

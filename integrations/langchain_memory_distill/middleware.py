@@ -130,7 +130,7 @@ class MemoryDistillMiddleware(AgentMiddleware):
         self.predictor_for = predictor_for
         self.do_recall, self.do_record = recall, record
         self.reward_fn = reward_fn
-        self.metadata = check_episode_settings(store, metadata, fixed, failure_reward)
+        self.metadata = check_episode_settings(store, metadata, fixed, failure_reward, reward_fn)
         self.failure_reward = failure_reward
         self.handle_tool_errors = handle_tool_errors
         self.tools = ([make_recall_tool(self.retriever, namespace=None if isinstance(namespace, str) else namespace,
