@@ -141,6 +141,8 @@ def test_a_bad_reward_fn_leaves_the_episode_pending_not_the_run_failed(store, ca
             recorder(store, reward_fn=0.8)  # type: ignore[arg-type]
         with pytest.raises(TypeError, match=r"reward_fn must take \(question, answer, messages\): too many"):
             recorder(store, reward_fn=lambda answer: 1.0)  # type: ignore[arg-type,misc]
+        with pytest.raises(TypeError, match="namespace= must be a function of the run's .*: too many"):
+            recorder(store, namespace=lambda: "user-1")  # type: ignore[arg-type]
 
 
 def test_async_agent_and_late_feedback(trained_store):

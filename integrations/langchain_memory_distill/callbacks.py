@@ -25,6 +25,7 @@ from memory_distill.store import MemoryStore
 from .episodes import (
     EpisodeWriter,
     Errors,
+    check_callable_as,
     check_episode_settings,
     episode_from_messages,
     episode_metadata,
@@ -87,6 +88,9 @@ class EpisodeRecorder(BaseCallbackHandler):
         if not (isinstance(namespace, str) or callable(namespace)):
             raise TypeError(f"namespace must be a string or a function of the run's metadata, got "
                             f"{type(namespace).__name__}")
+        if callable(namespace):
+            check_callable_as(namespace, ({},), "namespace= must be a function of the run's metadata, "
+                              "e.g. lambda md: f\"user-{md['user_id']}\"")
         self.namespace = namespace
         self.reward_fn = reward_fn
         self.metadata = check_episode_settings(store, metadata, namespace if isinstance(namespace, str) else "default",

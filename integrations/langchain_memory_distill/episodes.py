@@ -21,7 +21,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMe
 from memory_distill.errors import InvalidMemoryError
 from memory_distill.store import MemoryStore, coerce_memory
 
-__all__ = ["RECENT_IDS", "EpisodeWriter", "NamespaceFn", "check_episode_settings", "current_thread_id",
+__all__ = ["RECENT_IDS", "EpisodeWriter", "NamespaceFn", "check_callable_as", "check_episode_settings", "current_thread_id",
            "episode_from_messages", "episode_metadata", "episode_text", "input_group", "message_text", "record_episode",
            "response_model_name", "run_namespace"]
 
@@ -369,6 +369,17 @@ def _attach_episode_id(error: BaseException, episode_id: str) -> None:
         pass
 
 
+def check_callable_as(fn: Any, args: tuple[Any, ...], what: str) -> None:
+    """A ``TypeError`` starting with ``what`` when ``fn`` cannot be called with ``args`` (checked on its signature,
+    without calling it); a callable whose signature cannot be read passes."""
+    try:
+        inspect.signature(fn).bind(*args)
+    except TypeError as e:
+        raise TypeError(f"{what}: {e}") from None
+    except ValueError:  # no signature to read (some builtins): it is called as it is
+        pass
+
+
 def check_episode_settings(store: MemoryStore, metadata: dict[str, Any] | None, namespace: str,
                            failure_reward: float | None, reward_fn: Any = None) -> dict[str, Any]:
     """A recorder's ``metadata=``, ``namespace=``, ``failure_reward`` and ``reward_fn``, checked once when it is
@@ -379,12 +390,7 @@ def check_episode_settings(store: MemoryStore, metadata: dict[str, Any] | None, 
             raise TypeError(f"reward_fn must be a function (question, answer, messages) -> reward or None, got "
                             f"{type(reward_fn).__name__} {reward_fn!r}: a fixed reward for every run is "
                             "lambda q, a, m: 1.0")
-        try:
-            inspect.signature(reward_fn).bind("question", "answer", [])
-        except TypeError as e:
-            raise TypeError(f"reward_fn must take (question, answer, messages): {e}") from None
-        except ValueError:  # no signature to read (some builtins): it is called as it is
-            pass
+        check_callable_as(reward_fn, ("question", "answer", []), "reward_fn must take (question, answer, messages)")
     if failure_reward is not None:
         store._check_reward(failure_reward, "failure_reward")
     try:

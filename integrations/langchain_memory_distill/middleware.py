@@ -48,6 +48,7 @@ from .episodes import (
     EpisodeWriter,
     Errors,
     NamespaceFn,
+    check_callable_as,
     check_episode_settings,
     current_thread_id,
     episode_from_messages,
@@ -121,6 +122,9 @@ class MemoryDistillMiddleware(AgentMiddleware):
         if not (isinstance(namespace, str) or callable(namespace)):
             raise TypeError(f"namespace must be a string or a function of the run's runtime, got "
                             f"{type(namespace).__name__}")
+        if callable(namespace):
+            check_callable_as(namespace, (None,), "namespace= must be a function of the run's runtime, "
+                              "e.g. lambda runtime: f\"user-{runtime.context.user_id}\"")
         fixed = namespace if isinstance(namespace, str) else "default"
         self.store = store
         self.writer = EpisodeWriter(store, errors=errors, max_unsaved=max_unsaved, background=background)
