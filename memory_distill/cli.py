@@ -466,7 +466,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_forget(args: argparse.Namespace) -> int:
     mem = _open(args)
-    if not (args.ids or args.where or args.namespace or args.older_than is not None):
+    if not (args.ids or args.where is not None or args.namespace or args.older_than is not None):
         raise MemoryDistillError("forget needs --id, --where, --namespace or --older-than")
     entry = mem.forget(args.ids or None, where=args.where, namespace=args.namespace, older_than=args.older_than,
                        reason=args.reason or "", dry_run=args.dry_run)

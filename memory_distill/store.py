@@ -965,6 +965,9 @@ class MemoryStore:
         texts' vectors too."""
         if ids is None and where is None and namespace is None:
             raise StoreError("delete() needs ids, where or namespace: refusing to delete everything")
+        if ids is None and namespace is None and where is not None and not where:  # (a filter built up empty)
+            raise StoreError("where={} selects every memory: refusing to delete everything; give a condition, or a "
+                             "namespace to empty one")
         flt = self._where(namespace, where)
         evict = None if dry_run else getattr(self.embedder, "evict", None)
         include: list[Any] = ["documents"] if callable(evict) else []

@@ -222,6 +222,15 @@ def test_delete_by_id_filter_and_namespace(store, registry):
     assert store.count() == 3
     with pytest.raises(StoreError, match="refusing to delete everything"):
         store.delete()
+    # an empty filter (one built up from conditions that all turned out absent) selects every memory: it used to
+    # get past that guard and delete them all, through forget too
+    from memory_distill import forget as forget_
+
+    for call in (lambda: store.delete(where={}), lambda: forget_(store, registry, where={}),
+                 lambda: store.delete(where={}, dry_run=True)):
+        with pytest.raises(StoreError, match=r"where=\{\} selects every memory: refusing to delete everything"):
+            call()
+    assert store.count() == 3 and len(store.delete(where={}, namespace="default", dry_run=True)) == 3
     from memory_distill import forget
 
     with pytest.raises(StoreError, match="^forget needs ids, where, namespace or older_than .*refusing to forget"):
