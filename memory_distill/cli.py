@@ -201,7 +201,14 @@ def _print_report(rep: Any) -> None:
 
 def cmd_add(args: argparse.Namespace) -> int:
     mem = _open(args)
-    mid = mem.record(args.text, args.reward, metadata=_kv(args.metadata), namespace=args.namespace, id=args.id)
+    if args.upsert and args.id is None:
+        raise MemoryDistillError("--upsert replaces the memory with the given --id: give --id")
+    if args.upsert:
+        memory = {"id": args.id, "text": args.text, "reward": args.reward, "metadata": _kv(args.metadata),
+                  "namespace": args.namespace}
+        (mid,) = mem.add_many([memory], upsert=True)
+    else:
+        mid = mem.record(args.text, args.reward, metadata=_kv(args.metadata), namespace=args.namespace, id=args.id)
     print(mid)
     return 0
 
@@ -664,6 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="key=value items (values parsed as JSON when possible) or a JSON object")
     sp.add_argument("--namespace", default="default")
     sp.add_argument("--id")
+    sp.add_argument("--upsert", action="store_true", help="replace the memory with this --id if it exists")
     sp.set_defaults(func=cmd_add)
 
     sp = sub.add_parser("import", help="import a JSONL file (text, reward, metadata, namespace, id; an export); "

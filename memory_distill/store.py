@@ -790,7 +790,7 @@ class MemoryStore:
             if existing:
                 raise StoreError(
                     f"{len(existing)} id(s) already exist (e.g. {sorted(existing)[:3]}): "
-                    "use new ids, or upsert=True to replace them"
+                    "use new ids, or upsert=True to replace them (CLI: add --upsert, import --upsert)"
                 )
         metas = [self._to_meta(m) for m in mems]
         if snapshot and snapshot["ids"]:

@@ -42,6 +42,12 @@ def test_add_search_set_reward_stats(home, capsys):
     code, out, _ = run(capsys, "stats")
     last = json.loads(out)["last_run"]
     assert last["outcome"] == "failed" and "only 2 rewarded memories" in last["reason"] and 0 <= last["ago_s"] < 60
+    code, _, err = run(capsys, "add", "a second try", "--id", mid)
+    assert code == 2 and "already exist" in err and "add --upsert" in err
+    assert run(capsys, "add", "a second try", "--id", mid, "--reward", "0.3", "--upsert")[0] == 0
+    hit = json.loads(run(capsys, "search", "a second try", "-k", "1", "--json")[1])[0]
+    assert (hit["id"], hit["text"], hit["reward"], hit["metadata"]) == (mid, "a second try", 0.3, {})
+    assert json.loads(run(capsys, "stats")[1])["total"] == 2  # replaced, not added
     assert "--min-rewarded N" in last["reason"]  # the fix, as a command-line user can apply it
     code, _, err = run(capsys, "consolidate", "--min-rewarded", "2", "--epochs", "1")  # now past that check ...
     assert code == 2 and "only 1 training row of 2 rewarded memories, after 1 held out for evaluation" in err, err
