@@ -1,6 +1,7 @@
 """Real `create_agent` runs (sync and async) on fake chat models, with the memory_distill adapters."""
 
 import asyncio
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -180,6 +181,17 @@ def test_tool_exception_reraised_is_still_recorded(store):
         agent.invoke({"messages": [HumanMessage("population of Oslo?")]})
     (ep,) = store.get_many(mw.episode_ids)
     assert ep.metadata["outcome"] == "failed" and "upstream API down" in ep.text
+
+
+def test_a_retriever_of_ones_own_brings_its_settings(trained_store):
+    store, _, pred = trained_store
+    own = ValueAwareRetriever(store=store, predictor=pred, k=2, mode="cautionary")
+    assert MemoryDistillMiddleware(store, retriever=own).retriever is own
+    for extra in ({"predictor": pred}, {"k": 5}, {"diversity": 0.5}):  # these used to be ignored without a word
+        with pytest.raises(ValueError, match="pass retriever= or predictor= / k= / diversity=, not both"):
+            MemoryDistillMiddleware(store, retriever=own, **extra)
+    mem = SimpleNamespace(store=store, try_predictor=lambda ns=None: pred)
+    assert MemoryDistillMiddleware.from_memory(mem, retriever=own).retriever is own
 
 
 def test_recall_tool_exposed_to_the_model(trained_store):

@@ -83,7 +83,8 @@ class MemoryDistillMiddleware(AgentMiddleware):
     :meth:`from_memory` wires it to a :class:`~memory_distill.MemoryDistill`).
 
     * ``k``, ``diversity``, ``retriever``: what recall brings back (``retriever`` replaces the default
-      :class:`ValueAwareRetriever`); ``recall=False`` / ``record=False`` turn either half off.
+      :class:`ValueAwareRetriever` and brings its own predictor, k and diversity: giving those too is an error);
+      ``recall=False`` / ``record=False`` turn either half off.
     * ``namespace``: where episodes live, or a function of the run's runtime (one agent, many users);
       ``predictor_for``: the predictor serving a namespace (``mem.try_predictor``).
     * ``reward_fn(question, answer, messages)``: grades each run (``None`` leaves it pending for :meth:`feedback`);
@@ -126,6 +127,9 @@ class MemoryDistillMiddleware(AgentMiddleware):
             check_callable_as(namespace, (None,), "namespace= must be a function of the run's runtime, "
                               "e.g. lambda runtime: f\"user-{runtime.context.user_id}\"")
         fixed = namespace if isinstance(namespace, str) else "default"
+        if retriever is not None and (predictor is not None or k != 3 or diversity != 0.0):
+            raise ValueError("pass retriever= or predictor= / k= / diversity=, not both: the retriever's own settings "
+                             "are the ones used, so set them on it")
         self.store = store
         self.writer = EpisodeWriter(store, errors=errors, max_unsaved=max_unsaved, background=background)
         self.retriever = retriever or ValueAwareRetriever(store=store, predictor=predictor, k=k, namespace=fixed,
@@ -152,7 +156,8 @@ class MemoryDistillMiddleware(AgentMiddleware):
         rewards before the first consolidation); no restart needed when a model appears.
         """
         if isinstance(namespace, str):
-            return cls(mem.store, lambda: mem.try_predictor(namespace), namespace=namespace, **kw)
+            predictor = None if "retriever" in kw else (lambda: mem.try_predictor(namespace))  # (the retriever's own)
+            return cls(mem.store, predictor, namespace=namespace, **kw)
         return cls(mem.store, None, namespace=namespace, predictor_for=mem.try_predictor, **kw)
 
     def _recall_kwargs(self, runtime: Any) -> dict[str, Any]:
