@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import re
 import signal
 import stat
 import sys
@@ -18,7 +17,15 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from .config import DistillConfig, EmbedderConfig, JobConfig, Settings, StoreConfig, TeacherConfig
+from .config import (
+    DistillConfig,
+    EmbedderConfig,
+    JobConfig,
+    Settings,
+    StoreConfig,
+    TeacherConfig,
+    parse_duration,
+)
 from .errors import (
     ArtifactError,
     ConsolidationError,
@@ -38,10 +45,10 @@ NS_REGISTRY_HELP = "the models consolidated on that namespace (consolidate --nam
 
 
 def _duration(s: str) -> float:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", s)
-    if not m:
-        raise argparse.ArgumentTypeError(f"bad duration {s!r}: use e.g. 30s, 10m, 2h")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
+    try:
+        return parse_duration(s)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _kv(items: Sequence[str] | None) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -337,6 +338,14 @@ class JobConfig(_Config):
         if len(set(v)) != len(v):
             raise ValueError(f"metadata_features: {list(v)} lists a key twice; list each key once")
         return v
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``"30s"``, ``"10m"``, ``"2h"``, ``"90d"`` (or a bare number of seconds); ``ValueError`` otherwise."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text)
+    if not m:
+        raise ValueError(f"bad duration {text!r}: use e.g. 30s, 10m, 2h, 90d")
+    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
 _ENV_PREFIX = "MEMORY_DISTILL_"

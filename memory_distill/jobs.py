@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .artifacts import ArtifactRegistry
-from .config import JobConfig
+from .config import JobConfig, parse_duration
 from .curriculum import Curriculum
 from .distill import DistillReport
 from .errors import (
@@ -506,12 +506,12 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
 
 
 def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None = None, *,
-           where: dict[str, Any] | None = None, namespace: str | None = None, older_than: float | None = None,
+           where: dict[str, Any] | None = None, namespace: str | None = None, older_than: float | str | None = None,
            reason: str = "", dry_run: bool = False) -> dict[str, Any]:
     """Delete memories and mark every model trained on any of them stale.
 
-    Select by ``ids``, a metadata filter ``where``, a ``namespace`` and/or ``older_than`` (seconds:
-    memories created longer ago than that; a retention policy). The stale versions are deleted at once, all
+    Select by ``ids``, a metadata filter ``where``, a ``namespace`` and/or ``older_than`` (seconds, or a duration
+    such as ``"90d"``: memories created longer ago than that; a retention policy). The stale versions are deleted at once, all
     but a current one, which serves until the next consolidation replaces it (and deletes it): their weights
     hold what was forgotten, so ``rollback`` never restores them (``entry["deleted_versions"]``). The next
     consolidation retrains from scratch without them (no warm start from a stale model) and replaces a stale
@@ -527,8 +527,13 @@ def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None
         raise StoreError("forget needs ids, where, namespace or older_than (CLI: --id, --where, --namespace, "
                          "--older-than): refusing to forget everything")
     if older_than is not None:
-        if not (isinstance(older_than, (int, float)) and older_than >= 0):
-            raise StoreError(f"older_than must be a number of seconds >= 0, got {older_than!r}")
+        if isinstance(older_than, str):  # "90d", as on the command line
+            try:
+                older_than = parse_duration(older_than)
+            except ValueError as e:
+                raise StoreError(f"older_than: {e} (or a number of seconds)") from None
+        if isinstance(older_than, bool) or not (isinstance(older_than, (int, float)) and older_than >= 0):
+            raise StoreError(f"older_than must be a number of seconds >= 0 or a duration like '90d', got {older_than!r}")
         if where and "created_at" in where:
             raise StoreError("give older_than or a created_at clause in where, not both")
         where = {**(where or {}), "created_at": {"$lt": time.time() - float(older_than)}}

@@ -258,3 +258,10 @@ def test_cli_export_import_and_forget_older_than(tmp_path, monkeypatch, capsys) 
     assert left.count() == 4 and all(m.text.startswith("new") for ms, _ in left.iter_memories() for m in ms)
     assert main(["-q", "--home", b, "forget", "--older-than", "1d", "--where", '{"created_at": {"$lt": 1}}']) == 2
     assert "not both" in capsys.readouterr().err
+    mem_b = MemoryDistill.open(b)  # Python takes the command line's durations too (or seconds)
+    assert mem_b.forget(older_than="2d", dry_run=True)["n_deleted"] == 0
+    assert mem_b.forget(older_than="12h", dry_run=True)["n_deleted"] == 4
+    assert mem_b.forget(older_than=12 * 3600, dry_run=True)["n_deleted"] == 4
+    for bad in ("90 days", True, -1):
+        with pytest.raises(StoreError, match="older_than"):
+            mem_b.forget(older_than=bad)  # type: ignore[arg-type]
