@@ -536,7 +536,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     print(f"worker: {scope}every {args.every}s or {args.min_new} new rewards; polling every {args.poll}s "
           "(Ctrl-C or SIGTERM stops it)", flush=True)
     if not args.each_namespace:  # a fresh store waits silently for enough rewards: say so once
-        due, why = w.due()
+        try:
+            due, why = w.due()
+        except Exception:  # a store that is away (a server still starting): run_forever waits it out
+            due, why = True, ""
         if not due and why.startswith("only "):
             print(f"worker: waiting for rewards: {why}; --min-rewarded N lowers it", flush=True)
     try:

@@ -511,8 +511,8 @@ def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None
     """Delete memories and mark every model trained on any of them stale.
 
     Select by ``ids``, a metadata filter ``where``, a ``namespace`` and/or ``older_than`` (seconds, or a duration
-    such as ``"90d"``: memories created longer ago than that; a retention policy). The stale versions are deleted at once, all
-    but a current one, which serves until the next consolidation replaces it (and deletes it): their weights
+    such as ``"90d"``: memories created longer ago than that; a retention policy). The stale versions are deleted
+    at once, all but a current one, which serves until the next consolidation replaces it (and deletes it): their weights
     hold what was forgotten, so ``rollback`` never restores them (``entry["deleted_versions"]``). The next
     consolidation retrains from scratch without them (no warm start from a stale model) and replaces a stale
     published model even if the gate would otherwise refuse. A registry left with a stale model and no memories to train
