@@ -77,26 +77,25 @@ def _kv(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
-def _count(text: str) -> int:
-    """A count argument (epochs, k, batch size, ...): a whole number >= 1, checked when the arguments are parsed."""
+def _whole_number(text: str, minimum: int) -> int:
+    """A whole-number argument, checked when the arguments are parsed (the error names the flag)."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
+
+
+def _count(text: str) -> int:
+    """A count argument (epochs, k, batch size, ...): a whole number >= 1."""
+    return _whole_number(text, 1)
 
 
 def _seed(text: str) -> int:
     """``--seed``: a whole number >= 0 (torch and numpy refuse a negative seed, in an error that names no flag)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _whole_number(text, 0)
 
 
 def _json_filter(text: str) -> dict[str, Any]:
