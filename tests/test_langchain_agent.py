@@ -342,6 +342,12 @@ def test_retriever_without_a_model_uses_stored_rewards(store):
     r = ValueAwareRetriever(store=store, k=2)
     assert [d.metadata["reward"] for d in r.invoke("plan A for the report")] == [0.9, 0.1]
     assert [d.metadata["reward"] for d in r.invoke("plan A for the report", mode="cautionary")] == [0.1, 0.9]
+    # a misspelt per-call option used to be ignored: namepsace="user-2" searched the retriever's own namespace
+    store.add_many([{"text": "plan A for the report, user 2", "reward": 0.5}], namespace="user-2")
+    with pytest.raises(ValueError, match="unknown retriever option 'namepsace': did you mean 'namespace'"):
+        r.invoke("plan A for the report", namepsace="user-2")
+    assert [d.metadata["reward"] for d in r.invoke("plan A for the report", namespace="user-2")] == [0.5]
+    assert len(r.invoke("plan A for the report", k=None, mode=None)) == 2  # None: the retriever's own setting
 
 
 def test_retriever_diversity_keeps_near_copies_from_filling_the_results(store):

@@ -28,6 +28,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 from pydantic import ConfigDict, Field
 
+from memory_distill.errors import nearest_name
 from memory_distill.predictor import Predictor
 from memory_distill.store import MemoryStore, mmr_select
 
@@ -69,6 +70,10 @@ def value_blend(predictor: Predictor, similarity: np.ndarray, X: np.ndarray, mem
                 weight: float) -> np.ndarray:
     """``(1 - weight) * similarity + weight * predicted value``: how the stores weigh in the student."""
     return (1 - weight) * np.asarray(similarity) + weight * predicted_value(predictor, X, memories)[0]
+
+
+_CALL_OPTIONS = frozenset({"k", "mode", "where", "namespace", "diversity", "fetch_k", "predictor"})
+"""What :meth:`ValueAwareRetriever.invoke` takes per call."""
 
 
 class ValueAwareRetriever(BaseRetriever):
@@ -122,6 +127,14 @@ class ValueAwareRetriever(BaseRetriever):
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun,
                                 **kwargs: Any) -> list[Document]:
+        unknown = sorted(set(kwargs) - _CALL_OPTIONS)
+        if unknown:  # a misspelt option (namepsace=) would silently search with the retriever's own setting
+            near = nearest_name(unknown[0], _CALL_OPTIONS)
+            raise ValueError(f"unknown retriever option {unknown[0]!r}"
+                             + (f": did you mean {near!r}?" if near else f"; the options are {sorted(_CALL_OPTIONS)}"))
+        for key in ("k", "mode", "diversity", "fetch_k"):  # None: the retriever's own (namespace=None means all)
+            if kwargs.get(key, 0) is None:
+                del kwargs[key]
         k = int(kwargs.get("k", self.k))
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
