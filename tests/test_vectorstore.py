@@ -83,6 +83,12 @@ def test_bad_metadata_is_refused_and_nothing_written(store) -> None:  # type: ig
         with pytest.raises(TypeError, match="ids must be a list of memory ids"):
             call(kept)
     assert [d.page_content for d in vs.get_by_ids([kept])] == ["kept"]
+    # the MemoryStore's names for what a vector store calls otherwise were silently ignored by the searches
+    for search in (vs.similarity_search, vs.max_marginal_relevance_search, vs.similarity_search_with_score):
+        with pytest.raises(ValueError, match="filter=, not where="):
+            search("kept", where={"source": "a.md"})
+        with pytest.raises(ValueError, match="serves namespace 'default': build one per namespace"):
+            search("kept", namespace="team-b")
     store.delete([kept])
     for adapter in (MemoryDistillVectorStore, MemoryDistillStore):
         with pytest.raises(ValueError, match=r"value_weight must be in \[0, 1\], got 1.5"):

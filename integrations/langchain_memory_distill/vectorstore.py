@@ -130,7 +130,13 @@ class MemoryDistillVectorStore(VectorStore):
         return flt
 
     def _ranked(self, query: str | np.ndarray, k: int, flt: dict[str, Any] | None, *,
-                diversity: float = 0.0, fetch_k: int | None = None) -> list[tuple[Document, float]]:
+                diversity: float = 0.0, fetch_k: int | None = None, **kwargs: Any) -> list[tuple[Document, float]]:
+        # LangChain passes its own options along (score_threshold); these two would be our names, silently unread
+        if "where" in kwargs:
+            raise ValueError("a vector store's metadata filter is filter=, not where= (the MemoryStore's name)")
+        if "namespace" in kwargs:
+            raise ValueError(f"this vector store serves namespace {self.namespace!r}: build one per namespace "
+                             "(MemoryDistillVectorStore(store, namespace=...))")
         flt = self._filter(flt) if flt else None
         pred = resolve_predictor(self.predictor) if self.value_weight > 0 else None
         if pred is None:
@@ -151,15 +157,15 @@ class MemoryDistillVectorStore(VectorStore):
     def similarity_search_with_score(self, query: str, k: int = 4, filter: dict[str, Any] | None = None,
                                      **kwargs: Any) -> list[tuple[Document, float]]:
         """The k closest documents with their cosine similarity (or value-weighted score)."""
-        return self._ranked(query, k, filter)
+        return self._ranked(query, k, filter, **kwargs)
 
     def similarity_search(self, query: str, k: int = 4, filter: dict[str, Any] | None = None,
                           **kwargs: Any) -> list[Document]:
-        return [d for d, _ in self._ranked(query, k, filter)]
+        return [d for d, _ in self._ranked(query, k, filter, **kwargs)]
 
     def similarity_search_by_vector(self, embedding: list[float], k: int = 4,
                                     filter: dict[str, Any] | None = None, **kwargs: Any) -> list[Document]:
-        return [d for d, _ in self._ranked(np.asarray(embedding, np.float32), k, filter)]
+        return [d for d, _ in self._ranked(np.asarray(embedding, np.float32), k, filter, **kwargs)]
 
     def _select_relevance_score_fn(self) -> Callable[[float], float]:
         return lambda score: min(1.0, max(0.0, score))  # cosine similarity, negatives as unrelated
@@ -174,13 +180,13 @@ class MemoryDistillVectorStore(VectorStore):
     def max_marginal_relevance_search(self, query: str, k: int = 4, fetch_k: int = 20, lambda_mult: float = 0.5,
                                       filter: dict[str, Any] | None = None, **kwargs: Any) -> list[Document]:
         return [d for d, _ in self._ranked(query, k, filter, diversity=self._diversity(lambda_mult),
-                                           fetch_k=fetch_k)]
+                                           fetch_k=fetch_k, **kwargs)]
 
     def max_marginal_relevance_search_by_vector(self, embedding: list[float], k: int = 4, fetch_k: int = 20,
                                                 lambda_mult: float = 0.5, filter: dict[str, Any] | None = None,
                                                 **kwargs: Any) -> list[Document]:
         return [d for d, _ in self._ranked(np.asarray(embedding, np.float32), k, filter,
-                                           diversity=self._diversity(lambda_mult), fetch_k=fetch_k)]
+                                           diversity=self._diversity(lambda_mult), fetch_k=fetch_k, **kwargs)]
 
     @classmethod
     def from_texts(cls, texts: list[str], embedding: Embeddings, metadatas: list[dict[str, Any]] | None = None, *,
