@@ -626,6 +626,10 @@ def test_best_of_n_with_question_scores_candidates_as_recorded_episodes(trained_
     want = scorer.batch([episode_text(q, answers[0]), episode_text(q, answers[1].page_content)])
     assert [p.mean for p in preds] == pytest.approx([p.mean for p in want])
     assert [p.mean for p in preds] != pytest.approx([p.mean for p in scorer.batch(answers)])  # not the bare answers
+    # the scorer takes question= too (it used to swallow it in **kwargs and score the bare answer)
+    assert scorer.invoke(answers[0], question=q).mean == pytest.approx(preds[0].mean)
+    assert [p.mean for p in scorer.batch(answers, question=q)] == pytest.approx([p.mean for p in preds])
+    assert asyncio.run(scorer.ainvoke(answers[0], question=q)).mean == pytest.approx(preds[0].mean)
     # exactly the text an agent run records
     model = ScriptedChatModel(responses=[AIMessage(content="I guessed it without checking.")])
     mw = MemoryDistillMiddleware(store, recall=False)

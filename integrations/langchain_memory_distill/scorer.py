@@ -44,31 +44,42 @@ class RewardScorer(Runnable[Input, RewardPrediction]):
         self.template = template
         self.auto_refresh = auto_refresh
 
-    def score_batch(self, inputs: Sequence[Input]) -> PredictionBatch:
+    def score_batch(self, inputs: Sequence[Input], *, question: str | None = None) -> PredictionBatch:
+        """One forward pass over ``inputs``. ``question``: the prompt they answer, for a student trained on what
+        the middleware or the callback handler recorded: each input is scored as the episode that run would
+        record (:func:`~langchain_memory_distill.episodes.episode_text`), a ``Document``'s metadata kept."""
         if isinstance(inputs, str | Document):  # a str is a sequence: its letters would be scored one by one
             raise TypeError(f"score_batch and batch take a list of inputs, got one {type(inputs).__name__}: pass "
                             "[input], or use invoke")
+        if question is not None and self.template != "{text}":
+            raise ValueError("pass question= or a scorer template, not both: question= formats each candidate as "
+                             "a recorded episode, the template would format it again")
         if self.auto_refresh:
             self.predictor.refresh()
-        texts = [_text(x, self.template) for x in inputs]
+        texts = [_text(x, self.template) if question is None else episode_text(question, _text(x, "{text}"))
+                 for x in inputs]
         meta = [x.metadata if isinstance(x, Document) else None for x in inputs]
         return self.predictor.predict_batch(texts, metadata=meta if any(m for m in meta) else None)
 
-    def invoke(self, input: Input, config: RunnableConfig | None = None, **kwargs: Any) -> RewardPrediction:
-        return self._call_with_config(lambda x: self.score_batch([x])[0], input, config)
+    def invoke(self, input: Input, config: RunnableConfig | None = None, *, question: str | None = None,
+               **kwargs: Any) -> RewardPrediction:
+        """The prediction for one answer (``question=``: as :meth:`score_batch`)."""
+        return self._call_with_config(lambda x: self.score_batch([x], question=question)[0], input, config)
 
-    async def ainvoke(self, input: Input, config: RunnableConfig | None = None, **kwargs: Any) -> RewardPrediction:
-        return await asyncio.to_thread(self.invoke, input, config)
+    async def ainvoke(self, input: Input, config: RunnableConfig | None = None, *, question: str | None = None,
+                      **kwargs: Any) -> RewardPrediction:
+        return await asyncio.to_thread(self.invoke, input, config, question=question)
 
     def batch(self, inputs: list[Input], config: RunnableConfig | list[RunnableConfig] | None = None, *,
-              return_exceptions: bool = False, **kwargs: Any) -> list[RewardPrediction]:
+              return_exceptions: bool = False, question: str | None = None, **kwargs: Any) -> list[RewardPrediction]:
         if not inputs and not isinstance(inputs, str):
             return []
-        return self.score_batch(inputs).to_list()
+        return self.score_batch(inputs, question=question).to_list()
 
     async def abatch(self, inputs: list[Input], config: RunnableConfig | list[RunnableConfig] | None = None, *,
-                     return_exceptions: bool = False, **kwargs: Any) -> list[RewardPrediction]:
-        return await asyncio.to_thread(self.batch, inputs, config)
+                     return_exceptions: bool = False, question: str | None = None,
+                     **kwargs: Any) -> list[RewardPrediction]:
+        return await asyncio.to_thread(self.batch, inputs, config, question=question)
 
 
 def best_of_n(candidates: Sequence[Input], scorer: RewardScorer, *,
@@ -91,14 +102,7 @@ def best_of_n(candidates: Sequence[Input], scorer: RewardScorer, *,
                         "[candidate, ...] (or scorer.invoke(candidate) to score a single answer)")
     if not candidates:
         raise ValueError("best_of_n needs at least one candidate")
-    inputs = list(candidates)
-    if question is not None:
-        if scorer.template != "{text}":
-            raise ValueError("pass question= or a scorer template, not both: question= formats each candidate as "
-                             "a recorded episode, the template would format it again")
-        inputs = [Document(page_content=episode_text(question, _text(c, "{text}")),
-                           metadata=c.metadata if isinstance(c, Document) else {}) for c in inputs]
-    batch = scorer.score_batch(inputs)
+    batch = scorer.score_batch(list(candidates), question=question)
     if by == "auto":
         by = "rank" if batch.advantage is not None else "mean"
     if by == "rank":
