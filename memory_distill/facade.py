@@ -34,6 +34,16 @@ __all__ = ["MemoryDistill"]
 log = logging.getLogger(__name__)
 
 
+def _as_config(value: Any, cls: Any, name: str) -> Any:
+    """``value`` as a ``cls`` config: itself, or built from a dict of its fields (a misspelt one is an error naming
+    the nearest)."""
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return cls(**value)
+    raise TypeError(f"{name} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+
+
 class MemoryDistill:
     """Store + registry + predictor for one home directory (or a Chroma server)."""
 
@@ -49,16 +59,18 @@ class MemoryDistill:
         self._predictors_lock = threading.Lock()  # agents' threads ask for predictors concurrently
 
     @classmethod
-    def open(cls, home: str | Path | None = None, *, settings: Settings | None = None,
-             embedder: Embedder | Any | None = None, store: StoreConfig | None = None) -> MemoryDistill:
-        """Open (or create) everything under ``home`` (default ``$MEMORY_DISTILL_HOME`` or ``./.memory_distill``)."""
+    def open(cls, home: str | Path | None = None, *, settings: Settings | Mapping[str, Any] | None = None,
+             embedder: Embedder | Any | None = None,
+             store: StoreConfig | Mapping[str, Any] | None = None) -> MemoryDistill:
+        """Open (or create) everything under ``home`` (default ``$MEMORY_DISTILL_HOME`` or ``./.memory_distill``).
+        ``settings`` and ``store`` take a config or a dict of its fields (``store={"mode": "ephemeral"}``)."""
         s, emb = cls._resolve(home, settings, embedder, store)
         st = MemoryStore(emb, s.store, path=s.store_path)
         return cls(st, ArtifactRegistry(s.artifacts_path), s.job)
 
     @classmethod
     def reembed(cls, home: str | Path | None = None, *, settings: Settings | None = None,
-                embedder: Embedder | Any | None = None, store: StoreConfig | None = None,
+                embedder: Embedder | Any | None = None, store: StoreConfig | Mapping[str, Any] | None = None,
                 keep_backup: bool = False, force: bool = False,
                 progress: Callable[[int, int], None] | None = None) -> MemoryDistill:
         """Move every stored memory to this embedder (:meth:`MemoryStore.reembed`), then open as :meth:`open`.
@@ -73,13 +85,13 @@ class MemoryDistill:
         return cls(st, ArtifactRegistry(s.artifacts_path), s.job)
 
     @staticmethod
-    def _resolve(home: str | Path | None, settings: Settings | None, embedder: Embedder | Any | None,
-                 store: StoreConfig | None) -> tuple[Settings, Embedder]:
-        s = settings or Settings()
+    def _resolve(home: str | Path | None, settings: Settings | Mapping[str, Any] | None, embedder: Embedder | Any | None,
+                 store: StoreConfig | Mapping[str, Any] | None) -> tuple[Settings, Embedder]:
+        s = _as_config(settings, Settings, "settings") if settings is not None else Settings()
         if home is not None:
             s = s.model_copy(update={"home": Path(home)})
         if store is not None:
-            s = s.model_copy(update={"store": store})
+            s = s.model_copy(update={"store": _as_config(store, StoreConfig, "store")})
         if s.home.exists() and not s.home.is_dir():
             raise StoreError(f"home {str(s.home)!r} is a file: memory_distill keeps its store, models and cache in a "
                              "directory (created if missing); give a directory path")
@@ -123,16 +135,16 @@ class MemoryDistill:
         return import_jsonl(self.store, path, **kw)
 
     # models
-    def consolidate(self, config: JobConfig | None = None, *, namespace: str | None = None,
+    def consolidate(self, config: JobConfig | Mapping[str, Any] | None = None, *, namespace: str | None = None,
                     **kw: Any) -> ConsolidationReport:
         """Train, gate and publish (:func:`run_consolidation`).
 
         ``namespace``: train on that namespace only; its models are published, gated and served
         separately (``registry.scoped(namespace)``, :meth:`predictor_for`).
         """
-        cfg = config or self.job
+        cfg = _as_config(config, JobConfig, "config") if config is not None else self.job
         if namespace is not None:
-            cfg = cfg.model_copy(update={"namespace": namespace})
+            cfg = JobConfig.model_validate({**cfg.model_dump(), "namespace": namespace})  # (checked, unlike a copy)
         report = run_consolidation(self.store, self.registry, cfg, **kw)
         with self._predictors_lock:
             serving = list(self._predictors.values())
@@ -217,7 +229,7 @@ class MemoryDistill:
     async def apredict(self, texts: str | Sequence[str], **kw: Any) -> list[RewardPrediction]:
         return await asyncio.to_thread(self.predict, texts, **kw)
 
-    async def aconsolidate(self, config: JobConfig | None = None, **kw: Any) -> ConsolidationReport:
+    async def aconsolidate(self, config: JobConfig | Mapping[str, Any] | None = None, **kw: Any) -> ConsolidationReport:
         """:meth:`consolidate` on a worker thread (seconds to minutes of training)."""
         return await asyncio.to_thread(self.consolidate, config, **kw)
 

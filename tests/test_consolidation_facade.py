@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from memory_distill import (
     ArtifactError,
@@ -63,6 +64,16 @@ def test_memory_distill_facade(tmp_path):
     assert mem.forget([ids[0]])["n_deleted"] == 1
     assert MemoryDistill.open(tmp_path, embedder=HashingEmbedder(dim=128)).store.count() == 500
     assert mem.store.config == StoreConfig()
+    # configs as dicts of their fields (they used to fail with "'dict' object has no attribute ...")
+    rep = mem.consolidate({**fast_job().model_dump(), "seed": 5})
+    assert rep.version == "v000002"
+    with pytest.raises(ValidationError, match="sead\n.*did you mean 'seed'"):
+        mem.consolidate({"sead": 5})
+    with pytest.raises(TypeError, match="config must be a JobConfig or a dict of its fields, got int"):
+        mem.consolidate(5)  # type: ignore[arg-type]
+    other = MemoryDistill.open(tmp_path / "other", embedder=HashingEmbedder(dim=128), store={"mode": "ephemeral"},
+                               settings={"job": {"min_rewarded": 2}})
+    assert other.store.config.mode == "ephemeral" and other.job.min_rewarded == 2
 
 
 def test_async_facade_keeps_the_event_loop_free(tmp_path):
