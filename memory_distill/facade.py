@@ -122,13 +122,13 @@ class MemoryDistill:
     def forget(self, ids: list[str] | None = None, **kw: Any) -> dict[str, Any]:
         return forget(self.store, self.registry, ids, **kw)
 
-    def export_jsonl(self, path: str | Path | IO[str], **kw: Any) -> int:
+    def export_jsonl(self, path: str | Path | IO[Any], **kw: Any) -> int:
         """Write memories as JSON Lines (:func:`memory_distill.transfer.export_jsonl`); returns the count."""
         from .transfer import export_jsonl
 
         return export_jsonl(self.store, path, **kw)
 
-    def import_jsonl(self, path: str | Path, **kw: Any) -> ImportReport:
+    def import_jsonl(self, path: str | Path | IO[Any], **kw: Any) -> ImportReport:
         """Import a JSON Lines file all or nothing (:func:`memory_distill.transfer.import_jsonl`)."""
         from .transfer import import_jsonl
 

@@ -31,6 +31,7 @@ import binascii
 import contextlib
 import functools
 import gzip
+import io
 import json
 import logging
 import os
@@ -95,19 +96,27 @@ def _decode(value: Any, where: str) -> np.ndarray:
     return vec
 
 
-def export_jsonl(store: MemoryStore, path: str | Path | IO[str], *, namespace: str | None = None,
+def export_jsonl(store: MemoryStore, path: str | Path | IO[Any], *, namespace: str | None = None,
                  where: Mapping[str, Any] | None = None, embeddings: bool = False,
                  progress: Callable[[int], None] | None = None) -> int:
     """Write the store's memories (optionally one namespace / a ``where`` filter) as JSON Lines.
 
     ``path``: a file path, written to a temporary file next to it and renamed into place when
-    complete (a failed export leaves no partial file), or an open text stream (e.g. ``sys.stdout``).
+    complete (a failed export leaves no partial file), or an open stream, text (``sys.stdout``) or binary.
     ``embeddings=True`` also writes the vectors, so importing into a store with the same embedder
     costs no embedding calls. ``progress(rows_written)`` is called after each page. Returns the
     number of memories written.
     """
     if not isinstance(path, (str, Path)):
-        return _write(store, path, namespace, where, embeddings, progress)
+        binary = isinstance(path, (io.RawIOBase, io.BufferedIOBase)) or "b" in str(getattr(path, "mode", ""))
+        if not binary:
+            return _write(store, path, namespace, where, embeddings, progress)
+        text = io.TextIOWrapper(path, encoding="utf-8", newline="\n", write_through=True)  # a binary stream
+        try:
+            return _write(store, text, namespace, where, embeddings, progress)
+        finally:
+            text.flush()
+            text.detach()  # the caller's stream stays open
     target = Path(path)
     if not str(path).strip() or target.is_dir():
         raise StoreError(f"export path {str(path)!r} is {'a directory' if str(path).strip() else 'empty'}: give a file "
@@ -163,40 +172,47 @@ class ImportFile:
     """Keys outside the format (not read), with the number of lines that had each."""
 
 
-def _lines(path: str | Path) -> Iterator[tuple[int, str]]:
-    """The file's lines, numbered from 1: UTF-8 with or without a byte-order mark, gzip-compressed or not (told by
-    its first bytes, whatever its name)."""
+def source_name(path: str | Path | IO[Any]) -> str:
+    """How errors name an import's source: its path, ``-`` for standard input, or an open stream's name."""
+    return str(path) if isinstance(path, (str, Path)) else str(getattr(path, "name", "<stream>"))
+
+
+def _lines(path: str | Path | IO[Any]) -> Iterator[tuple[int, str]]:
+    """The source's lines, numbered from 1: UTF-8 with or without a byte-order mark, gzip-compressed or not (told by
+    its first bytes, whatever its name). ``path``: a file path, ``-`` (standard input) or an open text or binary
+    stream (read as it is: a text stream's own encoding applies)."""
+    name = source_name(path)
     lineno = 0
     try:
-        if str(path) == "-" and not hasattr(sys.stdin, "buffer"):  # a text stream put in its place (io.StringIO)
-            for lineno, text in enumerate(sys.stdin, 1):
-                yield lineno, text.removeprefix("\ufeff") if lineno == 1 else text
-            return
-        if str(path) == "-":
-            raw: IO[bytes] = sys.stdin.buffer
-            peek = getattr(raw, "peek", None)
+        if not isinstance(path, (str, Path)):
+            src: Any = path
+        elif str(path) == "-":
+            src = getattr(sys.stdin, "buffer", sys.stdin)  # (a text stream put in its place has no buffer)
+            peek = getattr(src, "peek", None)
             if peek is not None and peek(2)[:2] == b"\x1f\x8b":
-                raw = gzip.GzipFile(fileobj=raw)  # type: ignore[assignment]
+                src = gzip.GzipFile(fileobj=src)
         else:
-            raw = open(path, "rb")
-            if raw.read(2) == b"\x1f\x8b":
-                raw.close()
-                raw = gzip.open(path, "rb")  # type: ignore[assignment]
+            src = open(path, "rb")
+            if src.read(2) == b"\x1f\x8b":
+                src.close()
+                src = gzip.open(path, "rb")
             else:
-                raw.seek(0)
-        with raw if str(path) != "-" else contextlib.nullcontext(raw):
-            for lineno, line in enumerate(raw, 1):  # decoded line by line: an error names its own line
-                yield lineno, line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                src.seek(0)
+        with src if isinstance(path, (str, Path)) and str(path) != "-" else contextlib.nullcontext(src):
+            for lineno, line in enumerate(src, 1):  # decoded line by line: an error names its own line
+                if isinstance(line, bytes):
+                    line = line.decode("utf-8-sig" if lineno == 1 else "utf-8")
+                yield lineno, line.removeprefix("\ufeff") if lineno == 1 else line
     except (OSError, EOFError, zlib.error) as e:
         why = getattr(e, "strerror", None) or str(e)  # (gzip's errors have no strerror: a truncated file)
-        raise InvalidMemoryError(f"{path}: cannot read the file ({why}); nothing was imported") from None
+        raise InvalidMemoryError(f"{name}: cannot read the file ({why}); nothing was imported") from None
     except UnicodeDecodeError as e:
-        raise InvalidMemoryError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line): save "
+        raise InvalidMemoryError(f"{name}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of the line): save "
                                  "the file as UTF-8; nothing was imported") from None
 
 
-def read_jsonl(path: str | Path, *, namespace: str | None = None) -> ImportFile:
-    """Parse and validate a JSON Lines file (``-``: standard input) without touching any store.
+def read_jsonl(path: str | Path | IO[Any], *, namespace: str | None = None) -> ImportFile:
+    """Parse and validate a JSON Lines file (``-``: standard input; or an open stream) without touching any store.
 
     Each line: a JSON object with at least ``text``; ``id``, ``reward``, ``metadata``,
     ``namespace``, ``created_at``, ``rewarded_at`` and ``embedding`` are optional. Other keys are not read
@@ -213,7 +229,7 @@ def read_jsonl(path: str | Path, *, namespace: str | None = None) -> ImportFile:
     for lineno, line in _lines(path):
         if not line.strip():
             continue
-        where = f"{path}:{lineno}"
+        where = f"{source_name(path)}:{lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -279,7 +295,7 @@ class ImportReport:
     lines that had each."""
 
 
-def import_jsonl(store: MemoryStore, path: str | Path, *, namespace: str | None = None, upsert: bool = False,
+def import_jsonl(store: MemoryStore, path: str | Path | IO[Any], *, namespace: str | None = None, upsert: bool = False,
                  batch_size: int = 256, progress: Callable[[int, int], None] | None = None) -> ImportReport:
     """Validate a JSON Lines file, embed what needs it, then write every memory in one atomic batch.
 
@@ -294,14 +310,14 @@ def import_jsonl(store: MemoryStore, path: str | Path, *, namespace: str | None 
     data = read_jsonl(path, namespace=namespace)
     mems = data.memories
     for m, lineno in zip(mems, data.lines, strict=True):
-        store._check_reward(m.reward, f"{path}:{lineno}")
+        store._check_reward(m.reward, f"{source_name(path)}:{lineno}")
     if not mems:
         return ImportReport([], 0, 0, "", data.ignored)
     if not upsert:
         existing = store.existing_ids([m.id for m in mems])
         if existing:
             first = next(lineno for m, lineno in zip(mems, data.lines, strict=True) if m.id in existing)
-            raise StoreError(f"{path}: {len(existing)} id(s) are already stored (first on line {first}: "
+            raise StoreError(f"{source_name(path)}: {len(existing)} id(s) are already stored (first on line {first}: "
                              f"{sorted(existing)[0]!r}): import with upsert (--upsert) to replace them, or drop "
                              "the ids to get new ones; nothing was imported")
     dim = store.embedder.dim
@@ -319,7 +335,7 @@ def import_jsonl(store: MemoryStore, path: str | Path, *, namespace: str | None 
             reuse = True
             for v, lineno in zip(data.vectors, data.lines, strict=True):
                 if v is not None and v.shape != (dim,):
-                    raise InvalidMemoryError(f"{path}:{lineno}: embedding has {v.shape[0]} values, expected "
+                    raise InvalidMemoryError(f"{source_name(path)}:{lineno}: embedding has {v.shape[0]} values, expected "
                                              f"{dim}; nothing was imported")
     X = np.empty((len(mems), dim), np.float32)
     todo = [i for i, v in enumerate(data.vectors) if not (reuse and v is not None)]

@@ -205,6 +205,15 @@ def test_import_reads_gzip_and_a_byte_order_mark_and_names_a_line_that_is_not_ut
     assert done.returncode == 0 and b"imported 40 memories" in done.stdout, done.stderr
     monkeypatch.setattr(sys, "stdin", io.StringIO('\ufeff{"text": "from a notebook"}\n'))  # a text stream, no .buffer
     assert len(import_jsonl(dst, "-").ids) == 1
+    # open streams both ways, text or binary (export used to fail on a binary one; import took paths only)
+    for stream in (io.BytesIO(), gzip.GzipFile(fileobj=io.BytesIO(), mode="wb")):
+        assert export_jsonl(src, stream) == 40 and not stream.closed  # the caller's stream stays open
+    raw = io.BytesIO()
+    export_jsonl(src, raw)
+    again = MemoryStore(HashingEmbedder(dim=64), StoreConfig(path=tmp_path / "again"))
+    assert len(import_jsonl(again, io.BytesIO(raw.getvalue())).ids) == 40 and _rows(again) == _rows(src)
+    with pytest.raises(InvalidMemoryError, match=r"^<stream>:1: reward 9.0 is outside"):
+        import_jsonl(again, io.StringIO('{"text": "x", "reward": 9}\n'))
 
 
 def test_a_misspelt_field_fails_the_import_and_other_unknown_keys_are_reported(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
