@@ -73,6 +73,13 @@ def test_search_without_query_matches_langgraph(both, prefix, flt) -> None:  # t
     assert _keys(ours.search(prefix, filter=flt, limit=50)) == _keys(ref.search(prefix, filter=flt, limit=50))
 
 
+def test_limit_zero_finds_nothing_like_langgraph(both) -> None:  # type: ignore[no-untyped-def]
+    ours, ref = both  # a query with limit=0 used to raise "k must be >= 1"
+    for kw in ({"limit": 0}, {"query": "searched the web", "limit": 0},
+               {"query": "searched the web", "limit": 0, "filter": {"tool": "search"}}):
+        assert ours.search(("users",), **kw) == ref.search(("users",), **kw) == []
+
+
 def test_a_comparison_on_a_missing_field_does_not_match(both) -> None:  # type: ignore[no-untyped-def]
     ours, _ = both  # (LangGraph's InMemoryStore raises TypeError here)
     assert _keys(ours.search((), filter={"score": {"$gt": 5}})) == [(("docs",), "d1", str(ITEMS[4][2]))]

@@ -286,6 +286,8 @@ class MemoryDistillStore(BaseStore):
                                if self._passes(m, op.filter)])
             mems.sort(key=lambda m: -float(m.metadata.get(UPDATED, m.created_at)))  # type: ignore[arg-type]
             return self._found(op, [(m, None) for m in mems[op.offset : end]])
+        if end < 1:  # limit=0 (or an offset and limit that add up to nothing): nothing, as LangGraph's own stores
+            return []
         pred = resolve_predictor(self.predictor) if self.value_weight > 0 else None
         if op.filter:  # exact: every item under the prefix that passes the filter is scored
             mems, vecs, unranked = [], [], []
