@@ -348,6 +348,13 @@ def test_retriever_without_a_model_uses_stored_rewards(store):
         r.invoke("plan A for the report", namepsace="user-2")
     assert [d.metadata["reward"] for d in r.invoke("plan A for the report", namespace="user-2")] == [0.5]
     assert len(r.invoke("plan A for the report", k=None, mode=None)) == 2  # None: the retriever's own setting
+    from memory_distill import StoreError
+
+    with pytest.raises(StoreError, match=r"\$contains tests a list's elements"):  # when built, not at first recall
+        ValueAwareRetriever(store=store, where={"tool": {"$contains": "sea"}})
+    for recorder in (MemoryDistillMiddleware, EpisodeRecorder):  # not "dictionary update sequence element #0"
+        with pytest.raises(TypeError, match="metadata= must be a dict recorded with every episode"):
+            recorder(store, metadata="planner-v2")  # type: ignore[arg-type]
 
 
 def test_retriever_diversity_keeps_near_copies_from_filling_the_results(store):

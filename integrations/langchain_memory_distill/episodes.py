@@ -12,7 +12,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
@@ -391,6 +391,9 @@ def check_episode_settings(store: MemoryStore, metadata: dict[str, Any] | None, 
                             f"{type(reward_fn).__name__} {reward_fn!r}: a fixed reward for every run is "
                             "lambda q, a, m: 1.0")
         check_callable_as(reward_fn, ("question", "answer", []), "reward_fn must take (question, answer, messages)")
+    if metadata is not None and not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata= must be a dict recorded with every episode, e.g. {{'agent': 'planner-v2'}}, got "
+                        f"{type(metadata).__name__} {metadata!r}")
     if failure_reward is not None:
         store._check_reward(failure_reward, "failure_reward")
     try:

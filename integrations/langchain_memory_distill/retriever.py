@@ -106,6 +106,10 @@ class ValueAwareRetriever(BaseRetriever):
     """Penalty on a candidate's highest similarity to the results already picked (0: plain ranking;
     0.3-1: near-duplicates give way to different episodes). Can be set per call."""
 
+    def model_post_init(self, context: Any, /) -> None:
+        if self.where:  # a filter Chroma would refuse fails here, not at the first recall
+            self.store._where(None, self.where)
+
     @classmethod
     def from_memory(cls, mem: Any, *, namespace: str = "default", **kw: Any) -> ValueAwareRetriever:
         """A retriever on ``mem`` (a :class:`~memory_distill.MemoryDistill`) for one namespace, scoring with the
