@@ -59,7 +59,7 @@ from .errors import (
     nearest_name,
 )
 from .features import N_TEXT_FEATURES, decode_stats, encode_stats
-from .types import RESERVED_PREFIX, Memory, SearchHit, check_metadata
+from .types import RESERVED_PREFIX, Memory, SearchHit, check_metadata, check_unix_time
 
 __all__ = ["MemoryStore", "TrainingData", "TrainingPage", "coerce_memory", "mmr_select"]
 
@@ -874,6 +874,11 @@ class MemoryStore:
         ids = list(rewards)
         if not ids:
             return []
+        if rewarded_at is not None:
+            try:
+                check_unix_time(float(rewarded_at), "rewarded_at")
+            except (TypeError, ValueError) as e:
+                raise InvalidMemoryError(str(e)) from None
         by_id = self._stored(ids)
         now = time.time() if rewarded_at is None else rewarded_at
         metas, out = [], []

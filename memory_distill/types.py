@@ -73,6 +73,15 @@ def check_metadata(v: Any, *, allow_none: bool = False) -> dict[str, Any]:
         return v
     return {key: value for key, value in v.items() if value is not None}
 
+def check_unix_time(v: float, name: str) -> float:
+    """``v`` when it is a Unix time in seconds; a ``ValueError`` naming ``name`` and the fix otherwise."""
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be a Unix time in seconds (e.g. time.time()), got {v!r}")
+    if v > 1e11:  # after the year 5000: milliseconds (JavaScript's Date.now()) or microseconds
+        raise ValueError(f"{name} {v!r} is in milliseconds or finer: give seconds (e.g. ms / 1000)")
+    return v
+
+
 class Memory(BaseModel):
     """One episode: what the agent saw/did/answered, and the reward it earned (maybe later).
 
@@ -133,6 +142,11 @@ class Memory(BaseModel):
     @classmethod
     def _metadata(cls, v: Any) -> Any:
         return check_metadata(v)
+
+    @field_validator("created_at", "rewarded_at")
+    @classmethod
+    def _time(cls, v: float | None, info: ValidationInfo) -> float | None:
+        return None if v is None else check_unix_time(v, str(info.field_name))
 
     @property
     def has_reward(self) -> bool:

@@ -106,6 +106,10 @@ def test_defaults_match_the_design():
         ({"text": "x", "rewrd": 0.5}, "rewrd: Extra inputs are not permitted: did you mean 'reward'"),
         ({"txt": "x"}, "txt: Extra inputs are not permitted: did you mean 'text'"),
         ({"text": "x", "namespace": " "}, r"namespace must be a non-empty string \(a team, user or project name\)"),
+        # JavaScript's Date.now() is in milliseconds: taken as seconds, it dated an episode in the year 58,000
+        ({"text": "x", "created_at": 1.7e12}, r"created_at 1700000000000.0 is in milliseconds or finer: give seconds"),
+        ({"text": "x", "rewarded_at": -1.0}, r"rewarded_at must be a Unix time in seconds"),
+        ({"text": "x", "created_at": math.nan}, r"created_at must be a Unix time in seconds"),
         ({"text": "x", "id": "\t"}, "id must be a non-empty string"),
         # a lone surrogate (broken JSON escapes, surrogateescape decoding) has no UTF-8 form: Chroma and every
         # embedder would fail on it with a bare UnicodeEncodeError

@@ -1,4 +1,5 @@
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -250,6 +251,8 @@ def test_delete_by_id_filter_and_namespace(store, registry):
     assert store.count() == 3 and store.get(ids[3]).text == "e3"
     with pytest.raises(TypeError, match=r"set_rewards takes a dict \{memory_id: reward\}, got list"):
         store.set_rewards([(ids[3], 0.1)])  # type: ignore[arg-type]
+    with pytest.raises(InvalidMemoryError, match="rewarded_at .* is in milliseconds or finer"):
+        store.set_reward(ids[3], 0.1, rewarded_at=time.time() * 1000)
     with pytest.raises(StoreError, match="namespace must be a str.*got tuple.*namespace=None"):
         store.search("e", namespace=("tmp", "default"))  # type: ignore[arg-type]
     assert store.get(ids[3]).reward == 0.5
