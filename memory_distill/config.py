@@ -323,6 +323,13 @@ class JobConfig(_Config):
     adds nothing; consolidation logs a warning naming the nearest key the memories do have, and a
     prediction given a near miss of a feature key (``tol`` for ``tool``) warns once."""
 
+    @field_validator("namespace")
+    @classmethod
+    def _namespace(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError(f"namespace {v!r} is empty: give a namespace's name, or None to train on all of them")
+        return v
+
     @field_validator("metadata_features", mode="before")
     @classmethod
     def _one_key(cls, v: Any) -> Any:  # metadata_features="agent": one key, not the letters of one

@@ -76,6 +76,8 @@ def test_settings_from_environment(monkeypatch, tmp_path):
         Settings()
     assert "sk-secret" not in str(info.value)  # credentials are never echoed
     assert JobConfig(metadata_features="agent").metadata_features == ("agent",)  # one key, not its letters
+    with pytest.raises(ValidationError, match="namespace '' is empty: give a namespace's name, or None"):
+        JobConfig(namespace="")
 
 
 def test_defaults_match_the_design():
