@@ -951,14 +951,15 @@ class ConsolidationExecutor:
         settings (another namespace, say) is queued behind it, never answered by it. ``skip_unchanged``: as in
         :func:`run_consolidation` (the future then raises :class:`UnchangedDataError` when nothing changed)."""
         cfg = config or self.config
+        key = (cfg.model_dump_json(), skip_unchanged)
         with self._lock:
-            same = self._pending.get((cfg.model_dump_json(), skip_unchanged))
+            same = self._pending.get(key)
             if same is not None and not same.done():
                 return same
             fut = self._pool.submit(run_consolidation, self.store, self.registry, cfg, lock_timeout=-1,
                                     skip_unchanged=skip_unchanged)
             self._pending = {k: f for k, f in self._pending.items() if not f.done()}
-            self._pending[(cfg.model_dump_json(), skip_unchanged)] = fut
+            self._pending[key] = fut
             self._current = fut
             return fut
 

@@ -73,6 +73,16 @@ def check_metadata(v: Any, *, allow_none: bool = False) -> dict[str, Any]:
         return v
     return {key: value for key, value in v.items() if value is not None}
 
+def check_reward_value(v: Any, name: str = "reward") -> float:
+    """``v`` as a float when it is a finite number (numpy's included, not a bool); a ``ValueError`` naming ``name``
+    otherwise. (The store's range is checked apart: it is the store's setting.)"""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+        raise ValueError(f"{name} must be a number or null, got {type(v).__name__} {v!r}")
+    if not math.isfinite(float(v)):
+        raise ValueError(f"{name} must be finite, got {v!r}: drop the memory or give a real score")
+    return float(v)
+
+
 def check_unix_time(v: float, name: str) -> float:
     """``v`` when it is a Unix time in seconds; a ``ValueError`` naming ``name`` and the fix otherwise."""
     if not math.isfinite(v) or v < 0:
@@ -130,13 +140,7 @@ class Memory(BaseModel):
     @field_validator("reward", mode="before")
     @classmethod
     def _reward(cls, v: Any) -> Any:
-        if v is None:
-            return v
-        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
-            raise ValueError(f"reward must be a number or null, got {type(v).__name__} {v!r}")
-        if not math.isfinite(float(v)):
-            raise ValueError(f"reward must be finite, got {v!r}: drop the memory or give a real score")
-        return float(v)
+        return None if v is None else check_reward_value(v)
 
     @field_validator("metadata", mode="before")
     @classmethod

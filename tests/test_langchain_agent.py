@@ -131,7 +131,7 @@ def test_a_bad_reward_fn_leaves_the_episode_pending_not_the_run_failed(store, ca
     rewards = [store.get(agent.invoke({"messages": [HumanMessage(f"grade me {i}")]})["memory_distill_episode_id"]).reward
                for i in range(5)]
     assert rewards == [None, None, None, 0.75, 0.25] and not mw.unsaved
-    assert "reward_fn's reward must be a number (or None: pending), got bool True" in caplog.text
+    assert "reward_fn's reward must be a number or null, got bool True" in caplog.text
     assert "reward_fn's reward must be finite, got nan" in caplog.text
     with pytest.raises(InvalidMemoryError, match="must be a finite number, got True"):  # written: the store checks
         mw.feedback(mw.episode_ids[-1], True)  # type: ignore[arg-type]

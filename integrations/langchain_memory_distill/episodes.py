@@ -6,8 +6,6 @@ import hashlib
 import inspect
 import json
 import logging
-import math
-import numbers
 import threading
 import time
 import uuid
@@ -20,6 +18,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMe
 
 from memory_distill.errors import InvalidMemoryError
 from memory_distill.store import MemoryStore, coerce_memory
+from memory_distill.types import check_reward_value
 
 __all__ = ["RECENT_IDS", "EpisodeWriter", "NamespaceFn", "check_callable_as", "check_episode_settings", "current_thread_id",
            "episode_from_messages", "episode_metadata", "episode_text", "input_group", "message_text", "record_episode",
@@ -164,12 +163,10 @@ class EpisodeWriter:
     def _valid_reward(self, reward: Any, what: str) -> float:
         """``reward`` as a float in the store's range, else :class:`InvalidMemoryError` (raised before the episode
         is queued: a True or an array queued would fail every batch after it)."""
-        if isinstance(reward, bool) or not isinstance(reward, numbers.Real):
-            raise InvalidMemoryError(f"{what} must be a number (or None: pending), got {type(reward).__name__} "
-                                     f"{reward!r}")
-        value = float(reward)
-        if not math.isfinite(value):
-            raise InvalidMemoryError(f"{what} must be finite, got {value}: return None to leave the episode pending")
+        try:
+            value = check_reward_value(reward, what)
+        except ValueError as e:
+            raise InvalidMemoryError(str(e)) from None
         self.store._check_reward(value, what)
         return value
 
