@@ -422,6 +422,19 @@ def _same(a: Any, b: Any) -> bool:  # Chroma's equality: 1 == 1.0, True is not 1
     return a is not _MISSING and _kind(a) == _kind(b) and a == _operand(a, b)
 
 
+def _query_vector(query: Any) -> np.ndarray:
+    """A search query that is not text, as a float32 array; anything else is a TypeError naming ``query``."""
+    wrong = query is None or isinstance(query, bytes | Mapping | bool) or (
+        isinstance(query, Sequence) and any(isinstance(x, str | bytes) for x in query))
+    if not wrong:
+        try:
+            return np.asarray(query, np.float32)
+        except (TypeError, ValueError):
+            pass
+    raise TypeError(f"query must be a str (the text to search for) or one embedding vector of numbers, "
+                    f"got {type(query).__name__} {str(query)[:60]!r}")
+
+
 def compile_where(flt: Mapping[str, Any]) -> Matcher | None:
     """A Python predicate on a row's metadata that agrees with Chroma's ``where`` (checked against Chroma
     in the tests), or ``None`` for a filter it does not cover (Chroma then evaluates it, and reports
@@ -1053,8 +1066,17 @@ class MemoryStore:
         by maximal marginal relevance (:func:`mmr_select`): near-copies of a result give way to
         other episodes.
         """
+        if isinstance(k, bool) or not isinstance(k, int | np.integer):
+            raise TypeError(f"k must be an int (how many memories to return), got {type(k).__name__} {k!r}")
+        k = int(k)  # numpy ints too: Chroma takes Python ints only
         if k < 1:
             raise StoreError(f"k must be >= 1, got {k}")
+        if fetch_k is not None and (isinstance(fetch_k, bool) or not isinstance(fetch_k, int | np.integer)
+                                    or fetch_k < 1):
+            raise TypeError(f"fetch_k must be None (max(4k, 20)) or an int >= 1, got {fetch_k!r}")
+        fetch_k = None if fetch_k is None else int(fetch_k)
+        if not isinstance(query, str):
+            query = _query_vector(query)
         if not (diversity >= 0 and math.isfinite(diversity)):
             raise StoreError(f"diversity must be a number >= 0, got {diversity!r}")
         if diversity > 0:
@@ -1071,7 +1093,7 @@ class MemoryStore:
                 raise StoreError("query is empty: pass the text to search for")
             qv = self.embedder.embed([query])[0]
         else:
-            raw = np.asarray(query, np.float32)
+            raw = query
             if raw.ndim > 1 and raw.shape[0] != 1:
                 raise StoreError(f"search takes one query vector, got an array of shape {raw.shape}: search each row")
             qv = raw.reshape(-1)

@@ -348,6 +348,8 @@ def test_retriever_without_a_model_uses_stored_rewards(store):
         r.invoke("plan A for the report", namepsace="user-2")
     assert [d.metadata["reward"] for d in r.invoke("plan A for the report", namespace="user-2")] == [0.5]
     assert len(r.invoke("plan A for the report", k=None, mode=None)) == 2  # None: the retriever's own setting
+    with pytest.raises(TypeError, match="k must be an int .* got float 1.9"):  # int(1.9) quietly returned 1
+        r.invoke("plan A for the report", k=1.9)
     from memory_distill import StoreError
 
     with pytest.raises(StoreError, match=r"\$contains tests a list's elements"):  # when built, not at first recall

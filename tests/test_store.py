@@ -47,6 +47,15 @@ def test_add_get_search_roundtrip(store):
         store.search(np.vstack([qv, qv]), k=1)  # not "dim 512"
     with pytest.raises(StoreError, match="query vector contains NaN"):  # not the 2 "nearest" to NaN
         store.search(np.full(256, np.nan), k=2)
+    assert store.search(qv.tolist(), k=np.int64(1))[0].memory.id == ids[0]  # a list, a numpy int (Chroma wants int)
+    for wrong in (None, b"search", ["a", "b"], {"text": "a"}):  # None once read as a "vector of dim 1"
+        with pytest.raises(TypeError, match="query must be a str .* or one embedding vector of numbers"):
+            store.search(wrong, k=2)
+    for k in (1.5, True, "3"):  # 1.5 reached Chroma as "5.5 results"
+        with pytest.raises(TypeError, match="k must be an int"):
+            store.search("query", k=k)
+    with pytest.raises(TypeError, match="fetch_k must be None .* or an int >= 1, got 0"):  # 0 fell back to 20
+        store.search("query", k=2, diversity=0.5, fetch_k=0)
 
 
 def test_collection_uses_cosine_space_and_records_embedder(store):

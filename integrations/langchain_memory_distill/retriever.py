@@ -139,7 +139,10 @@ class ValueAwareRetriever(BaseRetriever):
         for key in ("k", "mode", "diversity", "fetch_k"):  # None: the retriever's own (namespace=None means all)
             if kwargs.get(key, 0) is None:
                 del kwargs[key]
-        k = int(kwargs.get("k", self.k))
+        k = kwargs.get("k", self.k)
+        if isinstance(k, bool) or not isinstance(k, int | np.integer):  # int(2.7) would quietly return 2
+            raise TypeError(f"k must be an int (how many memories to return), got {type(k).__name__} {k!r}")
+        k = int(k)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         mode: Mode = kwargs.get("mode", self.mode)
