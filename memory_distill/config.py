@@ -43,7 +43,7 @@ __all__ = [
     "default_home",
 ]
 
-_FROZEN = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True)
+_FROZEN = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
 
 class _Config(BaseModel):
@@ -136,10 +136,10 @@ class StoreConfig(_Config):
     """Chroma database within the tenant (``http`` mode); it must exist on the server."""
     collection: str = "memories"
     """Collection name (3-512 chars of ``[a-zA-Z0-9._-]``)."""
-    reward_min: float = 0.0
-    """Lowest reward accepted; rewards outside [reward_min, reward_max] are rejected."""
-    reward_max: float = 1.0
-    """Highest reward accepted."""
+    reward_min: float = Field(default=0.0, allow_inf_nan=True)
+    """Lowest reward accepted; rewards outside [reward_min, reward_max] are rejected (``-inf``: no lower bound)."""
+    reward_max: float = Field(default=1.0, allow_inf_nan=True)
+    """Highest reward accepted (``inf``: no upper bound)."""
     write_batch_size: int = Field(default=5000, ge=1, le=5461)
     """Rows per Chroma write (Chroma's maximum batch is 5461)."""
     read_page_size: int = Field(default=5000, ge=1)
@@ -181,6 +181,13 @@ class BinsConfig(_Config):
     """``hl_gauss``: Gaussian-smoothed histogram targets (Farebrother et al. 2024); ``hard``: one-hot bin."""
     sigma_ratio: float = Field(default=0.75, gt=0.0, le=10.0)
     """HL-Gauss sigma as a multiple of the bin width."""
+
+    @model_validator(mode="after")
+    def _support(self) -> BinsConfig:
+        if self.low is not None and self.high is not None and not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high}): they are the reward support's "
+                             "edges (leave both None to fit them from the data)")
+        return self
 
 
 class TeacherConfig(_Config):

@@ -4,6 +4,7 @@ import pytest
 from pydantic import ValidationError
 
 from memory_distill import (
+    BinsConfig,
     DistillConfig,
     InvalidMemoryError,
     JobConfig,
@@ -50,6 +51,22 @@ def test_config_ranges_and_frozen():
     cfg = JobConfig()
     with pytest.raises(ValidationError):
         cfg.seed = 3  # type: ignore[misc]
+
+
+def test_infinite_or_nan_settings_are_refused_where_they_mean_nothing():
+    # lr=inf trained to NaN losses; bins low > high, or NaN, failed at training time as a bare ValueError
+    for bad in ({"teacher": {"lr": float("inf")}}, {"distill": {"temperature": float("inf")}},
+                {"gate": {"tolerance": float("nan")}}, {"bins": {"low": float("-inf")}}):
+        with pytest.raises(ValidationError, match="Input should be a finite number"):
+            JobConfig.model_validate(bad)
+    with pytest.raises(ValidationError, match=r"low \(1.0\) must be below high \(0.0\).*leave both None"):
+        BinsConfig(low=1, high=0)
+    assert BinsConfig(low=0, high=1).high == 1.0
+    # an unbounded reward range is a meaningful setting
+    store = StoreConfig(reward_min=float("-inf"), reward_max=float("inf"))
+    assert store.reward_min == float("-inf") and store.reward_max == float("inf")
+    with pytest.raises(ValidationError, match="must be below reward_max"):
+        StoreConfig(reward_min=float("nan"))
 
 
 def test_settings_from_environment(monkeypatch, tmp_path):
