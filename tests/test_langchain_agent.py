@@ -421,6 +421,14 @@ def test_router_routes_by_predicted_reward(trained_store):
         RewardRouter(cheap, strong, pred, threshold=3)
     with pytest.raises(TypeError, match="RewardRouter needs a Predictor .*got NoneType"):  # not 'no attribute bins'
         RewardRouter(cheap, strong, None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="threshold must be a reward .* got str '0.5'"):  # not "'<=' not supported"
+        RewardRouter(cheap, strong, pred, threshold="0.5")  # type: ignore[arg-type]
+    # the other message forms chat models take are routed on their user message (they were routed on the list's repr)
+    for messages in ([("system", "be brief"), ("user", GOOD)], [{"role": "user", "content": GOOD}]):
+        out = router.invoke(messages)
+        assert out.response_metadata["memory_distill_route"]["predicted_reward"] == pytest.approx(router.route(GOOD)[1])
+    with pytest.raises(ValueError, match="routes on the last user message, and this list has none"):
+        router.invoke([("system", "be brief")])
 
 
 def test_a_router_without_a_prediction_goes_to_the_strong_model(trained_store, caplog):
@@ -646,6 +654,13 @@ def test_best_of_n_with_question_scores_candidates_as_recorded_episodes(trained_
     assert store.get(mid).text == episode_text(q, "I guessed it without checking.")
     with pytest.raises(ValueError, match="question= or a scorer template"):
         best_of_n(answers, RewardScorer(pred, template="Q: x\nA: {text}"), question=q)
+    # a template without {text} scored every candidate as the same text; another field failed later as a KeyError
+    with pytest.raises(ValueError, match="has no {text} field: every candidate would be scored as the same text"):
+        RewardScorer(pred, template="Task: plan the trip")
+    with pytest.raises(ValueError, match=r"fields other than {text}: \['task'\]; fill them in first"):
+        RewardScorer(pred, template="Task: {task}\nAnswer: {text}")
+    assert RewardScorer(pred, template='JSON {{"a": 1}} {text}').invoke("x").mean == pytest.approx(
+        scorer.invoke('JSON {"a": 1} x').mean)
 
 
 def test_background_grading_backlog_is_bounded_and_never_blocks_writes(store, caplog):

@@ -7,10 +7,11 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from numbers import Real
+from typing import Any, cast
 
 from langchain_core.language_models import BaseChatModel
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, convert_to_messages
 from langchain_core.runnables import Runnable, RunnableConfig
 
 from memory_distill.errors import MemoryDistillError
@@ -56,6 +57,8 @@ class RewardRouter(Runnable[Any, AIMessage]):
         if not isinstance(predictor, Predictor):
             raise TypeError(f"RewardRouter needs a Predictor (e.g. mem.predictor, once a consolidation has published a "
                             f"model trained on the cheap model's episodes), got {type(predictor).__name__}")
+        if isinstance(threshold, bool) or not isinstance(cast(Any, threshold), Real):  # numpy floats too
+            raise TypeError(f"threshold must be a reward (a number), got {type(threshold).__name__} {threshold!r}")
         lo, hi = float(predictor.bins.low), float(predictor.bins.high)
         if not lo <= threshold <= hi:
             raise ValueError(f"threshold {threshold} is outside the rewards the student predicts ([{lo}, {hi}]): "
@@ -72,9 +75,16 @@ class RewardRouter(Runnable[Any, AIMessage]):
             return input, input
         if isinstance(input, BaseMessage):
             return message_text(input), [input]
-        if isinstance(input, list):
-            human = [m for m in input if isinstance(m, HumanMessage)]
-            return (message_text(human[-1]) if human else str(input)), input
+        if isinstance(input, list):  # messages, or what chat models also take: ("user", "...") or {"role": ...}
+            try:
+                msgs = convert_to_messages(input)
+            except (ValueError, TypeError, NotImplementedError) as e:
+                raise TypeError(f"RewardRouter takes a str, a message or a list of messages; this list is none ({e})") \
+                    from None
+            human = [m for m in msgs if isinstance(m, HumanMessage)]
+            if not human:
+                raise ValueError("RewardRouter routes on the last user message, and this list has none")
+            return message_text(human[-1]), input
         raise TypeError(f"RewardRouter takes a str, a message or a list of messages, got {type(input).__name__}")
 
     def route(self, question: str) -> tuple[str, float | None]:

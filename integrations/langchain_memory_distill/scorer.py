@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import string
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -29,6 +30,24 @@ def _text(x: Input, template: str) -> str:
     return template.format(text=x)
 
 
+def _check_template(template: str) -> None:
+    """``template`` must hold ``{text}`` (else every candidate is scored as the same text) and no other field
+    (which would fail at the first score with a bare KeyError)."""
+    if not isinstance(template, str):
+        raise TypeError(f"template must be a str holding {{text}}, got {type(template).__name__}")
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"template {template!r} is not a format string ({e}): write literal braces as {{{{ }}}}") from e
+    if "text" not in fields:
+        raise ValueError(f"template {template!r} has no {{text}} field: every candidate would be scored as the same "
+                         "text; put {text} where the candidate goes")
+    other = sorted(fields - {"text"})
+    if other:
+        raise ValueError(f"template {template!r} has fields other than {{text}}: {other}; fill them in first "
+                         "(template.replace('{task}', task)), or write literal braces as {{ }}")
+
+
 class RewardScorer(Runnable[Input, RewardPrediction]):
     """``Runnable[str | Document, RewardPrediction]``; ``batch``/``abatch`` run one forward pass.
 
@@ -40,6 +59,7 @@ class RewardScorer(Runnable[Input, RewardPrediction]):
     """
 
     def __init__(self, predictor: Predictor, *, template: str = "{text}", auto_refresh: bool = True) -> None:
+        _check_template(template)
         self.predictor = predictor
         self.template = template
         self.auto_refresh = auto_refresh
