@@ -950,3 +950,37 @@ def test_a_namespace_function_can_read_the_user_from_the_run_config(store):
     second = agent.invoke({"messages": [HumanMessage("carol's report")]}, config={"configurable": {"user_id": "carol"}})
     assert store.get(first["memory_distill_episode_id"]).namespace == "carol"
     assert "carol's report" in [m.content for m in second["messages"] if m.type == "tool"][0]  # found in "carol"
+
+
+def test_passing_the_memory_distill_object_where_a_store_or_predictor_goes_names_the_fix(tmp_path):
+    """``MemoryDistill.open`` returns the object users hold, so it is what they pass first. It failed deep inside
+    (a pydantic is-instance error, "no attribute '_check_reward'", "no attribute 'refresh'"), or half worked by
+    duck typing (the vector store). A recorder only writes, so it takes the object's store."""
+    from langchain_memory_distill import (
+        MemoryDistillStore,
+        MemoryDistillVectorStore,
+        make_recall_tool,
+    )
+
+    from memory_distill import HashingEmbedder, MemoryDistill
+
+    mem = MemoryDistill.open(tmp_path / "home", embedder=HashingEmbedder(dim=64))
+    for cls in (MemoryDistillMiddleware, MemoryDistillVectorStore, MemoryDistillStore):
+        with pytest.raises(TypeError, match=f"{cls.__name__} takes a MemoryStore, got a MemoryDistill: use "
+                                            rf"{cls.__name__}.from_memory\(mem\).* or pass mem.store"):
+            cls(mem)
+    with pytest.raises(TypeError, match=r"ValueAwareRetriever.from_memory\(mem\)"):
+        ValueAwareRetriever(store=mem)
+    with pytest.raises(TypeError, match="needs a MemoryStore .*got NoneType"):
+        MemoryDistillMiddleware(None)  # type: ignore[arg-type]
+    for make in (lambda: RewardScorer(mem), lambda: make_predict_tool(mem)):  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="takes a Predictor, got a MemoryDistill: pass mem.predictor"):
+            make()
+    with pytest.raises(TypeError, match="needs a Predictor .*got NoneType"):
+        RewardScorer(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"make_recall_tool needs a ValueAwareRetriever, e.g. .*from_memory\(mem\)"):
+        make_recall_tool(mem)  # type: ignore[arg-type]
+    recorder = EpisodeRecorder(mem)  # type: ignore[arg-type]
+    assert recorder.store is mem.store and recorder.writer.store is mem.store
+    for ok in (MemoryDistillMiddleware.from_memory(mem), ValueAwareRetriever.from_memory(mem)):
+        assert ok is not None

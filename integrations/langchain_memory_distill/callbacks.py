@@ -27,6 +27,7 @@ from .episodes import (
     Errors,
     check_callable_as,
     check_episode_settings,
+    check_store,
     episode_from_messages,
     episode_metadata,
     message_text,
@@ -80,6 +81,7 @@ class EpisodeRecorder(BaseCallbackHandler):
                  reward_fn: Callable[[str, str, list[Any]], float | None] | None = None,
                  failure_reward: float | None = 0.0, metadata: dict[str, Any] | None = None,
                  errors: Errors = "warn", max_unsaved: int = 1000, background: bool = False) -> None:
+        store = check_store(store, "EpisodeRecorder", has_from_memory=False)  # mem: its store
         self.store = store
         self.writer = EpisodeWriter(store, errors=errors, max_unsaved=max_unsaved, background=background)
         self.errors = errors

@@ -20,12 +20,43 @@ from memory_distill.errors import InvalidMemoryError
 from memory_distill.store import MemoryStore, coerce_memory
 from memory_distill.types import check_reward_value
 
-__all__ = ["RECENT_IDS", "EpisodeWriter", "NamespaceFn", "check_callable_as", "check_episode_settings", "current_thread_id",
+__all__ = ["RECENT_IDS", "EpisodeWriter", "NamespaceFn", "check_callable_as", "check_episode_settings", "check_predictor",
+           "check_store", "current_thread_id",
            "episode_from_messages", "episode_metadata", "episode_text", "input_group", "message_text", "record_episode",
            "response_model_name", "run_namespace"]
 
 log = logging.getLogger(__name__)
 Errors = Literal["warn", "raise"]
+
+
+def check_store(store: Any, who: str, *, has_from_memory: bool = True) -> MemoryStore:
+    """``store`` as a MemoryStore. A :class:`~memory_distill.MemoryDistill` (what ``MemoryDistill.open`` returns, an
+    easy thing to pass here) is taken as its store where that is all ``who`` uses, and otherwise refused with the
+    ``from_memory`` constructor that also wires in its models; anything else is a TypeError naming the fix."""
+    if isinstance(store, MemoryStore):
+        return store
+    from memory_distill.facade import MemoryDistill
+
+    if isinstance(store, MemoryDistill):
+        if not has_from_memory:
+            return store.store
+        raise TypeError(f"{who} takes a MemoryStore, got a MemoryDistill: use {who}.from_memory(mem), which also "
+                        "scores with the models mem publishes, or pass mem.store")
+    raise TypeError(f"{who} needs a MemoryStore (mem.store, or MemoryStore(...)), got {type(store).__name__}")
+
+
+def check_predictor(predictor: Any, who: str) -> Any:
+    """``predictor`` if it is a Predictor; a MemoryDistill or anything else is a TypeError naming the fix."""
+    from memory_distill.facade import MemoryDistill
+    from memory_distill.predictor import Predictor
+
+    if isinstance(predictor, Predictor):
+        return predictor
+    if isinstance(predictor, MemoryDistill):
+        raise TypeError(f"{who} takes a Predictor, got a MemoryDistill: pass mem.predictor (the model serving the "
+                        "top level) or mem.predictor_for(namespace)")
+    raise TypeError(f"{who} needs a Predictor (mem.predictor, once a consolidation has published a model), got "
+                    f"{type(predictor).__name__}")
 
 
 class EpisodeWriter:
@@ -60,6 +91,7 @@ class EpisodeWriter:
             raise ValueError(f"errors must be 'warn' or 'raise', got {errors!r}")
         if max_unsaved < 1:
             raise ValueError(f"max_unsaved must be >= 1, got {max_unsaved}")
+        store = check_store(store, "EpisodeWriter", has_from_memory=False)
         self.store, self.errors, self.max_unsaved = store, errors, max_unsaved
         self.background = bool(background)
         self.unsaved: OrderedDict[str, dict[str, Any]] = OrderedDict()

@@ -66,6 +66,7 @@ from memory_distill.errors import InvalidMemoryError
 from memory_distill.store import MemoryStore, coerce_memory
 from memory_distill.types import Memory
 
+from .episodes import check_store
 from .retriever import PredictorLike, check_value_weight, resolve_predictor, value_blend
 
 __all__ = ["MemoryDistillStore"]
@@ -145,7 +146,7 @@ class MemoryDistillStore(BaseStore):
         self.ttl_config = ttl_config
         self._sweeper: concurrent.futures.Future[None] | None = None
         self._stop_sweeper = threading.Event()
-        self.store = store
+        self.store = check_store(store, "MemoryDistillStore")
         self.predictor = predictor
         self.fields = [fields] if isinstance(fields, str) else fields  # one path, not its letters
         self.reward_key = reward_key

@@ -50,6 +50,7 @@ from .episodes import (
     NamespaceFn,
     check_callable_as,
     check_episode_settings,
+    check_store,
     current_thread_id,
     episode_from_messages,
     episode_metadata,
@@ -120,6 +121,7 @@ class MemoryDistillMiddleware(AgentMiddleware):
         background: bool = False,
     ) -> None:
         super().__init__()
+        store = check_store(store, "MemoryDistillMiddleware")
         if not (isinstance(namespace, str) or callable(namespace)):
             raise TypeError(f"namespace must be a string or a function of the run's runtime, got "
                             f"{type(namespace).__name__}")

@@ -26,11 +26,13 @@ import numpy as np
 from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from memory_distill.errors import nearest_name
 from memory_distill.predictor import Predictor
 from memory_distill.store import MemoryStore, mmr_select
+
+from .episodes import check_store
 
 __all__ = ["ValueAwareRetriever", "check_value_weight", "predicted_value", "resolve_predictor", "value_blend"]
 
@@ -105,6 +107,11 @@ class ValueAwareRetriever(BaseRetriever):
     diversity: float = Field(default=0.0, ge=0.0)
     """Penalty on a candidate's highest similarity to the results already picked (0: plain ranking;
     0.3-1: near-duplicates give way to different episodes). Can be set per call."""
+
+    @field_validator("store", mode="before")
+    @classmethod
+    def _a_store(cls, v: Any) -> Any:
+        return check_store(v, "ValueAwareRetriever")  # a MemoryDistill: the fix is from_memory
 
     def model_post_init(self, context: Any, /) -> None:
         if self.where:  # a filter Chroma would refuse fails here, not at the first recall

@@ -14,7 +14,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 from memory_distill.predictor import Predictor
 from memory_distill.types import PredictionBatch, RewardPrediction
 
-from .episodes import episode_text
+from .episodes import check_predictor, episode_text
 
 __all__ = ["RewardScorer", "best_of_n"]
 
@@ -60,7 +60,7 @@ class RewardScorer(Runnable[Input, RewardPrediction]):
 
     def __init__(self, predictor: Predictor, *, template: str = "{text}", auto_refresh: bool = True) -> None:
         _check_template(template)
-        self.predictor = predictor
+        self.predictor = check_predictor(predictor, "RewardScorer")
         self.template = template
         self.auto_refresh = auto_refresh
 

@@ -10,7 +10,7 @@ from langchain_core.tools import BaseTool, StructuredTool
 
 from memory_distill.predictor import Predictor
 
-from .episodes import NamespaceFn, run_namespace
+from .episodes import NamespaceFn, check_predictor, run_namespace
 from .retriever import Mode, ValueAwareRetriever
 
 __all__ = ["make_predict_tool", "make_recall_tool"]
@@ -36,6 +36,9 @@ def make_recall_tool(retriever: ValueAwareRetriever, *, name: str = "recall_past
     the predictor serving a namespace (``mem.try_predictor``), so each namespace's episodes are scored by
     its own model.
     """
+    if not isinstance(retriever, ValueAwareRetriever):
+        raise TypeError("make_recall_tool needs a ValueAwareRetriever, e.g. ValueAwareRetriever.from_memory(mem), got "
+                        f"{type(retriever).__name__}")
     description = ("Search your past episodes similar to `query`. mode='likely_success' favours what worked, "
                    "mode='cautionary' surfaces past failures to avoid, mode='similarity' ignores rewards.")
 
@@ -76,6 +79,8 @@ def make_predict_tool(predictor: Predictor | None = None, *, name: str = "estima
     ``namespace`` (a function of the run's runtime) with ``predictor_for`` (``mem.try_predictor``): each run
     gets the estimate of the model serving its own namespace, e.g. the calling user's.
     """
+    if predictor is not None:
+        check_predictor(predictor, "make_predict_tool")
     if (predictor is None) == (namespace is None or predictor_for is None):
         raise ValueError("give a predictor, or namespace= (a function of the run's runtime) and predictor_for=")
     meta = dict(metadata) if metadata else None

@@ -37,6 +37,7 @@ from memory_distill.store import MEMORY_FIELDS, USER_KEY, MemoryStore, id_list
 from memory_distill.types import Memory, SearchHit
 
 from .embeddings import MemoryDistillEmbeddings
+from .episodes import check_store
 from .retriever import PredictorLike, check_value_weight, resolve_predictor, value_blend
 
 __all__ = ["MemoryDistillVectorStore"]
@@ -47,7 +48,7 @@ class MemoryDistillVectorStore(VectorStore):
 
     def __init__(self, store: MemoryStore, *, namespace: str = "default", predictor: PredictorLike = None,
                  value_weight: float = 0.0, reward_key: str = "reward") -> None:
-        self.store = store
+        self.store = check_store(store, "MemoryDistillVectorStore")
         self.namespace = namespace
         self.predictor = predictor
         self.value_weight = check_value_weight(value_weight)
