@@ -304,7 +304,16 @@ def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU. ``cuda`` without a GPU is a clear error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"device='cuda' was asked for but torch {torch.__version__} sees no GPU: use device='auto' "
-                          "or 'cpu' (JobConfig.device, --device, MEMORY_DISTILL_JOB__DEVICE)")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device must be 'auto', 'cpu' or 'cuda' (or 'cuda:N'), got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device={name!r} was asked for but torch {torch.__version__} sees no GPU: use "
+                          "device='auto' or 'cpu' (JobConfig.device, --device, MEMORY_DISTILL_JOB__DEVICE)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DeviceError(f"device={name!r} was asked for but torch sees {torch.cuda.device_count()} GPU(s): use "
+                          "'cuda' or 'cuda:N' with N below that")
+    return dev

@@ -351,6 +351,10 @@ class Predictor:
             metadata = list(metadata)
             if len(metadata) != n:
                 raise ValueError(f"metadata has {len(metadata)} items for {n} rows: pass one dict (or None) per row")
+            bad = next((i for i, m in enumerate(metadata) if m is not None and not isinstance(m, Mapping)), None)
+            if bad is not None:
+                raise TypeError(f"metadata[{bad}] must be a dict (or None), got {type(metadata[bad]).__name__}: pass "
+                                "one dict per row, e.g. [{'agent': 'planner'}]")
         if texts is not None and len(texts) != n:
             raise ValueError(f"texts has {len(texts)} items for {n} embeddings: pass one text per row")
         if not spec.width:
@@ -406,6 +410,11 @@ class Predictor:
             X = X[None, :]
         if X.ndim != 2 or X.shape[1] != self.in_dim:
             raise ValueError(f"embeddings must be [n, {self.in_dim}], got {list(X.shape)}")
+        finite = np.isfinite(X).all(axis=1)
+        if not finite.all():  # the student would answer NaN for them, which sorts anywhere
+            bad = np.flatnonzero(~finite)
+            raise ValueError(f"embeddings hold NaN or inf in rows {bad[:5].tolist()}{' ...' if bad.size > 5 else ''}: "
+                             "re-embed those texts")
         if self._retired is not None:
             raise NoModelError(self._retired)
         with self._lock:
@@ -444,4 +453,7 @@ class Predictor:
         return self.predict_batch(list(inputs), metadata=metadata).to_list()  # type: ignore[arg-type]
 
     def predict_one(self, text: str, metadata: Mapping[str, Any] | None = None) -> RewardPrediction:
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise TypeError(f"predict_one takes one metadata dict, got {type(metadata).__name__}: for several texts "
+                            "use predict(texts, metadata=[...])")
         return self.predict([text], metadata=None if metadata is None else [metadata])[0]

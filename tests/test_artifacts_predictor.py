@@ -122,6 +122,9 @@ def test_numpy_fast_path_matches_torch(tmp_path):
     np.testing.assert_allclose(batch.mean, ref @ pred.bins.centers, atol=1e-5)
     with pytest.raises(ValueError, match=r"embeddings must be \[n, 256\]"):
         pred.predict_embeddings(np.zeros((2, 5)))
+    X[2, 7] = np.nan  # a NaN prediction sorts anywhere (best-of-n, retrieval): refused, naming the row
+    with pytest.raises(ValueError, match=r"embeddings hold NaN or inf in rows \[2\]: re-embed"):
+        pred.predict_embeddings(X)
 
 
 def test_staging_leftovers_are_cleaned_and_torn_manifest_reported(tmp_path):

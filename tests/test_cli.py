@@ -293,6 +293,18 @@ def test_cuda_without_a_gpu_is_a_clear_error(home, capsys):
     assert code == 2 and "consolidation failed, nothing was published: device='cuda'" in err and "--device" in err
     with pytest.raises(DeviceError):
         Predictor(ArtifactRegistry(home / "artifacts"), device="cuda")
+    with pytest.raises(DeviceError, match="device='cuda:0' was asked for but torch .* sees no GPU"):
+        resolve_device("cuda:0")  # (it got past the check and failed at the first tensor)
+
+
+def test_an_unknown_device_name_is_a_clear_error():
+    from memory_distill import DeviceError
+    from memory_distill.models import resolve_device
+
+    for name in ("tpu", "gpu", "", "mps"):  # not torch's "Expected one of cpu, cuda, ipu, xpu, ..." (mps is untested)
+        with pytest.raises(DeviceError, match=f"device must be 'auto', 'cpu' or 'cuda' \\(or 'cuda:N'\\), got '{name}'"):
+            resolve_device(name)
+    assert resolve_device("cpu").type == "cpu" and resolve_device("auto").type in ("cpu", "cuda")
 
 
 def test_the_worker_prints_a_line_per_run_as_it_happens(home, capsys):

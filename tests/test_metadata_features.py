@@ -155,6 +155,11 @@ def test_consolidation_learns_which_agent_pays_off(agent_models, embedder, caplo
         pred.predict_embeddings(X, metadata="agent")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="metadata takes one dict per text, got the str 'agent'"):  # not "5 items"
         pred.predict([text], metadata="agent")  # type: ignore[arg-type]
+    # not "'str' object has no attribute 'keys'"
+    with pytest.raises(TypeError, match=r"metadata\[1\] must be a dict \(or None\), got str"):
+        pred.predict([text, text], metadata=[{"agent": "planner"}, "planner"])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="predict_one takes one metadata dict, got list"):
+        pred.predict_one(text, [{"agent": "planner"}])  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="agent=planner"):
         pred.predict_embeddings(X, features=np.zeros((2, 5), np.float32))
 
