@@ -78,6 +78,12 @@ def test_limit_zero_finds_nothing_like_langgraph(both) -> None:  # type: ignore[
     for kw in ({"limit": 0}, {"query": "searched the web", "limit": 0},
                {"query": "searched the web", "limit": 0, "filter": {"tool": "search"}}):
         assert ours.search(("users",), **kw) == ref.search(("users",), **kw) == []
+    # a negative count sliced from the end (limit=-1 gave every item but the last, as InMemoryStore still does)
+    for kw in ({"limit": -1}, {"offset": -1}, {"query": "searched the web", "limit": -2}):
+        with pytest.raises(ValueError, match=f"{next(iter(k for k in kw if k != 'query'))} must be an int >= 0"):
+            ours.search(("users",), **kw)
+    with pytest.raises(ValueError, match="limit must be an int >= 0, got -1"):
+        ours.list_namespaces(limit=-1)
 
 
 def test_a_comparison_on_a_missing_field_does_not_match(both) -> None:  # type: ignore[no-untyped-def]

@@ -134,6 +134,13 @@ def _expired(meta: Any, now: float) -> bool:
     return TTL in meta and float(meta.get(EXPIRES, math.inf)) <= now
 
 
+def _check_page(limit: Any, offset: Any) -> None:
+    """limit and offset are counts: a negative one sliced from the end (limit=-1: all items but the last)."""
+    for name, v in (("limit", limit), ("offset", offset)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be an int >= 0, got {v!r}")
+
+
 class MemoryDistillStore(BaseStore):
     """LangGraph's long-term memory store interface, backed by a memory_distill :class:`MemoryStore`."""
 
@@ -280,6 +287,7 @@ class MemoryDistillStore(BaseStore):
         return out
 
     def _search(self, op: SearchOp) -> list[SearchItem]:
+        _check_page(op.limit, op.offset)
         where = {**self._prefix_where(op.namespace_prefix), **self._pushdown(op.filter)}
         end = op.offset + op.limit
         if op.query is None:
@@ -417,6 +425,7 @@ class MemoryDistillStore(BaseStore):
 
     def _list_namespaces(self, op: ListNamespacesOp) -> list[tuple[str, ...]]:
         # the items' metadata only (no texts, no Memory objects), each distinct path decoded once
+        _check_page(op.limit, op.offset)
         omit, now = (self.ttl_config or {}).get("omit_expired", False), time.time()
         paths: set[str] = set()
         for metas in self.store._metadata_pages(where={ITEM: True}):
