@@ -647,6 +647,12 @@ def test_best_of_n_with_question_scores_candidates_as_recorded_episodes(trained_
     assert scorer.invoke(answers[0], question=q).mean == pytest.approx(preds[0].mean)
     assert [p.mean for p in scorer.batch(answers, question=q)] == pytest.approx([p.mean for p in preds])
     assert asyncio.run(scorer.ainvoke(answers[0], question=q)).mean == pytest.approx(preds[0].mean)
+    # a misspelt option was swallowed by **kwargs, and the answer scored without its question
+    for call in (lambda: scorer.invoke(answers[0], questoin=q), lambda: scorer.batch(answers, questoin=q),
+                 lambda: asyncio.run(scorer.abatch(answers, questoin=q))):
+        with pytest.raises(TypeError, match="unknown RewardScorer option 'questoin': did you mean 'question'"):
+            call()
+    assert scorer.bind(question=q).invoke(answers[0]).mean == pytest.approx(preds[0].mean)  # bound: still works
     # exactly the text an agent run records
     model = ScriptedChatModel(responses=[AIMessage(content="I guessed it without checking.")])
     mw = MemoryDistillMiddleware(store, recall=False)

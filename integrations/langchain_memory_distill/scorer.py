@@ -11,6 +11,7 @@ import numpy as np
 from langchain_core.documents import Document
 from langchain_core.runnables import Runnable, RunnableConfig
 
+from memory_distill.errors import nearest_name
 from memory_distill.predictor import Predictor
 from memory_distill.types import PredictionBatch, RewardPrediction
 
@@ -28,6 +29,15 @@ def _text(x: Input, template: str) -> str:
         hint = ": score several with .batch([...]) or best_of_n()" if isinstance(x, (list, tuple)) else ""
         raise TypeError(f"RewardScorer scores str or Document, got {type(x).__name__}{hint}")
     return template.format(text=x)
+
+
+def _no_other_options(kwargs: dict[str, Any]) -> None:
+    """The scorer's one per-call option is ``question=``; a misspelt one (``questoin=``) scored without it."""
+    if kwargs:
+        key = sorted(kwargs)[0]
+        near = nearest_name(key, ["question"])
+        raise TypeError(f"unknown RewardScorer option {key!r}" + (f": did you mean {near!r}?" if near else
+                                                                  "; its one per-call option is question="))
 
 
 def _check_template(template: str) -> None:
@@ -84,14 +94,17 @@ class RewardScorer(Runnable[Input, RewardPrediction]):
     def invoke(self, input: Input, config: RunnableConfig | None = None, *, question: str | None = None,
                **kwargs: Any) -> RewardPrediction:
         """The prediction for one answer (``question=``: as :meth:`score_batch`)."""
+        _no_other_options(kwargs)
         return self._call_with_config(lambda x: self.score_batch([x], question=question)[0], input, config)
 
     async def ainvoke(self, input: Input, config: RunnableConfig | None = None, *, question: str | None = None,
                       **kwargs: Any) -> RewardPrediction:
+        _no_other_options(kwargs)
         return await asyncio.to_thread(self.invoke, input, config, question=question)
 
     def batch(self, inputs: list[Input], config: RunnableConfig | list[RunnableConfig] | None = None, *,
               return_exceptions: bool = False, question: str | None = None, **kwargs: Any) -> list[RewardPrediction]:
+        _no_other_options(kwargs)
         if not inputs and not isinstance(inputs, str):
             return []
         return self.score_batch(inputs, question=question).to_list()
@@ -99,6 +112,7 @@ class RewardScorer(Runnable[Input, RewardPrediction]):
     async def abatch(self, inputs: list[Input], config: RunnableConfig | list[RunnableConfig] | None = None, *,
                      return_exceptions: bool = False, question: str | None = None,
                      **kwargs: Any) -> list[RewardPrediction]:
+        _no_other_options(kwargs)
         return await asyncio.to_thread(self.batch, inputs, config, question=question)
 
 
