@@ -9,12 +9,14 @@ tree from the environment (``MEMORY_DISTILL_`` prefix, ``__`` between nesting le
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -42,6 +44,8 @@ __all__ = [
     "TeacherConfig",
     "default_home",
 ]
+
+_C = TypeVar("_C", bound=BaseModel)
 
 _FROZEN = ConfigDict(frozen=True, extra="forbid", use_attribute_docstrings=True, allow_inf_nan=False)
 
@@ -352,6 +356,33 @@ class JobConfig(_Config):
         if len(set(v)) != len(v):
             raise ValueError(f"metadata_features: {list(v)} lists a key twice; list each key once")
         return v
+
+
+def as_config(value: Any, cls: type[_C], name: str) -> _C:
+    """``value`` as a ``cls`` config: itself, ``cls()`` for ``None``, or built from a dict of its fields (a misspelt
+    one is an error naming the nearest); anything else is a TypeError naming ``name``."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        return cls(**value)
+    raise TypeError(f"{name} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
+
+
+def seconds(value: Any, name: str, *, allow_zero: bool = False) -> float:
+    """A duration given as seconds (a number) or as text (``"10m"``, :func:`parse_duration`): finite and > 0
+    (>= 0 with ``allow_zero``); anything else is an error naming ``name``."""
+    if isinstance(value, str):
+        try:
+            value = parse_duration(value)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be seconds (a number) or a duration like '10m', got {type(value).__name__}")
+    if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
+        raise ValueError(f"{name} must be a finite number of seconds {'>= 0' if allow_zero else '> 0'}, got {value}")
+    return float(value)
 
 
 def parse_duration(text: str) -> float:

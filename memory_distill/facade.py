@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from .artifacts import ArtifactRegistry
-from .config import JobConfig, Settings, StoreConfig
+from .config import JobConfig, Settings, StoreConfig, as_config
 from .embeddings import Embedder, as_embedder, make_embedder
 from .errors import ArtifactError, EmbedderMismatchError, StoreError
 from .jobs import ConsolidationReport, DriftReport, drift_report, forget, run_consolidation
@@ -32,16 +32,6 @@ if TYPE_CHECKING:
 __all__ = ["MemoryDistill"]
 
 log = logging.getLogger(__name__)
-
-
-def _as_config(value: Any, cls: Any, name: str) -> Any:
-    """``value`` as a ``cls`` config: itself, or built from a dict of its fields (a misspelt one is an error naming
-    the nearest)."""
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, Mapping):
-        return cls(**value)
-    raise TypeError(f"{name} must be a {cls.__name__} or a dict of its fields, got {type(value).__name__}")
 
 
 class MemoryDistill:
@@ -87,11 +77,11 @@ class MemoryDistill:
     @staticmethod
     def _resolve(home: str | Path | None, settings: Settings | Mapping[str, Any] | None, embedder: Embedder | Any | None,
                  store: StoreConfig | Mapping[str, Any] | None) -> tuple[Settings, Embedder]:
-        s = _as_config(settings, Settings, "settings") if settings is not None else Settings()
+        s = as_config(settings, Settings, "settings") if settings is not None else Settings()
         if home is not None:
             s = s.model_copy(update={"home": Path(home)})
         if store is not None:
-            s = s.model_copy(update={"store": _as_config(store, StoreConfig, "store")})
+            s = s.model_copy(update={"store": as_config(store, StoreConfig, "store")})
         if s.home.exists() and not s.home.is_dir():
             raise StoreError(f"home {str(s.home)!r} is a file: memory_distill keeps its store, models and cache in a "
                              "directory (created if missing); give a directory path")
@@ -142,7 +132,7 @@ class MemoryDistill:
         ``namespace``: train on that namespace only; its models are published, gated and served
         separately (``registry.scoped(namespace)``, :meth:`predictor_for`).
         """
-        cfg = _as_config(config, JobConfig, "config") if config is not None else self.job
+        cfg = as_config(config, JobConfig, "config") if config is not None else self.job
         if namespace is not None:
             cfg = JobConfig.model_validate({**cfg.model_dump(), "namespace": namespace})  # (checked, unlike a copy)
         report = run_consolidation(self.store, self.registry, cfg, **kw)

@@ -20,10 +20,11 @@ import concurrent.futures as cf
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from .artifacts import ArtifactRegistry
-from .config import JobConfig, parse_duration
+from .config import JobConfig, as_config, parse_duration, seconds
 from .curriculum import Curriculum
 from .distill import DistillReport
 from .errors import (
@@ -209,7 +210,7 @@ def _warn_absent_features(store: MemoryStore, cfg: JobConfig, data: TrainingData
 def run_consolidation(
     store: MemoryStore,
     registry: ArtifactRegistry,
-    config: JobConfig | None = None,
+    config: JobConfig | Mapping[str, Any] | None = None,
     *,
     curriculum: Curriculum | None = None,
     lock_timeout: float = 0,
@@ -227,7 +228,7 @@ def run_consolidation(
     does this, so a time trigger on an idle store does not publish copies of the same model, nor overturn a
     ``rollback`` or ``promote`` an operator made since with a model of the same data.
     """
-    cfg = config or JobConfig()
+    cfg = as_config(config, JobConfig, "config")
     top, registry = registry, registry.scoped(cfg.namespace)  # forget() logs deletions in the top-level registry
     first = not registry.exists()
     lk = registry.acquire(lock_timeout)
@@ -663,6 +664,35 @@ def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: f
 # ---------------------------------------------------------------------------- scheduling
 
 
+def _check_triggers(every_s: Any, min_new: Any, drift_threshold: Any,
+                    on_run: Any) -> tuple[float | None, int | None, float | None]:
+    """A worker's triggers, checked when it is built: a NaN ``every_s`` never fired, a negative one or ``min_new=0``
+    ran at every poll (``every_s=0`` says so), a negative ``drift_threshold`` fired on a model doing better."""
+    if every_s is None and min_new is None and drift_threshold is None:
+        raise ValueError("give at least one trigger: every_s, min_new or drift_threshold")
+    if every_s is not None:
+        every_s = seconds(every_s, "every_s", allow_zero=True)  # 0: at every poll
+    if min_new is not None and (isinstance(min_new, bool) or not isinstance(min_new, int) or min_new < 1):
+        raise ValueError(f"min_new must be None or an int >= 1 (new rewarded memories that trigger a run), got "
+                         f"{min_new!r}")
+    if drift_threshold is not None:
+        if isinstance(drift_threshold, bool) or not isinstance(drift_threshold, int | float) or not (
+                math.isfinite(drift_threshold) and drift_threshold >= 0):
+            raise ValueError(f"drift_threshold must be None or a reward difference >= 0 (the MAE rise that triggers a "
+                             f"run), got {drift_threshold!r}")
+        drift_threshold = float(drift_threshold)
+    if on_run is not None and not callable(on_run):
+        raise TypeError(f"on_run must be a function (worker, report or error) -> None, got {type(on_run).__name__}")
+    return every_s, min_new, drift_threshold
+
+
+def _check_polling(poll_s: Any, max_runs: Any) -> float:
+    """``run_forever``'s arguments: a negative ``poll_s`` span the CPU, a NaN one raised in the wait."""
+    if max_runs is not None and (isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1):
+        raise ValueError(f"max_runs must be None (until stop()) or an int >= 1, got {max_runs!r}")
+    return seconds(poll_s, "poll_s", allow_zero=True)
+
+
 class ConsolidationWorker:
     """Runs consolidation when ``min_new`` new rewarded memories arrived or ``every_s`` elapsed, and at once when
     the published model became stale (``forget`` deleted memories it trained on).
@@ -676,18 +706,18 @@ class ConsolidationWorker:
     KEEP_RUNS = 100
     """How many of the latest runs :attr:`runs` keeps (a worker polls for months)."""
 
-    def __init__(self, store: MemoryStore, registry: ArtifactRegistry, config: JobConfig | None = None, *,
-                 every_s: float | None = 600.0, min_new: int | None = 100, drift_threshold: float | None = None,
+    def __init__(self, store: MemoryStore, registry: ArtifactRegistry,
+                 config: JobConfig | Mapping[str, Any] | None = None, *,
+                 every_s: float | str | None = 600.0, min_new: int | None = 100, drift_threshold: float | None = None,
                  skip_unchanged: bool = True,
                  on_run: Callable[[ConsolidationWorker, ConsolidationReport | Exception], None] | None = None) -> None:
-        if every_s is None and min_new is None and drift_threshold is None:
-            raise ValueError("give at least one trigger: every_s, min_new or drift_threshold")
+        every_s, min_new, drift_threshold = _check_triggers(every_s, min_new, drift_threshold, on_run)
         self.skip_unchanged = skip_unchanged
         self._stale_tried: set[str] = set()  # stale versions a run was started for
         self.on_run = on_run
         """Called with this worker and each due run's report, or the error of a run that was skipped (nothing
         new, too few rewards, another run holding the lock) or failed: a log line, a metric, an alert."""
-        self.store, self.config = store, config or JobConfig()
+        self.store, self.config = store, as_config(config, JobConfig, "config")
         self._top = registry  # (forget() logs deletions there)
         self.registry = registry.scoped(self.config.namespace)  # where this worker's runs publish
         self.every_s, self.min_new, self.drift_threshold = every_s, min_new, drift_threshold
@@ -781,13 +811,14 @@ class ConsolidationWorker:
             except Exception:  # a broken hook must not stop the worker
                 log.exception("the worker's on_run hook raised")
 
-    def run_forever(self, poll_s: float = 30.0, max_runs: int | None = None) -> None:
+    def run_forever(self, poll_s: float | str = 30.0, max_runs: int | None = None) -> None:
         """Poll triggers until ``stop()`` (or ``max_runs`` runs happened).
 
         A poll that fails (a failed run, a Chroma server that is away while the triggers are checked, a full disk)
         is logged and the worker polls again: a worker runs for months and outlives outages. The same error on
         consecutive polls is logged once, and its end is logged too.
         """
+        poll_s = _check_polling(poll_s, max_runs)
         done = 0
         failing = _Failing()
         while not self._stop.is_set():
@@ -839,16 +870,17 @@ class NamespaceWorkers:
     ``run_once()`` returns the reports of the runs it made, by namespace.
     """
 
-    def __init__(self, store: MemoryStore, registry: ArtifactRegistry, config: JobConfig | None = None, *,
-                 every_s: float | None = 600.0, min_new: int | None = 100, drift_threshold: float | None = None,
-                 discover_every_s: float = 600.0, skip_unchanged: bool = True,
+    def __init__(self, store: MemoryStore, registry: ArtifactRegistry,
+                 config: JobConfig | Mapping[str, Any] | None = None, *,
+                 every_s: float | str | None = 600.0, min_new: int | None = 100, drift_threshold: float | None = None,
+                 discover_every_s: float | str = 600.0, skip_unchanged: bool = True,
                  on_run: Callable[[ConsolidationWorker, ConsolidationReport | Exception], None] | None = None) -> None:
-        self.config = config or JobConfig()
+        self.config = as_config(config, JobConfig, "config")
         if self.config.namespace is not None:
             raise ValueError(f"NamespaceWorkers runs every namespace: leave JobConfig.namespace unset "
                              f"(got {self.config.namespace!r}), or use ConsolidationWorker for one namespace")
-        if every_s is None and min_new is None and drift_threshold is None:
-            raise ValueError("give at least one trigger: every_s, min_new or drift_threshold")
+        every_s, min_new, drift_threshold = _check_triggers(every_s, min_new, drift_threshold, on_run)
+        discover_every_s = seconds(discover_every_s, "discover_every_s", allow_zero=True)
         self.store, self.registry = store, registry
         self.triggers: dict[str, Any] = {"every_s": every_s, "min_new": min_new, "drift_threshold": drift_threshold,
                                          "skip_unchanged": skip_unchanged, "on_run": on_run}
@@ -914,9 +946,10 @@ class NamespaceWorkers:
                 self._counts[ns] = self.store.count(namespace=ns, rewarded_only=True)
         return {ns: self._counts.get(ns, 0) for ns in need}
 
-    def run_forever(self, poll_s: float = 30.0, max_runs: int | None = None) -> None:
+    def run_forever(self, poll_s: float | str = 30.0, max_runs: int | None = None) -> None:
         """Poll until ``stop()`` (or ``max_runs`` runs happened, over all namespaces); a poll that fails (the store
         away) is logged and retried at the next poll, as in :meth:`ConsolidationWorker.run_forever`."""
+        poll_s = _check_polling(poll_s, max_runs)
         n = 0
         failing = _Failing("namespace workers")
         while not self._stop.is_set():
@@ -939,18 +972,20 @@ class ConsolidationExecutor:
     ``with ConsolidationExecutor(store, registry) as ex: fut = ex.submit(); fut.result()``
     """
 
-    def __init__(self, store: MemoryStore, registry: ArtifactRegistry, config: JobConfig | None = None) -> None:
-        self.store, self.registry, self.config = store, registry, config or JobConfig()
+    def __init__(self, store: MemoryStore, registry: ArtifactRegistry,
+                 config: JobConfig | Mapping[str, Any] | None = None) -> None:
+        self.store, self.registry, self.config = store, registry, as_config(config, JobConfig, "config")
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-distill")
         self._current: cf.Future[ConsolidationReport] | None = None  # the latest submitted
         self._pending: dict[tuple[str, bool], cf.Future[ConsolidationReport]] = {}  # by settings
         self._lock = threading.Lock()
 
-    def submit(self, config: JobConfig | None = None, *, skip_unchanged: bool = False) -> cf.Future[ConsolidationReport]:
+    def submit(self, config: JobConfig | Mapping[str, Any] | None = None, *,
+               skip_unchanged: bool = False) -> cf.Future[ConsolidationReport]:
         """Queue a run, or return the one already pending or running with the same settings; a run with other
         settings (another namespace, say) is queued behind it, never answered by it. ``skip_unchanged``: as in
         :func:`run_consolidation` (the future then raises :class:`UnchangedDataError` when nothing changed)."""
-        cfg = config or self.config
+        cfg = as_config(config, JobConfig, "config") if config is not None else self.config
         key = (cfg.model_dump_json(), skip_unchanged)
         with self._lock:
             same = self._pending.get(key)

@@ -697,3 +697,37 @@ def test_no_version_but_a_serving_one_ever_holds_forgotten_memories(store, regis
             pass  # too few rewards, nothing to roll back to: not what this checks
         check(registry)
         check(registry.scoped("u1"))
+
+
+def test_worker_triggers_and_job_configs_are_checked_when_built(store, registry):
+    """A NaN every_s never fired; a negative one, or min_new=0, ran at every poll; a string every_s failed at the first
+    poll; a negative poll_s span the CPU; a dict config failed as "'dict' object has no attribute 'namespace'"."""
+    from memory_distill import ConsolidationExecutor, NamespaceWorkers
+
+    for cls in (ConsolidationWorker, NamespaceWorkers):
+        for kw, msg in (({"every_s": float("nan")}, r"every_s must be a finite number of seconds >= 0, got nan"),
+                        ({"every_s": -5}, "every_s must be a finite number of seconds >= 0, got -5"),
+                        ({"every_s": "ten minutes"}, "every_s: bad duration 'ten minutes': use e.g. 30s, 10m"),
+                        ({"min_new": 0}, r"min_new must be None or an int >= 1 .*got 0"),
+                        ({"drift_threshold": -0.1}, r"drift_threshold must be None or a reward difference >= 0"),
+                        ({"every_s": None, "min_new": None}, "give at least one trigger")):
+            with pytest.raises(ValueError, match=msg):
+                cls(store, registry, **kw)
+        with pytest.raises(TypeError, match="on_run must be a function"):
+            cls(store, registry, on_run="log")
+        with pytest.raises(TypeError, match="config must be a JobConfig or a dict of its fields, got str"):
+            cls(store, registry, "fast")
+    w = ConsolidationWorker(store, registry, {"seed": 3}, every_s="10m")  # a duration as the CLI takes it; a dict
+    assert w.every_s == 600.0 and w.config.seed == 3
+    for kw, msg in (({"poll_s": -1}, "poll_s must be a finite number of seconds >= 0"),
+                    ({"max_runs": 0}, r"max_runs must be None \(until stop\(\)\) or an int >= 1, got 0")):
+        with pytest.raises(ValueError, match=msg):
+            w.run_forever(**kw)
+    store.add_many(synthetic_episodes(120, seed=8))
+    assert run_consolidation(store, registry, fast_job().model_dump()).promoted  # a dict, as mem.consolidate takes
+    ex = ConsolidationExecutor(store, registry, {"seed": 1})
+    try:
+        report = ex.submit({**fast_job().model_dump(), "seed": 2}).result()
+        assert ex.config.seed == 1 and registry.manifest(report.version)["config"]["seed"] == 2
+    finally:
+        ex.shutdown()
