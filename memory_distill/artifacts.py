@@ -145,7 +145,11 @@ class ArtifactRegistry:
     """
 
     def __init__(self, root: str | Path, *, namespace: str | None = None) -> None:
+        if not isinstance(root, str | os.PathLike) or not str(root):
+            raise TypeError(f"root must be the models' directory (a path), got {root!r}")
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():  # (it listed no versions, and failed at the first publish)
+            raise ArtifactError(f"registry root {str(self.root)!r} is a file: give a directory (created if missing)")
         self.namespace = namespace
         """The namespace whose models this registry holds; ``None`` for the top-level registry."""
 

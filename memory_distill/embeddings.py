@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import math
 import os
@@ -21,7 +22,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import numpy as np
 
@@ -703,10 +704,19 @@ class CachedEmbedder:
 # ----------------------------------------------------------------------------- factory
 
 
+def _has_static(obj: Any, name: str) -> bool:
+    try:
+        inspect.getattr_static(obj, name)
+    except AttributeError:
+        return False
+    return True
+
+
 def as_embedder(obj: Any) -> Embedder:
-    """Accept one of ours, or wrap a LangChain ``Embeddings``."""
-    if isinstance(obj, Embedder):
-        return obj
+    """Accept one of ours, or wrap a LangChain ``Embeddings``. The check reads no attribute: on Python 3.11 an
+    ``isinstance`` against the protocol evaluates ``dim``, which for an OpenAI embedder is a request."""
+    if all(_has_static(obj, a) for a in ("name", "dim", "embed")):
+        return cast(Embedder, obj)
     if hasattr(obj, "embed_documents"):
         return LangChainEmbedder(obj)
     raise TypeError(

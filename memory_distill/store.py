@@ -49,8 +49,8 @@ try:
 except ImportError:  # pragma: no cover - Windows: no marker, no warning
     fcntl = None  # type: ignore[assignment]
 
-from .config import StoreConfig
-from .embeddings import Embedder
+from .config import StoreConfig, as_config
+from .embeddings import Embedder, as_embedder
 from .errors import (
     EmbedderMismatchError,
     InvalidMemoryError,
@@ -520,12 +520,16 @@ class MemoryStore:
     def __init__(
         self,
         embedder: Embedder,
-        config: StoreConfig | None = None,
+        config: StoreConfig | Mapping[str, Any] | None = None,
         *,
         path: str | Path | None = None,
         client: Any | None = None,
     ) -> None:
-        self.config = cfg = config or StoreConfig()
+        if isinstance(embedder, str | Path):  # MemoryStore("./mem"): the first argument is the embedder
+            raise TypeError(f"MemoryStore(embedder, config, path=...) takes the embedder first, got the path {embedder!r}: "
+                            "pass path= (or StoreConfig(path=...)), or open everything with MemoryDistill.open(path)")
+        embedder = as_embedder(embedder)  # a LangChain Embeddings is wrapped, as MemoryDistill.open does
+        self.config = cfg = as_config(config, StoreConfig, "config")
         self.embedder = embedder
         with _OPEN_LOCK:  # Chroma's client cache and collection creation are not safe from several threads at once
             self._client = client or self._make_client(cfg, path)

@@ -280,3 +280,11 @@ def test_the_last_run_is_read_from_the_end_of_the_history(tmp_path):
     assert reg.last_run() == {"outcome": "skipped", "n": "skipped"}
     assert reg.last_run(("promoted",)) == {"outcome": "promoted", "n": "promoted"}
     assert reg.history(last=2) == reg.history()[-2:] and reg.history(last=10) == reg.history()
+
+
+def test_registry_root_must_be_a_directory(tmp_path):
+    (tmp_path / "models").write_text("not a directory")
+    with pytest.raises(ArtifactError, match="registry root .* is a file: give a directory"):
+        ArtifactRegistry(tmp_path / "models")  # it listed no versions, then failed at the first publish
+    with pytest.raises(TypeError, match="root must be the models' directory"):
+        ArtifactRegistry(None)  # type: ignore[arg-type]

@@ -690,3 +690,17 @@ def test_a_filter_memo_countdown_tolerates_another_thread_ending_it(tmp_path):
     assert st._post_filter_due("k") is False and "k" not in st._skip_post
     st._skip_post = Racing({"k": 5})
     assert st._post_filter_due("k") is False and st._skip_post["k"] == 4
+
+
+def test_store_constructor_arguments_name_the_fix(tmp_path):
+    """MemoryStore("./mem") failed as "'str' object has no attribute 'name'", and a dict config as "'dict' object has no
+    attribute 'mode'"; a LangChain Embeddings is wrapped here as MemoryDistill.open wraps it."""
+    from langchain_core.embeddings import DeterministicFakeEmbedding
+
+    with pytest.raises(TypeError, match=r"takes the embedder first, got the path .*pass path= \(or StoreConfig"):
+        MemoryStore(str(tmp_path / "mem"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="dict is not an embedder: pass an object with name/dim/embed()"):
+        MemoryStore({"path": str(tmp_path / "mem")})  # type: ignore[arg-type]
+    st = MemoryStore(DeterministicFakeEmbedding(size=32), {"path": str(tmp_path / "mem")})  # type: ignore[arg-type]
+    assert st.config.path == tmp_path / "mem" and st.embedder.dim == 32
+    assert st.search(st.get(st.add("a fact worth keeping")).text, k=1)[0].memory.text == "a fact worth keeping"
