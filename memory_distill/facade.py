@@ -14,13 +14,14 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from .artifacts import ArtifactRegistry
 from .config import JobConfig, Settings, StoreConfig, as_config
 from .embeddings import Embedder, as_embedder, make_embedder
-from .errors import ArtifactError, EmbedderMismatchError, StoreError
+from .errors import ArtifactError, EmbedderMismatchError, InvalidMemoryError, StoreError
 from .jobs import ConsolidationReport, DriftReport, drift_report, forget, run_consolidation
 from .predictor import Predictor
 from .store import MemoryStore
@@ -94,10 +95,17 @@ class MemoryDistill:
 
     # memories
     def record(self, text: str, reward: float | None = None, *, metadata: Mapping[str, Any] | None = None,
-               namespace: str = "default", id: str | None = None) -> str:
+               namespace: str = "default", id: str | None = None, created_at: float | datetime | str | None = None) -> str:
+        """Store one episode; returns its id. ``reward``: ``None`` while it is pending (:meth:`set_reward` later);
+        ``created_at``: when it happened, for an episode recorded after the fact (Unix seconds, a ``datetime`` with
+        a timezone, or ISO 8601 text with an offset; default now)."""
+        if metadata is not None and not isinstance(metadata, Mapping):
+            raise InvalidMemoryError(f"metadata must be a dict of scalar values, got {type(metadata).__name__}")
         data: dict[str, Any] = {"text": text, "reward": reward, "metadata": dict(metadata or {}), "namespace": namespace}
         if id is not None:
             data["id"] = id
+        if created_at is not None:
+            data["created_at"] = created_at
         return self.store.add(data)
 
     def add_many(self, memories: Sequence[Memory | Mapping[str, Any] | str], **kw: Any) -> list[str]:

@@ -38,6 +38,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -59,7 +60,7 @@ from .errors import (
     nearest_name,
 )
 from .features import N_TEXT_FEATURES, decode_stats, encode_stats
-from .types import RESERVED_PREFIX, Memory, SearchHit, check_metadata, check_unix_time
+from .types import RESERVED_PREFIX, Memory, SearchHit, as_unix_time, check_metadata, check_unix_time
 
 __all__ = ["MemoryStore", "TrainingData", "TrainingPage", "coerce_memory", "mmr_select"]
 
@@ -879,11 +880,13 @@ class MemoryStore:
             raise MemoryNotFoundError(f"no memory with id {missing[0]!r} ({len(missing)} missing): check the id")
         return by_id
 
-    def set_reward(self, memory_id: str, reward: float, *, rewarded_at: float | None = None) -> Memory:
-        """Record a (late) reward for a stored memory; returns the updated memory."""
+    def set_reward(self, memory_id: str, reward: float, *, rewarded_at: float | datetime | str | None = None) -> Memory:
+        """Record a (late) reward for a stored memory; returns the updated memory. ``rewarded_at``: when it was earned
+        (Unix seconds, a ``datetime`` with a timezone or ISO 8601 text with an offset; default now)."""
         return self.set_rewards({memory_id: reward}, rewarded_at=rewarded_at)[0]
 
-    def set_rewards(self, rewards: Mapping[str, float], *, rewarded_at: float | None = None) -> list[Memory]:
+    def set_rewards(self, rewards: Mapping[str, float], *,
+                    rewarded_at: float | datetime | str | None = None) -> list[Memory]:
         """Record rewards for several memories at once (all validated before any is written)."""
         if not isinstance(rewards, Mapping):
             raise TypeError(f"set_rewards takes a dict {{memory_id: reward}}, got {type(rewards).__name__}: "
@@ -893,7 +896,7 @@ class MemoryStore:
             return []
         if rewarded_at is not None:
             try:
-                check_unix_time(float(rewarded_at), "rewarded_at")
+                rewarded_at = check_unix_time(float(as_unix_time(rewarded_at, "rewarded_at")), "rewarded_at")
             except (TypeError, ValueError) as e:
                 raise InvalidMemoryError(str(e)) from None
         by_id = self._stored(ids)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -92,6 +94,30 @@ def check_unix_time(v: float, name: str) -> float:
     return v
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan|infinity)", re.IGNORECASE)
+
+
+def as_unix_time(v: Any, name: str) -> Any:
+    """A ``datetime`` with a timezone, or ISO 8601 text with an offset (``2026-11-28T09:30:00Z``), as Unix seconds;
+    other values pass through (numbers are checked by :func:`check_unix_time`). A time without a timezone is refused:
+    it could be any of 24 hours."""
+    if isinstance(v, str) and not _NUMBER.fullmatch(v.strip()):
+        try:
+            v = datetime.datetime.fromisoformat(v.strip())
+        except ValueError:
+            raise ValueError(f"{name} {v!r} is neither Unix seconds nor an ISO 8601 time (e.g. 2026-11-28T09:30:00Z)") \
+                from None
+    if isinstance(v, datetime.datetime):
+        if v.tzinfo is None or v.utcoffset() is None:
+            raise ValueError(f"{name} {v.isoformat()} has no timezone: give one (datetime.now(timezone.utc), or an "
+                             "ISO time ending in Z or +hh:mm), or Unix seconds")
+        return v.timestamp()
+    if isinstance(v, datetime.date):
+        raise ValueError(f"{name} must be a time, got the date {v.isoformat()}: give a datetime with a timezone, or "
+                         "Unix seconds")
+    return v
+
+
 class Memory(BaseModel):
     """One episode: what the agent saw/did/answered, and the reward it earned (maybe later).
 
@@ -112,9 +138,9 @@ class Memory(BaseModel):
     namespace: str = Field(default="default", min_length=1, max_length=256)
     """Isolation unit: searches in one namespace never see another's memories."""
     created_at: float = Field(default_factory=time.time)
-    """Unix time the episode happened."""
+    """Unix time the episode happened (a ``datetime`` with a timezone, or ISO 8601 text with an offset, is converted)."""
     rewarded_at: float | None = None
-    """Unix time the reward was set."""
+    """Unix time the reward was set (converted as ``created_at`` is)."""
 
     @field_validator("text", mode="before")
     @classmethod
@@ -146,6 +172,11 @@ class Memory(BaseModel):
     @classmethod
     def _metadata(cls, v: Any) -> Any:
         return check_metadata(v)
+
+    @field_validator("created_at", "rewarded_at", mode="before")
+    @classmethod
+    def _datetime(cls, v: Any, info: ValidationInfo) -> Any:
+        return as_unix_time(v, str(info.field_name))
 
     @field_validator("created_at", "rewarded_at")
     @classmethod

@@ -112,7 +112,8 @@ def test_defaults_match_the_design():
         ({"text": "   "}, "text: text is empty"),
         ({"text": None}, "text: text must be a string .the episode's content., got NoneType"),
         ({"reward": 0.5}, "text: Field required .every memory needs a text"),
-        ({"text": "x", "created_at": "yesterday"}, "created_at: .*a Unix time in seconds"),
+        ({"text": "x", "created_at": "yesterday"}, "created_at 'yesterday' is neither Unix seconds nor an ISO 8601"),
+        ({"text": "x", "created_at": "2026-11-28T09:30:00"}, "created_at 2026-11-28T09:30:00 has no timezone: give one"),
         ({"text": "x", "reward": math.nan}, "reward must be finite"),
         ({"text": "x", "reward": math.inf}, "reward must be finite"),
         ({"text": "x", "reward": "high"}, "reward must be a number"),
@@ -144,6 +145,16 @@ def test_memory_validation_names_field_and_fix(data, message):
         coerce_memory(data, index=3)
     with pytest.raises(InvalidMemoryError, match=r"memories\[3\]"):
         coerce_memory(data, index=3)
+
+
+def test_memory_times_may_be_datetimes_or_iso_text():
+    """A LangGraph item, a log line or a database row gives times as datetimes or ISO text; "Input should be a valid
+    number" sent users to convert them by hand. A time without a timezone could be any of 24 hours: refused above."""
+    import datetime as dt
+
+    t = dt.datetime(2026, 11, 28, 9, 30, tzinfo=dt.timezone.utc)
+    for given in (t, "2026-11-28T09:30:00Z", "2026-11-28T11:30:00+02:00", t.timestamp(), str(t.timestamp())):
+        assert Memory(text="x", created_at=given, rewarded_at=given).created_at == t.timestamp() == 1795858200.0
 
 
 def test_memory_defaults():

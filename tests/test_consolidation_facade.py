@@ -108,3 +108,14 @@ def test_async_facade_keeps_the_event_loop_free(tmp_path):
     ids, rep, elapsed, ticks, g, b, hits = asyncio.run(app())
     assert rep.promoted and g.mean > b.mean and len(hits) == 2 and len(ids) == 400
     assert ticks >= 0.2 * elapsed / 0.01  # the loop kept running during training
+
+
+def test_record_takes_when_an_episode_happened_and_names_a_wrong_metadata(tmp_path):
+    from memory_distill import InvalidMemoryError, MemoryDistill
+
+    mem = MemoryDistill.open(tmp_path / "home")
+    mid = mem.record("booked the table after checking two sites", 0.8, created_at="2026-11-28T09:30:00Z")
+    assert mem.store.get(mid).created_at == 1795858200.0  # an episode recorded after the fact keeps its own time
+    # not "dictionary update sequence element #0 has length 1; 2 is required"
+    with pytest.raises(InvalidMemoryError, match="metadata must be a dict of scalar values, got str"):
+        mem.record("x", metadata="planner")  # type: ignore[arg-type]

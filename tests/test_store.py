@@ -95,6 +95,8 @@ def test_late_rewards(store):
     with pytest.raises(MemoryNotFoundError, match="no memory with id 'nope'"):
         store.set_reward("nope", 0.5)
     assert store.get(mid).reward == 0.75
+    assert store.set_reward(mid, 0.5, rewarded_at="2026-11-28T09:30:00Z").rewarded_at == 1795858200.0
+    assert store.get(mid).rewarded_at == 1795858200.0
 
 
 def test_reward_range_is_enforced_and_nothing_written(store):
@@ -262,6 +264,8 @@ def test_delete_by_id_filter_and_namespace(store, registry):
         store.set_rewards([(ids[3], 0.1)])  # type: ignore[arg-type]
     with pytest.raises(InvalidMemoryError, match="rewarded_at .* is in milliseconds or finer"):
         store.set_reward(ids[3], 0.1, rewarded_at=time.time() * 1000)
+    with pytest.raises(InvalidMemoryError, match="rewarded_at .* has no timezone"):
+        store.set_reward(ids[3], 0.1, rewarded_at="2026-11-28T09:30:00")
     with pytest.raises(StoreError, match="namespace must be a str.*got tuple.*namespace=None"):
         store.search("e", namespace=("tmp", "default"))  # type: ignore[arg-type]
     assert store.get(ids[3]).reward == 0.5
