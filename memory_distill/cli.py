@@ -205,7 +205,16 @@ def _print_report(rep: Any) -> None:
 # ---------------------------------------------------------------------------- commands
 
 
+def _stdin_text() -> str:
+    text = sys.stdin.read()
+    if not text.strip():
+        raise MemoryDistillError("standard input is empty: pipe the text in (echo '...' | memory-distill ... -)")
+    return text.rstrip("\n")
+
+
 def cmd_add(args: argparse.Namespace) -> int:
+    if args.text == "-":
+        args.text = _stdin_text()
     mem = _open(args)
     if args.upsert and args.id is None:
         raise MemoryDistillError("--upsert replaces the memory with the given --id: give --id")
@@ -401,6 +410,10 @@ def _write_report(mem: Any, rep: Any, out: str, namespace: str | None = None) ->
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    if args.texts == ["-"]:  # one text per line, blank lines skipped
+        args.texts = [line for line in _stdin_text().splitlines() if line.strip()]
+    elif "-" in args.texts:
+        raise MemoryDistillError("- reads the texts from standard input: give it alone, not among other texts")
     mem = _open(args)
     meta = _kv(args.metadata)
     pred = mem.predictor_for(args.namespace)  # the namespace's model, else the top-level one
@@ -674,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "worse on the real data, see BENCHMARKS.md)")
 
     sp = sub.add_parser("add", aliases=["record"], help="store one memory (alias: record, as MemoryDistill.record)")
-    sp.add_argument("text")
+    sp.add_argument("text", help="the episode's text; - reads it from standard input (all of it: one episode)")
     sp.add_argument("--reward", type=float)
     sp.add_argument("--metadata", "-m", nargs="*",
                     help="key=value items (values parsed as JSON when possible) or a JSON object")
@@ -726,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_consolidate)
 
     sp = sub.add_parser("predict", help="predicted reward of texts")
-    sp.add_argument("texts", nargs="+")
+    sp.add_argument("texts", nargs="+", help="texts to score; - reads one per line from standard input")
     sp.add_argument("--metadata", "-m", nargs="*",
                     help="key=value items or a JSON object, for every text (a model with metadata features reads them)")
     sp.add_argument("--threshold", type=float, default=0.5, help="report P(reward > threshold) (default 0.5)")

@@ -15,6 +15,7 @@ import re
 import types
 import typing
 from collections.abc import Mapping
+from numbers import Real
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -378,11 +379,12 @@ def seconds(value: Any, name: str, *, allow_zero: bool = False) -> float:
             value = parse_duration(value)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be seconds (a number) or a duration like '10m', got {type(value).__name__}")
-    if not (math.isfinite(value) and (value >= 0 if allow_zero else value > 0)):
+    out = float(value)  # (numpy numbers too)
+    if not (math.isfinite(out) and (out >= 0 if allow_zero else out > 0)):
         raise ValueError(f"{name} must be a finite number of seconds {'>= 0' if allow_zero else '> 0'}, got {value}")
-    return float(value)
+    return out
 
 
 def parse_duration(text: str) -> float:

@@ -1,3 +1,4 @@
+import io
 import json
 import re
 import subprocess
@@ -19,6 +20,18 @@ def run(capsys, *args):
     code = main(["-q", *args])
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def test_add_reads_a_multi_line_episode_from_standard_input(home, capsys, monkeypatch):
+    episode = "Task: book a table.\nThe agent called two restaurants.\nOutcome: booked.\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(episode))
+    code, out, _ = run(capsys, "add", "-", "--reward", "0.7")
+    from memory_distill import MemoryDistill
+
+    assert code == 0 and MemoryDistill.open(home).store.get(out.strip()).text == episode.rstrip("\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("  \n"))
+    code, _, err = run(capsys, "add", "-")
+    assert code == 2 and "standard input is empty" in err
 
 
 def test_add_search_set_reward_stats(home, capsys):
@@ -134,6 +147,12 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
     assert preds[1]["mean"] > preds[0]["mean"] + 0.3 and preds[0]["model_version"] == "v000002"
     assert "advantage" in preds[0] and "cross-checked" in preds[1]["text"] and "guessed" in preds[0]["text"]
     assert preds[1]["prob_above"]["0.5"] > preds[0]["prob_above"]["0.5"]
+    # - reads the texts from standard input, one per line (it scored the text "-")
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(p["text"] for p in preds) + "\n\n"))
+    code, out, _ = run(capsys, "predict", "--json", "-")
+    assert code == 0 and [p["mean"] for p in json.loads(out)] == pytest.approx([p["mean"] for p in preds])
+    code, _, err = run(capsys, "predict", "a text", "-")
+    assert code == 2 and "give it alone" in err
     code, _, err = run(capsys, "predict", "anything", "-m", "agent=planner")  # a model that reads no metadata
     assert code == 0 and "reads no metadata, so -m changes nothing; consolidate with --metadata-feature agent" in err
     code, out, err = run(capsys, "drift")
