@@ -23,7 +23,7 @@ import logging
 import math
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -54,7 +54,7 @@ from .evaluate import (
     predict_probs,
     should_promote,
 )
-from .features import TEXT_FEATURES, FeatureSpec
+from .features import METADATA_MIN_COUNT, TEXT_FEATURES, FeatureSpec
 from .models import model_inputs, resolve_device
 from .ranking import RankingFit, within_group_spearman
 from .rewards import RewardBins
@@ -205,6 +205,22 @@ def _warn_absent_features(store: MemoryStore, cfg: JobConfig, data: TrainingData
                 "they have no metadata")
         log.warning("JobConfig.metadata_features: no training memory%s has the metadata key %r, so it adds no "
                     "feature (%s)", where, k, hint)
+
+
+def _warn_constant_features(spec: FeatureSpec, data: TrainingData, train: np.ndarray) -> None:
+    """Warn about each metadata feature the training memories carry but that got no column: one value throughout
+    (``agent="a"`` on every memory), or values each seen too rarely to learn from. It adds nothing to the model."""
+    for key, vals in spec.metadata:
+        if vals or key in spec.numeric:
+            continue
+        seen = Counter(str(v) for v in (data.metadata[key][i] for i in train) if v is not None)
+        if not seen:
+            continue  # absent: _warn_absent_features said so
+        what = (f"every training memory that has it says {next(iter(seen))!r}; it helps once memories differ in it"
+                if len(seen) == 1 else
+                f"none of its {len(seen)} values is on {METADATA_MIN_COUNT}+ training memories (an id?); a value "
+                f"helps once {METADATA_MIN_COUNT}+ memories share it")
+        log.warning("JobConfig.metadata_features: %r adds no feature: %s", key, what)
 
 
 def run_consolidation(
@@ -383,6 +399,7 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
                            columns={k: [data.metadata[k][i] for i in split.train] for k in cfg.metadata_features})
     data.features = spec.build(len(data), text_features=raw_text, metadata=data.metadata)
     _warn_absent_features(store, cfg, data, split.train)
+    _warn_constant_features(spec, data, split.train)
 
     inc_stale = inc_version in stale
     warm = bool(cfg.warm_start and incumbent is not None and not inc_stale and _compatible(incumbent.manifest, store, cfg, spec))

@@ -291,3 +291,23 @@ def test_a_key_no_training_memory_has_is_named_with_the_nearest_real_one(store, 
     with caplog.at_level("WARNING", logger="memory_distill.jobs"):
         run_consolidation(store, registry, fast_job(metadata_features=("agent",), **quick))
     assert not [r for r in caplog.records if "metadata_features" in r.getMessage()]
+
+
+def test_a_key_with_one_value_throughout_is_named(tmp_path, embedder, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Every memory recorded by the same agent: the feature is there but constant, so it got no column in silence."""
+    from memory_distill import ArtifactRegistry, MemoryStore
+    from memory_distill.config import DistillConfig, StoreConfig, TeacherConfig
+
+    store = MemoryStore(embedder, StoreConfig(path=tmp_path / "one-agent"))
+    store.add_many([{**e, "metadata": {**e["metadata"], "agent": "planner", "run": f"r{i}"}}
+                    for i, e in enumerate(_episodes(12, seed=0))])
+    quick = {"teacher": TeacherConfig(hidden=(16,), epochs=1), "distill": DistillConfig(hidden=(8,), epochs=1)}
+    with caplog.at_level("WARNING", logger="memory_distill.jobs"):
+        rep = run_consolidation(store, ArtifactRegistry(tmp_path / "models"),
+                                fast_job(metadata_features=("agent", "run"), **quick))
+    warned = [r.getMessage() for r in caplog.records if "metadata_features" in r.getMessage()]
+    assert warned == [
+        "JobConfig.metadata_features: 'agent' adds no feature: every training memory that has it says 'planner'; it "
+        "helps once memories differ in it",
+        f"JobConfig.metadata_features: 'run' adds no feature: none of its {rep.n_train} values is on 2+ training "
+        "memories (an id?); a value helps once 2+ memories share it"]
