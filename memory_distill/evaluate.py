@@ -238,6 +238,8 @@ class HistogramMix:
     """CRPS on the validation rows of the student's distribution alone."""
     n_val: int
     reason: str = ""
+    not_tried: str = ""
+    """Why no weight was fitted (too few validation rows, no training rewards); empty when one was."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -260,7 +262,7 @@ def fit_histogram_mix(probs: np.ndarray, rewards: np.ndarray, prior: np.ndarray 
     if prior is None or len(r) < min_rows:
         why = "no training rewards" if prior is None else f"{len(r)} rewarded validation rows, needs {min_rows}"
         base = crps(p, r, bins) if len(r) else float("nan")
-        return HistogramMix(0.0, base, base, int(len(r)), f"not mixed: {why}")
+        return HistogramMix(0.0, base, base, int(len(r)), f"not mixed: {why}", not_tried=why)
     # CRPS = E|X - r| - E|X - X'| / 2 is quadratic in w for the mix: the first term is linear, the second mixes
     # E|X - X'| within and across the two distributions (one pass over the rows, then every weight for free)
     h = np.asarray(prior, np.float64)

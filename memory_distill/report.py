@@ -33,8 +33,8 @@ def feature_lines(report: Any) -> list[str]:
         if mix.weight:
             lines.append(f"histogram mix: {mix.weight:.2f} of the served distribution is that histogram (validation "
                          f"CRPS {mix.val_crps:.4f} vs {mix.val_crps_student:.4f} for the student alone, {mix.n_val} rows)")
-        elif mix.reason.startswith("not mixed: "):
-            lines.append(f"histogram mix: none ({mix.reason[len('not mixed: '):]})")
+        elif mix.not_tried:
+            lines.append(f"histogram mix: none ({mix.not_tried})")
         else:
             lines.append(f"histogram mix: none (the student alone had the lowest validation CRPS, {mix.val_crps:.4f} "
                          f"on {mix.n_val} rows)")

@@ -163,5 +163,8 @@ def test_the_summary_says_why_a_run_served_no_mix() -> None:
 
     assert line(HistogramMix(0.0, 0.0401, 0.0401, 324)) == (
         "histogram mix: none (the student alone had the lowest validation CRPS, 0.0401 on 324 rows)")
-    assert line(HistogramMix(0.0, float("nan"), float("nan"), 5, "not mixed: 5 rewarded validation rows, needs 20")) \
+    assert line(HistogramMix(0.0, float("nan"), float("nan"), 5, "not mixed: 5 rewarded validation rows, needs 20",
+                             not_tried="5 rewarded validation rows, needs 20")) \
         == "histogram mix: none (5 rewarded validation rows, needs 20)"
+    few = fit_histogram_mix(np.full((5, 8), 1 / 8), np.linspace(0, 1, 5), np.full(8, 1 / 8), RewardBins(0, 1, 8))
+    assert few.not_tried == "5 rewarded validation rows, needs 20" and line(few).endswith("needs 20)")
