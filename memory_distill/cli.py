@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import stat
@@ -86,6 +87,17 @@ def _whole_number(text: str, minimum: int) -> int:
     if value < minimum:
         raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
+
+
+def _reward(text: str) -> float:
+    """A reward or reward difference on the command line: a finite number (``nan`` compared False with everything)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return v
 
 
 def _count(text: str) -> int:
@@ -742,7 +754,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("texts", nargs="+", help="texts to score; - reads one per line from standard input")
     sp.add_argument("--metadata", "-m", nargs="*",
                     help="key=value items or a JSON object, for every text (a model with metadata features reads them)")
-    sp.add_argument("--threshold", type=float, default=0.5, help="report P(reward > threshold) (default 0.5)")
+    sp.add_argument("--threshold", type=_reward, default=0.5, help="report P(reward > threshold) (default 0.5)")
     sp.add_argument("--json", action="store_true", help="one object per text: the text, the prediction, prob_above")
     sp.add_argument("--namespace", help=NS_MODEL_HELP)
     sp.set_defaults(func=cmd_predict)
@@ -782,7 +794,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_reembed)
 
     sp = sub.add_parser("drift", help="realised vs predicted reward since the model was published")
-    sp.add_argument("--threshold", type=float, default=0.1)
+    sp.add_argument("--threshold", type=_reward, default=0.1)
     sp.add_argument("--namespace", help="that namespace's rows, scored by the model serving it")
     sp.set_defaults(func=cmd_drift)
 
@@ -794,7 +806,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--retrain-unchanged", action="store_true",
                     help="train on every trigger, even when the memories are what the last run saw")
     sp.add_argument("--min-new", type=_count, default=100, help="run when this many new rewards arrived")
-    sp.add_argument("--drift-threshold", type=float)
+    sp.add_argument("--drift-threshold", type=_reward)
     sp.add_argument("--poll", type=_duration, default=30.0, help="how often the triggers are checked")
     sp.add_argument("--max-runs", type=_count,
                     help="exit after this many runs that trained (skipped polls do not count); "

@@ -551,7 +551,10 @@ def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None
             except ValueError as e:
                 raise StoreError(f"older_than: {e} (or a number of seconds)") from None
         if isinstance(older_than, bool) or not (isinstance(older_than, (int, float)) and older_than >= 0):
-            raise StoreError(f"older_than must be a number of seconds >= 0 or a duration like '90d', got {older_than!r}")
+            raise StoreError(f"older_than must be a number of seconds > 0 or a duration like '90d', got {older_than!r}")
+        if older_than == 0:  # every memory was created before now: a retention policy of nothing
+            raise StoreError("older_than=0 selects every memory: refusing to forget everything; give a retention "
+                             "period such as '90d', or a namespace to empty one")
         if where and "created_at" in where:
             raise StoreError("give older_than or a created_at clause in where, not both")
         where = {**(where or {}), "created_at": {"$lt": time.time() - float(older_than)}}
@@ -650,6 +653,12 @@ def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: f
     """
     from .predictor import Predictor
 
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not (
+            math.isfinite(threshold) and threshold >= 0):  # NaN never triggered
+        raise ValueError(f"threshold must be a reward difference >= 0 (the MAE rise that counts as drift), got "
+                         f"{threshold!r}")
+    if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
+        raise ValueError(f"min_samples must be an int >= 1, got {min_samples!r}")
     pred = Predictor(registry.serving(namespace))
     published = float(pred.loaded.manifest.get("created_at", 0.0))
     published_metrics = pred.loaded.manifest.get("metrics", {}).get("student", {})

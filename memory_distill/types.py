@@ -188,6 +188,13 @@ class Memory(BaseModel):
         return self.reward is not None
 
 
+def _threshold(t: Any) -> float:
+    """A reward threshold: a number, not NaN (every comparison with NaN is False: P(reward > NaN) read 0)."""
+    if isinstance(t, bool) or not isinstance(t, int | float | np.number) or math.isnan(t):
+        raise ValueError(f"threshold must be a reward (a number), got {t!r}")
+    return float(t)
+
+
 @dataclass(frozen=True)
 class RewardPrediction:
     """The student's belief about the reward of one memory.
@@ -209,7 +216,7 @@ class RewardPrediction:
 
     def prob_above(self, threshold: float) -> float:
         """P(reward > threshold) under the predicted distribution (bin-centre approximation)."""
-        return float(self.probs[self.support > threshold].sum())
+        return float(self.probs[self.support > _threshold(threshold)].sum())
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -240,7 +247,7 @@ class PredictionBatch:
         return int(self.mean.shape[0])
 
     def prob_above(self, threshold: float) -> np.ndarray:
-        return self.probs[:, self.support > threshold].sum(axis=1)
+        return self.probs[:, self.support > _threshold(threshold)].sum(axis=1)
 
     def __getitem__(self, i: int) -> RewardPrediction:
         return RewardPrediction(

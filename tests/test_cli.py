@@ -153,6 +153,9 @@ def test_demo_consolidate_predict_models_history_rollback(home, tmp_path, capsys
     assert code == 0 and [p["mean"] for p in json.loads(out)] == pytest.approx([p["mean"] for p in preds])
     code, _, err = run(capsys, "predict", "a text", "-")
     assert code == 2 and "give it alone" in err
+    with pytest.raises(SystemExit):  # argparse: P(reward > nan) printed 0.00
+        main(["predict", "x", "--threshold", "nan"])
+    assert "argument --threshold: expected a finite number, got 'nan'" in capsys.readouterr().err
     code, _, err = run(capsys, "predict", "anything", "-m", "agent=planner")  # a model that reads no metadata
     assert code == 0 and "reads no metadata, so -m changes nothing; consolidate with --metadata-feature agent" in err
     code, out, err = run(capsys, "drift")

@@ -595,6 +595,14 @@ def test_drift_report_and_trigger(store, registry):
     assert d.baseline_crps is not None and d.crps > d.baseline_crps + 0.1  # the whole distribution is off too
     w = ConsolidationWorker(store, registry, fast_job(), every_s=None, min_new=None, drift_threshold=0.1)
     assert w.due()[0] and "drift" in w.due()[1]
+    for bad, msg in (({"threshold": float("nan")}, "threshold must be a reward difference >= 0"),  # never triggered
+                     ({"min_samples": 0}, "min_samples must be an int >= 1")):
+        with pytest.raises(ValueError, match=msg):
+            drift_report(store, registry, **bad)
+    p = Predictor(registry, store.embedder).predict(["anything"])[0]
+    with pytest.raises(ValueError, match="threshold must be a reward"):  # P(reward > NaN) read 0
+        p.prob_above(float("nan"))
+    assert p.prob_above(-1e9) == pytest.approx(1.0) and p.prob_above(float("inf")) == 0.0
 
 
 def test_bad_rows_are_skipped_and_counted(store, registry, episodes):

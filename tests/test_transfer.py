@@ -271,6 +271,10 @@ def test_cli_export_import_and_forget_older_than(tmp_path, monkeypatch, capsys) 
     assert mem_b.forget(older_than="2d", dry_run=True)["n_deleted"] == 0
     assert mem_b.forget(older_than="12h", dry_run=True)["n_deleted"] == 4
     assert mem_b.forget(older_than=12 * 3600, dry_run=True)["n_deleted"] == 4
-    for bad in ("90 days", True, -1):
+    for bad in ("90 days", True, -1, float("nan")):
         with pytest.raises(StoreError, match="older_than"):
             mem_b.forget(older_than=bad)  # type: ignore[arg-type]
+    for everything in (0, "0d"):  # every memory was created before now: it deleted them all
+        with pytest.raises(StoreError, match="older_than=0 selects every memory: refusing to forget everything"):
+            mem_b.forget(older_than=everything)
+    assert mem_b.store.count() == 4
