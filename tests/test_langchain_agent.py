@@ -335,6 +335,10 @@ def test_retriever_modes_rank_by_value(trained_store):
         ValueAwareRetriever(store=store, predictor=pred, weights=(0.5, 0.5))
     with pytest.raises(ValidationError, match="w_value\n  Input should be greater than or equal to 0"):
         ValueAwareRetriever(store=store, predictor=pred, w_value=-0.3)
+    with pytest.raises(ValidationError, match="w_value\n  Input should be a finite number"):  # inf * 0 ranked by NaN
+        ValueAwareRetriever(store=store, predictor=pred, w_value=float("inf"))
+    with pytest.raises(ValidationError, match="are all 0, so nothing ranks the candidates"):  # an arbitrary order
+        ValueAwareRetriever(store=store, predictor=pred, w_similarity=0, w_value=0, w_recency=0)
 
 
 def test_retriever_without_a_model_uses_stored_rewards(store):

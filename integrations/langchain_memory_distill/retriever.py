@@ -98,9 +98,9 @@ class ValueAwareRetriever(BaseRetriever):
     namespace: str | None = "default"
     where: dict[str, Any] | None = None
     rewarded_only: bool = False
-    w_similarity: float = Field(default=0.6, ge=0.0)
-    w_value: float = Field(default=0.3, ge=0.0)
-    w_recency: float = Field(default=0.1, ge=0.0)
+    w_similarity: float = Field(default=0.6, ge=0.0, allow_inf_nan=False)
+    w_value: float = Field(default=0.3, ge=0.0, allow_inf_nan=False)
+    w_recency: float = Field(default=0.1, ge=0.0, allow_inf_nan=False)
     recency_half_life_s: float = Field(default=7 * 24 * 3600.0, gt=0.0)
     auto_refresh: bool = True
     """Pick up a newly promoted student before each call."""
@@ -114,6 +114,9 @@ class ValueAwareRetriever(BaseRetriever):
         return check_store(v, "ValueAwareRetriever")  # a MemoryDistill: the fix is from_memory
 
     def model_post_init(self, context: Any, /) -> None:
+        if self.w_similarity == self.w_value == self.w_recency == 0:  # every score 0: an arbitrary order
+            raise ValueError("w_similarity, w_value and w_recency are all 0, so nothing ranks the candidates: give "
+                             "at least one a weight > 0 (the defaults are 0.6, 0.3, 0.1)")
         if self.where:  # a filter Chroma would refuse fails here, not at the first recall
             self.store._where(None, self.where)
 
