@@ -308,6 +308,9 @@ def test_scorer_batches_in_one_forward_pass(trained_store):
     assert idx == 1 and best == GOOD
     assert best_of_n([BAD, GOOD], scorer, by="lcb")[0] == 1
     assert best_of_n([BAD, GOOD], scorer, by="prob_above", threshold=0.6)[0] == 1
+    for kw in ({"by": "lcb", "risk": float("nan")}, {"by": "prob_above", "threshold": float("nan")}):
+        with pytest.raises(ValueError, match="must be a"):  # every key NaN: argmax picked the first candidate
+            best_of_n([BAD, GOOD], scorer, **kw)
 
 
 def test_retriever_modes_rank_by_value(trained_store):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import string
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -147,6 +148,8 @@ def best_of_n(candidates: Sequence[Input], scorer: RewardScorer, *,
     elif by == "mean":
         key = batch.mean
     elif by == "lcb":
+        if isinstance(risk, bool) or not isinstance(risk, int | float) or not math.isfinite(risk):
+            raise ValueError(f"risk must be a finite number (how many stds below the mean to rank by), got {risk!r}")
         key = batch.mean - risk * batch.std
     elif by == "prob_above":
         key = batch.prob_above(threshold)
