@@ -102,8 +102,8 @@ class HashingEmbedder:
 
     def __init__(self, dim: int = 512, *, char_ngrams: tuple[int, ...] = (3, 4, 5),
                  char_weight: float = 0.5, max_chars: int = 24_000) -> None:
-        if dim < 8:
-            raise ValueError(f"dim must be >= 8, got {dim}")
+        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 8:  # (int(9.5) would be 9)
+            raise ValueError(f"dim must be an int >= 8, got {dim!r}")
         self._dim = int(dim)
         self.char_ngrams = tuple(char_ngrams)
         self.char_weight = float(char_weight)
@@ -617,6 +617,9 @@ class CachedEmbedder:
         self._tag = str(getattr(inner, "cache_tag", inner.name))
         self._lock = threading.Lock()
         if path is not None:
+            if Path(path).is_dir():  # sqlite's "unable to open database file" names neither
+                raise EmbeddingError(f"embedding cache path {str(path)!r} is a directory: give a file path "
+                                     "(e.g. <home>/embeddings.sqlite)")
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(str(path) if path else ":memory:", check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")

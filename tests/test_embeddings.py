@@ -120,6 +120,21 @@ def test_langchain_embeddings_adapter():
     np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, rtol=1e-5)
     with pytest.raises(TypeError, match="not an embedder"):
         as_embedder(object())
+    from langchain_memory_distill import MemoryDistillEmbeddings
+
+    ours = MemoryDistillEmbeddings.from_embedder(HashingEmbedder(dim=16))
+    with pytest.raises(TypeError, match="embed_documents takes a list of texts, got a single str"):
+        ours.embed_documents("abc")  # type: ignore[arg-type]  # it embedded 3 letters
+    assert len(ours.embed_documents(["abc"])) == 1
+
+
+def test_embedder_construction_errors_name_the_fix(tmp_path):
+    from memory_distill import EmbeddingError
+
+    with pytest.raises(ValueError, match="dim must be an int >= 8, got 9.5"):  # int(9.5) would have made it 9
+        HashingEmbedder(dim=9.5)  # type: ignore[arg-type]
+    with pytest.raises(EmbeddingError, match="embedding cache path .* is a directory: give a file path"):
+        CachedEmbedder(HashingEmbedder(dim=16), tmp_path)  # sqlite: "unable to open database file"
 
 
 def test_a_langchain_embeddings_that_returns_bad_vectors_is_named_in_the_error(tmp_path):

@@ -48,6 +48,9 @@ class MemoryDistillEmbeddings(BaseModel, Embeddings):
         return self._embedder
 
     def embed_documents(self, texts: list[str]) -> list[list[float]]:
+        if isinstance(texts, str):  # list("abc") would embed each letter
+            raise TypeError("embed_documents takes a list of texts, got a single str: wrap it as [text], or use "
+                            "embed_query")
         return self._embedder.embed(list(texts)).tolist()
 
     def embed_query(self, text: str) -> list[float]:
