@@ -13,7 +13,7 @@ import math
 import re
 import string
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -85,8 +85,22 @@ class AnswerGrader:
             raise ValueError("method='embedding' needs embedder= (e.g. HashingEmbedder() or OpenAIEmbedder())")
         if self.method not in ("exact_match", "token_f1", "bleu", "embedding"):
             raise ValueError(f"unknown method {self.method!r}: use exact_match, token_f1, bleu or embedding")
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, int | float) or not 0.0 <= t <= 1.0:  # (NaN too: always 0)
+            raise ValueError(f"threshold must be a score in [0, 1] (the {self.method} score that counts as right), "
+                             f"got {t!r}")
 
-    def score(self, answer: str, reference: str) -> float:
+    def score(self, answer: str, reference: str | Sequence[str]) -> float:
+        """The answer's score against the reference, in [0, 1]; against several references (any of them right),
+        the best of its scores."""
+        if not isinstance(answer, str):
+            raise TypeError(f"answer must be a str, got {type(answer).__name__}")
+        if not isinstance(reference, str):
+            refs = list(reference) if isinstance(reference, Sequence) else []
+            if not refs or not all(isinstance(r, str) for r in refs):
+                raise TypeError(f"reference must be a str or a non-empty list of str (any of them right), got "
+                                f"{type(reference).__name__} {reference!r:.80}")
+            return max(self.score(answer, r) for r in refs)
         fn: Callable[[str, str], float]
         if self.method == "exact_match":
             fn = exact_match
@@ -99,6 +113,6 @@ class AnswerGrader:
             return float(np.clip(v[0] @ v[1], 0.0, 1.0))
         return fn(answer, reference)
 
-    def __call__(self, answer: str, reference: str) -> float:
+    def __call__(self, answer: str, reference: str | Sequence[str]) -> float:
         s = self.score(answer, reference)
         return s if self.continuous else float(s >= self.threshold)

@@ -411,6 +411,16 @@ def test_grading_helpers():
     assert g("the agent searched the web", "the agent searched the web") == 1.0 and g("banana", "quantum physics") == 0.0
     with pytest.raises(ValueError, match="needs embedder"):
         AnswerGrader("embedding")
+    # several acceptable answers: the best score counts (a list failed as "'list' object has no attribute 'lower'")
+    assert AnswerGrader("exact_match")("Lima", ["Lima, Peru", "lima"]) == 1.0
+    assert AnswerGrader("token_f1", continuous=True)("x y", ["q", "x y z"]) == pytest.approx(0.8)
+    for bad in (float("nan"), 2):  # every answer graded 0
+        with pytest.raises(ValueError, match=r"threshold must be a score in \[0, 1\]"):
+            AnswerGrader("token_f1", threshold=bad)
+    with pytest.raises(TypeError, match="answer must be a str, got NoneType"):
+        AnswerGrader()(None, "x")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="reference must be a str or a non-empty list of str"):
+        AnswerGrader()("x", [])
 
 
 def test_router_routes_by_predicted_reward(trained_store):
