@@ -438,6 +438,8 @@ def test_router_routes_by_predicted_reward(trained_store):
         RewardRouter(cheap, strong, pred, threshold=3)
     with pytest.raises(TypeError, match="RewardRouter needs a Predictor .*got NoneType"):  # not 'no attribute bins'
         RewardRouter(cheap, strong, None)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cost_strong must be a price > 0"):  # cost_saved() divided by zero
+        RewardRouter(cheap, strong, pred, cost_strong=0)
     with pytest.raises(TypeError, match="threshold must be a reward .* got str '0.5'"):  # not "'<=' not supported"
         RewardRouter(cheap, strong, pred, threshold="0.5")  # type: ignore[arg-type]
     # the other message forms chat models take are routed on their user message (they were routed on the list's repr)

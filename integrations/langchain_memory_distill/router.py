@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -59,6 +60,9 @@ class RewardRouter(Runnable[Any, AIMessage]):
                             f"model trained on the cheap model's episodes), got {type(predictor).__name__}")
         if isinstance(threshold, bool) or not isinstance(cast(Any, threshold), Real):  # numpy floats too
             raise TypeError(f"threshold must be a reward (a number), got {type(threshold).__name__} {threshold!r}")
+        for name, cost in (("cost_cheap", cost_cheap), ("cost_strong", cost_strong)):  # cost_saved() divides by them
+            if isinstance(cost, bool) or not isinstance(cast(Any, cost), Real) or not 0 < cost < math.inf:
+                raise ValueError(f"{name} must be a price > 0 per question (only their ratio matters), got {cost!r}")
         lo, hi = float(predictor.bins.low), float(predictor.bins.high)
         if not lo <= threshold <= hi:
             raise ValueError(f"threshold {threshold} is outside the rewards the student predicts ([{lo}, {hi}]): "
