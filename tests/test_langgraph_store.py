@@ -352,3 +352,17 @@ def test_one_field_path_given_as_a_str_is_that_path_not_its_letters(store) -> No
     MemoryDistillStore(store).put(("trips",), "c", value)  # no path: value["text"]
     texts = [store.get(MemoryDistillStore.memory_id(("trips",), k)).text for k in "abc"]
     assert texts == ["booked a flight to Lisbon", "booked a flight to Lisbon", "a long raw log of the booking"]
+
+
+def test_ttl_config_and_writer_bounds_are_checked_when_built(store) -> None:  # type: ignore[no-untyped-def]
+    """A misspelt TTLConfig key was ignored (items never expired); default_ttl=0 failed every later put."""
+    from langchain_memory_distill import EpisodeWriter
+
+    with pytest.raises(ValueError, match="unknown ttl_config key 'default_tll': did you mean 'default_ttl'"):
+        MemoryDistillStore(store, ttl_config={"default_tll": 60})  # type: ignore[typeddict-unknown-key]
+    for key in ("default_ttl", "sweep_interval_minutes"):
+        with pytest.raises(ValueError, match=f"ttl_config\\['{key}'\\] must be a positive number of minutes"):
+            MemoryDistillStore(store, ttl_config={key: 0})  # type: ignore[misc]
+    assert MemoryDistillStore(store, ttl_config={"default_ttl": 1.5, "omit_expired": True}).ttl_config is not None
+    with pytest.raises(ValueError, match="max_unsaved must be an int >= 1"):  # "5" failed as "'<' not supported"
+        EpisodeWriter(store, max_unsaved="5")  # type: ignore[arg-type]

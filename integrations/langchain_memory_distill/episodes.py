@@ -89,8 +89,9 @@ class EpisodeWriter:
                  background: bool = False) -> None:
         if errors not in ("warn", "raise"):
             raise ValueError(f"errors must be 'warn' or 'raise', got {errors!r}")
-        if max_unsaved < 1:
-            raise ValueError(f"max_unsaved must be >= 1, got {max_unsaved}")
+        if isinstance(max_unsaved, bool) or not isinstance(max_unsaved, int) or max_unsaved < 1:
+            raise ValueError(f"max_unsaved must be an int >= 1 (episodes held while the store is away), got "
+                             f"{max_unsaved!r}")
         store = check_store(store, "EpisodeWriter", has_from_memory=False)
         self.store, self.errors, self.max_unsaved = store, errors, max_unsaved
         self.background = bool(background)

@@ -62,7 +62,7 @@ from langgraph.store.base import (
     get_text_at_path,
 )
 
-from memory_distill.errors import InvalidMemoryError
+from memory_distill.errors import InvalidMemoryError, nearest_name
 from memory_distill.store import MemoryStore, coerce_memory
 from memory_distill.types import Memory
 
@@ -134,6 +134,28 @@ def _expired(meta: Any, now: float) -> bool:
     return TTL in meta and float(meta.get(EXPIRES, math.inf)) <= now
 
 
+_TTL_KEYS = ("default_ttl", "refresh_on_read", "sweep_interval_minutes", "omit_expired")
+
+
+def _check_ttl_config(cfg: Any) -> Any:
+    """LangGraph's ``TTLConfig`` (a dict), checked when the store is built: a misspelt key was ignored, a
+    ``default_ttl`` of 0 or less failed every later put."""
+    if cfg is None:
+        return None
+    if not isinstance(cfg, Mapping):
+        raise TypeError(f"ttl_config must be a TTLConfig dict (e.g. {{'default_ttl': 60}}), got {type(cfg).__name__}")
+    for key in cfg:
+        if key not in _TTL_KEYS:
+            near = nearest_name(str(key), _TTL_KEYS)
+            raise ValueError(f"unknown ttl_config key {key!r}" + (f": did you mean {near!r}?" if near else
+                                                                  f"; the keys are {', '.join(_TTL_KEYS)}"))
+    for key in ("default_ttl", "sweep_interval_minutes"):
+        v = cfg.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < math.inf):
+            raise ValueError(f"ttl_config[{key!r}] must be a positive number of minutes or None, got {v!r}")
+    return cfg
+
+
 def _check_page(limit: Any, offset: Any) -> None:
     """limit and offset are counts: a negative one sliced from the end (limit=-1: all items but the last)."""
     for name, v in (("limit", limit), ("offset", offset)):
@@ -150,7 +172,7 @@ class MemoryDistillStore(BaseStore):
                  value_weight: float = 0.0, fields: list[str] | str | None = None, reward_key: str = "reward",
                  ttl_config: TTLConfig | None = None) -> None:
         self.value_weight = check_value_weight(value_weight)
-        self.ttl_config = ttl_config
+        self.ttl_config = _check_ttl_config(ttl_config)
         self._sweeper: concurrent.futures.Future[None] | None = None
         self._stop_sweeper = threading.Event()
         self.store = check_store(store, "MemoryDistillStore")
