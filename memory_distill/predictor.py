@@ -410,8 +410,9 @@ class Predictor:
             X = X[None, :]
         if X.ndim != 2 or X.shape[1] != self.in_dim:
             raise ValueError(f"embeddings must be [n, {self.in_dim}], got {list(X.shape)}")
-        finite = np.isfinite(X).all(axis=1)
-        if not finite.all():  # the student would answer NaN for them, which sorts anywhere
+        # the student would answer NaN for such rows, which sorts anywhere. A NaN or inf makes its row's sum
+        # non-finite: one matrix-vector product (a quarter of np.isfinite's time), the exact check only then
+        if not np.isfinite(X @ np.ones(X.shape[1], np.float32)).all() and not (finite := np.isfinite(X).all(1)).all():
             bad = np.flatnonzero(~finite)
             raise ValueError(f"embeddings hold NaN or inf in rows {bad[:5].tolist()}{' ...' if bad.size > 5 else ''}: "
                              "re-embed those texts")
