@@ -340,6 +340,8 @@ def test_retriever_modes_rank_by_value(trained_store):
         ValueAwareRetriever(store=store, predictor=pred, w_value=-0.3)
     with pytest.raises(ValidationError, match="w_value\n  Input should be a finite number"):  # inf * 0 ranked by NaN
         ValueAwareRetriever(store=store, predictor=pred, w_value=float("inf"))
+    with pytest.raises(ValidationError, match="diversity\n  Input should be a finite number"):  # not at first recall
+        ValueAwareRetriever(store=store, predictor=pred, diversity=float("inf"))
     with pytest.raises(ValidationError, match="are all 0, so nothing ranks the candidates"):  # an arbitrary order
         ValueAwareRetriever(store=store, predictor=pred, w_similarity=0, w_value=0, w_recency=0)
 

@@ -104,7 +104,7 @@ class ValueAwareRetriever(BaseRetriever):
     recency_half_life_s: float = Field(default=7 * 24 * 3600.0, gt=0.0)
     auto_refresh: bool = True
     """Pick up a newly promoted student before each call."""
-    diversity: float = Field(default=0.0, ge=0.0)
+    diversity: float = Field(default=0.0, ge=0.0, allow_inf_nan=False)
     """Penalty on a candidate's highest similarity to the results already picked (0: plain ranking;
     0.3-1: near-duplicates give way to different episodes). Can be set per call."""
 
