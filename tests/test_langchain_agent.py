@@ -368,6 +368,20 @@ def test_retriever_without_a_model_uses_stored_rewards(store):
             recorder(store, metadata="planner-v2")  # type: ignore[arg-type]
 
 
+def test_stored_rewards_rank_in_an_unbounded_reward_range(tmp_path):
+    """StoreConfig(reward_min=-inf, reward_max=inf) accepts any reward; scaled by that range every value was
+    inf / inf = NaN, and the order arbitrary. The candidates' own range scales them instead."""
+    from memory_distill import HashingEmbedder, MemoryStore, StoreConfig
+
+    st = MemoryStore(HashingEmbedder(dim=64), StoreConfig(path=tmp_path / "s", reward_min=float("-inf"),
+                                                          reward_max=float("inf")))
+    st.add_many([{"text": "plan A for the report", "reward": 900}, {"text": "plan A for the report!", "reward": -50},
+                 {"text": "plan A for the report?"}])
+    r = ValueAwareRetriever(store=st, k=3, w_similarity=0.1, w_value=1.0, w_recency=0.0)
+    assert [d.metadata.get("reward") for d in r.invoke("plan A for the report")] == [900, None, -50]
+    assert [d.metadata.get("reward") for d in r.invoke("plan A for the report", mode="cautionary")] == [-50, None, 900]
+
+
 def test_retriever_diversity_keeps_near_copies_from_filling_the_results(store):
     retry = "Task: book a flight to Lisbon. The agent searched fares, compared three airlines and booked the cheapest"
     store.add_many([{"text": f"{retry} (attempt {i})", "reward": 0.9} for i in range(5)]

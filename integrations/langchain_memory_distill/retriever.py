@@ -136,6 +136,11 @@ class ValueAwareRetriever(BaseRetriever):
         if predictor is not None and X is not None:
             return predicted_value(predictor, X, [h.memory for h in hits])
         lo, hi = self.store.config.reward_min, self.store.config.reward_max
+        if not (math.isfinite(lo) and math.isfinite(hi)):  # an unbounded range (+-inf): scale over these candidates
+            known = [h.memory.reward for h in hits if h.memory.reward is not None]
+            if len(set(known)) < 2:  # nothing to tell them apart by (every score was NaN: inf / inf)
+                return np.full(len(hits), 0.5), None, None
+            lo, hi = min(known), max(known)
         v = np.array([0.5 if h.memory.reward is None else (h.memory.reward - lo) / (hi - lo) for h in hits])
         return np.clip(v, 0, 1), None, None
 
