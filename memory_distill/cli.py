@@ -825,7 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", help="directory with *.jsonl.gz episode files (default: ../shared/data, found from the "
                     "project or the working directory)")
     sp.add_argument("--out", default="reports/experiment")
-    sp.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    sp.add_argument("--seeds", type=_seed, nargs="+", default=[0, 1])
     sp.add_argument("--epochs", type=_count, default=15)
     sp.add_argument("--max-records", type=_count, default=3000)
     sp.add_argument("--curricula", nargs="+")

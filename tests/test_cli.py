@@ -265,7 +265,8 @@ def test_bad_arguments_are_clear_errors_not_tracebacks(home, capsys):
     code, out, _ = run(capsys, "search", "web", "--where", '{"tool": "search"}', "--json")
     assert code == 0 and len(json.loads(out)) == 1
     for args, flag in ((("consolidate", "--epochs", "-1"), "--epochs"), (("search", "web", "-k", "0"), "-k"),
-                       (("demo", "--n", "many"), "--n"), (("consolidate", "--seed", "-1"), "--seed")):
+                       (("demo", "--n", "many"), "--n"), (("consolidate", "--seed", "-1"), "--seed"),
+                       (("experiment", "--seeds", "0", "-1"), "--seeds")):  # numpy: "expected non-negative integer"
         with pytest.raises(SystemExit) as exit_:
             main(["-q", *args])
         err = capsys.readouterr().err
