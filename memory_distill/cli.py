@@ -331,7 +331,12 @@ def cmd_reembed(args: argparse.Namespace) -> int:
 
         mem = MemoryDistill.reembed(settings=_settings(args), keep_backup=args.keep_backup, force=args.force,
                                     progress=progress)
-    print(f"{mem.store.count()} memories in {mem.store.collection_name} now embedded with {mem.embedder.name}; "
+    n = mem.store.count()
+    if bar.total is None and n:  # no page copied: the collection already used this embedder
+        print(f"{n} memories in {mem.store.collection_name} are already embedded with {mem.embedder.name}: nothing "
+              "to do (--force re-embeds them anyway, e.g. vectors from an older version of the same embedder)")
+        return 0
+    print(f"{n} memories in {mem.store.collection_name} now embedded with {mem.embedder.name}; "
           "run `memory-distill consolidate` to train models on the new vectors")
     return 0
 

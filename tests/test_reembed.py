@@ -110,7 +110,9 @@ def test_cli_reembed_then_retrain(tmp_path, monkeypatch, capsys) -> None:  # typ
     monkeypatch.setenv("MEMORY_DISTILL_EMBEDDER__DIM", "256")  # a different embedder from now on
     assert main(["-q", "stats"]) == 2 and "reembed" in capsys.readouterr().err
     assert main(["-q", "reembed"]) == 0
-    assert "300 memories" in capsys.readouterr().out
+    assert "300 memories in memories now embedded with hashing-v1-256" in capsys.readouterr().out
+    assert main(["-q", "reembed"]) == 0  # said "now embedded with" although it did nothing
+    assert "are already embedded with hashing-v1-256: nothing to do (--force" in capsys.readouterr().out
     assert main(["-q", "predict", "the agent searched"]) == 2  # the published model was trained on the old vectors
     assert "use that embedder, or consolidate to train a model on this one" in capsys.readouterr().err
     assert main(["-q", "consolidate", "--epochs", "2"]) == 0  # replaces it: the old model cannot score these vectors
