@@ -653,10 +653,7 @@ def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: f
     """
     from .predictor import Predictor
 
-    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not (
-            math.isfinite(threshold) and threshold >= 0):  # NaN never triggered
-        raise ValueError(f"threshold must be a reward difference >= 0 (the MAE rise that counts as drift), got "
-                         f"{threshold!r}")
+    threshold = _mae_rise(threshold, "threshold")  # NaN never triggered
     if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
         raise ValueError(f"min_samples must be an int >= 1, got {min_samples!r}")
     pred = Predictor(registry.serving(namespace))
@@ -690,6 +687,14 @@ def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: f
 # ---------------------------------------------------------------------------- scheduling
 
 
+def _mae_rise(v: Any, name: str) -> float:
+    """A drift threshold: the rise in MAE over the published model's that counts as drift, finite and >= 0 (a NaN one
+    never triggered, a negative one triggered on a model doing better)."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"{name} must be a reward difference >= 0 (the MAE rise that counts as drift), got {v!r}")
+    return float(v)
+
+
 def _check_triggers(every_s: Any, min_new: Any, drift_threshold: Any,
                     on_run: Any) -> tuple[float | None, int | None, float | None]:
     """A worker's triggers, checked when it is built: a NaN ``every_s`` never fired, a negative one or ``min_new=0``
@@ -702,11 +707,7 @@ def _check_triggers(every_s: Any, min_new: Any, drift_threshold: Any,
         raise ValueError(f"min_new must be None or an int >= 1 (new rewarded memories that trigger a run), got "
                          f"{min_new!r}")
     if drift_threshold is not None:
-        if isinstance(drift_threshold, bool) or not isinstance(drift_threshold, int | float) or not (
-                math.isfinite(drift_threshold) and drift_threshold >= 0):
-            raise ValueError(f"drift_threshold must be None or a reward difference >= 0 (the MAE rise that triggers a "
-                             f"run), got {drift_threshold!r}")
-        drift_threshold = float(drift_threshold)
+        drift_threshold = _mae_rise(drift_threshold, "drift_threshold")
     if on_run is not None and not callable(on_run):
         raise TypeError(f"on_run must be a function (worker, report or error) -> None, got {type(on_run).__name__}")
     return every_s, min_new, drift_threshold

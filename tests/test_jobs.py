@@ -717,7 +717,7 @@ def test_worker_triggers_and_job_configs_are_checked_when_built(store, registry)
                         ({"every_s": -5}, "every_s must be a finite number of seconds >= 0, got -5"),
                         ({"every_s": "ten minutes"}, "every_s: bad duration 'ten minutes': use e.g. 30s, 10m"),
                         ({"min_new": 0}, r"min_new must be None or an int >= 1 .*got 0"),
-                        ({"drift_threshold": -0.1}, r"drift_threshold must be None or a reward difference >= 0"),
+                        ({"drift_threshold": -0.1}, r"drift_threshold must be a reward difference >= 0"),
                         ({"every_s": None, "min_new": None}, "give at least one trigger")):
             with pytest.raises(ValueError, match=msg):
                 cls(store, registry, **kw)
