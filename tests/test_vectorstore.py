@@ -142,6 +142,8 @@ def test_from_texts_and_async(embedder) -> None:  # type: ignore[no-untyped-def]
     vs = MemoryDistillVectorStore.from_texts(["alpha beta", "gamma delta"], MemoryDistillEmbeddings.from_embedder(embedder),
                                              metadatas=[{"reward": 1.0}, {}], ids=["a", "g"])
     assert vs.store.embedder is embedder and vs.store.get("a").reward == 1.0
+    ours = MemoryDistillVectorStore.from_texts(["alpha beta"], embedder)  # type: ignore[arg-type]
+    assert ours.store.embedder is embedder  # one of ours as it is (it failed: "has no embed_documents()")
 
     async def go() -> list[Document]:
         await vs.aadd_texts(["epsilon zeta"], ids=["e"])

@@ -31,7 +31,7 @@ from langchain_core.documents import Document
 from langchain_core.embeddings import Embeddings
 from langchain_core.vectorstores import VectorStore
 
-from memory_distill.embeddings import LangChainEmbedder
+from memory_distill.embeddings import LangChainEmbedder, as_embedder
 from memory_distill.errors import InvalidMemoryError
 from memory_distill.store import MEMORY_FIELDS, USER_KEY, MemoryStore, id_list
 from memory_distill.types import Memory, SearchHit
@@ -193,9 +193,11 @@ class MemoryDistillVectorStore(VectorStore):
     def from_texts(cls, texts: list[str], embedding: Embeddings, metadatas: list[dict[str, Any]] | None = None, *,
                    ids: list[str] | None = None, store: MemoryStore | None = None, namespace: str = "default",
                    **kwargs: Any) -> MemoryDistillVectorStore:
-        """A vector store holding ``texts``: in ``store``, or in a new ephemeral store embedding with ``embedding``."""
+        """A vector store holding ``texts``: in ``store``, or in a new ephemeral store embedding with ``embedding`` (a
+        LangChain ``Embeddings`` or a memory_distill embedder)."""
         if store is None:
-            inner = embedding.embedder if isinstance(embedding, MemoryDistillEmbeddings) else LangChainEmbedder(embedding)
+            # a LangChain Embeddings, or one of ours (HashingEmbedder(), OpenAIEmbedder(), ...) as it is
+            inner = embedding.embedder if isinstance(embedding, MemoryDistillEmbeddings) else as_embedder(embedding)
             store = MemoryStore.ephemeral(inner)
         vs = cls(store, namespace=namespace, **kwargs)
         vs.add_texts(texts, metadatas, ids=ids)
