@@ -155,6 +155,11 @@ class ArtifactRegistry:
 
     def scoped(self, namespace: str | None) -> ArtifactRegistry:
         """The registry for models trained on ``namespace`` (``None``: this one)."""
+        if namespace is not None and not isinstance(namespace, str):
+            raise TypeError(f"namespace must be None (the top level) or a str, got {type(namespace).__name__}")
+        if namespace is not None and not namespace.strip():
+            # (no memory has such a namespace: a model for it, or a predictor of it, would be the top-level one)
+            raise ValueError(f"namespace {namespace!r} is empty: give a namespace's name, or None for the top level")
         if namespace is None or namespace == self.namespace:
             return self
         if self.namespace is not None:

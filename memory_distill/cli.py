@@ -89,6 +89,13 @@ def _whole_number(text: str, minimum: int) -> int:
     return value
 
 
+def _namespace(text: str) -> str:
+    """``--namespace``: a name (an empty one was read as "no namespace" by some commands, and searched by others)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("a namespace's name is needed, not an empty string (or leave the option out)")
+    return text
+
+
 def _reward(text: str) -> float:
     """A reward or reward difference on the command line: a finite number (``nan`` compared False with everything)."""
     try:
@@ -708,7 +715,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--reward", type=float)
     sp.add_argument("--metadata", "-m", nargs="*",
                     help="key=value items (values parsed as JSON when possible) or a JSON object")
-    sp.add_argument("--namespace", default="default")
+    sp.add_argument("--namespace", type=_namespace, default="default")
     sp.add_argument("--id")
     sp.add_argument("--upsert", action="store_true", help="replace the memory with this --id if it exists")
     sp.set_defaults(func=cmd_add)
@@ -716,14 +723,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("import", help="import a JSONL file (text, reward, metadata, namespace, id; an export); "
                         "all or nothing")
     sp.add_argument("file", help="path, or - for standard input")
-    sp.add_argument("--namespace", help="for lines that do not name one")
+    sp.add_argument("--namespace", type=_namespace, help="for lines that do not name one")
     sp.add_argument("--batch-size", type=_count, default=1000, help="texts per embedding call")
     sp.add_argument("--upsert", action="store_true", help="replace memories whose id exists")
     sp.set_defaults(func=cmd_import)
 
     sp = sub.add_parser("export", help="write memories as JSONL (a backup, or to move them to another store)")
     sp.add_argument("file", help="path (written whole or not at all), or - for standard output")
-    sp.add_argument("--namespace")
+    sp.add_argument("--namespace", type=_namespace)
     sp.add_argument("--where", type=_json_filter, help="metadata filter as JSON, e.g. '{\"tool\": \"search\"}'")
     sp.add_argument("--embeddings", action="store_true",
                     help="include the vectors: importing into a store with the same embedder then embeds nothing")
@@ -737,7 +744,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("search", help="similar memories")
     sp.add_argument("query")
     sp.add_argument("-k", type=_count, default=5)
-    sp.add_argument("--namespace", default="default")
+    sp.add_argument("--namespace", type=_namespace, default="default")
     sp.add_argument("--where", type=_json_filter, help='JSON metadata filter, e.g. \'{"tool": "search"}\'')
     sp.add_argument("--diversity", type=float, default=0.0, help="> 0: skip near-copies of results (e.g. 0.5)")
     sp.add_argument("--json", action="store_true")
@@ -748,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("consolidate", help="train teacher, distil student, gate, publish")
     job_args(sp)
-    sp.add_argument("--namespace", help="train on one namespace; its models are gated, published and served apart")
+    sp.add_argument("--namespace", type=_namespace, help="train on one namespace; its models are gated, published and served apart")
     sp.add_argument("--report", help="directory for report.md/html + PNG plots")
     sp.add_argument("--wait", action="store_true", help="wait for a running consolidation instead of exiting")
     sp.add_argument("--skip-unchanged", action="store_true",
@@ -761,32 +768,32 @@ def build_parser() -> argparse.ArgumentParser:
                     help="key=value items or a JSON object, for every text (a model with metadata features reads them)")
     sp.add_argument("--threshold", type=_reward, default=0.5, help="report P(reward > threshold) (default 0.5)")
     sp.add_argument("--json", action="store_true", help="one object per text: the text, the prediction, prob_above")
-    sp.add_argument("--namespace", help=NS_MODEL_HELP)
+    sp.add_argument("--namespace", type=_namespace, help=NS_MODEL_HELP)
     sp.set_defaults(func=cmd_predict)
 
     sp = sub.add_parser("models", help="list model versions")
     sp.add_argument("--json", action="store_true")
-    sp.add_argument("--namespace", help=NS_REGISTRY_HELP)
+    sp.add_argument("--namespace", type=_namespace, help=NS_REGISTRY_HELP)
     sp.set_defaults(func=cmd_models)
     sp = sub.add_parser("promote", help="make a version current")
     sp.add_argument("version")
-    sp.add_argument("--namespace", help=NS_REGISTRY_HELP)
+    sp.add_argument("--namespace", type=_namespace, help=NS_REGISTRY_HELP)
     sp.set_defaults(func=cmd_promote)
     sp = sub.add_parser("rollback", help="restore the previously promoted version")
-    sp.add_argument("--namespace", help=NS_REGISTRY_HELP)
+    sp.add_argument("--namespace", type=_namespace, help=NS_REGISTRY_HELP)
     sp.set_defaults(func=cmd_rollback)
 
     sp = sub.add_parser("history", help="consolidation job history")
     sp.add_argument("--last", type=_count, default=20)
     sp.add_argument("--json", action="store_true")
-    sp.add_argument("--namespace", help=NS_REGISTRY_HELP)
+    sp.add_argument("--namespace", type=_namespace, help=NS_REGISTRY_HELP)
     sp.set_defaults(func=cmd_history)
 
     sp = sub.add_parser("forget", help="delete memories; models trained on them are deleted "
                         "(a current one serves until the next consolidation replaces it)")
     sp.add_argument("--id", dest="ids", action="append")
     sp.add_argument("--where", type=_json_filter, help='JSON metadata filter, e.g. \'{"user": "u42"}\'')
-    sp.add_argument("--namespace")
+    sp.add_argument("--namespace", type=_namespace)
     sp.add_argument("--older-than", type=_duration, help="memories created more than this long ago (e.g. 90d)")
     sp.add_argument("--reason")
     sp.add_argument("--dry-run", action="store_true",
@@ -800,12 +807,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("drift", help="realised vs predicted reward since the model was published")
     sp.add_argument("--threshold", type=_reward, default=0.1)
-    sp.add_argument("--namespace", help="that namespace's rows, scored by the model serving it")
+    sp.add_argument("--namespace", type=_namespace, help="that namespace's rows, scored by the model serving it")
     sp.set_defaults(func=cmd_drift)
 
     sp = sub.add_parser("worker", help="periodic consolidation")
     job_args(sp)
-    sp.add_argument("--namespace")
+    sp.add_argument("--namespace", type=_namespace)
     sp.add_argument("--every", type=_duration, default=600.0,
                     help="run at least this often (e.g. 10m); a store unchanged since the last run is skipped")
     sp.add_argument("--retrain-unchanged", action="store_true",

@@ -266,11 +266,13 @@ def test_bad_arguments_are_clear_errors_not_tracebacks(home, capsys):
     assert code == 0 and len(json.loads(out)) == 1
     for args, flag in ((("consolidate", "--epochs", "-1"), "--epochs"), (("search", "web", "-k", "0"), "-k"),
                        (("demo", "--n", "many"), "--n"), (("consolidate", "--seed", "-1"), "--seed"),
-                       (("experiment", "--seeds", "0", "-1"), "--seeds")):  # numpy: "expected non-negative integer"
+                       (("experiment", "--seeds", "0", "-1"), "--seeds"),  # numpy: "expected non-negative integer"
+                       (("models", "--namespace", ""), "--namespace"), (("predict", "x", "--namespace", " "), "--namespace")):
         with pytest.raises(SystemExit) as exit_:
             main(["-q", *args])
         err = capsys.readouterr().err
-        assert exit_.value.code == 2 and f"argument {flag}:" in err and (">= 1" in err or ">= 0" in err), err
+        assert exit_.value.code == 2 and f"argument {flag}:" in err, err  # (a traceback, or the top level's model)
+        assert ">= 1" in err or ">= 0" in err or "a namespace's name is needed, not an empty string" in err, err
     code, _, err = run(capsys, "add", "x", "-m", "=1")
     assert code == 2 and "--metadata '=1': the key is empty" in err
     for args in (("consolidate", "--report", str(home / "a-file" / "rep")), ("export", ""), ("export", str(home))):

@@ -74,6 +74,12 @@ def test_each_namespace_trains_gates_and_serves_its_own_model(mem, tmp_path) -> 
     root = mem.consolidate()
     assert root.n_rows == 240 and mem.predictor_for("team-c").registry.root == mem.registry.root
     assert mem.predictor_for("team-a").registry.namespace == "team-a"
+    # no memory has an empty namespace: asking for its model silently served the top-level one
+    for empty in ("", "  "):
+        with pytest.raises(ValueError, match="namespace .* is empty: give a namespace's name, or None"):
+            mem.predictor_for(empty)
+    with pytest.raises(TypeError, match="namespace must be None .* or a str, got int"):
+        mem.registry.scoped(5)  # type: ignore[arg-type]  # (a regex error deep inside)
 
     # deleting a training row of team a marks team a's models stale, not team b's
     a_row = next(m.id for ms, _ in mem.store.iter_memories(namespace="team-a") for m in ms)
