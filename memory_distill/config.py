@@ -15,7 +15,6 @@ import re
 import types
 import typing
 from collections.abc import Mapping
-from numbers import Real
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -33,6 +32,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from .errors import nearest_name
+from .types import is_real
 
 __all__ = [
     "BinsConfig",
@@ -379,7 +379,7 @@ def seconds(value: Any, name: str, *, allow_zero: bool = False) -> float:
             value = parse_duration(value)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
-    if isinstance(value, bool) or not isinstance(value, Real):
+    if not is_real(value):
         raise TypeError(f"{name} must be seconds (a number) or a duration like '10m', got {type(value).__name__}")
     out = float(value)  # (numpy numbers too)
     if not (math.isfinite(out) and (out >= 0 if allow_zero else out > 0)):

@@ -28,7 +28,7 @@ import numpy as np
 
 from .config import EmbedderConfig
 from .errors import EmbeddingError
-from .types import not_utf8
+from .types import is_int, not_utf8
 
 __all__ = [
     "CachedEmbedder",
@@ -102,7 +102,7 @@ class HashingEmbedder:
 
     def __init__(self, dim: int = 512, *, char_ngrams: tuple[int, ...] = (3, 4, 5),
                  char_weight: float = 0.5, max_chars: int = 24_000) -> None:
-        if isinstance(dim, bool) or not isinstance(dim, int | np.integer) or dim < 8:  # (int(9.5) would be 9)
+        if not is_int(dim) or dim < 8:  # (int(9.5) would be 9)
             raise ValueError(f"dim must be an int >= 8, got {dim!r}")
         self._dim = int(dim)
         self.char_ngrams = tuple(char_ngrams)

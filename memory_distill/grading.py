@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from .types import is_real
+
 __all__ = ["AnswerGrader", "bleu", "exact_match", "normalize_answer", "token_f1"]
 
 Method = Literal["exact_match", "token_f1", "bleu", "embedding"]
@@ -86,7 +88,7 @@ class AnswerGrader:
         if self.method not in ("exact_match", "token_f1", "bleu", "embedding"):
             raise ValueError(f"unknown method {self.method!r}: use exact_match, token_f1, bleu or embedding")
         t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, int | float) or not 0.0 <= t <= 1.0:  # (NaN too: always 0)
+        if not is_real(t) or not 0.0 <= t <= 1.0:  # (NaN too: always 0)
             raise ValueError(f"threshold must be a score in [0, 1] (the {self.method} score that counts as right), "
                              f"got {t!r}")
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .artifacts import ArtifactRegistry
-from .config import JobConfig, as_config, parse_duration, seconds
+from .config import JobConfig, as_config, seconds
 from .curriculum import Curriculum
 from .distill import DistillReport
 from .errors import (
@@ -61,7 +61,7 @@ from .rewards import RewardBins
 from .store import MemoryStore, TrainingData
 from .teacher import TeacherReport
 from .training import Split, seeded_training, split_by_group_and_time, train_pair
-from .types import RESERVED_PREFIX
+from .types import RESERVED_PREFIX, is_int, is_real
 
 __all__ = [
     "ConsolidationExecutor",
@@ -545,13 +545,10 @@ def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None
         raise StoreError("forget needs ids, where, namespace or older_than (CLI: --id, --where, --namespace, "
                          "--older-than): refusing to forget everything")
     if older_than is not None:
-        if isinstance(older_than, str):  # "90d", as on the command line
-            try:
-                older_than = parse_duration(older_than)
-            except ValueError as e:
-                raise StoreError(f"older_than: {e} (or a number of seconds)") from None
-        if isinstance(older_than, bool) or not (isinstance(older_than, (int, float)) and older_than >= 0):
-            raise StoreError(f"older_than must be a number of seconds > 0 or a duration like '90d', got {older_than!r}")
+        try:  # seconds, or "90d" as on the command line
+            older_than = seconds(older_than, "older_than", allow_zero=True)
+        except (TypeError, ValueError) as e:
+            raise StoreError(str(e)) from None
         if older_than == 0:  # every memory was created before now: a retention policy of nothing
             raise StoreError("older_than=0 selects every memory: refusing to forget everything; give a retention "
                              "period such as '90d', or a namespace to empty one")
@@ -654,7 +651,7 @@ def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: f
     from .predictor import Predictor
 
     threshold = _mae_rise(threshold, "threshold")  # NaN never triggered
-    if isinstance(min_samples, bool) or not isinstance(min_samples, int) or min_samples < 1:
+    if not is_int(min_samples) or min_samples < 1:
         raise ValueError(f"min_samples must be an int >= 1, got {min_samples!r}")
     pred = Predictor(registry.serving(namespace))
     published = float(pred.loaded.manifest.get("created_at", 0.0))
@@ -690,7 +687,7 @@ def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: f
 def _mae_rise(v: Any, name: str) -> float:
     """A drift threshold: the rise in MAE over the published model's that counts as drift, finite and >= 0 (a NaN one
     never triggered, a negative one triggered on a model doing better)."""
-    if isinstance(v, bool) or not isinstance(v, int | float) or not (math.isfinite(v) and v >= 0):
+    if not is_real(v) or not (math.isfinite(v) and v >= 0):
         raise ValueError(f"{name} must be a reward difference >= 0 (the MAE rise that counts as drift), got {v!r}")
     return float(v)
 
@@ -703,7 +700,7 @@ def _check_triggers(every_s: Any, min_new: Any, drift_threshold: Any,
         raise ValueError("give at least one trigger: every_s, min_new or drift_threshold")
     if every_s is not None:
         every_s = seconds(every_s, "every_s", allow_zero=True)  # 0: at every poll
-    if min_new is not None and (isinstance(min_new, bool) or not isinstance(min_new, int) or min_new < 1):
+    if min_new is not None and (not is_int(min_new) or min_new < 1):
         raise ValueError(f"min_new must be None or an int >= 1 (new rewarded memories that trigger a run), got "
                          f"{min_new!r}")
     if drift_threshold is not None:
@@ -715,7 +712,7 @@ def _check_triggers(every_s: Any, min_new: Any, drift_threshold: Any,
 
 def _check_polling(poll_s: Any, max_runs: Any) -> float:
     """``run_forever``'s arguments: a negative ``poll_s`` span the CPU, a NaN one raised in the wait."""
-    if max_runs is not None and (isinstance(max_runs, bool) or not isinstance(max_runs, int) or max_runs < 1):
+    if max_runs is not None and (not is_int(max_runs) or max_runs < 1):
         raise ValueError(f"max_runs must be None (until stop()) or an int >= 1, got {max_runs!r}")
     return seconds(poll_s, "poll_s", allow_zero=True)
 

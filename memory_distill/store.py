@@ -60,7 +60,15 @@ from .errors import (
     nearest_name,
 )
 from .features import N_TEXT_FEATURES, decode_stats, encode_stats
-from .types import RESERVED_PREFIX, Memory, SearchHit, as_unix_time, check_metadata, check_unix_time
+from .types import (
+    RESERVED_PREFIX,
+    Memory,
+    SearchHit,
+    as_unix_time,
+    check_metadata,
+    check_unix_time,
+    is_int,
+)
 
 __all__ = ["MemoryStore", "TrainingData", "TrainingPage", "coerce_memory", "mmr_select"]
 
@@ -1073,13 +1081,12 @@ class MemoryStore:
         by maximal marginal relevance (:func:`mmr_select`): near-copies of a result give way to
         other episodes.
         """
-        if isinstance(k, bool) or not isinstance(k, int | np.integer):
+        if not is_int(k):
             raise TypeError(f"k must be an int (how many memories to return), got {type(k).__name__} {k!r}")
         k = int(k)  # numpy ints too: Chroma takes Python ints only
         if k < 1:
             raise StoreError(f"k must be >= 1, got {k}")
-        if fetch_k is not None and (isinstance(fetch_k, bool) or not isinstance(fetch_k, int | np.integer)
-                                    or fetch_k < 1):
+        if fetch_k is not None and (not is_int(fetch_k) or fetch_k < 1):
             raise TypeError(f"fetch_k must be None (max(4k, 20)) or an int >= 1, got {fetch_k!r}")
         fetch_k = None if fetch_k is None else int(fetch_k)
         if not isinstance(query, str):

@@ -226,10 +226,11 @@ def read_jsonl(path: str | Path | IO[Any], *, namespace: str | None = None) -> I
     header: dict[str, Any] | None = None
     seen: dict[str, int] = {}
     ignored: dict[str, int] = {}
+    name = source_name(path)
     for lineno, line in _lines(path):
         if not line.strip():
             continue
-        where = f"{source_name(path)}:{lineno}"
+        where = f"{name}:{lineno}"
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
@@ -309,15 +310,16 @@ def import_jsonl(store: MemoryStore, path: str | Path | IO[Any], *, namespace: s
         raise InvalidMemoryError(f"batch_size must be >= 1, got {batch_size}")
     data = read_jsonl(path, namespace=namespace)
     mems = data.memories
+    name = source_name(path)
     for m, lineno in zip(mems, data.lines, strict=True):
-        store._check_reward(m.reward, f"{source_name(path)}:{lineno}")
+        store._check_reward(m.reward, f"{name}:{lineno}")
     if not mems:
         return ImportReport([], 0, 0, "", data.ignored)
     if not upsert:
         existing = store.existing_ids([m.id for m in mems])
         if existing:
             first = next(lineno for m, lineno in zip(mems, data.lines, strict=True) if m.id in existing)
-            raise StoreError(f"{source_name(path)}: {len(existing)} id(s) are already stored (first on line {first}: "
+            raise StoreError(f"{name}: {len(existing)} id(s) are already stored (first on line {first}: "
                              f"{sorted(existing)[0]!r}): import with upsert (--upsert) to replace them, or drop "
                              "the ids to get new ones; nothing was imported")
     dim = store.embedder.dim
@@ -335,7 +337,7 @@ def import_jsonl(store: MemoryStore, path: str | Path | IO[Any], *, namespace: s
             reuse = True
             for v, lineno in zip(data.vectors, data.lines, strict=True):
                 if v is not None and v.shape != (dim,):
-                    raise InvalidMemoryError(f"{source_name(path)}:{lineno}: embedding has {v.shape[0]} values, expected "
+                    raise InvalidMemoryError(f"{name}:{lineno}: embedding has {v.shape[0]} values, expected "
                                              f"{dim}; nothing was imported")
     X = np.empty((len(mems), dim), np.float32)
     todo = [i for i, v in enumerate(data.vectors) if not (reuse and v is not None)]

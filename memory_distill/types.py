@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import datetime
 import math
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
+from numbers import Real
 from typing import Any
 
 import numpy as np
@@ -75,6 +75,17 @@ def check_metadata(v: Any, *, allow_none: bool = False) -> dict[str, Any]:
         return v
     return {key: value for key, value in v.items() if value is not None}
 
+
+def is_int(v: Any) -> bool:
+    """``v`` is a whole number: an int or a numpy integer, not a bool (``True`` is an int to Python)."""
+    return isinstance(v, int | np.integer) and not isinstance(v, bool)
+
+
+def is_real(v: Any) -> bool:
+    """``v`` is a real number: an int, a float or a numpy one, not a bool (NaN and inf included: check them apart)."""
+    return isinstance(v, Real) and not isinstance(v, bool)
+
+
 def check_reward_value(v: Any, name: str = "reward") -> float:
     """``v`` as a float when it is a finite number (numpy's included, not a bool); a ``ValueError`` naming ``name``
     otherwise. (The store's range is checked apart: it is the store's setting.)"""
@@ -94,14 +105,16 @@ def check_unix_time(v: float, name: str) -> float:
     return v
 
 
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan|infinity)", re.IGNORECASE)
-
-
 def as_unix_time(v: Any, name: str) -> Any:
     """A ``datetime`` with a timezone, or ISO 8601 text with an offset (``2026-11-28T09:30:00Z``), as Unix seconds;
     other values pass through (numbers are checked by :func:`check_unix_time`). A time without a timezone is refused:
     it could be any of 24 hours."""
-    if isinstance(v, str) and not _NUMBER.fullmatch(v.strip()):
+    if isinstance(v, str):
+        try:
+            float(v)
+            return v  # a number as text: read as seconds
+        except ValueError:
+            pass
         try:
             v = datetime.datetime.fromisoformat(v.strip())
         except ValueError:
@@ -190,7 +203,7 @@ class Memory(BaseModel):
 
 def _threshold(t: Any) -> float:
     """A reward threshold: a number, not NaN (every comparison with NaN is False: P(reward > NaN) read 0)."""
-    if isinstance(t, bool) or not isinstance(t, int | float | np.number) or math.isnan(t):
+    if not is_real(t) or math.isnan(t):
         raise ValueError(f"threshold must be a reward (a number), got {t!r}")
     return float(t)
 

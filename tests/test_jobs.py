@@ -727,6 +727,8 @@ def test_worker_triggers_and_job_configs_are_checked_when_built(store, registry)
             cls(store, registry, "fast")
     w = ConsolidationWorker(store, registry, {"seed": 3}, every_s="10m")  # a duration as the CLI takes it; a dict
     assert w.every_s == 600.0 and w.config.seed == 3
+    numpy_made = ConsolidationWorker(store, registry, min_new=np.int64(5), drift_threshold=np.float32(0.25))
+    assert (numpy_made.min_new, numpy_made.drift_threshold) == (5, 0.25)  # numpy numbers, as plain ones
     for kw, msg in (({"poll_s": -1}, "poll_s must be a finite number of seconds >= 0"),
                     ({"max_runs": 0}, r"max_runs must be None \(until stop\(\)\) or an int >= 1, got 0")):
         with pytest.raises(ValueError, match=msg):

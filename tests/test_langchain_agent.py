@@ -433,6 +433,7 @@ def test_grading_helpers():
     for bad in (float("nan"), 2):  # every answer graded 0
         with pytest.raises(ValueError, match=r"threshold must be a score in \[0, 1\]"):
             AnswerGrader("token_f1", threshold=bad)
+    assert AnswerGrader("token_f1", threshold=np.float32(0.5))("Lima", "Lima") == 1.0  # a numpy threshold too
     with pytest.raises(TypeError, match="answer must be a str, got NoneType"):
         AnswerGrader()(None, "x")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="reference must be a str or a non-empty list of str"):

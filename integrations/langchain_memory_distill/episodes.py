@@ -18,7 +18,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMe
 
 from memory_distill.errors import InvalidMemoryError
 from memory_distill.store import MemoryStore, coerce_memory
-from memory_distill.types import check_reward_value
+from memory_distill.types import check_reward_value, is_int
 
 __all__ = ["RECENT_IDS", "EpisodeWriter", "NamespaceFn", "check_callable_as", "check_episode_settings", "check_predictor",
            "check_store", "current_thread_id",
@@ -89,7 +89,7 @@ class EpisodeWriter:
                  background: bool = False) -> None:
         if errors not in ("warn", "raise"):
             raise ValueError(f"errors must be 'warn' or 'raise', got {errors!r}")
-        if isinstance(max_unsaved, bool) or not isinstance(max_unsaved, int) or max_unsaved < 1:
+        if not is_int(max_unsaved) or max_unsaved < 1:
             raise ValueError(f"max_unsaved must be an int >= 1 (episodes held while the store is away), got "
                              f"{max_unsaved!r}")
         store = check_store(store, "EpisodeWriter", has_from_memory=False)

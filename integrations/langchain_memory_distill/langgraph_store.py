@@ -64,7 +64,7 @@ from langgraph.store.base import (
 
 from memory_distill.errors import InvalidMemoryError, nearest_name
 from memory_distill.store import MemoryStore, coerce_memory
-from memory_distill.types import Memory
+from memory_distill.types import Memory, is_int, is_real
 
 from .episodes import check_store
 from .retriever import PredictorLike, check_value_weight, resolve_predictor, value_blend
@@ -151,7 +151,7 @@ def _check_ttl_config(cfg: Any) -> Any:
                                                                   f"; the keys are {', '.join(_TTL_KEYS)}"))
     for key in ("default_ttl", "sweep_interval_minutes"):
         v = cfg.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < math.inf):
+        if v is not None and (not is_real(v) or not 0 < v < math.inf):
             raise ValueError(f"ttl_config[{key!r}] must be a positive number of minutes or None, got {v!r}")
     return cfg
 
@@ -159,7 +159,7 @@ def _check_ttl_config(cfg: Any) -> Any:
 def _check_page(limit: Any, offset: Any) -> None:
     """limit and offset are counts: a negative one sliced from the end (limit=-1: all items but the last)."""
     for name, v in (("limit", limit), ("offset", offset)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        if not is_int(v) or v < 0:
             raise ValueError(f"{name} must be an int >= 0, got {v!r}")
 
 

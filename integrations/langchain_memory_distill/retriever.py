@@ -31,6 +31,7 @@ from pydantic import ConfigDict, Field, field_validator
 from memory_distill.errors import nearest_name
 from memory_distill.predictor import Predictor
 from memory_distill.store import MemoryStore, mmr_select
+from memory_distill.types import is_int
 
 from .episodes import check_store
 
@@ -155,7 +156,7 @@ class ValueAwareRetriever(BaseRetriever):
             if kwargs.get(key, 0) is None:
                 del kwargs[key]
         k = kwargs.get("k", self.k)
-        if isinstance(k, bool) or not isinstance(k, int | np.integer):  # int(2.7) would quietly return 2
+        if not is_int(k):  # int(2.7) would quietly return 2
             raise TypeError(f"k must be an int (how many memories to return), got {type(k).__name__} {k!r}")
         k = int(k)
         if k < 1:

@@ -8,8 +8,7 @@ import math
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from numbers import Real
-from typing import Any, cast
+from typing import Any
 
 from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, convert_to_messages
@@ -17,6 +16,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 
 from memory_distill.errors import MemoryDistillError
 from memory_distill.predictor import Predictor
+from memory_distill.types import is_real
 
 from .episodes import message_text
 
@@ -58,10 +58,10 @@ class RewardRouter(Runnable[Any, AIMessage]):
         if not isinstance(predictor, Predictor):
             raise TypeError(f"RewardRouter needs a Predictor (e.g. mem.predictor, once a consolidation has published a "
                             f"model trained on the cheap model's episodes), got {type(predictor).__name__}")
-        if isinstance(threshold, bool) or not isinstance(cast(Any, threshold), Real):  # numpy floats too
+        if not is_real(threshold):  # numpy floats too
             raise TypeError(f"threshold must be a reward (a number), got {type(threshold).__name__} {threshold!r}")
         for name, cost in (("cost_cheap", cost_cheap), ("cost_strong", cost_strong)):  # cost_saved() divides by them
-            if isinstance(cost, bool) or not isinstance(cast(Any, cost), Real) or not 0 < cost < math.inf:
+            if not is_real(cost) or not 0 < cost < math.inf:
                 raise ValueError(f"{name} must be a price > 0 per question (only their ratio matters), got {cost!r}")
         lo, hi = float(predictor.bins.low), float(predictor.bins.high)
         if not lo <= threshold <= hi:

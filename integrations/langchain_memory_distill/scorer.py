@@ -14,7 +14,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 
 from memory_distill.errors import nearest_name
 from memory_distill.predictor import Predictor
-from memory_distill.types import PredictionBatch, RewardPrediction
+from memory_distill.types import PredictionBatch, RewardPrediction, is_real
 
 from .episodes import check_predictor, episode_text
 
@@ -148,7 +148,7 @@ def best_of_n(candidates: Sequence[Input], scorer: RewardScorer, *,
     elif by == "mean":
         key = batch.mean
     elif by == "lcb":
-        if isinstance(risk, bool) or not isinstance(risk, int | float) or not math.isfinite(risk):
+        if not is_real(risk) or not math.isfinite(risk):
             raise ValueError(f"risk must be a finite number (how many stds below the mean to rank by), got {risk!r}")
         key = batch.mean - risk * batch.std
     elif by == "prob_above":
