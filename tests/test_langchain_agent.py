@@ -313,6 +313,49 @@ def test_scorer_batches_in_one_forward_pass(trained_store):
             best_of_n([BAD, GOOD], scorer, **kw)
 
 
+def test_scorer_batch_reports_each_input_to_callbacks(trained_store):
+    """batch/abatch ran one forward pass but skipped the config: no callback saw the runs, and
+    return_exceptions=True still raised on one bad input instead of scoring the rest."""
+    from langchain_core.callbacks import BaseCallbackHandler
+
+    _, _, pred = trained_store
+    scorer = RewardScorer(pred)
+
+    class Seen(BaseCallbackHandler):
+        def __init__(self):
+            self.starts, self.ends, self.errors = [], [], []
+
+        def on_chain_start(self, serialized, inputs, **kw):
+            self.starts.append((kw.get("name"), inputs))
+
+        def on_chain_end(self, outputs, **kw):
+            self.ends.append(outputs)
+
+        def on_chain_error(self, error, **kw):
+            self.errors.append(error)
+
+    seen = Seen()
+    preds = scorer.batch([GOOD, BAD], config={"callbacks": [seen], "run_name": "judge"})
+    assert seen.starts == [("judge", GOOD), ("judge", BAD)]
+    assert [o.mean for o in seen.ends] == [p.mean for p in preds] and not seen.errors
+    seen2 = Seen()
+    asyncio.run(scorer.abatch([GOOD], config=[{"callbacks": [seen2]}]))
+    assert len(seen2.starts) == 1 and len(seen2.ends) == 1
+
+    calls = []
+    real = pred.runner.probs
+    pred.runner.probs = lambda X, F=None: calls.append(len(X)) or real(X, F)
+    mixed = scorer.batch([GOOD, 42, BAD], return_exceptions=True)
+    assert calls == [2] and isinstance(mixed[1], TypeError)
+    assert mixed[0].mean == pytest.approx(preds[0].mean) and mixed[2].mean == pytest.approx(preds[1].mean)
+    mixed = asyncio.run(scorer.abatch([42, GOOD], return_exceptions=True))
+    assert isinstance(mixed[0], TypeError) and mixed[1].mean == pytest.approx(preds[0].mean)
+    with pytest.raises(TypeError, match="got int"):
+        scorer.batch([GOOD, 42])
+    with pytest.raises(TypeError, match="got one str"):
+        scorer.batch(GOOD)
+
+
 def test_retriever_modes_rank_by_value(trained_store):
     store, _, pred = trained_store
     r = ValueAwareRetriever(store=store, predictor=pred, k=5, fetch_k=40)

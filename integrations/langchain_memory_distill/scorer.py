@@ -105,16 +105,38 @@ class RewardScorer(Runnable[Input, RewardPrediction]):
 
     def batch(self, inputs: list[Input], config: RunnableConfig | list[RunnableConfig] | None = None, *,
               return_exceptions: bool = False, question: str | None = None, **kwargs: Any) -> list[RewardPrediction]:
+        """One forward pass over ``inputs``, one callback run per input (as ``Runnable.batch``). With
+        ``return_exceptions=True`` an input that cannot be scored (not a str or Document) comes back as its
+        exception and the others are still scored."""
         _no_other_options(kwargs)
-        if not inputs and not isinstance(inputs, str):
+        if isinstance(inputs, str | Document):
+            raise TypeError(f"batch takes a list of inputs, got one {type(inputs).__name__}: pass [input], or use "
+                            "invoke")
+        if not inputs:
             return []
-        return self.score_batch(inputs, question=question).to_list()
+        inputs = list(inputs)
+
+        def score(xs: list[Input]) -> list[RewardPrediction | Exception]:
+            if not return_exceptions:
+                return list(self.score_batch(xs, question=question).to_list())
+            bad: dict[int, Exception] = {}
+            for i, x in enumerate(xs):
+                try:
+                    _text(x, self.template)
+                except (TypeError, ValueError) as e:
+                    bad[i] = e
+            ok = [x for i, x in enumerate(xs) if i not in bad]
+            preds = iter(self.score_batch(ok, question=question).to_list() if ok else [])
+            return [bad[i] if i in bad else next(preds) for i in range(len(xs))]
+
+        return self._batch_with_config(score, inputs, config, return_exceptions=return_exceptions)
 
     async def abatch(self, inputs: list[Input], config: RunnableConfig | list[RunnableConfig] | None = None, *,
                      return_exceptions: bool = False, question: str | None = None,
                      **kwargs: Any) -> list[RewardPrediction]:
         _no_other_options(kwargs)
-        return await asyncio.to_thread(self.batch, inputs, config, question=question)
+        return await asyncio.to_thread(self.batch, inputs, config, return_exceptions=return_exceptions,
+                                       question=question)
 
 
 def best_of_n(candidates: Sequence[Input], scorer: RewardScorer, *,
