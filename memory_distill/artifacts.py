@@ -43,6 +43,7 @@ from ._faults import fault_point
 from .errors import ArtifactError, JobLockedError, NoModelError
 from .models import RewardMLP
 from .rewards import RewardBins
+from .types import is_int
 
 __all__ = ["FORMAT_VERSION", "ArtifactRegistry", "LoadedModel"]
 
@@ -245,10 +246,16 @@ class ArtifactRegistry:
             return []
         return sorted(p.name for p in self.versions_dir.iterdir() if p.is_dir() and p.name.startswith("v"))
 
-    def manifest(self, version: str) -> dict[str, Any]:
-        if not isinstance(version, str) or not re.fullmatch(r"v\d+", version):  # ('' or '..' would leave versions/)
+    def _check_version(self, version: Any) -> str:
+        """``version`` as a version name, else an error naming the form ('' or '..' would leave ``versions/``; None
+        written to CURRENT would corrupt it)."""
+        if not isinstance(version, str) or not re.fullmatch(r"v\d+", version):
             raise ArtifactError(f"no model version {version!r} in {self.root}: versions are named like v000001, see "
                                 "`memory-distill models`")
+        return version
+
+    def manifest(self, version: str) -> dict[str, Any]:
+        self._check_version(version)
         path = self.versions_dir / version / "manifest.json"
         if not path.exists():
             raise ArtifactError(f"no model version {version!r} in {self.root}: see `memory-distill models`")
@@ -312,6 +319,8 @@ class ArtifactRegistry:
         """Delete all but the ``keep`` newest versions, never the current one or the one :meth:`rollback` would
         restore; returns the versions deleted. Each is moved out of ``versions/`` in one rename before its files
         are removed, so readers see a version whole or not at all. Their lines stay in :meth:`history`."""
+        if not is_int(keep):
+            raise TypeError(f"keep must be a whole number of versions, got {keep!r}")
         if keep < 1:
             raise ValueError(f"keep must be >= 1 (the newest version is always kept), got {keep}")
         versions = self.list_versions()
@@ -366,6 +375,8 @@ class ArtifactRegistry:
         model, others stop predicting) and delete the stale versions, those trained on deleted memories.
         :func:`~memory_distill.jobs.forget` does this when it empties the store or a namespace. Returns the
         versions deleted; the next consolidation publishes afresh."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise ValueError(f"retire needs a reason (text for promotions.jsonl and the log), got {reason!r}")
         cur = self.current_version()
         (self.root / "CURRENT").unlink(missing_ok=True)
         _append_jsonl(self.root / "promotions.jsonl", {"time": time.time(), "action": "retire", "version": None,
@@ -427,7 +438,7 @@ class ArtifactRegistry:
     def promote(self, version: str, *, reason: str = "manual promote") -> None:
         """Make ``version`` CURRENT after checking it loads. A stale version it replaces is deleted
         (:meth:`drop_stale`)."""
-        self.load(version)
+        self.load(self._check_version(version))  # (load(None) is the current version: promote(None) wrote null)
         self._set_current(version, action="promote", reason=reason)
         self.drop_stale()
 
@@ -545,13 +556,15 @@ class ArtifactRegistry:
         return LoadedModel(v, student, teacher, RewardBins.from_dict(m["bins"]), m)
 
     def train_ids(self, version: str) -> StrList:
-        p = self.versions_dir / version / "train_ids.json"
+        p = self.versions_dir / self._check_version(version) / "train_ids.json"
         return json.loads(p.read_text()) if p.exists() else []
 
     def history(self, last: int | None = None) -> Records:
         """Every run, oldest first; ``last``: only the latest ``last`` (read from the end of the file)."""
         if last is None:
             return _read_jsonl(self.history_path)
+        if not is_int(last) or last < 0:
+            raise ValueError(f"last must be a whole number >= 0 of runs (or None for all), got {last!r}")
         return list(itertools.islice(_iter_jsonl_reversed(self.history_path), last))[::-1]
 
     def last_run(self, outcomes: tuple[str, ...] = ("promoted", "rejected", "skipped")) -> dict[str, Any] | None:

@@ -45,6 +45,30 @@ def test_publish_load_promote_rollback(tmp_path):
     assert set(sd) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
 
 
+def test_registry_arguments_are_checked_before_anything_is_written(tmp_path):
+    """promote(None) loaded the current version, then wrote {"version": null} to CURRENT: nothing served until a
+    manual promote. prune(1.5) pruned, prune('2') and history(-1) failed inside the standard library."""
+    reg = ArtifactRegistry(tmp_path)
+    v1, v2 = _publish(reg, 1), _publish(reg, 2)
+    for bad in (None, "", "../v000001", 2):
+        with pytest.raises(ArtifactError, match="versions are named like v000001"):
+            reg.promote(bad)
+        with pytest.raises(ArtifactError, match="versions are named like v000001"):
+            reg.train_ids(bad)
+    assert reg.current_version() == v2 and reg.train_ids(v1) == ["id1"]
+    for bad in (1.5, "2", True):
+        with pytest.raises(TypeError, match="keep must be a whole number"):
+            reg.prune(bad)
+    assert reg.list_versions() == [v1, v2] and reg.prune(np.int64(1)) == []  # v1 is the rollback target
+    for bad in (-1, "3", 1.0):
+        with pytest.raises(ValueError, match="last must be a whole number >= 0"):
+            reg.history(bad)
+    for bad in (None, " "):
+        with pytest.raises(ValueError, match="retire needs a reason"):
+            reg.retire(bad)
+    assert reg.current_version() == v2
+
+
 def test_corrupt_artifact_is_refused_and_previous_keeps_serving(tmp_path):
     reg = ArtifactRegistry(tmp_path)
     _publish(reg, 1)
