@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -406,10 +406,11 @@ class Predictor:
         rest. ``features`` may also be the full feature matrix (``feature_spec.width`` columns).
         """
         X = np.asarray(X, np.float32)
+        shape = list(X.shape)  # (as given: a 1-D row is reshaped below)
         if X.ndim == 1:
             X = X[None, :]
         if X.ndim != 2 or X.shape[1] != self.in_dim:
-            raise ValueError(f"embeddings must be [n, {self.in_dim}], got {list(X.shape)}")
+            raise ValueError(f"embeddings must be [n, {self.in_dim}] (or one row of {self.in_dim}), got {shape}")
         # the student would answer NaN for such rows, which sorts anywhere. A NaN or inf makes its row's sum
         # non-finite: one matrix-vector product (a quarter of np.isfinite's time), the exact check only then
         if not np.isfinite(X @ np.ones(X.shape[1], np.float32)).all() and not (finite := np.isfinite(X).all(1)).all():
@@ -451,6 +452,9 @@ class Predictor:
                 metadata = [metadata]
         if isinstance(inputs, np.ndarray):
             return self.predict_embeddings(inputs, metadata=metadata).to_list()  # type: ignore[arg-type]
+        if isinstance(inputs, bytes | Mapping) or not isinstance(inputs, Iterable):
+            raise TypeError(f"predict takes a text, a list of texts or an embedding matrix, got "
+                            f"{type(inputs).__name__}")
         return self.predict_batch(list(inputs), metadata=metadata).to_list()  # type: ignore[arg-type]
 
     def predict_one(self, text: str, metadata: Mapping[str, Any] | None = None) -> RewardPrediction:

@@ -146,6 +146,11 @@ def test_numpy_fast_path_matches_torch(tmp_path):
     np.testing.assert_allclose(batch.mean, ref @ pred.bins.centers, atol=1e-5)
     with pytest.raises(ValueError, match=r"embeddings must be \[n, 256\]"):
         pred.predict_embeddings(np.zeros((2, 5)))
+    with pytest.raises(ValueError, match=r"got \[0\]"):  # said [1, 0]: the shape after making it a row
+        pred.predict(np.zeros(0))
+    for bad in (None, 3, b"text", {"text": "a"}):  # None said "'NoneType' object is not iterable"
+        with pytest.raises(TypeError, match="predict takes a text, a list of texts or an embedding matrix"):
+            pred.predict(bad)
     X[2, 7] = np.nan  # a NaN prediction sorts anywhere (best-of-n, retrieval): refused, naming the row
     with pytest.raises(ValueError, match=r"embeddings hold NaN or inf in rows \[2\]: re-embed"):
         pred.predict_embeddings(X)
