@@ -68,6 +68,7 @@ from .types import (
     check_metadata,
     check_unix_time,
     is_int,
+    is_real,
 )
 
 __all__ = ["MemoryStore", "TrainingData", "TrainingPage", "coerce_memory", "mmr_select"]
@@ -891,6 +892,9 @@ class MemoryStore:
     def set_reward(self, memory_id: str, reward: float, *, rewarded_at: float | datetime | str | None = None) -> Memory:
         """Record a (late) reward for a stored memory; returns the updated memory. ``rewarded_at``: when it was earned
         (Unix seconds, a ``datetime`` with a timezone or ISO 8601 text with an offset; default now)."""
+        if not isinstance(memory_id, str):  # (a list failed as "unhashable type")
+            hint = ": for several, set_rewards({id: reward, ...})" if isinstance(memory_id, list | tuple) else ""
+            raise TypeError(f"memory_id must be one memory's id (a str), got {type(memory_id).__name__}{hint}")
         return self.set_rewards({memory_id: reward}, rewarded_at=rewarded_at)[0]
 
     def set_rewards(self, rewards: Mapping[str, float], *,
@@ -902,6 +906,8 @@ class MemoryStore:
         ids = list(rewards)
         if not ids:
             return []
+        if bad := [i for i in ids if not isinstance(i, str) or not i]:
+            raise TypeError(f"set_rewards keys must be memory ids (non-empty str), got {bad[0]!r}")
         if rewarded_at is not None:
             try:
                 rewarded_at = check_unix_time(float(as_unix_time(rewarded_at, "rewarded_at")), "rewarded_at")
@@ -912,7 +918,7 @@ class MemoryStore:
         metas, out = [], []
         for i in ids:
             r = rewards[i]
-            if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(float(r)):
+            if not is_real(r) or not math.isfinite(float(r)):  # (numpy numbers too: a model's np.float32 score)
                 raise InvalidMemoryError(f"reward for {i!r} must be a finite number, got {r!r}")
             self._check_reward(float(r), f"reward for {i!r}")
             doc, meta = by_id[i]
@@ -963,6 +969,9 @@ class MemoryStore:
         ids = list(updates)
         if not ids:
             return []
+        if bad := [i for i in ids if not isinstance(i, str) or not i]:
+            raise TypeError(f"update_metadata keys must be memory ids (non-empty str), got {bad[0]!r}")
+        checked: dict[str, dict[str, Any]] = {}
         fixes = {"reward": "use set_reward / set_rewards({id: reward})",
                  "namespace": "a memory's namespace is set when it is added (add_many(..., upsert=True) re-adds it)"}
         for i in ids:
@@ -974,14 +983,14 @@ class MemoryStore:
                 raise InvalidMemoryError(f"update_metadata[{i!r}]: {field!r} is the memory's own field, not "
                                          f"metadata: {fixes[field]}")
             try:
-                check_metadata(dict(updates[i]), allow_none=True)
+                checked[i] = check_metadata(dict(updates[i]), allow_none=True)
             except (TypeError, ValueError) as e:
                 raise InvalidMemoryError(f"update_metadata[{i!r}]: {e}") from e
         by_id = self._stored(ids)
         patches, out = [], []
         for i in ids:
             doc, meta = by_id[i]
-            patch = dict(updates[i])
+            patch = dict(checked[i])  # (numpy scalars made Python values)
             merged = {k: v for k, v in {**(meta or {}), **patch}.items() if v is not None}
             patches.append(patch)
             out.append(self._from_row(i, doc, merged))

@@ -42,12 +42,15 @@ def check_metadata(v: Any, *, allow_none: bool = False) -> dict[str, Any]:
 
     A ``None`` value means "no value", as in Chroma: it is dropped from the returned copy (LangChain loaders often
     emit ``{"page": None}``). With ``allow_none`` it is kept (``MemoryStore.update_metadata``: remove the key).
+    A numpy scalar (a pandas column's ``int64``, a ``bool_``) becomes the Python value in the returned copy.
     """
     if v is None:
         return {}
     if not isinstance(v, dict):
         raise ValueError(f"metadata must be a dict of scalars, got {type(v).__name__}")
     has_none = False
+    if any(isinstance(value, np.generic) for value in v.values()):
+        v = {key: value.item() if isinstance(value, np.generic) else value for key, value in v.items()}
     for key, value in v.items():
         if not isinstance(key, str) or not key:
             raise ValueError(f"metadata key {key!r} must be a non-empty string")

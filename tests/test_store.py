@@ -507,6 +507,31 @@ def test_update_metadata_merges_removes_and_validates_first(store):
         assert store.get(b).metadata == {"tool": "calc", "tier": "gold"} and store.get(a).reward == 0.4
     with pytest.raises(TypeError, match="update_metadata takes a dict"):
         store.update_metadata([a])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="keys must be memory ids"):  # (Chroma's "Expected ID to be a str")
+        store.update_metadata({1: {"n": 1}})  # type: ignore[dict-item]
+
+
+def test_numpy_numbers_are_taken_as_rewards_and_metadata(store):
+    """A score from a numpy model (np.float32) was refused by set_reward though add took it; a pandas column's
+    np.int64 or np.bool_ in metadata was refused, and update_metadata sent it to Chroma unconverted."""
+    a = store.add({"text": "from a dataframe", "reward": np.float32(0.25),
+                   "metadata": {"steps": np.int64(3), "ok": np.bool_(True), "score": np.float32(0.5),
+                                "tool": np.str_("search")}})
+    m = store.get(a)
+    assert m.reward == 0.25 and m.metadata == {"steps": 3, "ok": True, "score": 0.5, "tool": "search"}
+    assert {k: type(v) for k, v in m.metadata.items()} == {"steps": int, "ok": bool, "score": float, "tool": str}
+    assert [h.memory.id for h in store.search("dataframe", k=3, where={"steps": 3, "ok": True})] == [a]
+    assert store.set_reward(a, np.float32(0.75)).reward == 0.75 and store.get(a).reward == 0.75
+    store.update_metadata({a: {"steps": np.int64(4)}})
+    assert store.get(a).metadata["steps"] == 4 and type(store.get(a).metadata["steps"]) is int
+    with pytest.raises(TypeError, match=r"memory_id must be one memory's id \(a str\), got list: for several, "
+                                        r"set_rewards"):
+        store.set_reward([a], 0.5)  # type: ignore[arg-type]  # ("unhashable type: 'list'")
+    with pytest.raises(TypeError, match="set_rewards keys must be memory ids"):
+        store.set_rewards({1: 0.5})  # type: ignore[dict-item]
+    with pytest.raises(InvalidMemoryError, match="must be a finite number"):
+        store.set_reward(a, np.float32("nan"))
+    assert store.get(a).reward == 0.75
 
 
 def test_failed_chunked_metadata_update_is_rolled_back(tmp_path, embedder, monkeypatch):
