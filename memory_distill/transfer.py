@@ -48,7 +48,7 @@ import numpy as np
 
 from .errors import InvalidMemoryError, StoreError, nearest_name
 from .store import MemoryStore, coerce_memory
-from .types import Memory
+from .types import Memory, is_int
 
 __all__ = ["ImportReport", "export_jsonl", "import_jsonl", "read_jsonl"]
 
@@ -102,11 +102,22 @@ def export_jsonl(store: MemoryStore, path: str | Path | IO[Any], *, namespace: s
     """Write the store's memories (optionally one namespace / a ``where`` filter) as JSON Lines.
 
     ``path``: a file path, written to a temporary file next to it and renamed into place when
-    complete (a failed export leaves no partial file), or an open stream, text (``sys.stdout``) or binary.
+    complete (a failed export leaves no partial file), ``-`` for standard output, or an open stream, text or
+    binary.
     ``embeddings=True`` also writes the vectors, so importing into a store with the same embedder
     costs no embedding calls. ``progress(rows_written)`` is called after each page. Returns the
     number of memories written.
     """
+    if not isinstance(path, str | Path) and not hasattr(path, "write"):
+        raise TypeError(f"export_jsonl writes to a file path, '-' (standard output) or an open stream, got "
+                        f"{type(path).__name__}")
+    if not isinstance(embeddings, bool | np.bool_):
+        raise TypeError(f"embeddings must be True or False (write the vectors too), got {type(embeddings).__name__} "
+                        f"{embeddings!r}")
+    if namespace is not None and (not isinstance(namespace, str) or not namespace.strip()):
+        raise StoreError(f"namespace must be a non-empty str (one namespace's name), or None for all, got {namespace!r}")
+    if isinstance(path, str | Path) and str(path) == "-":  # (as import_jsonl reads "-" from standard input)
+        path = sys.stdout
     if not isinstance(path, (str, Path)):
         binary = isinstance(path, (io.RawIOBase, io.BufferedIOBase)) or "b" in str(getattr(path, "mode", ""))
         if not binary:
@@ -183,6 +194,9 @@ def _lines(path: str | Path | IO[Any]) -> Iterator[tuple[int, str]]:
     stream (read as it is: a text stream's own encoding applies)."""
     name = source_name(path)
     lineno = 0
+    if not isinstance(path, str | Path) and not hasattr(path, "read"):  # (None failed as "not iterable")
+        raise TypeError(f"the import source must be a file path, '-' (standard input) or an open stream, got "
+                        f"{type(path).__name__}")
     try:
         if not isinstance(path, (str, Path)):
             src: Any = path
@@ -220,6 +234,9 @@ def read_jsonl(path: str | Path | IO[Any], *, namespace: str | None = None) -> I
     ``txt``), which is an error: its value would be lost. ``namespace`` applies to lines that do not name one.
     Errors name ``path:line``.
     """
+    if namespace is not None and (not isinstance(namespace, str) or not namespace.strip()):
+        raise InvalidMemoryError(f"namespace must be a non-empty str (given to the lines that name none), got "
+                                 f"{namespace!r}")
     mems: list[Memory] = []
     vecs: list[np.ndarray | None] = []
     linenos: list[int] = []
@@ -306,8 +323,10 @@ def import_jsonl(store: MemoryStore, path: str | Path | IO[Any], *, namespace: s
     after each embedding batch of ``batch_size`` texts. The file's memories and vectors are held in
     memory until the write (n x dim float32: 100k rows of 1536-d OpenAI vectors take 0.6 GB).
     """
-    if batch_size < 1:
-        raise InvalidMemoryError(f"batch_size must be >= 1, got {batch_size}")
+    if not is_int(batch_size) or batch_size < 1:
+        raise InvalidMemoryError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    if not isinstance(upsert, bool | np.bool_):  # ("no" is truthy: it replaced the stored memories)
+        raise TypeError(f"upsert must be True or False, got {type(upsert).__name__} {upsert!r}")
     data = read_jsonl(path, namespace=namespace)
     mems = data.memories
     name = source_name(path)

@@ -110,6 +110,36 @@ def test_export_filters_and_streams(tmp_path) -> None:  # type: ignore[no-untype
     assert export_jsonl(src, io.StringIO(), namespace="team-a", where={"reward": {"$gte": 0.5}}) == 11  # i = 20..29 and 3
 
 
+def test_transfer_arguments_are_checked_before_anything_is_read_or_written(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """import_jsonl(upsert="no") replaced stored memories ("no" is truthy); None as the source failed as "not
+    iterable"; an empty namespace was used or ignored; export_jsonl("-") wrote a file named "-" though
+    import_jsonl("-") reads standard input."""
+    src, _ = _filled(tmp_path)
+    buf = io.StringIO()
+    export_jsonl(src, buf, namespace="team-b")
+    before = _rows(src)
+    for kw, err, why in (({"upsert": "no"}, TypeError, "upsert must be True or False"),
+                         ({"namespace": ""}, InvalidMemoryError, "namespace must be a non-empty str"),
+                         ({"namespace": 3}, InvalidMemoryError, "namespace must be a non-empty str"),
+                         ({"batch_size": 1.5}, InvalidMemoryError, "batch_size must be a whole number")):
+        with pytest.raises(err, match=why):
+            import_jsonl(src, io.StringIO(buf.getvalue()), **kw)
+    with pytest.raises(TypeError, match="the import source must be a file path, '-'"):
+        import_jsonl(src, None)  # type: ignore[arg-type]
+    assert _rows(src) == before
+    for kw, err, why in (({"embeddings": "yes"}, TypeError, "embeddings must be True or False"),
+                         ({"namespace": " "}, StoreError, "namespace must be a non-empty str")):
+        with pytest.raises(err, match=why):
+            export_jsonl(src, tmp_path / "out.jsonl", **kw)
+    with pytest.raises(TypeError, match="export_jsonl writes to a file path"):
+        export_jsonl(src, None)  # type: ignore[arg-type]
+    assert not (tmp_path / "out.jsonl").exists()
+    capsys.readouterr()
+    assert export_jsonl(src, "-", namespace="team-b") == 10
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 11 and json.loads(out[1])["namespace"] == "team-b"
+
+
 def test_failed_export_leaves_no_file_and_keeps_the_old_one(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     src, _ = _filled(tmp_path)
     path = tmp_path / "backup.jsonl"
