@@ -117,7 +117,8 @@ def export_jsonl(store: MemoryStore, path: str | Path | IO[Any], *, namespace: s
     if namespace is not None and (not isinstance(namespace, str) or not namespace.strip()):
         raise StoreError(f"namespace must be a non-empty str (one namespace's name), or None for all, got {namespace!r}")
     if isinstance(path, str | Path) and str(path) == "-":  # (as import_jsonl reads "-" from standard input)
-        path = sys.stdout
+        return export_jsonl(store, sys.stdout, namespace=namespace, where=where, embeddings=embeddings,
+                            progress=progress)
     if not isinstance(path, (str, Path)):
         binary = isinstance(path, (io.RawIOBase, io.BufferedIOBase)) or "b" in str(getattr(path, "mode", ""))
         if not binary:
