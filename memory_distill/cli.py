@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import stat
 import sys
@@ -87,6 +88,12 @@ def _whole_number(text: str, minimum: int) -> int:
     if value < minimum:
         raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
+
+
+def _device(text: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"{text!r}: give auto, cpu, cuda or cuda:N (the N-th GPU)")
+    return text
 
 
 def _namespace(text: str) -> str:
@@ -697,7 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--distill-epochs", type=_count)
         sp.add_argument("--curriculum", choices=["uniform", "easy_to_hard", "hard_to_easy", "adaptive", "sec_bandit"])
         sp.add_argument("--seed", type=_seed)
-        sp.add_argument("--device", choices=["auto", "cpu", "cuda"])
+        sp.add_argument("--device", type=_device, metavar="{auto,cpu,cuda,cuda:N}")
         sp.add_argument("--threads", type=_count, help="CPU threads to train with (default: every core)")
         sp.add_argument("--keep-versions", type=_count, metavar="N",
                         help="keep the N newest model versions (default 20; the current one and the rollback "

@@ -284,8 +284,8 @@ class JobConfig(_Config):
     """Promotion gate."""
     seed: int = Field(default=0, ge=0)
     """Seed for splits, initialisation and sampling: same data + seed -> same model."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """``auto`` uses CUDA when available."""
+    device: str = "auto"
+    """``auto`` uses CUDA when available; ``cpu``, ``cuda`` or ``cuda:N`` (one GPU of several)."""
     threads: int | None = Field(default=None, ge=1)
     """CPU threads torch may use during the run (``None``: torch's default, every core). Set it when the job
     shares the machine with agents, e.g. a worker in the agent's process: ``threads=1`` leaves the other cores to
@@ -334,6 +334,13 @@ class JobConfig(_Config):
     metadata in the scorer, a stored memory's in the retriever). A key that no training memory has
     adds nothing; consolidation logs a warning naming the nearest key the memories do have, and a
     prediction given a near miss of a feature key (``tol`` for ``tool``) warns once."""
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (the N-th GPU), got {v!r}")
+        return v
 
     @field_validator("namespace")
     @classmethod

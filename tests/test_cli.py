@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from memory_distill.cli import main
 
@@ -330,6 +331,26 @@ def test_an_unknown_device_name_is_a_clear_error():
         with pytest.raises(DeviceError, match=f"device must be 'auto', 'cpu' or 'cuda' \\(or 'cuda:N'\\), got '{name}'"):
             resolve_device(name)
     assert resolve_device("cpu").type == "cpu" and resolve_device("auto").type in ("cpu", "cuda")
+
+
+def test_one_gpu_of_several_can_be_named(home, capsys):
+    """JobConfig.device and --device took only auto/cpu/cuda though the trainer and Predictor take cuda:N: on a
+    machine with several GPUs the job could not be put on the second one."""
+    from pydantic import ValidationError
+
+    from memory_distill import JobConfig
+
+    assert JobConfig(device="cuda:1").device == "cuda:1"
+    for bad in ("cpu:0", "gpu", "cuda:", "CUDA"):
+        with pytest.raises(ValidationError, match=r"device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"):
+            JobConfig(device=bad)
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", "consolidate", "--device", "gpu"])
+    assert exc.value.code == 2 and "'gpu': give auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # the name reaches the trainer, which says what this machine has
+        run(capsys, "demo", "--n", "60", "--epochs", "1")
+        code, _, err = run(capsys, "consolidate", "--device", "cuda:1")
+        assert code == 2 and "device='cuda:1' was asked for but torch" in err
 
 
 def test_the_worker_prints_a_line_per_run_as_it_happens(home, capsys):
