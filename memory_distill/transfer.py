@@ -48,7 +48,7 @@ import numpy as np
 
 from .errors import InvalidMemoryError, StoreError, nearest_name
 from .store import MemoryStore, coerce_memory
-from .types import Memory, is_int
+from .types import Memory, check_flag, is_int
 
 __all__ = ["ImportReport", "export_jsonl", "import_jsonl", "read_jsonl"]
 
@@ -111,9 +111,7 @@ def export_jsonl(store: MemoryStore, path: str | Path | IO[Any], *, namespace: s
     if not isinstance(path, str | Path) and not hasattr(path, "write"):
         raise TypeError(f"export_jsonl writes to a file path, '-' (standard output) or an open stream, got "
                         f"{type(path).__name__}")
-    if not isinstance(embeddings, bool | np.bool_):
-        raise TypeError(f"embeddings must be True or False (write the vectors too), got {type(embeddings).__name__} "
-                        f"{embeddings!r}")
+    check_flag(embeddings, "embeddings", "write the vectors too")
     if namespace is not None and (not isinstance(namespace, str) or not namespace.strip()):
         raise StoreError(f"namespace must be a non-empty str (one namespace's name), or None for all, got {namespace!r}")
     if isinstance(path, str | Path) and str(path) == "-":  # (as import_jsonl reads "-" from standard input)
@@ -326,8 +324,7 @@ def import_jsonl(store: MemoryStore, path: str | Path | IO[Any], *, namespace: s
     """
     if not is_int(batch_size) or batch_size < 1:
         raise InvalidMemoryError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
-    if not isinstance(upsert, bool | np.bool_):  # ("no" is truthy: it replaced the stored memories)
-        raise TypeError(f"upsert must be True or False, got {type(upsert).__name__} {upsert!r}")
+    check_flag(upsert, "upsert", "replace stored memories of the same ids")  # ("no" replaced them)
     data = read_jsonl(path, namespace=namespace)
     mems = data.memories
     name = source_name(path)

@@ -84,6 +84,14 @@ def is_int(v: Any) -> bool:
     return isinstance(v, int | np.integer) and not isinstance(v, bool)
 
 
+def check_flag(v: Any, name: str, what: str = "") -> bool:
+    """``v`` as a bool, else a ``TypeError`` naming ``name`` (``"no"`` or ``1`` is truthy: taken as True, it turned
+    on what the caller meant to turn off). ``what``: what the flag does, for the message."""
+    if not isinstance(v, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False{f' ({what})' if what else ''}, got {type(v).__name__} {v!r}")
+    return bool(v)
+
+
 def is_real(v: Any) -> bool:
     """``v`` is a real number: an int, a float or a numpy one, not a bool (NaN and inf included: check them apart)."""
     return isinstance(v, Real) and not isinstance(v, bool)

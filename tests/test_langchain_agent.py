@@ -144,6 +144,19 @@ def test_a_bad_reward_fn_leaves_the_episode_pending_not_the_run_failed(store, ca
             recorder(store, reward_fn=lambda answer: 1.0)  # type: ignore[arg-type,misc]
         with pytest.raises(TypeError, match="namespace= must be a function of the run's .*: too many"):
             recorder(store, namespace=lambda: "user-1")  # type: ignore[arg-type]
+        # a truthy "no" turned on what it meant to turn off; a str reward failed inside a comparison
+        with pytest.raises(TypeError, match=r"background must be True or False \(grade and write off"):
+            recorder(store, background="no")  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="failure_reward must be a reward .* got str '0'"):
+            recorder(store, failure_reward="0")  # type: ignore[arg-type]
+    for flag in ("recall", "record", "handle_tool_errors", "expose_recall_tool"):
+        with pytest.raises(TypeError, match=f"{flag} must be True or False .* got str 'no'"):
+            MemoryDistillMiddleware(store, **{flag: "no"})
+    with pytest.raises(TypeError, match="predictor_for must be a function namespace -> Predictor"):
+        MemoryDistillMiddleware(store, predictor_for=3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="retriever must be a ValueAwareRetriever, got str"):
+        MemoryDistillMiddleware(store, retriever="recall")  # type: ignore[arg-type]
+    assert MemoryDistillMiddleware(store, recall=np.bool_(False)).do_recall is False
 
 
 def test_async_agent_and_late_feedback(trained_store):

@@ -18,7 +18,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMe
 
 from memory_distill.errors import InvalidMemoryError
 from memory_distill.store import MemoryStore, coerce_memory
-from memory_distill.types import check_reward_value, is_int
+from memory_distill.types import check_flag, check_reward_value, is_int, is_real
 
 __all__ = ["RECENT_IDS", "EpisodeWriter", "NamespaceFn", "check_callable_as", "check_episode_settings", "check_predictor",
            "check_store", "current_thread_id",
@@ -94,7 +94,7 @@ class EpisodeWriter:
                              f"{max_unsaved!r}")
         store = check_store(store, "EpisodeWriter", has_from_memory=False)
         self.store, self.errors, self.max_unsaved = store, errors, max_unsaved
-        self.background = bool(background)
+        self.background = check_flag(background, "background", "grade and write off the agent's path")
         self.unsaved: OrderedDict[str, dict[str, Any]] = OrderedDict()
         """Episodes written to this writer but not yet to the store (graded ones), oldest first, by id."""
         self._grading: dict[str, dict[str, Any]] = {}  # background: episodes whose grade() has not run yet
@@ -425,7 +425,10 @@ def check_episode_settings(store: MemoryStore, metadata: dict[str, Any] | None, 
         raise TypeError(f"metadata= must be a dict recorded with every episode, e.g. {{'agent': 'planner-v2'}}, got "
                         f"{type(metadata).__name__} {metadata!r}")
     if failure_reward is not None:
-        store._check_reward(failure_reward, "failure_reward")
+        if not is_real(failure_reward):
+            raise TypeError(f"failure_reward must be a reward (a number) for a run that raised, or None to record "
+                            f"no reward, got {type(failure_reward).__name__} {failure_reward!r}")
+        store._check_reward(float(failure_reward), "failure_reward")
     try:
         coerce_memory({"text": "(settings check)", "metadata": dict(metadata or {}), "namespace": namespace})
     except InvalidMemoryError as e:

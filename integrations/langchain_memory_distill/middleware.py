@@ -43,6 +43,7 @@ from typing_extensions import NotRequired
 
 from memory_distill.predictor import Predictor
 from memory_distill.store import MemoryStore
+from memory_distill.types import check_flag
 
 from .episodes import (
     EpisodeWriter,
@@ -129,6 +130,16 @@ class MemoryDistillMiddleware(AgentMiddleware):
             check_callable_as(namespace, (None,), "namespace= must be a function of the run's runtime, "
                               "e.g. lambda runtime: f\"user-{runtime.context.user_id}\"")
         fixed = namespace if isinstance(namespace, str) else "default"
+        recall, record, handle_tool_errors, expose_recall_tool = (  # (recall="no" recalled)
+            check_flag(recall, "recall", "put past episodes in the prompt"),
+            check_flag(record, "record", "store each run as an episode"),
+            check_flag(handle_tool_errors, "handle_tool_errors", "a failing tool's error goes to the model"),
+            check_flag(expose_recall_tool, "expose_recall_tool", "give the model a recall tool"))
+        if predictor_for is not None and not callable(predictor_for):
+            raise TypeError(f"predictor_for must be a function namespace -> Predictor or None (e.g. "
+                            f"mem.try_predictor), got {type(predictor_for).__name__}")
+        if retriever is not None and not isinstance(retriever, ValueAwareRetriever):
+            raise TypeError(f"retriever must be a ValueAwareRetriever, got {type(retriever).__name__}")
         if retriever is not None and (predictor is not None or k != 3 or diversity != 0.0):
             raise ValueError("pass retriever= or predictor= / k= / diversity=, not both: the retriever's own settings "
                              "are the ones used, so set them on it")
