@@ -746,6 +746,9 @@ class MemoryStore:
                 raise StoreError(f"namespace must be a str (one namespace's name), got {type(namespace).__name__} "
                                  f"{namespace!r}: to read several, pass namespace=None and filter with "
                                  "where={'namespace': {'$in': [...]}}")
+            if not namespace.strip():  # no memory can be in one (Memory refuses it): the answer was silently empty
+                raise StoreError(f"namespace {namespace!r} is empty: give a namespace's name, or None for every "
+                                 "namespace")
             clauses.append({NS: namespace})
         if rewarded_only:
             clauses.append({HAS_REWARD: True})

@@ -511,6 +511,22 @@ def test_update_metadata_merges_removes_and_validates_first(store):
         store.update_metadata({1: {"n": 1}})  # type: ignore[dict-item]
 
 
+def test_an_empty_namespace_is_refused_where_it_selects(store):
+    """No memory can be in namespace '' (Memory refuses it), so search/count/delete there answered nothing,
+    silently; the retriever recalled nothing."""
+    from langchain_memory_distill import ValueAwareRetriever
+
+    store.add({"text": "kept", "reward": 0.5})
+    for call in (lambda: store.search("kept", namespace=""), lambda: store.count(namespace=" "),
+                 lambda: store.delete(namespace=""),
+                 lambda: ValueAwareRetriever(store=store).invoke("kept", namespace="")):
+        with pytest.raises(StoreError, match="namespace '.*' is empty: give a namespace's name, or None"):
+            call()
+    with pytest.raises(ValueError, match="namespace '' is empty"):
+        ValueAwareRetriever(store=store, namespace="")
+    assert store.count() == 1 and store.count(namespace="default") == 1
+
+
 def test_numpy_numbers_are_taken_as_rewards_and_metadata(store):
     """A score from a numpy model (np.float32) was refused by set_reward though add took it; a pandas column's
     np.int64 or np.bool_ in metadata was refused, and update_metadata sent it to Chroma unconverted."""

@@ -114,6 +114,13 @@ class ValueAwareRetriever(BaseRetriever):
     def _a_store(cls, v: Any) -> Any:
         return check_store(v, "ValueAwareRetriever")  # a MemoryDistill: the fix is from_memory
 
+    @field_validator("namespace")
+    @classmethod
+    def _a_namespace(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():  # (it recalled nothing, silently)
+            raise ValueError(f"namespace {v!r} is empty: give a namespace's name, or None to search every namespace")
+        return v
+
     def model_post_init(self, context: Any, /) -> None:
         if self.w_similarity == self.w_value == self.w_recency == 0:  # every score 0: an arbitrary order
             raise ValueError("w_similarity, w_value and w_recency are all 0, so nothing ranks the candidates: give "
