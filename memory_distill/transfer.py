@@ -112,8 +112,6 @@ def export_jsonl(store: MemoryStore, path: str | Path | IO[Any], *, namespace: s
         raise TypeError(f"export_jsonl writes to a file path, '-' (standard output) or an open stream, got "
                         f"{type(path).__name__}")
     check_flag(embeddings, "embeddings", "write the vectors too")
-    if namespace is not None and (not isinstance(namespace, str) or not namespace.strip()):
-        raise StoreError(f"namespace must be a non-empty str (one namespace's name), or None for all, got {namespace!r}")
     if isinstance(path, str | Path) and str(path) == "-":  # (as import_jsonl reads "-" from standard input)
         return export_jsonl(store, sys.stdout, namespace=namespace, where=where, embeddings=embeddings,
                             progress=progress)

@@ -128,7 +128,7 @@ def test_transfer_arguments_are_checked_before_anything_is_read_or_written(tmp_p
         import_jsonl(src, None)  # type: ignore[arg-type]
     assert _rows(src) == before
     for kw, err, why in (({"embeddings": "yes"}, TypeError, "embeddings must be True or False"),
-                         ({"namespace": " "}, StoreError, "namespace must be a non-empty str")):
+                         ({"namespace": " "}, StoreError, "namespace ' ' is empty")):
         with pytest.raises(err, match=why):
             export_jsonl(src, tmp_path / "out.jsonl", **kw)
     with pytest.raises(TypeError, match="export_jsonl writes to a file path"):
