@@ -61,7 +61,7 @@ from .rewards import RewardBins
 from .store import MemoryStore, TrainingData
 from .teacher import TeacherReport
 from .training import Split, seeded_training, split_by_group_and_time, train_pair
-from .types import RESERVED_PREFIX, is_int, is_real
+from .types import RESERVED_PREFIX, check_flag, is_int, is_real
 
 __all__ = [
     "ConsolidationExecutor",
@@ -544,6 +544,10 @@ def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None
     if ids is None and where is None and namespace is None and older_than is None:
         raise StoreError("forget needs ids, where, namespace or older_than (CLI: --id, --where, --namespace, "
                          "--older-than): refusing to forget everything")
+    dry_run = check_flag(dry_run, "dry_run", "change nothing, return what would happen")  # ("yes" deleted)
+    if not isinstance(reason, str):
+        raise TypeError(f"reason must be text (why they are forgotten, for the deletion log), got "
+                        f"{type(reason).__name__} {reason!r}")
     if older_than is not None:
         try:  # seconds, or "90d" as on the command line
             older_than = seconds(older_than, "older_than", allow_zero=True)

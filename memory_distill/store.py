@@ -139,11 +139,19 @@ class TrainingData:
         return ~np.isnan(self.rewards)
 
 
-def id_list(ids: Any, what: str = "ids") -> list[str]:
-    """``ids`` as a list; one bare id is an error (a str is a sequence: each character would be taken for an id)."""
+def id_list(ids: Any, what: str = "ids", *, allow_none: bool = False) -> list[str]:
+    """``ids`` as a list of non-empty str; one bare id is an error (a str is a sequence: each character would be
+    taken for an id), and so is ``None`` or a non-str id (which Chroma refused as "Expected ID to be a str").
+    ``allow_none``: ``None`` entries pass (a LangChain ``Document`` without an id gets a new one)."""
     if isinstance(ids, (str, bytes)):
         raise TypeError(f"{what} must be a list of memory ids, got one {type(ids).__name__} {ids!r}: pass [{ids!r}]")
-    return list(ids)
+    if isinstance(ids, Mapping) or not isinstance(ids, Iterable):
+        raise TypeError(f"{what} must be a list of memory ids, got {type(ids).__name__} {ids!r:.80}")
+    out = list(ids)
+    for i, x in enumerate(out):
+        if (not isinstance(x, str) or not x) and not (allow_none and x is None):
+            raise TypeError(f"{what}[{i}] must be a memory id (a non-empty str), got {type(x).__name__} {x!r:.80}")
+    return out
 
 
 def coerce_memory(item: Any, *, namespace: str | None = None, index: int | None = None) -> Memory:
@@ -1258,7 +1266,7 @@ class MemoryStore:
 
         ``metadata_keys``: also return these metadata values (``page.metadata``; ``None`` where absent).
         """
-        size = page_size or self.config.read_page_size
+        size = self._page_size(page_size)
         flt = self._where(namespace, where, rewarded_only)
         offset = 0
         # Chroma reads embeddings (vector segment) and metadata (SQLite) separately; fetching the two
@@ -1293,6 +1301,15 @@ class MemoryStore:
         got = self._col.get(where=flt, limit=size, offset=offset, include=["embeddings", "metadatas"])
         return list(got["ids"]), got["embeddings"], list(got["metadatas"] or [])
 
+    def _page_size(self, page_size: Any) -> int:
+        """``page_size`` checked (0 read the configured size, "10" failed inside Chroma); ``None``: the config's."""
+        if page_size is None:
+            return self.config.read_page_size
+        if not is_int(page_size) or page_size < 1:
+            raise ValueError(f"page_size must be a whole number >= 1 (or None for StoreConfig.read_page_size), got "
+                             f"{page_size!r}")
+        return int(page_size)
+
     def iter_memories(
         self,
         *,
@@ -1309,7 +1326,7 @@ class MemoryStore:
         """
         include = ["documents", "metadatas", "embeddings"] if with_embeddings else ["documents", "metadatas"]
         for got in _pages(self._col, where=self._where(namespace, where), include=include,
-                          size=page_size or self.config.read_page_size):
+                          size=self._page_size(page_size)):
             ids = list(got["ids"])
             mems = [self._from_row(i, d, m) for i, d, m in zip(ids, got["documents"], got["metadatas"], strict=True)]
             embs = np.asarray(got["embeddings"], np.float32).reshape(len(ids), -1) if with_embeddings else None

@@ -579,6 +579,29 @@ def test_forget_by_namespace(store, registry, episodes):
     assert store.count(namespace="user-42") == 0
 
 
+def test_forget_checks_its_arguments_before_deleting(store, registry):
+    """dry_run="yes" deleted (a truthy str), ids=[1] failed inside Chroma, a non-str reason was logged as is."""
+    ids = store.add_many([{"text": f"episode {i}", "reward": 0.5} for i in range(3)])
+    for kw, why in (({"dry_run": "yes"}, "dry_run must be True or False"),
+                    ({"reason": 3}, "reason must be text"),
+                    ({"dry_run": True, "reason": None}, "reason must be text")):
+        with pytest.raises(TypeError, match=why):
+            forget(store, registry, ids[:1], **kw)
+    for bad, why in (([1], r"ids\[0\] must be a memory id \(a non-empty str\), got int 1"),
+                     ([ids[0], ""], r"ids\[1\] must be a memory id"),
+                     (7, "ids must be a list of memory ids, got int 7")):
+        with pytest.raises(TypeError, match=why):
+            forget(store, registry, bad)
+    assert store.count() == 3
+    assert forget(store, registry, (ids[0],), dry_run=np.bool_(True))["n_deleted"] == 1 and store.count() == 3
+    with pytest.raises(ValueError, match="page_size must be a whole number >= 1"):
+        next(store.iter_memories(page_size=0))  # (it read pages of the configured size)
+    with pytest.raises(ValueError, match="page_size must be a whole number >= 1"):
+        next(store.iter_pages(page_size="10"))
+    with pytest.raises(TypeError, match="ids must be a list of memory ids, got NoneType"):
+        store.get_many(None)
+
+
 def test_drift_report_and_trigger(store, registry):
     eps = synthetic_episodes(500, seed=4, pending_fraction=0.0)
     store.add_many(eps)

@@ -76,7 +76,7 @@ class MemoryDistillVectorStore(VectorStore):
             raise TypeError("add_texts takes a list of texts, got one str: pass [text]")
         texts = list(texts)
         if ids is not None:
-            ids = id_list(ids)
+            ids = id_list(ids, allow_none=True)
         if metadatas is not None and len(metadatas) != len(texts):
             raise InvalidMemoryError(f"metadatas has {len(metadatas)} entries for {len(texts)} texts: give one each")
         if ids is not None and len(ids) != len(texts):
@@ -87,7 +87,7 @@ class MemoryDistillVectorStore(VectorStore):
             reward = meta.pop(self.reward_key, None)
             item: dict[str, Any] = {"text": text, "reward": reward, "metadata": meta}
             if ids is not None and ids[i] is not None:
-                item["id"] = str(ids[i])
+                item["id"] = ids[i]
             items.append(item)
         # without ids every memory is new: a plain add (Chroma's upsert costs about twice as much); with ids,
         # never take over another namespace's memory
