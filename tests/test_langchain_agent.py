@@ -365,7 +365,7 @@ def test_scorer_batch_reports_each_input_to_callbacks(trained_store):
     assert isinstance(mixed[0], TypeError) and mixed[1].mean == pytest.approx(preds[0].mean)
     with pytest.raises(TypeError, match="got int"):
         scorer.batch([GOOD, 42])
-    with pytest.raises(TypeError, match="got one str"):
+    with pytest.raises(TypeError, match="take a list of inputs, got one str"):
         scorer.batch(GOOD)
 
 

@@ -41,6 +41,12 @@ def _no_other_options(kwargs: dict[str, Any]) -> None:
                                                                   "; its one per-call option is question="))
 
 
+def _a_list(inputs: Any) -> None:
+    if isinstance(inputs, str | Document):  # a str is a sequence: its letters would be scored one by one
+        raise TypeError(f"score_batch and batch take a list of inputs, got one {type(inputs).__name__}: pass "
+                        "[input], or use invoke")
+
+
 def _check_template(template: str) -> None:
     """``template`` must hold ``{text}`` (else every candidate is scored as the same text) and no other field
     (which would fail at the first score with a bare KeyError)."""
@@ -79,9 +85,7 @@ class RewardScorer(Runnable[Input, RewardPrediction]):
         """One forward pass over ``inputs``. ``question``: the prompt they answer, for a student trained on what
         the middleware or the callback handler recorded: each input is scored as the episode that run would
         record (:func:`~langchain_memory_distill.episodes.episode_text`), a ``Document``'s metadata kept."""
-        if isinstance(inputs, str | Document):  # a str is a sequence: its letters would be scored one by one
-            raise TypeError(f"score_batch and batch take a list of inputs, got one {type(inputs).__name__}: pass "
-                            "[input], or use invoke")
+        _a_list(inputs)
         if question is not None and self.template != "{text}":
             raise ValueError("pass question= or a scorer template, not both: question= formats each candidate as "
                              "a recorded episode, the template would format it again")
@@ -109,9 +113,7 @@ class RewardScorer(Runnable[Input, RewardPrediction]):
         ``return_exceptions=True`` an input that cannot be scored (not a str or Document) comes back as its
         exception and the others are still scored."""
         _no_other_options(kwargs)
-        if isinstance(inputs, str | Document):
-            raise TypeError(f"batch takes a list of inputs, got one {type(inputs).__name__}: pass [input], or use "
-                            "invoke")
+        _a_list(inputs)
         if not inputs:
             return []
         inputs = list(inputs)
