@@ -245,6 +245,8 @@ def run_consolidation(
     ``rollback`` or ``promote`` an operator made since with a model of the same data.
     """
     cfg = as_config(config, JobConfig, "config")
+    skip_unchanged = check_flag(skip_unchanged, "skip_unchanged", "train nothing when nothing changed")
+    progress = check_flag(progress, "progress", "show progress bars")
     top, registry = registry, registry.scoped(cfg.namespace)  # forget() logs deletions in the top-level registry
     first = not registry.exists()
     lk = registry.acquire(lock_timeout)
@@ -740,7 +742,7 @@ class ConsolidationWorker:
                  skip_unchanged: bool = True,
                  on_run: Callable[[ConsolidationWorker, ConsolidationReport | Exception], None] | None = None) -> None:
         every_s, min_new, drift_threshold = _check_triggers(every_s, min_new, drift_threshold, on_run)
-        self.skip_unchanged = skip_unchanged
+        self.skip_unchanged = check_flag(skip_unchanged, "skip_unchanged", "train nothing when nothing changed")
         self._stale_tried: set[str] = set()  # stale versions a run was started for
         self.on_run = on_run
         """Called with this worker and each due run's report, or the error of a run that was skipped (nothing
@@ -910,6 +912,7 @@ class NamespaceWorkers:
         every_s, min_new, drift_threshold = _check_triggers(every_s, min_new, drift_threshold, on_run)
         discover_every_s = seconds(discover_every_s, "discover_every_s", allow_zero=True)
         self.store, self.registry = store, registry
+        skip_unchanged = check_flag(skip_unchanged, "skip_unchanged", "train nothing when nothing changed")
         self.triggers: dict[str, Any] = {"every_s": every_s, "min_new": min_new, "drift_threshold": drift_threshold,
                                          "skip_unchanged": skip_unchanged, "on_run": on_run}
         self.discover_every_s = discover_every_s
@@ -1014,6 +1017,7 @@ class ConsolidationExecutor:
         settings (another namespace, say) is queued behind it, never answered by it. ``skip_unchanged``: as in
         :func:`run_consolidation` (the future then raises :class:`UnchangedDataError` when nothing changed)."""
         cfg = as_config(config, JobConfig, "config") if config is not None else self.config
+        skip_unchanged = check_flag(skip_unchanged, "skip_unchanged", "train nothing when nothing changed")
         key = (cfg.model_dump_json(), skip_unchanged)
         with self._lock:
             same = self._pending.get(key)

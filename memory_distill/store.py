@@ -65,6 +65,7 @@ from .types import (
     Memory,
     SearchHit,
     as_unix_time,
+    check_flag,
     check_metadata,
     check_unix_time,
     is_int,
@@ -639,6 +640,8 @@ class MemoryStore:
         embedder (the Predictor refuses them): consolidate again. ``progress(done, total)`` is
         called after each page.
         """
+        keep_backup = check_flag(keep_backup, "keep_backup", "keep the original collection")
+        force = check_flag(force, "force", "re-embed a collection already built with this embedder")
         cfg = config or StoreConfig()
         client = client or cls._make_client(cfg, path)
         try:
@@ -749,6 +752,7 @@ class MemoryStore:
     def _where(self, namespace: str | None, where: Mapping[str, Any] | None,
                rewarded_only: bool = False) -> dict[str, Any] | None:
         clauses: list[dict[str, Any]] = []
+        rewarded_only = check_flag(rewarded_only, "rewarded_only", "only memories with a reward")  # ("no": fewer)
         if namespace is not None:
             if not isinstance(namespace, str):
                 raise StoreError(f"namespace must be a str (one namespace's name), got {type(namespace).__name__} "
@@ -799,6 +803,9 @@ class MemoryStore:
         if isinstance(memories, (str, Mapping, Memory)):  # iterating it would store its characters (or keys)
             raise TypeError(f"add_many takes a list of memories, got one {type(memories).__name__}: pass [memory], "
                             "or use add()")
+        upsert = check_flag(upsert, "upsert", "replace stored memories of the same ids")  # ("no" replaced them)
+        keep_created = check_flag(keep_created, "keep_created", "a replaced memory keeps its created_at")
+        within_namespace = check_flag(within_namespace, "within_namespace", "never replace another namespace's")
         mems = [coerce_memory(m, namespace=namespace, index=i) for i, m in enumerate(memories)]
         if not mems:
             return []
@@ -1018,6 +1025,7 @@ class MemoryStore:
         texts' vectors too."""
         if ids is None and where is None and namespace is None:
             raise StoreError("delete() needs ids, where or namespace: refusing to delete everything")
+        dry_run = check_flag(dry_run, "dry_run", "change nothing, return the ids that would go")  # ("yes" deleted)
         if ids is None and namespace is None and where is not None and not where:  # (a filter built up empty)
             raise StoreError("where={} selects every memory: refusing to delete everything; give a condition, or a "
                              "namespace to empty one")
@@ -1379,6 +1387,7 @@ class MemoryStore:
         Cheaper than one ``count(namespace=...)`` per namespace once there are more than a few: Chroma
         evaluates each filtered count over every row.
         """
+        rewarded_only = check_flag(rewarded_only, "rewarded_only", "only memories with a reward")
         out: dict[str, int] = {}
         for metas in self._metadata_pages():
             for m in metas:

@@ -17,6 +17,7 @@ from memory_distill import (
     ConsolidationExecutor,
     ConsolidationWorker,
     JobLockedError,
+    MemoryStore,
     Predictor,
     drift_report,
     forget,
@@ -600,6 +601,27 @@ def test_forget_checks_its_arguments_before_deleting(store, registry):
         next(store.iter_pages(page_size="10"))
     with pytest.raises(TypeError, match="ids must be a list of memory ids, got NoneType"):
         store.get_many(None)
+
+
+
+def test_switches_that_write_or_select_must_be_bools(store, registry):
+    """A truthy str turned on what it meant to turn off: delete(dry_run="yes") deleted, add_many(upsert="no")
+    replaced, count(rewarded_only="no") counted only rewarded memories."""
+    ids = store.add_many([{"text": f"episode {i}", "reward": None if i else 0.5} for i in range(3)])
+    calls = [lambda: store.delete(ids, dry_run="yes"),
+             lambda: store.add_many([{"id": ids[0], "text": "replaced"}], upsert="no"),
+             lambda: store.add_many([{"text": "new"}], keep_created=1),
+             lambda: store.add_many([{"text": "new"}], within_namespace="no"),
+             lambda: store.count(rewarded_only="no"),
+             lambda: store.namespace_counts(rewarded_only="no"),
+             lambda: run_consolidation(store, registry, fast_job(), skip_unchanged="no"),
+             lambda: ConsolidationWorker(store, registry, fast_job(), skip_unchanged="no"),
+             lambda: MemoryStore.reembed(store.embedder, store.config, client=store._client, force="no")]
+    for call in calls:
+        with pytest.raises(TypeError, match="must be True or False"):
+            call()
+    assert store.count() == 3 and store.get(ids[0]).text == "episode 0" and not registry.exists()
+    assert store.count(rewarded_only=np.bool_(True)) == 1 and store.count(rewarded_only=False) == 3
 
 
 def test_drift_report_and_trigger(store, registry):
