@@ -19,14 +19,14 @@ import re
 import sqlite3
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast, runtime_checkable
 
 import numpy as np
 
-from .config import EmbedderConfig
+from .config import EmbedderConfig, as_config
 from .errors import EmbeddingError
 from .types import is_int, not_utf8
 
@@ -60,6 +60,8 @@ class Embedder(Protocol):
 def _check_texts(texts: Sequence[str]) -> list[str]:
     if isinstance(texts, str):
         raise TypeError("embed() takes a list of texts, got a single str: wrap it as [text]")
+    if isinstance(texts, bytes | Mapping) or not isinstance(texts, Iterable):
+        raise TypeError(f"embed() takes a list of texts, got {type(texts).__name__}")
     out = list(texts)
     for i, t in enumerate(out):
         if not isinstance(t, str):
@@ -287,6 +289,13 @@ class OpenAIEmbedder(_ReadsLongTexts):
         max_concurrency: int = 4,
     ) -> None:
         self._set_long_texts(long_texts)
+        if not isinstance(model, str) or not model.strip():  # (the API refused it at the first request)
+            raise ValueError(f"model must be an embedding model's name, e.g. 'text-embedding-3-small', got {model!r}")
+        url = base_url or (os.environ.get("OPENAI_BASE_URL") if client is None else None) or None
+        if url is not None and (not isinstance(url, str) or not re.match(r"https?://[^/\s]", url)):
+            # (the client took it, then failed every request and its retries with "Connection error")
+            raise ValueError(f"base_url must be an http:// or https:// URL, e.g. 'http://localhost:8000/v1', got "
+                             f"{url!r}{' (from OPENAI_BASE_URL)' if not base_url else ''}")
         if not 1 <= batch_size <= 2048:
             raise ValueError(f"batch_size must be in 1..2048 (OpenAI API limit), got {batch_size}")
         if not 1 <= max_concurrency <= 32:
@@ -310,7 +319,7 @@ class OpenAIEmbedder(_ReadsLongTexts):
                 )
             client = openai.OpenAI(
                 api_key=key,
-                base_url=base_url or os.environ.get("OPENAI_BASE_URL") or None,
+                base_url=url,
                 timeout=timeout_s,
                 max_retries=max_retries,
             )
@@ -610,8 +619,9 @@ class CachedEmbedder:
     """
 
     def __init__(self, inner: Embedder, path: str | Path | None = None, *, max_entries: int | None = 200_000) -> None:
-        if max_entries is not None and max_entries < 1:
-            raise ValueError(f"max_entries must be >= 1 (or None for no bound), got {max_entries}")
+        if max_entries is not None and (not is_int(max_entries) or max_entries < 1):
+            raise ValueError(f"max_entries must be a whole number >= 1 (or None for no bound), got {max_entries!r}")
+        inner = as_embedder(inner)  # ("x" failed as "'str' object has no attribute 'name'")
         self.inner = inner
         self.max_entries = max_entries
         self._tag = str(getattr(inner, "cache_tag", inner.name))
@@ -729,8 +739,9 @@ def as_embedder(obj: Any) -> Embedder:
 
 
 def make_embedder(config: EmbedderConfig | None = None, *, cache_path: str | Path | None = None) -> Embedder:
-    """Build the embedder a config asks for (``auto``: OpenAI with a key, else hashing)."""
-    cfg = config or EmbedderConfig()
+    """Build the embedder a config asks for (``auto``: OpenAI with a key, else hashing); ``config`` may be a dict of
+    :class:`EmbedderConfig` fields."""
+    cfg = as_config(config, EmbedderConfig, "config") if config is not None else EmbedderConfig()
     key = cfg.api_key.get_secret_value() if cfg.api_key else os.environ.get("OPENAI_API_KEY")
     kind = cfg.kind
     if kind == "auto":

@@ -37,6 +37,20 @@ def test_hashing_geometry():
         e.embed("a single string")
     with pytest.raises(ValueError, match=r"texts\[1\] holds '\\udcff' at position 2, a lone surrogate"):
         e.embed(["fine", "no\udcff"])  # a query decoded with surrogateescape: named, not a bare UnicodeEncodeError
+    with pytest.raises(TypeError, match="embed\\(\\) takes a list of texts, got NoneType"):
+        e.embed(None)  # ("'NoneType' object is not iterable")
+
+
+def test_embedder_wrappers_check_what_they_wrap(tmp_path):
+    """CachedEmbedder("x") failed as "'str' object has no attribute 'name'"; make_embedder of a dict as
+    "'dict' object has no attribute 'api_key'"."""
+    with pytest.raises(TypeError, match="str is not an embedder"):
+        CachedEmbedder("hashing", tmp_path / "cache.sqlite")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="max_entries must be a whole number >= 1"):
+        CachedEmbedder(HashingEmbedder(dim=8), max_entries=0.5)  # type: ignore[arg-type]
+    assert make_embedder({"kind": "hashing", "dim": 64}).name == "hashing-v1-64"
+    with pytest.raises(ValueError, match="did you mean 'dim'"):
+        make_embedder({"kind": "hashing", "dims": 64})
 
 
 class CountingEmbedder(HashingEmbedder):
@@ -84,7 +98,7 @@ def test_the_cache_is_bounded_and_keeps_the_latest(tmp_path):
     small = CachedEmbedder(CountingEmbedder(), tmp_path / "cache.sqlite", max_entries=5)
     small.embed(["new"])
     assert sqlite3.connect(tmp_path / "cache.sqlite").execute("SELECT COUNT(*) FROM emb").fetchone()[0] <= 5
-    with pytest.raises(ValueError, match="max_entries must be >= 1"):
+    with pytest.raises(ValueError, match="max_entries must be a whole number >= 1"):
         CachedEmbedder(inner, None, max_entries=0)
 
 

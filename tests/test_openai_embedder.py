@@ -120,6 +120,20 @@ def test_out_of_order_response_is_reordered(server):
     np.testing.assert_allclose(v, HashingEmbedder(dim=64).embed(["first text", "second text", "third"]), atol=1e-6)
 
 
+def test_a_url_without_its_scheme_or_an_empty_model_fails_at_once(monkeypatch):
+    """base_url="localhost:8000" was taken, then every request failed after its retries with "Connection error";
+    model="" failed at the first request."""
+    for url in ("localhost:8000/v1", "127.0.0.1:8000", "http//localhost"):
+        with pytest.raises(ValueError, match=f"base_url must be an http:// or https:// URL.*got '{url}'$"):
+            OpenAIEmbedder(api_key="sk-test", base_url=url)
+    monkeypatch.setenv("OPENAI_BASE_URL", "localhost:9")
+    with pytest.raises(ValueError, match=r"got 'localhost:9' \(from OPENAI_BASE_URL\)"):
+        OpenAIEmbedder(api_key="sk-test")
+    assert OpenAIEmbedder(api_key="sk-test", base_url="https://example.invalid/v1").model == "text-embedding-3-small"
+    with pytest.raises(ValueError, match="model must be an embedding model's name"):
+        OpenAIEmbedder(" ", api_key="sk-test", base_url="http://127.0.0.1:9/v1")
+
+
 def test_missing_key_is_a_clear_error(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(EmbeddingError, match="set OPENAI_API_KEY"):
