@@ -77,6 +77,10 @@ def test_bad_metadata_is_refused_and_nothing_written(store) -> None:  # type: ig
         vs.add_texts("abc")
     with pytest.raises(TypeError, match="ids must be a list of memory ids, got one str 'q'"):
         vs.add_texts(["x"], ids="q")
+    with pytest.raises(TypeError, match="metadatas takes one dict \\(or None\\) per text, got one dict"):
+        vs.add_texts(["x"], {"source": "a.md"})  # (KeyError: 0)
+    with pytest.raises(TypeError, match=r"ids\[0\] must be a memory id \(a non-empty str\), got int 5"):
+        vs.add_texts(["x"], ids=[5])
     assert store.count() == 0
     (kept,) = vs.add_texts(["kept"])
     for call in (vs.delete, vs.get_by_ids):

@@ -23,7 +23,7 @@ async. It passes langchain-tests' ``VectorStoreIntegrationTests``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -77,6 +77,9 @@ class MemoryDistillVectorStore(VectorStore):
         texts = list(texts)
         if ids is not None:
             ids = id_list(ids, allow_none=True)
+        if isinstance(metadatas, Mapping | str):  # (a dict failed as KeyError: 0)
+            raise TypeError(f"metadatas takes one dict (or None) per text, got one {type(metadatas).__name__}: pass "
+                            "[metadata, ...]")
         if metadatas is not None and len(metadatas) != len(texts):
             raise InvalidMemoryError(f"metadatas has {len(metadatas)} entries for {len(texts)} texts: give one each")
         if ids is not None and len(ids) != len(texts):
