@@ -79,7 +79,7 @@ class _Config(BaseModel):
 
 def default_home() -> Path:
     """Directory holding the persistent store, artifacts and caches (``$MEMORY_DISTILL_HOME``)."""
-    return Path(os.environ.get("MEMORY_DISTILL_HOME", ".memory_distill"))
+    return Path(os.environ.get("MEMORY_DISTILL_HOME", "").strip() or ".memory_distill")  # (set but empty: unset)
 
 
 class EmbedderConfig(_Config):
@@ -470,6 +470,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="MEMORY_DISTILL_",
         env_nested_delimiter="__",
+        env_ignore_empty=True,  # MEMORY_DISTILL_HOME= (set but empty) is unset, as in most tools, not "" or an error
         extra="forbid",
         frozen=True,
         use_attribute_docstrings=True,
@@ -484,6 +485,13 @@ class Settings(BaseSettings):
 
     home: Path = Field(default_factory=default_home)
     """Root directory for the persistent store, artifacts and caches."""
+
+    @field_validator("home", mode="before")
+    @classmethod
+    def _home(cls, v: Any) -> Any:
+        if isinstance(v, str) and not v.strip():  # (Path("") is the working directory itself)
+            raise ValueError("home is empty: give a directory path (default ./.memory_distill)")
+        return v
     embedder: EmbedderConfig = EmbedderConfig()
     """Embedder settings."""
     store: StoreConfig = StoreConfig()

@@ -728,6 +728,11 @@ def _has_static(obj: Any, name: str) -> bool:
 def as_embedder(obj: Any) -> Embedder:
     """Accept one of ours, or wrap a LangChain ``Embeddings``. The check reads no attribute: on Python 3.11 an
     ``isinstance`` against the protocol evaluates ``dim``, which for an OpenAI embedder is a request."""
+    if isinstance(obj, type):  # the class: its name/dim are properties, read later as values
+        raise TypeError(f"embedder must be an instance: pass {obj.__name__}(...), not the class")
+    if isinstance(obj, str):
+        raise TypeError(f"embedder must be an embedder object, got the str {obj!r}: for one by kind, pass "
+                        f"settings={{'embedder': {{'kind': {obj!r}}}}} (or HashingEmbedder(), OpenAIEmbedder(...))")
     if all(_has_static(obj, a) for a in ("name", "dim", "embed")):
         return cast(Embedder, obj)
     if hasattr(obj, "embed_documents"):

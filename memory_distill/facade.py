@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -80,6 +81,11 @@ class MemoryDistill:
                  store: StoreConfig | Mapping[str, Any] | None) -> tuple[Settings, Embedder]:
         s = as_config(settings, Settings, "settings") if settings is not None else Settings()
         if home is not None:
+            if not isinstance(home, str | os.PathLike):
+                raise TypeError(f"home must be a directory path (str or Path), got {type(home).__name__} {home!r}")
+            if not str(home).strip():  # ('' opened the working directory itself)
+                raise ValueError("home is empty: give a directory path, or None for $MEMORY_DISTILL_HOME or "
+                                 "./.memory_distill")
             s = s.model_copy(update={"home": Path(home)})
         if store is not None:
             s = s.model_copy(update={"store": as_config(store, StoreConfig, "store")})

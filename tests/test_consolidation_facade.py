@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
@@ -119,3 +121,25 @@ def test_record_takes_when_an_episode_happened_and_names_a_wrong_metadata(tmp_pa
     # not "dictionary update sequence element #0 has length 1; 2 is required"
     with pytest.raises(InvalidMemoryError, match="metadata must be a dict of scalar values, got str"):
         mem.record("x", metadata="planner")  # type: ignore[arg-type]
+
+
+def test_open_names_a_wrong_home_or_embedder(tmp_path, monkeypatch):
+    """open('') made a store in the working directory itself (Path('') is '.'), as did MEMORY_DISTILL_HOME='';
+    open(3) failed inside pathlib; the embedder's class (not an instance) failed as "int() argument must be ...
+    not 'property'"; a kind's name as the embedder said only "str is not an embedder"."""
+    from memory_distill import Settings
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="home is empty"):
+        MemoryDistill.open("")
+    with pytest.raises(TypeError, match="home must be a directory path .* got int 3"):
+        MemoryDistill.open(3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="home is empty"):
+        Settings(home=" ")
+    monkeypatch.setenv("MEMORY_DISTILL_HOME", "")
+    assert Settings().home == Path(".memory_distill")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(TypeError, match=r"embedder must be an instance: pass HashingEmbedder\(...\), not the class"):
+        MemoryDistill.open(tmp_path / "h", embedder=HashingEmbedder)
+    with pytest.raises(TypeError, match=r"settings=\{'embedder': \{'kind': 'hashing'\}\}"):
+        MemoryDistill.open(tmp_path / "h", embedder="hashing")

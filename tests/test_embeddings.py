@@ -44,7 +44,7 @@ def test_hashing_geometry():
 def test_embedder_wrappers_check_what_they_wrap(tmp_path):
     """CachedEmbedder("x") failed as "'str' object has no attribute 'name'"; make_embedder of a dict as
     "'dict' object has no attribute 'api_key'"."""
-    with pytest.raises(TypeError, match="str is not an embedder"):
+    with pytest.raises(TypeError, match="embedder must be an embedder object, got the str 'hashing'"):
         CachedEmbedder("hashing", tmp_path / "cache.sqlite")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="max_entries must be a whole number >= 1"):
         CachedEmbedder(HashingEmbedder(dim=8), max_entries=0.5)  # type: ignore[arg-type]
