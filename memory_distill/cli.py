@@ -90,6 +90,13 @@ def _whole_number(text: str, minimum: int) -> int:
     return value
 
 
+def _home(text: str) -> str:
+    if not text.strip():  # (--home "$DIR" with DIR unset quietly used the default home)
+        raise argparse.ArgumentTypeError("empty: give a directory path, or leave --home out for $MEMORY_DISTILL_HOME "
+                                         "or ./.memory_distill")
+    return text
+
+
 def _device(text: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
         raise argparse.ArgumentTypeError(f"{text!r}: give auto, cpu, cuda or cuda:N (the N-th GPU)")
@@ -683,7 +690,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="memory-distill", description="Episodic memory with a distilled reward model.")
-    p.add_argument("--home", help="data directory (default $MEMORY_DISTILL_HOME or ./.memory_distill)")
+    p.add_argument("--home", type=_home, help="data directory (default $MEMORY_DISTILL_HOME or ./.memory_distill)")
     p.add_argument("--store", choices=["persistent", "ephemeral", "http"], help="Chroma mode")
     p.add_argument("--host", help="Chroma server host (http mode)")
     p.add_argument("--port", type=int, help="Chroma server port (http mode)")

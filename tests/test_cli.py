@@ -347,6 +347,9 @@ def test_one_gpu_of_several_can_be_named(home, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["-q", "consolidate", "--device", "gpu"])
     assert exc.value.code == 2 and "'gpu': give auto, cpu, cuda or cuda:N" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # (--home "$DIR" with DIR unset used the default home, quietly)
+        main(["-q", "--home", "", "stats"])
+    assert exc.value.code == 2 and "argument --home: empty: give a directory path" in capsys.readouterr().err
     if not torch.cuda.is_available():  # the name reaches the trainer, which says what this machine has
         run(capsys, "demo", "--n", "60", "--epochs", "1")
         code, _, err = run(capsys, "consolidate", "--device", "cuda:1")
