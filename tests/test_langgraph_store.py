@@ -366,3 +366,17 @@ def test_ttl_config_and_writer_bounds_are_checked_when_built(store) -> None:  # 
     assert MemoryDistillStore(store, ttl_config={"default_ttl": 1.5, "omit_expired": True}).ttl_config is not None
     with pytest.raises(ValueError, match="max_unsaved must be an int >= 1"):  # "5" failed as "'<' not supported"
         EpisodeWriter(store, max_unsaved="5")  # type: ignore[arg-type]
+
+
+def test_numpy_values_keep_their_numbers_and_keys_are_str(store) -> None:  # type: ignore[no-untyped-def]
+    """A numpy reward was refused ("must be a number") and a numpy value came back as a str ("0.5"); a raw
+    batch PutOp with an int key stored an item its listing names by a str key that get() cannot find."""
+    lg = MemoryDistillStore(store)
+    lg.put(("users",), "tea", {"text": "likes tea", "reward": np.float32(0.5), "cups": np.int64(3)},
+           ttl=np.float64(5.0))
+    item = lg.get(("users",), "tea")
+    assert item is not None and item.value == {"text": "likes tea", "reward": 0.5, "cups": 3}
+    assert type(item.value["cups"]) is int and store.get_many([lg.memory_id(("users",), "tea")])[0].reward == 0.5
+    with pytest.raises(InvalidMemoryError, match="an item's key must be a str, got int 5"):
+        lg.batch([PutOp(("users",), 5, {"text": "x"})])  # type: ignore[arg-type]
+    assert [i.key for i in lg.search(("users",))] == ["tea"]

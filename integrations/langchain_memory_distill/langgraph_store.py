@@ -85,6 +85,12 @@ EXPIRES = "lg_expires_at"
 _RESERVED = ("lg_", "_md_")
 
 
+def _json_default(v: Any) -> Any:
+    """How a value JSON has no form for is stored: a numpy number as the number (np.float32(0.5) came back as the
+    str "0.5"), anything else (a datetime, a UUID) as its str."""
+    return v.item() if isinstance(v, np.generic) else str(v)
+
+
 def _level(i: int) -> str:
     return f"lg_ns_{i}"
 
@@ -206,12 +212,12 @@ class MemoryDistillStore(BaseStore):
                 return "\n".join(parts)
         if isinstance(value.get("text"), str) and value["text"].strip():
             return str(value["text"])
-        return json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+        return json.dumps(value, ensure_ascii=False, sort_keys=True, default=_json_default)
 
     def _memory(self, op: PutOp) -> Memory:
         value = dict(op.value or {})
         reward = value.get(self.reward_key)
-        if reward is not None and (isinstance(reward, bool) or not isinstance(reward, (int, float))):
+        if reward is not None and not is_real(reward):  # (numpy numbers too)
             raise InvalidMemoryError(f"value[{self.reward_key!r}] must be a number (the item's reward) or absent, "
                                      f"got {reward!r}: store it under another key or pass reward_key=")
         if reward is not None and math.isfinite(reward):  # (a NaN or inf gets the memory's own error)
@@ -222,11 +228,11 @@ class MemoryDistillStore(BaseStore):
                                 and (not isinstance(v, float) or math.isfinite(v))
                                 and not k.startswith(_RESERVED) and (not isinstance(v, str) or v)}
         meta.update({ITEM: True, KEY: op.key, NS: json.dumps(list(op.namespace)), DEPTH: len(op.namespace),
-                     VALUE: json.dumps(value, ensure_ascii=False, default=str), UPDATED: now,
+                     VALUE: json.dumps(value, ensure_ascii=False, default=_json_default), UPDATED: now,
                      INDEXED: op.index is not False})
         meta.update({_level(i): label for i, label in enumerate(op.namespace)})
         if op.ttl is not None:
-            if isinstance(op.ttl, bool) or not isinstance(op.ttl, (int, float)) or not 0 < op.ttl < math.inf:
+            if not is_real(op.ttl) or not 0 < op.ttl < math.inf:
                 raise InvalidMemoryError(f"ttl must be a positive number of minutes or None, got {op.ttl!r}")
             meta.update({TTL: float(op.ttl), EXPIRES: now + 60.0 * float(op.ttl)})
         return coerce_memory({"id": self.memory_id(op.namespace, op.key), "text": self._text(value, op.index or None),
@@ -256,6 +262,10 @@ class MemoryDistillStore(BaseStore):
             ns = op.namespace_prefix if isinstance(op, SearchOp) else getattr(op, "namespace", ())
             if isinstance(ns, str):  # a str is a sequence: each letter would become a level ("u", "s", ...)
                 raise InvalidNamespaceError(f"a namespace is a tuple of labels, e.g. ({ns!r},), got the str {ns!r}")
+            if isinstance(op, GetOp | PutOp) and not isinstance(op.key, str):  # (5 was stored under "5" but found
+                # only as 5, and listed as "5")
+                raise InvalidMemoryError(f"an item's key must be a str, got {type(op.key).__name__} {op.key!r}: "
+                                         f"use str(key)")
             if isinstance(op, PutOp) and op.value is not None and not isinstance(op.value, Mapping):
                 raise InvalidMemoryError(f"value must be a dict (e.g. {{'text': ...}}), got {type(op.value).__name__}")
             if isinstance(op, GetOp):
