@@ -7,7 +7,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import stat
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from .config import (
+    DEVICE_NAMES,
     DistillConfig,
     EmbedderConfig,
     JobConfig,
@@ -98,7 +98,7 @@ def _home(text: str) -> str:
 
 
 def _device(text: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", text):
+    if not DEVICE_NAMES.fullmatch(text):
         raise argparse.ArgumentTypeError(f"{text!r}: give auto, cpu, cuda or cuda:N (the N-th GPU)")
     return text
 

@@ -77,6 +77,11 @@ class _Config(BaseModel):
             raise ValidationError.from_exception_data(e.title, fixed) from None
 
 
+DEVICE_NAMES = re.compile(r"auto|cpu|cuda(:\d+)?")
+"""The device names a job takes (``JobConfig.device``, ``--device``): what :func:`~memory_distill.models.resolve_device`
+resolves."""
+
+
 def default_home() -> Path:
     """Directory holding the persistent store, artifacts and caches (``$MEMORY_DISTILL_HOME``)."""
     return Path(os.environ.get("MEMORY_DISTILL_HOME", "").strip() or ".memory_distill")  # (set but empty: unset)
@@ -338,7 +343,7 @@ class JobConfig(_Config):
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+        if not DEVICE_NAMES.fullmatch(v):
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (the N-th GPU), got {v!r}")
         return v
 

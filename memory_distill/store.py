@@ -921,11 +921,9 @@ class MemoryStore:
         if not isinstance(rewards, Mapping):
             raise TypeError(f"set_rewards takes a dict {{memory_id: reward}}, got {type(rewards).__name__}: "
                             "e.g. dict(pairs)")
-        ids = list(rewards)
+        ids = id_list(list(rewards), "set_rewards' ids")
         if not ids:
             return []
-        if bad := [i for i in ids if not isinstance(i, str) or not i]:
-            raise TypeError(f"set_rewards keys must be memory ids (non-empty str), got {bad[0]!r}")
         if rewarded_at is not None:
             try:
                 rewarded_at = check_unix_time(float(as_unix_time(rewarded_at, "rewarded_at")), "rewarded_at")
@@ -984,11 +982,9 @@ class MemoryStore:
         """
         if not isinstance(updates, Mapping):
             raise TypeError(f"update_metadata takes a dict {{memory_id: {{key: value}}}}, got {type(updates).__name__}")
-        ids = list(updates)
+        ids = id_list(list(updates), "update_metadata's ids")
         if not ids:
             return []
-        if bad := [i for i in ids if not isinstance(i, str) or not i]:
-            raise TypeError(f"update_metadata keys must be memory ids (non-empty str), got {bad[0]!r}")
         checked: dict[str, dict[str, Any]] = {}
         fixes = {"reward": "use set_reward / set_rewards({id: reward})",
                  "namespace": "a memory's namespace is set when it is added (add_many(..., upsert=True) re-adds it)"}

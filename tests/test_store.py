@@ -507,7 +507,7 @@ def test_update_metadata_merges_removes_and_validates_first(store):
         assert store.get(b).metadata == {"tool": "calc", "tier": "gold"} and store.get(a).reward == 0.4
     with pytest.raises(TypeError, match="update_metadata takes a dict"):
         store.update_metadata([a])  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="keys must be memory ids"):  # (Chroma's "Expected ID to be a str")
+    with pytest.raises(TypeError, match="update_metadata's ids\\[0\\] must be a memory id"):  # (Chroma's "Expected ID to be a str")
         store.update_metadata({1: {"n": 1}})  # type: ignore[dict-item]
 
 
@@ -543,7 +543,7 @@ def test_numpy_numbers_are_taken_as_rewards_and_metadata(store):
     with pytest.raises(TypeError, match=r"memory_id must be one memory's id \(a str\), got list: for several, "
                                         r"set_rewards"):
         store.set_reward([a], 0.5)  # type: ignore[arg-type]  # ("unhashable type: 'list'")
-    with pytest.raises(TypeError, match="set_rewards keys must be memory ids"):
+    with pytest.raises(TypeError, match="set_rewards' ids\\[0\\] must be a memory id"):
         store.set_rewards({1: 0.5})  # type: ignore[dict-item]
     with pytest.raises(InvalidMemoryError, match="must be a finite number"):
         store.set_reward(a, np.float32("nan"))
