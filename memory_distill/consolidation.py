@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import BinsConfig, DistillConfig, JobConfig, TeacherConfig
-from .embeddings import Embedder, HashingEmbedder
+from .embeddings import Embedder, HashingEmbedder, as_embedder
 from .errors import ArtifactError, InvalidMemoryError, NotEnoughDataError
 from .evaluate import compare_teacher_student
 from .features import text_stats
@@ -30,6 +30,15 @@ from .training import seeded_training, split_by_group_and_time, train_pair
 from .types import Memory, PredictionBatch, RewardPrediction
 
 __all__ = ["ModelDistillation"]
+
+
+def _query_texts(query: Any) -> list[str]:
+    """One text or a list of them as a list (``None`` failed as "'NoneType' object is not iterable")."""
+    if isinstance(query, str):
+        return [query]
+    if isinstance(query, bytes | Mapping) or not isinstance(query, Iterable):
+        raise TypeError(f"query is a text or a list of texts, got {type(query).__name__}")
+    return list(query)
 
 
 class ModelDistillation:
@@ -44,7 +53,9 @@ class ModelDistillation:
                  learning_rate: float = 1e-3, *, embedder: Embedder | None = None, n_bins: int = 64,
                  reward_range: tuple[float, float] | None = None, device: str = "auto", seed: int = 0,
                  curriculum: str = "uniform") -> None:
-        self.embedder = embedder or HashingEmbedder()
+        self.embedder = as_embedder(embedder) if embedder is not None else HashingEmbedder()
+        if reward_range is not None and (isinstance(reward_range, str) or len(reward_range) != 2):
+            raise ValueError(f"reward_range is (low, high), got {reward_range!r}")
         self.config = JobConfig(
             bins=BinsConfig(n_bins=n_bins, low=reward_range[0] if reward_range else None,
                             high=reward_range[1] if reward_range else None),
@@ -80,10 +91,10 @@ class ModelDistillation:
         groups = [str(m.metadata.get("group", m.id)) for m in mems]
         data = TrainingData([m.id for m in mems], X, rewards, np.array([m.created_at for m in mems]), groups,
                             text_stats([m.text for m in mems]))
-        cfg = self.config.model_copy(update={
-            "teacher": self.config.teacher.model_copy(update={"epochs": num_epochs, "batch_size": batch_size}),
-            "distill": self.config.distill.model_copy(update={"epochs": num_epochs, "batch_size": batch_size}),
-        })
+        # validated (model_copy does not: num_epochs=0 trained nothing and evaluated untrained models)
+        cfg = JobConfig.model_validate({**self.config.model_dump(), **{
+            part: {**getattr(self.config, part).model_dump(), "epochs": num_epochs, "batch_size": batch_size}
+            for part in ("teacher", "distill")}})
         rng = np.random.default_rng(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
         self.bins = RewardBins.fit(rewards[np.isfinite(rewards)], cfg.bins)
@@ -125,20 +136,20 @@ class ModelDistillation:
     def get_student_prediction(self, query: str | Sequence[str]) -> RewardPrediction | list[RewardPrediction]:
         """The student's reward distribution for one text (or a list of texts)."""
         _, student, bins = self._need()
-        texts = [query] if isinstance(query, str) else list(query)
+        texts = _query_texts(query)
         preds = self._batch(student, self._inputs(texts), bins).to_list()
         return preds[0] if isinstance(query, str) else preds
 
     def get_teacher_prediction(self, query: str | Sequence[str]) -> RewardPrediction | list[RewardPrediction]:
         teacher, _, bins = self._need()
-        texts = [query] if isinstance(query, str) else list(query)
+        texts = _query_texts(query)
         preds = self._batch(teacher, self._inputs(texts), bins).to_list()
         return preds[0] if isinstance(query, str) else preds
 
     def compare_teacher_student(self, query: str | Sequence[str]) -> dict[str, Any]:
         """Teacher vs student on ``query``: compression_ratio, similarity.{prediction_match, kl_divergence}."""
         teacher, student, bins = self._need()
-        texts = [query] if isinstance(query, str) else list(query)
+        texts = _query_texts(query)
         X = self._inputs(texts)
         t, s = self._batch(teacher, X, bins), self._batch(student, X, bins)
         pt, ps = np.clip(t.probs, 1e-12, None), np.clip(s.probs, 1e-12, None)

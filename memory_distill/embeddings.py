@@ -731,8 +731,9 @@ def as_embedder(obj: Any) -> Embedder:
     if isinstance(obj, type):  # the class: its name/dim are properties, read later as values
         raise TypeError(f"embedder must be an instance: pass {obj.__name__}(...), not the class")
     if isinstance(obj, str):
-        raise TypeError(f"embedder must be an embedder object, got the str {obj!r}: for one by kind, pass "
-                        f"settings={{'embedder': {{'kind': {obj!r}}}}} (or HashingEmbedder(), OpenAIEmbedder(...))")
+        raise TypeError(f"embedder must be an embedder object, got the str {obj!r}: build one by kind with "
+                        f"make_embedder({{'kind': {obj!r}}}) (MemoryDistill.open takes settings={{'embedder': "
+                        f"{{'kind': {obj!r}}}}}), or HashingEmbedder(), OpenAIEmbedder(...)")
     if all(_has_static(obj, a) for a in ("name", "dim", "embed")):
         return cast(Embedder, obj)
     if hasattr(obj, "embed_documents"):

@@ -38,6 +38,27 @@ def test_seed_compatible_model_distillation(tmp_path):
         ModelDistillation(embedder=HashingEmbedder(dim=64)).load_models(tmp_path / "m" / "run1")
 
 
+
+def test_model_distillation_checks_its_arguments():
+    """num_epochs=0 trained nothing and reported an evaluation of untrained models, batch_size=1 or 1.5 got past
+    the config's bounds (model_copy does not validate); a 3-tuple reward_range used its first two; the embedder's
+    name was taken for an embedder and failed later; get_student_prediction(None) failed as "not iterable"."""
+    md = ModelDistillation(embedder=HashingEmbedder(dim=64))
+    mems = [(f"task {i} {'careful good' if i % 2 else 'sloppy bad'}", float(i % 2)) for i in range(40)]
+    for kw, field in (({"num_epochs": 0}, "epochs"), ({"batch_size": 1}, "batch_size"),
+                      ({"batch_size": 1.5}, "batch_size")):
+        with pytest.raises(ValidationError, match=f"teacher.{field}"):
+            md.distill_from_memories(mems, **kw)
+    assert md.student is None
+    with pytest.raises(ValueError, match=r"reward_range is \(low, high\), got \(0, 1, 2\)"):
+        ModelDistillation(reward_range=(0, 1, 2))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got the str 'hashing'"):
+        ModelDistillation(embedder="hashing")  # type: ignore[arg-type]
+    md.distill_from_memories(mems, num_epochs=2, batch_size=16)
+    with pytest.raises(TypeError, match="query is a text or a list of texts, got NoneType"):
+        md.get_student_prediction(None)  # type: ignore[arg-type]
+
+
 def test_tuples_and_pending_rewards_accepted():
     md = ModelDistillation(embedder=HashingEmbedder(dim=64))
     mems = [(e["text"], e["reward"]) for e in synthetic_episodes(200, seed=9)]
@@ -141,5 +162,6 @@ def test_open_names_a_wrong_home_or_embedder(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(TypeError, match=r"embedder must be an instance: pass HashingEmbedder\(...\), not the class"):
         MemoryDistill.open(tmp_path / "h", embedder=HashingEmbedder)
-    with pytest.raises(TypeError, match=r"settings=\{'embedder': \{'kind': 'hashing'\}\}"):
+    with pytest.raises(TypeError, match=r"make_embedder\(\{'kind': 'hashing'\}\) \(MemoryDistill.open takes "
+                                        r"settings=\{'embedder': \{'kind': 'hashing'\}\}\)"):
         MemoryDistill.open(tmp_path / "h", embedder="hashing")
