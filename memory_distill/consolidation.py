@@ -9,7 +9,9 @@ in-memory list of memories; use :func:`memory_distill.jobs.run_consolidation` fo
 from __future__ import annotations
 
 import json
+import os
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from .errors import ArtifactError, InvalidMemoryError, NotEnoughDataError
 from .evaluate import compare_teacher_student
 from .features import text_stats
 from .models import RewardMLP, compression_ratio, resolve_device
-from .predictor import StudentRunner, _softmax
+from .predictor import _softmax
 from .rewards import RewardBins, summarize_probs
 from .store import TrainingData, coerce_memory
 from .training import seeded_training, split_by_group_and_time, train_pair
@@ -97,12 +99,12 @@ class ModelDistillation:
             for part in ("teacher", "distill")}})
         rng = np.random.default_rng(cfg.seed)
         gen = torch.Generator().manual_seed(cfg.seed)
-        self.bins = RewardBins.fit(rewards[np.isfinite(rewards)], cfg.bins)
+        bins = RewardBins.fit(rewards[np.isfinite(rewards)], cfg.bins)
         split = split_by_group_and_time(data, 0.15, 0.15, rng)
         with seeded_training(cfg.seed, self.device):
-            pair = train_pair(data, split, self.bins, cfg, device=self.device, generator=gen)
-        self.teacher, self.student = pair.teacher.cpu().eval(), pair.student.cpu().eval()
-        self._runner = StudentRunner(self.student)
+            pair = train_pair(data, split, bins, cfg, device=self.device, generator=gen)
+        # kept together only once training succeeded (new bins beside the old models read their bins wrong)
+        self.teacher, self.student, self.bins = pair.teacher.cpu().eval(), pair.student.cpu().eval(), bins
         self.history = {
             "teacher_loss": pair.teacher_report.train_loss,
             "teacher_val_loss": pair.teacher_report.val_loss,
@@ -168,19 +170,29 @@ class ModelDistillation:
     # ------------------------------------------------------------------ persistence
 
     def save_models(self, prefix: str | Path) -> dict[str, str]:
-        """Write ``<prefix>_teacher.pth``, ``<prefix>_student.pth`` (state_dicts) and ``<prefix>_manifest.json``."""
+        """Write ``<prefix>_teacher.pth``, ``<prefix>_student.pth`` (state_dicts) and ``<prefix>_manifest.json``.
+
+        Each file is written whole beside its place and renamed into it, the manifest last: a save that fails
+        (a full disk) leaves the models saved before under that prefix as they were."""
         teacher, student, bins = self._need()
         prefix = str(prefix)
         Path(prefix).parent.mkdir(parents=True, exist_ok=True)
         paths = {"teacher": f"{prefix}_teacher.pth", "student": f"{prefix}_student.pth",
                  "manifest": f"{prefix}_manifest.json"}
-        torch.save(teacher.state_dict(), paths["teacher"])
-        torch.save(student.state_dict(), paths["student"])
+        tmp = {k: f"{p}.tmp-{uuid.uuid4().hex[:8]}" for k, p in paths.items()}
         manifest = {"format_version": 1, "created_at": time.time(), "bins": bins.to_dict(),
                     "teacher": teacher.arch(), "student": student.arch(),
                     "embedder": {"name": self.embedder.name, "dim": self.embedder.dim},
                     "config": self.config.model_dump(mode="json")}
-        Path(paths["manifest"]).write_text(json.dumps(manifest, indent=2))
+        try:
+            torch.save(teacher.state_dict(), tmp["teacher"])
+            torch.save(student.state_dict(), tmp["student"])
+            Path(tmp["manifest"]).write_text(json.dumps(manifest, indent=2))
+            for k in ("teacher", "student", "manifest"):
+                os.replace(tmp[k], paths[k])
+        finally:
+            for p in tmp.values():
+                Path(p).unlink(missing_ok=True)
         return paths
 
     def load_models(self, prefix: str | Path) -> None:
@@ -189,12 +201,17 @@ class ModelDistillation:
             manifest = json.loads(Path(f"{prefix}_manifest.json").read_text())
         except FileNotFoundError:
             raise ArtifactError(f"{prefix}_manifest.json not found: save_models({prefix!r}) writes it") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"{prefix}_manifest.json cannot be read ({e}): save the models again") from None
         emb = manifest.get("embedder", {})
         if emb.get("name") != self.embedder.name or emb.get("dim") != self.embedder.dim:
             raise ArtifactError(f"models were saved with embedder {emb.get('name')!r}, this instance uses "
                                 f"{self.embedder.name!r}: pass embedder= matching the saved one")
-        self.teacher = RewardMLP.load(manifest["teacher"], torch.load(f"{prefix}_teacher.pth", weights_only=True))
-        self.student = RewardMLP.load(manifest["student"], torch.load(f"{prefix}_student.pth", weights_only=True))
-        self.teacher.eval()
-        self.student.eval()
-        self.bins = RewardBins.from_dict(manifest["bins"])
+        try:  # all three read before any is kept: a failed load leaves the models this instance had
+            teacher = RewardMLP.load(manifest["teacher"], torch.load(f"{prefix}_teacher.pth", weights_only=True))
+            student = RewardMLP.load(manifest["student"], torch.load(f"{prefix}_student.pth", weights_only=True))
+            bins = RewardBins.from_dict(manifest["bins"])
+        except Exception as e:  # a missing or truncated file, weights of another shape, a manifest without a key
+            raise ArtifactError(f"the models saved under {prefix!r} cannot be loaded ({type(e).__name__}: "
+                                f"{str(e)[:200]}): save them again") from None
+        self.teacher, self.student, self.bins = teacher.eval(), student.eval(), bins

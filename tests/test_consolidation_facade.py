@@ -2,6 +2,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from pydantic import ValidationError
 
 from memory_distill import (
@@ -165,3 +166,45 @@ def test_open_names_a_wrong_home_or_embedder(tmp_path, monkeypatch):
     with pytest.raises(TypeError, match=r"make_embedder\(\{'kind': 'hashing'\}\) \(MemoryDistill.open takes "
                                         r"settings=\{'embedder': \{'kind': 'hashing'\}\}\)"):
         MemoryDistill.open(tmp_path / "h", embedder="hashing")
+
+
+def test_model_distillation_saves_whole_and_a_failed_load_or_run_keeps_its_models(tmp_path, monkeypatch):
+    """save_models wrote the teacher, the student and the manifest in place one after the other: a failure between
+    them left a new teacher beside an old student. A load of a truncated file failed with torch's own error
+    after the teacher was already replaced; a failed run left new reward bins beside the old models."""
+    md = ModelDistillation(embedder=HashingEmbedder(dim=64))
+    mems = [(f"task {i} {'careful good' if i % 2 else 'sloppy bad'}", float(i % 2)) for i in range(40)]
+    md.distill_from_memories(mems, num_epochs=2, batch_size=16)
+    prefix = tmp_path / "m" / "run"
+    md.save_models(prefix)
+    before = {p.name: p.read_bytes() for p in prefix.parent.iterdir()}
+    other = ModelDistillation(embedder=HashingEmbedder(dim=64), seed=1)
+    other.distill_from_memories([(t, 2 * r) for t, r in mems], num_epochs=2, batch_size=16)
+    real_save = torch.save
+    calls = []
+
+    def failing_save(obj, path):  # the disk fills up at the student
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_save(obj, path)
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="No space left"):
+        other.save_models(prefix)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert {p.name: p.read_bytes() for p in prefix.parent.iterdir()} == before  # no temporary file left either
+
+    loaded = ModelDistillation(embedder=HashingEmbedder(dim=64))
+    loaded.load_models(prefix)
+    want = loaded.get_student_prediction("careful good").mean
+    (prefix.parent / "run_student.pth").write_bytes(b"truncated")
+    with pytest.raises(ArtifactError, match="cannot be loaded .*save them again"):
+        loaded.load_models(prefix)
+    assert loaded.get_student_prediction("careful good").mean == want and loaded.bins == md.bins
+
+    bins = md.bins
+    monkeypatch.setattr("memory_distill.consolidation.train_pair", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        md.distill_from_memories([(t, 3 * r) for t, r in mems], num_epochs=2, batch_size=16)
+    assert md.bins == bins
