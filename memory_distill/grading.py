@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .types import is_real
+from .types import check_flag, is_real
 
 __all__ = ["AnswerGrader", "bleu", "exact_match", "normalize_answer", "token_f1"]
 
@@ -83,6 +83,11 @@ class AnswerGrader:
     embedder: Any = None
 
     def __post_init__(self) -> None:
+        self.continuous = check_flag(self.continuous, "continuous", "return the score, not 0/1 at the threshold")
+        if self.embedder is not None:
+            from .embeddings import as_embedder
+
+            self.embedder = as_embedder(self.embedder)
         if self.method == "embedding" and self.embedder is None:
             raise ValueError("method='embedding' needs embedder= (e.g. HashingEmbedder() or OpenAIEmbedder())")
         if self.method not in ("exact_match", "token_f1", "bleu", "embedding"):

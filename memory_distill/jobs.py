@@ -21,11 +21,13 @@ import hashlib
 import json
 import logging
 import math
+import os
 import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -223,6 +225,20 @@ def _warn_constant_features(spec: FeatureSpec, data: TrainingData, train: np.nda
         log.warning("JobConfig.metadata_features: %r adds no feature: %s", key, what)
 
 
+def _check_parts(store: Any, registry: Any, who: str) -> tuple[MemoryStore, ArtifactRegistry]:
+    """The store and the registry a job works on (a registry may be given as its directory); a wrong one is a
+    ``TypeError`` naming the fix here, not an ``AttributeError`` at the first use (a worker's first poll)."""
+    if not isinstance(store, MemoryStore):
+        hint = (": pass mem.store and mem.registry (or use the MemoryDistill object's own method)"
+                if hasattr(store, "store") and hasattr(store, "registry") else "")
+        raise TypeError(f"{who} needs a MemoryStore, got {type(store).__name__}{hint}")
+    if isinstance(registry, str | os.PathLike):
+        registry = ArtifactRegistry(Path(registry))
+    if not isinstance(registry, ArtifactRegistry):
+        raise TypeError(f"{who} needs an ArtifactRegistry (or its directory), got {type(registry).__name__}")
+    return store, registry
+
+
 def run_consolidation(
     store: MemoryStore,
     registry: ArtifactRegistry,
@@ -244,6 +260,7 @@ def run_consolidation(
     does this, so a time trigger on an idle store does not publish copies of the same model, nor overturn a
     ``rollback`` or ``promote`` an operator made since with a model of the same data.
     """
+    store, registry = _check_parts(store, registry, "run_consolidation")
     cfg = as_config(config, JobConfig, "config")
     skip_unchanged = check_flag(skip_unchanged, "skip_unchanged", "train nothing when nothing changed")
     progress = check_flag(progress, "progress", "show progress bars")
@@ -543,6 +560,7 @@ def forget(store: MemoryStore, registry: ArtifactRegistry, ids: list[str] | None
     memories go, which versions become stale, which are deleted and which registries retired. Preview a
     retention policy or a ``where`` before it deletes anything.
     """
+    store, registry = _check_parts(store, registry, "forget")
     if ids is None and where is None and namespace is None and older_than is None:
         raise StoreError("forget needs ids, where, namespace or older_than (CLI: --id, --where, --namespace, "
                          "--older-than): refusing to forget everything")
@@ -656,6 +674,7 @@ def drift_report(store: MemoryStore, registry: ArtifactRegistry, *, threshold: f
     """
     from .predictor import Predictor
 
+    store, registry = _check_parts(store, registry, "drift_report")
     threshold = _mae_rise(threshold, "threshold")  # NaN never triggered
     if not is_int(min_samples) or min_samples < 1:
         raise ValueError(f"min_samples must be an int >= 1, got {min_samples!r}")
@@ -741,6 +760,7 @@ class ConsolidationWorker:
                  every_s: float | str | None = 600.0, min_new: int | None = 100, drift_threshold: float | None = None,
                  skip_unchanged: bool = True,
                  on_run: Callable[[ConsolidationWorker, ConsolidationReport | Exception], None] | None = None) -> None:
+        store, registry = _check_parts(store, registry, "ConsolidationWorker")
         every_s, min_new, drift_threshold = _check_triggers(every_s, min_new, drift_threshold, on_run)
         self.skip_unchanged = check_flag(skip_unchanged, "skip_unchanged", "train nothing when nothing changed")
         self._stale_tried: set[str] = set()  # stale versions a run was started for
@@ -905,6 +925,7 @@ class NamespaceWorkers:
                  every_s: float | str | None = 600.0, min_new: int | None = 100, drift_threshold: float | None = None,
                  discover_every_s: float | str = 600.0, skip_unchanged: bool = True,
                  on_run: Callable[[ConsolidationWorker, ConsolidationReport | Exception], None] | None = None) -> None:
+        store, registry = _check_parts(store, registry, "NamespaceWorkers")
         self.config = as_config(config, JobConfig, "config")
         if self.config.namespace is not None:
             raise ValueError(f"NamespaceWorkers runs every namespace: leave JobConfig.namespace unset "
@@ -1005,6 +1026,7 @@ class ConsolidationExecutor:
 
     def __init__(self, store: MemoryStore, registry: ArtifactRegistry,
                  config: JobConfig | Mapping[str, Any] | None = None) -> None:
+        store, registry = _check_parts(store, registry, "ConsolidationExecutor")
         self.store, self.registry, self.config = store, registry, as_config(config, JobConfig, "config")
         self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-distill")
         self._current: cf.Future[ConsolidationReport] | None = None  # the latest submitted

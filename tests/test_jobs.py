@@ -604,6 +604,26 @@ def test_forget_checks_its_arguments_before_deleting(store, registry):
 
 
 
+def test_jobs_name_a_wrong_store_or_registry_when_built(store, registry, tmp_path):
+    """A worker or executor built on a str (or a MemoryDistill) took it and failed at its first poll or run, with
+    an AttributeError; the registry may also be given as its directory."""
+    from memory_distill import MemoryDistill, NamespaceWorkers
+
+    mem = MemoryDistill.open(tmp_path / "home")
+    for build in (ConsolidationWorker, NamespaceWorkers, ConsolidationExecutor):
+        with pytest.raises(TypeError, match=f"{build.__name__} needs a MemoryStore, got str"):
+            build("memories", registry)
+        with pytest.raises(TypeError, match="got MemoryDistill: pass mem.store and mem.registry"):
+            build(mem, registry)
+        with pytest.raises(TypeError, match=f"{build.__name__} needs an ArtifactRegistry .* got int"):
+            build(store, 3)
+    for call in (run_consolidation, forget, drift_report):
+        with pytest.raises(TypeError, match=f"{call.__name__} needs a MemoryStore"):
+            call(mem, registry)
+    worker = ConsolidationWorker(store, str(registry.root))
+    assert isinstance(worker.registry, ArtifactRegistry) and worker.registry.root == registry.root
+
+
 def test_switches_that_write_or_select_must_be_bools(store, registry):
     """A truthy str turned on what it meant to turn off: delete(dry_run="yes") deleted, add_many(upsert="no")
     replaced, count(rewarded_only="no") counted only rewarded memories."""

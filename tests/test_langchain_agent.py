@@ -490,6 +490,10 @@ def test_grading_helpers():
         with pytest.raises(ValueError, match=r"threshold must be a score in \[0, 1\]"):
             AnswerGrader("token_f1", threshold=bad)
     assert AnswerGrader("token_f1", threshold=np.float32(0.5))("Lima", "Lima") == 1.0  # a numpy threshold too
+    with pytest.raises(TypeError, match="continuous must be True or False"):  # ("no" returned scores)
+        AnswerGrader("token_f1", continuous="no")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="got the str 'hashing'"):  # (failed at the first grade)
+        AnswerGrader("embedding", embedder="hashing")
     with pytest.raises(TypeError, match="answer must be a str, got NoneType"):
         AnswerGrader()(None, "x")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="reference must be a str or a non-empty list of str"):
