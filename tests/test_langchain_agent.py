@@ -19,6 +19,7 @@ from langchain_memory_distill import (
     ValueAwareRetriever,
     best_of_n,
     make_predict_tool,
+    make_recall_tool,
 )
 from langchain_memory_distill.episodes import input_group
 from lc_helpers import ScriptedChatModel, tool_then_answer
@@ -460,6 +461,12 @@ def test_predict_tool(trained_store):
     from memory_distill import forget
 
     store, registry, pred = trained_store
+    for bad in ("estimate payoff", "", "x" * 65, None):  # built fine, then refused by the provider at the first call
+        with pytest.raises(ValueError, match="is not one chat models take: use 1-64 letters, digits, _ or -"):
+            make_predict_tool(pred, name=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'recall past' is not one chat models take"):
+        make_recall_tool(ValueAwareRetriever(store=store), name="recall past")
+    assert make_predict_tool(pred, name="estimate-payoff_2").name == "estimate-payoff_2"
     tool = make_predict_tool(pred)
     out = tool.invoke({"plan": GOOD})
     assert out.startswith("expected reward 0.") and "model v000001" in out

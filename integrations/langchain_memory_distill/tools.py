@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,6 +27,15 @@ def _fmt_doc(d) -> str:  # type: ignore[no-untyped-def]
     return f"- [{', '.join(parts) or 'no reward yet'}] {d.page_content[:500]}"
 
 
+def _tool_name(name: Any) -> str:
+    """A tool name chat providers take (OpenAI and Anthropic: letters, digits, _ and -, at most 64): another one
+    was built fine and refused by the provider at the agent's first model call."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+        raise ValueError(f"tool name {name!r} is not one chat models take: use 1-64 letters, digits, _ or -, e.g. "
+                         "'recall_past_episodes'")
+    return name
+
+
 def make_recall_tool(retriever: ValueAwareRetriever, *, name: str = "recall_past_episodes",
                      namespace: str | NamespaceFn | None = None,
                      predictor_for: Callable[[str], Predictor | None] | None = None) -> BaseTool:
@@ -36,6 +46,7 @@ def make_recall_tool(retriever: ValueAwareRetriever, *, name: str = "recall_past
     the predictor serving a namespace (``mem.try_predictor``), so each namespace's episodes are scored by
     its own model.
     """
+    name = _tool_name(name)
     if not isinstance(retriever, ValueAwareRetriever):
         raise TypeError("make_recall_tool needs a ValueAwareRetriever, e.g. ValueAwareRetriever.from_memory(mem), got "
                         f"{type(retriever).__name__}")
@@ -79,6 +90,7 @@ def make_predict_tool(predictor: Predictor | None = None, *, name: str = "estima
     ``namespace`` (a function of the run's runtime) with ``predictor_for`` (``mem.try_predictor``): each run
     gets the estimate of the model serving its own namespace, e.g. the calling user's.
     """
+    name = _tool_name(name)
     if predictor is not None:
         check_predictor(predictor, "make_predict_tool")
     if (predictor is None) == (namespace is None or predictor_for is None):
