@@ -522,6 +522,9 @@ def test_router_routes_by_predicted_reward(trained_store):
         RewardRouter(cheap, strong, pred, threshold=3)
     with pytest.raises(TypeError, match="RewardRouter needs a Predictor .*got NoneType"):  # not 'no attribute bins'
         RewardRouter(cheap, strong, None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"cheap must be a chat model .* got str: build the model, e.g. "
+                                        r"init_chat_model\('gpt-4o-mini'\)"):  # (failed at the first question)
+        RewardRouter("gpt-4o-mini", strong, pred)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cost_strong must be a price > 0"):  # cost_saved() divided by zero
         RewardRouter(cheap, strong, pred, cost_strong=0)
     with pytest.raises(TypeError, match="threshold must be a reward .* got str '0.5'"):  # not "'<=' not supported"

@@ -55,6 +55,11 @@ class RewardRouter(Runnable[Any, AIMessage]):
 
     def __init__(self, cheap: BaseChatModel, strong: BaseChatModel, predictor: Predictor, *, threshold: float = 0.5,
                  cost_cheap: float = 1.0, cost_strong: float = 10.0) -> None:
+        for which, model in (("cheap", cheap), ("strong", strong)):  # (a model's name failed at the first question)
+            if not isinstance(model, Runnable):
+                hint = (f": build the model, e.g. init_chat_model({model!r})" if isinstance(model, str) else "")
+                raise TypeError(f"{which} must be a chat model (a LangChain Runnable), got {type(model).__name__}"
+                                + hint)
         if not isinstance(predictor, Predictor):
             raise TypeError(f"RewardRouter needs a Predictor (e.g. mem.predictor, once a consolidation has published a "
                             f"model trained on the cheap model's episodes), got {type(predictor).__name__}")
