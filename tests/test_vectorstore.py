@@ -97,6 +97,15 @@ def test_bad_metadata_is_refused_and_nothing_written(store) -> None:  # type: ig
     for adapter in (MemoryDistillVectorStore, MemoryDistillStore):
         with pytest.raises(ValueError, match=r"value_weight must be in \[0, 1\], got 1.5"):
             adapter(store, value_weight=1.5)
+        # taken, then failed at the first search (a version's name, a blank reward key)
+        with pytest.raises(TypeError, match=f"{adapter.__name__}'s predictor= takes a Predictor .* got str 'v1'"):
+            adapter(store, predictor="v1")
+        with pytest.raises(ValueError, match="reward_key must be the metadata key"):
+            adapter(store, reward_key="")
+    with pytest.raises(ValueError, match="namespace must be a namespace's name"):
+        MemoryDistillVectorStore(store, namespace=" ")
+    with pytest.raises(ValueError, match="fields must be field paths to embed"):
+        MemoryDistillStore(store, fields=["text", 3])
 
 
 def test_langchain_indexing_api_keeps_the_store_in_sync(store) -> None:  # type: ignore[no-untyped-def]

@@ -33,7 +33,7 @@ from memory_distill.predictor import Predictor
 from memory_distill.store import MemoryStore, mmr_select
 from memory_distill.types import is_int
 
-from .episodes import check_store
+from .episodes import check_predictor, check_store
 
 __all__ = ["ValueAwareRetriever", "check_value_weight", "predicted_value", "resolve_predictor", "value_blend"]
 
@@ -52,6 +52,25 @@ def resolve_predictor(p: PredictorLike, *, refresh: bool = True) -> Predictor | 
             p.refresh()
         return None if p is None or p.retired else p
     return p()  # a provider returns a refreshed predictor, or None
+
+
+def check_predictor_like(p: Any, who: str) -> PredictorLike:
+    """``p`` when it is what ``predictor=`` takes: ``None``, a Predictor, or a function returning one (or ``None``);
+    anything else (a MemoryDistill, a version name) failed at the first search."""
+    from memory_distill.facade import MemoryDistill
+
+    if p is None or isinstance(p, Predictor) or (callable(p) and not isinstance(p, type)):
+        return p  # type: ignore[no-any-return]
+    if isinstance(p, MemoryDistill):
+        check_predictor(p, who)  # (names the fix for a MemoryDistill)
+    raise TypeError(f"{who}'s predictor= takes a Predictor (mem.predictor), a function returning one or None (e.g. "
+                    f"mem.try_predictor), or None, got {type(p).__name__} {p!r:.60}")
+
+
+def check_reward_key(key: Any) -> str:
+    if not isinstance(key, str) or not key:
+        raise ValueError(f"reward_key must be the metadata key holding an item's reward (a non-empty str), got {key!r}")
+    return key
 
 
 def predicted_value(predictor: Predictor, X: np.ndarray,
