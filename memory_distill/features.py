@@ -22,7 +22,7 @@ memories exactly as in training.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,6 +66,12 @@ def text_stats(texts: Sequence[str]) -> np.ndarray:
     """Features [n, 4] (float32): log1p of characters, words, line breaks and distinct lowercase words."""
     if isinstance(texts, str):
         raise TypeError("text_stats takes a list of texts: wrap a single text as [text]")
+    if isinstance(texts, bytes | Mapping) or not isinstance(texts, Iterable):
+        raise TypeError(f"text_stats takes a list of texts, got {type(texts).__name__}")
+    texts = list(texts)
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] must be str, got {type(t).__name__}")
     out = np.array([_counts(t) for t in texts], np.float32).reshape(len(texts), N_TEXT_FEATURES)
     return np.log1p(out, out=out)
 

@@ -443,7 +443,7 @@ def _same(a: Any, b: Any) -> bool:  # Chroma's equality: 1 == 1.0, True is not 1
 
 def _query_vector(query: Any) -> np.ndarray:
     """A search query that is not text, as a float32 array; anything else is a TypeError naming ``query``."""
-    wrong = query is None or isinstance(query, bytes | Mapping | bool) or (
+    wrong = query is None or isinstance(query, bytes | Mapping | bool) or is_real(query) or (  # (5: "dim 1")
         isinstance(query, Sequence) and any(isinstance(x, str | bytes) for x in query))
     if not wrong:
         try:
@@ -1115,7 +1115,8 @@ class MemoryStore:
         fetch_k = None if fetch_k is None else int(fetch_k)
         if not isinstance(query, str):
             query = _query_vector(query)
-        if not (diversity >= 0 and math.isfinite(diversity)):
+        include_embeddings = check_flag(include_embeddings, "include_embeddings", "return each hit's vector")
+        if not is_real(diversity) or not (diversity >= 0 and math.isfinite(diversity)):  # ("x" failed in a compare)
             raise StoreError(f"diversity must be a number >= 0, got {diversity!r}")
         if diversity > 0:
             pool = self.search(query, max(k, fetch_k or max(4 * k, 20)), namespace=namespace, where=where,

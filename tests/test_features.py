@@ -25,6 +25,10 @@ def test_text_stats_values_and_round_trip() -> None:
     assert np.isnan(decode_stats([None, "1,2", "a,b,c,d"])).all()
     with pytest.raises(TypeError, match="list of texts"):
         text_stats("one string")
+    with pytest.raises(TypeError, match="text_stats takes a list of texts, got NoneType"):
+        text_stats(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"texts\[1\] must be str, got int"):  # ("'int' object has no attribute")
+        text_stats(["a", 1])  # type: ignore[list-item]
 
 
 def test_store_keeps_stats_and_training_data_reads_them(store) -> None:  # type: ignore[no-untyped-def]

@@ -48,7 +48,7 @@ def test_add_get_search_roundtrip(store):
     with pytest.raises(StoreError, match="query vector contains NaN"):  # not the 2 "nearest" to NaN
         store.search(np.full(256, np.nan), k=2)
     assert store.search(qv.tolist(), k=np.int64(1))[0].memory.id == ids[0]  # a list, a numpy int (Chroma wants int)
-    for wrong in (None, b"search", ["a", "b"], {"text": "a"}):  # None once read as a "vector of dim 1"
+    for wrong in (None, b"search", ["a", "b"], {"text": "a"}, 5, 2.5):  # None or 5 read as a "vector of dim 1"
         with pytest.raises(TypeError, match="query must be a str .* or one embedding vector of numbers"):
             store.search(wrong, k=2)
     for k in (1.5, True, "3"):  # 1.5 reached Chroma as "5.5 results"
@@ -456,8 +456,11 @@ def test_search_diversity_skips_near_copies(store):
     assert diverse[0].memory.id == plain[0].memory.id and sum(h.memory.id in ids[:6] for h in diverse) == 1
     assert len({h.memory.id for h in diverse}) == 3 and diverse[0].embedding is None
     assert store.search("searched the web", k=2, diversity=0.7, include_embeddings=True)[1].embedding is not None
-    with pytest.raises(StoreError, match="diversity must be"):
-        store.search("x", diversity=float("nan"))
+    for bad in (float("nan"), "0.5"):  # ("0.5" failed inside a comparison)
+        with pytest.raises(StoreError, match="diversity must be"):
+            store.search("x", diversity=bad)
+    with pytest.raises(TypeError, match="include_embeddings must be True or False"):
+        store.search("x", include_embeddings="no")
 
 
 def test_mmr_select_closed_form():
