@@ -140,6 +140,8 @@ def test_langchain_embeddings_adapter():
     with pytest.raises(TypeError, match="embed_documents takes a list of texts, got a single str"):
         ours.embed_documents("abc")  # type: ignore[arg-type]  # it embedded 3 letters
     assert len(ours.embed_documents(["abc"])) == 1
+    with pytest.raises(TypeError, match="got the str 'openai'"):  # (taken, then failed at the first embedding)
+        MemoryDistillEmbeddings.from_embedder("openai")  # type: ignore[arg-type]
 
 
 def test_embedder_construction_errors_name_the_fix(tmp_path):

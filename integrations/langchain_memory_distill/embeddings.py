@@ -8,7 +8,7 @@ from langchain_core.embeddings import Embeddings
 from pydantic import BaseModel, ConfigDict, PrivateAttr, SecretStr
 
 from memory_distill.config import EmbedderConfig
-from memory_distill.embeddings import Embedder, make_embedder
+from memory_distill.embeddings import Embedder, as_embedder, make_embedder
 
 __all__ = ["MemoryDistillEmbeddings"]
 
@@ -39,6 +39,8 @@ class MemoryDistillEmbeddings(BaseModel, Embeddings):
 
     @classmethod
     def from_embedder(cls, embedder: Embedder) -> MemoryDistillEmbeddings:
+        """Wrap one of our embedders (or a LangChain ``Embeddings``); anything else is a ``TypeError`` here."""
+        embedder = as_embedder(embedder)  # (a str was taken, and failed at the first embed_documents)
         obj = cls()
         obj._embedder = embedder
         return obj
