@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import ValidationError
 
@@ -88,6 +88,10 @@ def _whole_number(text: str, minimum: int) -> int:
     if value < minimum:
         raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
     return value
+
+
+_CURRICULA = list(get_args(DistillConfig.model_fields["curriculum"].annotation))
+"""The curricula by name, as DistillConfig takes them (the curriculum module itself would import torch)."""
 
 
 def _home(text: str) -> str:
@@ -709,7 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--epochs", type=_count, help="max epochs for teacher and student")
         sp.add_argument("--teacher-epochs", type=_count)
         sp.add_argument("--distill-epochs", type=_count)
-        sp.add_argument("--curriculum", choices=["uniform", "easy_to_hard", "hard_to_easy", "adaptive", "sec_bandit"])
+        sp.add_argument("--curriculum", choices=_CURRICULA)
         sp.add_argument("--seed", type=_seed)
         sp.add_argument("--device", type=_device, metavar="{auto,cpu,cuda,cuda:N}")
         sp.add_argument("--threads", type=_count, help="CPU threads to train with (default: every core)")
@@ -854,7 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seeds", type=_seed, nargs="+", default=[0, 1])
     sp.add_argument("--epochs", type=_count, default=15)
     sp.add_argument("--max-records", type=_count, default=3000)
-    sp.add_argument("--curricula", nargs="+")
+    sp.add_argument("--curricula", nargs="+", choices=_CURRICULA)
     sp.add_argument("--no-router", action="store_true", help="skip the FireAct routing evaluation")
     sp.set_defaults(func=cmd_experiment)
     return p

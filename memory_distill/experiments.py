@@ -77,7 +77,16 @@ def run_curriculum_experiment(data_dir: str | Path | None = None, *, out_dir: st
         where = repr(str(data_dir)) if data_dir else "../shared/data"
         raise FileNotFoundError(f"no episode data (*.jsonl.gz) found in {where}: pass --data DIR (data_dir=) with "
                                 "the episode files")
-    names = list(datasets or [d for d in DEFAULT_DATASETS if (base / DATASETS[d]).exists()])
+    if unknown := sorted(set(datasets or ()) - set(DATASETS)):
+        raise ValueError(f"unknown dataset(s) {unknown}: the datasets are {sorted(DATASETS)}")
+    if unknown := sorted(set(curricula or ()) - set(CURRICULA)):
+        raise ValueError(f"unknown curriculum(s) {unknown}: the curricula are {sorted(CURRICULA)}")
+    names = list(datasets) if datasets else [d for d in DEFAULT_DATASETS if (base / DATASETS[d]).exists()]
+    # (a directory of other *.jsonl.gz files ran no dataset, then failed drawing the empty plot)
+    missing = [d for d in names if not (base / DATASETS[d]).exists()] if names else list(DEFAULT_DATASETS)
+    if missing:
+        raise FileNotFoundError(f"{base} has none of {', '.join(DATASETS[d] for d in missing)}: pass --data DIR "
+                                "(data_dir=) with the episode files")
     variants = list(curricula or CURRICULA) + ["uniform+adaptive_teaching"]
     emb = embedder or HashingEmbedder(dim=512)
     out = Path(out_dir)

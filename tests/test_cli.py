@@ -433,3 +433,26 @@ def test_no_progress_bars_when_stderr_is_not_a_terminal(home):
     out = subprocess.run([sys.executable, "-m", "memory_distill", "demo", "--n", "300", "--epochs", "2"],
                          capture_output=True, text=True, check=True)
     assert "PROMOTED" in out.stdout and "epoch/s" not in out.stderr and "\r" not in out.stderr
+
+
+def test_experiment_names_missing_data_and_unknown_names(tmp_path, capsys):
+    """A directory of other *.jsonl.gz files ran no dataset, then crashed with an IndexError drawing the empty
+    plot; an unknown curriculum or dataset name failed after the data was read (or not at all)."""
+    import gzip
+
+    from memory_distill.experiments import run_curriculum_experiment
+
+    with gzip.open(tmp_path / "mine.jsonl.gz", "wt") as f:
+        f.write('{"text": "an episode", "reward": 0.5}\n')
+    code = main(["-q", "experiment", "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--no-router"])
+    err = capsys.readouterr().err
+    assert code == 2 and "has none of tree_of_thoughts/creative_writing.jsonl.gz" in err and "--data DIR" in err
+    with pytest.raises(ValueError, match=r"unknown curriculum\(s\) \['bandit'\]: the curricula are"):
+        run_curriculum_experiment(tmp_path, curricula=["bandit"])
+    with pytest.raises(ValueError, match=r"unknown dataset\(s\) \['hotpot'\]"):
+        run_curriculum_experiment(tmp_path, datasets=["hotpot"])
+    with pytest.raises(FileNotFoundError, match="has none of fireact/fireact_hotpotqa.jsonl.gz"):
+        run_curriculum_experiment(tmp_path, datasets=["fireact"])
+    with pytest.raises(SystemExit):
+        main(["-q", "experiment", "--curricula", "bandit"])
+    assert "invalid choice: 'bandit'" in capsys.readouterr().err

@@ -28,3 +28,4 @@ def test_experiment_command_compares_all_curricula_and_routes(tmp_path, capsys):
     assert pts[0]["cheap_fraction"] <= pts[-1]["cheap_fraction"]
     assert "quality-vs-cheap-share AUC" in capsys.readouterr().out
     assert torch.equal(torch.random.get_rng_state(), before)  # the runs' seeding leaves the caller's RNG alone
+
