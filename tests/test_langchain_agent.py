@@ -368,6 +368,8 @@ def test_scorer_batch_reports_each_input_to_callbacks(trained_store):
         scorer.batch([GOOD, 42])
     with pytest.raises(TypeError, match="take a list of inputs, got one str"):
         scorer.batch(GOOD)
+    with pytest.raises(TypeError, match="auto_refresh must be True or False"):
+        RewardScorer(pred, auto_refresh="no")  # type: ignore[arg-type]
 
 
 def test_retriever_modes_rank_by_value(trained_store):

@@ -14,7 +14,7 @@ from langchain_core.runnables import Runnable, RunnableConfig
 
 from memory_distill.errors import nearest_name
 from memory_distill.predictor import Predictor
-from memory_distill.types import PredictionBatch, RewardPrediction, is_real
+from memory_distill.types import PredictionBatch, RewardPrediction, check_flag, is_real
 
 from .episodes import check_predictor, episode_text
 
@@ -79,7 +79,7 @@ class RewardScorer(Runnable[Input, RewardPrediction]):
         _check_template(template)
         self.predictor = check_predictor(predictor, "RewardScorer")
         self.template = template
-        self.auto_refresh = auto_refresh
+        self.auto_refresh = check_flag(auto_refresh, "auto_refresh", "pick up a newly promoted student")
 
     def score_batch(self, inputs: Sequence[Input], *, question: str | None = None) -> PredictionBatch:
         """One forward pass over ``inputs``. ``question``: the prompt they answer, for a student trained on what
