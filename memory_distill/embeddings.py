@@ -292,7 +292,7 @@ class OpenAIEmbedder(_ReadsLongTexts):
         if not isinstance(model, str) or not model.strip():  # (the API refused it at the first request)
             raise ValueError(f"model must be an embedding model's name, e.g. 'text-embedding-3-small', got {model!r}")
         url = base_url or (os.environ.get("OPENAI_BASE_URL") if client is None else None) or None
-        if url is not None and (not isinstance(url, str) or not re.match(r"https?://[^/\s]", url)):
+        if url is not None and (not isinstance(url, str) or not re.match(r"https?://[^/\s]", url, re.I)):
             # (the client took it, then failed every request and its retries with "Connection error")
             raise ValueError(f"base_url must be an http:// or https:// URL, e.g. 'http://localhost:8000/v1', got "
                              f"{url!r}{' (from OPENAI_BASE_URL)' if not base_url else ''}")

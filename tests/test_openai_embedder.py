@@ -129,7 +129,8 @@ def test_a_url_without_its_scheme_or_an_empty_model_fails_at_once(monkeypatch):
     monkeypatch.setenv("OPENAI_BASE_URL", "localhost:9")
     with pytest.raises(ValueError, match=r"got 'localhost:9' \(from OPENAI_BASE_URL\)"):
         OpenAIEmbedder(api_key="sk-test")
-    assert OpenAIEmbedder(api_key="sk-test", base_url="https://example.invalid/v1").model == "text-embedding-3-small"
+    for url in ("https://example.invalid/v1", "HTTP://127.0.0.1:9/v1"):
+        assert OpenAIEmbedder(api_key="sk-test", base_url=url).model == "text-embedding-3-small"
     with pytest.raises(ValueError, match="model must be an embedding model's name"):
         OpenAIEmbedder(" ", api_key="sk-test", base_url="http://127.0.0.1:9/v1")
 
