@@ -29,18 +29,14 @@ from .predictor import _softmax
 from .rewards import RewardBins, summarize_probs
 from .store import TrainingData, coerce_memory
 from .training import seeded_training, split_by_group_and_time, train_pair
-from .types import Memory, PredictionBatch, RewardPrediction
+from .types import Memory, PredictionBatch, RewardPrediction, text_list
 
 __all__ = ["ModelDistillation"]
 
 
 def _query_texts(query: Any) -> list[str]:
     """One text or a list of them as a list (``None`` failed as "'NoneType' object is not iterable")."""
-    if isinstance(query, str):
-        return [query]
-    if isinstance(query, bytes | Mapping) or not isinstance(query, Iterable):
-        raise TypeError(f"query is a text or a list of texts, got {type(query).__name__}")
-    return list(query)
+    return [query] if isinstance(query, str) else text_list(query, "query")
 
 
 class ModelDistillation:

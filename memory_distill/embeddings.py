@@ -19,7 +19,7 @@ import re
 import sqlite3
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast, runtime_checkable
@@ -28,7 +28,7 @@ import numpy as np
 
 from .config import EmbedderConfig, as_config
 from .errors import EmbeddingError
-from .types import is_int, not_utf8
+from .types import is_int, not_utf8, text_list
 
 __all__ = [
     "CachedEmbedder",
@@ -58,14 +58,8 @@ class Embedder(Protocol):
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
-    if isinstance(texts, str):
-        raise TypeError("embed() takes a list of texts, got a single str: wrap it as [text]")
-    if isinstance(texts, bytes | Mapping) or not isinstance(texts, Iterable):
-        raise TypeError(f"embed() takes a list of texts, got {type(texts).__name__}")
-    out = list(texts)
+    out = text_list(texts, "embed()")
     for i, t in enumerate(out):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] must be str, got {type(t).__name__}")
         if bad := not_utf8(f"texts[{i}]", t):
             raise ValueError(bad)
     return out

@@ -22,11 +22,13 @@ memories exactly as in training.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from .types import text_list
 
 __all__ = ["N_TEXT_FEATURES", "TEXT_FEATURES", "FeatureSpec", "decode_stats", "encode_stats", "metadata_columns",
            "text_stats"]
@@ -64,14 +66,7 @@ def decode_stats(values: Sequence[str | None]) -> np.ndarray:
 
 def text_stats(texts: Sequence[str]) -> np.ndarray:
     """Features [n, 4] (float32): log1p of characters, words, line breaks and distinct lowercase words."""
-    if isinstance(texts, str):
-        raise TypeError("text_stats takes a list of texts: wrap a single text as [text]")
-    if isinstance(texts, bytes | Mapping) or not isinstance(texts, Iterable):
-        raise TypeError(f"text_stats takes a list of texts, got {type(texts).__name__}")
-    texts = list(texts)
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise TypeError(f"texts[{i}] must be str, got {type(t).__name__}")
+    texts = text_list(texts, "text_stats")
     out = np.array([_counts(t) for t in texts], np.float32).reshape(len(texts), N_TEXT_FEATURES)
     return np.log1p(out, out=out)
 

@@ -6,6 +6,7 @@ import datetime
 import math
 import time
 import uuid
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from numbers import Real
 from typing import Any
@@ -90,6 +91,20 @@ def check_flag(v: Any, name: str, what: str = "") -> bool:
     if not isinstance(v, bool | np.bool_):
         raise TypeError(f"{name} must be True or False{f' ({what})' if what else ''}, got {type(v).__name__} {v!r}")
     return bool(v)
+
+
+def text_list(texts: Any, who: str) -> list[str]:
+    """``texts`` as a list of str; one str (whose letters would be taken one by one), ``None``, a dict or a non-str
+    item is a ``TypeError`` naming ``who`` and the fix."""
+    if isinstance(texts, str):
+        raise TypeError(f"{who} takes a list of texts, got a single str: wrap it as [text]")
+    if isinstance(texts, bytes | Mapping) or not isinstance(texts, Iterable):
+        raise TypeError(f"{who} takes a list of texts, got {type(texts).__name__}")
+    out = list(texts)
+    for i, t in enumerate(out):
+        if not isinstance(t, str):
+            raise TypeError(f"texts[{i}] must be str, got {type(t).__name__}")
+    return out
 
 
 def is_real(v: Any) -> bool:

@@ -56,7 +56,7 @@ def test_model_distillation_checks_its_arguments():
     with pytest.raises(TypeError, match="got the str 'hashing'"):
         ModelDistillation(embedder="hashing")  # type: ignore[arg-type]
     md.distill_from_memories(mems, num_epochs=2, batch_size=16)
-    with pytest.raises(TypeError, match="query is a text or a list of texts, got NoneType"):
+    with pytest.raises(TypeError, match="query takes a list of texts, got NoneType"):
         md.get_student_prediction(None)  # type: ignore[arg-type]
 
 
