@@ -67,14 +67,7 @@ from memory_distill.store import MemoryStore, coerce_memory
 from memory_distill.types import Memory, is_int, is_real
 
 from .episodes import check_store
-from .retriever import (
-    PredictorLike,
-    check_predictor_like,
-    check_reward_key,
-    check_value_weight,
-    resolve_predictor,
-    value_blend,
-)
+from .retriever import PredictorLike, check_value_options, resolve_predictor, value_blend
 
 __all__ = ["MemoryDistillStore"]
 
@@ -184,18 +177,17 @@ class MemoryDistillStore(BaseStore):
     def __init__(self, store: MemoryStore, *, predictor: PredictorLike = None,
                  value_weight: float = 0.0, fields: list[str] | str | None = None, reward_key: str = "reward",
                  ttl_config: TTLConfig | None = None) -> None:
-        self.value_weight = check_value_weight(value_weight)
+        self.predictor, self.value_weight, self.reward_key = check_value_options(
+            "MemoryDistillStore", predictor, value_weight, reward_key)
         self.ttl_config = _check_ttl_config(ttl_config)
         self._sweeper: concurrent.futures.Future[None] | None = None
         self._stop_sweeper = threading.Event()
         self.store = check_store(store, "MemoryDistillStore")
-        self.predictor = check_predictor_like(predictor, "MemoryDistillStore")
         self.fields = [fields] if isinstance(fields, str) else fields  # one path, not its letters
         if self.fields is not None and (not isinstance(self.fields, list | tuple)
                                         or not all(isinstance(f, str) and f for f in self.fields)):
             raise ValueError(f"fields must be field paths to embed (str, e.g. 'text' or 'memory.content'), got "
                              f"{fields!r}")
-        self.reward_key = check_reward_key(reward_key)
 
     @classmethod
     def from_memory(cls, mem: Any, *, value_weight: float = 0.3, **kw: Any) -> MemoryDistillStore:

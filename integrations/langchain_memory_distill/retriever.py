@@ -35,7 +35,8 @@ from memory_distill.types import is_int
 
 from .episodes import check_predictor, check_store
 
-__all__ = ["ValueAwareRetriever", "check_value_weight", "predicted_value", "resolve_predictor", "value_blend"]
+__all__ = ["ValueAwareRetriever", "check_value_options", "check_value_weight", "predicted_value", "resolve_predictor",
+           "value_blend"]
 
 Mode = Literal["likely_success", "cautionary", "similarity"]
 
@@ -52,6 +53,12 @@ def resolve_predictor(p: PredictorLike, *, refresh: bool = True) -> Predictor | 
             p.refresh()
         return None if p is None or p.retired else p
     return p()  # a provider returns a refreshed predictor, or None
+
+
+def check_value_options(who: str, predictor: Any, value_weight: Any, reward_key: Any) -> tuple[PredictorLike, float, str]:
+    """The vector store's and the LangGraph store's ``predictor=``, ``value_weight`` and ``reward_key``, checked
+    when the adapter is built (each failed at the first search or put before)."""
+    return check_predictor_like(predictor, who), check_value_weight(value_weight), check_reward_key(reward_key)
 
 
 def check_predictor_like(p: Any, who: str) -> PredictorLike:

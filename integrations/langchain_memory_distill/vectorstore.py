@@ -38,14 +38,7 @@ from memory_distill.types import Memory, SearchHit
 
 from .embeddings import MemoryDistillEmbeddings
 from .episodes import check_store
-from .retriever import (
-    PredictorLike,
-    check_predictor_like,
-    check_reward_key,
-    check_value_weight,
-    resolve_predictor,
-    value_blend,
-)
+from .retriever import PredictorLike, check_value_options, resolve_predictor, value_blend
 
 __all__ = ["MemoryDistillVectorStore"]
 
@@ -59,9 +52,8 @@ class MemoryDistillVectorStore(VectorStore):
         if not isinstance(namespace, str) or not namespace.strip():  # (every search answered nothing)
             raise ValueError(f"namespace must be a namespace's name (a non-empty str), got {namespace!r}")
         self.namespace = namespace
-        self.predictor = check_predictor_like(predictor, "MemoryDistillVectorStore")
-        self.value_weight = check_value_weight(value_weight)
-        self.reward_key = check_reward_key(reward_key)
+        self.predictor, self.value_weight, self.reward_key = check_value_options(
+            "MemoryDistillVectorStore", predictor, value_weight, reward_key)
 
     @classmethod
     def from_memory(cls, mem: Any, *, namespace: str = "default", value_weight: float = 0.3,
