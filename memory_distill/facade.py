@@ -147,6 +147,9 @@ class MemoryDistill:
         separately (``registry.scoped(namespace)``, :meth:`predictor_for`).
         """
         cfg = as_config(config, JobConfig, "config") if config is not None else self.job
+        if namespace is not None and config is not None and cfg.namespace not in (None, namespace):
+            # (one of the two was silently dropped)
+            raise ValueError(f"namespace={namespace!r} and the config's namespace {cfg.namespace!r} differ: give one")
         if namespace is not None:
             cfg = JobConfig.model_validate({**cfg.model_dump(), "namespace": namespace})  # (checked, unlike a copy)
         report = run_consolidation(self.store, self.registry, cfg, **kw)

@@ -240,6 +240,10 @@ def test_a_facade_configured_for_one_namespace_serves_what_it_trains(mem) -> Non
     assert mem.registry.scoped("team-b").current_version() == rep.version and mem.registry.current_version() is None
     s, g = (p.mean for p in team_b.predict([SEARCH, GUESS]))  # no namespace= needed
     assert g > s + 0.4 and team_b.predictor.registry.namespace == "team-b" and team_b.try_predictor() is not None
+    # a config naming one namespace and namespace= another: one was dropped, silently
+    with pytest.raises(ValueError, match="namespace='team-a' and the config's namespace 'team-b' differ: give one"):
+        mem.consolidate(fast_job(namespace="team-b"), namespace="team-a")
+    assert mem.registry.scoped("team-a").history() == []
 
 
 def test_a_failed_first_run_leaves_no_namespace_registry_behind(mem) -> None:  # type: ignore[no-untyped-def]
