@@ -441,6 +441,15 @@ def _same(a: Any, b: Any) -> bool:  # Chroma's equality: 1 == 1.0, True is not 1
     return a is not _MISSING and _kind(a) == _kind(b) and a == _operand(a, b)
 
 
+def _check_open_args(path: Any, client: Any) -> None:
+    """``path`` and ``client`` of a store being opened (pathlib's or an AttributeError at open before)."""
+    if path is not None and (not isinstance(path, str | os.PathLike) or not str(path).strip()):
+        raise TypeError(f"path must be the store's directory (a str or Path), got {type(path).__name__} {path!r}")
+    if client is not None and not hasattr(client, "get_or_create_collection"):
+        raise TypeError(f"client must be a chromadb client (chromadb.PersistentClient(...), HttpClient(...)), got "
+                        f"{type(client).__name__}")
+
+
 def _query_vector(query: Any) -> np.ndarray:
     """A search query that is not text, as a float32 array; anything else is a TypeError naming ``query``."""
     wrong = query is None or isinstance(query, bytes | Mapping | bool) or is_real(query) or (  # (5: "dim 1")
@@ -548,6 +557,7 @@ class MemoryStore:
             raise TypeError(f"MemoryStore(embedder, config, path=...) takes the embedder first, got the path {embedder!r}: "
                             "pass path= (or StoreConfig(path=...)), or open everything with MemoryDistill.open(path)")
         embedder = as_embedder(embedder)  # a LangChain Embeddings is wrapped, as MemoryDistill.open does
+        _check_open_args(path, client)
         self.config = cfg = as_config(config, StoreConfig, "config")
         self.embedder = embedder
         with _OPEN_LOCK:  # Chroma's client cache and collection creation are not safe from several threads at once
@@ -640,6 +650,7 @@ class MemoryStore:
         embedder (the Predictor refuses them): consolidate again. ``progress(done, total)`` is
         called after each page.
         """
+        _check_open_args(path, client)
         keep_backup = check_flag(keep_backup, "keep_backup", "keep the original collection")
         force = check_flag(force, "force", "re-embed a collection already built with this embedder")
         cfg = config or StoreConfig()

@@ -752,3 +752,9 @@ def test_store_constructor_arguments_name_the_fix(tmp_path):
     st = MemoryStore(DeterministicFakeEmbedding(size=32), {"path": str(tmp_path / "mem")})  # type: ignore[arg-type]
     assert st.config.path == tmp_path / "mem" and st.embedder.dim == 32
     assert st.search(st.get(st.add("a fact worth keeping")).text, k=1)[0].memory.text == "a fact worth keeping"
+    emb = HashingEmbedder(dim=32)
+    with pytest.raises(TypeError, match="path must be the store's directory .* got int 3"):  # (pathlib's error)
+        MemoryStore(emb, path=3)  # type: ignore[arg-type]
+    for opener in (lambda c: MemoryStore(emb, client=c), lambda c: MemoryStore.reembed(emb, client=c)):
+        with pytest.raises(TypeError, match="client must be a chromadb client .* got str"):  # (an AttributeError)
+            opener("http://localhost:8000")
