@@ -73,6 +73,22 @@ def test_search_without_query_matches_langgraph(both, prefix, flt) -> None:  # t
     assert _keys(ours.search(prefix, filter=flt, limit=50)) == _keys(ref.search(prefix, filter=flt, limit=50))
 
 
+def test_an_empty_query_lists_and_bad_arguments_are_named(both) -> None:  # type: ignore[no-untyped-def]
+    """query="" raised "query is empty" where LangGraph's stores list the items; a list as the filter, an int as
+    index= or a non-str key in a value failed with a bare AttributeError or TypeError."""
+    ours, ref = both
+    assert _keys(ours.search(("users",), query="", limit=50)) == _keys(ref.search(("users",), query="", limit=50))
+    with pytest.raises(ValueError, match="filter must be a dict of field conditions"):
+        ours.search(("users",), filter=["tool"])
+    for kw, why in (({"index": 5}, "index must be False, None or the field paths"),
+                    ({"index": ["text", 1]}, "index must be False, None or the field paths")):
+        with pytest.raises(InvalidMemoryError, match=why):
+            ours.put(("users",), "x", {"text": "t"}, **kw)
+    with pytest.raises(InvalidMemoryError, match="value's keys must be str"):
+        ours.put(("users",), "x", {1: "t"})
+    assert ours.get(("users",), "x") is None
+
+
 def test_limit_zero_finds_nothing_like_langgraph(both) -> None:  # type: ignore[no-untyped-def]
     ours, ref = both  # a query with limit=0 used to raise "k must be >= 1"
     for kw in ({"limit": 0}, {"query": "searched the web", "limit": 0},

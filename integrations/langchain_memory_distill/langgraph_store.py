@@ -91,6 +91,19 @@ def _json_default(v: Any) -> Any:
     return v.item() if isinstance(v, np.generic) else str(v)
 
 
+def _check_put(op: PutOp) -> None:
+    """A put's value and ``index``, as LangGraph documents them (each failed later with a bare error)."""
+    if not isinstance(op.value, Mapping):
+        raise InvalidMemoryError(f"value must be a dict (e.g. {{'text': ...}}), got {type(op.value).__name__}")
+    if bad := [k for k in op.value if not isinstance(k, str)]:
+        raise InvalidMemoryError(f"value's keys must be str (LangGraph stores JSON objects), got {bad[0]!r}")
+    index = op.index
+    if not (index is None or index is False or isinstance(index, str)
+            or (isinstance(index, list | tuple) and all(isinstance(p, str) for p in index))):
+        raise InvalidMemoryError(f"index must be False, None or the field paths to embed (e.g. ['text']), got "
+                                 f"{index!r}")
+
+
 def _level(i: int) -> str:
     return f"lg_ns_{i}"
 
@@ -269,8 +282,8 @@ class MemoryDistillStore(BaseStore):
                 # only as 5, and listed as "5")
                 raise InvalidMemoryError(f"an item's key must be a str, got {type(op.key).__name__} {op.key!r}: "
                                          f"use str(key)")
-            if isinstance(op, PutOp) and op.value is not None and not isinstance(op.value, Mapping):
-                raise InvalidMemoryError(f"value must be a dict (e.g. {{'text': ...}}), got {type(op.value).__name__}")
+            if isinstance(op, PutOp) and op.value is not None:
+                _check_put(op)
             if isinstance(op, GetOp):
                 got = self._live(self.store.get_many([self.memory_id(op.namespace, op.key)]))
                 if got and op.refresh_ttl:
@@ -323,9 +336,12 @@ class MemoryDistillStore(BaseStore):
 
     def _search(self, op: SearchOp) -> list[SearchItem]:
         _check_page(op.limit, op.offset)
+        if op.filter is not None and not isinstance(op.filter, Mapping):  # (an AttributeError on .items)
+            raise ValueError(f"filter must be a dict of field conditions, e.g. {{'type': 'preference'}}, got "
+                             f"{type(op.filter).__name__} {op.filter!r:.60}")
         where = {**self._prefix_where(op.namespace_prefix), **self._pushdown(op.filter)}
         end = op.offset + op.limit
-        if op.query is None:
+        if not op.query:  # None or "": a listing, as LangGraph's own stores read a falsy query
             mems = self._live([m for page, _ in self.store.iter_memories(namespace=None, where=where) for m in page
                                if self._passes(m, op.filter)])
             mems.sort(key=lambda m: -float(m.metadata.get(UPDATED, m.created_at)))  # type: ignore[arg-type]
