@@ -450,7 +450,7 @@ def _check_open_args(path: Any, client: Any) -> None:
                         f"{type(client).__name__}")
 
 
-def _query_vector(query: Any) -> np.ndarray:
+def query_vector(query: Any) -> np.ndarray:
     """A search query that is not text, as a float32 array; anything else is a TypeError naming ``query``."""
     wrong = query is None or isinstance(query, bytes | Mapping | bool) or is_real(query) or (  # (5: "dim 1")
         isinstance(query, Sequence) and any(isinstance(x, str | bytes) for x in query))
@@ -1125,7 +1125,7 @@ class MemoryStore:
             raise TypeError(f"fetch_k must be None (max(4k, 20)) or an int >= 1, got {fetch_k!r}")
         fetch_k = None if fetch_k is None else int(fetch_k)
         if not isinstance(query, str):
-            query = _query_vector(query)
+            query = query_vector(query)
         include_embeddings = check_flag(include_embeddings, "include_embeddings", "return each hit's vector")
         if not is_real(diversity) or not (diversity >= 0 and math.isfinite(diversity)):  # ("x" failed in a compare)
             raise StoreError(f"diversity must be a number >= 0, got {diversity!r}")

@@ -104,6 +104,14 @@ def test_bad_metadata_is_refused_and_nothing_written(store) -> None:  # type: ig
             adapter(store, reward_key="")
     with pytest.raises(ValueError, match="namespace must be a namespace's name"):
         MemoryDistillVectorStore(store, namespace=" ")
+    (kept,) = vs.add_texts(["kept again"])
+    for search in (vs.similarity_search, vs.max_marginal_relevance_search):  # (the error named where=)
+        with pytest.raises(ValueError, match="filter must be a dict of metadata conditions"):
+            search("kept", filter=[{"source": "a.md"}])
+    for search in (vs.similarity_search_by_vector, vs.max_marginal_relevance_search_by_vector):
+        with pytest.raises(TypeError, match="take an embedding .* got a str: search text with similarity_search"):
+            search("kept")  # ("could not convert string to float")
+    store.delete([kept])
     with pytest.raises(ValueError, match="fields must be field paths to embed"):
         MemoryDistillStore(store, fields=["text", 3])
 

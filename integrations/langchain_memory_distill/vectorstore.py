@@ -33,7 +33,7 @@ from langchain_core.vectorstores import VectorStore
 
 from memory_distill.embeddings import LangChainEmbedder, as_embedder
 from memory_distill.errors import InvalidMemoryError
-from memory_distill.store import MEMORY_FIELDS, USER_KEY, MemoryStore, id_list
+from memory_distill.store import MEMORY_FIELDS, USER_KEY, MemoryStore, id_list, query_vector
 from memory_distill.types import Memory, SearchHit
 
 from .embeddings import MemoryDistillEmbeddings
@@ -41,6 +41,14 @@ from .episodes import check_store
 from .retriever import PredictorLike, check_value_options, resolve_predictor, value_blend
 
 __all__ = ["MemoryDistillVectorStore"]
+
+
+def _vector(embedding: Any) -> np.ndarray:
+    """The ``*_by_vector`` searches' embedding (a str here is text, which those searches do not embed)."""
+    if isinstance(embedding, str):
+        raise TypeError("the *_by_vector searches take an embedding (a list of floats), got a str: search text with "
+                        "similarity_search / max_marginal_relevance_search")
+    return query_vector(embedding)
 
 
 class MemoryDistillVectorStore(VectorStore):
@@ -142,6 +150,9 @@ class MemoryDistillVectorStore(VectorStore):
         if "namespace" in kwargs:
             raise ValueError(f"this vector store serves namespace {self.namespace!r}: build one per namespace "
                              "(MemoryDistillVectorStore(store, namespace=...))")
+        if flt is not None and not isinstance(flt, dict):  # (the store's error named where=, which is not ours)
+            raise ValueError(f"filter must be a dict of metadata conditions, e.g. {{'source': 'a.md'}}, got "
+                             f"{type(flt).__name__} {flt!r:.60}")
         flt = self._filter(flt) if flt else None
         pred = resolve_predictor(self.predictor) if self.value_weight > 0 else None
         if pred is None:
@@ -170,7 +181,7 @@ class MemoryDistillVectorStore(VectorStore):
 
     def similarity_search_by_vector(self, embedding: list[float], k: int = 4,
                                     filter: dict[str, Any] | None = None, **kwargs: Any) -> list[Document]:
-        return [d for d, _ in self._ranked(np.asarray(embedding, np.float32), k, filter, **kwargs)]
+        return [d for d, _ in self._ranked(_vector(embedding), k, filter, **kwargs)]
 
     def _select_relevance_score_fn(self) -> Callable[[float], float]:
         return lambda score: min(1.0, max(0.0, score))  # cosine similarity, negatives as unrelated
@@ -190,7 +201,7 @@ class MemoryDistillVectorStore(VectorStore):
     def max_marginal_relevance_search_by_vector(self, embedding: list[float], k: int = 4, fetch_k: int = 20,
                                                 lambda_mult: float = 0.5, filter: dict[str, Any] | None = None,
                                                 **kwargs: Any) -> list[Document]:
-        return [d for d, _ in self._ranked(np.asarray(embedding, np.float32), k, filter,
+        return [d for d, _ in self._ranked(_vector(embedding), k, filter,
                                            diversity=self._diversity(lambda_mult), fetch_k=fetch_k, **kwargs)]
 
     @classmethod
