@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import DistillConfig, TeacherConfig
+from .config import DistillConfig, TeacherConfig, as_config
 from .errors import DeviceError
 
 __all__ = ["ModelInputs", "RewardMLP", "model_inputs", "build_student", "build_teacher", "compression_ratio", "effective_batch_size", "param_count", "resolve_device"]
@@ -278,12 +278,15 @@ def model_inputs(embeddings: np.ndarray, features: np.ndarray | None, device: to
 
 def build_teacher(cfg: TeacherConfig, in_dim: int, n_bins: int, n_features: int = 0) -> RewardMLP:
     """The teacher MLP: ``in_dim`` embedding (+ ``n_features`` side features) -> ``cfg.hidden`` -> ``n_bins`` logits,
-    with BatchNorm and dropout as configured (default 1024-512-256-128)."""
+    with BatchNorm and dropout as configured (default 1024-512-256-128). ``cfg`` may be a dict of its fields."""
+    cfg = as_config(cfg, TeacherConfig, "cfg")
     return RewardMLP(in_dim, cfg.hidden, n_bins, dropout=cfg.dropout, batchnorm=cfg.batchnorm, n_features=n_features)
 
 
 def build_student(cfg: DistillConfig, in_dim: int, n_bins: int, n_features: int = 0) -> RewardMLP:
-    """The compact student MLP (default 256-128), without BatchNorm so it serves as a chain of matmuls."""
+    """The compact student MLP (default 256-128), without BatchNorm so it serves as a chain of matmuls. ``cfg`` may
+    be a dict of its fields."""
+    cfg = as_config(cfg, DistillConfig, "cfg")
     return RewardMLP(in_dim, cfg.hidden, n_bins, dropout=cfg.dropout, batchnorm=False, n_features=n_features)
 
 

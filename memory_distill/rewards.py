@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .config import BinsConfig
+from .types import is_int, is_real
 
 __all__ = ["QUANTILES", "RewardBins", "summarize_probs"]
 
@@ -30,10 +31,14 @@ class RewardBins:
     sigma_ratio: float = 0.75
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
-            raise ValueError(f"bins need finite low < high, got [{self.low}, {self.high}]")
-        if self.n_bins < 2:
-            raise ValueError(f"n_bins must be >= 2, got {self.n_bins}")
+        if not (is_real(self.low) and is_real(self.high) and math.isfinite(self.low) and math.isfinite(self.high)
+                and self.low < self.high):
+            raise ValueError(f"bins need finite low < high, got [{self.low!r}, {self.high!r}]")
+        if not is_int(self.n_bins) or self.n_bins < 2:  # (2.5 was taken, and failed in linspace)
+            raise ValueError(f"n_bins must be a whole number >= 2, got {self.n_bins!r}")
+        if not is_real(self.sigma_ratio) or not 0 < self.sigma_ratio < math.inf:  # (-1 made every soft target NaN)
+            raise ValueError(f"sigma_ratio must be a number > 0 (the soft targets' width in bins), got "
+                             f"{self.sigma_ratio!r}")
 
     # ------------------------------------------------------------- construction
 

@@ -92,6 +92,24 @@ def test_bins_fit_with_margin_and_roundtrip():
         RewardBins.fit(np.array([np.nan]))
 
 
+def test_bins_and_model_builders_check_their_arguments():
+    """RewardBins(0, 1, 2.5) was built and failed in linspace, a negative sigma_ratio made every soft target NaN;
+    build_teacher({...}) failed as "'dict' object has no attribute 'hidden'"."""
+    for kw, why in (({"n_bins": 2.5}, "n_bins must be a whole number >= 2"),
+                    ({"n_bins": "8"}, "n_bins must be a whole number >= 2"),
+                    ({"sigma_ratio": -1.0}, "sigma_ratio must be a number > 0"),
+                    ({"sigma_ratio": float("nan")}, "sigma_ratio must be a number > 0"),
+                    ({"low": "0"}, "bins need finite low < high")):
+        with pytest.raises(ValueError, match=why):
+            RewardBins(**{"low": 0.0, "high": 1.0, **kw})
+    assert RewardBins(np.float32(0), np.float64(1), np.int64(8)).n_bins == 8
+    assert not np.isnan(RewardBins(0.0, 1.0, 8).targets(np.array([0.5]))).any()
+    t = build_teacher({"hidden": [8]}, 16, 4)
+    assert t.arch()["hidden"] == [8] and build_student({"hidden": [4]}, 16, 4).arch()["hidden"] == [4]
+    with pytest.raises(ValueError, match="did you mean 'hidden'"):
+        build_student({"hiden": [4]}, 16, 4)
+
+
 def test_summary_of_a_point_mass():
     b = RewardBins(0.0, 1.0, 10)
     logits = torch.full((1, 10), -1e9)
