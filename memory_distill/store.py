@@ -630,7 +630,7 @@ class MemoryStore:
                     and int(collection_metadata.get("md_dim", -1)) == embedder.dim)
 
     @classmethod
-    def reembed(cls, embedder: Embedder, config: StoreConfig | None = None, *, path: str | Path | None = None,
+    def reembed(cls, embedder: Embedder, config: StoreConfig | Mapping[str, Any] | None = None, *, path: str | Path | None = None,
                 client: Any | None = None, page_size: int = 1000, keep_backup: bool = False, force: bool = False,
                 progress: Callable[[int, int], None] | None = None) -> MemoryStore:
         """Give every memory of the collection a vector from ``embedder``; return the store opened with it.
@@ -653,7 +653,7 @@ class MemoryStore:
         _check_open_args(path, client)
         keep_backup = check_flag(keep_backup, "keep_backup", "keep the original collection")
         force = check_flag(force, "force", "re-embed a collection already built with this embedder")
-        cfg = config or StoreConfig()
+        cfg = as_config(config, StoreConfig, "config")  # (a dict failed as "no attribute 'collection'")
         client = client or cls._make_client(cfg, path)
         try:
             old = client.get_collection(cfg.collection, embedding_function=None)

@@ -131,7 +131,7 @@ def test_force_recomputes_vectors_of_the_same_embedder(tmp_path) -> None:  # typ
                                    embeddings=stale)  # vectors from elsewhere (an older embedder version)
     unchanged = MemoryStore.reembed(emb, cfg).load_training_data()
     assert np.abs(unchanged.embeddings - stale[[int(i[1:]) for i in unchanged.ids]]).max() < 1e-6
-    data = MemoryStore.reembed(emb, cfg, force=True, page_size=5).load_training_data()
+    data = MemoryStore.reembed(emb, {"path": cfg.path}, force=True, page_size=5).load_training_data()  # a dict too
     order = [int(i[1:]) for i in data.ids]
     np.testing.assert_allclose(data.embeddings, emb.embed([texts[i] for i in order]), atol=1e-6)
 
