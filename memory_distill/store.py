@@ -651,6 +651,8 @@ class MemoryStore:
         called after each page.
         """
         _check_open_args(path, client)
+        if not is_int(page_size) or page_size < 1:
+            raise ValueError(f"page_size must be a whole number >= 1, got {page_size!r}")
         keep_backup = check_flag(keep_backup, "keep_backup", "keep the original collection")
         force = check_flag(force, "force", "re-embed a collection already built with this embedder")
         cfg = as_config(config, StoreConfig, "config")  # (a dict failed as "no attribute 'collection'")

@@ -131,6 +131,8 @@ def test_force_recomputes_vectors_of_the_same_embedder(tmp_path) -> None:  # typ
                                    embeddings=stale)  # vectors from elsewhere (an older embedder version)
     unchanged = MemoryStore.reembed(emb, cfg).load_training_data()
     assert np.abs(unchanged.embeddings - stale[[int(i[1:]) for i in unchanged.ids]]).max() < 1e-6
+    with pytest.raises(ValueError, match="page_size must be a whole number >= 1"):
+        MemoryStore.reembed(emb, cfg, force=True, page_size=0)
     data = MemoryStore.reembed(emb, {"path": cfg.path}, force=True, page_size=5).load_training_data()  # a dict too
     order = [int(i[1:]) for i in data.ids]
     np.testing.assert_allclose(data.embeddings, emb.embed([texts[i] for i in order]), atol=1e-6)
