@@ -136,6 +136,8 @@ def test_a_bad_reward_fn_leaves_the_episode_pending_not_the_run_failed(store, ca
     assert "reward_fn's reward must be finite, got nan" in caplog.text
     with pytest.raises(InvalidMemoryError, match="must be a finite number, got True"):  # written: the store checks
         mw.feedback(mw.episode_ids[-1], True)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="episode_id must be one episode's id"):  # ("unhashable type: 'list'")
+        mw.feedback(mw.episode_ids[-1:], 0.5)  # type: ignore[arg-type]
     # a judge that cannot be called as reward_fn(question, answer, messages) fails when the recorder is built,
     # not as a warning on every run with the episode left pending
     for recorder in (MemoryDistillMiddleware, EpisodeRecorder):

@@ -339,6 +339,9 @@ class EpisodeWriter:
 
     def set_reward(self, episode_id: str, reward: float) -> None:
         """A late reward: on the waiting copy if the episode is not written yet, else in the store."""
+        if not isinstance(episode_id, str):  # (a list failed as "unhashable type")
+            raise TypeError(f"episode_id must be one episode's id (a str, from the run's memory_distill_episode_id), "
+                            f"got {type(episode_id).__name__}")
         with self._lock:
             waiting = self.unsaved.get(episode_id) or self._grading.get(episode_id)
             if waiting is not None:
