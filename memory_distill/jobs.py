@@ -824,6 +824,7 @@ class ConsolidationWorker:
         return False, "not due"
 
     def run_once(self, *, force: bool = False, rewarded: int | None = None) -> ConsolidationReport | None:
+        force = check_flag(force, "force", "run now, whatever the triggers say")  # ("no" forced a run)
         due, why = (True, "forced") if force else self.due(rewarded=rewarded)
         if not due:
             return None
@@ -952,6 +953,7 @@ class NamespaceWorkers:
     def discover(self, *, force: bool = False) -> list[str]:
         """The store's namespaces (re-read when ``discover_every_s`` passed or ``force``), each with its worker."""
         now = time.time()
+        force = check_flag(force, "force", "re-read the namespaces now")
         if force or self._discovered_at is None or now - self._discovered_at >= self.discover_every_s:
             for ns in self.store.stats()["namespaces"]:
                 if ns not in self.workers:
@@ -1058,7 +1060,7 @@ class ConsolidationExecutor:
             return any(not f.done() for f in self._pending.values())
 
     def shutdown(self, wait: bool = True) -> None:
-        self._pool.shutdown(wait=wait)
+        self._pool.shutdown(wait=check_flag(wait, "wait", "wait for the queued runs"))
 
     def __enter__(self) -> ConsolidationExecutor:
         return self

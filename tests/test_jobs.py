@@ -636,7 +636,8 @@ def test_switches_that_write_or_select_must_be_bools(store, registry):
              lambda: store.namespace_counts(rewarded_only="no"),
              lambda: run_consolidation(store, registry, fast_job(), skip_unchanged="no"),
              lambda: ConsolidationWorker(store, registry, fast_job(), skip_unchanged="no"),
-             lambda: MemoryStore.reembed(store.embedder, store.config, client=store._client, force="no")]
+             lambda: MemoryStore.reembed(store.embedder, store.config, client=store._client, force="no"),
+             lambda: ConsolidationWorker(store, registry, fast_job()).run_once(force="no")]  # ("no" forced a run)
     for call in calls:
         with pytest.raises(TypeError, match="must be True or False"):
             call()
