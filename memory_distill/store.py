@@ -441,6 +441,16 @@ def _same(a: Any, b: Any) -> bool:  # Chroma's equality: 1 == 1.0, True is not 1
     return a is not _MISSING and _kind(a) == _kind(b) and a == _operand(a, b)
 
 
+def _page_size(page_size: Any, default: int) -> int:
+    """``page_size`` checked (0 read the default, "10" failed inside Chroma); ``None``: ``default``."""
+    if page_size is None:
+        return default
+    if not is_int(page_size) or page_size < 1:
+        raise ValueError(f"page_size must be a whole number >= 1 (or None for the default, {default}), got "
+                         f"{page_size!r}")
+    return int(page_size)
+
+
 def _check_open_args(path: Any, client: Any) -> None:
     """``path`` and ``client`` of a store being opened (pathlib's or an AttributeError at open before)."""
     if path is not None and (not isinstance(path, str | os.PathLike) or not str(path).strip()):
@@ -651,8 +661,7 @@ class MemoryStore:
         called after each page.
         """
         _check_open_args(path, client)
-        if not is_int(page_size) or page_size < 1:
-            raise ValueError(f"page_size must be a whole number >= 1, got {page_size!r}")
+        page_size = _page_size(page_size, 1000)
         keep_backup = check_flag(keep_backup, "keep_backup", "keep the original collection")
         force = check_flag(force, "force", "re-embed a collection already built with this embedder")
         cfg = as_config(config, StoreConfig, "config")  # (a dict failed as "no attribute 'collection'")
@@ -1284,7 +1293,7 @@ class MemoryStore:
 
         ``metadata_keys``: also return these metadata values (``page.metadata``; ``None`` where absent).
         """
-        size = self._page_size(page_size)
+        size = _page_size(page_size, self.config.read_page_size)
         flt = self._where(namespace, where, rewarded_only)
         offset = 0
         # Chroma reads embeddings (vector segment) and metadata (SQLite) separately; fetching the two
@@ -1319,15 +1328,6 @@ class MemoryStore:
         got = self._col.get(where=flt, limit=size, offset=offset, include=["embeddings", "metadatas"])
         return list(got["ids"]), got["embeddings"], list(got["metadatas"] or [])
 
-    def _page_size(self, page_size: Any) -> int:
-        """``page_size`` checked (0 read the configured size, "10" failed inside Chroma); ``None``: the config's."""
-        if page_size is None:
-            return self.config.read_page_size
-        if not is_int(page_size) or page_size < 1:
-            raise ValueError(f"page_size must be a whole number >= 1 (or None for StoreConfig.read_page_size), got "
-                             f"{page_size!r}")
-        return int(page_size)
-
     def iter_memories(
         self,
         *,
@@ -1344,7 +1344,7 @@ class MemoryStore:
         """
         include = ["documents", "metadatas", "embeddings"] if with_embeddings else ["documents", "metadatas"]
         for got in _pages(self._col, where=self._where(namespace, where), include=include,
-                          size=self._page_size(page_size)):
+                          size=_page_size(page_size, self.config.read_page_size)):
             ids = list(got["ids"])
             mems = [self._from_row(i, d, m) for i, d, m in zip(ids, got["documents"], got["metadatas"], strict=True)]
             embs = np.asarray(got["embeddings"], np.float32).reshape(len(ids), -1) if with_embeddings else None

@@ -115,7 +115,7 @@ def is_real(v: Any) -> bool:
 def check_reward_value(v: Any, name: str = "reward") -> float:
     """``v`` as a float when it is a finite number (numpy's included, not a bool); a ``ValueError`` naming ``name``
     otherwise. (The store's range is checked apart: it is the store's setting.)"""
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+    if not is_real(v):
         raise ValueError(f"{name} must be a number or null, got {type(v).__name__} {v!r}")
     if not math.isfinite(float(v)):
         raise ValueError(f"{name} must be finite, got {v!r}: drop the memory or give a real score")
