@@ -221,6 +221,19 @@ _OPEN_LOCK = threading.Lock()
 """Opening a store (client, collection): two threads making a client for one path at once break Chroma's shared
 client cache ("'RustBindingsAPI' object has no attribute 'bindings'", "Could not connect to tenant")."""
 
+_WRITE_LOCKS: dict[str, threading.RLock] = {}  # Chroma collection id -> lock, shared by every store on it in a process
+_WRITE_LOCKS_LOCK = threading.Lock()
+
+
+def _write_lock(col: Any) -> threading.RLock:
+    """The lock that makes a check-then-write (add_many's "does the id exist?" then ``add``) one step for every
+    store open on that collection in this process: two threads adding one id both passed the check, and Chroma
+    dropped the second row silently. Other processes are not covered (Chroma has no conditional insert)."""
+    key = str(col.id)
+    with _WRITE_LOCKS_LOCK:
+        return _WRITE_LOCKS.setdefault(key, threading.RLock())
+
+
 OPEN_MARKER = ".memory_distill_open"
 """File in an embedded Chroma directory that every process with the directory open holds a shared lock on."""
 _open_dirs: dict[str, list[int]] = {}  # resolved directory -> [marker fd, stores open on it in this process]
@@ -849,45 +862,46 @@ class MemoryStore:
                 )
             if not np.isfinite(vecs).all():
                 raise InvalidMemoryError("embeddings contain NaN or inf: re-embed those texts")
-        snapshot: dict[str, Any] | None = None
-        if upsert:  # one read: the rows being replaced, kept to roll back to (none for new ids)
-            snapshot = self._snapshot(ids)
-        else:
-            existing = self.existing_ids(ids)
-            if existing:
-                raise StoreError(
-                    f"{len(existing)} id(s) already exist (e.g. {sorted(existing)[:3]}): "
-                    "use new ids, or upsert=True to replace them (CLI: add --upsert, import --upsert)"
-                )
-        metas = [self._to_meta(m) for m in mems]
-        if snapshot and snapshot["ids"]:
-            old = dict(zip(snapshot["ids"], snapshot["metadatas"], strict=True))
-            moved = [(m.id, old[m.id].get(NS), m.namespace) for m in mems
-                     if within_namespace and m.id in old and old[m.id].get(NS) != m.namespace]
-            if moved:
-                mid, was, now = moved[0]
-                raise InvalidMemoryError(f"id {mid!r} belongs to a memory of namespace {was!r}, not {now!r} "
-                                         f"({len(moved)} such id(s)): ids are unique across the store, so use other "
-                                         "ids or write through that namespace; nothing was written")
-            for mid, meta in zip(ids, metas, strict=True):
-                prev = old.get(mid)
-                if prev is None:
-                    continue
-                if keep_created and CREATED in prev:
-                    meta[CREATED] = prev[CREATED]
-                # Chroma merges metadata on upsert: clear the old row's keys the new one lacks
-                meta.update(dict.fromkeys(prev.keys() - meta.keys()))
-        docs = [m.text for m in mems]
-        write = self._col.upsert if upsert else self._col.add
-        done = 0
-        try:
-            for s in range(0, len(mems), self._max_batch):
-                e = s + self._max_batch
-                write(ids=ids[s:e], embeddings=vecs[s:e], metadatas=metas[s:e], documents=docs[s:e])
-                done = e
-        except Exception as exc:
-            self._rollback(ids[:done], snapshot)
-            raise StoreError(f"write failed after {min(done, len(ids))} of {len(ids)} rows and was rolled back: {exc}") from exc
+        with _write_lock(self._col):  # the existence check (or snapshot) and the write, as one step in this process
+            snapshot: dict[str, Any] | None = None
+            if upsert:  # one read: the rows being replaced, kept to roll back to (none for new ids)
+                snapshot = self._snapshot(ids)
+            else:
+                existing = self.existing_ids(ids)
+                if existing:
+                    raise StoreError(
+                        f"{len(existing)} id(s) already exist (e.g. {sorted(existing)[:3]}): "
+                        "use new ids, or upsert=True to replace them (CLI: add --upsert, import --upsert)"
+                    )
+            metas = [self._to_meta(m) for m in mems]
+            if snapshot and snapshot["ids"]:
+                old = dict(zip(snapshot["ids"], snapshot["metadatas"], strict=True))
+                moved = [(m.id, old[m.id].get(NS), m.namespace) for m in mems
+                         if within_namespace and m.id in old and old[m.id].get(NS) != m.namespace]
+                if moved:
+                    mid, was, now = moved[0]
+                    raise InvalidMemoryError(f"id {mid!r} belongs to a memory of namespace {was!r}, not {now!r} "
+                                             f"({len(moved)} such id(s)): ids are unique across the store, so use other "
+                                             "ids or write through that namespace; nothing was written")
+                for mid, meta in zip(ids, metas, strict=True):
+                    prev = old.get(mid)
+                    if prev is None:
+                        continue
+                    if keep_created and CREATED in prev:
+                        meta[CREATED] = prev[CREATED]
+                    # Chroma merges metadata on upsert: clear the old row's keys the new one lacks
+                    meta.update(dict.fromkeys(prev.keys() - meta.keys()))
+            docs = [m.text for m in mems]
+            write = self._col.upsert if upsert else self._col.add
+            done = 0
+            try:
+                for s in range(0, len(mems), self._max_batch):
+                    e = s + self._max_batch
+                    write(ids=ids[s:e], embeddings=vecs[s:e], metadatas=metas[s:e], documents=docs[s:e])
+                    done = e
+            except Exception as exc:
+                self._rollback(ids[:done], snapshot)
+                raise StoreError(f"write failed after {min(done, len(ids))} of {len(ids)} rows and was rolled back: {exc}") from exc
         log.debug("stored %d memories", len(ids))
         return ids
 
@@ -951,29 +965,28 @@ class MemoryStore:
                 rewarded_at = check_unix_time(float(as_unix_time(rewarded_at, "rewarded_at")), "rewarded_at")
             except (TypeError, ValueError) as e:
                 raise InvalidMemoryError(str(e)) from None
-        by_id = self._stored(ids)
-        now = time.time() if rewarded_at is None else rewarded_at
-        metas, out = [], []
-        for i in ids:
-            r = rewards[i]
-            if not is_real(r) or not math.isfinite(float(r)):  # (numpy numbers too: a model's np.float32 score)
-                raise InvalidMemoryError(f"reward for {i!r} must be a finite number, got {r!r}")
-            self._check_reward(float(r), f"reward for {i!r}")
-            doc, meta = by_id[i]
-            meta = dict(meta)
-            meta[REWARD] = float(r)
-            meta[HAS_REWARD] = True
-            meta[REWARDED_AT] = float(now)
-            if STATS not in meta:  # rows written before text features existed
-                meta[STATS] = encode_stats(doc or "")
-            metas.append(meta)
-            out.append(self._from_row(i, doc, meta))
-        keys = (REWARD, HAS_REWARD, REWARDED_AT, STATS)
-        try:
-            self._update_chunked(ids, metas, lambda j: {k: by_id[ids[j]][1].get(k) for k in keys})
-        except Exception as exc:
-            raise StoreError(f"set_rewards failed and was rolled back: {exc}") from exc
-        return out
+        with _write_lock(self._col):  # read, write and any rollback as one step in this process (a delete in between)
+            by_id = self._stored(ids)
+            now = time.time() if rewarded_at is None else rewarded_at
+            metas, out = [], []
+            for i in ids:
+                r = rewards[i]
+                if not is_real(r) or not math.isfinite(float(r)):  # (numpy numbers too: a model's np.float32 score)
+                    raise InvalidMemoryError(f"reward for {i!r} must be a finite number, got {r!r}")
+                self._check_reward(float(r), f"reward for {i!r}")
+                doc, meta = by_id[i]
+                # only the keys a reward changes are written (Chroma merges them in): writing the whole row read above
+                # would put back what another writer changed in between (update_metadata's keys, lost)
+                patch: dict[str, Any] = {REWARD: float(r), HAS_REWARD: True, REWARDED_AT: float(now)}
+                if STATS not in meta:  # rows written before text features existed
+                    patch[STATS] = encode_stats(doc or "")
+                metas.append(patch)
+                out.append(self._from_row(i, doc, {**meta, **patch}))
+            try:
+                self._update_chunked(ids, metas, lambda j: {k: by_id[ids[j]][1].get(k) for k in metas[j]})
+            except Exception as exc:
+                raise StoreError(f"set_rewards failed and was rolled back: {exc}") from exc
+            return out
 
     def _update_chunked(self, ids: list[str], metas: list[dict[str, Any]],
                         undo: Callable[[int], dict[str, Any]]) -> None:
@@ -1022,19 +1035,20 @@ class MemoryStore:
                 checked[i] = check_metadata(dict(updates[i]), allow_none=True)
             except (TypeError, ValueError) as e:
                 raise InvalidMemoryError(f"update_metadata[{i!r}]: {e}") from e
-        by_id = self._stored(ids)
-        patches, out = [], []
-        for i in ids:
-            doc, meta = by_id[i]
-            patch = dict(checked[i])  # (numpy scalars made Python values)
-            merged = {k: v for k, v in {**(meta or {}), **patch}.items() if v is not None}
-            patches.append(patch)
-            out.append(self._from_row(i, doc, merged))
-        try:
-            self._update_chunked(ids, patches, lambda j: {k: (by_id[ids[j]][1] or {}).get(k) for k in patches[j]})
-        except Exception as exc:
-            raise StoreError(f"update_metadata failed and was rolled back: {exc}") from exc
-        return out
+        with _write_lock(self._col):  # read, write and any rollback as one step in this process
+            by_id = self._stored(ids)
+            patches, out = [], []
+            for i in ids:
+                doc, meta = by_id[i]
+                patch = dict(checked[i])  # (numpy scalars made Python values)
+                merged = {k: v for k, v in {**(meta or {}), **patch}.items() if v is not None}
+                patches.append(patch)
+                out.append(self._from_row(i, doc, merged))
+            try:
+                self._update_chunked(ids, patches, lambda j: {k: (by_id[ids[j]][1] or {}).get(k) for k in patches[j]})
+            except Exception as exc:
+                raise StoreError(f"update_metadata failed and was rolled back: {exc}") from exc
+            return out
 
     def delete(self, ids: Sequence[str] | None = None, *, where: Mapping[str, Any] | None = None,
                namespace: str | None = None, dry_run: bool = False) -> list[str]:

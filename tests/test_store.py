@@ -514,6 +514,52 @@ def test_update_metadata_merges_removes_and_validates_first(store):
         store.update_metadata({1: {"n": 1}})  # type: ignore[dict-item]
 
 
+def test_two_threads_adding_one_id_one_is_refused_not_silently_dropped(tmp_path, embedder):
+    """Both passed the "does the id exist?" check before either wrote, and Chroma dropped the second row without
+    an error (30 of 30 races before the fix): one caller believed a memory stored that was not."""
+    a = MemoryStore(embedder, StoreConfig(path=tmp_path / "chroma"))
+    b = MemoryStore(embedder, StoreConfig(path=tmp_path / "chroma"))  # another handle on it, as a second agent has
+    for trial in range(10):
+        barrier, outcome = threading.Barrier(2), {}
+
+        def add(st, who, trial=trial, barrier=barrier, outcome=outcome):
+            barrier.wait()
+            try:
+                st.add_many([{"id": f"x{trial}", "text": f"written by {who}"}])
+                outcome[who] = "stored"
+            except StoreError as e:
+                outcome[who] = str(e)
+
+        threads = [threading.Thread(target=add, args=(st, who)) for st, who in ((a, "a"), (b, "b"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(outcome.values(), key=len)[0] == "stored", outcome
+        winner = next(w for w, v in outcome.items() if v == "stored")
+        loser = "b" if winner == "a" else "a"
+        assert "already exist" in outcome[loser] and a.get(f"x{trial}").text == f"written by {winner}"
+
+
+def test_a_reward_does_not_put_back_metadata_changed_since_it_read_the_row(tmp_path, embedder, monkeypatch):
+    """set_rewards read the row, then wrote the whole of it back with the reward: a metadata update that landed in
+    between (another process grading the same episode) was undone."""
+    store = MemoryStore(embedder, StoreConfig(path=tmp_path / "chroma"))
+    other = MemoryStore(embedder, StoreConfig(path=tmp_path / "chroma"))
+    mid = store.add({"text": "the agent searched", "metadata": {"tool": "search"}})
+    read = store._stored
+
+    def read_then_another_writer(ids):
+        rows = read(ids)
+        other.update_metadata({mid: {"tool": "calc", "grade": "ok"}})
+        return rows
+
+    monkeypatch.setattr(store, "_stored", read_then_another_writer)
+    assert store.set_reward(mid, 0.7).reward == 0.7
+    got = other.get(mid)
+    assert got.metadata == {"tool": "calc", "grade": "ok"} and got.reward == 0.7
+
+
 def test_an_empty_namespace_is_refused_where_it_selects(store):
     """No memory can be in namespace '' (Memory refuses it), so search/count/delete there answered nothing,
     silently; the retriever recalled nothing."""
