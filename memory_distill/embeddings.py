@@ -633,7 +633,13 @@ class CachedEmbedder:
     ``max_entries`` bounds it (``None``: no bound): past it, the entries written longest ago are dropped, a tenth
     of the bound at a time. Every stored memory and every query passes through it, so an agent that runs for
     months would otherwise keep a second copy of every vector on disk (6 KB each at dim 1536).
+
+    Several processes may share one file. The cache only saves work: a read or write it cannot make (the file
+    locked by another process past sqlite's wait, a full disk) is logged, and the vectors are embedded or returned
+    without it.
     """
+
+    WRITE_CHUNK = 1_000
 
     def __init__(self, inner: Embedder, path: str | Path | None = None, *, max_entries: int | None = 200_000) -> None:
         if max_entries is not None and (not is_int(max_entries) or max_entries < 1):
@@ -683,12 +689,16 @@ class CachedEmbedder:
         items = _check_texts(texts)
         keys = [self._key(t) for t in items]
         found: dict[str, np.ndarray] = {}
-        with self._lock:
-            for s in range(0, len(keys), 500):
-                chunk = list(set(keys[s : s + 500]))
-                q = f"SELECT key, vec FROM emb WHERE key IN ({','.join('?' * len(chunk))})"
-                for k, blob in self._db.execute(q, chunk):
-                    found[k] = np.frombuffer(blob, dtype=np.float32)
+        try:
+            with self._lock:
+                for s in range(0, len(keys), 500):
+                    chunk = list(set(keys[s : s + 500]))
+                    q = f"SELECT key, vec FROM emb WHERE key IN ({','.join('?' * len(chunk))})"
+                    for k, blob in self._db.execute(q, chunk):
+                        found[k] = np.frombuffer(blob, dtype=np.float32)
+        except sqlite3.Error as e:  # the cache saves work; it must not fail the call (embedded afresh instead)
+            log.warning("embedding cache unreadable, embedding without it: %s", e)
+            found = {}
         missing: dict[str, str] = {}
         for k, t in zip(keys, items, strict=True):
             if k not in found and k not in missing:
@@ -697,14 +707,7 @@ class CachedEmbedder:
         self.misses += len(missing)
         if missing:
             vecs = self.inner.embed(list(missing.values()))
-            with self._lock:
-                self._db.executemany(
-                    "INSERT OR REPLACE INTO emb (key, vec) VALUES (?, ?)",
-                    [(k, v.astype(np.float32).tobytes()) for k, v in zip(missing, vecs, strict=True)],
-                )
-                self._db.commit()
-                self._count += len(missing)
-                self._trim()
+            self._put(list(missing), vecs)
             for k, v in zip(missing, vecs, strict=True):
                 found[k] = v
         dim = self.inner.dim if not found else next(iter(found.values())).shape[0]
@@ -712,6 +715,28 @@ class CachedEmbedder:
         for i, k in enumerate(keys):
             out[i] = found[k]
         return out
+
+    def _put(self, keys: list[str], vecs: np.ndarray) -> None:
+        """Cache new vectors, ``WRITE_CHUNK`` rows per transaction so that another process sharing the file (an
+        agent next to an import) waits for one chunk, not the whole batch. A write that fails (the file held by
+        another process past sqlite's 5 s wait, a full disk) is logged and skipped: the vectors, paid for, are
+        still returned; a raw ``sqlite3.OperationalError: database is locked`` failed the caller's add or search."""
+        try:
+            with self._lock:
+                for s in range(0, len(keys), self.WRITE_CHUNK):
+                    rows = [(k, np.asarray(v, np.float32).tobytes())
+                            for k, v in zip(keys[s : s + self.WRITE_CHUNK], vecs[s : s + self.WRITE_CHUNK], strict=True)]
+                    self._db.executemany("INSERT OR REPLACE INTO emb (key, vec) VALUES (?, ?)", rows)
+                    self._db.commit()
+                    self._count += len(rows)
+                self._trim()
+        except sqlite3.Error as e:
+            try:
+                self._db.rollback()
+            except sqlite3.Error:  # pragma: no cover
+                pass
+            log.warning("could not write %d vectors to the embedding cache (they are used, not cached): %s",
+                        len(keys), e)
 
     def evict(self, texts: Iterable[str | None]) -> int:
         """Drop these texts' vectors; returns how many were cached. :meth:`MemoryStore.delete` calls it (``forget``,

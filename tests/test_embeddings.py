@@ -77,6 +77,36 @@ def test_cache_never_embeds_twice(tmp_path):
     assert inner2.seen == [] and again.shape == (2, 32)
 
 
+def test_a_cache_file_another_process_holds_does_not_fail_the_embedding(tmp_path, caplog):
+    """Agents and a worker share <home>/embedding_cache.sqlite. While another process held a write on it (a big
+    import), a cache write here failed the caller's add or search with sqlite3.OperationalError: database is
+    locked; the vectors were computed (and paid for) all the same."""
+    path = tmp_path / "cache.sqlite"
+    inner = CountingEmbedder()
+    cache = CachedEmbedder(inner, path)
+    cache.embed(["cached before"])
+    cache._db.execute("PRAGMA busy_timeout = 200")  # (sqlite waits 5 s for the lock by default)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sqlite3, sys, time\n"
+         f"db = sqlite3.connect({str(path)!r}); db.execute('BEGIN IMMEDIATE')\n"
+         "db.execute(\"INSERT OR REPLACE INTO emb VALUES ('k', x'00')\"); print('held', flush=True)\n"
+         "sys.stdin.readline(); db.commit()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with caplog.at_level("WARNING", logger="memory_distill.embeddings"):
+            got = cache.embed(["new while held", "cached before"])
+        np.testing.assert_array_equal(got, HashingEmbedder(dim=32).embed(["new while held", "cached before"]))
+        assert inner.seen == ["cached before", "new while held"]  # the cached one was still read from the cache
+        assert "could not write 1 vectors to the embedding cache" in caplog.text
+    finally:
+        holder.communicate("\n", timeout=30)
+    cache.embed(["new after"])  # the file is free again: cached as usual
+    inner.seen.clear()
+    cache.embed(["new after", "cached before"])
+    assert inner.seen == []
+
+
 def test_the_cache_is_bounded_and_keeps_the_latest(tmp_path):
     """Every memory and query passes through the cache: an agent running for months must not grow it forever.
     Past max_entries the entries written longest ago go (down to 90% of the bound); recent ones still hit."""
