@@ -32,6 +32,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -377,10 +378,11 @@ class ArtifactRegistry:
         versions deleted; the next consolidation publishes afresh."""
         if not isinstance(reason, str) or not reason.strip():
             raise ValueError(f"retire needs a reason (text for promotions.jsonl and the log), got {reason!r}")
-        cur = self.current_version()
-        (self.root / "CURRENT").unlink(missing_ok=True)
-        _append_jsonl(self.root / "promotions.jsonl", {"time": time.time(), "action": "retire", "version": None,
-                                                       "previous": cur, "reason": reason})
+        with self.pointer_lock():
+            cur = self.current_version()
+            (self.root / "CURRENT").unlink(missing_ok=True)
+            _append_jsonl(self.root / "promotions.jsonl", {"time": time.time(), "action": "retire", "version": None,
+                                                           "previous": cur, "reason": reason})
         removed = self.drop_stale()  # (none is current now: every stale version goes)
         log.warning("retired the models of %s (%s): nothing serves from it until the next consolidation; "
                     "deleted %s", self.root, reason, ", ".join(removed) or "no version")
@@ -439,20 +441,22 @@ class ArtifactRegistry:
         """Make ``version`` CURRENT after checking it loads. A stale version it replaces is deleted
         (:meth:`drop_stale`)."""
         self.load(self._check_version(version))  # (load(None) is the current version: promote(None) wrote null)
-        self._set_current(version, action="promote", reason=reason)
+        with self.pointer_lock():
+            self._set_current(version, action="promote", reason=reason)
         self.drop_stale()
 
     def rollback(self) -> str:
         """Make the previously promoted version CURRENT again; returns it."""
-        cur = self.current_version()
-        if cur is None:
-            raise NoModelError("nothing to roll back: no model has been published")
-        prev = self._rollback_target(cur)
-        if prev is None:
-            raise ArtifactError(f"no earlier promoted version to roll back to from {cur} (one trained on memories "
-                                "forgotten since is deleted, never restored)")
-        self.load(prev)
-        self._set_current(prev, action="rollback", reason=f"rollback from {cur}")
+        with self.pointer_lock():  # (two rollbacks at once: each steps back from what the other left)
+            cur = self.current_version()
+            if cur is None:
+                raise NoModelError("nothing to roll back: no model has been published")
+            prev = self._rollback_target(cur)
+            if prev is None:
+                raise ArtifactError(f"no earlier promoted version to roll back to from {cur} (one trained on "
+                                    "memories forgotten since is deleted, never restored)")
+            self.load(prev)
+            self._set_current(prev, action="rollback", reason=f"rollback from {cur}")
         self.drop_stale()  # rolling back from a stale model deletes it
         return prev
 
@@ -477,6 +481,27 @@ class ArtifactRegistry:
     def stale_versions(self) -> dict[str, str]:
         path = self.root / "stale.json"
         return json.loads(path.read_text()) if path.exists() else {}
+
+    @contextmanager
+    def pointer_lock(self, timeout: float = 120) -> Iterator[None]:
+        """Held while CURRENT is read and changed: :meth:`promote`, :meth:`rollback`, :meth:`retire`, and a
+        consolidation run from its check that CURRENT is still the model it gated against to its publish. An
+        operator's rollback while a run trained was undone by that run's promotion; now the run sees it and
+        does not promote. Held for moments (a publish writes two small models), so waiting is short."""
+        if not self.root.is_dir():  # nothing published here: nothing to change (and no directory made for a lock)
+            yield
+            return
+        lk = FileLock(str(self.root / ".current.lock"), timeout=timeout)
+        try:
+            lk.acquire()
+        except Timeout:
+            raise ArtifactError(f"CURRENT of {self.root} stayed locked for {timeout:g} s (a publish, promote or "
+                                f"rollback in another process): try again; if none runs, delete "
+                                f"{self.root / '.current.lock'}") from None
+        try:
+            yield
+        finally:
+            lk.release()
 
     def _stale_lock(self) -> FileLock:
         """Held while ``stale.json`` is read and rewritten: ``forget`` (marking) and a run (deleting) may do so at

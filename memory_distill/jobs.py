@@ -38,6 +38,7 @@ from .config import JobConfig, as_config, seconds
 from .curriculum import Curriculum
 from .distill import DistillReport
 from .errors import (
+    ArtifactError,
     ConsolidationError,
     JobLockedError,
     MemoryDistillError,
@@ -237,6 +238,21 @@ def _check_parts(store: Any, registry: Any, who: str) -> tuple[MemoryStore, Arti
     if not isinstance(registry, ArtifactRegistry):
         raise TypeError(f"{who} needs an ArtifactRegistry (or its directory), got {type(registry).__name__}")
     return store, registry
+
+
+def _pointer_moved(registry: ArtifactRegistry, gated_against: str | None) -> str | None:
+    """Why a run must not promote because CURRENT changed while it trained (a promote, rollback or retire in
+    another process or thread), or ``None``. That change was someone's decision about what serves; this run was
+    gated against the model that served before it, so promoting would silently undo it."""
+    try:
+        now = registry.current_version()
+    except ArtifactError:  # an unreadable pointer is nobody's choice: the promotion repairs it, as before
+        return None
+    if now == gated_against:
+        return None
+    return (f"CURRENT changed while it trained ({gated_against or 'nothing'} -> {now or 'nothing'}: a promote, "
+            "rollback or retire elsewhere): not promoted, so that change stands; the next run is gated against "
+            "it (promote this version by hand to serve it now)")
 
 
 def run_consolidation(
@@ -521,7 +537,11 @@ def _consolidate(store: MemoryStore, registry: ArtifactRegistry, cfg: JobConfig,
         "teacher_report": asdict(t_report),
         "distill_report": asdict(d_report),
     }
-    version = registry.publish(teacher, student, manifest, promote=promote, train_ids=train_ids)
+    with registry.pointer_lock():  # a promote/rollback/retire elsewhere waits for this publish, or this one sees it
+        if promote and (moved := _pointer_moved(registry, inc_version)) is not None:
+            promote, reason = False, moved
+            manifest.update(status="rejected", reason=reason)
+        version = registry.publish(teacher, student, manifest, promote=promote, train_ids=train_ids)
     if forgotten:
         registry.mark_stale(forgotten, reason)
     t_end = time.perf_counter()

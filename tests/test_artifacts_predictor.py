@@ -45,6 +45,31 @@ def test_publish_load_promote_rollback(tmp_path):
     assert set(sd) == {"net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"}
 
 
+def test_promote_and_rollback_wait_for_whoever_holds_current(tmp_path):
+    """A run checks that CURRENT is still what it gated against and publishes under the pointer lock; a promote or
+    rollback from another process or thread waits for it instead of landing in between, and a lock held too long
+    is an error naming the lock file."""
+    import threading
+    import time
+
+    reg = ArtifactRegistry(tmp_path)
+    v1, v2 = _publish(reg, 1), _publish(reg, 2)
+    other = ArtifactRegistry(tmp_path)
+    with reg.pointer_lock():
+        t = threading.Thread(target=other.promote, args=(v1,))
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive() and reg.current_version() == v2  # waiting, not written
+        with pytest.raises(ArtifactError, match=r"CURRENT of .* stayed locked for 0.2 s .*delete .*\.current\.lock"):
+            with other.pointer_lock(timeout=0.2):
+                pass
+    t.join(timeout=30)
+    assert not t.is_alive() and reg.current_version() == v1
+    with ArtifactRegistry(tmp_path / "none").pointer_lock():  # nothing published there: no directory made for it
+        pass
+    assert not (tmp_path / "none").exists()
+
+
 def test_registry_arguments_are_checked_before_anything_is_written(tmp_path):
     """promote(None) loaded the current version, then wrote {"version": null} to CURRENT: nothing served until a
     manual promote. prune(1.5) pruned, prune('2') and history(-1) failed inside the standard library."""

@@ -546,6 +546,35 @@ def test_a_model_trained_while_its_memories_were_forgotten_is_not_promoted(store
     assert again.promoted and not set(victims) & set(registry.train_ids(again.version))
 
 
+def test_a_rollback_made_while_a_run_trains_is_not_undone_by_its_promotion(store, registry, episodes, monkeypatch):
+    """An operator rolled back (the served model misbehaved) while a run trained; the run, gated against the model
+    rolled back from, then promoted itself over the operator's choice. It now publishes without promoting, says
+    why, and the next run is gated against what the operator chose."""
+    import memory_distill.jobs as jobs_mod
+
+    store.add_many(episodes)
+    loose = {"gate": {"tolerance": 1.0}}  # every run would pass the gate
+    first = run_consolidation(store, registry, fast_job(**loose))
+    second = run_consolidation(store, registry, fast_job(**loose))
+    assert registry.current_version() == second.version
+    real = jobs_mod.train_pair
+
+    def rolled_back_meanwhile(*a, **kw):
+        out = real(*a, **kw)
+        assert ArtifactRegistry(registry.root).rollback() == first.version  # (another process's handle)
+        return out
+
+    monkeypatch.setattr(jobs_mod, "train_pair", rolled_back_meanwhile)
+    rep = run_consolidation(store, registry, fast_job(**loose))
+    assert not rep.promoted and registry.current_version() == first.version
+    assert rep.reason.startswith(f"CURRENT changed while it trained ({second.version} -> {first.version}: a promote, "
+                                 "rollback or retire elsewhere): not promoted")
+    assert registry.manifest(rep.version)["status"] == "rejected" and registry.manifest(rep.version)["reason"] == rep.reason
+    monkeypatch.setattr(jobs_mod, "train_pair", real)
+    after = run_consolidation(store, registry, fast_job(**loose))
+    assert after.promoted and registry.manifest(after.version)["incumbent"]["version"] == first.version
+
+
 def test_memories_deleted_outside_forget_make_the_model_stale_at_the_next_run(store, registry, episodes):
     store.add_many(episodes)
     r1 = run_consolidation(store, registry, fast_job(warm_start=True))
