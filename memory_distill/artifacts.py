@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -136,6 +137,9 @@ def _slug(namespace: str) -> str:
     """A directory name for a namespace: readable, filesystem-safe, unique (a hash suffix)."""
     readable = re.sub(r"[^A-Za-z0-9._-]+", "_", namespace).strip("._")[:48] or "ns"
     return f"{readable}-{hashlib.sha256(namespace.encode()).hexdigest()[:10]}"
+
+
+_POINTER_HELD = threading.local()  # .roots: the registries whose pointer lock this thread holds
 
 
 class ArtifactRegistry:
@@ -327,9 +331,10 @@ class ArtifactRegistry:
         versions = self.list_versions()
         if len(versions) <= keep:
             return []
-        cur = self.current_version()
-        protect = {*versions[-keep:], cur, self._rollback_target(cur)}
-        pruned = self._remove_versions([v for v in versions if v not in protect])
+        with self.pointer_lock():  # (a promote of an old version elsewhere: not deleted under CURRENT)
+            cur = self.current_version()
+            protect = {*versions[-keep:], cur, self._rollback_target(cur)}
+            pruned = self._remove_versions([v for v in versions if v not in protect])
         if pruned:
             log.info("pruned %d old versions (keeping the newest %d, the current and the rollback target): %s",
                      len(pruned), keep, ", ".join(pruned))
@@ -365,8 +370,9 @@ class ArtifactRegistry:
         stale = self.stale_versions()
         if not stale:
             return []
-        cur = self.current_version()
-        removed = self._remove_versions([v for v in self.list_versions() if v in stale and v != cur])
+        with self.pointer_lock():
+            cur = self.current_version()
+            removed = self._remove_versions([v for v in self.list_versions() if v in stale and v != cur])
         if removed:
             log.info("deleted %d stale versions (trained on forgotten memories): %s", len(removed), ", ".join(removed))
         return removed
@@ -440,8 +446,9 @@ class ArtifactRegistry:
     def promote(self, version: str, *, reason: str = "manual promote") -> None:
         """Make ``version`` CURRENT after checking it loads. A stale version it replaces is deleted
         (:meth:`drop_stale`)."""
-        self.load(self._check_version(version))  # (load(None) is the current version: promote(None) wrote null)
-        with self.pointer_lock():
+        version = self._check_version(version)
+        with self.pointer_lock():  # (a prune elsewhere cannot delete it between the check that it loads and CURRENT)
+            self.load(version)  # (load(None) is the current version: promote(None) wrote null)
             self._set_current(version, action="promote", reason=reason)
         self.drop_stale()
 
@@ -488,8 +495,10 @@ class ArtifactRegistry:
         consolidation run from its check that CURRENT is still the model it gated against to its publish. An
         operator's rollback while a run trained was undone by that run's promotion; now the run sees it and
         does not promote. Held for moments (a publish writes two small models), so waiting is short."""
-        if not self.root.is_dir():  # nothing published here: nothing to change (and no directory made for a lock)
-            yield
+        key = str(self.root.resolve())
+        held: set[str] = _POINTER_HELD.__dict__.setdefault("roots", set())
+        if key in held or not self.root.is_dir():  # held by this thread already (a nested call: no self-deadlock);
+            yield  # or nothing published here: nothing to change (and no directory made for a lock)
             return
         lk = FileLock(str(self.root / ".current.lock"), timeout=timeout)
         try:
@@ -498,9 +507,11 @@ class ArtifactRegistry:
             raise ArtifactError(f"CURRENT of {self.root} stayed locked for {timeout:g} s (a publish, promote or "
                                 f"rollback in another process): try again; if none runs, delete "
                                 f"{self.root / '.current.lock'}") from None
+        held.add(key)
         try:
             yield
         finally:
+            held.discard(key)
             lk.release()
 
     def _stale_lock(self) -> FileLock:

@@ -60,14 +60,58 @@ def test_promote_and_rollback_wait_for_whoever_holds_current(tmp_path):
         t.start()
         time.sleep(0.5)
         assert t.is_alive() and reg.current_version() == v2  # waiting, not written
-        with pytest.raises(ArtifactError, match=r"CURRENT of .* stayed locked for 0.2 s .*delete .*\.current\.lock"):
-            with other.pointer_lock(timeout=0.2):
-                pass
+        errors: list = []
+
+        def impatient():
+            try:
+                with other.pointer_lock(timeout=0.2):
+                    pass
+            except ArtifactError as e:
+                errors.append(str(e))
+
+        waiter = threading.Thread(target=impatient)
+        waiter.start()
+        waiter.join(timeout=30)
+        assert len(errors) == 1 and "stayed locked for 0.2 s" in errors[0] and ".current.lock" in errors[0]
+        with other.pointer_lock(timeout=0.2):  # in the thread that holds it: nested, not a deadlock
+            pass
     t.join(timeout=30)
     assert not t.is_alive() and reg.current_version() == v1
     with ArtifactRegistry(tmp_path / "none").pointer_lock():  # nothing published there: no directory made for it
         pass
     assert not (tmp_path / "none").exists()
+
+
+def test_a_version_being_promoted_is_not_pruned_from_under_current(tmp_path, monkeypatch):
+    """promote(old) checked that the version loads, then set CURRENT; a run's prune in another process could delete
+    that version in between, leaving CURRENT naming a version that is gone (nothing served). The check, the
+    pointer and prune's choice of what to keep now happen under one lock."""
+    import threading
+
+    reg = ArtifactRegistry(tmp_path)
+    v1 = _publish(reg, 1)
+    for seed in range(2, 6):
+        _publish(reg, seed)  # v000005 is CURRENT; v000004 the rollback target
+    other = ArtifactRegistry(tmp_path)
+    pruned: list = []
+    real_load = reg.load
+
+    def load_while_a_run_prunes(version=None, **kw):
+        out = real_load(version, **kw)
+        t = threading.Thread(target=lambda: pruned.extend(other.prune(1)))
+        t.start()
+        t.join(timeout=0.5)  # before the fix the prune ran now, between the check and CURRENT
+        return out
+
+    monkeypatch.setattr(reg, "load", load_while_a_run_prunes)
+    reg.promote(v1)
+    monkeypatch.setattr(reg, "load", real_load)
+    for _ in range(100):  # the prune goes once CURRENT is written
+        if pruned:
+            break
+        threading.Event().wait(0.05)
+    assert reg.current_version() == v1 and reg.load().version == v1  # what serves exists
+    assert v1 not in pruned and pruned  # it kept the new CURRENT (and its rollback target), pruned the others
 
 
 def test_registry_arguments_are_checked_before_anything_is_written(tmp_path):
