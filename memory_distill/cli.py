@@ -388,6 +388,18 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from .health import summary
+
+    findings = _open(args).check()
+    for f in findings:
+        print(json.dumps({"level": f.level, "subject": f.subject, "message": f.message}) if args.json else str(f))
+    counts = summary(findings)
+    if not args.json:
+        print(f"{counts['error']} error(s), {counts['warning']} warning(s)")
+    return 1 if counts["error"] or (args.strict and counts["warning"]) else 0
+
+
 def _mb(*paths: Path) -> float:
     """Megabytes under these files or directories (0 for what does not exist)."""
     total = 0
@@ -770,6 +782,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("stats", help="store and model summary")
     sp.set_defaults(func=cmd_stats)
+
+    sp = sub.add_parser("check", help="health of the store, the models and the embedding cache, each problem with "
+                                      "its fix; exit status 1 when it finds an error (with --strict, a warning too)")
+    sp.add_argument("--json", action="store_true", help="one object per finding: level, subject, message")
+    sp.add_argument("--strict", action="store_true", help="a warning fails too (exit status 1)")
+    sp.set_defaults(func=cmd_check)
 
     sp = sub.add_parser("consolidate", help="train teacher, distil student, gate, publish")
     job_args(sp)

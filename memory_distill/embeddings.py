@@ -648,6 +648,8 @@ class CachedEmbedder:
         self.inner = inner
         self.max_entries = max_entries
         self._tag = str(getattr(inner, "cache_tag", inner.name))
+        self.path: Path | None = Path(path) if path is not None else None
+        """The cache's sqlite file (``None``: in memory)."""
         self._lock = threading.Lock()
         if path is not None:
             if Path(path).is_dir():  # sqlite's "unable to open database file" names neither

@@ -29,6 +29,7 @@ from .store import MemoryStore
 from .types import Memory, PredictionBatch, RewardPrediction, SearchHit
 
 if TYPE_CHECKING:
+    from .health import Finding
     from .transfer import ImportReport
 
 __all__ = ["MemoryDistill"]
@@ -239,6 +240,13 @@ class MemoryDistill:
     async def aconsolidate(self, config: JobConfig | Mapping[str, Any] | None = None, **kw: Any) -> ConsolidationReport:
         """:meth:`consolidate` on a worker thread (seconds to minutes of training)."""
         return await asyncio.to_thread(self.consolidate, config, **kw)
+
+    def check(self) -> list[Finding]:
+        """Health of the store, every model registry and the embedding cache, errors first, each with its fix
+        (:func:`memory_distill.health.check`; CLI ``memory-distill check``). Reads only."""
+        from .health import check
+
+        return check(self.store, self.registry, cache_path=getattr(self.store.embedder, "path", None))
 
     def drift(self, **kw: Any) -> DriftReport:
         return drift_report(self.store, self.registry, **kw)

@@ -1405,6 +1405,11 @@ class MemoryStore:
         for page in _pages(self._col, include=["metadatas"], size=size, where=where):
             yield page["metadatas"]
 
+    def _id_metadata_pages(self) -> Iterator[list[tuple[str, Mapping[str, Any]]]]:
+        """Every row's (id, raw metadata), a page at a time (:mod:`memory_distill.health`)."""
+        for page in _pages(self._col, include=["metadatas"], size=self.config.read_page_size):
+            yield list(zip(page["ids"], page["metadatas"] or [{}] * len(page["ids"]), strict=True))
+
     def namespace_counts(self, *, rewarded_only: bool = False) -> dict[str, int]:
         """Memories per namespace (rewarded ones only with ``rewarded_only``) in one pass over the metadata.
 

@@ -456,3 +456,58 @@ def test_experiment_names_missing_data_and_unknown_names(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["-q", "experiment", "--curricula", "bandit"])
     assert "invalid choice: 'bandit'" in capsys.readouterr().err
+
+
+def test_check_finds_each_kind_of_damage_and_names_the_fix(home, capsys):
+    """`memory-distill check`: a healthy home passes (exit 0); each kind of damage a long-running deployment meets
+    is reported with its fix, and an error makes the exit status 1."""
+    import sqlite3
+
+    from memory_distill import MemoryDistill
+    from memory_distill.demo_data import synthetic_episodes
+
+    mem = MemoryDistill.open(home)
+    mem.add_many(synthetic_episodes(300, seed=5))
+    fast = {"teacher": {"epochs": 1}, "distill": {"epochs": 1}, "gate": {"tolerance": 1.0}}
+    v1, v2 = mem.consolidate(fast).version, mem.consolidate(fast).version
+    mem.consolidate(fast, namespace="default")
+    code, out, _ = run(capsys, "check")
+    assert code == 0 and "0 error(s), 0 warning(s)" in out
+    assert re.search(rf"ok +models {v2}: serves; published .* ago; checksums hold", out)
+    assert re.search(r"ok +models\[default\] v000001: serves", out) and "300 memories, " in out
+
+    # a rollback target whose weights rotted; a run killed mid-publish; rows written around the library
+    (mem.registry.versions_dir / v1 / "student.pt").write_bytes(b"rot")
+    (mem.registry.root / ".staging-dead").mkdir()
+    mem.registry.append_history({"started_at": 1.7e9, "outcome": "failed", "error": "the Chroma server went away"})
+    mem.store._col.add(ids=["raw-1"], embeddings=[[0.1] * 128], documents=["raw row"], metadatas=[{"x": 1}])
+    mem.store._col.update(ids=[mem.store._id_metadata_pages().__next__()[0][0]],
+                          metadatas=[{"_md_has_reward": True, "_md_reward": float("nan")}])
+    code, out, _ = run(capsys, "check", "--strict")
+    assert code == 1 and "1 error(s), 4 warning(s)" in out
+    lines = out.splitlines()
+    assert lines[0].startswith("error   store: 1 memories are marked rewarded without a finite reward")  # errors first
+    assert re.search(rf"warning models {v1}: cannot be loaded \(.*fails its checksum.*\): it cannot be rolled back", out)
+    assert "1 partial version director(y/ies) left by an interrupted run (.staging-dead)" in out
+    assert "1 memories lack the namespace or creation time the library writes" in out
+    assert re.search(r"warning models: the last run \(.*\) failed: the Chroma server went away", out)
+    assert run(capsys, "check")[0] == 1  # an error fails without --strict too
+
+    # the served model's file is damaged; the embedding cache file is not a database
+    (mem.registry.versions_dir / v2 / "student.pt").write_bytes(b"rot")
+    cache = home / "embedding_cache.sqlite"
+    cache.write_bytes(b"not a database" * 100)
+    findings = mem.check()
+    assert sum(f.level == "error" for f in findings) == 2
+    assert any(f.subject == f"models {v2}" and "the served model cannot be loaded" in f.message
+               and "`memory-distill rollback`" in f.message for f in findings)
+    from memory_distill.health import check
+
+    found = check(mem.store, mem.registry, cache_path=cache)
+    assert any(f.subject == "embedding cache" and f.level == "error" and "delete it" in f.message for f in found)
+    with sqlite3.connect(cache.with_name("ok.sqlite")) as db:
+        db.execute("CREATE TABLE emb (key TEXT PRIMARY KEY, vec BLOB NOT NULL)")
+    ok = check(mem.store, mem.registry, cache_path=cache.with_name("ok.sqlite"))
+    assert any(f.subject == "embedding cache" and f.level == "ok" and "0 vectors" in f.message for f in ok)
+    code, out, _ = run(capsys, "check", "--json")
+    assert code == 1 and {json.loads(line)["level"] for line in out.splitlines()} == {"error", "warning", "ok"}
