@@ -504,9 +504,9 @@ class ArtifactRegistry:
         try:
             lk.acquire()
         except Timeout:
-            raise ArtifactError(f"CURRENT of {self.root} stayed locked for {timeout:g} s (a publish, promote or "
-                                f"rollback in another process): try again; if none runs, delete "
-                                f"{self.root / '.current.lock'}") from None
+            raise ArtifactError(f"CURRENT of {self.root} stayed locked for {timeout:g} s by a publish, promote or "
+                                "rollback in another process: try again (the lock in .current.lock goes with the "
+                                "process that holds it, even one that died)") from None
         held.add(key)
         try:
             yield

