@@ -62,6 +62,8 @@ def _check_store(store: MemoryStore) -> list[Finding]:
     total = rewarded = 0
     namespaces: set[str] = set()
     bad_reward: list[str] = []
+    out_of_range: list[str] = []
+    lo, hi = store.config.reward_min, store.config.reward_max
     bad_rows = 0
     for page in store._id_metadata_pages():
         for mid, m in page:
@@ -76,12 +78,19 @@ def _check_store(store: MemoryStore) -> list[Finding]:
                     bad_reward.append(mid)
                 else:
                     rewarded += 1
+                    if not lo <= r <= hi:
+                        out_of_range.append(mid)
     out = [Finding("ok", "store", f"{total} memories, {rewarded} rewarded, in {len(namespaces)} namespace(s); "
                                   f"embedder {store.embedder.name} (dim {store.embedder.dim})")]
     if bad_reward:
         out.append(Finding("error", "store", f"{len(bad_reward)} memories are marked rewarded without a finite reward "
                                              f"(e.g. {bad_reward[:3]}; written around the library): set their "
                                              "rewards again with set_rewards, or delete them"))
+    if out_of_range:
+        out.append(Finding("warning", "store", f"{len(out_of_range)} rewards lie outside the configured range [{lo:g}, "
+                                               f"{hi:g}] (e.g. {out_of_range[:3]}; the range changed since they were "
+                                               "stored?): set StoreConfig.reward_min / reward_max to cover them, or "
+                                               "correct them with set_rewards"))
     if bad_rows:
         out.append(Finding("warning", "store", f"{bad_rows} memories lack the namespace or creation time the library "
                                                "writes (rows added with raw chromadb): re-add them through "

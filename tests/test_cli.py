@@ -492,6 +492,9 @@ def test_check_finds_each_kind_of_damage_and_names_the_fix(home, capsys):
     assert "1 memories lack the namespace or creation time the library writes" in out
     assert re.search(r"warning models: the last run \(.*\) failed: the Chroma server went away", out)
     assert run(capsys, "check")[0] == 1  # an error fails without --strict too
+    narrow = MemoryDistill.open(home, store={"reward_max": 0.5})  # the range narrowed after rewards were stored
+    assert any(f.level == "warning" and re.match(r"\d+ rewards lie outside the configured range \[0, 0\.5\]", f.message)
+               for f in narrow.check())
 
     # the served model's file is damaged; the embedding cache file is not a database
     (mem.registry.versions_dir / v2 / "student.pt").write_bytes(b"rot")
