@@ -171,6 +171,14 @@ class FeatureSpec:
             meta.append((key, tuple(sorted(kept)) if len(kept) >= 2 else ()))
         return cls(bool(text), tuple(meta), tuple(numeric))
 
+    def reads_as_unknown(self, key: str, value: Any) -> bool:
+        """Whether the model reads this value of metadata ``key`` as unknown (the training mean): missing (``None``),
+        a value not seen in training, or a non-number for a numeric key."""
+        if key in self.numeric:
+            return not _is_number(value)
+        vals = dict(self.metadata).get(key, ())
+        return _category(value) not in vals
+
     def encode_metadata(self, columns: Mapping[str, Sequence[Any]] | None, n: int) -> np.ndarray:
         """Metadata features [n, metadata_width] (float32): one-hot blocks and number columns; ``NaN`` where unknown."""
         out = np.zeros((n, self.metadata_width), np.float32)

@@ -4,7 +4,10 @@ A worker runs for months; this answers "is it all right?" in one pass, each prob
 
 * store: it opens with the configured embedder (else :class:`~memory_distill.errors.EmbedderMismatchError` before
   this runs), how many memories and rewards; rows whose reserved metadata a raw Chroma write or an old version
-  left unreadable (consolidation cannot learn from them).
+  left unreadable (consolidation cannot learn from them); rewards outside the configured range.
+* metadata features: a served model that reads metadata (``JobConfig.metadata_features``) reads a missing or
+  never-seen value as unknown; when most memories recorded since it was published do so, its predictions have
+  quietly lost that input (agents stopped recording the key, or moved to new tools).
 * each registry (the top-level one and each namespace's): the served model loads and its checksums hold, it reads
   the store's embedder, it is not stale; every other version's files match their checksums (a rollback target
   that would fail); the last run did not fail; no half-written or half-deleted version directories are left.
@@ -18,11 +21,13 @@ from __future__ import annotations
 import math
 import sqlite3
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import MemoryDistillError
+from .features import FeatureSpec
 
 if TYPE_CHECKING:
     from .artifacts import ArtifactRegistry
@@ -46,18 +51,62 @@ class Finding:
 def check(store: MemoryStore, registry: ArtifactRegistry, *, cache_path: str | Path | None = None) -> list[Finding]:
     """Check the store, the top-level registry and every namespace's, and the embedding cache at ``cache_path``
     (skipped when ``None`` or absent). Returns the findings, errors first."""
-    out = _check_store(store)
-    out += _check_registry(registry, store, "models")
+    watches: list[_Watch] = []
+    out = _check_registry(registry, store, "models", watches)
     for ns, reg in sorted(registry.namespaces().items()):
-        out += _check_registry(reg, store, f"models[{ns}]")
+        out += _check_registry(reg, store, f"models[{ns}]", watches)
+    out = _check_store(store, watches) + out
     if cache_path is not None and Path(cache_path).is_file():
         out.append(_check_cache(Path(cache_path)))
     order = {"error": 0, "warning": 1, "ok": 2}
     return sorted(out, key=lambda f: order[f.level])  # (stable: each group keeps the order above)
 
 
-def _check_store(store: MemoryStore) -> list[Finding]:
+@dataclass
+class _Watch:
+    """A served model that reads metadata features: how the memories recorded since it was published fill them."""
+
+    subject: str
+    namespace: str | None  # None: the top-level model, which reads every namespace
+    published_at: float
+    spec: FeatureSpec
+    rows: int = 0
+    unknown: dict[str, int] = field(default_factory=dict)
+
+    def see(self, meta: Mapping[str, Any]) -> None:
+        self.rows += 1
+        for k in self.spec.keys:
+            if self.spec.reads_as_unknown(k, meta.get(k)):
+                self.unknown[k] = self.unknown.get(k, 0) + 1
+
+    def findings(self) -> list[Finding]:
+        out = []
+        for k in self.spec.keys:
+            n = self.unknown.get(k, 0)
+            if self.rows >= MIN_ROWS_SEEN and n / self.rows > UNKNOWN_SHARE:
+                out.append(Finding("warning", self.subject, f"reads metadata {k!r}, but {n} of the {self.rows} memories "
+                                                            "recorded since it was published lack it or hold a value "
+                                                            "it never saw in training, which it reads as unknown (the "
+                                                            f"training mean): record {k!r} again as before, or "
+                                                            "consolidate so that it learns the new values (or "
+                                                            f"drop {k!r} from JobConfig.metadata_features)"))
+        return out
+
+
+MIN_ROWS_SEEN = 20
+"""Memories recorded since a model's publication before :func:`check` judges how they fill its metadata features."""
+UNKNOWN_SHARE = 0.5
+"""Share of those memories that read a metadata feature as unknown past which :func:`check` warns."""
+
+
+def _check_store(store: MemoryStore, watches: list[_Watch]) -> list[Finding]:
     from .store import CREATED, HAS_REWARD, NS, REWARD
+
+    everywhere = [w for w in watches if w.namespace is None]
+    by_ns: dict[str, list[_Watch]] = {}
+    for w in watches:
+        if w.namespace is not None:
+            by_ns.setdefault(w.namespace, []).append(w)
 
     total = rewarded = 0
     namespaces: set[str] = set()
@@ -69,7 +118,13 @@ def _check_store(store: MemoryStore) -> list[Finding]:
         for mid, m in page:
             total += 1
             m = m or {}
-            namespaces.add(str(m.get(NS, "default")))
+            ns = str(m.get(NS, "default"))
+            namespaces.add(ns)
+            created = m.get(CREATED)
+            if isinstance(created, int | float):
+                for w in (*everywhere, *by_ns.get(ns, ())):
+                    if created > w.published_at:
+                        w.see(m)
             if NS not in m or CREATED not in m:
                 bad_rows += 1
             if m.get(HAS_REWARD):
@@ -95,10 +150,12 @@ def _check_store(store: MemoryStore) -> list[Finding]:
         out.append(Finding("warning", "store", f"{bad_rows} memories lack the namespace or creation time the library "
                                                "writes (rows added with raw chromadb): re-add them through "
                                                "MemoryStore.add_many(upsert=True)"))
+    for w in watches:
+        out += w.findings()
     return out
 
 
-def _check_registry(reg: ArtifactRegistry, store: MemoryStore, subject: str) -> list[Finding]:
+def _check_registry(reg: ArtifactRegistry, store: MemoryStore, subject: str, watches: list[_Watch]) -> list[Finding]:
     out: list[Finding] = []
     if not reg.root.is_dir():
         return [Finding("warning", subject, "no model published yet: run `memory-distill consolidate`")]
@@ -140,6 +197,9 @@ def _check_registry(reg: ArtifactRegistry, store: MemoryStore, subject: str) -> 
         else:
             age = time.time() - float(loaded.manifest.get("created_at") or time.time())
             out.append(Finding("ok", f"{subject} {v}", f"serves; published {_ago(age)} ago; checksums hold"))
+        spec = FeatureSpec.from_manifest(loaded.manifest, loaded.student.n_features)
+        if spec.keys:
+            watches.append(_Watch(f"{subject} {v}", reg.namespace, float(loaded.manifest.get("created_at") or 0), spec))
     last = reg.last_run(("promoted", "rejected", "skipped", "failed"))
     if last is not None and last.get("outcome") == "failed":
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(last.get("started_at", 0))))

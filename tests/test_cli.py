@@ -514,3 +514,36 @@ def test_check_finds_each_kind_of_damage_and_names_the_fix(home, capsys):
     assert any(f.subject == "embedding cache" and f.level == "ok" and "0 vectors" in f.message for f in ok)
     code, out, _ = run(capsys, "check", "--json")
     assert code == 1 and {json.loads(line)["level"] for line in out.splitlines()} == {"error", "warning", "ok"}
+
+
+def test_check_warns_when_new_memories_stop_filling_a_feature_the_served_model_reads(home, capsys):
+    """A model trained to read metadata 'tool' treats a missing or never-seen value as unknown (the training mean):
+    when agents stop recording it, or switch to new tools, predictions quietly lose that input. check says so,
+    counting only the memories recorded since the model was published, in the namespaces it serves."""
+    import random
+
+    from memory_distill import MemoryDistill
+
+    rng = random.Random(0)
+    mem = MemoryDistill.open(home)
+
+    def episodes(n, namespace, tool=lambda i: rng.choice(["search", "calc"])):
+        return [{"text": f"task {i}: the agent used a tool", "reward": rng.random(), "namespace": namespace,
+                 "metadata": {} if tool(i) is None else {"tool": tool(i)}} for i in range(n)]
+
+    mem.add_many(episodes(120, "team-a") + episodes(60, "team-b"))
+    cfg = {"teacher": {"epochs": 1}, "distill": {"epochs": 1}, "metadata_features": ["tool"]}
+    top = mem.consolidate(cfg).version
+    team_a = mem.consolidate(cfg, namespace="team-a").version
+    mem.add_many(episodes(30, "team-a"))  # as before: nothing to say
+    assert not [f for f in mem.check() if f.level != "ok"]
+    mem.add_many(episodes(40, "team-b", tool=lambda i: None))  # team-b's agents stopped recording the tool
+    warned = {f.subject: f.message for f in mem.check() if f.level == "warning"}
+    assert set(warned) == {f"models {top}"}  # the top-level model reads team-b; team-a's model does not
+    assert warned[f"models {top}"].startswith("reads metadata 'tool', but 40 of the 70 memories recorded since it was "
+                                              "published lack it or hold a value it never saw in training")
+    mem.add_many(episodes(40, "team-a", tool=lambda i: "browser"))  # a tool team-a's model never saw
+    warned = {f.subject: f.message for f in mem.check() if f.level == "warning"}
+    assert "40 of the 70 memories" in warned[f"models[team-a] {team_a}"]
+    code, out, _ = run(capsys, "check", "--strict")
+    assert code == 1 and "0 error(s), 2 warning(s)" in out
