@@ -152,7 +152,7 @@ def test_memory_times_may_be_datetimes_or_iso_text():
     number" sent users to convert them by hand. A time without a timezone could be any of 24 hours: refused above."""
     import datetime as dt
 
-    t = dt.datetime(2026, 11, 28, 9, 30, tzinfo=dt.timezone.utc)
+    t = dt.datetime(2026, 11, 28, 9, 30, tzinfo=dt.UTC)
     for given in (t, "2026-11-28T09:30:00Z", "2026-11-28T11:30:00+02:00", t.timestamp(), str(t.timestamp())):
         assert Memory(text="x", created_at=given, rewarded_at=given).created_at == t.timestamp() == 1795858200.0
 

@@ -42,7 +42,7 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -109,7 +109,7 @@ def _level(i: int) -> str:
 
 
 def _ts(t: float) -> datetime:
-    return datetime.fromtimestamp(t, tz=timezone.utc)
+    return datetime.fromtimestamp(t, tz=UTC)
 
 
 def _apply(value: Any, op: str, target: Any) -> bool:

@@ -35,11 +35,10 @@ import functools
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NotRequired
 
 from langchain.agents.middleware import AgentMiddleware, AgentState, ModelRequest, ModelResponse
 from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
-from typing_extensions import NotRequired
 
 from memory_distill.predictor import Predictor
 from memory_distill.store import MemoryStore
