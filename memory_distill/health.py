@@ -199,7 +199,8 @@ def _check_registry(reg: ArtifactRegistry, store: MemoryStore, subject: str, wat
             out.append(Finding("ok", f"{subject} {v}", f"serves; published {_ago(age)} ago; checksums hold"))
         spec = FeatureSpec.from_manifest(loaded.manifest, loaded.student.n_features)
         if spec.keys:
-            watches.append(_Watch(f"{subject} {v}", reg.namespace, float(loaded.manifest.get("created_at") or 0), spec))
+            trained_on = (loaded.manifest.get("data") or {}).get("namespace") or reg.namespace  # (None: every one)
+            watches.append(_Watch(f"{subject} {v}", trained_on, float(loaded.manifest.get("created_at") or 0), spec))
     last = reg.last_run(("promoted", "rejected", "skipped", "failed"))
     if last is not None and last.get("outcome") == "failed":
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(last.get("started_at", 0))))
