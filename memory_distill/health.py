@@ -197,7 +197,12 @@ def _check_registry(reg: ArtifactRegistry, store: MemoryStore, subject: str, wat
         else:
             age = time.time() - float(loaded.manifest.get("created_at") or time.time())
             out.append(Finding("ok", f"{subject} {v}", f"serves; published {_ago(age)} ago; checksums hold"))
-        spec = FeatureSpec.from_manifest(loaded.manifest, loaded.student.n_features)
+        try:
+            spec = FeatureSpec.from_manifest(loaded.manifest, loaded.student.n_features)
+        except ValueError as e:
+            out.append(Finding("error", f"{subject} {v}", f"serves, but its manifest does not describe its inputs ({e}): "
+                                                        "predictions fail; `memory-distill rollback`, or consolidate"))
+            continue
         if spec.keys:
             trained_on = (loaded.manifest.get("data") or {}).get("namespace") or reg.namespace  # (None: every one)
             watches.append(_Watch(f"{subject} {v}", trained_on, float(loaded.manifest.get("created_at") or 0), spec))

@@ -547,3 +547,11 @@ def test_check_warns_when_new_memories_stop_filling_a_feature_the_served_model_r
     assert "40 of the 70 memories" in warned[f"models[team-a] {team_a}"]
     code, out, _ = run(capsys, "check", "--strict")
     assert code == 1 and "0 error(s), 2 warning(s)" in out
+    # a manifest edited by hand so that it no longer describes the model's inputs: predictions would fail
+    path = mem.registry.scoped("team-a").versions_dir / team_a / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["feature_spec"]["metadata"]["tool"].append("browser")
+    path.write_text(json.dumps(manifest))
+    errors = [f for f in mem.check() if f.level == "error"]
+    assert len(errors) == 1 and errors[0].subject == f"models[team-a] {team_a}"
+    assert "its manifest does not describe its inputs" in errors[0].message
