@@ -73,15 +73,20 @@ class _Watch:
     rows: int = 0
     unknown: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def keys(self) -> list[str]:
+        """The metadata keys the model reads (a key with fewer than two training values has no columns)."""
+        return [k for k, vals in self.spec.metadata if k in self.spec.numeric or vals]
+
     def see(self, meta: Mapping[str, Any]) -> None:
         self.rows += 1
-        for k in self.spec.keys:
+        for k in self.keys:
             if self.spec.reads_as_unknown(k, meta.get(k)):
                 self.unknown[k] = self.unknown.get(k, 0) + 1
 
     def findings(self) -> list[Finding]:
         out = []
-        for k in self.spec.keys:
+        for k in self.keys:
             n = self.unknown.get(k, 0)
             if self.rows >= MIN_ROWS_SEEN and n / self.rows > UNKNOWN_SHARE:
                 out.append(Finding("warning", self.subject, f"reads metadata {k!r}, but {n} of the {self.rows} memories "
@@ -203,9 +208,11 @@ def _check_registry(reg: ArtifactRegistry, store: MemoryStore, subject: str, wat
             out.append(Finding("error", f"{subject} {v}", f"serves, but its manifest does not describe its inputs ({e}): "
                                                         "predictions fail; `memory-distill rollback`, or consolidate"))
             continue
-        if spec.keys:
+        watch = _Watch(f"{subject} {v}", None, float(loaded.manifest.get("created_at") or 0), spec)
+        if watch.keys:
             trained_on = (loaded.manifest.get("data") or {}).get("namespace") or reg.namespace  # (None: every one)
-            watches.append(_Watch(f"{subject} {v}", trained_on, float(loaded.manifest.get("created_at") or 0), spec))
+            watch.namespace = trained_on
+            watches.append(watch)
     last = reg.last_run(("promoted", "rejected", "skipped", "failed"))
     if last is not None and last.get("outcome") == "failed":
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(last.get("started_at", 0))))

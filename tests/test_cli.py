@@ -527,18 +527,21 @@ def test_check_warns_when_new_memories_stop_filling_a_feature_the_served_model_r
     rng = random.Random(0)
     mem = MemoryDistill.open(home)
 
-    def episodes(n, namespace, tool=lambda i: rng.choice(["search", "calc"])):
+    def episodes(n, namespace, tool=lambda i: rng.choice(["search", "calc"]), **more):
         return [{"text": f"task {i}: the agent used a tool", "reward": rng.random(), "namespace": namespace,
-                 "metadata": {} if tool(i) is None else {"tool": tool(i)}} for i in range(n)]
+                 "metadata": ({} if tool(i) is None else {"tool": tool(i)}) | more} for i in range(n)]
 
-    mem.add_many(episodes(120, "team-a") + episodes(60, "team-b"))
-    cfg = {"teacher": {"epochs": 1}, "distill": {"epochs": 1}, "metadata_features": ["tool"]}
+    # 'kind' has one value in training, so the models give it no column: its absence later is no loss
+    mem.add_many(episodes(120, "team-a", kind="chat") + episodes(60, "team-b", kind="chat"))
+    cfg = {"teacher": {"epochs": 1}, "distill": {"epochs": 1}, "metadata_features": ["tool", "kind"]}
     top = mem.consolidate(cfg).version
     team_a = mem.consolidate(cfg, namespace="team-a").version
     mem.add_many(episodes(30, "team-a"))  # as before: nothing to say
     assert not [f for f in mem.check() if f.level != "ok"]
     mem.add_many(episodes(40, "team-b", tool=lambda i: None))  # team-b's agents stopped recording the tool
-    warned = {f.subject: f.message for f in mem.check() if f.level == "warning"}
+    found = [f for f in mem.check() if f.level == "warning"]
+    assert not any("'kind'" in f.message for f in found)
+    warned = {f.subject: f.message for f in found}
     assert set(warned) == {f"models {top}"}  # the top-level model reads team-b; team-a's model does not
     assert warned[f"models {top}"].startswith("reads metadata 'tool', but 40 of the 70 memories recorded since it was "
                                               "published lack it or hold a value it never saw in training")
