@@ -119,6 +119,7 @@ def _check_store(store: MemoryStore, watches: list[_Watch]) -> list[Finding]:
     out_of_range: list[str] = []
     lo, hi = store.config.reward_min, store.config.reward_max
     bad_rows = 0
+    unexportable: list[str] = []  # rows older versions wrote that import_jsonl now refuses
     for page in store._id_metadata_pages():
         for mid, m in page:
             total += 1
@@ -132,6 +133,8 @@ def _check_store(store: MemoryStore, watches: list[_Watch]) -> list[Finding]:
                         w.see(m)
             if NS not in m or CREATED not in m:
                 bad_rows += 1
+            elif not ns.strip() or (isinstance(created, int | float) and not 0 <= created <= 1e11):
+                unexportable.append(mid)
             if m.get(HAS_REWARD):
                 r = m.get(REWARD)
                 if isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r):
@@ -155,6 +158,12 @@ def _check_store(store: MemoryStore, watches: list[_Watch]) -> list[Finding]:
         out.append(Finding("warning", "store", f"{bad_rows} memories lack the namespace or creation time the library "
                                                "writes (rows added with raw chromadb): re-add them through "
                                                "MemoryStore.add_many(upsert=True)"))
+    if unexportable:
+        out.append(Finding("warning", "store", f"{len(unexportable)} memories have a blank namespace or a creation time "
+                                               f"that is not Unix seconds (e.g. {unexportable[:3]}; written before "
+                                               "those were checked, or around the library): they read, but an "
+                                               "export holding them fails to import; re-add them with a namespace "
+                                               "and created_at in seconds (delete, then add_many)"))
     for w in watches:
         out += w.findings()
     return out

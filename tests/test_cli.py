@@ -492,6 +492,11 @@ def test_check_finds_each_kind_of_damage_and_names_the_fix(home, capsys):
     assert "1 memories lack the namespace or creation time the library writes" in out
     assert re.search(r"warning models: the last run \(.*\) failed: the Chroma server went away", out)
     assert run(capsys, "check")[0] == 1  # an error fails without --strict too
+    # rows an older version wrote: a blank namespace, a time in milliseconds (they read; an export fails to import)
+    old_ids = [i for page in mem.store._id_metadata_pages() for i, m in page if "_md_ns" in m][:2]
+    mem.store._col.update(ids=old_ids, metadatas=[{"_md_ns": " "}, {"_md_created": 1.7e12}])
+    assert any(f.level == "warning" and f.message.startswith("2 memories have a blank namespace or a creation time "
+                                                             "that is not Unix seconds") for f in mem.check())
     narrow = MemoryDistill.open(home, store={"reward_max": 0.5})  # the range narrowed after rewards were stored
     assert any(f.level == "warning" and re.match(r"\d+ rewards lie outside the configured range \[0, 0\.5\]", f.message)
                for f in narrow.check())
