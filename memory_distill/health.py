@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .errors import MemoryDistillError
 from .features import FeatureSpec
+from .types import check_unix_time, is_real
 
 if TYPE_CHECKING:
     from .artifacts import ArtifactRegistry
@@ -121,7 +122,7 @@ def _check_store(store: MemoryStore, watches: list[_Watch]) -> list[Finding]:
     bad_rows = 0
     unexportable: list[str] = []  # rows older versions wrote that import_jsonl now refuses
     for page in store._id_metadata_pages():
-        for mid, m in page:
+        for mid, m in zip(page["ids"], page["metadatas"] or [None] * len(page["ids"]), strict=True):
             total += 1
             m = m or {}
             ns = str(m.get(NS, "default"))
@@ -133,11 +134,11 @@ def _check_store(store: MemoryStore, watches: list[_Watch]) -> list[Finding]:
                         w.see(m)
             if NS not in m or CREATED not in m:
                 bad_rows += 1
-            elif not ns.strip() or (isinstance(created, int | float) and not 0 <= created <= 1e11):
+            elif not ns.strip() or not _unix_seconds(created):
                 unexportable.append(mid)
             if m.get(HAS_REWARD):
                 r = m.get(REWARD)
-                if isinstance(r, bool) or not isinstance(r, int | float) or not math.isfinite(r):
+                if not is_real(r) or not math.isfinite(r):
                     bad_reward.append(mid)
                 else:
                     rewarded += 1
@@ -167,6 +168,15 @@ def _check_store(store: MemoryStore, watches: list[_Watch]) -> list[Finding]:
     for w in watches:
         out += w.findings()
     return out
+
+
+def _unix_seconds(v: Any) -> bool:
+    """``v`` is a creation time an import takes (:func:`~memory_distill.types.check_unix_time`)."""
+    try:
+        check_unix_time(float(v), "created_at")
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _check_registry(reg: ArtifactRegistry, store: MemoryStore, subject: str, watches: list[_Watch]) -> list[Finding]:
@@ -217,10 +227,9 @@ def _check_registry(reg: ArtifactRegistry, store: MemoryStore, subject: str, wat
             out.append(Finding("error", f"{subject} {v}", f"serves, but its manifest does not describe its inputs ({e}): "
                                                         "predictions fail; `memory-distill rollback`, or consolidate"))
             continue
-        watch = _Watch(f"{subject} {v}", None, float(loaded.manifest.get("created_at") or 0), spec)
+        trained_on = (loaded.manifest.get("data") or {}).get("namespace") or reg.namespace  # (None: every one)
+        watch = _Watch(f"{subject} {v}", trained_on, float(loaded.manifest.get("created_at") or 0), spec)
         if watch.keys:
-            trained_on = (loaded.manifest.get("data") or {}).get("namespace") or reg.namespace  # (None: every one)
-            watch.namespace = trained_on
             watches.append(watch)
     last = reg.last_run(("promoted", "rejected", "skipped", "failed"))
     if last is not None and last.get("outcome") == "failed":

@@ -1398,17 +1398,17 @@ class MemoryStore:
             X, rewards, created, feats = X[:pos], rewards[:pos], created[:pos], feats[:pos]
         return TrainingData(ids, X, rewards, created, groups, feats, meta)
 
-    def _metadata_pages(self, where: Mapping[str, Any] | None = None) -> Iterator[list[Mapping[str, Any]]]:
-        """Every row's raw metadata (reserved keys included), a page at a time; with ``where`` (a Chroma filter on
-        stored keys) only the rows passing it, in big pages, as Chroma re-runs a filter for every page."""
+    def _id_metadata_pages(self, where: Mapping[str, Any] | None = None) -> Iterator[Any]:
+        """Chroma pages of every row's id and raw metadata (``page["ids"]``, ``page["metadatas"]``; reserved keys
+        included); with ``where`` (a Chroma filter on stored keys) only the rows passing it, in big pages, as Chroma
+        re-runs a filter for every page."""
         size = self.config.read_page_size if where is None else max(self.config.read_page_size, 20_000)
-        for page in _pages(self._col, include=["metadatas"], size=size, where=where):
-            yield page["metadatas"]
+        return _pages(self._col, include=["metadatas"], size=size, where=where)
 
-    def _id_metadata_pages(self) -> Iterator[list[tuple[str, Mapping[str, Any]]]]:
-        """Every row's (id, raw metadata), a page at a time (:mod:`memory_distill.health`)."""
-        for page in _pages(self._col, include=["metadatas"], size=self.config.read_page_size):
-            yield list(zip(page["ids"], page["metadatas"] or [{}] * len(page["ids"]), strict=True))
+    def _metadata_pages(self, where: Mapping[str, Any] | None = None) -> Iterator[list[Mapping[str, Any]]]:
+        """Every row's raw metadata, a page at a time (:meth:`_id_metadata_pages` without the ids)."""
+        for page in self._id_metadata_pages(where):
+            yield page["metadatas"]
 
     def namespace_counts(self, *, rewarded_only: bool = False) -> dict[str, int]:
         """Memories per namespace (rewarded ones only with ``rewarded_only``) in one pass over the metadata.

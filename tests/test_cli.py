@@ -481,7 +481,7 @@ def test_check_finds_each_kind_of_damage_and_names_the_fix(home, capsys):
     (mem.registry.root / ".staging-dead").mkdir()
     mem.registry.append_history({"started_at": 1.7e9, "outcome": "failed", "error": "the Chroma server went away"})
     mem.store._col.add(ids=["raw-1"], embeddings=[[0.1] * 128], documents=["raw row"], metadatas=[{"x": 1}])
-    mem.store._col.update(ids=[mem.store._id_metadata_pages().__next__()[0][0]],
+    mem.store._col.update(ids=[next(mem.store._id_metadata_pages())["ids"][0]],
                           metadatas=[{"_md_has_reward": True, "_md_reward": float("nan")}])
     code, out, _ = run(capsys, "check", "--strict")
     assert code == 1 and "1 error(s), 4 warning(s)" in out
@@ -493,7 +493,8 @@ def test_check_finds_each_kind_of_damage_and_names_the_fix(home, capsys):
     assert re.search(r"warning models: the last run \(.*\) failed: the Chroma server went away", out)
     assert run(capsys, "check")[0] == 1  # an error fails without --strict too
     # rows an older version wrote: a blank namespace, a time in milliseconds (they read; an export fails to import)
-    old_ids = [i for page in mem.store._id_metadata_pages() for i, m in page if "_md_ns" in m][:2]
+    old_ids = [i for page in mem.store._id_metadata_pages() for i, m in zip(page["ids"], page["metadatas"], strict=True)
+               if "_md_ns" in m][:2]
     mem.store._col.update(ids=old_ids, metadatas=[{"_md_ns": " "}, {"_md_created": 1.7e12}])
     assert any(f.level == "warning" and f.message.startswith("2 memories have a blank namespace or a creation time "
                                                              "that is not Unix seconds") for f in mem.check())
