@@ -137,8 +137,8 @@ def _check_store(store: MemoryStore, watches: list[_Watch]) -> list[Finding]:
             elif not ns.strip() or not _unix_seconds(created):
                 unexportable.append(mid)
             if m.get(HAS_REWARD):
-                r = m.get(REWARD)
-                if not is_real(r) or not math.isfinite(r):
+                r = float(m[REWARD]) if is_real(m.get(REWARD)) else math.nan
+                if not math.isfinite(r):
                     bad_reward.append(mid)
                 else:
                     rewarded += 1
